@@ -1,0 +1,54 @@
+"""/proc/PID/smaps: per-VMA page counts and VmFlags.
+
+VmFlags is what tells a restorer about madvise/mlock state (dd, dc, lo, hg ...)
+that maps does not show.
+"""
+
+from dataclasses import dataclass, field
+
+from pycr.proc._read import read_text
+from pycr.proc.maps import Vma, parse_line
+
+
+@dataclass
+class SmapsEntry:
+    vma: Vma
+    vmflags: str = ""
+    counters: dict = field(default_factory=dict)   # e.g. "Rss": bytes
+
+    @property
+    def rss(self):
+        return self.counters.get("Rss", 0)
+
+    @property
+    def anonymous(self):
+        return self.counters.get("Anonymous", 0)
+
+    @property
+    def swap(self):
+        return self.counters.get("Swap", 0)
+
+
+def parse(text):
+    entries = []
+    for line in text.splitlines():
+        if not line:
+            continue
+        key, sep, value = line.partition(":")
+        if sep and " " not in key and "-" not in key:
+            if key == "VmFlags":
+                entries[-1].vmflags = value.strip()
+            else:
+                words = value.split()
+                n = int(words[0]) if words else 0
+                if len(words) > 1 and words[1] == "kB":
+                    n *= 1024
+                entries[-1].counters[key] = n
+        else:
+            entries.append(SmapsEntry(parse_line(line)))
+    return entries
+
+
+def smaps(pid):
+    """One SmapsEntry per VMA of process pid, in address order."""
+    return parse(read_text(pid, "smaps"))
