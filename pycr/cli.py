@@ -1,0 +1,126 @@
+"""The `pycr` command: criu-like subcommands over pycr's Python API.
+
+Every expected failure is a PycrError and becomes one line on stderr and exit
+status 1; pycr never shows a traceback unless asked with -vv.
+"""
+
+import argparse
+import errno
+import sys
+
+from . import __version__
+from .errors import PycrError
+from . import log as pycr_log
+
+
+def _add_common(p):
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="explain each step (-vv: more detail, tracebacks on internal errors)")
+
+
+def _add_dump_args(p):
+    p.add_argument("-t", "--tree", type=int, required=True, metavar="PID",
+                   help="root of the process tree to checkpoint")
+    p.add_argument("-D", "--images-dir", required=True, metavar="DIR", help="where to write the images")
+    p.add_argument("--prev-images-dir", metavar="DIR",
+                   help="the previous pre-dump of this tree (relative to DIR, as criu takes it, or absolute)")
+    p.add_argument("--tracker", choices=["auto", "uffd-wp", "soft-dirty", "hash"], default="auto",
+                   help="how pages written since the previous pass are found")
+    _add_common(p)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="pycr", description="Checkpoint/restore of live Linux process trees, with incremental migration.")
+    parser.add_argument("--version", action="version", version=f"pycr {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("check", help="which kernel features pycr can use here")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    _add_common(p)
+
+    p = sub.add_parser("dump", help="checkpoint a process tree into image files")
+    _add_dump_args(p)
+    p.add_argument("-R", "--leave-running", action="store_true",
+                   help="let the tree go on after the dump (default: kill it, as criu does)")
+
+    p = sub.add_parser("pre-dump", help="copy memory while the tree runs; later passes copy what changed")
+    _add_dump_args(p)
+
+    p = sub.add_parser("restore", help="bring a dumped tree back with its PIDs, memory and registers")
+    p.add_argument("-D", "--images-dir", required=True, metavar="DIR")
+    p.add_argument("-d", "--restore-detached", action="store_true",
+                   help="return once the tree runs instead of waiting for its root task")
+    p.add_argument("--pidns", action="store_true",
+                   help="restore into a new PID namespace (when the original PIDs are taken)")
+    _add_common(p)
+
+    p = sub.add_parser("show", help="decode images into readable text or JSON")
+    p.add_argument("path", help="an images directory or one image file")
+    p.add_argument("--json", action="store_true", help="print JSON that `pycr encode` turns back into the same bytes")
+    _add_common(p)
+
+    p = sub.add_parser("encode", help="turn the JSON of one image (from `pycr show FILE --json`) back into its bytes")
+    p.add_argument("-i", "--input", required=True, metavar="JSON", help="JSON file, or - for stdin")
+    p.add_argument("-o", "--output", required=True, metavar="IMG")
+    _add_common(p)
+    return parser
+
+
+def _run(args):
+    if args.command == "check":
+        from .check import run_check
+        return run_check(as_json=args.json)
+    if args.command in ("dump", "pre-dump"):
+        from .dump import dump_tree
+        return dump_tree(args.tree, args.images_dir,
+                         pre_dump=(args.command == "pre-dump"),
+                         leave_running=getattr(args, "leave_running", False),
+                         prev_images_dir=args.prev_images_dir,
+                         tracker=args.tracker)
+    if args.command == "restore":
+        from .restore import restore
+        return restore(args.images_dir, detach=args.restore_detached, pidns=args.pidns)
+    if args.command == "show":
+        from .show import show
+        show(args.path, json=args.json)
+        return 0
+    if args.command == "encode":
+        from .images import encode_json_file
+        encode_json_file(args.input, args.output)
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    pycr_log.setup(args.verbose)
+    try:
+        status = _run(args)
+    except PycrError as exc:
+        print(f"pycr: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pycr: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            print(f"pycr: no space left on device{': ' + exc.filename if exc.filename else ''}", file=sys.stderr)
+        else:
+            print(f"pycr: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)
+        if args.verbose >= 2:
+            raise
+        return 1
+    except Exception as exc:  # a bug: still one line unless -vv asks for the traceback
+        if args.verbose >= 2:
+            raise
+        print(f"pycr: internal error: {type(exc).__name__}: {exc} (run with -vv for the traceback)", file=sys.stderr)
+        return 2
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
