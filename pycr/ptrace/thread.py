@@ -1,0 +1,245 @@
+"""One seized thread: stop it, wait for it, read and write its CPU state.
+
+Only PTRACE_SEIZE is used (never ATTACH): it sends no SIGSTOP, so the target's
+own job-control state is left alone and stops are told apart by their event.
+"""
+
+import ctypes
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from pycr.errors import PycrError, TaskGone
+from pycr.ptrace import binding as B
+
+XSTATE_BUFSIZE = 4096   # the kernel shrinks iov_len to the real size (832 here)
+SIGINFO_SIZE = 128
+
+
+class user_regs_struct(ctypes.Structure):
+    """x86_64 struct user_regs_struct, field names as in the kernel."""
+    _fields_ = [(name, ctypes.c_ulonglong) for name in (
+        "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
+        "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base",
+        "gs_base", "ds", "es", "fs", "gs")]
+
+    def to_dict(self):
+        return {name: getattr(self, name) for name, _ in self._fields_}
+
+    @classmethod
+    def from_dict(cls, values):
+        regs = cls()
+        for name, value in values.items():
+            setattr(regs, name, value & 0xFFFFFFFFFFFFFFFF)
+        return regs
+
+    def copy(self):
+        return user_regs_struct.from_buffer_copy(self)
+
+    def __eq__(self, other):
+        return bytes(self) == bytes(other)
+
+
+class _iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+class _peeksiginfo_args(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("nr", ctypes.c_int32)]
+
+
+class _rseq_config(ctypes.Structure):
+    _fields_ = [("rseq_abi_pointer", ctypes.c_uint64), ("rseq_abi_size", ctypes.c_uint32),
+                ("signature", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+@dataclass
+class Stop:
+    """What waitpid reported for a thread."""
+    tid: int
+    status: int
+
+    @property
+    def exited(self):
+        return os.WIFEXITED(self.status)
+
+    @property
+    def killed(self):
+        return os.WIFSIGNALED(self.status)
+
+    @property
+    def gone(self):
+        return self.exited or self.killed
+
+    @property
+    def stopped(self):
+        return os.WIFSTOPPED(self.status)
+
+    @property
+    def signal(self):
+        """Stop signal, or the terminating signal of a killed task, else 0."""
+        if self.stopped:
+            return os.WSTOPSIG(self.status)
+        if self.killed:
+            return os.WTERMSIG(self.status)
+        return 0
+
+    @property
+    def event(self):
+        return (self.status >> 16) & 0xFF if self.stopped else 0
+
+    @property
+    def is_group_stop(self):
+        """A job-control stop (SIGSTOP/SIGTSTP/...) reported under SEIZE."""
+        return self.event == B.EVENT_STOP and self.signal != signal.SIGTRAP
+
+    @property
+    def is_interrupt_stop(self):
+        return self.event == B.EVENT_STOP and self.signal == signal.SIGTRAP
+
+    @property
+    def is_signal_delivery(self):
+        """A signal about to be delivered: it must be passed on with cont/detach."""
+        return self.stopped and self.event == 0 and self.signal != (signal.SIGTRAP | 0x80)
+
+    def __repr__(self):
+        if self.exited:
+            return f"Stop(tid={self.tid}, exited={os.WEXITSTATUS(self.status)})"
+        if self.killed:
+            return f"Stop(tid={self.tid}, killed={self.signal})"
+        return f"Stop(tid={self.tid}, signal={self.signal}, event={self.event})"
+
+
+class Thread:
+    """A thread seen through ptrace; most calls require it to be in a ptrace stop."""
+
+    def __init__(self, tid):
+        self.tid = tid
+        # Signals taken from signal-delivery stops while we held the thread;
+        # they must be passed back when it is released (see freeze.thaw).
+        self.held_signals = []
+
+    def __repr__(self):
+        return f"Thread({self.tid})"
+
+    def _call(self, req, addr=0, data=0):
+        return B.ptrace(req, self.tid, addr, data)
+
+    # attach / run control
+    def seize(self, options=0):
+        self._call(B.SEIZE, 0, options)
+
+    def interrupt(self):
+        self._call(B.INTERRUPT)
+
+    def cont(self, sig=0):
+        self._call(B.CONT, 0, sig)
+
+    def singlestep(self, sig=0):
+        self._call(B.SINGLESTEP, 0, sig)
+
+    def detach(self, sig=0):
+        self._call(B.DETACH, 0, sig)
+
+    def listen(self):
+        self._call(B.LISTEN)
+
+    def event_msg(self):
+        msg = ctypes.c_ulong()
+        self._call(B.GETEVENTMSG, 0, ctypes.addressof(msg))
+        return msg.value
+
+    def wait(self, timeout=None):
+        """waitpid(tid, __WALL) -> Stop; raises TimeoutError after timeout seconds."""
+        if timeout is None:
+            try:
+                _, status = os.waitpid(self.tid, B.__WALL)
+            except ChildProcessError:
+                raise TaskGone(self.tid, "not waitable") from None
+            return Stop(self.tid, status)
+        deadline = time.monotonic() + timeout
+        delay = 0.0001
+        while True:
+            try:
+                pid, status = os.waitpid(self.tid, B.__WALL | os.WNOHANG)
+            except ChildProcessError:
+                raise TaskGone(self.tid, "not waitable") from None
+            if pid:
+                return Stop(self.tid, status)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"tid {self.tid}: no ptrace stop within {timeout} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+    # CPU state
+    def get_regs(self):
+        regs = user_regs_struct()
+        self._call(B.GETREGS, 0, ctypes.addressof(regs))
+        return regs
+
+    def set_regs(self, regs):
+        if isinstance(regs, dict):
+            regs = user_regs_struct.from_dict(regs)
+        self._call(B.SETREGS, 0, ctypes.addressof(regs))
+
+    def get_xstate(self):
+        buf = ctypes.create_string_buffer(XSTATE_BUFSIZE)
+        iov = _iovec(ctypes.addressof(buf), XSTATE_BUFSIZE)
+        self._call(B.GETREGSET, B.NT_X86_XSTATE, ctypes.addressof(iov))
+        return buf.raw[: iov.len]
+
+    def set_xstate(self, data):
+        buf = ctypes.create_string_buffer(bytes(data), len(data))
+        iov = _iovec(ctypes.addressof(buf), len(data))
+        self._call(B.SETREGSET, B.NT_X86_XSTATE, ctypes.addressof(iov))
+
+    def get_sigmask(self):
+        mask = ctypes.c_uint64()
+        self._call(B.GETSIGMASK, 8, ctypes.addressof(mask))
+        return mask.value
+
+    def set_sigmask(self, mask):
+        value = ctypes.c_uint64(mask & 0xFFFFFFFFFFFFFFFF)
+        self._call(B.SETSIGMASK, 8, ctypes.addressof(value))
+
+    def peek_siginfo(self, shared=False):
+        """Pending siginfos (128 bytes each) of this thread, or of its process."""
+        out = []
+        batch = 32
+        buf = ctypes.create_string_buffer(SIGINFO_SIZE * batch)
+        while True:
+            args = _peeksiginfo_args(len(out), B.PEEKSIGINFO_SHARED if shared else 0, batch)
+            n = self._call(B.PEEKSIGINFO, ctypes.addressof(args), ctypes.addressof(buf))
+            raw = buf.raw
+            out.extend(raw[i * SIGINFO_SIZE:(i + 1) * SIGINFO_SIZE] for i in range(n))
+            if n < batch:
+                return out
+
+    def rseq_config(self):
+        """(rseq_abi_pointer, rseq_abi_size, signature); all 0 if none registered."""
+        conf = _rseq_config()
+        self._call(B.GET_RSEQ_CONFIGURATION, ctypes.sizeof(conf), ctypes.addressof(conf))
+        return conf.rseq_abi_pointer, conf.rseq_abi_size, conf.signature
+
+    def seccomp_filters(self):
+        """The classic BPF programs of this task's seccomp filters, oldest first.
+
+        PTRACE_SECCOMP_GET_FILTER index 0 is the newest filter, so the walk is
+        reversed. Each item is the raw sock_filter array (8 bytes per insn).
+        """
+        progs = []
+        index = 0
+        while True:
+            count, err = B.ptrace_errno(B.SECCOMP_GET_FILTER, self.tid, index, 0)
+            if err in (errno.ENOENT,) or (err == errno.EINVAL and index == 0):
+                break   # past the last filter, or not in filter mode at all
+            if err:
+                raise B.error(B.SECCOMP_GET_FILTER, self.tid, err)
+            buf = ctypes.create_string_buffer(count * 8)
+            self._call(B.SECCOMP_GET_FILTER, index, ctypes.addressof(buf))
+            progs.append(buf.raw)
+            index += 1
+        progs.reverse()
+        return progs
