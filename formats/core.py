@@ -1,0 +1,65 @@
+"""core-<pid>.img: per-process kernel state that is not memory or files."""
+
+from construct import Array, Enum, Flag, Int8ul, Struct
+
+from .common import U32, U64, Array32, Blob, Registers, Siginfo, String
+
+MAGIC = b"PYCC"
+FILE_NAME = "core-{pid}.img"
+
+RLIMIT_COUNT = 16       # RLIM_NLIMITS on Linux
+SIGNAL_COUNT = 64       # sigactions[i] belongs to signal i + 1
+
+Creds = Struct(
+    "uid" / U32, "euid" / U32, "suid" / U32, "fsuid" / U32,
+    "gid" / U32, "egid" / U32, "sgid" / U32, "fsgid" / U32,
+    "groups" / Array32(U32),
+    "cap_inh" / U64, "cap_prm" / U64, "cap_eff" / U64, "cap_bnd" / U64,
+    "cap_amb" / U64,
+)
+
+Rlimit = Struct(
+    "cur" / U64,                # RLIM_INFINITY is 2**64 - 1
+    "max" / U64,
+)
+
+Sigaction = Struct(
+    "handler" / U64,            # SIG_DFL 0, SIG_IGN 1, else an address
+    "flags" / U64,              # SA_* bits
+    "restorer" / U64,
+    "mask" / U64,               # bit n-1 = signal n
+)
+
+Rseq = Struct(
+    "pointer" / U64,            # 0 when the thread has no rseq area
+    "size" / U32,
+    "signature" / U32,
+)
+
+Thread = Struct(
+    "tid" / U32,
+    "regs" / Registers,
+    "xstate" / Blob,            # NT_X86_XSTATE regset as read
+    "sigmask" / U64,
+    "pending" / Array32(Siginfo),   # per-thread queue, oldest first
+    "rseq" / Rseq,
+)
+
+SeccompMode = Enum(Int8ul, disabled=0, strict=1, filter=2)
+
+Body = Struct(
+    "pid" / U32,
+    "comm" / String,
+    "personality" / U32,
+    "umask" / U32,
+    "cwd" / String,
+    "root" / String,
+    "no_new_privs" / Flag,
+    "creds" / Creds,
+    "rlimits" / Array(RLIMIT_COUNT, Rlimit),
+    "sigactions" / Array(SIGNAL_COUNT, Sigaction),
+    "shared_pending" / Array32(Siginfo),    # process-wide queue, oldest first
+    "seccomp_mode" / SeccompMode,
+    "seccomp_filters" / Array32(Blob),      # sock_filter arrays, oldest first
+    "threads" / Array32(Thread),            # leader first
+)

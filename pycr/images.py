@@ -1,0 +1,368 @@
+"""Image files and image directories: parse, build, atomic writes, JSON.
+
+An image file is the header (magic + format version) and a kind-specific body
+declared in pycr.formats. Parsed images are construct Containers of the body;
+they also carry `_kind` and `_version` keys (hidden from printing and JSON
+bodies) so that they can be written or converted without naming the kind.
+"""
+
+import contextlib
+import io
+import json
+import os
+import re
+import struct
+import tempfile
+from collections import namedtuple
+
+from construct import Container, ListContainer
+from construct.core import ConstructError, EnumIntegerString, StreamError
+
+from . import formats
+from .errors import ImageError
+from .formats import FORMAT_VERSION, HEADER_SIZE, KINDS, Header, kind_of_magic
+from .formats.pagemap import PageRun
+
+PAGE_SIZE = 4096
+
+_BUILD_ERRORS = (ConstructError, KeyError, TypeError, ValueError, AttributeError,
+                 struct.error, UnicodeError, OverflowError)
+
+
+# ---------------------------------------------------------------- bytes <-> Container
+
+def build(kind, obj):
+    """The bytes of an image of `kind` (header included) from a Container or dict."""
+    image_kind = _image_kind(kind, "<build>")
+    try:
+        body = image_kind.schema.build(obj)
+    except _BUILD_ERRORS as exc:
+        raise ImageError(f"<{kind}>", f"cannot build {_a(kind)} image: {_build_why(exc)}") from None
+    return Header.build(dict(magic=image_kind.magic, version=FORMAT_VERSION)) + body
+
+
+def parse(data, kind=None, path="<bytes>"):
+    """Parse image bytes; `kind` is the expected kind (None: whatever the magic says)."""
+    found = check_header(data, kind, path)
+    schema = KINDS[found].schema
+    stream = io.BytesIO(data)
+    stream.seek(HEADER_SIZE)
+    try:
+        obj = schema.parse_stream(stream)
+    except StreamError as exc:
+        raise ImageError(path, f"truncated {found} image: the data ends inside {_field_path(exc)}") from None
+    except ConstructError as exc:
+        raise ImageError(path, f"corrupt {found} image at {_field_path(exc)}: {_construct_why(exc)}") from None
+    trailing = len(data) - stream.tell()
+    if trailing:
+        raise ImageError(path, f"corrupt {found} image: {trailing} unexpected bytes after its end")
+    obj = _strip_io(obj)
+    obj._kind = found
+    obj._version = FORMAT_VERSION
+    return obj
+
+
+def check_header(data, kind=None, path="<bytes>"):
+    """The kind named by the header of `data`, after checking magic and version."""
+    if len(data) < HEADER_SIZE:
+        raise ImageError(path, f"truncated: {len(data)} bytes, shorter than the {HEADER_SIZE}-byte image header")
+    header = Header.parse(data[:HEADER_SIZE])
+    found = kind_of_magic(header.magic)
+    if found is None:
+        raise ImageError(path, f"not a pycr image (magic {bytes(header.magic)!r})")
+    if kind is not None and found != kind:
+        raise ImageError(path, f"{_a(found)} image where {_a(kind)} image was expected")
+    _check_version(header.version, path)
+    return found
+
+
+def _check_version(version, path):
+    if not isinstance(version, int) or version < 1:
+        raise ImageError(path, f"format version {version!r} is not valid")
+    if version > FORMAT_VERSION:
+        raise ImageError(path, f"format version {version} is newer than this pycr reads ({FORMAT_VERSION})")
+
+
+def _image_kind(kind, path):
+    image_kind = KINDS.get(kind)
+    if image_kind is None or image_kind.schema is None:
+        raise ImageError(path, f"no image kind {kind!r} with a schema (kinds: {', '.join(_schema_kinds())})")
+    return image_kind
+
+
+def _schema_kinds():
+    return [k for k, v in KINDS.items() if v.schema is not None]
+
+
+def _a(word):
+    """'a core' / 'an inventory'."""
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
+def _build_why(exc):
+    """What was wrong with the object given to build, in one line."""
+    if isinstance(exc, KeyError):
+        return f"missing field {exc.args[0]!r}"
+    if isinstance(exc, ConstructError) and getattr(exc, "path", None):
+        return f"{_field_path(exc)}: {_construct_why(exc)}"
+    return _construct_why(exc)
+
+
+def _field_path(exc):
+    """'threads -> regs' from construct's '(parsing) -> threads -> regs'."""
+    where = getattr(exc, "path", None) or ""
+    parts = [p.strip() for p in where.split("->") if p.strip() and not p.strip().startswith("(")]
+    return ("field " + " -> ".join(parts)) if parts else "the body"
+
+
+def _construct_why(exc):
+    """The last line of a construct error, without its path preamble."""
+    text = str(exc).strip().splitlines()
+    return (text[-1] if text else type(exc).__name__) or type(exc).__name__
+
+
+def _strip_io(obj):
+    """Drop the '_io' stream references construct leaves in parsed Containers."""
+    if isinstance(obj, dict):
+        obj.pop("_io", None)
+        for value in obj.values():
+            if isinstance(value, (dict, list)):
+                _strip_io(value)
+    elif isinstance(obj, list) and obj and isinstance(obj[0], (dict, list)):
+        for value in obj:
+            _strip_io(value)
+    return obj
+
+
+def kind_of(obj, kind=None):
+    """The kind of an image object: the given one, or the one it was parsed as."""
+    kind = kind or (obj.get("_kind") if isinstance(obj, dict) else None)
+    if kind is None:
+        raise ValueError("image kind unknown: pass kind= for objects not read from an image")
+    return kind
+
+
+# ---------------------------------------------------------------- files
+
+def load(path, kind=None):
+    """Read and parse one image file; `kind` checks what it must be."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageError(path, "missing") from None
+    except OSError as exc:
+        raise ImageError(path, f"cannot read: {exc.strerror}") from None
+    return parse(data, kind, path)
+
+
+def dump(obj, path, kind=None):
+    """Write one image file atomically (mode 0600)."""
+    data = build(kind_of(obj, kind), obj)
+    write_atomic(path, data)
+
+
+def write_atomic(path, data):
+    """Temp file in the same dir, fsync, rename over `path`, fsync the dir."""
+    path = os.fspath(path)
+    with _atomic_file(path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def _atomic_file(path):
+    """A binary file that appears at `path` only if the block succeeds."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory):
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+# ---------------------------------------------------------------- JSON
+
+def to_json(obj, kind=None, indent=None):
+    """JSON text {"kind", "version", "body"}; blobs become hex strings."""
+    kind = kind_of(obj, kind)
+    version = obj.get("_version", FORMAT_VERSION) if isinstance(obj, dict) else FORMAT_VERSION
+    return json.dumps({"kind": kind, "version": version, "body": to_plain(obj)}, indent=indent)
+
+
+def to_plain(obj):
+    """Plain JSON-able data: dicts, lists, ints, bools, strs (bytes as hex)."""
+    if isinstance(obj, PageRun):
+        return {"vaddr": obj.vaddr, "nr_pages": obj.nr_pages, "in_parent": obj.in_parent}
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items() if not k.startswith("_")}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj).hex()
+    if isinstance(obj, EnumIntegerString):
+        return str(obj)
+    return obj
+
+
+def from_json(text, path="<json>"):
+    """The image object that to_json() described; build() of it gives the same bytes."""
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise ImageError(path, f"not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or not {"kind", "version", "body"} <= doc.keys():
+        raise ImageError(path, "not a pycr image in JSON (needs kind, version and body)")
+    kind = doc["kind"]
+    if KINDS.get(kind) is None or KINDS[kind].schema is None:
+        raise ImageError(path, f"unknown image kind {kind!r}")
+    _check_version(doc["version"], path)
+    try:
+        data = KINDS[kind].schema.build(doc["body"])
+    except _BUILD_ERRORS as exc:
+        raise ImageError(path, f"bad {kind} image: {_build_why(exc)}") from None
+    return parse(Header.build(dict(magic=KINDS[kind].magic, version=FORMAT_VERSION)) + data, kind, path)
+
+
+# ---------------------------------------------------------------- memory helpers
+
+def iter_page_runs(pagemap, page_size=PAGE_SIZE):
+    """Yield (vaddr, nr_pages, in_parent, offset) for every pagemap entry.
+
+    offset is the byte offset of the run in pages-<owner>.img, or None for a
+    run that lives in the parent image set: runs are laid out back to back in
+    entry order, skipping those in the parent.
+    """
+    entries = pagemap["entries"] if isinstance(pagemap, dict) else pagemap
+    offset = 0
+    for entry in entries:
+        vaddr, nr_pages, in_parent = (
+            (entry["vaddr"], entry["nr_pages"], entry["in_parent"]) if isinstance(entry, dict) else entry)
+        if in_parent:
+            yield vaddr, nr_pages, True, None
+        else:
+            yield vaddr, nr_pages, False, offset
+            offset += nr_pages * page_size
+
+
+# ---------------------------------------------------------------- directories
+
+ImageFile = namedtuple("ImageFile", "kind key name")
+ImageFile.__doc__ = "A file of an image dir: kind, key (pid, owner or None), file name."
+
+_GLOBAL_ORDER = ("inventory", "pstree", "files", "pipes-data")
+_PER_TASK_ORDER = ("core", "mm", "pagemap", "pages")
+
+
+def _name_regex(pattern):
+    head, _, tail = pattern.partition("{")
+    tail = tail.partition("}")[2]
+    return re.compile(re.escape(head) + r"(?P<key>[^/]+?)" + re.escape(tail) + r"\Z")
+
+
+_NAME_RES = [(kind, _name_regex(k.pattern)) for kind, k in KINDS.items() if "{" in k.pattern]
+_FIXED_NAMES = {k.pattern: kind for kind, k in KINDS.items() if "{" not in k.pattern}
+
+
+def classify_name(name):
+    """ImageFile for a file name of an image dir, or None if it is not one."""
+    if name in _FIXED_NAMES:
+        return ImageFile(_FIXED_NAMES[name], None, name)
+    for kind, regex in _NAME_RES:
+        match = regex.match(name)
+        if match:
+            key = match.group("key")
+            return ImageFile(kind, int(key) if key.isdigit() else key, name)
+    return None
+
+
+def _sort_key(image):
+    if image.key is None:
+        return (0, _GLOBAL_ORDER.index(image.kind) if image.kind in _GLOBAL_ORDER else 99, 0, "")
+    numeric = isinstance(image.key, int)
+    return (1 if numeric else 2, image.key if numeric else 0, _PER_TASK_ORDER.index(image.kind), str(image.key))
+
+
+class ImageDir:
+    """One dump directory: every image of one dump or pre-dump pass."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    def __repr__(self):
+        return f"ImageDir({self.path!r})"
+
+    def file_name(self, kind, name=None):
+        """File name of an image; name is the pid/owner, or a file name ending in .img."""
+        if isinstance(name, str) and name.endswith(".img"):
+            return name
+        if kind not in KINDS:
+            raise ValueError(f"unknown image kind {kind!r}")
+        return formats.file_name(kind, name)
+
+    def path_of(self, kind, name=None):
+        """Full path of an image in this directory."""
+        return os.path.join(self.path, self.file_name(kind, name))
+
+    def _ensure(self):
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+
+    def write(self, kind, obj, name=None):
+        """Write an image atomically; per-task kinds take their key from obj if name is None."""
+        if name is None and "{" in KINDS[kind].pattern:
+            name = obj.get("owner") if kind == "pagemap" else obj.get("pid")
+        data = build(kind, obj)
+        self._ensure()
+        path = self.path_of(kind, name)
+        write_atomic(path, data)
+        return path
+
+    def read(self, kind, name=None):
+        """Parse one image of this directory, checking it is of `kind`."""
+        return load(self.path_of(kind, name), kind)
+
+    def exists(self, kind, name=None):
+        return os.path.exists(self.path_of(kind, name))
+
+    def pages_path(self, owner):
+        """Path of the raw pages file of a pid or shmem owner."""
+        return self.path_of("pages", owner)
+
+    @contextlib.contextmanager
+    def pages_writer(self, owner):
+        """A binary file for pages-<owner>.img; it appears only if the block succeeds."""
+        self._ensure()
+        with _atomic_file(self.pages_path(owner)) as f:
+            yield f
+
+    def list(self):
+        """ImageFile for every image here, sorted: globals, then per pid, then shmem."""
+        try:
+            names = os.listdir(self.path)
+        except FileNotFoundError:
+            raise ImageError(self.path, "no such image directory") from None
+        found = [image for image in map(classify_name, names) if image is not None]
+        return sorted(found, key=_sort_key)
+
+    def parent(self):
+        """The ImageDir of the previous pass (inventory.parent), or None."""
+        inventory = self.read("inventory")
+        if not inventory.parent:
+            return None
+        return ImageDir(os.path.normpath(os.path.join(self.path, inventory.parent)))
