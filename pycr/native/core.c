@@ -1,0 +1,402 @@
+/*
+ * pycr native core: bulk memory I/O between tasks, pagemap walks, page
+ * hashing and raw syscalls. See core.h for the return convention.
+ */
+#include "core.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+extern char **environ;
+
+#define PAGE_SIZE_4K 4096UL
+/* Remote iovecs per process_vm_* call: the kernel's UIO_MAXIOV. */
+#define BATCH_IOVS 1024
+/* The reused bounce buffer of the dump path. Large batches amortise the
+ * per-call cost; prefaulting avoids the first-touch faults that make a cold
+ * buffer many times slower than a warm one. */
+#define BOUNCE_SIZE (32UL << 20)
+
+static __thread unsigned char *bounce;
+
+static unsigned char *bounce_buffer(void)
+{
+    if (!bounce) {
+        void *p = mmap(NULL, BOUNCE_SIZE, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+        if (p == MAP_FAILED)
+            return NULL;
+        bounce = p;
+    }
+    return bounce;
+}
+
+static long write_all(int fd, const unsigned char *p, size_t n)
+{
+    size_t done = 0;
+    while (done < n) {
+        ssize_t w = write(fd, p + done, n - done);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (w == 0)
+            return -EIO;
+        done += (size_t)w;
+    }
+    return 0;
+}
+
+/*
+ * A cursor over the (start, len) runs: hands out remote iovecs of at most
+ * `budget` bytes in total, splitting a run where a batch ends.
+ */
+struct run_cursor {
+    const uint64_t *runs;
+    size_t nruns, idx;
+    uint64_t off; /* bytes already consumed of runs[idx] */
+};
+
+static size_t next_batch(struct run_cursor *c, struct iovec *iov, size_t budget,
+                         size_t *nbytes)
+{
+    size_t n = 0, total = 0;
+    while (c->idx < c->nruns && n < BATCH_IOVS && total < budget) {
+        uint64_t start = c->runs[2 * c->idx], len = c->runs[2 * c->idx + 1];
+        uint64_t left = len - c->off, take = left;
+        if (take > budget - total)
+            take = budget - total;
+        if (take) {
+            iov[n].iov_base = (void *)(uintptr_t)(start + c->off);
+            iov[n].iov_len = take;
+            n++;
+            total += take;
+        }
+        c->off += take;
+        if (c->off == len) {
+            c->idx++;
+            c->off = 0;
+        }
+    }
+    *nbytes = total;
+    return n;
+}
+
+/* Drop the first `done` bytes of an iovec array (after a short transfer). */
+static size_t iov_advance(struct iovec *iov, size_t n, size_t done)
+{
+    size_t i = 0;
+    while (i < n && done >= iov[i].iov_len) {
+        done -= iov[i].iov_len;
+        i++;
+    }
+    if (i < n && done) {
+        iov[i].iov_base = (char *)iov[i].iov_base + done;
+        iov[i].iov_len -= done;
+    }
+    memmove(iov, iov + i, (n - i) * sizeof(*iov));
+    return n - i;
+}
+
+/* Move one batch between local [buf, nbytes) and the remote iovecs,
+ * resuming after short transfers. `fail_addr` gets the remote address where
+ * the kernel stopped if it cannot go on. */
+static long transfer_batch(int pid, int write_remote, unsigned char *buf,
+                           struct iovec *remote, size_t nremote, size_t nbytes,
+                           uint64_t *fail_addr)
+{
+    size_t done = 0;
+    while (done < nbytes) {
+        struct iovec local = {buf + done, nbytes - done};
+        ssize_t r = write_remote
+            ? process_vm_writev(pid, &local, 1, remote, nremote, 0)
+            : process_vm_readv(pid, &local, 1, remote, nremote, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            if (fail_addr)
+                *fail_addr = (uint64_t)(uintptr_t)remote[0].iov_base;
+            return r < 0 ? -errno : -EFAULT;
+        }
+        done += (size_t)r;
+        nremote = iov_advance(remote, nremote, (size_t)r);
+    }
+    return 0;
+}
+
+long pycr_vm_read_runs(int pid, const uint64_t *runs, size_t nruns, int fd,
+                       uint64_t *fail_addr)
+{
+    struct iovec remote[BATCH_IOVS];
+    struct run_cursor c = {runs, nruns, 0, 0};
+    unsigned char *buf = bounce_buffer();
+    long total = 0;
+    if (!buf)
+        return -ENOMEM;
+    for (;;) {
+        size_t nbytes, n = next_batch(&c, remote, BOUNCE_SIZE, &nbytes);
+        if (!n)
+            return total;
+        long r = transfer_batch(pid, 0, buf, remote, n, nbytes, fail_addr);
+        if (r < 0)
+            return r;
+        r = write_all(fd, buf, nbytes);
+        if (r < 0)
+            return r;
+        total += (long)nbytes;
+    }
+}
+
+long pycr_vm_write_runs(int pid, const uint64_t *runs, size_t nruns,
+                        const unsigned char *src, uint64_t *fail_addr)
+{
+    struct iovec remote[BATCH_IOVS];
+    struct run_cursor c = {runs, nruns, 0, 0};
+    long total = 0;
+    for (;;) {
+        size_t nbytes, n = next_batch(&c, remote, SIZE_MAX / 2, &nbytes);
+        if (!n)
+            return total;
+        long r = transfer_batch(pid, 1, (unsigned char *)src + total, remote, n,
+                                nbytes, fail_addr);
+        if (r < 0)
+            return r;
+        total += (long)nbytes;
+    }
+}
+
+long pycr_vm_read(int pid, uint64_t addr, unsigned char *dst, size_t len)
+{
+    struct iovec remote = {(void *)(uintptr_t)addr, len};
+    if (!len)
+        return 0;
+    long r = transfer_batch(pid, 0, dst, &remote, 1, len, NULL);
+    return r < 0 ? r : (long)len;
+}
+
+long pycr_vm_write(int pid, uint64_t addr, const unsigned char *src, size_t len)
+{
+    struct iovec remote = {(void *)(uintptr_t)addr, len};
+    if (!len)
+        return 0;
+    long r = transfer_batch(pid, 1, (unsigned char *)src, &remote, 1, len, NULL);
+    return r < 0 ? r : (long)len;
+}
+
+long pycr_mem_write(int pid, uint64_t addr, const unsigned char *src, size_t len)
+{
+    char path[64];
+    size_t done = 0;
+    snprintf(path, sizeof(path), "/proc/%d/mem", pid);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    while (done < len) {
+        ssize_t w = pwrite(fd, src + done, len - done, (off_t)(addr + done));
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0) {
+            long err = w < 0 ? -errno : -EIO;
+            close(fd);
+            return err;
+        }
+        done += (size_t)w;
+    }
+    close(fd);
+    return (long)len;
+}
+
+/* ---- pagemap ---------------------------------------------------------- */
+
+#define PM_PRESENT (1ULL << 63)
+#define PM_SWAPPED (1ULL << 62)
+#define PM_FILE_OR_SHARED (1ULL << 61)
+#define WANT_PRESENT 1
+#define WANT_SWAPPED 2
+#define WANT_ANON_ONLY 4
+#define PAGEMAP_CHUNK 65536 /* entries per pread: 512 KiB, 256 MiB of VA */
+
+long pycr_pagemap_runs(int fd, uint64_t start, uint64_t end, int want,
+                       uint64_t *out, size_t cap, uint64_t *resume)
+{
+    static __thread uint64_t entries[PAGEMAP_CHUNK];
+    uint64_t mask = 0, addr = start & ~(PAGE_SIZE_4K - 1);
+    uint64_t run_start = 0, run_len = 0;
+    size_t n = 0;
+
+    if (want & WANT_PRESENT)
+        mask |= PM_PRESENT;
+    if (want & WANT_SWAPPED)
+        mask |= PM_SWAPPED;
+    if (!cap)
+        return -EINVAL;
+    while (addr < end) {
+        uint64_t pages = (end - addr + PAGE_SIZE_4K - 1) / PAGE_SIZE_4K;
+        if (pages > PAGEMAP_CHUNK)
+            pages = PAGEMAP_CHUNK;
+        ssize_t r = pread(fd, entries, pages * 8, (off_t)(addr / PAGE_SIZE_4K * 8));
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (r < 8)
+            return -EIO;
+        pages = (uint64_t)r / 8;
+        for (uint64_t i = 0; i < pages; i++, addr += PAGE_SIZE_4K) {
+            uint64_t e = entries[i];
+            int match = (e & mask) &&
+                        !((want & WANT_ANON_ONLY) && (e & PM_FILE_OR_SHARED));
+            if (!match)
+                continue;
+            if (run_len && run_start + run_len == addr) {
+                run_len += PAGE_SIZE_4K;
+                continue;
+            }
+            if (run_len) {
+                out[2 * n] = run_start;
+                out[2 * n + 1] = run_len;
+                if (++n == cap) {
+                    *resume = addr;
+                    return (long)n;
+                }
+            }
+            run_start = addr;
+            run_len = PAGE_SIZE_4K;
+        }
+    }
+    if (run_len) {
+        out[2 * n] = run_start;
+        out[2 * n + 1] = run_len;
+        n++;
+    }
+    *resume = end;
+    return (long)n;
+}
+
+/* struct pm_scan_arg, as in <linux/fs.h> (6.7+), spelled out so that older
+ * userspace headers still build. */
+struct pycr_pm_scan_arg {
+    uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+    uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+#define PYCR_PAGEMAP_SCAN 0xc0606610UL
+
+long pycr_pagemap_scan(int fd, uint64_t start, uint64_t end, uint64_t flags,
+                       uint64_t category_mask, uint64_t category_inverted,
+                       uint64_t category_anyof_mask, uint64_t return_mask,
+                       uint64_t max_pages, uint64_t *vec, size_t vec_len,
+                       uint64_t *walk_end)
+{
+    struct pycr_pm_scan_arg arg = {
+        .size = sizeof(arg), .flags = flags, .start = start, .end = end,
+        .vec = (uint64_t)(uintptr_t)vec, .vec_len = vec_len,
+        .max_pages = max_pages, .category_inverted = category_inverted,
+        .category_mask = category_mask,
+        .category_anyof_mask = category_anyof_mask, .return_mask = return_mask,
+    };
+    long r;
+    do
+        r = ioctl(fd, PYCR_PAGEMAP_SCAN, &arg);
+    while (r < 0 && errno == EINTR);
+    if (r < 0)
+        return -errno;
+    *walk_end = arg.walk_end;
+    return r;
+}
+
+/* ---- page hashing ----------------------------------------------------- */
+
+static inline uint64_t rotl64(uint64_t x, int r)
+{
+    return (x << r) | (x >> (64 - r));
+}
+
+/* Final avalanche: xor-shifts and odd multipliers, so that every input bit
+ * reaches every output bit. */
+static inline uint64_t avalanche(uint64_t h)
+{
+    h ^= h >> 31;
+    h *= 0x9e6c63d0676a9a99ULL;
+    h ^= h >> 29;
+    h *= 0xa3b195354a39b70dULL;
+    h ^= h >> 32;
+    return h;
+}
+
+/* Four independent lanes over the page's 64-bit words (so the multiplies
+ * pipeline); each step is invertible, so no word's change can cancel out
+ * within its lane. */
+static uint64_t hash_page(const unsigned char *p)
+{
+    const uint64_t k1 = 0xd6e8feb86659fd93ULL, k2 = 0xff51afd7ed558ccdULL;
+    uint64_t v0 = 0x243f6a8885a308d3ULL, v1 = 0x13198a2e03707344ULL;
+    uint64_t v2 = 0xa4093822299f31d0ULL, v3 = 0x082efa98ec4e6c89ULL;
+    for (size_t i = 0; i < PAGE_SIZE_4K; i += 32) {
+        uint64_t w[4];
+        memcpy(w, p + i, 32);
+        v0 = rotl64(v0 ^ (w[0] * k2), 27) * k1;
+        v1 = rotl64(v1 ^ (w[1] * k2), 27) * k1;
+        v2 = rotl64(v2 ^ (w[2] * k2), 27) * k1;
+        v3 = rotl64(v3 ^ (w[3] * k2), 27) * k1;
+    }
+    uint64_t h = avalanche(v0) ^ rotl64(avalanche(v1), 16) ^
+                 rotl64(avalanche(v2), 32) ^ rotl64(avalanche(v3), 48);
+    return avalanche(h ^ PAGE_SIZE_4K);
+}
+
+void pycr_hash_pages(const unsigned char *buf, size_t npages, uint64_t *out)
+{
+    for (size_t i = 0; i < npages; i++)
+        out[i] = hash_page(buf + i * PAGE_SIZE_4K);
+}
+
+/* ---- raw syscalls ----------------------------------------------------- */
+
+long pycr_syscall6(long nr, long a, long b, long c, long d, long e, long f)
+{
+    long r = syscall(nr, a, b, c, d, e, f);
+    return r == -1 ? -errno : r;
+}
+
+/*
+ * clone3 with chosen PIDs; the child execs `path` at once. The child is a
+ * copy of the caller (no CLONE_VM), so it may run plain C until execve, but
+ * never returns into the interpreter.
+ */
+long pycr_clone3_exec(const int *set_tid, size_t set_tid_size, uint64_t flags,
+                      const char *path, char *const argv[])
+{
+    struct clone_args args;
+    memset(&args, 0, sizeof(args));
+    args.flags = flags;
+    args.exit_signal = SIGCHLD;
+    args.set_tid = (uint64_t)(uintptr_t)set_tid;
+    args.set_tid_size = set_tid_size;
+    long pid = syscall(SYS_clone3, &args, sizeof(args));
+    if (pid < 0)
+        return -errno;
+    if (pid == 0) {
+        /* Start the program clean: default dispositions for what the
+         * interpreter ignores, nothing blocked. */
+        sigset_t none;
+        sigemptyset(&none);
+        signal(SIGPIPE, SIG_DFL);
+        signal(SIGXFSZ, SIG_DFL);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        execve(path, argv, environ);
+        _exit(127);
+    }
+    return pid;
+}

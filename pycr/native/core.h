@@ -1,0 +1,38 @@
+/*
+ * The native core of pycr: the bulk memory paths and the few syscalls that
+ * Python cannot make well. Every function returns >= 0 on success and
+ * -errno on failure; the Python wrappers in core.py turn that into OSError.
+ *
+ * ffi_build.py feeds the declarations between the CDEF markers to cffi, so
+ * keep them free of preprocessor lines.
+ */
+#ifndef PYCR_CORE_H
+#define PYCR_CORE_H
+#include <stdint.h>
+#include <stddef.h>
+
+/* CDEF-BEGIN */
+long pycr_vm_read_runs(int pid, const uint64_t *runs, size_t nruns, int fd,
+                       uint64_t *fail_addr);
+long pycr_vm_write_runs(int pid, const uint64_t *runs, size_t nruns,
+                        const unsigned char *src, uint64_t *fail_addr);
+long pycr_vm_read(int pid, uint64_t addr, unsigned char *dst, size_t len);
+long pycr_vm_write(int pid, uint64_t addr, const unsigned char *src, size_t len);
+long pycr_mem_write(int pid, uint64_t addr, const unsigned char *src, size_t len);
+
+long pycr_pagemap_runs(int fd, uint64_t start, uint64_t end, int want,
+                       uint64_t *out, size_t cap, uint64_t *resume);
+long pycr_pagemap_scan(int fd, uint64_t start, uint64_t end, uint64_t flags,
+                       uint64_t category_mask, uint64_t category_inverted,
+                       uint64_t category_anyof_mask, uint64_t return_mask,
+                       uint64_t max_pages, uint64_t *vec, size_t vec_len,
+                       uint64_t *walk_end);
+
+void pycr_hash_pages(const unsigned char *buf, size_t npages, uint64_t *out);
+
+long pycr_syscall6(long nr, long a, long b, long c, long d, long e, long f);
+long pycr_clone3_exec(const int *set_tid, size_t set_tid_size, uint64_t flags,
+                      const char *path, char *const argv[]);
+/* CDEF-END */
+
+#endif

@@ -1,0 +1,270 @@
+"""Thin Python wrappers over the C core (pycr.native._core).
+
+Errors come back as OSError carrying the errno (the C side returns -errno).
+Buffers go to C through ffi.from_buffer, so nothing large is copied.
+"""
+
+import errno as _errno
+import os
+from array import array
+
+from ._core import ffi, lib
+
+# PAGEMAP_SCAN categories and flags (include/uapi/linux/fs.h).
+PAGE_IS_WPALLOWED = 1
+PAGE_IS_WRITTEN = 2
+PAGE_IS_FILE = 4
+PAGE_IS_PRESENT = 8
+PAGE_IS_SWAPPED = 16
+PAGE_IS_PFNZERO = 32
+PAGE_IS_HUGE = 64
+PAGE_IS_SOFT_DIRTY = 128
+PM_SCAN_WP_MATCHING = 1
+PM_SCAN_CHECK_WPASYNC = 2
+
+PAGE_SIZE = 4096
+_WANT_PRESENT, _WANT_SWAPPED, _WANT_ANON_ONLY = 1, 2, 4
+_RUNS_PER_CALL = 1 << 16  # output slots per C call of pagemap_runs / pagemap_scan
+
+
+def _check(ret, what=""):
+    """Raise OSError for a -errno result, else return it."""
+    if ret < 0:
+        code = -ret
+        msg = os.strerror(code)
+        raise OSError(code, f"{what}: {msg}" if what else msg)
+    return ret
+
+
+def _fileno(fd):
+    return fd if isinstance(fd, int) else fd.fileno()
+
+
+def _runs_view(runs):
+    """The runs as a uint64_t[] for C, and the number of (start, len) pairs."""
+    if not isinstance(runs, array):
+        runs = array("Q", runs)
+    if runs.typecode not in ("Q", "L") or runs.itemsize != 8:
+        raise TypeError("runs must be an array('Q') of alternating start,len")
+    if len(runs) % 2:
+        raise ValueError("runs must hold start,len pairs")
+    return ffi.from_buffer("uint64_t[]", runs), len(runs) // 2, runs
+
+
+# ---- memory of another task -----------------------------------------------
+
+def vm_read_runs(pid, runs, fd):
+    """Copy the runs of task `pid` to `fd` in order; returns bytes written.
+
+    The dump hot path: process_vm_readv in batches of up to 1024 remote
+    iovecs into a reused, prefaulted 32 MiB buffer, then write(). An
+    unreadable address raises OSError(EFAULT) naming it.
+    """
+    cruns, n, _keep = _runs_view(runs)
+    fail = ffi.new("uint64_t *")
+    ret = lib.pycr_vm_read_runs(pid, cruns, n, _fileno(fd), fail)
+    if ret == -_errno.EFAULT:
+        raise OSError(_errno.EFAULT, f"pid {pid}: cannot read at {fail[0]:#x}")
+    return _check(ret, f"pid {pid}: vm_read_runs")
+
+
+def vm_write_runs(pid, runs, src, src_offset=0):
+    """Write the runs of task `pid` from `src`, consumed consecutively.
+
+    The restore hot path: `src` is any buffer (typically an mmap of a pages
+    file) and is not copied. Returns bytes written. Read-only target
+    mappings give EFAULT here; use mem_write for those.
+    """
+    cruns, n, runs = _runs_view(runs)
+    need = sum(runs[1::2])
+    view = ffi.from_buffer("unsigned char[]", src)
+    if src_offset < 0 or src_offset + need > len(view):
+        raise ValueError(f"runs need {need} bytes from offset {src_offset}, "
+                         f"the source has {len(view)}")
+    fail = ffi.new("uint64_t *")
+    ret = lib.pycr_vm_write_runs(pid, cruns, n, view + src_offset, fail)
+    if ret == -_errno.EFAULT:
+        raise OSError(_errno.EFAULT, f"pid {pid}: cannot write at {fail[0]:#x}")
+    return _check(ret, f"pid {pid}: vm_write_runs")
+
+
+def vm_read(pid, addr, n):
+    """Exactly `n` bytes at `addr` in task `pid` (OSError EFAULT if any is unreadable)."""
+    buf = bytearray(n)
+    _check(lib.pycr_vm_read(pid, addr, ffi.from_buffer(buf), n),
+           f"pid {pid}: read {n} bytes at {addr:#x}")
+    return bytes(buf)
+
+
+def vm_write(pid, addr, data):
+    """Write all of `data` at `addr` in task `pid` with process_vm_writev."""
+    view = ffi.from_buffer(data)
+    return _check(lib.pycr_vm_write(pid, addr, view, len(view)),
+                  f"pid {pid}: write {len(view)} bytes at {addr:#x}")
+
+
+def mem_write(pid, addr, data):
+    """Write `data` at `addr` through /proc/PID/mem.
+
+    Unlike process_vm_writev this goes through read-only mappings too
+    (the kernel forces the write), which restore needs for r-- and r-x VMAs.
+    """
+    view = ffi.from_buffer(data)
+    return _check(lib.pycr_mem_write(pid, addr, view, len(view)),
+                  f"pid {pid}: /proc mem write at {addr:#x}")
+
+
+# ---- pagemap ---------------------------------------------------------------
+
+def _append_runs(dst, src):
+    """Append (start, len) runs, merging one that continues the last."""
+    if dst and src and dst[-2] + dst[-1] == src[0]:
+        dst[-1] += src[1]
+        src = src[2:]
+    dst.extend(src)
+
+
+def pagemap_runs(pagemap_fd, start, end, want_present=True, want_swapped=True,
+                 anon_only=False):
+    """Runs (start, len bytes) of pages in [start, end) that are present or swapped.
+
+    Reads /proc/PID/pagemap (an open fd) in 512 KiB chunks in C. With
+    anon_only, pages whose entry has bit 61 (file page or shared anon) are
+    left out.
+    """
+    want = ((_WANT_PRESENT if want_present else 0)
+            | (_WANT_SWAPPED if want_swapped else 0)
+            | (_WANT_ANON_ONLY if anon_only else 0))
+    result = array("Q")
+    out = array("Q", bytes(16 * _RUNS_PER_CALL))
+    cout = ffi.from_buffer("uint64_t[]", out)
+    resume = ffi.new("uint64_t *")
+    fd = _fileno(pagemap_fd)
+    while start < end:
+        n = _check(lib.pycr_pagemap_runs(fd, start, end, want, cout,
+                                         _RUNS_PER_CALL, resume), "pagemap read")
+        _append_runs(result, out[:2 * n])
+        start = resume[0]
+    return result
+
+
+def pagemap_scan(pagemap_fd, start, end, flags, category_mask, category_inverted,
+                 category_anyof_mask, return_mask, max_pages=0):
+    """The PAGEMAP_SCAN ioctl over [start, end).
+
+    Returns (array('Q') of start,end,categories triples, walk_end). With
+    max_pages 0 the ioctl is repeated from walk_end until the range is done;
+    otherwise it stops once max_pages pages were reported.
+    """
+    result = array("Q")
+    vec = array("Q", bytes(24 * _RUNS_PER_CALL))
+    cvec = ffi.from_buffer("uint64_t[]", vec)
+    walk_end = ffi.new("uint64_t *")
+    fd = _fileno(pagemap_fd)
+    left = max_pages
+    pos = prev = start
+    while True:
+        n = _check(lib.pycr_pagemap_scan(fd, pos, end, flags, category_mask,
+                                         category_inverted, category_anyof_mask,
+                                         return_mask, left, cvec, _RUNS_PER_CALL,
+                                         walk_end), "PAGEMAP_SCAN")
+        got = vec[:3 * n]
+        if result and got and result[-2] == got[0] and result[-1] == got[2]:
+            result[-2] = got[1]
+            got = got[3:]
+        result.extend(got)
+        pos = walk_end[0]
+        if max_pages:
+            left -= sum((got[i + 1] - got[i]) // PAGE_SIZE for i in range(0, len(got), 3))
+            if left <= 0:
+                break
+        if pos >= end or pos == prev:
+            break
+        prev = pos
+    return result, pos
+
+
+def hash_pages(buffer, npages):
+    """A 64-bit hash of each of the first `npages` 4 KiB pages of `buffer`."""
+    view = ffi.from_buffer("unsigned char[]", buffer)
+    if npages * PAGE_SIZE > len(view):
+        raise ValueError(f"{npages} pages need {npages * PAGE_SIZE} bytes, "
+                         f"the buffer has {len(view)}")
+    out = array("Q", bytes(8 * npages))
+    lib.pycr_hash_pages(view, npages, ffi.from_buffer("uint64_t[]", out))
+    return out
+
+
+# ---- syscalls --------------------------------------------------------------
+
+def syscall(nr, *args):
+    """Raw syscall with up to six integer arguments, in full 64-bit width.
+
+    Returns the kernel's result; a failure raises OSError(errno) (so a
+    syscall whose legitimate result is negative cannot be made here).
+    """
+    if len(args) > 6:
+        raise TypeError("a syscall takes at most 6 arguments")
+    regs = [ffi.cast("long", a) for a in args] + [0] * (6 - len(args))
+    return _check(lib.pycr_syscall6(nr, *regs), f"syscall {nr}")
+
+
+SYS_kcmp = 312
+SYS_tee = 276
+SYS_pidfd_send_signal = 424
+SYS_pidfd_open = 434
+SYS_pidfd_getfd = 438
+
+
+def pidfd_open(pid, flags=0):
+    """A pidfd for `pid` (close it when done)."""
+    return syscall(SYS_pidfd_open, pid, flags)
+
+
+def pidfd_getfd(pidfd, fd, flags=0):
+    """A duplicate, in this process, of file descriptor `fd` of the pidfd's task."""
+    return syscall(SYS_pidfd_getfd, pidfd, fd, flags)
+
+
+def pidfd_send_signal(pidfd, sig, flags=0):
+    """Send `sig` to the pidfd's task (works for non-children, no PID reuse race)."""
+    return syscall(SYS_pidfd_send_signal, pidfd, sig, 0, flags)
+
+
+KCMP_FILE, KCMP_VM, KCMP_FILES, KCMP_FS, KCMP_SIGHAND, KCMP_IO, KCMP_SYSVSEM = range(7)
+
+
+def kcmp(pid1, pid2, type, idx1=0, idx2=0):
+    """0 if the two tasks share the resource, else 1 or 2 (an ordering)."""
+    return syscall(SYS_kcmp, pid1, pid2, type, idx1, idx2)
+
+
+def tee(fd_in, fd_out, n, flags=0):
+    """Duplicate up to `n` bytes from pipe fd_in into pipe fd_out without consuming them."""
+    return syscall(SYS_tee, _fileno(fd_in), _fileno(fd_out), n, flags)
+
+
+CLONE_NEWPID = 0x20000000
+
+
+def clone3_exec(set_tid, flags, path, argv):
+    """Create a child with the chosen PIDs that execs `path` at once; returns its PID.
+
+    set_tid[0] is the PID in the innermost namespace (with CLONE_NEWPID in
+    flags: the new one). The child gets exit_signal SIGCHLD, default
+    SIGPIPE/SIGXFSZ and an empty signal mask, and inherits this process's
+    file descriptors that are not close-on-exec. If execve fails the child
+    exits with 127. A PID in use raises OSError(EEXIST).
+    """
+    tids = ffi.new("int[]", [int(t) for t in set_tid])
+    cpath = ffi.new("char[]", os.fsencode(path))
+    cargs = [ffi.new("char[]", os.fsencode(a)) for a in argv]
+    cargv = ffi.new("char *[]", cargs + [ffi.NULL])
+    ret = lib.pycr_clone3_exec(tids, len(set_tid), flags, cpath, cargv)
+    return _check(ret, f"clone3 with set_tid {list(set_tid)}")
+
+
+def stub_path():
+    """Path of the installed restore stub (pycr-stub, beside the compiled core)."""
+    from . import _core
+    return os.path.join(os.path.dirname(os.path.abspath(_core.__file__)), "pycr-stub")
