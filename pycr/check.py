@@ -1,0 +1,225 @@
+"""`pycr check`: probe each kernel mechanism pycr relies on, for real.
+
+Every line is the outcome of trying the mechanism on a throw-away process or
+on pycr itself, not a guess from the kernel version.
+"""
+
+import ctypes
+import json
+import mmap
+import os
+import signal
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from .native import core
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+SYS_userfaultfd = 323
+UFFD_USER_MODE_ONLY = 1
+UFFDIO_API = 0xC018AA3F
+UFFD_API = 0xAA
+UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
+UFFD_FEATURE_WP_ASYNC = 1 << 15
+PR_SET_MM, PR_SET_MM_MAP, PR_SET_MM_MAP_SIZE = 35, 14, 15
+PM_SOFT_DIRTY = 1 << 55
+
+
+@dataclass
+class Finding:
+    name: str
+    ok: bool
+    detail: str
+    needed_for: str    # "dump/restore", "tracker", or "optional"
+
+
+def _sleeper():
+    """A child that just sleeps; the caller kills and reaps it."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True)
+
+
+def _reap(child):
+    child.kill()
+    child.wait()
+
+
+def check_ptrace():
+    from .ptrace.thread import Thread
+    child = _sleeper()
+    try:
+        t = Thread(child.pid)
+        t.seize(0)
+        try:
+            t.interrupt()
+            t.wait(timeout=5)
+            t.get_regs()
+            size = len(t.get_xstate())
+        finally:
+            t.detach()
+        return Finding("ptrace seize", True, f"PTRACE_SEIZE/INTERRUPT, GETREGS, xstate {size} bytes", "dump/restore")
+    except Exception as exc:
+        return Finding("ptrace seize", False, str(exc), "dump/restore")
+    finally:
+        _reap(child)
+
+
+def check_vm_rw():
+    buf = bytearray(os.urandom(PAGE))
+    addr = ctypes.addressof((ctypes.c_char * PAGE).from_buffer(buf))
+    try:
+        if core.vm_read(os.getpid(), addr, PAGE) != bytes(buf):
+            return Finding("process_vm_readv/writev", False, "read back different bytes", "dump/restore")
+        core.vm_write(os.getpid(), addr, b"\0" * PAGE)
+        ok = bytes(buf) == b"\0" * PAGE
+        return Finding("process_vm_readv/writev", ok, "bulk copies between address spaces", "dump/restore")
+    except OSError as exc:
+        return Finding("process_vm_readv/writev", False, exc.strerror, "dump/restore")
+
+
+def check_soft_dirty():
+    area = mmap.mmap(-1, PAGE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(area))
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("4")
+        area[0] = 1
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(addr // PAGE * 8)
+            (entry,) = struct.unpack("<Q", f.read(8))
+        if entry & PM_SOFT_DIRTY:
+            return Finding("soft-dirty", True, "clear_refs 4 + pagemap bit 55", "tracker")
+        return Finding("soft-dirty", False, "pagemap bit 55 stays clear after a write "
+                       "(kernel built without CONFIG_MEM_SOFT_DIRTY)", "tracker")
+    except OSError as exc:
+        return Finding("soft-dirty", False, f"clear_refs: {exc.strerror}", "tracker")
+    finally:
+        del addr
+        area.close()
+
+
+def check_uffd_wp_async():
+    try:
+        fd = core.syscall(SYS_userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK | UFFD_USER_MODE_ONLY)
+    except OSError as exc:
+        return Finding("userfaultfd WP_ASYNC", False, f"userfaultfd: {exc.strerror}", "tracker")
+    try:
+        import fcntl
+        want = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED
+        arg = bytearray(struct.pack("<QQQ", UFFD_API, want, 0))
+        try:
+            fcntl.ioctl(fd, UFFDIO_API, arg, True)
+        except OSError as exc:
+            return Finding("userfaultfd WP_ASYNC", False, f"UFFDIO_API: {exc.strerror}", "tracker")
+        _, features, _ = struct.unpack("<QQQ", arg)
+        ok = features & want == want
+        return Finding("userfaultfd WP_ASYNC", ok,
+                       f"features {features:#x}" if ok else "kernel lacks UFFD_FEATURE_WP_ASYNC", "tracker")
+    finally:
+        os.close(fd)
+
+
+def check_pagemap_scan():
+    area = mmap.mmap(-1, 4 * PAGE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(area))
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        area[0] = 1
+        runs, _ = core.pagemap_scan(fd, addr, addr + 4 * PAGE, 0, 0, 0, 0, core.PAGE_IS_PRESENT)
+        found = len(runs) >= 3 and runs[0] == addr
+        return Finding("PAGEMAP_SCAN", found, "ioctl on /proc/PID/pagemap (Linux 6.7+)"
+                       if found else "scan did not report a present page", "tracker")
+    except OSError as exc:
+        return Finding("PAGEMAP_SCAN", False, f"ioctl: {exc.strerror} (needs Linux 6.7+)", "tracker")
+    finally:
+        os.close(fd)
+        del addr
+        area.close()
+
+
+def _free_pid():
+    last = int(open("/proc/sys/kernel/ns_last_pid").read())
+    pid_max = int(open("/proc/sys/kernel/pid_max").read())
+    for pid in list(range(last + 1000, pid_max)) + list(range(300, last)):
+        if not os.path.exists(f"/proc/{pid}"):
+            return pid
+    raise OSError("no free pid")
+
+
+def check_clone3_set_tid():
+    try:
+        want = _free_pid()
+        pid = core.clone3_exec([want], 0, "/bin/true", ["true"])
+        os.waitpid(pid, 0)
+        return Finding("clone3 set_tid", pid == want, f"asked for pid {want}, got {pid}", "dump/restore")
+    except OSError as exc:
+        return Finding("clone3 set_tid", False, exc.strerror or str(exc), "dump/restore")
+
+
+def check_prctl_mm_map():
+    """PR_SET_MM_MAP_SIZE answers 104 only where PR_SET_MM_MAP is built in."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    size = ctypes.c_uint(0)
+    if libc.prctl(PR_SET_MM, PR_SET_MM_MAP_SIZE, ctypes.addressof(size), 0, 0) != 0:
+        err = ctypes.get_errno()
+        return Finding("PR_SET_MM_MAP", False, f"prctl: {os.strerror(err)} (CONFIG_CHECKPOINT_RESTORE?)",
+                       "dump/restore")
+    return Finding("PR_SET_MM_MAP", True, f"struct prctl_mm_map is {size.value} bytes", "dump/restore")
+
+
+def check_pidfd_getfd():
+    child = _sleeper()
+    try:
+        pidfd = core.pidfd_open(child.pid)
+        try:
+            os.close(core.pidfd_getfd(pidfd, 0))
+        finally:
+            os.close(pidfd)
+        return Finding("pidfd_getfd", True, "duplicates a target's fd (pipes, userfaultfd)", "dump/restore")
+    except OSError as exc:
+        return Finding("pidfd_getfd", False, exc.strerror, "dump/restore")
+    finally:
+        _reap(child)
+
+
+CHECKS = (check_ptrace, check_vm_rw, check_clone3_set_tid, check_prctl_mm_map, check_pidfd_getfd,
+          check_soft_dirty, check_uffd_wp_async, check_pagemap_scan)
+
+
+def run_checks():
+    return [check() for check in CHECKS]
+
+
+def trackers_available(findings=None):
+    """Tracker names usable on this kernel, best first; 'hash' works anywhere."""
+    found = {f.name: f.ok for f in (findings or run_checks())}
+    out = []
+    if found.get("userfaultfd WP_ASYNC") and found.get("PAGEMAP_SCAN"):
+        out.append("uffd-wp")
+    if found.get("soft-dirty"):
+        out.append("soft-dirty")
+    out.append("hash")
+    return out
+
+
+def run_check(as_json=False):
+    """Print the findings; exit status 0 when dump and restore can work here."""
+    if os.geteuid() != 0:
+        print("pycr: warning: not root; most checks need root (ptrace of other users, clone3 set_tid)",
+              file=sys.stderr)
+    findings = run_checks()
+    essential_ok = all(f.ok for f in findings if f.needed_for == "dump/restore")
+    trackers = trackers_available(findings)
+    if as_json:
+        print(json.dumps({"kernel": os.uname().release, "ok": essential_ok, "trackers": trackers,
+                          "checks": [f.__dict__ for f in findings]}, indent=2))
+    else:
+        print(f"kernel {os.uname().release}")
+        for f in findings:
+            print(f"  {'yes' if f.ok else 'no ':3}  {f.name:26} {f.detail}  [{f.needed_for}]")
+        print(f"dirty-page trackers here: {', '.join(trackers)} (auto picks {trackers[0]})")
+        print("dump and restore: " + ("can work" if essential_ok else "cannot work (see 'no' lines above)"))
+    return 0 if essential_ok else 1

@@ -1,0 +1,166 @@
+"""Memory contents: which pages to save, and copying them into the pages file.
+
+Only pages that cannot be found elsewhere are saved: every present or swapped
+page of private anonymous memory; of private file mappings only the pages that
+were copied on write (pagemap says "anonymous"); shared anonymous objects once
+per object, through /proc/PID/map_files and SEEK_DATA; nothing of shared file
+mappings (the file holds it) or of vdso/vvar (the kernel provides them).
+Runs of pages go to the native core, which copies them with process_vm_readv
+in large batches: no per-page Python object on this path.
+"""
+
+import os
+from array import array
+
+from ..native import core
+from ..log import Progress, log
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+SKIPPED_KINDS = {"vdso", "vvar", "vvar_vclock", "vsyscall"}
+MEM_CHUNK = 64 << 20
+
+
+def private_vmas(vmas):
+    """The VMA records whose pages belong to this process alone."""
+    return [v for v in vmas if not v["shared"] and v["kind"] not in SKIPPED_KINDS]
+
+
+def shmem_vmas(vmas):
+    """One VMA record per shared anonymous object (the first that maps it)."""
+    seen, out = set(), []
+    for v in vmas:
+        if v["kind"] == "shmem" and v["shmem_id"] not in seen:
+            seen.add(v["shmem_id"])
+            out.append(v)
+    return out
+
+
+def present_runs(pid, vmas):
+    """(start, len) runs, flattened in an array('Q'), of the pages of `vmas` worth saving."""
+    runs = array("Q")
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    try:
+        for v in vmas:
+            anon_only = v["kind"] == "file"
+            runs.extend(core.pagemap_runs(fd, v["start"], v["end"], True, True, anon_only))
+    finally:
+        os.close(fd)
+    return runs
+
+
+def runs_to_entries(runs, in_parent=False):
+    """pagemap image entries for runs (no per-page objects: one dict per run)."""
+    return [(runs[i], runs[i + 1] // PAGE, in_parent) for i in range(0, len(runs), 2)]
+
+
+def split_by_readability(runs, vmas):
+    """Split runs into batches: (readable, runs) in address order.
+
+    process_vm_readv honours protections, so pages of a PROT_NONE or write-only
+    VMA are read through /proc/PID/mem, which the kernel lets a tracer read anyway.
+    """
+    unreadable = [(v["start"], v["end"]) for v in vmas if not v["prot"] & 1]
+    if not unreadable:
+        return [(True, runs)]
+    batches = []
+    for i in range(0, len(runs), 2):
+        start, length = runs[i], runs[i + 1]
+        readable = not any(s <= start < e for s, e in unreadable)
+        if not batches or batches[-1][0] != readable:
+            batches.append((readable, array("Q")))
+        batches[-1][1].extend((start, length))
+    return batches
+
+
+def copy_runs(pid, runs, vmas, out_fd, progress=None):
+    """Copy the runs' bytes from task pid to out_fd, in run order. Returns bytes written."""
+    total = 0
+    for readable, batch in split_by_readability(runs, vmas):
+        if readable:
+            # Chunk so that a terminal shows progress on large copies.
+            chunk, size = array("Q"), 0
+            for i in range(0, len(batch), 2):
+                chunk.extend((batch[i], batch[i + 1]))
+                size += batch[i + 1]
+                if size >= MEM_CHUNK:
+                    total += core.vm_read_runs(pid, chunk, out_fd)
+                    if progress:
+                        progress.advance(size)
+                    chunk, size = array("Q"), 0
+            if chunk:
+                total += core.vm_read_runs(pid, chunk, out_fd)
+                if progress:
+                    progress.advance(size)
+        else:
+            mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+            try:
+                for i in range(0, len(batch), 2):
+                    data = os.pread(mem, batch[i + 1], batch[i])
+                    os.write(out_fd, data)
+                    total += len(data)
+            finally:
+                os.close(mem)
+    return total
+
+
+def dump_private_memory(pid, vmas, imgdir, runs=None, parent_runs=None):
+    """Write pages-<pid>.img and pagemap-<pid>.img; returns bytes of pages written.
+
+    runs: the runs to save (default: every present page). parent_runs: runs
+    whose pages are unchanged since the previous image set (pre-dump chains).
+    """
+    mine = private_vmas(vmas)
+    if runs is None:
+        runs = present_runs(pid, mine)
+    size = sum(runs[1::2])
+    log.info("pid %d: copying %d pages in %d runs with process_vm_readv", pid, size // PAGE, len(runs) // 2)
+    with Progress(f"pid {pid} memory", size) as progress, imgdir.pages_writer(str(pid)) as f:
+        written = copy_runs(pid, runs, mine, f.fileno(), progress)
+    entries = runs_to_entries(runs) + runs_to_entries(parent_runs or array("Q"), in_parent=True)
+    entries.sort()
+    imgdir.write("pagemap", {"owner": str(pid), "entries": entries}, str(pid))
+    return written
+
+
+def shmem_data_runs(fd, size):
+    """(offset, len) runs of an shmem object that hold data, by SEEK_DATA/SEEK_HOLE."""
+    runs = array("Q")
+    off = 0
+    while off < size:
+        try:
+            data = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError:
+            break   # ENXIO: no data past off
+        if data >= size:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+        runs.extend((data, hole - data))
+        off = hole
+    return runs
+
+
+def dump_shmem(pid, vma, imgdir):
+    """Save one shared anonymous object once, through /proc/PID/map_files. Returns bytes."""
+    owner = f"shmem-{vma['shmem_id']}"
+    if imgdir.exists("pagemap", owner):
+        return 0
+    fd = os.open(f"/proc/{pid}/map_files/{vma['start']:x}-{vma['end']:x}", os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size or (vma["end"] - vma["start"] + vma["pgoff"])
+        runs = shmem_data_runs(fd, size)
+        written = 0
+        with imgdir.pages_writer(owner) as f:
+            for i in range(0, len(runs), 2):
+                off, length = runs[i], runs[i + 1]
+                while length:
+                    data = os.pread(fd, min(length, MEM_CHUNK), off)
+                    if not data:
+                        break
+                    f.write(data)
+                    off += len(data)
+                    length -= len(data)
+                    written += len(data)
+    finally:
+        os.close(fd)
+    imgdir.write("pagemap", {"owner": owner, "entries": runs_to_entries(runs)}, owner)
+    return written

@@ -1,0 +1,60 @@
+"""The layout of an address space: VMAs, the mm fields, auxv and the exe link.
+
+The current brk is not in any /proc file (stat has only start_brk), so it is
+read by injecting brk(0), which returns the current break without moving it.
+"""
+
+from .. import proc
+from ..errors import Unsupported
+from ..ptrace.syscalls import NR
+
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+
+
+def vma_record(vma, vmflags):
+    prot = (PROT_READ if vma.read else 0) | (PROT_WRITE if vma.write else 0) | (PROT_EXEC if vma.exec else 0)
+    return {
+        "start": vma.start, "end": vma.end, "prot": prot, "shared": vma.shared,
+        "pgoff": vma.offset, "dev_major": vma.dev_major, "dev_minor": vma.dev_minor,
+        "inode": vma.inode, "path": vma.path + (" (deleted)" if vma.deleted else ""),
+        "kind": vma.kind, "vmflags": vmflags,
+        "shmem_id": vma.inode if vma.kind == "shmem" else 0,
+    }
+
+
+def read_vmas(pid):
+    """[(proc.Vma, vmflags string)] of process pid, from smaps (which repeats maps' lines)."""
+    return [(entry.vma, entry.vmflags) for entry in proc.smaps(pid)]
+
+
+def check_supported(pid, vmas):
+    """Refuse by name what pycr cannot restore, before anything is written."""
+    for vma, vmflags in vmas:
+        flags = set(vmflags.split())
+        if "ht" in flags:
+            raise Unsupported(f"pid {pid}: hugetlb mapping {vma.start:#x}-{vma.end:#x} is not supported")
+        if vma.kind == "shmem" and vma.is_sysv:
+            raise Unsupported(f"pid {pid}: SysV shared memory at {vma.start:#x} is not supported")
+        if vma.kind == "file" and vma.deleted:
+            raise Unsupported(f"pid {pid}: mapping of deleted file {vma.path} is not supported")
+
+
+def collect_mm(pid, vmas, injector):
+    """The mm image body of process pid, given its VMAs read while frozen."""
+    st = proc.stat(pid)
+    brk = injector.check(NR["brk"], 0)
+    fields = {name: getattr(st, name) for name in (
+        "start_code", "end_code", "start_data", "end_data", "start_brk",
+        "start_stack", "arg_start", "arg_end", "env_start", "env_end")}
+    fields["brk"] = brk
+    try:
+        exe = proc.exe(pid)
+    except OSError:
+        exe = ""
+    return {
+        "pid": pid,
+        "exe": exe,
+        "mm": fields,
+        "auxv": proc.auxv_bytes(pid),
+        "vmas": [vma_record(vma, flags) for vma, flags in vmas],
+    }

@@ -1,0 +1,140 @@
+"""`pycr dump`: freeze a tree, write everything needed to bring it back, kill or resume it.
+
+The order matters: everything that can refuse the dump (unsupported fds or
+mappings) is checked before any image is written, and VMAs are read before
+any syscall is injected (an injected scratch mmap is itself a VMA).
+Whatever goes wrong, the tree is thawed exactly as it was.
+"""
+
+import os
+import platform
+import time
+
+from . import __version__, proc
+from .collect.core import collect_core
+from .collect.files import collect_files, collect_pipes_data
+from .collect.memory import dump_private_memory, dump_shmem, shmem_vmas
+from .collect.mm import check_supported, collect_mm, read_vmas
+from .collect.tree import collect_pstree
+from .errors import PycrError, from_oserror
+from .freeze import freeze
+from .images import ImageDir
+from .log import log
+from .ptrace.inject import Injector
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def probe_writable(path):
+    """Fail before freezing anything if the image directory cannot take files."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        probe = os.path.join(path, f".pycr-probe-{os.getpid()}")
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PycrError(f"cannot write images to {path}: {exc.strerror}") from None
+
+
+def inventory(root, kind, tracker="", parent="", pass_nr=0):
+    return {
+        "pycr_version": __version__,
+        "kernel": platform.release(),
+        "page_size": PAGE,
+        "root_pid": root,
+        "root_start_time": proc.stat(root).start_time,
+        "kind": kind,
+        "tracker": tracker,
+        "parent": parent,
+        "pass_nr": pass_nr,
+        "created": time.time_ns(),
+    }
+
+
+class DumpStats:
+    """What a dump did, for -v and for benchmarks."""
+
+    def __init__(self):
+        self.frozen_seconds = 0.0
+        self.total_seconds = 0.0
+        self.pages_bytes = 0
+        self.processes = 0
+        self.threads = 0
+
+
+def write_tree_images(frozen, imgdir, memory=None):
+    """Collect and write every image of a frozen tree except the inventory.
+
+    memory(pid, vmas, imgdir) -> bytes writes the pages of one process; the
+    default saves every present page. Returns bytes of pages written.
+    """
+    processes = frozen.processes
+    # Pass 1: read what can refuse the dump, before writing anything.
+    vmas_by_pid, files_by_pid = {}, {}
+    for pid in processes:
+        vmas = read_vmas(pid)
+        check_supported(pid, vmas)
+        vmas_by_pid[pid] = vmas
+        files_by_pid[pid] = collect_files(pid)
+    log.info("tree of %d processes: VMAs and fds readable, nothing unsupported", len(processes))
+
+    imgdir.write("pstree", collect_pstree(processes))
+    imgdir.write("files", {"processes": [{"pid": pid, "fds": fds} for pid, fds in files_by_pid.items()]})
+    pipes = collect_pipes_data(files_by_pid)
+    imgdir.write("pipes-data", {"pipes": [{"pipe_id": k, "data": v} for k, v in pipes.items()]})
+
+    written = 0
+    for pid, threads in processes.items():
+        with Injector(threads[0]) as injector:
+            log.info("pid %d: reading sigactions and brk by injected syscalls", pid)
+            core_img = collect_core(pid, threads, injector)
+            mm_img = collect_mm(pid, vmas_by_pid[pid], injector)
+        imgdir.write("core", core_img)
+        imgdir.write("mm", mm_img)
+        vmas = mm_img["vmas"]
+        if memory is None:
+            written += dump_private_memory(pid, vmas, imgdir)
+        else:
+            written += memory(pid, vmas, imgdir)
+        for vma in shmem_vmas(vmas):
+            written += dump_shmem(pid, vma, imgdir)
+    return written
+
+
+def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images_dir=None,
+              tracker="auto"):
+    """Checkpoint the tree rooted at `root` into images_dir. Returns 0.
+
+    pre-dump and --prev-images-dir go through pycr.predump (incremental chains).
+    """
+    if pre_dump or prev_images_dir:
+        from .predump import dump_incremental
+        return dump_incremental(root, images_dir, pre_dump=pre_dump, leave_running=leave_running,
+                                prev_images_dir=prev_images_dir, tracker=tracker)
+    stats = DumpStats()
+    started = time.monotonic()
+    probe_writable(images_dir)
+    imgdir = ImageDir(images_dir)
+    frozen = freeze(root)
+    frozen_at = time.monotonic()
+    log.info("froze %d processes, %d threads with PTRACE_SEIZE + PTRACE_INTERRUPT",
+             len(frozen.processes), sum(len(t) for t in frozen.processes.values()))
+    try:
+        stats.pages_bytes = write_tree_images(frozen, imgdir)
+        imgdir.write("inventory", inventory(root, "dump"))
+    except BaseException:
+        log.info("dump failed: detaching, the tree goes on as before")
+        frozen.thaw()
+        raise
+    if leave_running:
+        frozen.thaw()
+        log.info("detached every thread (--leave-running): the tree goes on")
+    else:
+        frozen.kill()
+        log.info("killed the tree with SIGKILL and waited for its PIDs to be free")
+    stats.frozen_seconds = time.monotonic() - frozen_at
+    stats.total_seconds = time.monotonic() - started
+    log.info("dump done: %.1f MiB of pages, frozen %.3f s, total %.3f s",
+             stats.pages_bytes / (1 << 20), stats.frozen_seconds, stats.total_seconds)
+    return 0
