@@ -256,7 +256,7 @@ def clone3_exec(set_tid, flags, path, argv):
     file descriptors that are not close-on-exec. If execve fails the child
     exits with 127. A PID in use raises OSError(EEXIST).
     """
-    tids = ffi.new("int[]", [int(t) for t in set_tid])
+    tids = ffi.new("int[]", [int(t) for t in set_tid]) if set_tid else ffi.NULL
     cpath = ffi.new("char[]", os.fsencode(path))
     cargs = [ffi.new("char[]", os.fsencode(a)) for a in argv]
     cargv = ffi.new("char *[]", cargs + [ffi.NULL])
