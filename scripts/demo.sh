@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The demo: start a small live process tree, checkpoint it with pycr, show the
+# images, restore it, and watch it go on counting from where it stopped.
+# Works on a fresh machine (root, Python 3.11, gcc, apt): it sets itself up first.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$repo/scripts/setup.sh"
+pycr="$repo/.venv/bin/pycr"
+
+work="$(mktemp -d /tmp/pycr-demo.XXXXXX)"
+tree_pid=""
+cleanup() {
+    # Kill what the demo started, by PID: the original tree and the restored one.
+    for pid in $tree_pid $(cat "$work/restored.pids" 2>/dev/null); do
+        pkill -KILL -P "$pid" 2>/dev/null || true
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+gcc -O2 -o "$work/counter_tree" "$repo/examples/counter_tree.c"
+cd "$work"
+setsid "$work/counter_tree" </dev/null >"$work/log" 2>&1 &
+tree_pid=$!
+sleep 1
+echo "== a live tree: $tree_pid and its children"
+ps -o pid,ppid,pgid,sid,stat,cmd --ppid "$tree_pid" -p "$tree_pid"
+tail -n 3 "$work/log"
+
+echo; echo "== pycr check"
+"$pycr" check || true
+
+echo; echo "== pycr dump -t $tree_pid -D images -v   (the tree is killed afterwards, as criu does)"
+"$pycr" dump -t "$tree_pid" -D "$work/images" -v
+wait "$tree_pid" 2>/dev/null || true
+last=$(tail -n 3 "$work/log")
+echo "last lines before the checkpoint:"; echo "$last"
+
+echo; echo "== pycr show images (inventory, tree, one core image)"
+"$pycr" show "$work/images/inventory.img"
+"$pycr" show "$work/images/pstree.img"
+ls -l "$work/images"
+
+echo; echo "== pycr restore -D images -d"
+"$pycr" restore -D "$work/images" -d -v
+echo "$tree_pid" > "$work/restored.pids"
+sleep 1
+echo "the same PIDs again:"
+ps -o pid,ppid,pgid,sid,stat,cmd --ppid "$tree_pid" -p "$tree_pid"
+echo "and they go on counting from where they stopped:"
+grep -A3 -F "$(echo "$last" | tail -n 1)" "$work/log" | head -n 6
