@@ -142,7 +142,7 @@ class Injector:
                     t.get_regs().rip == addr:
                 raise PycrError(f"tid {self.tid}: trampoline {addr:#x} is not executable "
                                 f"(signal {stop.signal})")
-            self.thread.held_signals.append(stop.signal)   # keep it for detach
+            t.hold_signal(stop)   # passed on at detach, never dropped
 
     def check(self, nr, *args):
         """Like call(), but a negative result raises the mapped pycr error."""

@@ -12,10 +12,26 @@ import time
 from dataclasses import dataclass
 
 from pycr.errors import PycrError, TaskGone
+from pycr.proc.status import status
 from pycr.ptrace import binding as B
 
 XSTATE_BUFSIZE = 4096   # the kernel shrinks iov_len to the real size (832 here)
 SIGINFO_SIZE = 128
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_SYS_TGKILL = 234
+
+
+def _tgkill(tgid, tid, sig):
+    res = _libc.syscall(ctypes.c_long(_SYS_TGKILL), ctypes.c_long(tgid), ctypes.c_long(tid),
+                        ctypes.c_long(sig))
+    if res != 0:
+        err = ctypes.get_errno()
+        if err == errno.ESRCH:
+            raise TaskGone(tid, "tgkill")
+        raise PycrError(f"tid {tid}: tgkill({sig}): {os.strerror(err)}")
 
 
 class user_regs_struct(ctypes.Structure):
@@ -120,6 +136,8 @@ class Thread:
         # Signals taken from signal-delivery stops while we held the thread;
         # they must be passed back when it is released (see freeze.thaw).
         self.held_signals = []
+        self.held_siginfos = []   # their 128-byte siginfos, same order
+        self.last_stop = None     # the Stop of the most recent wait()
 
     def __repr__(self):
         return f"Thread({self.tid})"
@@ -158,7 +176,8 @@ class Thread:
                 _, status = os.waitpid(self.tid, B.__WALL)
             except ChildProcessError:
                 raise TaskGone(self.tid, "not waitable") from None
-            return Stop(self.tid, status)
+            self.last_stop = Stop(self.tid, status)
+            return self.last_stop
         deadline = time.monotonic() + timeout
         delay = 0.0001
         while True:
@@ -167,11 +186,45 @@ class Thread:
             except ChildProcessError:
                 raise TaskGone(self.tid, "not waitable") from None
             if pid:
-                return Stop(self.tid, status)
+                self.last_stop = Stop(self.tid, status)
+                return self.last_stop
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"tid {self.tid}: no ptrace stop within {timeout} s")
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
+
+    def get_siginfo(self):
+        """The siginfo of the signal this thread is stopped for (128 bytes)."""
+        buf = ctypes.create_string_buffer(SIGINFO_SIZE)
+        self._call(B.GETSIGINFO, 0, ctypes.addressof(buf))
+        return buf.raw
+
+    def hold_signal(self, stop):
+        """Record the signal of a signal-delivery stop so that release() passes it on."""
+        try:
+            info = self.get_siginfo()
+        except PycrError:
+            info = b""
+        self.held_signals.append(stop.signal)
+        self.held_siginfos.append(info)
+
+    def release(self):
+        """Detach, passing on every held signal: the first through the detach
+        itself when the thread sits in a signal-delivery stop (the kernel takes
+        the detach signal only there), the others re-sent with tgkill first.
+        A thread in a job-control stop stays stopped."""
+        sigs = list(self.held_signals)
+        self.held_signals.clear()
+        self.held_siginfos.clear()
+        first = 0
+        if sigs and self.last_stop is not None and self.last_stop.is_signal_delivery:
+            first = sigs.pop(0)
+        tgid = None
+        for sig in sigs:
+            if tgid is None:
+                tgid = status(self.tid).tgid
+            _tgkill(tgid, self.tid, sig)
+        self.detach(first)
 
     # CPU state
     def get_regs(self):

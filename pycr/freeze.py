@@ -1,0 +1,257 @@
+"""Freezing a process tree: every thread of every process in a ptrace stop.
+
+freeze(root) seizes and interrupts each thread found through the children
+links and /proc/PID/task, then lists again until a pass finds nothing new (a
+stopped task cannot create tasks, so the set is then stable). Forks and clones
+racing with the walk are auto-attached through PTRACE_O_TRACEFORK/CLONE/VFORK.
+Threads are left in whatever ptrace stop they reached:
+- an interrupt stop (the usual case);
+- a job-control stop, for a task already stopped by SIGSTOP (kept stopped at thaw);
+- a signal-delivery stop, whose signal is held and passed on at thaw;
+- a vfork event stop for a vfork parent (it would wait for its child otherwise).
+"""
+
+import os
+import signal
+import time
+
+from pycr import proc
+from pycr.errors import AccessDenied, PycrError, TaskGone
+from pycr.ptrace import binding as B
+from pycr.ptrace.thread import Thread
+
+DEFAULT_OPTIONS = (B.O_SUSPEND_SECCOMP | B.O_TRACEFORK | B.O_TRACEVFORK | B.O_TRACECLONE)
+_NEW_TASK_EVENTS = (B.EVENT_FORK, B.EVENT_VFORK, B.EVENT_CLONE)
+
+
+class FrozenTree:
+    """A frozen tree. processes: pid -> [Thread] (leader first).
+
+    Use as a context manager: on leaving, the tree is thawed unless thaw() or
+    kill() was already called (in particular on an exception).
+    """
+
+    def __init__(self, root_pid):
+        self.root_pid = root_pid
+        self.processes = {}
+        self.threads = {}          # tid -> Thread, every frozen thread
+        self.job_stopped = set()   # tids that were in a SIGSTOP-style stop
+        self.zombies = set()       # tids found already dead (not seizable)
+        self._done = False
+
+    def __repr__(self):
+        return f"FrozenTree(root={self.root_pid}, processes={sorted(self.processes)})"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if not self._done:
+            self.thaw()
+        return False
+
+    @property
+    def pids(self):
+        """The frozen processes, parents before children."""
+        order = [p for p in _safe_descendants(self.root_pid) if p in self.processes]
+        return order + [p for p in self.processes if p not in order]
+
+    # building
+    def _add(self, thread):
+        pid = proc.status(thread.tid).tgid
+        self.threads[thread.tid] = thread
+        threads = self.processes.setdefault(pid, [])
+        if thread.tid == pid:
+            threads.insert(0, thread)
+        else:
+            threads.append(thread)
+
+    def _seize(self, thread, options):
+        """Seize and interrupt; False if the thread is gone or dead already."""
+        tid = thread.tid
+        try:
+            thread.seize(options)
+        except TaskGone:
+            return False
+        except AccessDenied:
+            try:
+                st = proc.status(tid)
+            except TaskGone:
+                return False
+            if st.tracer_pid == os.getpid():
+                return True   # auto-attached by a fork/clone event: its own stop is coming
+            if st.state in "ZX":
+                self.zombies.add(tid)
+                return False
+            if st.tracer_pid:
+                raise AccessDenied(f"pid {tid} is already traced by pid {st.tracer_pid}") from None
+            raise
+        try:
+            thread.interrupt()
+        except TaskGone:
+            pass      # it is exiting; wait() reports it
+        return True
+
+    def _settle(self, thread, pending, deadline, timeout):
+        """Wait until thread sits in a ptrace stop we can leave it in."""
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                stop = thread.wait(max(remaining, 0.0))
+            except TimeoutError:
+                raise PycrError(f"tid {thread.tid} did not stop within {timeout} s") from None
+            except TaskGone:
+                return
+            if stop.gone:
+                return
+            if stop.is_interrupt_stop:
+                break
+            if stop.is_group_stop:
+                self.job_stopped.add(thread.tid)
+                break
+            if stop.event in _NEW_TASK_EVENTS:
+                child = thread.event_msg()
+                if child not in self.threads and child not in pending:
+                    pending[child] = Thread(child)
+                if stop.event == B.EVENT_VFORK:
+                    break   # a resumed vfork parent waits for the child and cannot be interrupted
+            elif not stop.event:
+                thread.hold_signal(stop)   # signal-delivery stop: stay here, pass it on at thaw
+                break
+            thread.cont()
+            thread.interrupt()
+        self._add(thread)
+
+    def _freeze(self, options, timeout):
+        deadline = time.monotonic() + timeout
+        pending = {}
+        self._pending = pending
+        while True:
+            found = False
+            for pid in proc.descendants(self.root_pid):
+                try:
+                    tids = proc.tasks(pid)
+                except TaskGone:
+                    continue
+                for tid in tids:
+                    if tid in self.threads or tid in pending or tid in self.zombies:
+                        continue
+                    thread = Thread(tid)
+                    if self._seize(thread, options):
+                        pending[tid] = thread
+                        found = True
+            while pending:
+                tid = next(iter(pending))
+                self._settle(pending[tid], pending, deadline, timeout)
+                pending.pop(tid, None)
+            if not found:
+                break
+        if self.root_pid not in self.processes:
+            raise TaskGone(self.root_pid, "exited while being frozen")
+
+    def _rollback(self):
+        """Let go of whatever was seized, so the tree runs on as before."""
+        for thread in list(getattr(self, "_pending", {}).values()):
+            try:
+                stop = thread.wait(1.0)
+                if stop.stopped:
+                    if not stop.event and not stop.is_interrupt_stop:
+                        thread.hold_signal(stop)
+                    self._add(thread)
+            except (TimeoutError, PycrError):
+                pass
+        self.thaw()
+
+    # releasing
+    def thaw(self):
+        """Detach every thread; held signals are passed on, job-stopped tasks stay stopped."""
+        self._done = True
+        errors = []
+        for thread in list(self.threads.values()):
+            try:
+                thread.release()
+            except TaskGone:
+                pass
+            except PycrError as exc:
+                errors.append(str(exc))
+        self.threads.clear()
+        if errors:
+            raise PycrError("thaw: " + "; ".join(errors))
+
+    def kill(self, timeout=10.0):
+        """SIGKILL every process and wait (at most timeout s) until their PIDs leave /proc.
+
+        As tracer we collect each thread's death so the real parent can reap it;
+        processes whose parent is this process are reaped here. A process whose
+        parent outside the tree does not reap it stays a zombie: PycrError names it.
+        """
+        self._done = True
+        pids = list(self.processes)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        waiting = set(self.threads)
+        me = os.getpid()
+        while True:
+            for tid in list(waiting):
+                try:
+                    got, status = os.waitpid(tid, B.__WALL | os.WNOHANG)
+                except ChildProcessError:
+                    waiting.discard(tid)
+                    continue
+                if got and (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
+                    waiting.discard(tid)
+            left = []
+            for pid in pids:
+                try:
+                    st = proc.stat(pid)
+                except TaskGone:
+                    continue
+                if st.ppid == me:
+                    try:
+                        os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:
+                        pass
+                left.append(pid)
+            if not left and not waiting:
+                break
+            if time.monotonic() >= deadline:
+                self.threads.clear()
+                raise PycrError(f"killed tree still present after {timeout} s: pids "
+                                f"{sorted(left)} not reaped by their parents")
+            time.sleep(0.002)
+        self.threads.clear()
+
+
+def _safe_descendants(pid):
+    try:
+        return proc.descendants(pid)
+    except TaskGone:
+        return []
+
+
+def freeze(root_pid, options=DEFAULT_OPTIONS, timeout=10.0):
+    """Stop every thread of the tree rooted at root_pid; -> FrozenTree.
+
+    Raises TaskGone for a missing pid, AccessDenied if a thread is traced by
+    someone else, PycrError if a thread does not stop within timeout seconds.
+    On any failure what was seized is released and the tree keeps running.
+    """
+    st = proc.status(root_pid)
+    if st.tgid != root_pid:
+        raise PycrError(f"pid {root_pid} is a thread of pid {st.tgid}, not a process")
+    if st.state in "ZX":
+        raise TaskGone(root_pid, "zombie")
+    tree = FrozenTree(root_pid)
+    try:
+        tree._freeze(options, timeout)
+    except BaseException:
+        tree._rollback()
+        raise
+    return tree
+
+
+Frozen = FrozenTree
