@@ -1,0 +1,421 @@
+"""Image formats: every kind round-trips byte for byte, bad files fail cleanly."""
+
+import json
+import os
+import stat
+import struct
+
+import pytest
+
+from pycr import images
+from pycr.errors import ImageError
+from pycr.formats import FORMAT_VERSION, HEADER_SIZE, KINDS, kind_of_magic
+from pycr.formats.common import REGISTER_NAMES
+from pycr.formats.pagemap import PageRun
+
+U64_MAX = 2**64 - 1
+ROOT, THREAD2, CHILD = 4242, 4243, 4251
+
+
+def siginfo(signo, code=0, pid=0, uid=0):
+    """A 128-byte siginfo_t as PEEKSIGINFO returns it (si_pid/si_uid at 16/20)."""
+    head = struct.pack("<iii4xiI", signo, 0, code, pid, uid)
+    return head + bytes(128 - len(head))
+
+
+def xstate():
+    """An 832-byte NT_X86_XSTATE area: XCR0 = 7 at 464, xstate_bv at 512."""
+    area = bytearray(832)
+    area[0:2] = struct.pack("<H", 0x037F)          # fcw
+    area[24:28] = struct.pack("<I", 0x1F80)        # mxcsr
+    area[160:176] = bytes(range(16))               # xmm0
+    area[464:472] = struct.pack("<Q", 7)
+    area[512:520] = struct.pack("<Q", 7)
+    return bytes(area)
+
+
+def regs(rip, rsp, rax=0, orig_rax=U64_MAX):
+    values = {name: 0 for name in REGISTER_NAMES}
+    values.update(rip=rip, rsp=rsp, rax=rax, orig_rax=orig_rax, cs=0x33, ss=0x2B,
+                  eflags=0x246, fs_base=0x7F3A12345740, rbx=0x1122334455667788)
+    return values
+
+
+def sample_inventory():
+    return dict(pycr_version="0.1.0", kernel="6.18.44-fc-v657", page_size=4096, root_pid=ROOT,
+                root_start_time=987654, kind="pre-dump", tracker="uffd-wp", parent="../pass-0",
+                pass_nr=1, created=1732575600123456789)
+
+
+def sample_pstree():
+    return dict(processes=[
+        dict(pid=ROOT, ppid=1, pgid=ROOT, sid=ROOT, start_time=987654, threads=[ROOT, THREAD2]),
+        dict(pid=CHILD, ppid=ROOT, pgid=ROOT, sid=ROOT, start_time=987700, threads=[CHILD]),
+    ])
+
+
+def sample_core():
+    rlimits = [dict(cur=U64_MAX, max=U64_MAX) for _ in range(16)]
+    rlimits[7] = dict(cur=1024, max=20000)          # RLIMIT_NOFILE
+    rlimits[3] = dict(cur=8 << 20, max=U64_MAX)     # RLIMIT_STACK
+    sigactions = [dict(handler=0, flags=0, restorer=0, mask=0) for _ in range(64)]
+    sigactions[10 - 1] = dict(handler=0x55D0C0DE1234, flags=0x04000004, restorer=0x7F3A12200330, mask=1 << 1)
+    sigactions[13 - 1] = dict(handler=1, flags=0, restorer=0, mask=0)   # SIGPIPE ignored
+    return dict(
+        pid=ROOT, comm="counter", personality=0, umask=0o022,
+        cwd="/tmp/w\udcffrk dir",                   # a non-UTF-8 byte in a path
+        root="/", no_new_privs=True,
+        creds=dict(uid=1000, euid=1000, suid=1000, fsuid=1000, gid=100, egid=100, sgid=100, fsgid=100,
+                   groups=[100, 27, 4], cap_inh=0, cap_prm=0, cap_eff=0, cap_bnd=0x1FEFFFFFFFF, cap_amb=0),
+        rlimits=rlimits, sigactions=sigactions,
+        shared_pending=[siginfo(10, code=0, pid=1, uid=0)],
+        seccomp_mode="filter",
+        seccomp_filters=[bytes.fromhex("20000000040000001500000100000000060000000000ff7f")],
+        threads=[
+            dict(tid=ROOT, regs=regs(0x7F3A1230D7FA, 0x7FFC8A2B1F30, rax=2**64 - 516, orig_rax=230),
+                 xstate=xstate(), sigmask=0, pending=[],
+                 rseq=dict(pointer=0x7F3A12345FE0, size=32, signature=0x53053053)),
+            dict(tid=THREAD2, regs=regs(0x55D0C0DE2000, 0x7F3A11FFEE90), xstate=xstate(), sigmask=1 << 9,
+                 pending=[siginfo(12, code=-6, pid=ROOT, uid=1000)],
+                 rseq=dict(pointer=0, size=0, signature=0)),
+        ],
+    )
+
+
+def vma(start, end, prot, path="", kind="anon", shared=False, pgoff=0, dev=(0, 0), inode=0,
+        vmflags="rd wr mr mw me ac sd", shmem_id=0):
+    return dict(start=start, end=end, prot=prot, shared=shared, pgoff=pgoff, dev_major=dev[0],
+                dev_minor=dev[1], inode=inode, path=path, kind=kind, vmflags=vmflags, shmem_id=shmem_id)
+
+
+def sample_mm():
+    exe = "/work/tests/workloads/counter"
+    return dict(
+        pid=ROOT, exe=exe,
+        mm=dict(start_code=0x55D0C0DE1000, end_code=0x55D0C0DE2F00, start_data=0x55D0C0DE4D90,
+                end_data=0x55D0C0DE5010, start_brk=0x55D0C1F3B000, brk=0x55D0C1F5C000,
+                start_stack=0x7FFC8A2B2F60, arg_start=0x7FFC8A2B3F10, arg_end=0x7FFC8A2B3F2E,
+                env_start=0x7FFC8A2B3F2E, env_end=0x7FFC8A2B3FE8),
+        auxv=struct.pack("<8Q", 33, 0x7FFC8A3F2000, 6, 4096, 25, 0x7FFC8A2B30B9, 0, 0),
+        vmas=[
+            vma(0x55D0C0DE0000, 0x55D0C0DE1000, 1, exe, "file", dev=(0xFE, 1), inode=393220, vmflags="rd mr mw me sd"),
+            vma(0x55D0C0DE1000, 0x55D0C0DE2000, 5, exe, "file", pgoff=0x1000, dev=(0xFE, 1), inode=393220,
+                vmflags="rd ex mr mw me sd"),
+            vma(0x55D0C1F3B000, 0x55D0C1F5C000, 3, "[heap]", "heap"),
+            vma(0x7F3A12000000, 0x7F3A12100000, 3, "/dev/zero (deleted)", "shmem", shared=True,
+                dev=(0, 1), inode=2051, vmflags="rd wr sh mr mw me ms sd", shmem_id=2051),
+            vma(0x7FFC8A293000, 0x7FFC8A2B4000, 3, "[stack]", "stack", vmflags="rd wr mr mw me gd ac"),
+            vma(0x7FFC8A3EE000, 0x7FFC8A3F2000, 1, "[vvar]", "vvar", vmflags="rd mr pf io de dd sd"),
+            vma(0x7FFC8A3F2000, 0x7FFC8A3F4000, 5, "[vdso]", "vdso", vmflags="rd ex mr mw me de sd"),
+        ],
+    )
+
+
+def sample_pagemap():
+    return dict(owner=str(ROOT), entries=[
+        PageRun(0x55D0C0DE4000, 2, False),
+        PageRun(0x55D0C1F3B000, 33, True),
+        PageRun(0x7FFC8A2B0000, 4, False),
+    ])
+
+
+def sample_files():
+    return dict(processes=[
+        dict(pid=ROOT, fds=[
+            dict(fd=0, type="chr", flags=0o100002, pos=0, cloexec=False, path="/dev/null", deleted=False,
+                 pipe_id=0, rdev=os.makedev(1, 3), size=0),
+            dict(fd=3, type="reg", flags=0o102001, pos=4096, cloexec=True, path="/tmp/log\udce9.txt",
+                 deleted=True, pipe_id=0, rdev=0, size=8192),
+            dict(fd=4, type="pipe", flags=0o0, pos=0, cloexec=False, path="pipe:[51234]", deleted=False,
+                 pipe_id=51234, rdev=0, size=0),
+        ]),
+        dict(pid=CHILD, fds=[
+            dict(fd=1, type="pipe", flags=0o1, pos=0, cloexec=False, path="pipe:[51234]", deleted=False,
+                 pipe_id=51234, rdev=0, size=0),
+            dict(fd=7, type="unsupported", flags=0o2, pos=0, cloexec=True, path="socket:[777]", deleted=False,
+                 pipe_id=0, rdev=0, size=0),
+        ]),
+    ])
+
+
+def sample_pipes_data():
+    return dict(pipes=[dict(pipe_id=51234, data=b"hello\x00\xffworld\n" * 3), dict(pipe_id=51240, data=b"")])
+
+
+SAMPLES = {
+    "inventory": sample_inventory,
+    "pstree": sample_pstree,
+    "core": sample_core,
+    "mm": sample_mm,
+    "pagemap": sample_pagemap,
+    "files": sample_files,
+    "pipes-data": sample_pipes_data,
+}
+
+
+def only_plain_json(value):
+    """True if value holds nothing but what json.loads can produce."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and only_plain_json(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(map(only_plain_json, value))
+    return value is None or type(value) in (str, int, float, bool)
+
+
+# ---------------------------------------------------------------- round trips
+
+def test_registry_covers_every_kind_with_distinct_magic():
+    with_schema = {name for name, k in KINDS.items() if k.schema is not None}
+    assert with_schema == set(SAMPLES)
+    magics = [KINDS[name].magic for name in with_schema]
+    assert len(set(magics)) == len(magics)
+    for name in with_schema:
+        assert kind_of_magic(KINDS[name].magic) == name
+    assert kind_of_magic(b"\x7fELF") is None
+    assert KINDS["pages"].magic is None
+
+
+@pytest.mark.parametrize("kind", sorted(SAMPLES))
+def test_round_trip_through_bytes_and_json(kind):
+    data = images.build(kind, SAMPLES[kind]())
+    assert data[:4] == KINDS[kind].magic
+    assert struct.unpack("<I", data[4:8])[0] == FORMAT_VERSION
+
+    parsed = images.parse(data)
+    assert parsed._kind == kind
+    assert images.build(kind, parsed) == data
+
+    text = images.to_json(parsed)
+    doc = json.loads(text)
+    assert doc["kind"] == kind and doc["version"] == FORMAT_VERSION
+    assert only_plain_json(doc)
+    assert "_io" not in text
+
+    again = images.from_json(text)
+    assert images.build(kind, again) == data
+    assert images.to_json(again) == text
+
+
+def test_parsed_values_match_what_was_built():
+    core = images.parse(images.build("core", sample_core()))
+    assert core.comm == "counter"
+    assert core.cwd == "/tmp/w\udcffrk dir"
+    assert core.cwd.encode("utf-8", "surrogateescape") == b"/tmp/w\xffrk dir"
+    assert core.threads[0].regs.rip == 0x7F3A1230D7FA
+    assert core.threads[0].regs.rax == 2**64 - 516
+    assert core.threads[0].xstate == xstate()
+    assert core.threads[1].pending[0] == siginfo(12, code=-6, pid=ROOT, uid=1000)
+    assert core.seccomp_mode == "filter"
+    assert core.rlimits[7].max == 20000
+    assert core.sigactions[9].handler == 0x55D0C0DE1234
+
+    mm = images.parse(images.build("mm", sample_mm()))
+    assert [v.kind for v in mm.vmas][:3] == ["file", "file", "heap"]
+    assert mm.vmas[3].shared is True and mm.vmas[3].shmem_id == 2051
+
+    inventory = images.parse(images.build("inventory", sample_inventory()))
+    assert inventory.kind == "pre-dump" and inventory.parent == "../pass-0"
+
+
+def test_json_blobs_are_hex_and_building_accepts_hex():
+    doc = json.loads(images.to_json(images.parse(images.build("pipes-data", sample_pipes_data()))))
+    assert doc["body"]["pipes"][0]["data"] == (b"hello\x00\xffworld\n" * 3).hex()
+    from_hex = dict(pipes=[dict(pipe_id=1, data="00ff10")])
+    assert images.parse(images.build("pipes-data", from_hex)).pipes[0].data == b"\x00\xff\x10"
+
+
+def test_json_keeps_non_utf8_path_bytes():
+    text = images.to_json(images.parse(images.build("files", sample_files())))
+    assert "\\udce9" in text
+    files = images.from_json(text)
+    assert files.processes[0].fds[1].path.encode("utf-8", "surrogateescape") == b"/tmp/log\xe9.txt"
+
+
+def test_pagemap_entries_accept_tuples_and_dicts():
+    as_dicts = dict(owner="shmem-2051", entries=[dict(vaddr=0, nr_pages=3, in_parent=False),
+                                                 dict(vaddr=0x5000, nr_pages=1, in_parent=True)])
+    as_tuples = dict(owner="shmem-2051", entries=[(0, 3, False), (0x5000, 1, True)])
+    assert images.build("pagemap", as_dicts) == images.build("pagemap", as_tuples)
+    parsed = images.parse(images.build("pagemap", as_dicts))
+    assert parsed.entries == [PageRun(0, 3, False), PageRun(0x5000, 1, True)]
+
+
+def test_iter_page_runs_accumulates_offsets_past_parent_runs():
+    runs = list(images.iter_page_runs(images.parse(images.build("pagemap", sample_pagemap()))))
+    assert runs == [
+        (0x55D0C0DE4000, 2, False, 0),
+        (0x55D0C1F3B000, 33, True, None),
+        (0x7FFC8A2B0000, 4, False, 2 * 4096),
+    ]
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kind", sorted(SAMPLES))
+def test_truncated_image_names_kind_and_cause(kind, tmp_path):
+    data = images.build(kind, SAMPLES[kind]())
+    for cut in (HEADER_SIZE + 2, len(data) // 2, len(data) - 1):
+        path = tmp_path / f"cut-{cut}.img"
+        path.write_bytes(data[:cut])
+        with pytest.raises(ImageError, match=f"truncated {kind} image") as info:
+            images.load(path)
+        assert str(path) in str(info.value)
+    path = tmp_path / "header.img"
+    path.write_bytes(data[:5])
+    with pytest.raises(ImageError, match="shorter than the 8-byte image header"):
+        images.load(path)
+
+
+def test_flipped_magic_is_not_a_pycr_image(tmp_path):
+    data = bytearray(images.build("core", sample_core()))
+    data[0] ^= 0xFF
+    path = tmp_path / "core-1.img"
+    path.write_bytes(data)
+    with pytest.raises(ImageError, match=r"not a pycr image \(magic"):
+        images.load(path)
+
+
+def test_foreign_file_is_not_a_pycr_image(tmp_path):
+    with open("/bin/true", "rb") as f:
+        head = f.read(256)
+    path = tmp_path / "inventory.img"
+    path.write_bytes(head)
+    with pytest.raises(ImageError, match=r"not a pycr image \(magic b'\\x7fELF'\)"):
+        images.ImageDir(tmp_path).read("inventory")
+
+
+def test_image_of_another_kind_is_named(tmp_path):
+    directory = images.ImageDir(tmp_path)
+    directory.write("pstree", sample_pstree())
+    os.rename(directory.path_of("pstree"), directory.path_of("core", ROOT))
+    with pytest.raises(ImageError, match="a pstree image where a core image was expected"):
+        directory.read("core", ROOT)
+
+
+def test_newer_version_is_refused(tmp_path):
+    data = bytearray(images.build("inventory", sample_inventory()))
+    data[4:8] = struct.pack("<I", FORMAT_VERSION + 1)
+    path = tmp_path / "inventory.img"
+    path.write_bytes(data)
+    with pytest.raises(ImageError, match=f"format version {FORMAT_VERSION + 1} is newer than this pycr reads "
+                                         rf"\({FORMAT_VERSION}\)"):
+        images.load(path)
+    doc = json.loads(images.to_json(images.parse(images.build("inventory", sample_inventory()))))
+    doc["version"] = FORMAT_VERSION + 1
+    with pytest.raises(ImageError, match="is newer than this pycr reads"):
+        images.from_json(json.dumps(doc))
+
+
+def test_trailing_garbage_and_bad_flags_are_corrupt():
+    data = images.build("pstree", sample_pstree())
+    with pytest.raises(ImageError, match="corrupt pstree image: 3 unexpected bytes"):
+        images.parse(data + b"xyz")
+    pagemap = bytearray(images.build("pagemap", dict(owner="1", entries=[(0x1000, 1, False)])))
+    pagemap[-4:] = struct.pack("<I", 0x80)
+    with pytest.raises(ImageError, match="corrupt pagemap image.*unknown flags 0x80"):
+        images.parse(bytes(pagemap))
+
+
+def test_bad_objects_and_bad_json_raise_image_error():
+    core = sample_core()
+    core["rlimits"] = core["rlimits"][:15]
+    with pytest.raises(ImageError, match="cannot build a core image: field rlimits"):
+        images.build("core", core)
+    inventory = sample_inventory()
+    del inventory["tracker"]
+    with pytest.raises(ImageError, match="missing field 'tracker'"):
+        images.build("inventory", inventory)
+    with pytest.raises(ImageError, match="not valid JSON"):
+        images.from_json("{nope")
+    with pytest.raises(ImageError, match="unknown image kind 'bogus'"):
+        images.from_json('{"kind": "bogus", "version": 1, "body": {}}')
+    with pytest.raises(ImageError, match="bad inventory image: field kind"):
+        images.from_json(json.dumps({"kind": "inventory", "version": 1, "body": dict(sample_inventory(), kind="x")}))
+
+
+def test_missing_image_is_named(tmp_path):
+    with pytest.raises(ImageError, match="missing") as info:
+        images.ImageDir(tmp_path).read("mm", 99)
+    assert "mm-99.img" in str(info.value)
+
+
+# ---------------------------------------------------------------- image directories
+
+def test_write_is_0600_in_a_0700_dir_and_reads_back(tmp_path):
+    directory = images.ImageDir(tmp_path / "dump")
+    path = directory.write("core", sample_core())
+    assert os.path.basename(path) == f"core-{ROOT}.img"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(directory.path).st_mode) == 0o700
+    assert directory.exists("core", ROOT) and not directory.exists("core", CHILD)
+    assert directory.read("core", ROOT).threads[1].tid == THREAD2
+    assert os.listdir(directory.path) == [f"core-{ROOT}.img"]
+
+
+def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
+    directory = images.ImageDir(tmp_path)
+    directory.write("inventory", sample_inventory())
+    before = open(directory.path_of("inventory"), "rb").read()
+    broken = sample_inventory()
+    broken["page_size"] = "big"
+    with pytest.raises(ImageError):
+        directory.write("inventory", broken)
+    assert os.listdir(tmp_path) == ["inventory.img"]
+    assert open(directory.path_of("inventory"), "rb").read() == before
+
+
+def test_pages_writer_is_atomic(tmp_path):
+    directory = images.ImageDir(tmp_path)
+    with pytest.raises(RuntimeError):
+        with directory.pages_writer(ROOT) as f:
+            f.write(b"\x01" * 4096)
+            raise RuntimeError("reader failed")
+    assert os.listdir(tmp_path) == []
+
+    with directory.pages_writer(ROOT) as f:
+        os.write(f.fileno(), b"\x02" * 8192)     # the native core writes to the fd
+    assert os.listdir(tmp_path) == [f"pages-{ROOT}.img"]
+    assert open(directory.pages_path(ROOT), "rb").read() == b"\x02" * 8192
+    assert stat.S_IMODE(os.stat(directory.pages_path(ROOT)).st_mode) == 0o600
+
+
+def test_dump_and_load_module_level(tmp_path):
+    path = tmp_path / "x" / "mm.img"
+    os.makedirs(path.parent)
+    mm = images.from_json(images.to_json(images.parse(images.build("mm", sample_mm()))))
+    images.dump(mm, path)
+    assert images.load(path, "mm") == images.parse(images.build("mm", sample_mm()))
+    with pytest.raises(ValueError, match="kind unknown"):
+        images.dump(sample_mm(), path)
+
+
+def test_list_sorts_globals_then_per_pid_then_shmem(tmp_path):
+    directory = images.ImageDir(tmp_path)
+    for pid in (CHILD, ROOT):
+        directory.write("mm", dict(sample_mm(), pid=pid))
+        directory.write("core", dict(sample_core(), pid=pid))
+        directory.write("pagemap", dict(sample_pagemap(), owner=str(pid)))
+        with directory.pages_writer(pid) as f:
+            f.write(bytes(4096))
+    directory.write("pagemap", dict(owner="shmem-2051", entries=[(0, 1, False)]))
+    for kind in ("pipes-data", "files", "pstree", "inventory"):
+        directory.write(kind, SAMPLES[kind]())
+    (tmp_path / "notes.txt").write_text("not an image")
+    names = [image.name for image in directory.list()]
+    assert names == [
+        "inventory.img", "pstree.img", "files.img", "pipes-data.img",
+        f"core-{ROOT}.img", f"mm-{ROOT}.img", f"pagemap-{ROOT}.img", f"pages-{ROOT}.img",
+        f"core-{CHILD}.img", f"mm-{CHILD}.img", f"pagemap-{CHILD}.img", f"pages-{CHILD}.img",
+        "pagemap-shmem-2051.img",
+    ]
+    assert directory.list()[-1].key == "shmem-2051"
+    assert directory.list()[4].key == ROOT
+
+
+def test_parent_follows_the_inventory_link(tmp_path):
+    first = images.ImageDir(tmp_path / "pass-0")
+    first.write("inventory", dict(sample_inventory(), parent="", kind="pre-dump", pass_nr=0))
+    second = images.ImageDir(tmp_path / "pass-1")
+    second.write("inventory", sample_inventory())
+    assert second.parent().path == first.path
+    assert first.parent() is None
