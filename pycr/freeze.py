@@ -198,7 +198,7 @@ class FrozenTree:
         while True:
             for tid in list(waiting):
                 try:
-                    got, status = os.waitpid(tid, B.__WALL | os.WNOHANG)
+                    got, status = os.waitpid(tid, B.WALL | os.WNOHANG)
                 except ChildProcessError:
                     waiting.discard(tid)
                     continue

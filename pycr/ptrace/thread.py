@@ -173,7 +173,7 @@ class Thread:
         """waitpid(tid, __WALL) -> Stop; raises TimeoutError after timeout seconds."""
         if timeout is None:
             try:
-                _, status = os.waitpid(self.tid, B.__WALL)
+                _, status = os.waitpid(self.tid, B.WALL)
             except ChildProcessError:
                 raise TaskGone(self.tid, "not waitable") from None
             self.last_stop = Stop(self.tid, status)
@@ -182,7 +182,7 @@ class Thread:
         delay = 0.0001
         while True:
             try:
-                pid, status = os.waitpid(self.tid, B.__WALL | os.WNOHANG)
+                pid, status = os.waitpid(self.tid, B.WALL | os.WNOHANG)
             except ChildProcessError:
                 raise TaskGone(self.tid, "not waitable") from None
             if pid:

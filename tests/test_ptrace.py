@@ -1,0 +1,165 @@
+"""Thread and Injector against real targets: stops, registers, xstate, syscalls."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from pycr import proc
+from pycr.errors import TaskGone
+from pycr.ptrace import binding as B
+from pycr.ptrace.inject import Injector
+from pycr.ptrace.thread import Thread
+from helpers_ptrace import COUNTER_C, Proc, build, state_and_tracer, free_pid
+
+
+@pytest.fixture(scope="module")
+def counter_exe(tmp_path_factory):
+    return build(str(tmp_path_factory.mktemp("bin")), "counter", COUNTER_C)
+
+
+@pytest.fixture
+def counter(counter_exe):
+    p = Proc([counter_exe, "3"])
+    try:
+        assert p.readline().startswith("ready")
+        yield p
+    finally:
+        p.kill()
+
+
+class seized:
+    """Seize + interrupt one thread; always detach."""
+
+    def __init__(self, tid, options=B.O_SUSPEND_SECCOMP):
+        self.thread = Thread(tid)
+        self.options = options
+
+    def __enter__(self):
+        t = self.thread
+        t.seize(self.options)
+        t.interrupt()
+        stop = t.wait(5)
+        assert stop.is_interrupt_stop, stop
+        return t
+
+    def __exit__(self, *exc):
+        try:
+            self.thread.release()
+        except TaskGone:
+            pass
+
+
+def test_seize_regs_roundtrip_and_target_keeps_counting(counter):
+    before = counter.report()
+    for _ in range(20):
+        with seized(counter.pid) as t:
+            state, tracer = state_and_tracer(counter.pid)
+            assert state == "t" and tracer == os.getpid()
+            regs = t.get_regs()
+            assert regs.rip != 0 and regs.rsp != 0
+            t.set_regs(regs)
+            t.set_regs(regs.to_dict())
+            assert t.get_regs() == regs
+            xs = t.get_xstate()
+            xcr0 = int.from_bytes(xs[464:472], "little")
+            assert xcr0 & 0x7 == 0x7               # x87 | SSE | AVX at least
+            assert len(xs) == 832 if xcr0 == 0x7 else len(xs) > 832
+            t.set_xstate(xs)
+            assert t.get_xstate() == xs
+    assert state_and_tracer(counter.pid)[1] == 0
+    time.sleep(0.05)
+    after = counter.report()
+    assert after["a"] > before["a"] and after["bad"] == 0
+
+
+def test_sigmask_rseq_siginfo_seccomp(counter_exe):
+    counter = Proc([counter_exe])       # one thread: a process signal can only go to it
+    try:
+        counter.readline()
+        _sigmask_rseq_siginfo_seccomp(counter)
+    finally:
+        counter.kill()
+
+
+def _sigmask_rseq_siginfo_seccomp(counter):
+    with seized(counter.pid) as t:
+        mask = t.get_sigmask()
+        t.set_sigmask(mask | (1 << (signal.SIGUSR1 - 1)))
+        assert t.get_sigmask() == mask | (1 << (signal.SIGUSR1 - 1))
+        os.kill(counter.pid, signal.SIGUSR1)
+        time.sleep(0.05)
+        shared = t.peek_siginfo(shared=True)
+        assert len(shared) == 1 and len(shared[0]) == 128
+        assert int.from_bytes(shared[0][:4], "little") == signal.SIGUSR1
+        assert t.peek_siginfo(shared=False) == []
+        t.set_sigmask(mask)
+        ptr, size, sig = t.rseq_config()
+        assert ptr != 0 and size >= 32 and sig == 0x53053053
+        assert t.seccomp_filters() == []
+    # the signal that waited while blocked is delivered after release
+    assert counter.report()["usr1"] == 1
+
+
+def test_wait_reports_exit(counter_exe):
+    p = Proc([counter_exe])
+    try:
+        p.readline()
+        t = Thread(p.pid)
+        t.seize()
+        os.kill(p.pid, signal.SIGKILL)
+        stop = t.wait(5)
+        assert stop.killed and stop.signal == signal.SIGKILL
+    finally:
+        p.kill()
+
+
+def test_bad_pid():
+    with pytest.raises(TaskGone):
+        Thread(free_pid()).seize()
+
+
+def test_inject_getpid_gettid_and_state_kept(counter):
+    tids = proc.tasks(counter.pid)
+    assert len(tids) == 4
+    for tid in (tids[0], tids[1], tids[2]):
+        with seized(tid) as t:
+            regs, xs, mask = t.get_regs(), t.get_xstate(), t.get_sigmask()
+            with Injector(t) as inj:
+                assert inj.call("getpid") == counter.pid
+                assert inj.call("gettid") == tid
+                assert inj.call("close", 12345) == -9        # -EBADF
+                assert t.get_sigmask() & (1 << (signal.SIGUSR1 - 1))
+            assert t.get_regs() == regs
+            assert t.get_xstate() == xs
+            assert t.get_sigmask() == mask
+    time.sleep(0.05)
+    assert counter.report()["bad"] == 0
+
+
+def test_inject_scratch_mmap_munmap(counter):
+    with seized(counter.pid) as t:
+        regs = t.get_regs()
+        with Injector(t) as inj:
+            with inj.scratch(8192) as addr:
+                vma = [v for v in proc.maps(counter.pid) if v.start <= addr < v.end]
+                assert vma and vma[0].end >= addr + 8192 and vma[0].write and not vma[0].shared
+                inj.write(addr + 100, b"hello pycr")
+                assert inj.read(addr + 100, 10) == b"hello pycr"
+                # the target itself sees it: write(1, addr+100, 11) lands in our pipe
+                inj.write(addr + 110, b"\n")
+                assert inj.call("write", 1, addr + 100, 11) == 11
+                assert counter.readline() == "hello pycr"
+            assert not [v for v in proc.maps(counter.pid) if v.start <= addr < v.end]
+        assert t.get_regs() == regs
+    assert counter.report()["bad"] == 0
+
+
+def test_signal_during_injection_is_kept(counter):
+    with seized(counter.pid) as t:
+        with Injector(t) as inj:
+            os.kill(counter.pid, signal.SIGUSR1)
+            for _ in range(50):
+                assert inj.call("getppid") == os.getpid()
+    assert counter.report()["usr1"] == 1
