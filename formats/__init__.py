@@ -36,6 +36,12 @@ def kind_of_magic(magic):
     return _BY_MAGIC.get(bytes(magic[:4]))
 
 
+def kind_of_file(path):
+    """The kind of the image file at `path` by its magic, or None (raw pages, foreign)."""
+    with open(path, "rb") as f:
+        return kind_of_magic(f.read(4))
+
+
 def file_name(kind, key=None):
     """The file name of an image of `kind`; key is the pid or owner if per-task."""
     pattern = KINDS[kind].pattern
@@ -47,7 +53,7 @@ def file_name(kind, key=None):
 
 
 __all__ = [
-    "KINDS", "ImageKind", "kind_of_magic", "file_name", "FORMAT_VERSION",
+    "KINDS", "ImageKind", "kind_of_magic", "kind_of_file", "file_name", "FORMAT_VERSION",
     "HEADER_SIZE", "Header", "common", "core", "files", "inventory", "mm",
     "pagemap", "pipes_data", "pstree",
 ]

@@ -9,7 +9,7 @@ import pytest
 
 from pycr import images
 from pycr.errors import ImageError
-from pycr.formats import FORMAT_VERSION, HEADER_SIZE, KINDS, kind_of_magic
+from pycr.formats import FORMAT_VERSION, HEADER_SIZE, KINDS, kind_of_file, kind_of_magic
 from pycr.formats.common import REGISTER_NAMES
 from pycr.formats.pagemap import PageRun
 
@@ -173,6 +173,16 @@ def test_registry_covers_every_kind_with_distinct_magic():
         assert kind_of_magic(KINDS[name].magic) == name
     assert kind_of_magic(b"\x7fELF") is None
     assert KINDS["pages"].magic is None
+
+
+def test_kind_of_file_reads_the_magic(tmp_path):
+    directory = images.ImageDir(tmp_path)
+    path = directory.write("mm", sample_mm())
+    assert kind_of_file(path) == "mm"
+    assert kind_of_file("/bin/true") is None
+    assert images.classify_name("pages-shmem-7.img") == images.ImageFile("pages", "shmem-7", "pages-shmem-7.img")
+    assert images.classify_name("pagemap-12.img").key == 12
+    assert images.classify_name(".core-1.img.x1.tmp") is None
 
 
 @pytest.mark.parametrize("kind", sorted(SAMPLES))
