@@ -117,6 +117,16 @@ class Proc:
         line = self.readline(timeout)
         return {k: int(v) for k, v in (w.split("=") for w in line.split())}
 
+    def report_until(self, accept, timeout=3.0):
+        """Reports until accept(report) holds (a process signal may reach a
+        sleeping thread a little after the report); returns the last report."""
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.report()
+            if accept(r) or time.monotonic() >= deadline:
+                return r
+            time.sleep(0.01)
+
     def kill(self):
         pids = set(self.extra_pids)
         try:
