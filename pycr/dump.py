@@ -11,7 +11,7 @@ import platform
 import time
 
 from . import __version__, proc
-from .collect.core import collect_core
+from .collect.core import collect_core, collect_thread
 from .collect.files import collect_files, collect_pipes_data
 from .collect.memory import dump_private_memory, dump_shmem, shmem_vmas
 from .collect.mm import check_supported, collect_mm, read_vmas
@@ -86,9 +86,11 @@ def write_tree_images(frozen, imgdir, memory=None):
 
     written = 0
     for pid, threads in processes.items():
+        # CPU state first: injection below borrows the registers and the signal mask.
+        states = [collect_thread(t) for t in threads]
         with Injector(threads[0]) as injector:
             log.info("pid %d: reading sigactions and brk by injected syscalls", pid)
-            core_img = collect_core(pid, threads, injector)
+            core_img = collect_core(pid, states, threads[0], injector)
             mm_img = collect_mm(pid, vmas_by_pid[pid], injector)
         imgdir.write("core", core_img)
         imgdir.write("mm", mm_img)

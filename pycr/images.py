@@ -366,3 +366,17 @@ class ImageDir:
         if not inventory.parent:
             return None
         return ImageDir(os.path.normpath(os.path.join(self.path, inventory.parent)))
+
+
+def encode_json_file(src, dst):
+    """`pycr encode`: the JSON of one image (a file, or - for stdin) back into its bytes at dst."""
+    import sys
+    if src == "-":
+        text, where = sys.stdin.read(), "<stdin>"
+    else:
+        try:
+            with open(src, encoding="utf-8") as f:
+                text, where = f.read(), src
+        except OSError as exc:
+            raise ImageError(src, exc.strerror) from None
+    dump(from_json(text, where), dst)

@@ -45,10 +45,13 @@ def collect_thread(thread):
     }
 
 
-def collect_core(pid, threads, injector):
-    """The core image body of process pid; threads are its seized Thread objects, leader first."""
+def collect_core(pid, thread_states, leader, injector):
+    """The core image body of process pid.
+
+    thread_states come from collect_thread(), taken before the injector
+    touched any register or the signal mask; leader is the seized leader Thread.
+    """
     status = proc.status(pid)
-    leader = threads[0]
     uid, gid = status.uid, status.gid
     return {
         "pid": pid,
@@ -70,5 +73,5 @@ def collect_core(pid, threads, injector):
         "shared_pending": leader.peek_siginfo(shared=True),
         "seccomp_mode": SECCOMP_MODES.get(status.seccomp, "disabled"),
         "seccomp_filters": leader.seccomp_filters() if status.seccomp == 2 else [],
-        "threads": [collect_thread(t) for t in threads],
+        "threads": thread_states,
     }

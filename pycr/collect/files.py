@@ -1,7 +1,8 @@
 """Open file descriptors: what each one is, its flags and position; pipe contents.
 
-A pipe's buffered bytes are copied without consuming them: the pipe is taken
-with pidfd_getfd and tee(2)'d into a pipe of pycr's own, which is then read.
+A pipe's buffered bytes are copied without consuming them: pycr opens the
+pipe's read side through /proc/PID/fd/N (this works from either end) and
+tee(2)s it into a pipe of its own, which is then read.
 """
 
 import errno
@@ -80,11 +81,7 @@ def collect_files(pid):
 
 def peek_pipe(pid, fd):
     """The bytes buffered in the pipe behind pid's fd, left in place."""
-    pidfd = core.pidfd_open(pid)
-    try:
-        src = core.pidfd_getfd(pidfd, fd)
-    finally:
-        os.close(pidfd)
+    src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         size = fcntl.fcntl(src, F_GETPIPE_SZ)
