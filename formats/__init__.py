@@ -8,7 +8,7 @@ that a directory listing can name it, but has no magic and no schema.
 
 from collections import namedtuple
 
-from . import common, core, files, inventory, mm, pagemap, pipes_data, pstree
+from . import common, core, files, inventory, mm, pagemap, pipes_data, pstree, tracker
 from .common import FORMAT_VERSION, HEADER_SIZE, Header
 
 ImageKind = namedtuple("ImageKind", "name magic schema pattern")
@@ -24,6 +24,7 @@ KINDS = {
         ("pagemap", pagemap),
         ("files", files),
         ("pipes-data", pipes_data),
+        ("tracker", tracker),
     )
 }
 KINDS["pages"] = ImageKind("pages", None, None, "pages-{owner}.img")
@@ -55,5 +56,5 @@ def file_name(kind, key=None):
 __all__ = [
     "KINDS", "ImageKind", "kind_of_magic", "kind_of_file", "file_name", "FORMAT_VERSION",
     "HEADER_SIZE", "Header", "common", "core", "files", "inventory", "mm",
-    "pagemap", "pipes_data", "pstree",
+    "pagemap", "pipes_data", "pstree", "tracker",
 ]
