@@ -150,15 +150,18 @@ class FrozenTree:
             raise TaskGone(self.root_pid, "exited while being frozen")
 
     def _rollback(self):
-        """Let go of whatever was seized, so the tree runs on as before."""
-        for thread in list(getattr(self, "_pending", {}).values()):
+        """Let go of whatever was seized, so the tree runs on as before.
+
+        Threads seized but not yet stopped are settled first (detach needs a
+        stop), including children they forked meanwhile, which were auto-attached."""
+        pending = getattr(self, "_pending", {})
+        deadline = time.monotonic() + 2.0
+        while pending:
+            tid = next(iter(pending))
+            thread = pending.pop(tid)
             try:
-                stop = thread.wait(1.0)
-                if stop.stopped:
-                    if not stop.event and not stop.is_interrupt_stop:
-                        thread.hold_signal(stop)
-                    self._add(thread)
-            except (TimeoutError, PycrError):
+                self._settle(thread, pending, deadline, 2.0)
+            except PycrError:
                 pass
         self.thaw()
 

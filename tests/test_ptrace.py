@@ -163,3 +163,18 @@ def test_signal_during_injection_is_kept(counter):
             for _ in range(50):
                 assert inj.call("getppid") == os.getpid()
     assert counter.report_until(lambda r: r["usr1"] >= 1)["usr1"] == 1
+
+
+def test_inject_through_given_trampoline(counter):
+    """Method A: a `syscall; int3` the caller placed, run with CONT."""
+    with seized(counter.pid) as t:
+        regs, xs = t.get_regs(), t.get_xstate()
+        with Injector(t) as vdso_inj:
+            code = vdso_inj.check("mmap", 0, 4096, 1 | 4, 0x22, -1, 0)   # r-x, private anon
+            vdso_inj.write(code, b"\x0f\x05\xcc")                       # FOLL_FORCE write
+            with Injector(t, trampoline=code) as inj:
+                assert inj.call("getpid") == counter.pid
+                assert inj.call("gettid") == counter.pid
+            vdso_inj.check("munmap", code, 4096)
+        assert t.get_regs() == regs and t.get_xstate() == xs
+    assert counter.report()["bad"] == 0
