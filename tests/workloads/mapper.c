@@ -6,7 +6,9 @@
  * flips it between read-write and read-only, or rewrites its content.
  * Everything is deterministic in s. Reports "step N" every step.
  * SIGUSR1: "regions <hexaddr>:<bytes>,..." (address order) then "sum <hex>",
- * the wl.h sum over those regions' bytes concatenated in that order. */
+ * the wl.h sum over those regions' bytes concatenated in that order.
+ * SIGUSR2 toggles a pause of the stepping ("paused N" / "resumed N"), so
+ * tests can compare the sum with the memory read from outside. */
 #include "wl.h"
 #include <sys/mman.h>
 
@@ -20,12 +22,18 @@ struct slot {
 };
 
 static struct slot slots[SLOTS];
-static volatile sig_atomic_t want_sum;
+static volatile sig_atomic_t want_sum, want_toggle;
 
 static void on_usr1(int sig)
 {
     (void)sig;
     want_sum = 1;
+}
+
+static void on_usr2(int sig)
+{
+    (void)sig;
+    want_toggle = 1;
 }
 
 static uint64_t mix(uint64_t x)
@@ -142,10 +150,12 @@ int main(int argc, char **argv)
 {
     long step_ms = argc > 2 ? atol(argv[2]) : 20;
     uint64_t s = 0;
+    int paused = 0;
     if (argc < 2)
         wl_die("usage: mapper STATUS [STEP_MS]");
     wl_status_open(argv[1], 0);
     wl_on_signal(SIGUSR1, on_usr1);
+    wl_on_signal(SIGUSR2, on_usr2);
     for (s = 0; s < SLOTS; s++) /* start with every slot filled */
         step(s);
     wl_ready();
@@ -154,9 +164,16 @@ int main(int argc, char **argv)
             want_sum = 0;
             report_sum();
         }
-        step(s);
-        wl_report1("step", s);
-        s++;
+        if (want_toggle) {
+            want_toggle = 0;
+            paused = !paused;
+            wl_report1(paused ? "paused" : "resumed", s);
+        }
+        if (!paused) {
+            step(s);
+            wl_report1("step", s);
+            s++;
+        }
         wl_sleep_ms(step_ms);
     }
 }

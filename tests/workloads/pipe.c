@@ -7,6 +7,7 @@
  * bytes with byte i = (i * 7 + 3) & 0xff. Reports: "child <pid>",
  * "sent <nbytes>", "ready <pid>". */
 #include "wl.h"
+#include <sys/wait.h>
 
 static volatile sig_atomic_t want_read;
 
@@ -82,6 +83,9 @@ int main(int argc, char **argv)
         wl_die("pipe write");
     wl_report1("sent", len);
     wl_ready();
-    for (;;)
-        wl_sleep_ms(100);
+    for (;;) {
+        while (waitpid(-1, NULL, WNOHANG) > 0) /* reap a killed child at once */
+            ;
+        wl_sleep_ms(20);
+    }
 }
