@@ -133,8 +133,11 @@ def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images
         frozen.thaw()
         log.info("detached every thread (--leave-running): the tree goes on")
     else:
-        frozen.kill()
-        log.info("killed the tree with SIGKILL and waited for its PIDs to be free")
+        try:
+            frozen.kill()
+            log.info("killed the tree with SIGKILL and waited for its PIDs to be free")
+        except PycrError as exc:   # the images are complete; only the PIDs are late
+            log.warning("warning: %s", exc)
     stats.frozen_seconds = time.monotonic() - frozen_at
     stats.total_seconds = time.monotonic() - started
     log.info("dump done: %.1f MiB of pages, frozen %.3f s, total %.3f s",

@@ -1,0 +1,23 @@
+"""Run the `pycr` command as a user would: a separate process, its exit status and stderr."""
+
+import subprocess
+import sys
+
+
+def pycr(*args, timeout=120, expect=0):
+    """Run `pycr ARGS`; assert the exit status is `expect` (None: any). Returns CompletedProcess."""
+    proc = subprocess.run([sys.executable, "-m", "pycr", *map(str, args)], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout, close_fds=True)
+    if expect is not None and proc.returncode != expect:
+        raise AssertionError(f"pycr {' '.join(map(str, args))} exited {proc.returncode}, expected {expect}\n"
+                             f"--- stdout:\n{proc.stdout[-3000:]}\n--- stderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def one_line_error(proc):
+    """The error a failed pycr printed: exactly one line, no traceback."""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected a one-line error, got:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr
+    assert lines[0].startswith("pycr: ")
+    return lines[0]

@@ -1,0 +1,182 @@
+"""pycr dump against real processes: what the images hold, and what happens to the tree."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import zlib
+
+import pytest
+
+import procutil
+from pycrcmd import one_line_error, pycr
+from pycr.images import ImageDir, read_memory
+
+
+def untraced_and_running(pids):
+    """No thread of pids is left stopped or traced by pycr."""
+    for pid in pids:
+        assert procutil.tracer_pid(pid) == 0, f"pid {pid} left traced"
+        for tid in procutil.threads(pid):
+            assert procutil.state(pid, tid) not in ("t", "T"), f"tid {tid} left stopped"
+
+
+def test_counter_leave_running_goes_on(spawn, tmp_path):
+    w = spawn("counter")
+    w.wait_for(r"^count 5$")
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img", "--leave-running")
+    untraced_and_running([w.pid])
+    n = int(w.last("count").split()[1])
+    w.wait_for(rf"^count {n + 5}$")
+    img = ImageDir(tmp_path / "img")
+    inv = img.read("inventory")
+    assert inv.root_pid == w.pid and inv.kind == "dump"
+    tree = img.read("pstree")
+    assert [p.pid for p in tree.processes] == [w.pid]
+    core = img.read("core", w.pid)
+    assert core.comm == "counter"
+    assert core.threads[0].tid == w.pid
+    # The USR1 handler the workload installed is in the image.
+    assert core.sigactions[signal.SIGUSR1 - 1].handler > 1
+    # Images are readable by the owner only.
+    for name in os.listdir(tmp_path / "img"):
+        assert os.stat(tmp_path / "img" / name).st_mode & 0o077 == 0
+
+
+def test_dump_kills_by_default_and_frees_pids(spawn, tmp_path):
+    w = spawn("tree")
+    pids = w.pids()
+    assert len(pids) == 4
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img")
+    # When pycr returns, every PID of the tree is free again.
+    assert [p for p in pids if procutil.exists(p) and not procutil.is_zombie(p)] == []
+
+
+def test_tree_identity(spawn, tmp_path):
+    w = spawn("tree")
+    pids = w.pids()
+    expect = {p: (procutil.ppid(p), procutil.pgid(p), procutil.sid(p)) for p in pids}
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img", "-R")
+    tree = ImageDir(tmp_path / "img").read("pstree")
+    got = {p.pid: (p.ppid, p.pgid, p.sid) for p in tree.processes}
+    assert got == expect
+    assert len({pgid for _, pgid, _ in expect.values()}) > 1   # the workload has 2 groups
+    seen = set()
+    for p in tree.processes:   # parents first
+        assert p.ppid in seen or p.pid == w.pid
+        seen.add(p.pid)
+    untraced_and_running(pids)
+
+
+def test_threads_all_saved(spawn, tmp_path):
+    w = spawn("threads")
+    tids = sorted(w.threads())
+    assert len(tids) >= 4
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img", "-R")
+    core = ImageDir(tmp_path / "img").read("core", w.pid)
+    assert sorted(t.tid for t in core.threads) == tids
+    assert core.threads[0].tid == w.pid
+    for t in core.threads:
+        assert len(t.xstate) >= 832 and t.regs.cs == 0x33
+    untraced_and_running([w.pid])
+
+
+def test_bigmem_checksum_from_images(spawn, tmp_path):
+    w = spawn("bigmem", 256)
+    _, addr, size = w.last("region").split()
+    addr, size = int(addr, 16), int(size)
+    expected = int(w.signal_and_wait(signal.SIGUSR1, r"^sum (\w+)$").group(1), 16)
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img", "-R", timeout=300)
+    data = read_memory(tmp_path / "img", str(w.pid), addr, size)
+    got = (zlib.crc32(data) << 32) | zlib.adler32(data)
+    assert got == expected
+    # Memory untouched by the dump: the process computes the same sum again.
+    assert int(w.signal_and_wait(signal.SIGUSR1, r"^sum (\w+)$").group(1), 16) == expected
+
+
+def test_open_file_offset(spawn, tmp_path):
+    target = tmp_path / "data"
+    w = spawn("openfile", target)
+    offset = int(w.signal_and_wait(signal.SIGUSR1, r"^offset (\d+)$").group(1))
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img", "-R")
+    files = ImageDir(tmp_path / "img").read("files")
+    fds = {f.fd: f for p in files.processes if p.pid == w.pid for f in p.fds}
+    match = [f for f in fds.values() if f.path == str(target)]
+    assert len(match) == 1 and match[0].type == "reg" and match[0].pos == offset
+    assert set(fds) >= {0, 1, 2}
+
+
+def test_pipe_data_saved_and_left_in_place(spawn, tmp_path):
+    w = spawn("pipe")
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img", "-R")
+    img = ImageDir(tmp_path / "img")
+    files = img.read("files")
+    pipe_ids = {f.pipe_id for p in files.processes for f in p.fds if f.type == "pipe"}
+    assert len(pipe_ids) == 1
+    data = {p.pipe_id: p.data for p in img.read("pipes-data").pipes}
+    assert data[pipe_ids.pop()]
+    # The child still reads the whole message: the dump consumed nothing.
+    child = procutil.children(w.pid)[0]
+    got = w.signal_and_wait(signal.SIGUSR1, r"^got (\w+)$", pid=child).group(1)
+    assert bytes.fromhex(got) in list(data.values())[0] or list(data.values())[0] in bytes.fromhex(got)
+
+
+def test_seccomp_target_is_dumpable(spawn, tmp_path):
+    w = spawn("seccomp")
+    before = w.signal_and_wait(signal.SIGUSR1, r"^filtered errno (\d+)$").group(1)
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img", "-R")
+    core = ImageDir(tmp_path / "img").read("core", w.pid)
+    assert core.seccomp_mode == "filter" and len(core.seccomp_filters) >= 1
+    assert w.signal_and_wait(signal.SIGUSR1, r"^filtered errno (\d+)$").group(1) == before
+
+
+def test_show_json_round_trip_every_image(spawn, tmp_path):
+    w = spawn("counter")
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img", "-R")
+    shown = json.loads(pycr("show", tmp_path / "img", "--json").stdout)
+    assert "inventory.img" in shown and f"core-{w.pid}.img" in shown
+    for name in os.listdir(tmp_path / "img"):
+        if name.startswith("pages-"):
+            continue
+        doc = pycr("show", tmp_path / "img" / name, "--json").stdout
+        (tmp_path / "doc.json").write_text(doc)
+        pycr("encode", "-i", tmp_path / "doc.json", "-o", tmp_path / "again.img")
+        assert (tmp_path / "again.img").read_bytes() == (tmp_path / "img" / name).read_bytes(), name
+
+
+def test_bad_pid(tmp_path):
+    pid = procutil.free_pids(1)[0]
+    proc = pycr("dump", "-t", pid, "-D", tmp_path / "img", expect=1)
+    assert "no such process" in one_line_error(proc)
+
+
+def test_unwritable_directory_leaves_tree_running(spawn, tmp_path):
+    w = spawn("counter")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = pycr("dump", "-t", w.pid, "-D", blocker / "img", expect=1)
+    assert "cannot write images" in one_line_error(proc)
+    n = int(w.last("count").split()[1])
+    w.wait_for(rf"^count {n + 3}$")
+    untraced_and_running([w.pid])
+
+
+def test_unsupported_socket_is_named_and_tree_untouched(tmp_path):
+    code = ("import socket, sys, time\n"
+            "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(120)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL,
+                         close_fds=True)
+    try:
+        assert p.stdout.readline().strip() == b"ready"
+        proc = pycr("dump", "-t", p.pid, "-D", tmp_path / "img", expect=1)
+        line = one_line_error(proc)
+        assert "socket (AF_UNIX) is not supported" in line
+        untraced_and_running([p.pid])
+        assert p.poll() is None
+    finally:
+        p.kill()
+        p.wait()
