@@ -1,0 +1,153 @@
+"""Reading and checking every image of a dump before the first task is created.
+
+A restore that fails half way has to kill what it made, so everything that can
+be known wrong from the images alone (missing, truncated, corrupt or
+inconsistent files) is found here, and raises ImageError naming the file.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+from pycr.errors import ImageError
+from pycr.images import ImageDir, iter_page_runs
+from pycr.restore.memory import PageChain
+
+PAGE = 4096
+SPECIAL_KINDS = ("vdso", "vvar", "vvar_vclock", "vsyscall")
+
+
+@dataclass
+class ProcessImages:
+    """Everything the images say about one process."""
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    tids: list
+    core: object
+    mm: object
+    fds: list = field(default_factory=list)
+
+
+@dataclass
+class ImageSet:
+    """A whole dump: processes parents first, shared objects, pipes, page sources."""
+    imgdir: ImageDir
+    inventory: object
+    processes: list                  # [ProcessImages], parents before children
+    pipes_data: dict                 # pipe_id -> bytes
+    shmem: dict                      # shmem_id -> size in bytes the mappings need
+    pages: PageChain
+
+    @property
+    def root(self):
+        return self.processes[0]
+
+    def by_pid(self, pid):
+        for p in self.processes:
+            if p.pid == pid:
+                return p
+        return None
+
+
+def _check_pages_file(imgdir, owner, pagemap):
+    """pages-<owner>.img must hold exactly the pages its pagemap puts there."""
+    need = sum(n for _, n, in_parent, _ in iter_page_runs(pagemap) if not in_parent) * PAGE
+    path = imgdir.pages_path(owner)
+    try:
+        have = os.stat(path).st_size
+    except FileNotFoundError:
+        if need == 0:
+            return
+        raise ImageError(path, "missing") from None
+    if have < need:
+        raise ImageError(path, f"truncated: {have} bytes, its pagemap needs {need}")
+    if have > need:
+        raise ImageError(path, f"corrupt: {have} bytes, its pagemap accounts for {need}")
+
+
+def _check_mm(path, mm, pagemap):
+    """VMAs ascending and disjoint; every saved page inside a private VMA."""
+    prev_end = 0
+    for vma in mm.vmas:
+        if vma.start >= vma.end or vma.start % PAGE or vma.end % PAGE or vma.start < prev_end:
+            raise ImageError(path, f"corrupt: VMA {vma.start:#x}-{vma.end:#x} is not page aligned "
+                                   "or overlaps the one before")
+        prev_end = vma.end
+    starts = [v.start for v in mm.vmas]
+    import bisect
+    for vaddr, nr, _, _ in iter_page_runs(pagemap):
+        i = bisect.bisect_right(starts, vaddr) - 1
+        end = vaddr + nr * PAGE
+        # A run may span adjacent VMAs (e.g. an mprotect split); walk them.
+        addr = vaddr
+        while addr < end:
+            if i < 0 or i >= len(mm.vmas) or not (mm.vmas[i].start <= addr < mm.vmas[i].end):
+                raise ImageError(path, f"corrupt: saved pages at {addr:#x} lie outside every VMA")
+            addr = mm.vmas[i].end
+            i += 1
+
+
+def load_images(images_dir):
+    """Load and cross-check every image of the dump in images_dir -> ImageSet."""
+    imgdir = ImageDir(images_dir)
+    if not os.path.isdir(imgdir.path):
+        raise ImageError(imgdir.path, "no such image directory")
+    inventory = imgdir.read("inventory")
+    if str(inventory.kind) != "dump":
+        raise ImageError(imgdir.path_of("inventory"),
+                         f"a {inventory.kind} cannot be restored; restore the final dump of the chain")
+    if inventory.page_size != PAGE:
+        raise ImageError(imgdir.path_of("inventory"), f"page size {inventory.page_size} is not {PAGE}")
+    pstree = imgdir.read("pstree")
+    if not pstree.processes:
+        raise ImageError(imgdir.path_of("pstree"), "corrupt: no processes")
+    if pstree.processes[0].pid != inventory.root_pid:
+        raise ImageError(imgdir.path_of("pstree"),
+                         f"corrupt: first process {pstree.processes[0].pid} is not the root "
+                         f"{inventory.root_pid} of inventory.img")
+    files = imgdir.read("files")
+    fds_by_pid = {p.pid: list(p.fds) for p in files.processes}
+    pipes = imgdir.read("pipes-data")
+    pipes_data = {p.pipe_id: bytes(p.data) for p in pipes.pipes}
+    chain = PageChain(imgdir)
+
+    processes, seen = [], set()
+    shmem = {}
+    for entry in pstree.processes:
+        pid = entry.pid
+        if pid in seen:
+            raise ImageError(imgdir.path_of("pstree"), f"corrupt: pid {pid} listed twice")
+        if pid != inventory.root_pid and entry.ppid not in seen:
+            raise ImageError(imgdir.path_of("pstree"),
+                             f"corrupt: pid {pid} comes before its parent {entry.ppid}")
+        seen.add(pid)
+        tids = list(entry.threads)
+        if not tids or tids[0] != pid:
+            raise ImageError(imgdir.path_of("pstree"), f"corrupt: pid {pid} does not lead its threads")
+        core = imgdir.read("core", pid)
+        if core.pid != pid or [t.tid for t in core.threads] != tids:
+            raise ImageError(imgdir.path_of("core", pid), "corrupt: its pid or threads differ from pstree.img")
+        mm = imgdir.read("mm", pid)
+        if mm.pid != pid:
+            raise ImageError(imgdir.path_of("mm", pid), f"corrupt: it describes pid {mm.pid}")
+        pagemap = chain.pagemap(0, str(pid))
+        _check_pages_file(imgdir, str(pid), pagemap)
+        _check_mm(imgdir.path_of("mm", pid), mm, pagemap)
+        chain.check_resolvable(str(pid))
+        for vma in mm.vmas:
+            if str(vma.kind) == "shmem":
+                need = vma.pgoff + (vma.end - vma.start)
+                shmem[vma.shmem_id] = max(shmem.get(vma.shmem_id, 0), need)
+        processes.append(ProcessImages(pid=pid, ppid=entry.ppid, pgid=entry.pgid, sid=entry.sid,
+                                       tids=tids, core=core, mm=mm, fds=fds_by_pid.get(pid, [])))
+    for shmem_id in shmem:
+        owner = f"shmem-{shmem_id}"
+        pagemap = chain.pagemap(0, owner)
+        _check_pages_file(imgdir, owner, pagemap)
+        chain.check_resolvable(owner)
+    for pid_fds in fds_by_pid:
+        if pid_fds not in seen:
+            raise ImageError(imgdir.path_of("files"), f"corrupt: fds of pid {pid_fds}, not in pstree.img")
+    return ImageSet(imgdir=imgdir, inventory=inventory, processes=processes,
+                    pipes_data=pipes_data, shmem=shmem, pages=chain)

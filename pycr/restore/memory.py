@@ -1,0 +1,166 @@
+"""Filling restored memory from pages files, including pages kept by earlier passes.
+
+A dump at the end of a pre-dump chain marks runs "in_parent": their bytes sit
+in the pages file of a previous image directory (which may itself point
+further back). PageChain resolves every run of an owner to (directory level,
+file offset) pieces once, then copies them in as few process_vm_writev
+batches as the layout allows, straight from an mmap of each pages file.
+"""
+
+import bisect
+import mmap
+import os
+from array import array
+
+from pycr.errors import ImageError, RestoreError
+from pycr.images import iter_page_runs
+from pycr.log import Progress, log
+from pycr.native import core
+
+PAGE = 4096
+MAX_CHAIN = 256
+CHUNK = 64 << 20        # bytes per native call, so that progress shows on big copies
+
+
+class PageChain:
+    """The pages of one dump and of the image dirs it builds on (level 0 is the dump)."""
+
+    def __init__(self, imgdir):
+        self.dirs = [imgdir]
+        self._pagemaps = {}
+        self._index = {}
+        self._maps = {}
+
+    # -- directories and pagemaps
+    def dir(self, level):
+        while len(self.dirs) <= level:
+            if len(self.dirs) > MAX_CHAIN:
+                raise ImageError(self.dirs[0].path, f"image chain longer than {MAX_CHAIN} dirs (a loop?)")
+            parent = self.dirs[-1].parent()
+            if parent is None:
+                raise ImageError(self.dirs[-1].path_of("pagemap", "*"),
+                                 "pages are marked in_parent but inventory.img names no parent")
+            if not os.path.isdir(parent.path):
+                raise ImageError(parent.path, "parent image directory is missing")
+            self.dirs.append(parent)
+        return self.dirs[level]
+
+    def pagemap(self, level, owner):
+        key = (level, owner)
+        if key not in self._pagemaps:
+            self._pagemaps[key] = self.dir(level).read("pagemap", owner)
+        return self._pagemaps[key]
+
+    def _entries(self, level, owner):
+        """(starts, [(vaddr, end, in_parent, offset)]) of one pagemap, for bisecting."""
+        key = (level, owner)
+        if key not in self._index:
+            rows = [(v, v + n * PAGE, inp, off) for v, n, inp, off in iter_page_runs(self.pagemap(level, owner))]
+            rows.sort()
+            self._index[key] = ([r[0] for r in rows], rows)
+        return self._index[key]
+
+    # -- resolution
+    def _resolve(self, level, owner, start, end, out):
+        """Append (level, addr, length, file offset) pieces covering [start, end)."""
+        starts, rows = self._entries(level, owner)
+        i = max(bisect.bisect_right(starts, start) - 1, 0)
+        addr = start
+        while addr < end:
+            if i >= len(rows) or rows[i][0] > addr or rows[i][1] <= addr:
+                if i < len(rows) and rows[i][1] <= addr:
+                    i += 1
+                    continue
+                where = self.dir(level).path_of("pagemap", owner)
+                raise ImageError(where, f"pages at {addr:#x} of {owner} are marked in_parent "
+                                        "but the parent does not hold them")
+            vaddr, vend, in_parent, offset = rows[i]
+            stop = min(vend, end)
+            if in_parent:
+                self._resolve(level + 1, owner, addr, stop, out)
+            else:
+                out.append((level, addr, stop - addr, offset + (addr - vaddr)))
+            addr = stop
+            i += 1
+
+    def pieces(self, owner):
+        """Every saved run of owner as (level, addr, length, offset), in dump order."""
+        out = []
+        for vaddr, nr, in_parent, offset in iter_page_runs(self.pagemap(0, owner)):
+            if in_parent:
+                self._resolve(1, owner, vaddr, vaddr + nr * PAGE, out)
+            else:
+                out.append((0, vaddr, nr * PAGE, offset))
+        return out
+
+    def check_resolvable(self, owner):
+        """Raise ImageError now if any in_parent run cannot be found."""
+        for vaddr, nr, in_parent, _ in iter_page_runs(self.pagemap(0, owner)):
+            if in_parent:
+                self._resolve(1, owner, vaddr, vaddr + nr * PAGE, [])
+
+    # -- data
+    def _source(self, level, owner):
+        key = (level, owner)
+        if key not in self._maps:
+            path = self.dir(level).pages_path(owner)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise ImageError(path, "missing") from None
+            try:
+                size = os.fstat(fd).st_size
+                self._maps[key] = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else b""
+            finally:
+                os.close(fd)
+            if size:
+                self._maps[key].madvise(mmap.MADV_SEQUENTIAL)
+        return self._maps[key]
+
+    def close(self):
+        for m in self._maps.values():
+            if isinstance(m, mmap.mmap):
+                m.close()
+        self._maps.clear()
+
+    def batches(self, owner):
+        """(level, runs array, file offset): runs read back to back from that offset."""
+        out = []
+        for level, addr, length, offset in self.pieces(owner):
+            if out and out[-1][0] == level and out[-1][3] == offset and out[-1][4] < CHUNK:
+                last = out[-1]
+                last[1].extend((addr, length))
+                last[3] = offset + length
+                last[4] += length
+            else:
+                out.append([level, array("Q", (addr, length)), offset, offset + length, length])
+        return [(level, runs, start) for level, runs, start, _, _ in out]
+
+    def fill_task(self, pid, owner):
+        """Write every saved page of owner into task pid (VMAs must be writable). -> bytes."""
+        total = 0
+        batches = self.batches(owner)
+        size = sum(sum(runs[1::2]) for _, runs, _ in batches)
+        with Progress(f"pid {pid} memory", size) as progress:
+            for level, runs, offset in batches:
+                try:
+                    n = core.vm_write_runs(pid, runs, self._source(level, owner), offset)
+                except OSError as exc:
+                    raise RestoreError(f"pid {pid}: filling memory: {exc.strerror}") from None
+                total += n
+                progress.advance(n)
+        log.info("pid %d: wrote %d pages in %d batches with process_vm_writev",
+                 pid, total // PAGE, len(batches))
+        return total
+
+    def fill_fd(self, fd, owner):
+        """Write every saved page of a shared object into fd (its offset = the run's vaddr)."""
+        total = 0
+        for level, addr, length, offset in self.pieces(owner):
+            src = memoryview(self._source(level, owner))[offset:offset + length]
+            done = 0
+            while done < length:
+                done += os.pwrite(fd, src[done:], addr + done)
+            src.release()
+            total += length
+        return total

@@ -1,0 +1,265 @@
+"""Rebuilding one address space inside a stub, by injected syscalls.
+
+Order matters and is the whole point of this module:
+1. map a workspace (trampoline page + scratch) in a hole of the *dumped*
+   layout, so nothing later mapped at a dumped address can collide with it;
+2. unmap every mapping of the stub, keeping only the workspace and the
+   kernel's special mappings;
+3. move [vvar], [vvar_vclock] and [vdso] to the dumped addresses with mremap,
+   all by the same delta (the kernel keeps its vdso pointer in step);
+4. map every dumped VMA at its address, writable while pages are filled;
+5. set the dumped protections, madvise flags and locks;
+6. PR_SET_MM_MAP for the mm fields, auxv and the exe link (the exe link can
+   change only once no VMA of the old executable, the stub, is left).
+The workspace itself is unmapped at the very end of the restore (restorer).
+"""
+
+import errno
+import os
+import struct
+
+from pycr import proc
+from pycr.errors import RestoreError
+from pycr.log import log
+
+PAGE = 4096
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+O_RDONLY, O_RDWR, O_CLOEXEC = 0, 2, 0o2000000
+AT_FDCWD = -100
+PR_SET_MM, PR_SET_MM_MAP = 35, 14
+MM_MAP = struct.Struct("<11QQII")       # struct prctl_mm_map (104 bytes)
+KEEP_EXE = 0xFFFFFFFF
+
+WORKSPACE_SIZE = 32 * PAGE              # 1 trampoline page + 31 pages of scratch
+TASK_SIZE = 0x7FFFFFFFF000
+MMAP_MIN_ADDR = 0x10000
+GAP = 2 << 20                           # keep clear of stack guard gaps and heap growth
+SPECIAL = ("vvar", "vvar_vclock", "vdso")
+NOT_MAPPED = ("vdso", "vvar", "vvar_vclock", "vsyscall")
+MADVISE = {"dc": 10, "wf": 18, "hg": 14, "nh": 15, "dd": 16}   # VmFlags -> MADV_*
+DELETED = " (deleted)"
+
+
+def kind_of(vma):
+    return str(vma.kind)
+
+
+def hole_candidates(vmas, size, floor=MMAP_MIN_ADDR, ceiling=TASK_SIZE):
+    """Addresses where `size` bytes fit in the holes of `vmas`, widest hole first."""
+    ranges = sorted((v.start, v.end) for v in vmas if kind_of(v) != "vsyscall" and v.start < ceiling)
+    gaps, prev = [], floor
+    for start, end in ranges:
+        if start > prev:
+            gaps.append((prev, start))
+        prev = max(prev, end)
+    if ceiling > prev:
+        gaps.append((prev, ceiling))
+    gaps.sort(key=lambda g: g[1] - g[0], reverse=True)
+    out = []
+    for lo, hi in gaps:
+        if hi - lo >= size + 2 * GAP:
+            out.append((hi - GAP - size) & ~(PAGE - 1))
+            out.append((lo + GAP + PAGE - 1) & ~(PAGE - 1))
+    return out
+
+
+def map_workspace(remote, image_vmas):
+    """Map trampoline + scratch at an address free in both layouts; switch to it."""
+    for addr in hole_candidates(image_vmas, WORKSPACE_SIZE):
+        res = remote.call("mmap", addr, WORKSPACE_SIZE, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+        if res == addr:
+            break
+        if res >= 0:
+            remote.check("munmap", res, WORKSPACE_SIZE, what=f"{res:#x}")
+        elif res != -errno.EEXIST:
+            raise RestoreError(f"pid {remote.pid}: mmap of the workspace failed: {errno.errorcode.get(-res, res)}")
+    else:
+        raise RestoreError(f"pid {remote.pid}: no hole for pycr's workspace in the dumped layout")
+    remote.write(addr, b"\x0f\x05\xcc")
+    remote.check("mprotect", addr, PAGE, PROT_READ | PROT_EXEC, what=f"{addr:#x}, r-x")
+    remote.retarget(addr)
+    remote.use_scratch(addr + PAGE, WORKSPACE_SIZE - PAGE)
+    log.debug("pid %d: workspace at %#x", remote.pid, addr)
+    return addr
+
+
+def unmap_stub(remote, workspace):
+    """munmap every mapping of the stub but the workspace and the kernel's specials."""
+    for vma in proc.maps(remote.real):
+        if vma.kind in NOT_MAPPED or _overlaps(vma, workspace):
+            continue
+        remote.check("munmap", vma.start, vma.size, what=f"{vma.start:#x}, {vma.size:#x}")
+
+
+def _overlaps(vma, workspace):
+    return vma.start < workspace + WORKSPACE_SIZE and workspace < vma.end
+
+
+def place_specials(remote, image_vmas):
+    """Move the stub's vvar/vvar_vclock/vdso to the dumped addresses (same delta for all)."""
+    have = {v.kind: v for v in proc.maps(remote.real) if v.kind in SPECIAL}
+    want = {kind_of(v): v for v in image_vmas if kind_of(v) in SPECIAL}
+    if not want:
+        for v in have.values():
+            remote.check("munmap", v.start, v.size, what=f"[{v.kind}]")
+        return
+    if set(have) != set(want):
+        raise RestoreError(f"pid {remote.pid}: dumped special mappings {sorted(want)} differ from "
+                           f"this kernel's {sorted(have)}")
+    delta = want["vdso"].start - have["vdso"].start
+    for kind, v in have.items():
+        w = want[kind]
+        if w.start - v.start != delta or w.end - w.start != v.size:
+            raise RestoreError(f"pid {remote.pid}: the dumped [{kind}] does not fit this kernel's vdso layout")
+    if delta == 0:
+        return
+    lo = min(v.start for v in have.values())
+    hi = max(v.end for v in have.values())
+    if lo + delta < hi and lo < hi + delta:
+        # The move overlaps itself: go through a free spot first.
+        temp = remote.check("mmap", 0, (hi - lo) + 2 * GAP, 0, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0,
+                            what="temporary reservation")
+        remote.check("munmap", temp, (hi - lo) + 2 * GAP, what="temporary reservation")
+        step = temp + GAP - lo
+        _move(remote, have, step)
+        have = {k: _shifted(v, step) for k, v in have.items()}
+        delta -= step
+    _move(remote, have, delta)
+    log.info("pid %d: moved vvar/vdso to %#x with mremap", remote.pid, want["vdso"].start)
+
+
+class _Range:
+    def __init__(self, start, end):
+        self.start, self.end = start, end
+
+    @property
+    def size(self):
+        return self.end - self.start
+
+
+def _shifted(v, delta):
+    return _Range(v.start + delta, v.end + delta)
+
+
+def _move(remote, have, delta):
+    for kind, v in have.items():
+        remote.check("mremap", v.start, v.size, v.size, MREMAP_MAYMOVE | MREMAP_FIXED, v.start + delta,
+                     what=f"[{kind}] -> {v.start + delta:#x}")
+
+
+def _strip_deleted(path):
+    return path[: -len(DELETED)] if path.endswith(DELETED) else path
+
+
+def map_vmas(remote, mm, shmem_paths):
+    """mmap every dumped VMA at its address. Private ones are writable until filled.
+
+    shmem_paths: shmem_id -> a path the task can open for that shared object.
+    """
+    opened = {}
+    try:
+        for vma in mm.vmas:
+            kind = kind_of(vma)
+            if kind in NOT_MAPPED:
+                continue
+            flags = set(vma.vmflags.split())
+            size = vma.end - vma.start
+            extra = MAP_NORESERVE if "nr" in flags else 0
+            if not vma.shared:
+                prot = vma.prot | PROT_READ | PROT_WRITE
+                if kind == "file":
+                    fd = _open_for_map(remote, opened, _strip_deleted(vma.path), O_RDONLY)
+                    remote.check("mmap", vma.start, size, prot, MAP_PRIVATE | MAP_FIXED | extra, fd, vma.pgoff,
+                                 what=f"{vma.start:#x}, {vma.path}")
+                else:
+                    if "gd" in flags:
+                        extra |= MAP_GROWSDOWN
+                    remote.check("mmap", vma.start, size, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | extra,
+                                 -1, 0, what=f"{vma.start:#x}, anon")
+            else:
+                if kind == "shmem":
+                    path = shmem_paths[vma.shmem_id]
+                    mode = O_RDWR
+                else:
+                    path = _strip_deleted(vma.path)
+                    mode = O_RDWR if (vma.prot & PROT_WRITE or "mw" in flags) else O_RDONLY
+                fd = _open_for_map(remote, opened, path, mode)
+                remote.check("mmap", vma.start, size, vma.prot, MAP_SHARED | MAP_FIXED | extra, fd, vma.pgoff,
+                             what=f"{vma.start:#x}, shared {vma.path}")
+            remote.reset_scratch()
+    finally:
+        for fd in opened.values():
+            remote.call("close", fd)
+    log.info("pid %d: mapped %d VMAs", remote.pid, len(mm.vmas))
+
+
+def _open_for_map(remote, opened, path, mode):
+    key = (path, mode)
+    if key not in opened:
+        res = remote.call("openat", AT_FDCWD, remote.put_str(path), mode | O_CLOEXEC, 0)
+        if res < 0:
+            raise RestoreError(f"pid {remote.pid}: cannot open mapped file {path}: {errno_name(res)}")
+        opened[key] = res
+    return opened[key]
+
+
+def errno_name(res):
+    return os.strerror(-res)
+
+
+def finish_vmas(remote, mm):
+    """Dumped protections, madvise flags and mlock, once the pages are in."""
+    for vma in mm.vmas:
+        if kind_of(vma) in NOT_MAPPED:
+            continue
+        size = vma.end - vma.start
+        if not vma.shared and vma.prot != (vma.prot | PROT_READ | PROT_WRITE):
+            remote.check("mprotect", vma.start, size, vma.prot, what=f"{vma.start:#x}")
+        flags = vma.vmflags.split()
+        for flag in flags:
+            advice = MADVISE.get(flag)
+            if advice is not None:
+                remote.call("madvise", vma.start, size, advice)
+        if "lo" in flags:
+            remote.call("mlock2", vma.start, size, 0)
+
+
+def set_mm_map(remote, mm):
+    """PR_SET_MM_MAP: code/data/brk/stack/arg/env, auxv and /proc/PID/exe."""
+    exe_fd = KEEP_EXE
+    exe = _strip_deleted(mm.exe)
+    if exe and not mm.exe.endswith(DELETED):
+        res = remote.call("openat", AT_FDCWD, remote.put_str(exe), O_RDONLY | O_CLOEXEC, 0)
+        if res < 0:
+            raise RestoreError(f"pid {remote.pid}: cannot open the executable {exe}: {errno_name(res)}")
+        exe_fd = res
+    try:
+        f = mm.mm
+        auxv = bytes(mm.auxv)
+        auxv_addr = remote.put(auxv) if auxv else 0
+        blob = MM_MAP.pack(f.start_code, f.end_code, f.start_data, f.end_data, f.start_brk, f.brk,
+                           f.start_stack, f.arg_start, f.arg_end, f.env_start, f.env_end,
+                           auxv_addr, len(auxv), exe_fd)
+        addr = remote.put(blob)
+        remote.check("prctl", PR_SET_MM, PR_SET_MM_MAP, addr, MM_MAP.size, 0, what="PR_SET_MM_MAP")
+    finally:
+        if exe_fd != KEEP_EXE:
+            remote.call("close", exe_fd)
+        remote.reset_scratch()
+    log.info("pid %d: PR_SET_MM_MAP (mm fields, %d bytes of auxv, exe %s)", remote.pid, len(mm.auxv), exe)
+
+
+def rebuild(remote, mm, chain, shmem_paths):
+    """Steps 1-6 for one process (its threads do not exist yet). Returns the workspace address."""
+    workspace = map_workspace(remote, mm.vmas)
+    unmap_stub(remote, workspace)
+    place_specials(remote, mm.vmas)
+    map_vmas(remote, mm, shmem_paths)
+    chain.fill_task(remote.real, str(remote.pid))
+    finish_vmas(remote, mm)
+    set_mm_map(remote, mm)
+    return workspace

@@ -1,0 +1,54 @@
+"""--pidns: restoring into a new PID namespace, under a stub acting as its PID 1.
+
+The init stub is started by pycr with CLONE_NEWPID (it becomes PID 1 there and
+reaps orphans forever); the restored root is forked inside it with clone3
+set_tid, so every restored task gets its dumped PID in the new namespace
+while pycr keeps seeing the outer PIDs. To report the root's exit status, the
+init stub is kept stopped while pycr waits; when the root has exited, pycr
+runs wait4 for it inside the init stub and only then lets init reap again.
+"""
+
+import select
+import struct
+
+from pycr.errors import RestoreError
+from pycr.log import log
+from pycr.native import core
+from pycr.restore import tasks
+
+CLONE_NEWPID = 0x20000000
+WALL = 0x40000000
+
+
+def start_init(created):
+    """Start the PID 1 stub of a new PID namespace and seize it -> tasks.Task."""
+    try:
+        real = core.clone3_exec([], CLONE_NEWPID, core.stub_path(), ["pycr-stub", "init"])
+    except OSError as exc:
+        raise RestoreError(f"cannot create a PID namespace: {exc.strerror}") from None
+    created.append(real)
+    remote = tasks.seize_stub(real, 1, syscalls=(tasks.SYS_WAIT4, tasks.SYS_NANOSLEEP))
+    task = tasks.Task(1, real, remote)
+    task.keep = False
+    log.info("--pidns: init stub is pid %d outside, 1 inside", real)
+    return task
+
+
+def wait_child(init, child):
+    """Wait for child (a child of init) to exit; reap it inside init -> wait status."""
+    pidfd = core.pidfd_open(child.real)
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        while not poller.poll(1000):
+            pass
+    finally:
+        import os
+        os.close(pidfd)
+    r = init.remote
+    with r.inj.scratch(4096) as buf:
+        r.check("wait4", child.pid, buf, WALL, 0, what=f"{child.pid}")
+        (status,) = struct.unpack("<i", r.read(buf, 4))
+    r.finish()
+    r.thread.detach(0)
+    return status

@@ -1,0 +1,140 @@
+"""Per-process kernel state: name, personality, umask, cwd/root, signal handlers,
+rlimits, no_new_privs, seccomp filters and, last of all, credentials.
+
+Credentials go last because once they drop, the task may no longer be
+allowed to do the rest; seccomp filters go after the threads exist so that
+TSYNC puts them on every thread (pycr's injections are exempt: the tasks are
+seized with PTRACE_O_SUSPEND_SECCOMP).
+"""
+
+import os
+import resource
+import struct
+
+from pycr.errors import RestoreError
+from pycr.log import log
+
+PR_SET_NAME, PR_SET_NO_NEW_PRIVS, PR_SET_KEEPCAPS = 15, 38, 8
+PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 24, 47, 2
+SECCOMP_SET_MODE_STRICT, SECCOMP_SET_MODE_FILTER = 0, 1
+SECCOMP_FILTER_FLAG_TSYNC = 1
+SIGKILL, SIGSTOP = 9, 19
+KSIGACTION = struct.Struct("<QQQQ")
+SOCK_FPROG = struct.Struct("<HxxxxxxQ")
+RLIM_INFINITY = (1 << 64) - 1
+SYS_CHROOT = 161
+CAP_HEADER = struct.Struct("<Ii")
+CAP_DATA = struct.Struct("<III")
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+DELETED = " (deleted)"
+
+
+def set_identity(remote, core):
+    """comm (before threads are cloned, which copy it), personality and umask."""
+    name = os.fsencode(core.comm)[:15] + b"\0"
+    remote.check("prctl", PR_SET_NAME, remote.put(name), what="PR_SET_NAME")
+    remote.check("personality", core.personality, what=f"{core.personality:#x}")
+    remote.check("umask", core.umask, what=f"{core.umask:o}")
+    remote.reset_scratch()
+
+
+def set_dirs(remote, core):
+    """cwd, then root (chdir uses the path as seen from pycr's root)."""
+    for what, path in (("cwd", core.cwd), ("root", core.root)):
+        if path.endswith(DELETED):
+            raise RestoreError(f"pid {remote.pid}: its {what} {path[:-len(DELETED)]} was deleted")
+    remote.check("chdir", remote.put_str(core.cwd), what=core.cwd)
+    if core.root != "/":
+        remote.check(SYS_CHROOT, remote.put_str(core.root), what=core.root)
+    remote.reset_scratch()
+
+
+def set_sigactions(remote, core):
+    """rt_sigaction for every signal whose action is not the default (sa_restorer kept)."""
+    count = 0
+    for index, act in enumerate(core.sigactions):
+        sig = index + 1
+        if sig in (SIGKILL, SIGSTOP) or not (act.handler or act.flags or act.mask):
+            continue
+        addr = remote.put(KSIGACTION.pack(act.handler, act.flags, act.restorer, act.mask))
+        remote.check("rt_sigaction", sig, addr, 0, 8, what=str(sig))
+        remote.reset_scratch()
+        count += 1
+    log.info("pid %d: %d signal handlers set with rt_sigaction", remote.pid, count)
+
+
+def set_rlimits(remote, core):
+    """prlimit64 for all 16 limits. A hard limit above pycr's own cannot be raised here
+    (this needs CAP_SYS_RESOURCE): it is kept at pycr's and a warning says so."""
+    for res, lim in enumerate(core.rlimits):
+        cur, hard = lim.cur, lim.max
+        addr = remote.put(struct.pack("<QQ", cur, hard))
+        got = remote.call("prlimit64", 0, res, addr, 0)
+        if got == -1:                       # EPERM: the hard limit cannot go up
+            _, my_hard = resource.getrlimit(res)
+            my_hard = RLIM_INFINITY if my_hard == resource.RLIM_INFINITY else my_hard
+            log.warning("pid %d: rlimit %d: hard limit %d is above pycr's %d; kept at %d",
+                        remote.pid, res, hard, my_hard, my_hard)
+            addr = remote.put(struct.pack("<QQ", min(cur, my_hard), my_hard))
+            got = remote.call("prlimit64", 0, res, addr, 0)
+        if got < 0:
+            raise RestoreError(f"pid {remote.pid}: prlimit64({res}) failed: {os.strerror(-got)}")
+        remote.reset_scratch()
+
+
+def set_seccomp(remote, core):
+    """no_new_privs, then the filters oldest first with TSYNC (threads exist by now)."""
+    if core.no_new_privs:
+        remote.check("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, what="PR_SET_NO_NEW_PRIVS")
+    mode = str(core.seccomp_mode)
+    if mode == "filter":
+        for prog in core.seccomp_filters:
+            prog = bytes(prog)
+            insns = remote.put(prog)
+            fprog = remote.put(SOCK_FPROG.pack(len(prog) // 8, insns))
+            remote.check("seccomp", SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, fprog,
+                         what="SECCOMP_SET_MODE_FILTER, TSYNC")
+            remote.reset_scratch()
+        log.info("pid %d: %d seccomp filters installed", remote.pid, len(core.seccomp_filters))
+    elif mode == "strict":
+        remote.check("seccomp", SECCOMP_SET_MODE_STRICT, 0, 0, what="SECCOMP_SET_MODE_STRICT")
+
+
+def _my_creds():
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    caps = {k: int(fields[k].strip(), 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
+    return os.getresuid(), os.getresgid(), sorted(os.getgroups()), caps
+
+
+def set_creds(remote, core):
+    """Groups, gids, uids and capabilities as dumped; nothing to do when they are pycr's."""
+    c = core.creds
+    uids, gids, groups, caps = _my_creds()
+    same = (tuple(uids) == (c.uid, c.euid, c.suid) and c.fsuid == c.euid
+            and tuple(gids) == (c.gid, c.egid, c.sgid) and c.fsgid == c.egid
+            and sorted(c.groups) == groups
+            and (caps["CapInh"], caps["CapPrm"], caps["CapEff"], caps["CapBnd"], caps["CapAmb"])
+            == (c.cap_inh, c.cap_prm, c.cap_eff, c.cap_bnd, c.cap_amb))
+    if same:
+        return
+    for cap in range(64):
+        if caps["CapBnd"] >> cap & 1 and not c.cap_bnd >> cap & 1:
+            remote.call("prctl", PR_CAPBSET_DROP, cap, 0, 0, 0)
+    remote.check("prctl", PR_SET_KEEPCAPS, 1, 0, 0, 0, what="PR_SET_KEEPCAPS")
+    groups_addr = remote.put(struct.pack(f"<{len(c.groups)}I", *c.groups)) if c.groups else 0
+    remote.check("setgroups", len(c.groups), groups_addr, what=f"{len(c.groups)} groups")
+    remote.check("setresgid", c.gid, c.egid, c.sgid, what=f"{c.gid}, {c.egid}, {c.sgid}")
+    remote.call("setfsgid", c.fsgid)
+    remote.check("setresuid", c.uid, c.euid, c.suid, what=f"{c.uid}, {c.euid}, {c.suid}")
+    remote.call("setfsuid", c.fsuid)
+    header = remote.put(CAP_HEADER.pack(LINUX_CAPABILITY_VERSION_3, 0))
+    data = remote.put(CAP_DATA.pack(c.cap_eff & 0xFFFFFFFF, c.cap_prm & 0xFFFFFFFF, c.cap_inh & 0xFFFFFFFF)
+                      + CAP_DATA.pack(c.cap_eff >> 32, c.cap_prm >> 32, c.cap_inh >> 32))
+    remote.check("capset", header, data, what="capset")
+    remote.check("prctl", PR_SET_KEEPCAPS, 0, 0, 0, 0, what="PR_SET_KEEPCAPS")
+    for cap in range(64):
+        if c.cap_amb >> cap & 1:
+            remote.call("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0)
+    remote.reset_scratch()
+    log.info("pid %d: credentials uid %d gid %d set", remote.pid, c.uid, c.gid)

@@ -1,0 +1,198 @@
+"""`pycr restore`: orchestration, cleanup on failure, detach.
+
+1. load and check every image, then the system (PIDs free, files present);
+2. create the tree of stubs with the dumped PIDs, sessions and groups;
+3. per process: address space, memory, fds, identity, handlers, threads,
+   limits, signals, seccomp, credentials, registers; drop pycr's workspace;
+4. detach every thread: each goes on where it was frozen.
+Anything failing before 4 kills and reaps every task made so far.
+"""
+
+import contextlib
+import ctypes
+import os
+import signal
+import time
+
+from pycr.errors import PycrError
+from pycr.log import log
+from pycr.ptrace.inject import Injector
+from pycr.restore import files, mm, pidns as pidns_mod, preflight, process, tasks, threads
+from pycr.restore.load import load_images
+
+PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
+MFD_CLOEXEC = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+class Restore:
+    """One restore in progress: what was created, and how to undo it."""
+
+    def __init__(self, images, pidns=False):
+        self.images = images
+        self.pidns = pidns
+        self.created = []           # real PIDs of every task made, for cleanup
+        self.tasks = {}             # dumped pid -> tasks.Task
+        self.init = None            # the PID 1 stub with --pidns
+        self.hub = None
+        self.shmem_fds = {}
+        self.released = False
+
+    # -- shared objects owned by pycr during the restore
+    def _make_shmem(self):
+        paths = {}
+        for shmem_id, size in self.images.shmem.items():
+            name = self._shmem_name(shmem_id)
+            fd = os.memfd_create(name, MFD_CLOEXEC)
+            self.shmem_fds[shmem_id] = fd
+            os.ftruncate(fd, size)
+            self.images.pages.fill_fd(fd, f"shmem-{shmem_id}")
+            paths[shmem_id] = f"/proc/{os.getpid()}/fd/{fd}"
+        return paths
+
+    def _shmem_name(self, shmem_id):
+        for p in self.images.processes:
+            for vma in p.mm.vmas:
+                if str(vma.kind) == "shmem" and vma.shmem_id == shmem_id and vma.path.startswith("/memfd:"):
+                    return vma.path[len("/memfd:"):].removesuffix(" (deleted)")
+        return "pycr-shmem"
+
+    # -- steps
+    def create(self):
+        root = self.images.root
+        if self.pidns:
+            self.init = pidns_mod.start_init(self.created)
+            root_task = tasks.fork_in(self.init, root.pid, self.created)
+        else:
+            root_task = tasks.start_root(root.pid, self.created)
+        self.tasks = tasks.create_tree(self.images, root_task, self.created)
+
+    def rebuild(self):
+        self.hub = files.PipeHub(self.images)
+        shmem_paths = self._make_shmem()
+        for p in self.images.processes:
+            task = self.tasks[p.pid]
+            r = task.remote
+            core = p.core
+            files.close_inherited(r)
+            task.workspace = mm.rebuild(r, p.mm, self.images.pages, shmem_paths)
+            files.restore_fds(r, p.fds, self.hub)
+            process.set_identity(r, core)
+            process.set_dirs(r, core)
+            process.set_sigactions(r, core)
+            threads.create_threads(task, p)
+            process.set_rlimits(r, core)
+            threads.queue_signals(task, p)
+            process.set_seccomp(r, core)
+            process.set_creds(r, core)
+            threads.load_cpu_state(task, p)
+            self._drop_workspace(task)
+
+    def _drop_workspace(self, task):
+        """munmap the trampoline and scratch through a `syscall` of the restored vdso."""
+        inj = Injector(task.threads[task.pid])
+        try:
+            res = inj.call("munmap", task.workspace, mm.WORKSPACE_SIZE)
+        except PycrError as exc:
+            log.warning("pid %d: pycr's workspace at %#x stays mapped: %s", task.pid, task.workspace, exc)
+            return
+        finally:
+            inj.restore()
+        if res < 0:
+            log.warning("pid %d: munmap of pycr's workspace failed: %s", task.pid, os.strerror(-res))
+
+    def release(self):
+        """Detach every thread of every process: the tree runs from here on."""
+        for task in self.tasks.values():
+            for thread in task.threads.values():
+                thread.detach(0)
+        self.released = True
+        if self.init is not None and not self.init.keep:
+            self.init.remote.finish()
+            self.init.remote.thread.detach(0)
+        log.info("detached %d threads of %d processes", sum(len(t.threads) for t in self.tasks.values()),
+                 len(self.tasks))
+
+    def close(self):
+        if self.hub is not None:
+            self.hub.close()
+        for fd in self.shmem_fds.values():
+            os.close(fd)
+        self.shmem_fds.clear()
+        self.images.pages.close()
+
+    def abort(self):
+        """SIGKILL every task created so far and wait until each PID is free again."""
+        kill_and_reap(self.created)
+
+    def wait_root(self):
+        root = self.tasks[self.images.root.pid]
+        if self.init is not None:
+            status = pidns_mod.wait_child(self.init, root)
+        else:
+            _, status = os.waitpid(root.real, 0)
+        if os.WIFSIGNALED(status):
+            return 128 + os.WTERMSIG(status)
+        return os.WEXITSTATUS(status)
+
+
+def kill_and_reap(reals, timeout=10.0):
+    """Kill tasks (by real PID) and reap them, also those whose parents die with them.
+
+    pycr becomes a child subreaper for the time of the cleanup, so orphaned
+    stubs are reparented to pycr and reaped here instead of lingering until
+    PID 1 gets to them.
+    """
+    if not reals:
+        return
+    was = ctypes.c_int()
+    _libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.addressof(was), 0, 0, 0)
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        for real in reals:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(real, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        pending = list(reals)
+        while pending and time.monotonic() < deadline:
+            for real in list(pending):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(real, os.WNOHANG | 0x40000000)
+                if not os.path.exists(f"/proc/{real}"):
+                    pending.remove(real)
+            if pending:
+                time.sleep(0.002)
+        if pending:
+            log.warning("tasks %s were killed but are not reaped yet", pending)
+    finally:
+        _libc.prctl(PR_SET_CHILD_SUBREAPER, was.value, 0, 0, 0)
+
+
+def restore(images_dir, detach=False, pidns=False):
+    """Restore the tree dumped in images_dir.
+
+    With detach, return 0 once the tree runs; otherwise wait for the restored
+    root task and return its exit status, or 128 + the signal that killed it.
+    """
+    started = time.monotonic()
+    images = load_images(images_dir)
+    log.info("images of %d processes loaded and checked", len(images.processes))
+    preflight.check(images, pidns)
+    run = Restore(images, pidns)
+    try:
+        run.create()
+        run.rebuild()
+        if run.init is not None:
+            run.init.keep = not detach
+        run.release()
+    except BaseException:
+        log.info("restore failed: killing the %d tasks created so far", len(run.created))
+        run.abort()
+        raise
+    finally:
+        run.close()
+    log.info("restore done in %.3f s", time.monotonic() - started)
+    if detach:
+        return 0
+    return run.wait_root()

@@ -1,0 +1,168 @@
+"""Creating the tree of stub processes with the dumped PIDs, sessions and groups.
+
+The root stub is started by pycr itself (clone3 with set_tid, then exec of the
+stub). Every other process is forked *inside its parent stub* by an injected
+clone3 with set_tid, so that parent links come out as dumped; the new task is
+auto-attached because the parent was seized with PTRACE_O_TRACEFORK. A task
+can join a session only by being forked into it, so setsid runs in a session
+leader before it forks; process groups are set once every task exists.
+"""
+
+import os
+import struct
+import time
+
+from pycr.errors import RestoreError, TaskGone
+from pycr.log import log
+from pycr.native import core
+from pycr.ptrace import binding as B
+from pycr.ptrace.thread import Thread
+from pycr.restore.remote import Remote, find_code
+
+SIGCHLD = 17
+SEIZE_OPTIONS = (B.O_TRACEFORK | B.O_TRACEVFORK | B.O_TRACECLONE | B.O_SUSPEND_SECCOMP | B.O_EXITKILL)
+CLONE_ARGS = struct.Struct("<QQQQQQQQQQQ")     # struct clone_args, VER2 (88 bytes)
+SYS_PAUSE, SYS_WAIT4, SYS_NANOSLEEP = 34, 61, 35
+
+
+def clone_args(flags=0, exit_signal=SIGCHLD, set_tid=0, set_tid_size=0):
+    """struct clone_args bytes: flags, pidfd, child_tid, parent_tid, exit_signal,
+    stack, stack_size, tls, set_tid, set_tid_size, cgroup."""
+    return CLONE_ARGS.pack(flags, 0, 0, 0, exit_signal, 0, 0, 0, set_tid, set_tid_size, 0)
+
+
+class Task:
+    """One restored process while pycr builds it: its leader Remote and thread objects."""
+
+    def __init__(self, pid, real, remote):
+        self.pid = pid
+        self.real = real
+        self.remote = remote
+        self.threads = {pid: remote.thread}     # tid (as dumped) -> Thread
+
+    def __repr__(self):
+        return f"Task({self.pid}, real={self.real})"
+
+
+def _stub_trampoline(real):
+    """The `syscall; int3` of a fresh stub, found in its executable mapping."""
+    from pycr import proc
+    for vma in proc.maps(real):
+        if vma.exec and vma.kind == "file":
+            addr = find_code(real, vma.start, vma.end)
+            if addr is not None:
+                return addr
+    raise RestoreError(f"pid {real}: no syscall trampoline in the restore stub")
+
+
+def _wait_in_stub(real, stub, syscalls, timeout=10.0):
+    """Wait until task real has exec'd the stub and sleeps in one of `syscalls`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            exe = os.readlink(f"/proc/{real}/exe")
+            with open(f"/proc/{real}/syscall") as f:
+                nr = f.read().split()[0]
+        except FileNotFoundError:
+            raise TaskGone(real, "the restore stub exited at once") from None
+        except (OSError, IndexError):
+            exe, nr = "", ""
+        if exe == stub and nr.lstrip("-").isdigit() and int(nr) in syscalls:
+            return
+        if time.monotonic() > deadline:
+            raise RestoreError(f"pid {real}: the restore stub did not start within {timeout:.0f} s")
+        time.sleep(0.0005)
+
+
+def seize_stub(real, pid, syscalls=(SYS_PAUSE,)):
+    """Seize a stub that pycr started, stop it, and wrap it in a Remote."""
+    stub = core.stub_path()
+    _wait_in_stub(real, stub, syscalls)
+    thread = Thread(real)
+    thread.seize(SEIZE_OPTIONS)
+    thread.interrupt()
+    while True:
+        stop = thread.wait(timeout=10)
+        if stop.gone:
+            raise TaskGone(real, "the restore stub died")
+        if stop.event == B.EVENT_STOP:
+            break
+        thread.cont(0)
+    return Remote(thread, pid, real, _stub_trampoline(real))
+
+
+def start_root(pid, created):
+    """Start the root stub as PID pid in pycr's PID namespace; records it in created."""
+    stub = core.stub_path()
+    try:
+        real = core.clone3_exec([pid], 0, stub, ["pycr-stub"])
+    except OSError as exc:
+        raise RestoreError(f"pid {pid} is in use; restore with --pidns"
+                           if exc.errno == 17 else f"cannot start the root stub as pid {pid}: {exc.strerror}") from None
+    created.append(real)
+    remote = seize_stub(real, pid)
+    log.info("root: started pycr-stub as pid %d (clone3 set_tid) and seized it", pid)
+    return Task(pid, real, remote)
+
+
+def fork_in(parent, pid, created):
+    """Fork a stub child with PID pid (inner namespace) inside parent's stub."""
+    r = parent.remote
+    with r.inj.scratch(4096) as buf:
+        r.write(buf, struct.pack("<i", pid))
+        r.write(buf + 64, clone_args(set_tid=buf, set_tid_size=1))
+        res = r.call("clone3", buf + 64, CLONE_ARGS.size)
+    if res < 0:
+        if res == -17:
+            raise RestoreError(f"pid {pid} is in use; restore with --pidns")
+        raise RestoreError(f"pid {parent.pid}: clone3(set_tid={pid}) failed: {os.strerror(-res)}")
+    thread = r.take_born()
+    created.append(thread.tid)
+    if res != pid:
+        raise RestoreError(f"pid {parent.pid}: clone3 gave pid {res}, not {pid}")
+    remote = Remote(thread, pid, thread.tid, r.trampoline)
+    log.info("pid %d: forked in pid %d by injected clone3 (set_tid)", pid, parent.pid)
+    return Task(pid, thread.tid, remote)
+
+
+def create_tree(images, root_task, created):
+    """Create every process of images under root_task (already the root stub).
+
+    Returns {pid: Task}, parents created before their children.
+    """
+    tasks = {images.root.pid: root_task}
+    _session(root_task, images.root)
+    for proc_img in images.processes[1:]:
+        parent = tasks[proc_img.ppid]
+        task = fork_in(parent, proc_img.pid, created)
+        tasks[proc_img.pid] = task
+        _session(task, proc_img)
+    _groups(tasks, images)
+    return tasks
+
+
+def _session(task, proc_img):
+    """A session leader calls setsid before it forks anyone (children inherit sessions)."""
+    if proc_img.sid == proc_img.pid:
+        task.remote.check("setsid", what="")
+        log.info("pid %d: setsid (leads session %d)", task.pid, task.pid)
+
+
+def _groups(tasks, images):
+    """setpgid: group leaders first, then their members (same session by construction)."""
+    pids = {p.pid for p in images.processes}
+    ordered = sorted(images.processes, key=lambda p: (p.pgid != p.pid, p.pid))
+    for p in ordered:
+        task = tasks[p.pid]
+        if p.pgid == p.pid:
+            if p.sid != p.pid:          # setsid already made it a group leader
+                task.remote.check("setpgid", 0, 0, what="0, 0")
+                log.info("pid %d: setpgid(0, 0) (leads group %d)", p.pid, p.pid)
+        elif p.pgid in pids:
+            task.remote.check("setpgid", 0, p.pgid, what=f"0, {p.pgid}")
+            log.info("pid %d: setpgid(0, %d)", p.pid, p.pgid)
+        else:
+            log.info("pid %d: process group %d is outside the tree; it keeps the inherited group",
+                     p.pid, p.pgid)
+        if p.sid not in pids:
+            log.info("pid %d: session %d is outside the tree; it keeps pycr's session", p.pid, p.sid)

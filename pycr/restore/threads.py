@@ -1,0 +1,92 @@
+"""Threads of a restored process and the CPU state of every thread.
+
+Threads are cloned inside the leader (clone3 with CLONE_THREAD and set_tid =
+the dumped TID) once the address space is in place; each is auto-attached
+(PTRACE_O_TRACECLONE). rseq areas are registered from inside their own
+thread, pending signals re-queued by the task to itself (the kernel lets a
+task queue any siginfo to itself, not to others). Registers go in last, with
+the fix-up the kernel would have made to a syscall interrupted by the freeze.
+"""
+
+import struct
+
+from pycr.log import log
+from pycr.ptrace.thread import user_regs_struct
+from pycr.restore.remote import Remote
+from pycr.restore.tasks import CLONE_ARGS, clone_args
+
+CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
+CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
+THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
+ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
+EINTR = 4
+U64 = (1 << 64) - 1
+
+
+def create_threads(task, proc_img):
+    """Clone every non-leader thread with its dumped TID; fills task.remotes."""
+    leader = task.remote
+    task.remotes = {task.pid: leader}
+    for tid in proc_img.tids[1:]:
+        tid_addr = leader.put(struct.pack("<i", tid))
+        args = leader.put(clone_args(flags=THREAD_FLAGS, exit_signal=0, set_tid=tid_addr, set_tid_size=1))
+        leader.check("clone3", args, CLONE_ARGS.size, what=f"CLONE_THREAD, set_tid={tid}")
+        leader.reset_scratch()
+        thread = leader.take_born()
+        task.threads[tid] = thread
+        remote = Remote(thread, tid, thread.tid, leader.trampoline)
+        remote.use_scratch(*leader.scratch)
+        task.remotes[tid] = remote
+    if len(proc_img.tids) > 1:
+        log.info("pid %d: cloned %d threads with their TIDs", task.pid, len(proc_img.tids) - 1)
+
+
+def _signo(info):
+    return struct.unpack_from("<i", bytes(info), 0)[0]
+
+
+def queue_signals(task, proc_img):
+    """rseq registration and pending signals, each injected in its own thread."""
+    core = proc_img.core
+    for th in core.threads:
+        remote = task.remotes[th.tid]
+        if th.rseq.pointer:
+            remote.check("rseq", th.rseq.pointer, th.rseq.size, 0, th.rseq.signature,
+                         what=f"{th.rseq.pointer:#x}")
+        for info in th.pending:
+            addr = remote.put(bytes(info))
+            remote.check("rt_tgsigqueueinfo", task.pid, th.tid, _signo(info), addr,
+                         what=f"signal {_signo(info)}")
+            remote.reset_scratch()
+    leader = task.remote
+    for info in core.shared_pending:
+        addr = leader.put(bytes(info))
+        leader.check("rt_sigqueueinfo", task.pid, _signo(info), addr, what=f"signal {_signo(info)}")
+        leader.reset_scratch()
+
+
+def final_regs(thread_img):
+    """The dumped registers, with an interrupted syscall set up as the kernel would."""
+    regs = user_regs_struct.from_dict(dict(thread_img.regs))
+    orig = regs.orig_rax
+    if orig != U64 and not orig >> 63:
+        rax = regs.rax - (1 << 64) if regs.rax >> 63 else regs.rax
+        if rax in (-ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND):
+            regs.rax = orig
+            regs.rip -= 2
+        elif rax == -ERESTART_RESTARTBLOCK:
+            regs.rax = -EINTR & U64
+    regs.orig_rax = U64
+    return regs
+
+
+def load_cpu_state(task, proc_img):
+    """Registers, xstate and blocked mask of every thread (injection is over for them)."""
+    for th in proc_img.core.threads:
+        remote = task.remotes[th.tid]
+        remote.finish()
+        thread = task.threads[th.tid]
+        thread.set_regs(final_regs(th))
+        if th.xstate:
+            thread.set_xstate(bytes(th.xstate))
+        thread.set_sigmask(th.sigmask)
