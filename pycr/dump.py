@@ -12,7 +12,7 @@ import time
 
 from . import __version__, proc
 from .collect.core import collect_core, collect_thread
-from .collect.files import collect_files, collect_pipes_data
+from .collect.files import collect_files, collect_pipes_data, describe_fd
 from .collect.memory import dump_private_memory, dump_shmem, shmem_vmas
 from .collect.mm import check_supported, collect_mm, read_vmas
 from .collect.tree import collect_pstree
@@ -63,11 +63,20 @@ class DumpStats:
         self.threads = 0
 
 
-def write_tree_images(frozen, imgdir, memory=None):
+def _collect_files(pid, hidden):
+    """collect_files, leaving out the fds in `hidden`."""
+    if not hidden:
+        return collect_files(pid)
+    return [describe_fd(pid, fd, target) for fd, target in proc.fds(pid).items() if fd not in hidden]
+
+
+def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None):
     """Collect and write every image of a frozen tree except the inventory.
 
     memory(pid, vmas, imgdir) -> bytes writes the pages of one process; the
     default saves every present page. Returns bytes of pages written.
+    hidden_fds: {pid: fds} that are pycr's own (a tracker's userfaultfd) and
+    are left out of the files image.
     """
     processes = frozen.processes
     # Pass 1: read what can refuse the dump, before writing anything.
@@ -76,7 +85,7 @@ def write_tree_images(frozen, imgdir, memory=None):
         vmas = read_vmas(pid)
         check_supported(pid, vmas)
         vmas_by_pid[pid] = vmas
-        files_by_pid[pid] = collect_files(pid)
+        files_by_pid[pid] = _collect_files(pid, (hidden_fds or {}).get(pid))
     log.info("tree of %d processes: VMAs and fds readable, nothing unsupported", len(processes))
 
     imgdir.write("pstree", collect_pstree(processes))
