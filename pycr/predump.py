@@ -1,0 +1,162 @@
+"""`pycr pre-dump` and `pycr dump --prev-images-dir`: incremental image chains.
+
+A pre-dump freezes the tree only for the cheap parts (tree, cores, mm, files,
+the tracker's dirty set, re-arming tracking), thaws it, and copies the pages
+while it runs. A page written during that copy is reported again by the next
+pass, so each directory holds the pages written since its parent, and marks
+every other present page in_parent. The final dump (--prev-images-dir without
+pre-dump) stays frozen throughout, removes the tracker from the targets, and
+is complete together with its chain.
+
+A chain that does not fit (missing parent, another tree's, another tracker)
+is refused with one line; a process whose tracking was lost (exec, the
+program closed the userfaultfd) is copied whole with a warning.
+"""
+
+import os
+import time
+
+from .dump import DumpStats, inventory, probe_writable, write_tree_images
+from .errors import ImageError, TaskGone
+from .freeze import freeze
+from .images import ImageDir, iter_page_runs
+from .log import log
+from .trackers import ParentPass, make_tracker
+from .trackers.base import check_parent_tree
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resolve_parent(images_dir, prev_images_dir):
+    """The parent's path: absolute, or relative to images_dir (as criu takes it)."""
+    return os.path.normpath(os.path.join(images_dir, prev_images_dir))
+
+
+def open_parent(images_dir, prev_images_dir, root):
+    """ParentPass of --prev-images-dir, checked to be a pre-dump of this tree."""
+    path = resolve_parent(images_dir, prev_images_dir)
+    if not os.path.isdir(path):
+        raise ImageError(path, "parent image directory (--prev-images-dir) does not exist")
+    if os.path.realpath(path) == os.path.realpath(images_dir):
+        raise ImageError(path, "--prev-images-dir is the images directory itself")
+    parent = ParentPass(ImageDir(path))
+    if str(parent.inventory.kind) != "pre-dump":
+        raise ImageError(path, f"is a {parent.inventory.kind}, not a pre-dump: a chain grows only from pre-dumps")
+    if parent.inventory.page_size != PAGE:
+        raise ImageError(path, f"page size {parent.inventory.page_size} differs from this machine's {PAGE}")
+    check_parent_tree(parent, root)
+    return parent
+
+
+def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev_images_dir=None,
+                     tracker="auto", stats=None):
+    """One pass of a chain rooted at `root` into images_dir. Returns 0.
+
+    stats (a DumpStats) is filled in for benchmarks: frozen_seconds,
+    total_seconds, pages_bytes, processes, threads.
+    """
+    stats = stats if stats is not None else DumpStats()
+    started = time.monotonic()
+    probe_writable(images_dir)
+    imgdir = ImageDir(images_dir)
+    parent = open_parent(images_dir, prev_images_dir, root) if prev_images_dir else None
+    trk = make_tracker(tracker, parent)
+    final = not pre_dump
+    kind = "pre-dump" if pre_dump else "dump"
+    rel_parent = os.path.relpath(parent.imgdir.path, images_dir) if parent else ""
+    pass_nr = parent.inventory.pass_nr + 1 if parent else 0
+
+    frozen = freeze(root)
+    frozen_at = time.monotonic()
+    leaders = {pid: threads[0] for pid, threads in frozen.processes.items()}
+    stats.processes = len(frozen.processes)
+    stats.threads = sum(len(t) for t in frozen.processes.values())
+    log.info("froze %d processes, %d threads; tracker %s, pass %d", stats.processes,
+             stats.threads, trk.name, pass_nr)
+    later = {}
+
+    def memory(pid, vmas, imgdir):
+        if final:
+            return trk.save_pages(pid, vmas, imgdir, live=False)
+        later[pid] = vmas
+        return 0
+
+    try:
+        for pid, leader in leaders.items():
+            trk.while_frozen(pid, leader, final)
+        hidden = {pid: trk.hidden_fds(pid) for pid in leaders}
+        stats.pages_bytes = write_tree_images(frozen, imgdir, memory=memory, hidden_fds=hidden)
+        inv = inventory(root, kind, tracker=trk.name, parent=rel_parent, pass_nr=pass_nr)
+    except BaseException:
+        log.info("%s failed: detaching, the tree goes on as before", kind)
+        try:
+            trk.abort(leaders)
+        finally:
+            frozen.thaw()
+        raise
+    try:
+        if pre_dump or leave_running:
+            frozen.thaw()
+        else:
+            frozen.kill()
+        stats.frozen_seconds = time.monotonic() - frozen_at
+        log.info("tree %s after %.3f s frozen", "killed" if not (pre_dump or leave_running) else "thawed",
+                 stats.frozen_seconds)
+        for pid, vmas in later.items():
+            try:
+                stats.pages_bytes += trk.save_pages(pid, vmas, imgdir, live=True)
+            except TaskGone:
+                log.warning("pid %d exited during the pre-dump; its pages are left out", pid)
+                imgdir.write("pagemap", {"owner": str(pid), "entries": []}, str(pid))
+    finally:
+        trk.finish()
+    imgdir.write("inventory", inv)
+    stats.total_seconds = time.monotonic() - started
+    log.info("%s done: %.1f MiB of pages, frozen %.3f s, total %.3f s", kind,
+             stats.pages_bytes / (1 << 20), stats.frozen_seconds, stats.total_seconds)
+    return 0
+
+
+def chain(images_dir):
+    """[ImageDir] from images_dir up through its parents (ImageError on a broken link)."""
+    out, seen = [], set()
+    current = ImageDir(images_dir)
+    while current is not None:
+        real = os.path.realpath(current.path)
+        if real in seen:
+            raise ImageError(current.path, "the chain of parents loops")
+        seen.add(real)
+        if not current.exists("inventory"):
+            raise ImageError(current.path, "missing inventory.img (a broken chain?)")
+        out.append(current)
+        current = current.parent()
+    return out
+
+
+def read_chain_pages(images_dir, pid, start, end):
+    """The bytes of pages [start, end) of pid as the chain holds them.
+
+    Follows in_parent runs up the chain; a page no image holds reads as
+    zeros (it was not present). For tests, pycr show and the restorer.
+    """
+    out = bytearray(end - start)
+    want = [(start, end)]
+    for imgdir in chain(images_dir):
+        if not want or not imgdir.exists("pagemap", str(pid)):
+            break
+        pagemap = imgdir.read("pagemap", str(pid))
+        still = []
+        with open(imgdir.pages_path(str(pid)), "rb") as pages:
+            for vaddr, nr, in_parent, offset in iter_page_runs(pagemap, PAGE):
+                lo, hi = max(vaddr, start), min(vaddr + nr * PAGE, end)
+                if lo >= hi or not any(a < hi and lo < b for a, b in want):
+                    continue
+                if in_parent:
+                    still.append((lo, hi))
+                else:
+                    pages.seek(offset + lo - vaddr)
+                    out[lo - start:hi - start] = pages.read(hi - lo)
+        want = still
+    return bytes(out)
+
+

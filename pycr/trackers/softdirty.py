@@ -1,0 +1,72 @@
+"""soft-dirty: clear_refs 4, then pagemap bit 55 marks pages written since.
+
+Needs CONFIG_MEM_SOFT_DIRTY; where the kernel lacks it, choosing this tracker
+fails at once with KernelFeatureMissing (pycr check says the same). The kernel
+marks new VMAs and a new mm (exec) soft-dirty by itself, so no VMA diffing is
+needed. clear_refs acts on the whole process and is written while frozen.
+"""
+
+import os
+from array import array
+
+from ..check import check_soft_dirty
+from ..errors import KernelFeatureMissing, from_oserror
+from . import runs as R
+from .base import PAGE, Tracker, plan_copy, present_pages, write_pages
+
+PM_SOFT_DIRTY = 1 << 55
+CHUNK_PAGES = 1 << 16
+
+
+def soft_dirty_runs(pid, spans):
+    """Runs of pages of pid whose pagemap entry has the soft-dirty bit."""
+    found = []
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    try:
+        for start, end in spans:
+            for base in range(start, end, CHUNK_PAGES * PAGE):
+                n = min(CHUNK_PAGES, (end - base) // PAGE)
+                entries = array("Q", os.pread(fd, n * 8, base // PAGE * 8))
+                for k, entry in enumerate(entries):
+                    if entry & PM_SOFT_DIRTY:
+                        found.append((base + k * PAGE, base + (k + 1) * PAGE))
+    finally:
+        os.close(fd)
+    return R.from_pairs(found)
+
+
+class SoftDirtyTracker(Tracker):
+    name = "soft-dirty"
+
+    def __init__(self, parent=None):
+        finding = check_soft_dirty()
+        if not finding.ok:
+            raise KernelFeatureMissing("soft-dirty tracking", finding.detail)
+        super().__init__(parent)
+        self.dirty = {}
+
+    def while_frozen(self, pid, leader, final):
+        super().while_frozen(pid, leader, final)
+        parent = self.parent_of(pid)
+        state = parent.state(pid) if parent else None
+        if state is not None and state.tracker == self.name:
+            from ..collect.mm import read_vmas
+            spans = [(v.start, v.end) for v, _ in read_vmas(pid)]
+            self.dirty[pid] = soft_dirty_runs(pid, spans)
+        else:
+            self.dirty[pid] = None
+        if not final:
+            try:
+                with open(f"/proc/{pid}/clear_refs", "w") as f:
+                    f.write("4")
+            except OSError as exc:
+                raise from_oserror(exc, pid, "clear_refs") from None
+
+    def save_pages(self, pid, vmas, imgdir, live):
+        present = present_pages(pid, vmas)
+        save, in_parent = plan_copy(present, self.dirty.get(pid), self.coverage(pid))
+        written = write_pages(pid, vmas, imgdir, save, in_parent, live)
+        imgdir.write("tracker", self.state_record(pid), pid)
+        return written
+
+

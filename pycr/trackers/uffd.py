@@ -1,0 +1,251 @@
+"""uffd-wp: userfaultfd write-protect (WP_ASYNC) + PAGEMAP_SCAN.
+
+The target gets a userfaultfd of its own (injected, moved to a high fd number
+so it does not collide with the program's fds); pycr takes a duplicate with
+pidfd_getfd and does every ioctl from outside: UFFDIO_REGISTER in WP mode per
+private VMA, then PAGEMAP_SCAN with WP_MATCHING|CHECK_WPASYNC, which reports
+the pages written since the last scan and write-protects them again in the
+same walk. The target's copy keeps the tracking alive between pycr runs; the
+final dump closes it, and the kernel then drops every registration.
+
+A VMA counts as tracked only if smaps shows its `uw` flag and it lies inside
+the ranges this tracker registered: mremap, munmap+mmap and exec all leave
+VMAs without it, and those are copied whole and registered anew.
+"""
+
+import errno
+import fcntl
+import os
+import struct
+from array import array
+
+from .. import proc
+from ..collect.memory import SKIPPED_KINDS
+from ..errors import PycrError, TaskGone
+from ..log import log
+from ..native import core
+from ..ptrace.inject import Injector
+from . import runs as R
+from .base import Tracker, plan_copy, present_pages, write_pages
+
+O_NONBLOCK = 0o4000
+O_CLOEXEC = 0o2000000
+UFFD_USER_MODE_ONLY = 1
+UFFDIO_API = 0xC018AA3F
+UFFDIO_REGISTER = 0xC020AA00
+UFFD_API = 0xAA
+UFFDIO_REGISTER_MODE_WP = 2
+FEATURES = (1 << 15) | (1 << 13)     # WP_ASYNC | WP_UNPOPULATED
+UFFD_LINK = "anon_inode:[userfaultfd]"
+HIGHEST_FD = 1023                    # keeps the target's fd table small
+RLIMIT_NOFILE = 7
+
+
+def candidate_vmas(pid):
+    """(start, end, prot_none, tracked_flag) of the private VMAs whose pages a dump saves."""
+    out = []
+    for entry in proc.smaps(pid):
+        vma = entry.vma
+        if vma.shared or vma.kind in SKIPPED_KINDS:
+            continue
+        out.append((vma.start, vma.end, not (vma.read or vma.write or vma.exec),
+                    "uw" in entry.vmflags.split()))
+    return out
+
+
+def contiguous(spans):
+    """Merge (start, end) spans that touch: one scan ioctl per group."""
+    out = []
+    for start, end in spans:
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
+
+
+class UffdProcess:
+    """pycr's side of one target's userfaultfd."""
+
+    def __init__(self, pid, target_fd, fd, created):
+        self.pid = pid
+        self.target_fd = target_fd   # number in the target
+        self.fd = fd                 # our duplicate
+        self.created = created       # made in this pass (undone by abort)
+        self.pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+
+    def close(self):
+        for fd in (self.fd, self.pagemap):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.pagemap = -1
+
+    def register(self, start, end):
+        """UFFDIO_REGISTER in WP mode; False when the kernel refuses this range."""
+        arg = bytearray(struct.pack("<QQQQ", start, end - start, UFFDIO_REGISTER_MODE_WP, 0))
+        try:
+            fcntl.ioctl(self.fd, UFFDIO_REGISTER, arg, True)
+            return True
+        except OSError as exc:
+            log.debug("pid %d: UFFDIO_REGISTER %#x-%#x: %s", self.pid, start, end, exc.strerror)
+            return False
+
+    def scan_written(self, start, end, check=True):
+        """Runs written since the last scan in [start, end); they are write-protected again."""
+        flags = core.PM_SCAN_WP_MATCHING | (core.PM_SCAN_CHECK_WPASYNC if check else 0)
+        found, _ = core.pagemap_scan(self.pagemap, start, end, flags, core.PAGE_IS_WRITTEN, 0, 0,
+                                     core.PAGE_IS_WRITTEN)
+        return R.from_pairs((found[i], found[i + 1]) for i in range(0, len(found), 3))
+
+
+def _pidfd_dup(pid, fd):
+    pidfd = core.pidfd_open(pid)
+    try:
+        return core.pidfd_getfd(pidfd, fd)
+    finally:
+        os.close(pidfd)
+
+
+def _free_high_fd(pid):
+    soft = proc.rlimits(pid)[RLIMIT_NOFILE][0]
+    used = set(proc.fds(pid))
+    fd = min(soft, HIGHEST_FD + 1) - 1
+    while fd in used:
+        fd -= 1
+    if fd < 3:
+        raise PycrError(f"pid {pid}: no free fd number for the userfaultfd")
+    return fd
+
+
+class UffdWpTracker(Tracker):
+    name = "uffd-wp"
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.procs = {}        # pid -> UffdProcess
+        self.dirty = {}        # pid -> runs, or None for "all"
+        self.tracked = {}      # pid -> runs still tracked from the parent pass
+        self.to_register = {}  # pid -> [(start, end)] VMAs to register and arm
+        self.final = False
+
+    # -- frozen
+    def while_frozen(self, pid, leader, final):
+        super().while_frozen(pid, leader, final)
+        self.final = final
+        vmas = candidate_vmas(pid)
+        uffd = self._adopt(pid)
+        tracked, dirty = array("Q"), array("Q")
+        if uffd is not None:
+            state = self.parent_of(pid).state(pid)
+            registered = array("Q", state.registered)
+            spans = [(s, e) for s, e, _, uw in vmas if uw and R.covers(registered, s, e)]
+            for start, end in contiguous(spans):
+                try:
+                    dirty.extend(uffd.scan_written(start, end))
+                    tracked.extend((start, end - start))
+                except OSError as exc:
+                    log.info("pid %d: scan %#x-%#x: %s; copying it whole", pid, start, end, exc.strerror)
+            dirty = R.normalize(dirty)
+            tracked = R.normalize(tracked)
+        elif not final:
+            uffd = self._create(pid, leader)
+        untracked = R.subtract(R.from_pairs((s, e) for s, e, _, _ in vmas), tracked)
+        self.tracked[pid] = tracked
+        self.dirty[pid] = R.union(dirty, untracked) if tracked else None
+        self.to_register[pid] = [(s, e) for s, e, prot_none, _ in vmas
+                                 if not prot_none and not R.covers(tracked, s, e)]
+        if final and uffd is not None:
+            self._close_in_target(uffd, leader)
+        elif uffd is not None:
+            self.procs[pid] = uffd
+
+    def _adopt(self, pid):
+        """The userfaultfd the parent pass left in pid, or None (with a warning if it was lost)."""
+        parent = self.parent_of(pid)
+        state = parent.state(pid) if parent else None
+        if state is None or state.tracker != self.name or state.uffd_fd < 0:
+            if parent:
+                log.warning("pid %d: no uffd-wp state in %s: copying all its memory",
+                            pid, parent.imgdir.path)
+            return None
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{state.uffd_fd}")
+        except FileNotFoundError:
+            link = ""
+        if link != UFFD_LINK:
+            log.warning("pid %d: its userfaultfd (fd %d) is gone, closed or lost in an exec: "
+                        "copying all its memory", pid, state.uffd_fd)
+            return None
+        return UffdProcess(pid, state.uffd_fd, _pidfd_dup(pid, state.uffd_fd), created=False)
+
+    def _create(self, pid, leader):
+        """Inject userfaultfd(), move it to a high fd, take a duplicate, enable WP_ASYNC."""
+        target_fd = _free_high_fd(pid)
+        with Injector(leader) as inj:
+            rfd = inj.check("userfaultfd", O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY)
+            try:
+                inj.check("dup3", rfd, target_fd, O_CLOEXEC)
+            finally:
+                inj.check("close", rfd)
+        uffd = UffdProcess(pid, target_fd, _pidfd_dup(pid, target_fd), created=True)
+        self.procs[pid] = uffd
+        arg = bytearray(struct.pack("<QQQ", UFFD_API, FEATURES, 0))
+        try:
+            fcntl.ioctl(uffd.fd, UFFDIO_API, arg, True)
+        except OSError as exc:
+            raise PycrError(f"pid {pid}: UFFDIO_API with WP_ASYNC: {exc.strerror}") from None
+        log.info("pid %d: userfaultfd at fd %d, WP_ASYNC enabled", pid, target_fd)
+        return uffd
+
+    def _close_in_target(self, uffd, leader):
+        with Injector(leader) as inj:
+            inj.call("close", uffd.target_fd)
+        uffd.close()   # the last reference: the kernel unregisters every range
+        log.info("pid %d: closed its userfaultfd (fd %d)", uffd.pid, uffd.target_fd)
+
+    def hidden_fds(self, pid):
+        uffd = self.procs.get(pid)
+        return {uffd.target_fd} if uffd else set()
+
+    # -- copying
+    def _arm(self, pid):
+        """Register the untracked VMAs and write-protect them (the first scan reports all)."""
+        uffd = self.procs.get(pid)
+        registered = array("Q", self.tracked.get(pid, array("Q")))
+        if uffd is None or self.final:
+            return registered
+        for start, end in self.to_register.get(pid, []):
+            if uffd.register(start, end):
+                try:
+                    uffd.scan_written(start, end, check=False)
+                    registered.extend((start, end - start))
+                except OSError as exc:
+                    log.debug("pid %d: arming %#x-%#x: %s", pid, start, end, exc.strerror)
+        return R.normalize(registered)
+
+    def save_pages(self, pid, vmas, imgdir, live):
+        registered = self._arm(pid)
+        present = present_pages(pid, vmas)
+        save, in_parent = plan_copy(present, self.dirty.get(pid), self.coverage(pid))
+        written = write_pages(pid, vmas, imgdir, save, in_parent, live)
+        uffd = self.procs.get(pid)
+        if uffd is not None and not self.final:
+            imgdir.write("tracker", self.state_record(pid, uffd_fd=uffd.target_fd,
+                                                      registered=registered.tobytes()), pid)
+        return written
+
+    def finish(self):
+        for uffd in self.procs.values():
+            uffd.close()
+        self.procs.clear()
+
+    def abort(self, leaders):
+        """Close the userfaultfds this pass created, in the targets too."""
+        for pid, uffd in list(self.procs.items()):
+            if uffd.created and pid in leaders:
+                try:
+                    with Injector(leaders[pid]) as inj:
+                        inj.call("close", uffd.target_fd)
+                except (PycrError, OSError) as exc:
+                    log.warning("pid %d: could not close its userfaultfd: %s", pid, exc)
+        self.finish()
