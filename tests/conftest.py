@@ -97,14 +97,19 @@ def kill_tree(roots, session=None, timeout=GONE_TIMEOUT):
             break
         # Leaves first: a parent that is still running reaps its killed
         # children at once, instead of leaving orphans for PID 1 to reap late.
-        leaves = [p for p in live if not any(_is_live(c) for c in procutil.children(p))]
-        for pid in (leaves if leaves and round_ < 99 else live):
+        # A running parent also gets a moment (up to 30 rounds) to reap its
+        # zombies; a stopped or traced one (T, t) will not, so it goes at once.
+        leaves = [p for p in live if not any(
+            _is_live(c) or (procutil.state(c) == "Z" and round_ < 30
+                            and procutil.state(p) in ("R", "S", "D"))
+            for c in procutil.children(p))]
+        for pid in (leaves if round_ < 99 else live):
             try:
                 procutil.kill(pid, signal.SIGKILL)
             except ValueError:
                 continue  # our own process or an ancestor: never
             killed.add(pid)
-        time.sleep(0.005)
+        time.sleep(0.01)
     return procutil.wait_gone(killed | {r for r in roots if procutil.exists(r)}, timeout)
 
 
