@@ -12,6 +12,7 @@ every thread's stack and exits, so a hung test cannot hold CI forever.
 """
 
 import faulthandler
+import itertools
 import os
 import re
 import select
@@ -29,6 +30,7 @@ DEFAULT_TIME_LIMIT = float(os.environ.get("PYCR_TEST_TIME_LIMIT", "120"))
 HARD_LIMIT_MARGIN = 60.0
 READY_TIMEOUT = 10.0
 GONE_TIMEOUT = 10.0
+_serial = itertools.count()
 
 
 # ---------------------------------------------------------------- time limit
@@ -144,7 +146,7 @@ class Workload:
     def __init__(self, name, argv, workdir, status=True):
         self.name = name
         self.argv = list(argv)
-        base = os.path.join(workdir, f"{name}-{len(os.listdir(workdir))}")
+        base = os.path.join(workdir, f"{name}-{next(_serial)}")
         self.log_path = base + ".log"
         self.status_path = base + ".status" if status else self.log_path
         cmd = [self.argv[0], self.status_path if status else "-", *self.argv[1:]]

@@ -3,6 +3,24 @@
 Each workload is one C file here (sharing wl.h); `build(outdir)` compiles them
 all with gcc -O2 -g (default PIE) in parallel and returns name -> binary path.
 Run as a script to build by hand: python -m workloads OUTDIR (from tests/).
+
+Command lines start with the status argument (a path, "-" or "fd:N"); every
+workload reports "ready <pid>" once set up. Reports (one line per write(2)):
+  counter [STEP_MS]        count N; usr1 N (SIGUSR1 handler)
+  tree                     proc <pid> <ppid> <pgid>; count <pid> N (4 processes)
+  threads                  thread <tid>; count <tid> N (4 threads)
+  bigmem [MIB] [--dirty-pct-per-sec P] [--seed S]
+                           region <hexaddr> <bytes>; sum <hex> (SIGUSR1); dirtied N
+  openfile PATH [OFFSET]   fd N; offset N (SIGUSR1); read <hex> (SIGUSR2, 16 bytes)
+  pipe [NBYTES]            child <pid>; sent N; got <hex> | gotsum <hex> (SIGUSR1 to the child)
+  seccomp                  count N; filtered errno 42; filtered2 errno 43 (SIGUSR1)
+  forker                   fork <pid>; exit <pid> <code>; count <pid> N
+  mapper [STEP_MS]         step N; regions <hexaddr>:<bytes>,...; sum <hex> (SIGUSR1);
+                           paused N / resumed N (SIGUSR2)
+  execer [DELAY_MS] [TARGET]  count N; exec <pid>; then TARGET's reports (counter by default)
+Sums are procutil.checksum() (crc32 << 32 | adler32 of the bytes).
+Multi-process workloads give each process its own O_APPEND status description;
+single-process ones write at the descriptor's own offset (not O_APPEND).
 """
 
 import os
