@@ -1,0 +1,312 @@
+"""pycr restore against real processes: dump a workload, bring it back, check what a user would.
+
+Every restored tree keeps the dumped PIDs, so the Workload object (and its
+teardown, which kills by PID and session) keeps working for it; the PIDs are
+also registered with cleanup_pids in case a restore half-succeeds.
+"""
+
+import os
+import signal
+
+import pytest
+
+import procutil
+from pycrcmd import one_line_error, pycr
+
+
+def untraced_and_running(pids):
+    for pid in pids:
+        assert procutil.tracer_pid(pid) == 0, f"pid {pid} left traced"
+        for tid in procutil.threads(pid):
+            assert procutil.state(pid, tid) not in ("t", "T", "Z", None), f"tid {tid} not running"
+
+
+def stub_tasks():
+    """PIDs of every live restore stub (none may be left after a failed restore)."""
+    from pycr.native import core
+    stub = core.stub_path()
+    out = []
+    for pid in procutil.all_pids():
+        try:
+            if os.readlink(f"/proc/{pid}/exe") == stub:
+                out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def dump(w, imgdir, *extra):
+    pycr("dump", "-t", w.pid, "-D", imgdir, *extra)
+
+
+def restore(imgdir, cleanup_pids, pids, *extra, expect=0):
+    cleanup_pids.add(*pids)
+    return pycr("restore", "-D", imgdir, "-d", *extra, expect=expect)
+
+
+def counts_after(w, prefix, start):
+    return [int(f[-1]) for f in w.fields(prefix, start)]
+
+
+def test_counter_continues(spawn, tmp_path, cleanup_pids):
+    w = spawn("counter")
+    w.wait_for(r"^count 5$")
+    dump(w, tmp_path / "img")
+    n = int(w.last("count").split()[1])
+    mark = w.mark()
+    assert not procutil.exists(w.pid)
+    restore(tmp_path / "img", cleanup_pids, [w.pid])
+    w.wait_for(rf"^count {n + 5}$", start=mark)
+    after = counts_after(w, "count", mark)
+    # It goes on from the dumped value, one step at a time, never from 0.
+    assert after[0] in (n, n + 1)
+    assert after == list(range(after[0], after[0] + len(after)))
+    untraced_and_running([w.pid])
+    assert procutil.stat(w.pid)["comm"] == "counter"
+    assert os.readlink(f"/proc/{w.pid}/exe") == w.argv[0]
+    # Its SIGUSR1 handler is still installed and runs on the restored stack.
+    w.signal_and_wait(signal.SIGUSR1, r"^usr1 \d+$")
+    # Nothing of pycr is left in it: no stub mapping, no extra fd.
+    assert not any("pycr" in path for _, _, _, path in procutil.maps(w.pid))
+    assert sorted(procutil.fds(w.pid)) == [0, 1, 2, 3]
+
+
+def test_tree_ids(spawn, tmp_path, cleanup_pids):
+    w = spawn("tree")
+    pids = w.pids()
+    assert len(pids) == 4
+    ids = {p: (procutil.ppid(p), procutil.pgid(p), procutil.sid(p)) for p in pids}
+    dump(w, tmp_path / "img")
+    mark = w.mark()
+    restore(tmp_path / "img", cleanup_pids, pids)
+    # Same PIDs, parents, groups and session; the root's parent is whoever ran pycr.
+    got = {p: (procutil.ppid(p), procutil.pgid(p), procutil.sid(p)) for p in pids}
+    for p in pids:
+        if p == w.pid:
+            assert got[p][1:] == ids[p][1:]
+        else:
+            assert got[p] == ids[p], f"pid {p}"
+    assert sorted(w.pids()) == sorted(pids)
+    for p in pids:
+        start = len(counts_after(w, f"count {p}", mark))
+        w.wait_for(rf"^count {p} \d+$", start=mark + start)
+    untraced_and_running(pids)
+    for p in pids:
+        got_counts = counts_after(w, f"count {p}", mark)
+        assert got_counts[0] > 1, "the counter started over"
+
+
+def test_threads_all_run(spawn, tmp_path, cleanup_pids):
+    w = spawn("threads")
+    tids = w.threads()
+    assert len(tids) == 4
+    dump(w, tmp_path / "img")
+    mark = w.mark()
+    restore(tmp_path / "img", cleanup_pids, [w.pid])
+    assert w.threads() == tids
+    untraced_and_running([w.pid])
+    for tid in tids:
+        # Each thread counts on: two fresh reports of its own counter.
+        w.wait_for(rf"^count {tid} \d+$", start=mark)
+        first = counts_after(w, f"count {tid}", mark)[0]
+        w.wait_for(rf"^count {tid} {first + 2}$", start=mark)
+        assert first > 1
+
+
+@pytest.mark.time_limit(300)
+def test_bigmem_checksum(spawn, tmp_path, cleanup_pids):
+    w = spawn("bigmem", 256)
+    before = w.signal_and_wait(signal.SIGUSR1, r"^sum ([0-9a-f]+)$", timeout=60).group(1)
+    dump(w, tmp_path / "img")
+    restore(tmp_path / "img", cleanup_pids, [w.pid])
+    after = w.signal_and_wait(signal.SIGUSR1, r"^sum ([0-9a-f]+)$", timeout=60)
+    assert after.group(1) == before
+
+
+def test_file_offset(spawn, tmp_path, cleanup_pids):
+    data = tmp_path / "data"
+    w = spawn("openfile", data, 20000)
+    offset = w.signal_and_wait(signal.SIGUSR1, r"^offset (\d+)$").group(1)
+    assert offset == "20000"
+    dump(w, tmp_path / "img")
+    restore(tmp_path / "img", cleanup_pids, [w.pid])
+    assert w.signal_and_wait(signal.SIGUSR1, r"^offset (\d+)$").group(1) == offset
+    # Reading goes on from there: the bytes of the file at 20000.
+    got = w.signal_and_wait(signal.SIGUSR2, r"^read ([0-9a-f]+)$").group(1)
+    assert got == bytes((i * 31 + 7) & 0xFF for i in range(20000, 20016)).hex()
+
+
+def test_pipe_data(spawn, tmp_path, cleanup_pids):
+    w = spawn("pipe")
+    child = int(w.wait_for(r"^child (\d+)$").group(1))
+    dump(w, tmp_path / "img")
+    restore(tmp_path / "img", cleanup_pids, [w.pid, child])
+    assert procutil.ppid(child) == w.pid
+    got = w.signal_and_wait(signal.SIGUSR1, r"^got ([0-9a-f]+)$", pid=child).group(1)
+    assert bytes.fromhex(got) == b"pycr pipe message 0123456789"
+    # Both ends are one pipe object again.
+    assert procutil.fds(child)[3].startswith("pipe:") or any(
+        t.startswith("pipe:") for t in procutil.fds(child).values())
+
+
+def test_seccomp_still_applies(spawn, tmp_path, cleanup_pids):
+    w = spawn("seccomp")
+    w.signal_and_wait(signal.SIGUSR1, r"^filtered2 errno 43$")
+    dump(w, tmp_path / "img")
+    mark = w.mark()
+    restore(tmp_path / "img", cleanup_pids, [w.pid])
+    w.signal_and_wait(signal.SIGUSR1, r"^filtered2 errno 43$")
+    assert w.wait_for(r"^filtered errno (\d+)$", start=mark).group(1) == "42"
+    assert procutil.status(w.pid)["Seccomp"] == "2"
+
+
+def test_restore_dump_restore_twice(spawn, tmp_path, cleanup_pids):
+    w = spawn("tree")
+    pids = w.pids()
+    dump(w, tmp_path / "img0")
+    for i in (1, 2):
+        restore(tmp_path / f"img{i - 1}", cleanup_pids, pids)
+        mark = w.mark()
+        w.wait_for(rf"^count {pids[-1]} \d+$", start=mark)
+        dump(w, tmp_path / f"img{i}")
+    restore(tmp_path / "img2", cleanup_pids, pids)
+    mark = w.mark()
+    for p in pids:
+        w.wait_for(rf"^count {p} \d+$", start=mark)
+    untraced_and_running(pids)
+
+
+def _ns_twin(pid, exe):
+    """The outer PID of a process that is `pid` inside a child PID namespace."""
+    for outer in procutil.all_pids():
+        st = procutil.status(outer)
+        if not st or "NSpid" not in st:
+            continue
+        ns = st["NSpid"].split()
+        if len(ns) == 2 and int(ns[1]) == pid:
+            try:
+                if os.readlink(f"/proc/{outer}/exe") == exe:
+                    return outer
+            except OSError:
+                pass
+    return None
+
+
+def test_pidns_while_original_runs(spawn, tmp_path, cleanup_pids):
+    w = spawn("counter")
+    w.wait_for(r"^count 3$")
+    dump(w, tmp_path / "img", "-R")
+    # The original keeps its PID; stop it so that only the twin writes the status file.
+    w.signal(signal.SIGSTOP)
+    try:
+        n = int(w.last("count").split()[1])
+        mark = w.mark()
+        proc = pycr("restore", "-D", tmp_path / "img", "-d", "--pidns")
+        twin = _ns_twin(w.pid, w.argv[0])
+        assert twin is not None, proc.stderr
+        init = procutil.ppid(twin)
+        cleanup_pids.add(init, twin)
+        assert procutil.status(twin)["NSpid"].split()[1] == str(w.pid)
+        assert procutil.status(init)["NSpid"].split()[1] == "1"
+        w.wait_for(rf"^count {n + 3}$", start=mark)
+        assert procutil.state(w.pid) == "T"
+    finally:
+        w.signal(signal.SIGCONT)
+
+
+def test_wait_returns_exit_status(spawn, tmp_path):
+    w = spawn("counter")
+    dump(w, tmp_path / "img")
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "pycr", "restore", "-D", str(tmp_path / "img")],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        w.wait_for(r"^count \d+$", start=w.mark())
+        w.signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# ---------------------------------------------------------------- failures
+
+def _fails(imgdir, cleanup_pids, pids, *extra):
+    before = stub_tasks()
+    proc = restore(imgdir, cleanup_pids, pids, *extra, expect=1)
+    line = one_line_error(proc)
+    assert stub_tasks() == before
+    return line
+
+
+def test_missing_image(spawn, tmp_path, cleanup_pids):
+    w = spawn("counter")
+    dump(w, tmp_path / "img")
+    os.unlink(tmp_path / "img" / f"core-{w.pid}.img")
+    line = _fails(tmp_path / "img", cleanup_pids, [w.pid])
+    assert f"core-{w.pid}.img" in line and "missing" in line
+    assert not procutil.exists(w.pid)
+
+
+def test_truncated_pages(spawn, tmp_path, cleanup_pids):
+    w = spawn("counter")
+    dump(w, tmp_path / "img")
+    pages = tmp_path / "img" / f"pages-{w.pid}.img"
+    os.truncate(pages, os.path.getsize(pages) - 4096)
+    line = _fails(tmp_path / "img", cleanup_pids, [w.pid])
+    assert "truncated" in line and pages.name in line
+    assert not procutil.exists(w.pid)
+
+
+def test_corrupt_image(spawn, tmp_path, cleanup_pids):
+    w = spawn("counter")
+    dump(w, tmp_path / "img")
+    mm = tmp_path / "img" / f"mm-{w.pid}.img"
+    data = bytearray(mm.read_bytes())
+    mm.write_bytes(bytes(data[:len(data) // 2]))
+    line = _fails(tmp_path / "img", cleanup_pids, [w.pid])
+    assert mm.name in line
+    assert not procutil.exists(w.pid)
+
+
+def test_pid_taken(spawn, tmp_path, cleanup_pids):
+    w = spawn("counter")
+    dump(w, tmp_path / "img", "-R")
+    before = stub_tasks()
+    proc = pycr("restore", "-D", tmp_path / "img", "-d", expect=1)
+    line = one_line_error(proc)
+    assert f"pid {w.pid} is in use" in line and "--pidns" in line
+    assert stub_tasks() == before
+    untraced_and_running([w.pid])
+
+
+def test_missing_file(spawn, tmp_path, cleanup_pids):
+    data = tmp_path / "data"
+    w = spawn("openfile", data)
+    w.wait_for(r"^fd \d+$")
+    dump(w, tmp_path / "img")
+    os.unlink(data)
+    line = _fails(tmp_path / "img", cleanup_pids, [w.pid])
+    assert str(data) in line and "no longer exists" in line
+    assert not procutil.exists(w.pid)
+
+
+def test_failure_mid_restore_kills_tree(spawn, tmp_path, cleanup_pids):
+    """A child whose mapping cannot be made fails after the whole stub tree exists."""
+    from pycr.images import ImageDir
+    w = spawn("tree")
+    pids = w.pids()
+    dump(w, tmp_path / "img")
+    img = ImageDir(tmp_path / "img")
+    last = img.read("pstree").processes[-1].pid
+    mm = img.read("mm", last)
+    for vma in mm.vmas:
+        if str(vma.kind) == "file":
+            vma.path = str(tmp_path)       # a directory: open works, mmap does not
+            break
+    img.write("mm", mm, last)
+    line = _fails(tmp_path / "img", cleanup_pids, pids)
+    assert f"pid {last}" in line
+    assert [p for p in pids if procutil.exists(p)] == []
