@@ -16,6 +16,7 @@ program closed the userfaultfd) is copied whole with a warning.
 import os
 import time
 
+from . import proc
 from .dump import DumpStats, inventory, probe_writable, write_tree_images
 from .errors import ImageError, TaskGone
 from .freeze import freeze
@@ -105,7 +106,9 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
         for pid, vmas in later.items():
             try:
                 stats.pages_bytes += trk.save_pages(pid, vmas, imgdir, live=True)
-            except TaskGone:
+            except (TaskGone, FileNotFoundError, ProcessLookupError):
+                if _alive(pid):
+                    raise
                 log.warning("pid %d exited during the pre-dump; its pages are left out", pid)
                 imgdir.write("pagemap", {"owner": str(pid), "entries": []}, str(pid))
     finally:
@@ -115,6 +118,14 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
     log.info("%s done: %.1f MiB of pages, frozen %.3f s, total %.3f s", kind,
              stats.pages_bytes / (1 << 20), stats.frozen_seconds, stats.total_seconds)
     return 0
+
+
+def _alive(pid):
+    """True while pid is a live process (not gone, not a zombie)."""
+    try:
+        return proc.stat(pid).state not in ("Z", "X")
+    except TaskGone:
+        return False
 
 
 def chain(images_dir):
@@ -148,14 +159,15 @@ def read_chain_pages(images_dir, pid, start, end):
         still = []
         with open(imgdir.pages_path(str(pid)), "rb") as pages:
             for vaddr, nr, in_parent, offset in iter_page_runs(pagemap, PAGE):
-                lo, hi = max(vaddr, start), min(vaddr + nr * PAGE, end)
-                if lo >= hi or not any(a < hi and lo < b for a, b in want):
-                    continue
-                if in_parent:
-                    still.append((lo, hi))
-                else:
-                    pages.seek(offset + lo - vaddr)
-                    out[lo - start:hi - start] = pages.read(hi - lo)
+                for a, b in want:
+                    lo, hi = max(vaddr, a), min(vaddr + nr * PAGE, b)
+                    if lo >= hi:
+                        continue
+                    if in_parent:
+                        still.append((lo, hi))
+                    else:
+                        pages.seek(offset + lo - vaddr)
+                        out[lo - start:hi - start] = pages.read(hi - lo)
         want = still
     return bytes(out)
 

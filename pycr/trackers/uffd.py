@@ -132,6 +132,7 @@ class UffdWpTracker(Tracker):
     def while_frozen(self, pid, leader, final):
         super().while_frozen(pid, leader, final)
         self.final = final
+        self._close_inherited(pid, leader)
         vmas = candidate_vmas(pid)
         uffd = self._adopt(pid)
         tracked, dirty = array("Q"), array("Q")
@@ -158,6 +159,54 @@ class UffdWpTracker(Tracker):
             self._close_in_target(uffd, leader)
         elif uffd is not None:
             self.procs[pid] = uffd
+
+    def _owners(self):
+        """(pid, fd) of every pycr userfaultfd known in the tree: the parent's and this pass's."""
+        out = [(u.pid, u.target_fd) for u in self.procs.values()]
+        if self.parent:
+            for pid, start_time in self.parent.start_times.items():
+                try:
+                    alive = proc.stat(pid).start_time == start_time
+                except TaskGone:
+                    alive = False
+                state = self.parent.state(pid) if alive else None
+                if state is not None and state.uffd_fd >= 0:
+                    out.append((pid, state.uffd_fd))
+        return out
+
+    def _close_inherited(self, pid, leader):
+        """Close copies of pycr's userfaultfds that pid inherited by fork.
+
+        fork copies the fd table, so a child holds its parent's uffd: that is
+        pycr's, not the program's, and must not stay in the child (nor reach
+        its files image). Told apart with kcmp against each known owner.
+        """
+        parent = self.parent_of(pid)
+        state = parent.state(pid) if parent else None
+        own = state.uffd_fd if state is not None else -1
+        links = proc.fds(pid)
+        suspects = [fd for fd, link in links.items() if link == UFFD_LINK and fd != own]
+        if not suspects:
+            return
+        owners = [(p, f) for p, f in self._owners() if p != pid]
+        recorded = {f for _, f in owners}
+        inherited = []
+        for fd in suspects:
+            same = False
+            for owner, owner_fd in owners:
+                try:
+                    same = core.kcmp(pid, owner, core.KCMP_FILE, fd, owner_fd) == 0
+                except OSError:
+                    same = False
+                if same:
+                    break
+            if same or fd in recorded:
+                inherited.append(fd)
+        if inherited:
+            with Injector(leader) as inj:
+                for fd in inherited:
+                    inj.call("close", fd)
+            log.info("pid %d: closed the userfaultfd(s) %s it inherited by fork", pid, inherited)
 
     def _adopt(self, pid):
         """The userfaultfd the parent pass left in pid, or None (with a warning if it was lost)."""
