@@ -22,6 +22,7 @@ Fd = Struct(
     "pipe_id" / U64,            # inode of the pipe for pipe/fifo, else 0
     "rdev" / U64,               # device number for chr/tty, else 0
     "size" / U64,               # size of a regular file at dump time
+    "file_id" / U32,            # open file description: fds with the same id share one (offset, flags)
 )
 
 ProcessFds = Struct(

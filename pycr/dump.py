@@ -12,7 +12,7 @@ import time
 
 from . import __version__, proc
 from .collect.core import collect_core, collect_thread
-from .collect.files import collect_files, collect_pipes_data, describe_fd
+from .collect.files import collect_files, collect_pipes_data, number_file_descriptions, describe_fd
 from .collect.memory import dump_private_memory, dump_shmem, shmem_vmas
 from .collect.mm import check_supported, collect_mm, read_vmas
 from .collect.tree import collect_pstree
@@ -86,6 +86,7 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None):
         check_supported(pid, vmas)
         vmas_by_pid[pid] = vmas
         files_by_pid[pid] = _collect_files(pid, (hidden_fds or {}).get(pid))
+    number_file_descriptions(files_by_pid)
     log.info("tree of %d processes: VMAs and fds readable, nothing unsupported", len(processes))
 
     imgdir.write("pstree", collect_pstree(processes))

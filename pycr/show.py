@@ -252,6 +252,7 @@ def _render_files(body):
                 extra.append(f"rdev {os.major(fd['rdev'])}:{os.minor(fd['rdev'])}")
             if fd["type"] == "reg":
                 extra.append(f"size {fd['size']}")
+            extra.append(f"file #{fd['file_id']}")
             lines.append(f"  {fd['fd']:>4} {fd['type']:<11} flags {fd['flags']:#o} pos {fd['pos']}"
                          f"{' cloexec' if fd['cloexec'] else ''}  {fd['path']!r} {' '.join(extra)}".rstrip())
     return lines

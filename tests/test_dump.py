@@ -39,6 +39,9 @@ def test_counter_leave_running_goes_on(spawn, tmp_path):
     assert core.threads[0].tid == w.pid
     # The USR1 handler the workload installed is in the image.
     assert core.sigactions[signal.SIGUSR1 - 1].handler > 1
+    # stdout and stderr share one open file description (2>&1): the image says so.
+    fds = {f.fd: f for f in img.read("files").processes[0].fds}
+    assert fds[1].file_id == fds[2].file_id != fds[0].file_id
     # Images are readable by the owner only.
     for name in os.listdir(tmp_path / "img"):
         assert os.stat(tmp_path / "img" / name).st_mode & 0o077 == 0

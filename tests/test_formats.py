@@ -123,17 +123,17 @@ def sample_files():
     return dict(processes=[
         dict(pid=ROOT, fds=[
             dict(fd=0, type="chr", flags=0o100002, pos=0, cloexec=False, path="/dev/null", deleted=False,
-                 pipe_id=0, rdev=os.makedev(1, 3), size=0),
+                 pipe_id=0, rdev=os.makedev(1, 3), size=0, file_id=7),
             dict(fd=3, type="reg", flags=0o102001, pos=4096, cloexec=True, path="/tmp/log\udce9.txt",
-                 deleted=True, pipe_id=0, rdev=0, size=8192),
+                 deleted=True, pipe_id=0, rdev=0, size=8192, file_id=7),
             dict(fd=4, type="pipe", flags=0o0, pos=0, cloexec=False, path="pipe:[51234]", deleted=False,
-                 pipe_id=51234, rdev=0, size=0),
+                 pipe_id=51234, rdev=0, size=0, file_id=7),
         ]),
         dict(pid=CHILD, fds=[
             dict(fd=1, type="pipe", flags=0o1, pos=0, cloexec=False, path="pipe:[51234]", deleted=False,
-                 pipe_id=51234, rdev=0, size=0),
+                 pipe_id=51234, rdev=0, size=0, file_id=7),
             dict(fd=7, type="unsupported", flags=0o2, pos=0, cloexec=True, path="socket:[777]", deleted=False,
-                 pipe_id=0, rdev=0, size=0),
+                 pipe_id=0, rdev=0, size=0, file_id=7),
         ]),
     ])
 

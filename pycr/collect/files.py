@@ -49,7 +49,8 @@ def describe_fd(pid, fd, target):
         raise TaskGone(pid, f"fd {fd} closed while frozen")
     rec = {"fd": fd, "type": "reg", "flags": info.flags & ~O_CLOEXEC, "pos": info.pos,
            "cloexec": bool(info.flags & O_CLOEXEC), "path": target, "deleted": False,
-           "pipe_id": 0, "rdev": 0, "size": 0}
+           "pipe_id": 0, "rdev": 0, "size": 0, "file_id": 0,
+           "_same_file": (s.st_dev, s.st_ino, info.flags, info.pos)}
     mode = s.st_mode
     if st.S_ISREG(mode):
         rec["size"] = s.st_size
@@ -77,6 +78,28 @@ def describe_fd(pid, fd, target):
 def collect_files(pid):
     """Records of every fd of process pid, in fd order."""
     return [describe_fd(pid, fd, target) for fd, target in proc.fds(pid).items()]
+
+
+def number_file_descriptions(files_by_pid):
+    """Give fds that share one open file description (after dup or fork) the same file_id.
+
+    Sharing is asked of the kernel with kcmp(KCMP_FILE), only between fds that
+    could share: same file, flags and offset. The restorer then opens each
+    description once and hands it to every fd that had it, so offsets stay shared.
+    """
+    seen = {}      # (dev, ino, flags, pos) -> [(pid, record)] of distinct descriptions
+    next_id = 1
+    for pid, recs in files_by_pid.items():
+        for rec in recs:
+            candidates = seen.setdefault(rec.pop("_same_file"), [])
+            for other_pid, other in candidates:
+                if core.kcmp(pid, other_pid, core.KCMP_FILE, rec["fd"], other["fd"]) == 0:
+                    rec["file_id"] = other["file_id"]
+                    break
+            else:
+                rec["file_id"] = next_id
+                next_id += 1
+                candidates.append((pid, rec))
 
 
 def peek_pipe(pid, fd):
