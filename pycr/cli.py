@@ -29,11 +29,18 @@ def _add_dump_args(p):
     _add_common(p)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line too, like every other pycr error."""
+
+    def error(self, message):
+        self.exit(2, f"pycr: {message} (see {self.prog} --help)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pycr", description="Checkpoint/restore of live Linux process trees, with incremental migration.")
     parser.add_argument("--version", action="version", version=f"pycr {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     p = sub.add_parser("check", help="which kernel features pycr can use here")

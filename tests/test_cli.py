@@ -1,0 +1,40 @@
+"""The pycr command itself: check, usage errors, error lines."""
+
+import json
+
+from pycrcmd import one_line_error, pycr
+
+
+def test_check_reports_every_mechanism_and_trackers():
+    proc = pycr("check", "--json")
+    doc = json.loads(proc.stdout)
+    names = {c["name"]: c["ok"] for c in doc["checks"]}
+    for needed in ("ptrace seize", "process_vm_readv/writev", "clone3 set_tid", "PR_SET_MM_MAP", "pidfd_getfd"):
+        assert names[needed], needed
+    assert {"soft-dirty", "userfaultfd WP_ASYNC", "PAGEMAP_SCAN"} <= names.keys()
+    assert doc["ok"] is True and "hash" in doc["trackers"]
+    # The trackers offered follow from the probes.
+    assert ("uffd-wp" in doc["trackers"]) == (names["userfaultfd WP_ASYNC"] and names["PAGEMAP_SCAN"])
+    assert ("soft-dirty" in doc["trackers"]) == names["soft-dirty"]
+    text = pycr("check").stdout
+    assert "auto picks" in text and "dump and restore: can work" in text
+
+
+def test_usage_errors_are_one_line():
+    proc = pycr("dump", "-D", "/tmp/nowhere", expect=2)
+    line = one_line_error(proc)
+    assert "-t" in line
+    proc = pycr("frobnicate", expect=2)
+    assert "invalid choice" in one_line_error(proc)
+
+
+def test_show_of_missing_path_is_one_line(tmp_path):
+    proc = pycr("show", tmp_path / "absent", expect=1)
+    assert "absent" in one_line_error(proc)
+
+
+def test_encode_rejects_bad_json(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    proc = pycr("encode", "-i", tmp_path / "bad.json", "-o", tmp_path / "out.img", expect=1)
+    assert "not valid JSON" in one_line_error(proc)
+    assert not (tmp_path / "out.img").exists()
