@@ -7,6 +7,7 @@ also registered with cleanup_pids in case a restore half-succeeds.
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -222,7 +223,11 @@ def test_wait_returns_exit_status(spawn, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "pycr", "restore", "-D", str(tmp_path / "img")],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        w.wait_for(r"^count \d+$", start=w.mark())
+        mark = w.mark()
+        deadline = time.monotonic() + 30
+        while len(w.lines(mark)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        assert w.fields("count", mark), proc.poll()
         w.signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     finally:

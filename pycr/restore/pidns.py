@@ -8,6 +8,7 @@ init stub is kept stopped while pycr waits; when the root has exited, pycr
 runs wait4 for it inside the init stub and only then lets init reap again.
 """
 
+import os
 import select
 import struct
 
@@ -28,6 +29,8 @@ def start_init(created):
         raise RestoreError(f"cannot create a PID namespace: {exc.strerror}") from None
     created.append(real)
     remote = tasks.seize_stub(real, 1, syscalls=(tasks.SYS_WAIT4, tasks.SYS_NANOSLEEP))
+    # It inherited pycr's descriptors (a caller may wait for EOF on them).
+    remote.check("close_range", 0, 0xFFFFFFFF, 0, what="0, ~0")
     task = tasks.Task(1, real, remote)
     task.keep = False
     log.info("--pidns: init stub is pid %d outside, 1 inside", real)
@@ -43,7 +46,6 @@ def wait_child(init, child):
         while not poller.poll(1000):
             pass
     finally:
-        import os
         os.close(pidfd)
     r = init.remote
     with r.inj.scratch(4096) as buf:
