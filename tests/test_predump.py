@@ -3,6 +3,7 @@ exactly the memory of the process at the final dump, through mapping changes,
 forks, exits and exec; broken chains are refused in one line."""
 
 import os
+import random
 import signal
 import time
 
@@ -188,20 +189,27 @@ def test_uffd_closed_by_the_target_falls_back_to_a_full_copy(spawn, tmp_path):
         cont_tree([w.pid])
 
 
+def scribble(pid, base, size, count):
+    """Overwrite `count` random pages of [base, base+size) from outside."""
+    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
+        for _ in range(count):
+            mem.seek(base + random.randrange(size // PAGE) * PAGE)
+            mem.write(os.urandom(PAGE))
+
+
 def test_restore_from_a_chain(spawn, tmp_path, cleanup_pids):
     pytest.importorskip("pycr.restore")
-    w = spawn("bigmem", 64, "--dirty-pct-per-sec", 10)
+    w = spawn("bigmem", 64)
+    m = w.wait_for(r"^region ([0-9a-f]+) (\d+)$")
+    base, size = int(m.group(1), 16), int(m.group(2))
     pycr("pre-dump", "-t", w.pid, "-D", tmp_path / "d1")
-    time.sleep(0.3)
+    scribble(w.pid, base, size, 300)
     pycr("pre-dump", "-t", w.pid, "-D", tmp_path / "d2", "--prev-images-dir", "../d1")
-    time.sleep(0.3)
-    stop_tree([w.pid])
-    base, size = (int(x, 16) for x in w.wait_for(r"^region ([0-9a-f]+) ([0-9a-f]+)$").groups())
-    size = int(w.wait_for(r"^region [0-9a-f]+ (\d+)$").group(1))
+    scribble(w.pid, base, size, 100)
     expected = procutil.checksum(procutil.read_memory(w.pid, base, size))
     pycr("dump", "-t", w.pid, "-D", tmp_path / "d3", "--prev-images-dir", "../d2")
+    assert procutil.wait_gone([w.pid]) == []
     cleanup_pids.add(w.pid)
     pycr("restore", "-D", tmp_path / "d3", "-d")
-    cont_tree([w.pid])
     got = w.signal_and_wait(signal.SIGUSR1, r"^sum ([0-9a-f]+)$", timeout=60).group(1)
     assert int(got, 16) == expected
