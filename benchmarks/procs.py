@@ -1,0 +1,251 @@
+"""Workload processes for the benchmarks: build, start, inspect, kill and reap them.
+
+Everything is done by PID. The harness makes itself a child subreaper so that trees
+restored detached (criu/pycr restore -d) are re-parented to it and can be reaped here,
+instead of lingering as zombies until PID 1 gets to them.
+"""
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORKLOADS = HERE / "workloads"
+CACHE = Path(os.environ.get("PYCR_BENCH_CACHE", "/var/tmp/pycr-bench"))
+
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def build_workload(name="memhog"):
+    """Compile benchmarks/workloads/NAME.c into the cache (again only when the source is newer)."""
+    src = WORKLOADS / f"{name}.c"
+    out = CACHE / "bin" / name
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(tmp), str(src)], check=True)
+        os.replace(tmp, out)
+    return str(out)
+
+
+def become_subreaper():
+    """Orphans of the trees we start or restore come to us, so we can reap them."""
+    if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def children(pid):
+    """Direct children of pid, from /proc/PID/task/*/children."""
+    out = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def tree_pids(root):
+    """root and all its descendants, parents first."""
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        pids.append(pid)
+        todo += children(pid)
+    return pids
+
+
+def state(pid):
+    """The one-letter state of pid, or None once it is gone (reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return data[data.rindex(b")") + 2:][:1].decode()
+
+
+def reap(pids, timeout=10.0):
+    """Wait until none of pids exists any more; reap those that are our children.
+
+    Returns the pids still present after timeout (e.g. zombies of another parent).
+    """
+    left = set(pids)
+    deadline = time.monotonic() + timeout
+    while left:
+        for pid in list(left):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done == pid:
+                    left.discard(pid)
+                    continue
+            except ChildProcessError:
+                pass
+            if state(pid) is None:
+                left.discard(pid)
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    return sorted(left)
+
+
+def kill_pids(pids, timeout=10.0):
+    """SIGKILL each pid (by PID, never by name), then reap them. Returns leftovers."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return reap(pids, timeout)
+
+
+class Workload:
+    """A running memhog tree: MIB of pseudo-random memory over NPROC processes.
+
+    Started in its own session with a clean fd table (stdin /dev/null, stdout and
+    stderr an O_APPEND log file), so both tools see the same, simple tree.
+    """
+
+    def __init__(self, mib, nproc=1, rate_pct=0.0, workdir=None):
+        self.mib, self.nproc, self.rate_pct = mib, nproc, rate_pct
+        self.workdir = Path(workdir or CACHE / "run")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.out_path = self.workdir / f"memhog-{os.getpid()}-{time.monotonic_ns()}.out"
+        self.proc = None
+        self.pids = []
+
+    def start(self, timeout=120.0):
+        exe = build_workload()
+        fd = os.open(self.out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        try:
+            self.proc = subprocess.Popen(
+                [exe, str(self.mib), str(self.rate_pct), str(self.nproc)],
+                stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, close_fds=True, start_new_session=True)
+        finally:
+            os.close(fd)
+        self.pids = [self.proc.pid]
+        deadline = time.monotonic() + timeout
+        while len(self._lines("ready")) < self.nproc:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"memhog {self.mib} MiB x{self.nproc} did not get ready: {self.out_path}")
+            time.sleep(0.02)
+        self.pids = tree_pids(self.proc.pid)
+        return self
+
+    @property
+    def root(self):
+        return self.pids[0]
+
+    def _lines(self, kind):
+        try:
+            text = self.out_path.read_text()
+        except FileNotFoundError:
+            return []
+        return [line.split() for line in text.splitlines() if line.startswith(kind + " ")]
+
+    def checksums(self, timeout=60.0):
+        """Ask every process for its memory checksum: {pid: (ticks, checksum)}."""
+        before = len(self._lines("sum"))
+        for pid in self.pids:
+            os.kill(pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while True:
+            new = self._lines("sum")[before:]
+            if len(new) >= len(self.pids) or time.monotonic() > deadline:
+                return {int(p): (int(t), s) for _, p, t, s in new}
+            time.sleep(0.02)
+
+    def alive(self):
+        return all(state(pid) not in (None, "Z") for pid in self.pids)
+
+    def wait_dumped(self, timeout=10.0):
+        """After a dump that killed the tree: reap it, so its PIDs are free for the restore."""
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        return reap(self.pids, timeout)
+
+    def kill(self):
+        """Kill every process of the tree (original or restored) by PID and reap it."""
+        pids = set(self.pids)
+        for pid in list(pids):
+            pids.update(tree_pids(pid) if state(pid) else [])
+        left = kill_pids(sorted(pids))
+        if self.proc is not None:
+            try:
+                self.proc.wait(1)
+            except subprocess.TimeoutExpired:
+                pass
+        return left
+
+    def cleanup(self):
+        self.kill()
+        try:
+            self.out_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.cleanup()
+
+
+class HoleTarget:
+    """A process holding SIZE bytes of mapped but never touched private anonymous memory.
+
+    The restore case: process_vm_writev into it has to fault in fresh pages.
+    """
+
+    CODE = (
+        "import ctypes, mmap, sys, time\n"
+        "m = mmap.mmap(-1, int(sys.argv[1]), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)\n"
+        "print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)\n"
+        "time.sleep(3600)\n"
+    )
+
+    def __init__(self, size):
+        self.size = size
+        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE, str(size)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, close_fds=True)
+        try:
+            self.addr = int(self.proc.stdout.readline())
+        except ValueError:
+            self.close()
+            raise RuntimeError("hole target did not report its address")
+        self.pid = self.proc.pid
+
+    def close(self):
+        kill_pids([self.proc.pid])
+        self.proc.stdout.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def find_region(pid, min_size):
+    """Start of the first private anonymous VMA of pid at least min_size long."""
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if end - start >= min_size and len(fields) == 5 and fields[1].endswith("p"):
+                return start
+    raise RuntimeError(f"pid {pid}: no anonymous mapping of {min_size} bytes")
