@@ -315,3 +315,29 @@ def test_failure_mid_restore_kills_tree(spawn, tmp_path, cleanup_pids):
     line = _fails(tmp_path / "img", cleanup_pids, pids)
     assert f"pid {last}" in line
     assert [p for p in pids if procutil.exists(p)] == []
+
+
+def _same_description(pid1, fd1, pid2, fd2):
+    """kcmp(KCMP_FILE): do the two fds share one open file description?"""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    res = libc.syscall(ctypes.c_long(312), ctypes.c_long(pid1), ctypes.c_long(pid2), ctypes.c_long(0),
+                       ctypes.c_long(fd1), ctypes.c_long(fd2))
+    assert res >= 0, os.strerror(ctypes.get_errno())
+    return res == 0
+
+
+def test_shared_descriptions_stay_shared(spawn, tmp_path, cleanup_pids):
+    w = spawn("tree")
+    pids = w.pids()
+    # stdout is one description inherited by fork; the status fds are one per process.
+    assert _same_description(pids[0], 1, pids[1], 1)
+    assert _same_description(pids[0], 1, pids[0], 2)
+    dump(w, tmp_path / "img")
+    restore(tmp_path / "img", cleanup_pids, pids)
+    for p in pids[1:]:
+        assert _same_description(pids[0], 1, p, 1)
+        assert _same_description(p, 1, p, 2)
+    status_fds = {p: [fd for fd, t in procutil.fds(p).items() if t == w.status_path] for p in pids}
+    assert all(len(v) == 1 for v in status_fds.values())
+    assert not _same_description(pids[0], status_fds[pids[0]][0], pids[1], status_fds[pids[1]][0])

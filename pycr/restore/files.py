@@ -1,10 +1,11 @@
-"""Reopening file descriptors at their numbers, with flags, offsets and close-on-exec.
+"""File descriptors at their numbers, sharing open file descriptions as dumped.
 
-Regular files, directories and devices are reopened by path inside the task
-(never creating or truncating anything). Pipes and FIFOs cannot be reopened
-by path in general, so pycr makes them itself: one pipe per dumped pipe, its
-buffered bytes written back, and every task opens the end it had through
-/proc/<pycr>/fd/N, which reaches the same pipe object for every process.
+pycr opens every open file description of the tree once (files by path, never
+creating or truncating; pipes it makes itself and refills; FIFOs it holds
+open), positioned at the dumped offset. Each task then pulls the ones it had
+with an injected pidfd_getfd through a pidfd of pycr that every stub
+inherited, and dup3()s them to their numbers. Fds that shared a description
+(after dup or fork, same file_id) share it again, offset and flags included.
 """
 
 import fcntl
@@ -18,88 +19,136 @@ O_CREAT, O_EXCL, O_TRUNC, O_NONBLOCK = 0o100, 0o200, 0o1000, 0o4000
 O_CLOEXEC = 0o2000000
 AT_FDCWD = -100
 F_SETFD, FD_CLOEXEC = 2, 1
+F_DUPFD_CLOEXEC = 1030
 F_SETPIPE_SZ = 1031
 SEEK_SET = 0
 DELETED = " (deleted)"
 SEEKABLE = ("reg", "dir")
 
 
-class PipeHub:
-    """pycr's own ends of every pipe and FIFO of the tree, for the tasks to open."""
+class Descriptions:
+    """Every open file description of the tree, opened once by pycr, keyed by file_id.
+
+    Pipes are made by pycr (their buffered bytes written back) and FIFOs held
+    open read-write, so that opening a descriptor of either never blocks.
+    """
 
     def __init__(self, images):
-        self.ends = {}      # pipe_id -> (read fd, write fd) in pycr
-        self.external = []
-        for p in images.processes:
-            for rec in p.fds:
-                kind = str(rec.type)
-                if kind not in ("pipe", "fifo") or rec.pipe_id in self.ends:
-                    continue
-                if kind == "pipe":
-                    self._make_pipe(rec.pipe_id, images.pipes_data.get(rec.pipe_id, b""))
-                else:
-                    self._open_fifo(rec)
-
-    def _make_pipe(self, pipe_id, data):
-        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self.ends[pipe_id] = (r, w)
-        if data:
-            if len(data) > 65536:
-                fcntl.fcntl(w, F_SETPIPE_SZ, len(data))
-            view = memoryview(data)
-            while view:
-                view = view[os.write(w, view):]
-            log.info("pipe %d: wrote back %d buffered bytes", pipe_id, len(data))
-
-    def _open_fifo(self, rec):
-        path = rec.path[: -len(DELETED)] if rec.path.endswith(DELETED) else rec.path
+        self.fds = {}           # description key -> fd in pycr
+        self.pipes = {}         # pipe_id -> (read fd, write fd) in pycr
         try:
-            # O_RDWR never blocks on a FIFO and keeps both sides open while tasks reopen it.
-            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            raise RestoreError(f"FIFO {path}: {exc.strerror}") from None
-        self.ends[rec.pipe_id] = (fd, fd)
+            for p in images.processes:
+                for rec in p.fds:
+                    key = self.key(p.pid, rec)
+                    if key not in self.fds:
+                        self.fds[key] = self._open(rec, images.pipes_data)
+        except BaseException:
+            self.close()
+            raise
 
-    def path(self, rec):
-        r, w = self.ends[rec.pipe_id]
-        end = w if (rec.flags & O_ACCMODE) == O_WRONLY else r
-        return f"/proc/{os.getpid()}/fd/{end}"
+    @staticmethod
+    def key(pid, rec):
+        """file_id names a description across the tree; without one, each fd is its own."""
+        return rec.file_id if getattr(rec, "file_id", 0) else (pid, rec.fd)
+
+    def _open(self, rec, pipes_data):
+        kind = str(rec.type)
+        flags = (rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_CLOEXEC | os.O_NOCTTY
+        if kind == "pipe":
+            path = self._pipe_path(rec, pipes_data.get(rec.pipe_id, b""))
+        elif kind == "fifo":
+            path = self._fifo_path(rec)
+        else:
+            if rec.deleted or rec.path.endswith(DELETED):
+                raise RestoreError(f"fd {rec.fd}: {rec.path} was deleted")
+            path = rec.path
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            raise RestoreError(f"cannot open {rec.path}: {exc.strerror}") from None
+        if kind in SEEKABLE and rec.pos:
+            try:
+                os.lseek(fd, rec.pos, os.SEEK_SET)
+            except OSError as exc:
+                os.close(fd)
+                raise RestoreError(f"cannot seek {rec.path} to {rec.pos}: {exc.strerror}") from None
+        return fd
+
+    def _pipe_path(self, rec, data):
+        if rec.pipe_id not in self.pipes:
+            r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            self.pipes[rec.pipe_id] = (r, w)
+            if data:
+                if len(data) > 65536:
+                    fcntl.fcntl(w, F_SETPIPE_SZ, len(data))
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(w, view):]
+                log.info("pipe %d: wrote back %d buffered bytes", rec.pipe_id, len(data))
+        r, w = self.pipes[rec.pipe_id]
+        return f"/proc/self/fd/{w if (rec.flags & O_ACCMODE) == O_WRONLY else r}"
+
+    def _fifo_path(self, rec):
+        if rec.pipe_id not in self.pipes:
+            path = rec.path[: -len(DELETED)] if rec.path.endswith(DELETED) else rec.path
+            try:
+                # O_RDWR never blocks on a FIFO and keeps both sides open while fds are made.
+                fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                raise RestoreError(f"FIFO {path}: {exc.strerror}") from None
+            self.pipes[rec.pipe_id] = (fd, fd)
+        return f"/proc/self/fd/{self.pipes[rec.pipe_id][0]}"
 
     def close(self):
-        for r, w in self.ends.values():
+        for fd in self.fds.values():
+            os.close(fd)
+        for r, w in self.pipes.values():
             os.close(r)
             if w != r:
                 os.close(w)
-        self.ends.clear()
+        self.fds.clear()
+        self.pipes.clear()
 
 
-def close_inherited(remote):
-    """The stub inherited pycr's descriptors: close them all."""
-    remote.check("close_range", 0, 0xFFFFFFFF, 0, what="0, ~0")
+def pycr_pidfd():
+    """A pidfd of pycr without close-on-exec: every stub inherits it at this number,
+    and pulls the descriptions pycr opened with pidfd_getfd through it."""
+    from pycr.native import core
+    fd = core.pidfd_open(os.getpid())
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD, 3)
+    finally:
+        os.close(fd)
 
 
-def restore_fds(remote, fds, hub):
-    """Open every dumped fd of one process at its number."""
+def close_inherited(remote, keep):
+    """The stub inherited pycr's descriptors: close all but the pidfd `keep`."""
+    if keep > 0:
+        remote.check("close_range", 0, keep - 1, 0, what=f"0, {keep - 1}")
+    remote.check("close_range", keep + 1, 0xFFFFFFFF, 0, what=f"{keep + 1}, ~0")
+
+
+def restore_fds(remote, pid, fds, descs, pidfd):
+    """Give every dumped fd of one process its description, at its number.
+
+    The task pulls each description from pycr with pidfd_getfd, so fds that
+    shared one (dup, fork) share it again: offset and status flags included.
+    Finally the task's pidfd of pycr is closed.
+    """
+    top = max([rec.fd for rec in fds] + [pidfd]) + 1
+    if any(rec.fd == pidfd for rec in fds):
+        moved = remote.check("fcntl", pidfd, F_DUPFD_CLOEXEC, top, what=f"{pidfd}, F_DUPFD_CLOEXEC")
+        remote.check("close", pidfd, what=str(pidfd))
+        pidfd = moved
     for rec in fds:
-        kind = str(rec.type)
-        flags = rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC)
-        if kind in ("pipe", "fifo"):
-            path = hub.path(rec)
-        else:
-            if rec.deleted or rec.path.endswith(DELETED):
-                raise RestoreError(f"pid {remote.pid} fd {rec.fd}: {rec.path} was deleted")
-            path = rec.path
-        res = remote.call("openat", AT_FDCWD, remote.put_str(path), flags, 0)
-        remote.reset_scratch()
-        if res < 0:
-            raise RestoreError(f"pid {remote.pid} fd {rec.fd}: cannot open {rec.path}: {os.strerror(-res)}")
-        if res != rec.fd:
-            remote.check("dup3", res, rec.fd, O_CLOEXEC if rec.cloexec else 0, what=f"{res}, {rec.fd}")
-            remote.check("close", res, what=str(res))
-        elif rec.cloexec:
-            remote.check("fcntl", rec.fd, F_SETFD, FD_CLOEXEC, what=f"{rec.fd}, F_SETFD")
-        if kind in SEEKABLE and rec.pos:
-            got = remote.call("lseek", rec.fd, rec.pos, SEEK_SET)
-            if got != rec.pos:
-                raise RestoreError(f"pid {remote.pid} fd {rec.fd}: cannot seek {rec.path} to {rec.pos}")
-    log.info("pid %d: reopened %d fds", remote.pid, len(fds))
+        mine = descs.fds[descs.key(pid, rec)]
+        got = remote.call("pidfd_getfd", pidfd, mine, 0)
+        if got < 0:
+            raise RestoreError(f"pid {remote.pid} fd {rec.fd}: pidfd_getfd failed: {os.strerror(-got)}")
+        if got != rec.fd:
+            remote.check("dup3", got, rec.fd, O_CLOEXEC if rec.cloexec else 0, what=f"{got}, {rec.fd}")
+            remote.check("close", got, what=str(got))
+        elif not rec.cloexec:
+            remote.check("fcntl", rec.fd, F_SETFD, 0, what=f"{rec.fd}, F_SETFD")
+    remote.check("close", pidfd, what=str(pidfd))
+    log.info("pid %d: %d fds taken from pycr with pidfd_getfd", remote.pid, len(fds))

@@ -15,13 +15,13 @@ import struct
 from pycr.errors import RestoreError
 from pycr.log import log
 from pycr.native import core
-from pycr.restore import tasks
+from pycr.restore import files, tasks
 
 CLONE_NEWPID = 0x20000000
 WALL = 0x40000000
 
 
-def start_init(created):
+def start_init(created, keep_fd):
     """Start the PID 1 stub of a new PID namespace and seize it -> tasks.Task."""
     try:
         real = core.clone3_exec([], CLONE_NEWPID, core.stub_path(), ["pycr-stub", "init"])
@@ -29,8 +29,9 @@ def start_init(created):
         raise RestoreError(f"cannot create a PID namespace: {exc.strerror}") from None
     created.append(real)
     remote = tasks.seize_stub(real, 1, syscalls=(tasks.SYS_WAIT4, tasks.SYS_NANOSLEEP))
-    # It inherited pycr's descriptors (a caller may wait for EOF on them).
-    remote.check("close_range", 0, 0xFFFFFFFF, 0, what="0, ~0")
+    # It inherited pycr's descriptors (a caller may wait for EOF on them);
+    # only pycr's pidfd stays, for the restored tasks forked from it.
+    files.close_inherited(remote, keep_fd)
     task = tasks.Task(1, real, remote)
     task.keep = False
     log.info("--pidns: init stub is pid %d outside, 1 inside", real)

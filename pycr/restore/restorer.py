@@ -35,7 +35,8 @@ class Restore:
         self.created = []           # real PIDs of every task made, for cleanup
         self.tasks = {}             # dumped pid -> tasks.Task
         self.init = None            # the PID 1 stub with --pidns
-        self.hub = None
+        self.descs = None
+        self.pidfd = -1
         self.shmem_fds = {}
         self.released = False
 
@@ -59,25 +60,29 @@ class Restore:
         return "pycr-shmem"
 
     # -- steps
+    def open_files(self):
+        """Every open file description, and pycr's pidfd the stubs will inherit."""
+        self.descs = files.Descriptions(self.images)
+        self.pidfd = files.pycr_pidfd()
+
     def create(self):
         root = self.images.root
         if self.pidns:
-            self.init = pidns_mod.start_init(self.created)
+            self.init = pidns_mod.start_init(self.created, self.pidfd)
             root_task = tasks.fork_in(self.init, root.pid, self.created)
         else:
             root_task = tasks.start_root(root.pid, self.created)
         self.tasks = tasks.create_tree(self.images, root_task, self.created)
 
     def rebuild(self):
-        self.hub = files.PipeHub(self.images)
         shmem_paths = self._make_shmem()
         for p in self.images.processes:
             task = self.tasks[p.pid]
             r = task.remote
             core = p.core
-            files.close_inherited(r)
+            files.close_inherited(r, self.pidfd)
             task.workspace = mm.rebuild(r, p.mm, self.images.pages, shmem_paths)
-            files.restore_fds(r, p.fds, self.hub)
+            files.restore_fds(r, p.pid, p.fds, self.descs, self.pidfd)
             process.set_identity(r, core)
             process.set_dirs(r, core)
             process.set_sigactions(r, core)
@@ -115,8 +120,11 @@ class Restore:
                  len(self.tasks))
 
     def close(self):
-        if self.hub is not None:
-            self.hub.close()
+        if self.descs is not None:
+            self.descs.close()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
         for fd in self.shmem_fds.values():
             os.close(fd)
         self.shmem_fds.clear()
@@ -181,6 +189,7 @@ def restore(images_dir, detach=False, pidns=False):
     preflight.check(images, pidns)
     run = Restore(images, pidns)
     try:
+        run.open_files()
         run.create()
         run.rebuild()
         if run.init is not None:
