@@ -58,9 +58,21 @@ def assert_chain_matches(imgdir, pid):
         chain = read_chain_pages(imgdir, pid, start, end)
         if live != chain:
             bad = next(i for i in range(0, end - start, PAGE) if live[i:i + PAGE] != chain[i:i + PAGE])
-            raise AssertionError(f"pid {pid}: page {start + bad:#x} differs from the chain in {imgdir}")
+            raise AssertionError(f"pid {pid}: page {start + bad:#x} of VMA {start:#x}-{end:#x} differs from "
+                                 f"the chain in {imgdir}: {where(imgdir, pid, start + bad)}")
         checked += end - start
     assert checked > 0
+
+
+def where(imgdir, pid, addr):
+    """Which pagemap entries of the chain cover addr (for failure messages)."""
+    out, d = [], ImageDir(imgdir)
+    while d is not None:
+        if d.exists("pagemap", str(pid)):
+            out += [(os.path.basename(d.path), e) for e in d.read("pagemap", str(pid)).entries
+                    if e.vaddr <= addr < e.vaddr + e.nr_pages * PAGE]
+        d = d.parent()
+    return out
 
 
 def untraced(pids):
