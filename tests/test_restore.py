@@ -341,3 +341,53 @@ def test_shared_descriptions_stay_shared(spawn, tmp_path, cleanup_pids):
     status_fds = {p: [fd for fd, t in procutil.fds(p).items() if t == w.status_path] for p in pids}
     assert all(len(v) == 1 for v in status_fds.values())
     assert not _same_description(pids[0], status_fds[pids[0]][0], pids[1], status_fds[pids[1]][0])
+
+
+def _coalesced_maps(pid):
+    out = []
+    for start, end, perms, path in procutil.maps(pid):
+        if out and out[-1][1] == start and out[-1][2:] == (perms, path):
+            out[-1] = (out[-1][0], end, perms, path)
+        else:
+            out.append((start, end, perms, path))
+    return out
+
+
+def test_mapper_layout_and_contents(spawn, tmp_path, cleanup_pids):
+    """An address space reshaped by mmap/munmap/mremap/mprotect comes back byte for byte."""
+    w = spawn("mapper", 5)
+    w.wait_for(r"^step 60$")
+    w.signal_and_wait(signal.SIGUSR2, r"^paused \d+$")
+    regions = w.signal_and_wait(signal.SIGUSR1, r"^regions (.*)$").group(1)
+    before = w.wait_for(r"^sum ([0-9a-f]+)$", start=w.mark() - 1).group(1)
+    maps_before = _coalesced_maps(w.pid)
+    dump(w, tmp_path / "img")
+    restore(tmp_path / "img", cleanup_pids, [w.pid])
+    # The same address ranges with the same protections and backing (the kernel may
+    # merge neighbours that were separate VMAs before, e.g. after an mremap).
+    assert _coalesced_maps(w.pid) == maps_before
+    mark = w.mark()
+    assert w.signal_and_wait(signal.SIGUSR1, r"^regions (.*)$").group(1) == regions
+    assert w.wait_for(r"^sum ([0-9a-f]+)$", start=mark).group(1) == before
+    # And it goes on reshaping itself.
+    step = int(w.last("paused").split()[1])
+    w.signal_and_wait(signal.SIGUSR2, r"^resumed \d+$")
+    w.wait_for(rf"^step {step + 20}$", start=mark)
+
+
+def test_forker_goes_on_forking_and_reaping(spawn, tmp_path, cleanup_pids):
+    w = spawn("forker")
+    w.wait_for(r"^exit \d+ 0$")
+    w.wait_for(r"^fork \d+$", start=w.mark())
+    dump(w, tmp_path / "img")
+    from pycr.images import ImageDir
+    pids = [p.pid for p in ImageDir(tmp_path / "img").read("pstree").processes]
+    assert len(pids) >= 2
+    mark = w.mark()
+    restore(tmp_path / "img", cleanup_pids, pids)
+    # The workers restored with it are still its children: it reaps them, status 0.
+    for p in pids[1:]:
+        w.wait_for(rf"^exit {p} 0$", start=mark)
+    # New workers come and go.
+    new = int(w.wait_for(r"^fork (\d+)$", start=mark).group(1))
+    w.wait_for(rf"^exit {new} 0$", start=mark)
