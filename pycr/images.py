@@ -267,7 +267,7 @@ ImageFile = namedtuple("ImageFile", "kind key name")
 ImageFile.__doc__ = "A file of an image dir: kind, key (pid, owner or None), file name."
 
 _GLOBAL_ORDER = ("inventory", "pstree", "files", "pipes-data")
-_PER_TASK_ORDER = ("core", "mm", "pagemap", "pages")
+_PER_TASK_ORDER = ("core", "mm", "pagemap", "pages", "tracker")
 
 
 def _name_regex(pattern):
@@ -296,7 +296,7 @@ def _sort_key(image):
     if image.key is None:
         return (0, _GLOBAL_ORDER.index(image.kind) if image.kind in _GLOBAL_ORDER else 99, 0, "")
     numeric = isinstance(image.key, int)
-    return (1 if numeric else 2, image.key if numeric else 0, _PER_TASK_ORDER.index(image.kind), str(image.key))
+    return (1 if numeric else 2, image.key if numeric else 0, _PER_TASK_ORDER.index(image.kind) if image.kind in _PER_TASK_ORDER else 99, str(image.key))
 
 
 class ImageDir:
