@@ -391,3 +391,51 @@ def test_forker_goes_on_forking_and_reaping(spawn, tmp_path, cleanup_pids):
     # New workers come and go.
     new = int(w.wait_for(r"^fork (\d+)$", start=mark).group(1))
     w.wait_for(rf"^exit {new} 0$", start=mark)
+
+
+SHARED_ANON_SCRIPT = """#!{python}
+import mmap, os, struct, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+def report(line):
+    os.write(fd, (line + "\\n").encode())
+shared = mmap.mmap(-1, 3 * 4096, flags=mmap.MAP_SHARED)
+shared[4096:4096 + 5] = b"hello"
+child = os.fork()
+if child == 0:
+    n = 0
+    while True:
+        n += 1
+        shared[0:8] = struct.pack("<Q", n)
+        time.sleep(0.01)
+report("child %d" % child)
+report("ready %d" % os.getpid())
+while True:
+    report("seen %d %s" % (struct.unpack("<Q", shared[0:8])[0], bytes(shared[4096:4096 + 5]).decode()))
+    time.sleep(0.02)
+"""
+
+
+def test_shared_anonymous_memory(spawn, tmp_path, cleanup_pids):
+    """A MAP_SHARED|MAP_ANONYMOUS region stays one object shared by parent and child."""
+    import sys
+    script = tmp_path / "shared_anon.py"
+    script.write_text(SHARED_ANON_SCRIPT.format(python=sys.executable))
+    script.chmod(0o755)
+    w = spawn(str(script))
+    child = int(w.wait_for(r"^child (\d+)$").group(1))
+    w.wait_for(r"^seen [1-9]\d* hello$")
+    dump(w, tmp_path / "img")
+    last = int(w.last("seen").split()[1])
+    mark = w.mark()
+    restore(tmp_path / "img", cleanup_pids, [w.pid, child])
+    # The parent sees the child's writes go on from where they were: same object.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        seen = [int(f[0]) for f in w.fields("seen", mark)]
+        if seen and seen[-1] >= last + 20:
+            break
+        time.sleep(0.02)
+    assert seen and seen[0] >= last and seen[-1] >= last + 20, seen[-5:]
+    assert all(f[1] == "hello" for f in w.fields("seen", mark))
+    shared = lambda pid: {(s, e): path for s, e, p, path in procutil.maps(pid) if p[3] == "s"}
+    assert shared(w.pid) and shared(w.pid) == shared(child)
