@@ -439,3 +439,56 @@ def test_shared_anonymous_memory(spawn, tmp_path, cleanup_pids):
     assert all(f[1] == "hello" for f in w.fields("seen", mark))
     shared = lambda pid: {(s, e): path for s, e, p, path in procutil.maps(pid) if p[3] == "s"}
     assert shared(w.pid) and shared(w.pid) == shared(child)
+
+
+PENDING_SCRIPT = """#!{python}
+import os, signal, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+def report(line):
+    os.write(fd, (line + "\\n").encode())
+signal.signal(signal.SIGUSR1, lambda *a: report("usr1"))
+signal.signal(signal.SIGUSR2, lambda *a: signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1]))
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+report("ready %d" % os.getpid())
+while True:
+    report("tick")
+    time.sleep(0.02)
+"""
+
+
+def test_blocked_mask_and_pending_signal(spawn, tmp_path, cleanup_pids):
+    """A blocked SIGUSR1 stays blocked and pending; unblocked after restore, its handler runs."""
+    import sys
+    script = tmp_path / "pending.py"
+    script.write_text(PENDING_SCRIPT.format(python=sys.executable))
+    script.chmod(0o755)
+    w = spawn(str(script))
+    usr1 = 1 << (signal.SIGUSR1 - 1)
+    w.signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 5
+    while not int(procutil.status(w.pid)["ShdPnd"], 16) & usr1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert int(procutil.status(w.pid)["SigBlk"], 16) & usr1
+    dump(w, tmp_path / "img")
+    mark = w.mark()
+    restore(tmp_path / "img", cleanup_pids, [w.pid])
+    w.wait_for(r"^tick$", start=mark)
+    st = procutil.status(w.pid)
+    assert int(st["SigBlk"], 16) & usr1 and int(st["ShdPnd"], 16) & usr1
+    assert "usr1" not in w.lines(mark)
+    w.signal(signal.SIGUSR2)
+    w.wait_for(r"^usr1$", start=mark)
+
+
+def test_restored_process_can_exec(spawn, tmp_path, cleanup_pids):
+    w = spawn("execer", 0)
+    w.wait_for(r"^count 5$")
+    dump(w, tmp_path / "img")
+    mark = w.mark()
+    restore(tmp_path / "img", cleanup_pids, [w.pid])
+    w.wait_for(r"^count \d+$", start=mark)
+    w.signal(signal.SIGUSR2)
+    w.wait_for(rf"^exec {w.pid}$", start=mark)
+    w.wait_for(rf"^ready {w.pid}$", start=mark)
+    w.wait_for(r"^count 3$", start=mark)
+    assert os.path.basename(os.readlink(f"/proc/{w.pid}/exe")) == "counter"
