@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,14 +76,29 @@ def state(pid):
     return data[data.rindex(b")") + 2:][:1].decode()
 
 
-def reap(pids, timeout=10.0):
+def boot_ticks():
+    """Now, in the unit of field 22 of /proc/PID/stat (clock ticks since boot)."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
+def start_ticks(pid):
+    """When pid started (field 22 of /proc/PID/stat), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(data[data.rindex(b")") + 2:].split()[19])
+
+
+def reap(pids, timeout=10.0, stop=None, poll=0.02):
     """Wait until none of pids exists any more; reap those that are our children.
 
-    Returns the pids still present after timeout (e.g. zombies of another parent).
+    Returns the pids still present after timeout, or when the Event stop is set.
     """
     left = set(pids)
     deadline = time.monotonic() + timeout
-    while left:
+    while left and not (stop and stop.is_set()):
         for pid in list(left):
             try:
                 done, _ = os.waitpid(pid, os.WNOHANG)
@@ -95,7 +111,7 @@ def reap(pids, timeout=10.0):
                 left.discard(pid)
         if not left or time.monotonic() > deadline:
             break
-        time.sleep(0.02)
+        time.sleep(poll)
     return sorted(left)
 
 
@@ -123,9 +139,11 @@ class Workload:
         self.out_path = self.workdir / f"memhog-{os.getpid()}-{time.monotonic_ns()}.out"
         self.proc = None
         self.pids = []
+        self.started = None
 
     def start(self, timeout=120.0):
         exe = build_workload()
+        self.started = boot_ticks() - 1
         fd = os.open(self.out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         try:
             self.proc = subprocess.Popen(
@@ -169,20 +187,43 @@ class Workload:
     def alive(self):
         return all(state(pid) not in (None, "Z") for pid in self.pids)
 
+    def reap_during(self):
+        """Reap the tree as soon as it dies, from a thread, while a dump runs.
+
+        A dump kills the tree; like a shell would, its parent (we) reaps it at once.
+        A tool that waits for the PIDs to be free before it returns (so a restore can
+        follow) would otherwise wait for us, while we wait for it.
+        """
+        self._stop_reaping = threading.Event()
+        self._left = list(self.pids)
+
+        def run():
+            self._left = reap(self.pids, timeout=3600, stop=self._stop_reaping, poll=0.005)
+            if self.proc is not None and self.proc.pid not in self._left:
+                self.proc.returncode = self.proc.returncode or -signal.SIGKILL
+
+        self._reaper = threading.Thread(target=run, daemon=True)
+        self._reaper.start()
+
     def wait_dumped(self, timeout=10.0):
-        """After a dump that killed the tree: reap it, so its PIDs are free for the restore."""
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        return reap(self.pids, timeout)
+        """After the dump returned: the PIDs still present after timeout (should be none)."""
+        self._reaper.join(timeout)
+        self._stop_reaping.set()
+        self._reaper.join()
+        return reap(self._left, 0.1)
 
     def kill(self):
-        """Kill every process of the tree (original or restored) by PID and reap it."""
-        pids = set(self.pids)
-        for pid in list(pids):
-            pids.update(tree_pids(pid) if state(pid) else [])
+        """Kill every process of the tree (original or restored) by PID and reap it.
+
+        Only PIDs whose process started after this workload did are touched: after a
+        failed restore a PID may already belong to something else that is older.
+        """
+        if self.started is None:
+            return []
+        pids = set()
+        for pid in self.pids:
+            if (start_ticks(pid) or -1) >= self.started:
+                pids.update(p for p in tree_pids(pid) if (start_ticks(p) or -1) >= self.started)
         left = kill_pids(sorted(pids))
         if self.proc is not None:
             try:
