@@ -492,3 +492,11 @@ def test_restored_process_can_exec(spawn, tmp_path, cleanup_pids):
     w.wait_for(rf"^ready {w.pid}$", start=mark)
     w.wait_for(r"^count 3$", start=mark)
     assert os.path.basename(os.readlink(f"/proc/{w.pid}/exe")) == "counter"
+
+
+def test_pre_dump_is_refused(spawn, tmp_path, cleanup_pids):
+    w = spawn("counter")
+    pycr("pre-dump", "-t", w.pid, "-D", tmp_path / "pre")
+    line = one_line_error(pycr("restore", "-D", tmp_path / "pre", "-d", expect=1))
+    assert "pre-dump cannot be restored" in line
+    untraced_and_running([w.pid])
