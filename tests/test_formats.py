@@ -142,6 +142,12 @@ def sample_pipes_data():
     return dict(pipes=[dict(pipe_id=51234, data=b"hello\x00\xffworld\n" * 3), dict(pipe_id=51240, data=b"")])
 
 
+def sample_tracker():
+    return dict(pid=ROOT, tracker="uffd-wp", start_time=987654, uffd_fd=1017,
+                registered=struct.pack("<4Q", 0x55D0C1F3B000, 0x21000, 0x7F3A12000000, 1 << 28),
+                hash_runs=b"", hashes=b"")
+
+
 SAMPLES = {
     "inventory": sample_inventory,
     "pstree": sample_pstree,
@@ -150,6 +156,7 @@ SAMPLES = {
     "pagemap": sample_pagemap,
     "files": sample_files,
     "pipes-data": sample_pipes_data,
+    "tracker": sample_tracker,
 }
 
 
