@@ -500,3 +500,14 @@ def test_pre_dump_is_refused(spawn, tmp_path, cleanup_pids):
     line = one_line_error(pycr("restore", "-D", tmp_path / "pre", "-d", expect=1))
     assert "pre-dump cannot be restored" in line
     untraced_and_running([w.pid])
+
+
+def test_shrunk_file(spawn, tmp_path, cleanup_pids):
+    data = tmp_path / "data"
+    w = spawn("openfile", data)
+    w.wait_for(r"^fd \d+$")
+    dump(w, tmp_path / "img")
+    os.truncate(data, 100)
+    line = _fails(tmp_path / "img", cleanup_pids, [w.pid])
+    assert str(data) in line and "shrank" in line
+    assert not procutil.exists(w.pid)

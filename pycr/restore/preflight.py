@@ -8,6 +8,7 @@ restore usually leaves nothing to clean up.
 import os
 
 from pycr.errors import RestoreError, Unsupported
+from pycr.log import log
 
 DELETED = " (deleted)"
 
@@ -46,8 +47,12 @@ def check_files(images):
                 continue
             if rec.deleted or rec.path.endswith(DELETED):
                 raise RestoreError(f"pid {p.pid} fd {rec.fd}: {rec.path} was deleted before the dump")
-            if _stat(rec.path) is None:
+            st = _stat(rec.path)
+            if st is None:
                 raise RestoreError(f"pid {p.pid} fd {rec.fd}: {rec.path} no longer exists")
+            if kind == "reg" and st.st_size < rec.size:
+                raise RestoreError(f"pid {p.pid} fd {rec.fd}: {rec.path} shrank from {rec.size} "
+                                   f"to {st.st_size} bytes since the dump")
         for vma in p.mm.vmas:
             if str(vma.kind) != "file":
                 continue
@@ -57,6 +62,9 @@ def check_files(images):
             st = _stat(path)
             if st is None:
                 raise RestoreError(f"pid {p.pid}: mapped file {path} no longer exists")
+            if vma.inode and st.st_ino != vma.inode:
+                log.info("pid %d: mapped file %s is not the dumped one (inode %d, was %d)",
+                         p.pid, path, st.st_ino, vma.inode)
             if st.st_size <= vma.pgoff:
                 raise RestoreError(f"pid {p.pid}: mapped file {path} shrank to {st.st_size} bytes, "
                                    f"below its mapped offset {vma.pgoff}")
@@ -68,7 +76,24 @@ def check_files(images):
                 raise RestoreError(f"pid {p.pid}: {what} {path} no longer exists")
 
 
+def check_pipes(images):
+    """A pipe with one end outside the tree comes back with pycr holding that end,
+    until pycr exits: readers then see EOF, writers EPIPE. Say so."""
+    ends = {}
+    for p in images.processes:
+        for rec in p.fds:
+            if str(rec.type) == "pipe":
+                mode = rec.flags & 3
+                ends.setdefault(rec.pipe_id, set()).add("w" if mode == 1 else "r" if mode == 0 else "rw")
+    for pipe_id, modes in ends.items():
+        if "rw" not in modes and len(modes) == 1:
+            missing = "reader" if modes == {"w"} else "writer"
+            log.warning("pipe:[%d] has no %s in the restored tree; it will see %s once pycr exits",
+                        pipe_id, missing, "EPIPE" if missing == "reader" else "EOF")
+
+
 def check(images, pidns):
     if not pidns:
         check_pids(images)
     check_files(images)
+    check_pipes(images)
