@@ -45,11 +45,28 @@ def _signo(info):
     return struct.unpack_from("<i", bytes(info), 0)[0]
 
 
+def _thread_links(remote, th):
+    """clear_child_tid, robust list and alternate signal stack, when the image has them
+    (older images do not: a joined thread would then never wake its joiner)."""
+    clear_tid = getattr(th, "clear_tid_address", 0)
+    if clear_tid:
+        remote.check("set_tid_address", clear_tid, what=f"{clear_tid:#x}")
+    head = getattr(th, "robust_list", 0)
+    if head:
+        remote.check("set_robust_list", head, getattr(th, "robust_list_len", 24), what=f"{head:#x}")
+    alt = getattr(th, "sigaltstack", None)
+    if alt is not None and alt.size:
+        addr = remote.put(struct.pack("<QiiQ", alt.sp, alt.flags, 0, alt.size))
+        remote.check(131, addr, 0, what="sigaltstack")
+        remote.reset_scratch()
+
+
 def queue_signals(task, proc_img):
-    """rseq registration and pending signals, each injected in its own thread."""
+    """Per-thread links, rseq registration and pending signals, each injected in its own thread."""
     core = proc_img.core
     for th in core.threads:
         remote = task.remotes[th.tid]
+        _thread_links(remote, th)
         if th.rseq.pointer:
             remote.check("rseq", th.rseq.pointer, th.rseq.size, 0, th.rseq.signature,
                          what=f"{th.rseq.pointer:#x}")
