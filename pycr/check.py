@@ -8,7 +8,6 @@ import ctypes
 import json
 import mmap
 import os
-import signal
 import struct
 import subprocess
 import sys

@@ -16,7 +16,7 @@ from .collect.files import collect_files, collect_pipes_data, number_file_descri
 from .collect.memory import dump_private_memory, dump_shmem, shmem_vmas
 from .collect.mm import check_supported, collect_mm, read_vmas
 from .collect.tree import collect_pstree
-from .errors import PycrError, from_oserror
+from .errors import PycrError
 from .freeze import freeze
 from .images import ImageDir
 from .log import log

@@ -526,8 +526,6 @@ while True:
 """
 
 
-@pytest.mark.xfail(reason="dump reads rlimits with prlimit(2), which needs CAP_SYS_RESOURCE for "
-                          "another uid (missing here); /proc/PID/limits would do", strict=False)
 def test_credentials_of_an_unprivileged_process(spawn, tmp_path, cleanup_pids):
     import sys
     script = tmp_path / "creds.py"

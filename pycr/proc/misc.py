@@ -1,28 +1,15 @@
 """Small per-process values: comm, personality, cwd/root/exe links, rlimits.
 
-rlimits come from prlimit64(pid) rather than /proc/PID/limits, whose text
-rounds nothing but spells "unlimited" and units that would need a parser.
+rlimits are parsed from /proc/PID/limits: prlimit64(pid) would be simpler,
+but reading another user's limits that way needs CAP_SYS_RESOURCE, which a
+dumping root may lack; the file is readable by anyone.
 """
 
-import ctypes
-import os
-
-from pycr.errors import from_oserror
 from pycr.proc._read import read_text, readlink
 
 RLIMIT_NAMES = ("cpu", "fsize", "data", "stack", "core", "rss", "nproc", "nofile",
                 "memlock", "as", "locks", "sigpending", "msgqueue", "nice", "rtprio", "rttime")
 RLIM_INFINITY = (1 << 64) - 1
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _Rlimit(ctypes.Structure):
-    _fields_ = [("cur", ctypes.c_uint64), ("max", ctypes.c_uint64)]
-
-
-_libc.prlimit.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(_Rlimit), ctypes.POINTER(_Rlimit)]
-_libc.prlimit.restype = ctypes.c_int
 
 
 def comm(pid, tid=None):
@@ -45,13 +32,25 @@ def exe(pid):
     return readlink(pid, "exe")
 
 
+def parse_limits(text):
+    """(cur, max) pairs in RLIMIT_* order from the text of /proc/PID/limits.
+
+    The kernel prints the rows in RLIMIT_* order, values as numbers or
+    "unlimited", in columns after the limit's name (which has spaces).
+    """
+    out = []
+    for line in text.splitlines()[1:]:
+        words = line.split()
+        values = [w for w in words if w.isdigit() or w == "unlimited"]
+        if len(values) < 2:
+            continue
+        cur, mx = (RLIM_INFINITY if v == "unlimited" else int(v) for v in values[:2])
+        out.append((cur, mx))
+    if len(out) != len(RLIMIT_NAMES):
+        raise ValueError(f"/proc/PID/limits has {len(out)} limits, expected {len(RLIMIT_NAMES)}")
+    return out
+
+
 def rlimits(pid):
     """All 16 rlimits of pid as a list of (cur, max), in RLIMIT_* order."""
-    out = []
-    for res in range(len(RLIMIT_NAMES)):
-        old = _Rlimit()
-        if _libc.prlimit(pid, res, None, ctypes.byref(old)) != 0:
-            err = ctypes.get_errno()
-            raise from_oserror(OSError(err, os.strerror(err)), pid, "prlimit") from None
-        out.append((old.cur, old.max))
-    return out
+    return parse_limits(read_text(pid, "limits"))
