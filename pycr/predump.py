@@ -50,12 +50,18 @@ def open_parent(images_dir, prev_images_dir, root):
 
 
 def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev_images_dir=None,
-                     tracker="auto", stats=None):
+                     tracker="auto", stats=None, keep_frozen=False):
     """One pass of a chain rooted at `root` into images_dir. Returns 0.
 
     stats (a DumpStats) is filled in for benchmarks: frozen_seconds,
-    total_seconds, pages_bytes, processes, threads.
+    total_seconds, pages_bytes, processes, threads, and frozen_at (the
+    time.monotonic() of the freeze).
+    keep_frozen (final dump only): neither kill nor thaw the tree, and return
+    its FrozenTree instead of 0; the caller kills or thaws it (migration keeps
+    the source stopped until the replica runs).
     """
+    if keep_frozen and pre_dump:
+        raise ValueError("keep_frozen is for the final dump, not a pre-dump")
     stats = stats if stats is not None else DumpStats()
     started = time.monotonic()
     probe_writable(images_dir)
@@ -69,6 +75,7 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
 
     frozen = freeze(root)
     frozen_at = time.monotonic()
+    stats.frozen_at = frozen_at
     leaders = {pid: threads[0] for pid, threads in frozen.processes.items()}
     stats.processes = len(frozen.processes)
     stats.threads = sum(len(t) for t in frozen.processes.values())
@@ -96,13 +103,16 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
             frozen.thaw()
         raise
     try:
-        if pre_dump or leave_running:
+        if keep_frozen:
+            pass
+        elif pre_dump or leave_running:
             frozen.thaw()
         else:
             frozen.kill()
         stats.frozen_seconds = time.monotonic() - frozen_at
-        log.info("tree %s after %.3f s frozen", "killed" if not (pre_dump or leave_running) else "thawed",
-                 stats.frozen_seconds)
+        if not keep_frozen:
+            log.info("tree %s after %.3f s frozen", "killed" if not (pre_dump or leave_running) else "thawed",
+                     stats.frozen_seconds)
         for pid, vmas in later.items():
             try:
                 stats.pages_bytes += trk.save_pages(pid, vmas, imgdir, live=True)
@@ -113,11 +123,16 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
                 imgdir.write("pagemap", {"owner": str(pid), "entries": []}, str(pid))
     finally:
         trk.finish()
-    imgdir.write("inventory", inv)
+    try:
+        imgdir.write("inventory", inv)
+    except BaseException:
+        if keep_frozen:
+            frozen.thaw()
+        raise
     stats.total_seconds = time.monotonic() - started
     log.info("%s done: %.1f MiB of pages, frozen %.3f s, total %.3f s", kind,
              stats.pages_bytes / (1 << 20), stats.frozen_seconds, stats.total_seconds)
-    return 0
+    return frozen if keep_frozen else 0
 
 
 def _alive(pid):

@@ -88,13 +88,17 @@ def _check_mm(path, mm, pagemap):
             i += 1
 
 
-def load_images(images_dir):
-    """Load and cross-check every image of the dump in images_dir -> ImageSet."""
+def load_images(images_dir, allow_pre_dump=False):
+    """Load and cross-check every image of the dump in images_dir -> ImageSet.
+
+    allow_pre_dump: accept a pre-dump too (incremental restore builds a
+    replica from every pass of a chain, not only from the final dump).
+    """
     imgdir = ImageDir(images_dir)
     if not os.path.isdir(imgdir.path):
         raise ImageError(imgdir.path, "no such image directory")
     inventory = imgdir.read("inventory")
-    if str(inventory.kind) != "dump":
+    if str(inventory.kind) != "dump" and not (allow_pre_dump and str(inventory.kind) == "pre-dump"):
         raise ImageError(imgdir.path_of("inventory"),
                          f"a {inventory.kind} cannot be restored; restore the final dump of the chain")
     if inventory.page_size != PAGE:

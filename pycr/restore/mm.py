@@ -228,11 +228,16 @@ def finish_vmas(remote, mm):
             remote.call("mlock2", vma.start, size, 0)
 
 
-def set_mm_map(remote, mm):
-    """PR_SET_MM_MAP: code/data/brk/stack/arg/env, auxv and /proc/PID/exe."""
+def set_mm_map(remote, mm, exe_link=True):
+    """PR_SET_MM_MAP: code/data/brk/stack/arg/env, auxv and /proc/PID/exe.
+
+    exe_link=False keeps the current exe link: the kernel refuses to change it
+    (EBUSY) while a VMA of the old executable is mapped, as it is when a
+    replica's address space is only updated.
+    """
     exe_fd = KEEP_EXE
     exe = _strip_deleted(mm.exe)
-    if exe and not mm.exe.endswith(DELETED):
+    if exe_link and exe and not mm.exe.endswith(DELETED):
         res = remote.call("openat", AT_FDCWD, remote.put_str(exe), O_RDONLY | O_CLOEXEC, 0)
         if res < 0:
             raise RestoreError(f"pid {remote.pid}: cannot open the executable {exe}: {errno_name(res)}")
