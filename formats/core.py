@@ -36,13 +36,24 @@ Rseq = Struct(
     "signature" / U32,
 )
 
+Sigaltstack = Struct(
+    "sp" / U64,                 # ss_sp; 0 with size 0 when none is set
+    "flags" / U32,              # ss_flags (SS_ONSTACK, SS_DISABLE, SS_AUTODISARM)
+    "size" / U64,               # ss_size
+)
+
 Thread = Struct(
     "tid" / U32,
+    "comm" / String,            # the thread's own name (/proc/PID/task/TID/comm)
     "regs" / Registers,
     "xstate" / Blob,            # NT_X86_XSTATE regset as read
     "sigmask" / U64,
     "pending" / Array32(Siginfo),   # per-thread queue, oldest first
     "rseq" / Rseq,
+    "clear_tid_address" / U64,  # set_tid_address(): futex woken at thread exit (pthread_join)
+    "robust_list" / U64,        # set_robust_list() head, 0 if none
+    "robust_list_len" / U64,
+    "sigaltstack" / Sigaltstack,
 )
 
 SeccompMode = Enum(Int8ul, disabled=0, strict=1, filter=2)

@@ -97,7 +97,7 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None):
     written = 0
     for pid, threads in processes.items():
         # CPU state first: injection below borrows the registers and the signal mask.
-        states = [collect_thread(t) for t in threads]
+        states = [collect_thread(t, pid) for t in threads]
         with Injector(threads[0]) as injector:
             log.info("pid %d: reading sigactions and brk by injected syscalls", pid)
             core_img = collect_core(pid, states, threads[0], injector)

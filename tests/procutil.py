@@ -90,6 +90,16 @@ def tracer_pid(pid):
     return None if st is None else int(st["TracerPid"])
 
 
+def thread_names(pid):
+    """{tid: name} of every thread of a process (/proc/PID/task/TID/comm)."""
+    out = {}
+    for tid in threads(pid):
+        raw = _read(f"/proc/{pid}/task/{tid}/comm")
+        if raw is not None:
+            out[tid] = raw.decode(errors="replace").strip()
+    return out
+
+
 def threads(pid):
     """Sorted TIDs of a process (the leader included); [] if gone."""
     try:

@@ -72,12 +72,16 @@ def sample_core():
         seccomp_mode="filter",
         seccomp_filters=[bytes.fromhex("20000000040000001500000100000000060000000000ff7f")],
         threads=[
-            dict(tid=ROOT, regs=regs(0x7F3A1230D7FA, 0x7FFC8A2B1F30, rax=2**64 - 516, orig_rax=230),
+            dict(tid=ROOT, comm="counter", regs=regs(0x7F3A1230D7FA, 0x7FFC8A2B1F30, rax=2**64 - 516, orig_rax=230),
                  xstate=xstate(), sigmask=0, pending=[],
-                 rseq=dict(pointer=0x7F3A12345FE0, size=32, signature=0x53053053)),
+                 rseq=dict(pointer=0x7F3A12345FE0, size=32, signature=0x53053053),
+                 clear_tid_address=0, robust_list=0x7F3A12345A20, robust_list_len=24,
+                 sigaltstack=dict(sp=0, flags=2, size=0)),
             dict(tid=THREAD2, regs=regs(0x55D0C0DE2000, 0x7F3A11FFEE90), xstate=xstate(), sigmask=1 << 9,
                  pending=[siginfo(12, code=-6, pid=ROOT, uid=1000)],
-                 rseq=dict(pointer=0, size=0, signature=0)),
+                 rseq=dict(pointer=0, size=0, signature=0), comm="worker \udcff",
+                 clear_tid_address=0x7F3A11FFF990, robust_list=0x7F3A11FFF9A0, robust_list_len=24,
+                 sigaltstack=dict(sp=0x7F3A10000000, flags=0, size=65536)),
         ],
     )
 

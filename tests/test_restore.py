@@ -114,6 +114,24 @@ def test_threads_all_run(spawn, tmp_path, cleanup_pids):
         assert first > 1
 
 
+def test_threads_join_names_and_altstack(spawn, tmp_path, cleanup_pids):
+    """Per-thread kernel links survive: pthread_join wakes (clear_child_tid), the
+    threads keep their names, and a signal still runs on the alternate stack."""
+    w = spawn("joiner")
+    tids = w.threads()
+    names = procutil.thread_names(w.pid)
+    assert sorted(names.values()) == ["joiner", "worker-0", "worker-1", "worker-2"]
+    dump(w, tmp_path / "img")
+    mark = w.mark()
+    restore(tmp_path / "img", cleanup_pids, [w.pid])
+    assert w.threads() == tids
+    assert procutil.thread_names(w.pid) == names
+    w.signal_and_wait(signal.SIGUSR2, r"^altstack 1$")
+    w.signal_and_wait(signal.SIGUSR1, r"^joined 3$")
+    assert w.threads() == [w.pid]
+    assert len(w.fields("count", mark)) > 0
+
+
 @pytest.mark.time_limit(300)
 def test_bigmem_checksum(spawn, tmp_path, cleanup_pids):
     w = spawn("bigmem", 256)

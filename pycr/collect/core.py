@@ -4,14 +4,20 @@ Signal handlers have no /proc file (only the SigCgt/SigIgn bitmaps), so they
 are read by injecting rt_sigaction(sig, NULL, &old) into the frozen task.
 """
 
+import ctypes
 import struct
 
 from .. import proc
+from ..native import core as native
+from ..ptrace.inject import Injector
 from ..ptrace.syscalls import NR
 
 SIGKILL, SIGSTOP = 9, 19
 KSIGACTION = struct.Struct("<QQQQ")      # handler, flags, restorer, mask (kernel layout)
 SECCOMP_MODES = {0: "disabled", 1: "strict", 2: "filter"}
+PR_GET_TID_ADDRESS = 40
+STACK_T = struct.Struct("<QiiQ")         # stack_t: ss_sp, ss_flags, (padding), ss_size
+SYS_GET_ROBUST_LIST = 274
 
 
 def collect_sigactions(injector):
@@ -32,17 +38,43 @@ def collect_sigactions(injector):
     return out
 
 
-def collect_thread(thread):
-    """Registers, extended state, blocked mask, private pending signals, rseq of one thread."""
+def robust_list(tid):
+    """get_robust_list(tid): the futex list glibc registers per thread, read from outside."""
+    head, length = ctypes.c_uint64(), ctypes.c_uint64()
+    native.syscall(SYS_GET_ROBUST_LIST, tid, ctypes.addressof(head), ctypes.addressof(length))
+    return head.value, length.value
+
+
+def thread_links(thread):
+    """clear_child_tid and the alternate signal stack, which only the thread itself can
+    tell: read by injecting prctl(PR_GET_TID_ADDRESS) and sigaltstack(NULL, &old)."""
+    with Injector(thread) as injector, injector.scratch() as buf:
+        injector.check(NR["prctl"], PR_GET_TID_ADDRESS, buf, 0, 0, 0)
+        injector.check(NR["sigaltstack"], 0, buf + 8)
+        raw = injector.read(buf, 8 + STACK_T.size)
+    (clear_tid,) = struct.unpack_from("<Q", raw, 0)
+    sp, flags, _, size = STACK_T.unpack_from(raw, 8)
+    return clear_tid, {"sp": sp, "flags": flags & 0xFFFFFFFF, "size": size}
+
+
+def collect_thread(thread, pid):
+    """CPU state, blocked mask, private pending signals, rseq and the kernel links of one thread.
+
+    The registers and mask are read before thread_links() injects anything.
+    """
     rseq_ptr, rseq_size, rseq_sig = thread.rseq_config()
-    return {
+    state = {
         "tid": thread.tid,
+        "comm": proc.comm(pid, thread.tid),
         "regs": thread.get_regs().to_dict(),
         "xstate": thread.get_xstate(),
         "sigmask": thread.get_sigmask(),
         "pending": thread.peek_siginfo(shared=False),
         "rseq": {"pointer": rseq_ptr, "size": rseq_size, "signature": rseq_sig},
     }
+    state["robust_list"], state["robust_list_len"] = robust_list(thread.tid)
+    state["clear_tid_address"], state["sigaltstack"] = thread_links(thread)
+    return state
 
 
 def collect_core(pid, thread_states, leader, injector):

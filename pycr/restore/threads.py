@@ -8,6 +8,7 @@ task queue any siginfo to itself, not to others). Registers go in last, with
 the fix-up the kernel would have made to a syscall interrupted by the freeze.
 """
 
+import os
 import struct
 
 from pycr.log import log
@@ -20,6 +21,7 @@ CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
 THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
 EINTR = 4
+PR_SET_NAME = 15
 U64 = (1 << 64) - 1
 
 
@@ -48,6 +50,11 @@ def _signo(info):
 def _thread_links(remote, th):
     """clear_child_tid, robust list and alternate signal stack, when the image has them
     (older images do not: a joined thread would then never wake its joiner)."""
+    name = getattr(th, "comm", "")
+    if name:
+        addr = remote.put(os.fsencode(name)[:15] + b"\0")
+        remote.check("prctl", PR_SET_NAME, addr, 0, 0, 0, what="PR_SET_NAME")
+        remote.reset_scratch()
     clear_tid = getattr(th, "clear_tid_address", 0)
     if clear_tid:
         remote.check("set_tid_address", clear_tid, what=f"{clear_tid:#x}")

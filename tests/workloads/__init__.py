@@ -28,7 +28,7 @@ import subprocess
 
 SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
 NAMES = ("counter", "tree", "threads", "bigmem", "openfile", "pipe", "seccomp",
-         "forker", "mapper", "execer")
+         "forker", "mapper", "execer", "joiner")
 CFLAGS = ("-O2", "-g", "-Wall", "-Wextra", "-Werror", "-std=gnu11")
 
 
