@@ -143,7 +143,7 @@ class Workload:
 
     def start(self, timeout=120.0):
         exe = build_workload()
-        self.started = boot_ticks() - 1
+        self.started = boot_ticks()  # same clock and truncation as the kernel's start_time
         fd = os.open(self.out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         try:
             self.proc = subprocess.Popen(

@@ -1,0 +1,113 @@
+"""Checks that the benchmark machinery measures what it claims (run: pytest benchmarks/).
+
+Real processes only; every test kills what it started, by PID. No speed is asserted.
+"""
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from benchmarks import compare, limits, procs
+
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _subreaper():
+    procs.become_subreaper()
+
+
+def test_memhog_single_process_reports_stable_checksum():
+    with procs.Workload(8) as wl:
+        assert wl.pids == [wl.root]
+        first = wl.checksums()
+        time.sleep(0.1)
+        second = wl.checksums()
+        assert first[wl.root][1] == second[wl.root][1]
+        assert second[wl.root][0] > first[wl.root][0], "ticks must grow while it runs"
+        region = procs.find_region(wl.root, 8 * MIB)
+        assert procs.state(wl.root) in ("S", "R")
+    assert procs.state(wl.root) is None, "the workload must be reaped after the with block"
+    assert region
+
+
+def test_memhog_tree_has_sixteen_processes_four_per_parent():
+    with procs.Workload(16, nproc=16) as wl:
+        assert len(wl.pids) == 16
+        assert len(procs.children(wl.root)) == 4
+        sums = wl.checksums()
+        assert sorted(sums) == sorted(wl.pids)
+        assert len({s for _, s in sums.values()}) == 16, "each process holds different data"
+        pids = list(wl.pids)
+    assert all(procs.state(p) is None for p in pids)
+
+
+def test_memhog_rewrites_pages_at_the_asked_rate():
+    with procs.Workload(4, rate_pct=100) as wl:
+        first = wl.checksums()[wl.root][1]
+        time.sleep(0.3)
+        assert wl.checksums()[wl.root][1] != first
+
+
+def test_kill_spares_an_older_process_that_holds_a_listed_pid():
+    older = subprocess.Popen(["sleep", "60"])
+    time.sleep(0.05)  # start times have a resolution of one clock tick (10 ms)
+    try:
+        with procs.Workload(1) as wl:
+            wl.pids.append(older.pid)  # as if a PID had been reused by something older
+            assert wl.kill() == []
+            assert procs.state(older.pid) in ("S", "R")
+            assert procs.state(wl.root) is None
+    finally:
+        older.kill()
+        older.wait()
+
+
+def test_hole_target_memory_is_not_populated():
+    with procs.HoleTarget(64 * MIB) as hole:
+        with open(f"/proc/{hole.pid}/smaps") as f:
+            text = f.read()
+        start = f"{hole.addr:x}-"
+        block = text[text.index(start):].split("VmFlags")[0]
+        rss_kb = int(block.split("Rss:")[1].split()[0])
+        assert rss_kb == 0
+        pid = hole.pid
+    assert procs.state(pid) is None
+
+
+def test_limits_measure_gives_every_figure():
+    res = limits.measure(size=32 * MIB, rounds=1, pause=0, native=False)
+    for name in ("process_vm_readv, 1 iovec", "process_vm_writev into unpopulated memory, 1 iovec",
+                 "write + fsync of a new file"):
+        assert len(res[name]) == 1 and res[name][0] > 0
+    assert "GiB/s" in limits.format_table(res, 32 * MIB)
+
+
+def test_vm_copy_moves_the_bytes():
+    with procs.Workload(2) as wl:
+        addr = procs.find_region(wl.root, 2 * MIB)
+        buf = limits.warm_buffer(2 * MIB)
+        try:
+            limits._vm_copy(limits._libc.process_vm_readv, wl.root, limits._addr(buf), addr, 2 * MIB, 4096)
+            with open(f"/proc/{wl.root}/mem", "rb") as mem:
+                mem.seek(addr)
+                assert mem.read(2 * MIB) == bytes(buf)
+        finally:
+            buf.close()
+
+
+def test_criu_round_restores_the_same_memory(tmp_path):
+    criu = compare.Criu()
+    why = criu.problem()
+    if why:
+        pytest.skip(why)
+    res = compare.one_round(criu, 16, 4, tmp_path, pause=0)
+    assert res["image_mib"] >= 16
+    assert res["dump_s"] > 0 and res["restore_s"] > 0
+
+
+def test_missing_tool_is_reported_in_one_line():
+    why = compare.Criu("/nonexistent/criu").problem()
+    assert why and "\n" not in why and "not found" in why
