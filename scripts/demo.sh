@@ -22,8 +22,13 @@ trap cleanup EXIT
 
 gcc -O2 -o "$work/counter_tree" "$repo/examples/counter_tree.c"
 cd "$work"
-setsid "$work/counter_tree" </dev/null >"$work/log" 2>&1 &
-tree_pid=$!
+# Start the tree in its own session with only fds 0-2 (nothing inherited from this shell).
+tree_pid=$("$repo/.venv/bin/python" -c '
+import subprocess, sys
+log = open(sys.argv[2], "wb")
+p = subprocess.Popen([sys.argv[1]], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                     start_new_session=True, close_fds=True)
+print(p.pid)' "$work/counter_tree" "$work/log")
 sleep 1
 echo "== a live tree: $tree_pid and its children"
 ps -o pid,ppid,pgid,sid,stat,cmd --ppid "$tree_pid" -p "$tree_pid"
@@ -34,9 +39,8 @@ echo; echo "== pycr check"
 
 echo; echo "== pycr dump -t $tree_pid -D images -v   (the tree is killed afterwards, as criu does)"
 "$pycr" dump -t "$tree_pid" -D "$work/images" -v
-wait "$tree_pid" 2>/dev/null || true
-last=$(tail -n 3 "$work/log")
-echo "last lines before the checkpoint:"; echo "$last"
+lines_at_dump=$(wc -l < "$work/log")
+echo "last lines before the checkpoint:"; tail -n 3 "$work/log"
 
 echo; echo "== pycr show images (inventory, tree, one core image)"
 "$pycr" show "$work/images/inventory.img"
@@ -49,5 +53,5 @@ echo "$tree_pid" > "$work/restored.pids"
 sleep 1
 echo "the same PIDs again:"
 ps -o pid,ppid,pgid,sid,stat,cmd --ppid "$tree_pid" -p "$tree_pid"
-echo "and they go on counting from where they stopped:"
-grep -A3 -F "$(echo "$last" | tail -n 1)" "$work/log" | head -n 6
+echo "and they go on counting from where they stopped (first lines written after the restore):"
+tail -n +"$((lines_at_dump + 1))" "$work/log" | head -n 6
