@@ -79,20 +79,27 @@ class Restore:
         for p in self.images.processes:
             task = self.tasks[p.pid]
             r = task.remote
-            core = p.core
             files.close_inherited(r, self.pidfd)
             task.workspace = mm.rebuild(r, p.mm, self.images.pages, shmem_paths)
-            files.restore_fds(r, p.pid, p.fds, self.descs, self.pidfd)
-            process.set_identity(r, core)
-            process.set_dirs(r, core)
-            process.set_sigactions(r, core)
-            threads.create_threads(task, p)
-            process.set_rlimits(r, core)
-            threads.queue_signals(task, p)
-            process.set_seccomp(r, core)
-            process.set_creds(r, core)
-            threads.load_cpu_state(task, p)
-            self._drop_workspace(task)
+            self.finish_process(task, p)
+
+    def finish_process(self, task, p):
+        """Everything after the address space: fds, identity, handlers, threads, limits,
+        signals, seccomp, credentials, registers; then pycr's workspace goes.
+        (Incremental restore calls this once a replica's memory is final.)"""
+        r = task.remote
+        core = p.core
+        files.restore_fds(r, p.pid, p.fds, self.descs, self.pidfd)
+        process.set_identity(r, core)
+        process.set_dirs(r, core)
+        process.set_sigactions(r, core)
+        threads.create_threads(task, p)
+        process.set_rlimits(r, core)
+        threads.queue_signals(task, p)
+        process.set_seccomp(r, core)
+        process.set_creds(r, core)
+        threads.load_cpu_state(task, p)
+        self._drop_workspace(task)
 
     def _drop_workspace(self, task):
         """munmap the trampoline and scratch through a `syscall` of the restored vdso."""
