@@ -29,6 +29,30 @@ def _add_dump_args(p):
     _add_common(p)
 
 
+def _size(text):
+    """BYTES with an optional K, M or G suffix (powers of 1024)."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = units.get(t[-1:], 1)
+    try:
+        value = int(float(t[:-1] if t[-1:] in units else t) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4096, 512K, 2M)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line too, like every other pycr error."""
 
@@ -61,6 +85,29 @@ def build_parser():
                    help="return once the tree runs instead of waiting for its root task")
     p.add_argument("--pidns", action="store_true",
                    help="restore into a new PID namespace (when the original PIDs are taken)")
+    p.add_argument("--follow", action="store_true",
+                   help="incremental restore: DIR receives pass directories one by one (pre-dumps, then a "
+                        "dump); build the tree from the first, keep it stopped, apply each pass as it "
+                        "comes, and resume it on the dump")
+    p.add_argument("--follow-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="with --follow: give up if no next pass appears within this time (default 300)")
+    _add_common(p)
+
+    p = sub.add_parser("migrate", help="move a live tree into a replica on this machine with iterative "
+                                       "pre-dumps and incremental restore")
+    p.add_argument("-t", "--tree", type=int, required=True, metavar="PID", help="root of the tree to move")
+    p.add_argument("--work-dir", metavar="DIR", help="keep the image sets of every pass here "
+                                                      "(default: a temporary directory, removed at the end)")
+    p.add_argument("--max-passes", type=_positive_int, default=8, metavar="N",
+                   help="passes at most, the final dump included (default 8)")
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument("--min-delta", type=_size, default=1 << 20, metavar="BYTES",
+                      help="take the final dump once a pass copied at most this much (K, M, G suffixes; "
+                           "default 1M)")
+    stop.add_argument("--threshold", type=float, metavar="PERCENT",
+                      help="take the final dump once a pass copied at most PERCENT %% of the first pass")
+    p.add_argument("--tracker", choices=["auto", "uffd-wp", "soft-dirty", "hash"], default="auto",
+                   help="how pages written since the previous pass are found")
     _add_common(p)
 
     p = sub.add_parser("show", help="decode images into readable text or JSON")
@@ -86,9 +133,13 @@ def _run(args):
                          leave_running=getattr(args, "leave_running", False),
                          prev_images_dir=args.prev_images_dir,
                          tracker=args.tracker)
+    if args.command == "restore" and args.follow:
+        return _restore_follow(args)
     if args.command == "restore":
         from .restore import restore
         return restore(args.images_dir, detach=args.restore_detached, pidns=args.pidns)
+    if args.command == "migrate":
+        return _migrate(args)
     if args.command == "show":
         from .show import show
         show(args.path, json=args.json)
@@ -98,6 +149,29 @@ def _run(args):
         encode_json_file(args.input, args.output)
         return 0
     raise AssertionError(args.command)
+
+
+def _restore_follow(args):
+    from .migrate import DirectoryTransport, follow
+    result = follow(DirectoryTransport(args.images_dir, timeout=args.follow_timeout), pidns=args.pidns,
+                    keep_init=not args.restore_detached)
+    if args.restore_detached:
+        return 0
+    return result.replica.run.wait_root()
+
+
+def _migrate(args):
+    from .migrate import migrate
+    from .migrate.loop import Policy
+    policy = Policy(max_passes=args.max_passes, min_delta=args.min_delta, threshold=args.threshold)
+
+    def show(rep, _replica):
+        print(rep.line(), flush=True)
+
+    result = migrate(args.tree, work_dir=args.work_dir, policy=policy, tracker=args.tracker, on_pass=show)
+    for line in result.summary.lines():
+        print(line, flush=True)
+    return 0
 
 
 def main(argv=None):

@@ -1,0 +1,68 @@
+"""The destination loop of an incremental restore.
+
+Ask the transport for the next image set, apply it to the replica, and on the
+final one (a dump) finish and resume the replica. Whatever fails before that,
+the transport hears finish(False) first (a migration source is thawed at
+once) and the replica is discarded; after the resume it hears finish(True).
+"""
+
+import time
+from dataclasses import dataclass, field
+
+from pycr.log import log
+from pycr.migrate import report
+from pycr.migrate.replica import Replica
+from pycr.restore.load import load_images
+
+
+@dataclass
+class FollowResult:
+    replica: Replica
+    reports: list = field(default_factory=list)
+    resumed_at: float = 0.0         # time.monotonic() of the resume
+
+
+def follow(transport, pidns=False, keep_init=False, on_image_set=None, on_pass=None):
+    """Run an incremental restore from `transport` until the replica runs -> FollowResult.
+
+    on_image_set(number, path) is called before a set is applied and
+    on_pass(PassReport, replica) after (both may raise to abandon the restore).
+    keep_init: with pidns, keep the namespace's init stopped so that the
+    caller can collect the root's exit status (Restore.wait_root).
+    """
+    replica = Replica(pidns)
+    result = FollowResult(replica)
+    ok = False
+    try:
+        while True:
+            path = transport.next_image_set()
+            number = len(result.reports) + 1
+            if on_image_set is not None:
+                on_image_set(number, path)
+            started = time.monotonic()
+            images = load_images(path, allow_pre_dump=True)
+            changes = replica.apply(images)
+            final = changes.kind == "dump"
+            if final:
+                if replica.run.init is not None:
+                    replica.run.init.keep = keep_init
+                replica.resume()
+                result.resumed_at = time.monotonic()
+            rep = report.for_pass(changes, path, getattr(transport, "last_seconds", 0.0),
+                                  time.monotonic() - started)
+            result.reports.append(rep)
+            log.info("%s", rep.line())
+            if on_pass is not None:
+                on_pass(rep, replica)
+            if final:
+                ok = True
+                return result
+    finally:
+        if ok:
+            transport.finish(True)
+        else:
+            log.info("incremental restore failed: the replica is discarded")
+            try:
+                transport.finish(False)
+            finally:
+                replica.discard()

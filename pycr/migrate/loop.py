@@ -1,0 +1,197 @@
+"""`pycr migrate`: the source-side loop, and the whole migration on one machine.
+
+The source is a Transport that makes image sets on demand: pre-dump passes
+while the tree runs (each one holds the pages written since the previous),
+then, once the delta is small enough or the pass limit is near, the final
+dump, taken with the tree kept frozen. The source stays frozen until the
+replica runs and is killed only then; if anything fails first it is thawed
+and pycr's dirty-page tracking is taken out of it, so it goes on unharmed.
+
+The replica lives in a new PID namespace (the original PIDs are still taken
+by the source), with the same PIDs inside it.
+"""
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+from pycr import proc
+from pycr.dump import DumpStats
+from pycr.errors import PycrError, TaskGone
+from pycr.freeze import freeze
+from pycr.images import ImageDir
+from pycr.log import log
+from pycr.migrate.follow import follow
+from pycr.migrate.report import Summary
+from pycr.migrate.transport import Transport
+from pycr.native import core
+from pycr.predump import dump_incremental
+from pycr.ptrace.inject import Injector
+from pycr.trackers import ParentPass
+
+DEFAULT_MAX_PASSES = 8
+DEFAULT_MIN_DELTA = 1 << 20
+UFFD_LINK = "anon_inode:[userfaultfd]"
+
+
+@dataclass
+class Policy:
+    """When to stop pre-dumping and take the final dump."""
+    max_passes: int = DEFAULT_MAX_PASSES    # every pass, the final dump included
+    min_delta: int = DEFAULT_MIN_DELTA      # a pass that copied at most this many bytes is enough
+    threshold: float = None                 # ... or at most this % of the first (full) pass
+
+    def final_next(self, deltas):
+        """True if the next pass should be the final dump, given the bytes each pass copied."""
+        done = len(deltas)
+        if done + 1 >= self.max_passes:
+            return True
+        if done < 2:
+            return False            # the full copy, then at least one pass of what changed meanwhile
+        last = deltas[-1]
+        if self.threshold is not None:
+            if last <= deltas[0] * self.threshold / 100:
+                return True
+        elif last <= self.min_delta:
+            return True
+        return last >= deltas[-2]   # not shrinking any more: more passes would not help
+
+
+class SourcePasses(Transport):
+    """Image sets taken from a live tree on demand: pre-dumps, then a final dump kept frozen."""
+
+    def __init__(self, root, work_dir, tracker="auto", policy=None):
+        self.root = root
+        self.work_dir = work_dir
+        self.tracker = tracker
+        self.policy = policy or Policy()
+        self.deltas = []            # bytes of pages each pass copied
+        self.previous = None        # the last image set taken
+        self.frozen = None          # FrozenTree of the final dump, until finish()
+        self.frozen_at = None       # time.monotonic() of the final freeze
+        self.last_seconds = 0.0
+        self.final_taken = False
+
+    def next_image_set(self):
+        if self.final_taken:
+            raise PycrError("the final dump was taken already")
+        number = len(self.deltas) + 1
+        final = self.policy.final_next(self.deltas)
+        path = os.path.join(self.work_dir, f"{number:02d}-{'dump' if final else 'pre-dump'}")
+        stats = DumpStats()
+        started = time.monotonic()
+        if final:
+            self.final_taken = True
+            self.frozen = dump_incremental(self.root, path, prev_images_dir=self.previous,
+                                           tracker=self.tracker, stats=stats, keep_frozen=True)
+            self.frozen_at = stats.frozen_at
+        else:
+            dump_incremental(self.root, path, pre_dump=True, prev_images_dir=self.previous,
+                             tracker=self.tracker, stats=stats)
+        self.last_seconds = time.monotonic() - started
+        self.deltas.append(stats.pages_bytes)
+        self.previous = path
+        return path
+
+    def finish(self, ok):
+        frozen, self.frozen = self.frozen, None
+        if frozen is not None:
+            if ok:
+                try:
+                    frozen.kill()
+                except PycrError as exc:
+                    log.warning("warning: the source was killed but %s", exc)
+                log.info("source killed: the replica runs in its place")
+            else:
+                frozen.thaw()
+                log.info("source thawed: it goes on as before")
+        elif not ok and self.previous is not None and not self.final_taken:
+            untrack(self.root, self.previous)
+
+
+def untrack(root, last_pass):
+    """Take pycr's userfaultfds (and copies inherited by fork) out of a tree left running.
+
+    Closing the last reference makes the kernel drop every write-protect
+    registration, so nothing of the pre-dumps stays in the source.
+    """
+    try:
+        parent = ParentPass(ImageDir(last_pass))
+    except PycrError:
+        return
+    if parent.inventory.tracker != "uffd-wp":
+        return
+    try:
+        frozen = freeze(root)
+    except PycrError as exc:
+        log.warning("the source could not be frozen to remove pycr's userfaultfds: %s", exc)
+        return
+    try:
+        owners = []
+        for pid in frozen.processes:
+            state = parent.state(pid) if parent.knows(pid, proc.stat(pid).start_time) else None
+            if state is not None and state.uffd_fd >= 0:
+                owners.append((pid, state.uffd_fd))
+        for pid, threads in frozen.processes.items():
+            mine = [fd for fd, link in proc.fds(pid).items()
+                    if link == UFFD_LINK and _same_file_as_any(pid, fd, owners)]
+            if mine:
+                with Injector(threads[0]) as inj:
+                    for fd in mine:
+                        inj.call("close", fd)
+                log.info("pid %d: closed pycr's userfaultfd(s) %s", pid, mine)
+    except (PycrError, OSError) as exc:
+        log.warning("removing pycr's userfaultfds from the source: %s", exc)
+    finally:
+        frozen.thaw()
+
+
+def _same_file_as_any(pid, fd, owners):
+    for owner, owner_fd in owners:
+        if (owner, owner_fd) == (pid, fd):
+            return True
+        try:
+            if core.kcmp(pid, owner, core.KCMP_FILE, fd, owner_fd) == 0:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@dataclass
+class MigrationResult:
+    replica: object
+    reports: list
+    summary: Summary
+    work_dir: str
+
+
+def migrate(root, work_dir=None, policy=None, tracker="auto", on_image_set=None, on_pass=None):
+    """Move the tree rooted at `root` into a replica on this machine -> MigrationResult.
+
+    work_dir keeps the image sets (default: a temporary directory, removed
+    at the end). Hooks as in follow(). Raises a PycrError with the source
+    running unharmed and no replica left when the migration fails.
+    """
+    try:
+        if proc.status(root).tgid != root:
+            raise PycrError(f"pid {root} is a thread, not a process")
+    except TaskGone:
+        raise TaskGone(root, "no process to migrate") from None
+    keep = work_dir is not None
+    work_dir = os.fspath(work_dir) if keep else tempfile.mkdtemp(prefix="pycr-migrate-")
+    os.makedirs(work_dir, mode=0o700, exist_ok=True)
+    source = SourcePasses(root, work_dir, tracker, policy)
+    try:
+        result = follow(source, pidns=True, on_image_set=on_image_set, on_pass=on_pass)
+    finally:
+        if not keep:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    replica = result.replica
+    root_task = replica.tasks[root]
+    summary = Summary(passes=len(result.reports), downtime=result.resumed_at - source.frozen_at,
+                      total_bytes=sum(r.bytes for r in result.reports), root_pid=root,
+                      root_real=root_task.real, init_real=replica.init_real or 0)
+    return MigrationResult(replica, result.reports, summary, work_dir if keep else None)

@@ -1,0 +1,182 @@
+"""Writing a pass's memory into the replica, and the shared objects it maps.
+
+Per pass and task three kinds of writes, all process_vm_writev straight from
+an mmap of the pages files (no copy through Python):
+- write_delta: the runs the pass itself holds (not in_parent): the pages
+  written on the source since the previous pass;
+- write_resolved: for ranges mapped anew in the replica (a new task, a moved
+  or re-backed VMA), the in_parent runs too, found up the chain;
+- zero_absent (final pass only): replica pages the source no longer has
+  (MADV_DONTNEED'd, or inherited by fork and dropped since) are dropped with
+  madvise(MADV_DONTNEED), which gives zeros, or the file's bytes in a private
+  file mapping, exactly as the source reads them.
+Shared anonymous objects are memfds of pycr's, refilled whole every pass
+(pre-dumps save them whole).
+"""
+
+import bisect
+import mmap
+import os
+from array import array
+
+from pycr.errors import ImageError, RestoreError
+from pycr.images import iter_page_runs
+from pycr.log import log
+from pycr.native import core
+from pycr.trackers import runs as R
+
+PAGE = 4096
+MADV_DONTNEED = 4
+MFD_CLOEXEC = 1
+SPECIAL = ("vdso", "vvar", "vvar_vclock", "vsyscall")
+
+
+def delta_runs(chain, owner):
+    """Runs the pass holds itself, in pages-file order (their bytes are back to back)."""
+    runs = array("Q")
+    for vaddr, nr, in_parent, _ in iter_page_runs(chain.pagemap(0, owner)):
+        if not in_parent:
+            runs.extend((vaddr, nr * PAGE))
+    return runs
+
+
+def coverage(chain, owner):
+    """Runs of every page the source had at this pass (saved here or in a parent)."""
+    return R.normalize(array("Q", [x for vaddr, nr, _, _ in iter_page_runs(chain.pagemap(0, owner))
+                                   for x in (vaddr, nr * PAGE)]))
+
+
+def _clip(pieces, ranges):
+    """Parts of (level, addr, length, offset) pieces inside ranges (runs)."""
+    spans = R.pairs(ranges)
+    starts = [s for s, _ in spans]
+    out = []
+    for level, addr, length, offset in pieces:
+        end = addr + length
+        i = max(bisect.bisect_right(starts, addr) - 1, 0)
+        while i < len(spans) and spans[i][0] < end:
+            lo, hi = max(spans[i][0], addr), min(spans[i][1], end)
+            if lo < hi:
+                out.append((level, lo, hi - lo, offset + (lo - addr)))
+            i += 1
+    return out
+
+
+class PageWriter:
+    """Pages files of every pass, mapped once, written into replica tasks."""
+
+    def __init__(self):
+        self._maps = {}
+
+    def _source(self, path):
+        if path not in self._maps:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise ImageError(path, "missing") from None
+            try:
+                size = os.fstat(fd).st_size
+                self._maps[path] = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else b""
+            finally:
+                os.close(fd)
+        return self._maps[path]
+
+    def _write(self, real, runs, src, offset):
+        try:
+            return core.vm_write_runs(real, runs, src, offset)
+        except OSError as exc:
+            raise RestoreError(f"pid {real}: writing pages into the replica: {exc.strerror}") from None
+        except ValueError as exc:
+            raise RestoreError(f"pid {real}: {exc}") from None
+
+    def write_delta(self, real, chain, owner):
+        """The pages this pass saved for owner -> bytes written."""
+        runs = delta_runs(chain, owner)
+        if not runs:
+            return 0
+        return self._write(real, runs, self._source(chain.dir(0).pages_path(owner)), 0)
+
+    def write_resolved(self, real, chain, owner, ranges, skip_level0=True):
+        """Every saved page of owner inside ranges, following in_parent runs up the chain."""
+        if not ranges:
+            return 0
+        pieces = [p for p in chain.pieces(owner) if not (skip_level0 and p[0] == 0)]
+        total = 0
+        batch, level, start, next_off = array("Q"), None, 0, None
+        for lvl, addr, length, offset in _clip(pieces, ranges) + [(None, 0, 0, 0)]:
+            if batch and (lvl != level or offset != next_off):
+                total += self._write(real, batch, self._source(chain.dir(level).pages_path(owner)), start)
+                batch = array("Q")
+            if lvl is None:
+                break
+            if not batch:
+                level, start, next_off = lvl, offset, offset
+            batch.extend((addr, length))
+            next_off += length
+        return total
+
+    def zero_absent(self, remote, real, chain, owner, mm):
+        """Drop replica pages that the source did not have at this pass -> bytes dropped."""
+        have = array("Q")
+        fd = os.open(f"/proc/{real}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for vma in mm.vmas:
+                if vma.shared or str(vma.kind) in SPECIAL:
+                    continue
+                have.extend(core.pagemap_runs(fd, vma.start, vma.end, True, True, str(vma.kind) == "file"))
+        finally:
+            os.close(fd)
+        extra = R.subtract(R.normalize(have), coverage(chain, owner))
+        for start, end in R.pairs(extra):
+            remote.check("madvise", start, end - start, MADV_DONTNEED, what=f"{start:#x}, DONTNEED")
+        if extra:
+            log.info("pid %d: dropped %d pages the source no longer has", remote.pid, R.total(extra) // PAGE)
+        return R.total(extra)
+
+    def close(self):
+        for m in self._maps.values():
+            if isinstance(m, mmap.mmap):
+                m.close()
+        self._maps.clear()
+
+
+class SharedObjects:
+    """pycr's memfd for every shared anonymous object of the tree, kept across passes."""
+
+    def __init__(self):
+        self.fds = {}           # shmem_id -> fd in pycr
+
+    @property
+    def paths(self):
+        """shmem_id -> a path a replica task can open to map the object."""
+        return {sid: f"/proc/{os.getpid()}/fd/{fd}" for sid, fd in self.fds.items()}
+
+    @property
+    def inodes(self):
+        """shmem_id -> inode of pycr's memfd, as the replica's maps show it."""
+        return {sid: os.fstat(fd).st_ino for sid, fd in self.fds.items()}
+
+    def refresh(self, images):
+        """Create new objects and refill every object from this pass."""
+        for sid, size in images.shmem.items():
+            fd = self.fds.get(sid)
+            if fd is None:
+                fd = os.memfd_create(_shmem_name(images, sid), MFD_CLOEXEC)
+                self.fds[sid] = fd
+            else:
+                os.ftruncate(fd, 0)          # pages the object no longer has read as zeros
+            os.ftruncate(fd, size)
+            images.pages.fill_fd(fd, f"shmem-{sid}")
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _shmem_name(images, sid):
+    for p in images.processes:
+        for vma in p.mm.vmas:
+            if str(vma.kind) == "shmem" and vma.shmem_id == sid and vma.path.startswith("/memfd:"):
+                return vma.path[len("/memfd:"):].removesuffix(" (deleted)")
+    return "pycr-shmem"

@@ -1,0 +1,317 @@
+"""The replica: a restored tree held stopped and fixed up pass after pass.
+
+Created from the first image set of a chain: every task made with its PID and
+given its address space and pages, nothing else. Each later pass is applied
+to it (apply): tasks that vanished are killed and reaped, new ones forked from
+their replica parent (which carries pycr's workspace, so the child inherits
+the trampoline and scratch), address spaces reshaped and the changed pages
+written. No replica task ever runs its program meanwhile: every one sits in a
+ptrace stop. The final pass (a dump) also drops the pages the source no
+longer has, sets the real protections, and finishes each process as a plain
+restore does (fds, credentials, threads, registers). resume() detaches it all.
+discard() kills and reaps every task made so far.
+"""
+
+import os
+import signal
+import struct
+import time
+from dataclasses import dataclass, field
+
+from pycr import proc
+from pycr.errors import ImageError, PycrError, RestoreError, TaskGone
+from pycr.images import iter_page_runs
+from pycr.log import log
+from pycr.migrate import layout, treediff
+from pycr.migrate.pages import PageWriter, SharedObjects
+from pycr.ptrace import binding as B
+from pycr.restore import files, mm as restore_mm, preflight, tasks
+from pycr.restore.remote import Remote
+from pycr.restore.restorer import Restore
+
+PAGE = 4096
+SIGCHLD = 17
+WNOHANG = 1
+REAP_TIMEOUT = 5.0
+
+
+@dataclass
+class PassChanges:
+    """What one pass changed in the replica (for the report)."""
+    number: int = 0
+    kind: str = ""
+    added: list = field(default_factory=list)
+    removed: list = field(default_factory=list)
+    recreated: list = field(default_factory=list)
+    pages_written: int = 0          # bytes written into the replica
+    pages_dropped: int = 0          # bytes dropped (final pass)
+
+
+def _exe(real):
+    try:
+        return os.readlink(f"/proc/{real}/exe")
+    except OSError:
+        return ""
+
+
+def _strip_deleted(path):
+    return path[: -len(" (deleted)")] if path.endswith(" (deleted)") else path
+
+
+class Replica:
+    """A tree restored from a pre-dump chain, kept stopped until resume()."""
+
+    def __init__(self, pidns=False):
+        self.pidns = pidns
+        self.run = None             # the Restore that made it (tasks, init, created, pidfd)
+        self.images = None          # the image set last applied
+        self.nodes = []             # [treediff.Node] as last applied
+        self.passes = 0
+        self.pages = PageWriter()
+        self.shared = SharedObjects()
+        self.resumed = False
+
+    # -- what tests and reports look at
+    @property
+    def tasks(self):
+        """pid (in the replica's namespace) -> tasks.Task (real = the PID pycr sees)."""
+        return self.run.tasks if self.run else {}
+
+    @property
+    def init_real(self):
+        """PID (as pycr sees it) of the PID namespace's init, or None without --pidns."""
+        return self.run.init.real if self.run and self.run.init else None
+
+    @property
+    def reals(self):
+        """Every task of the replica as pycr sees them, init first."""
+        return list(self.run.created) if self.run else []
+
+    # -- passes
+    def apply(self, images):
+        """Bring the replica to the state of image set `images` -> PassChanges."""
+        kind = str(images.inventory.kind)
+        nodes = treediff.nodes_of(images.imgdir.read("pstree"))
+        if self.run is None:
+            changes = self._create(images, nodes)
+        else:
+            self._check_same_tree(images)
+            changes = self._update(images, nodes)
+        changes.number = self.passes = self.passes + 1
+        changes.kind = kind
+        old, self.images, self.nodes = self.images, images, nodes
+        if old is not None:
+            old.pages.close()
+        if kind == "dump":
+            changes.pages_dropped = self._finish(images)
+        return changes
+
+    def _check_same_tree(self, images):
+        root = images.inventory.root_pid
+        if root != self.images.inventory.root_pid or \
+                images.inventory.root_start_time != self.images.inventory.root_start_time:
+            raise ImageError(images.imgdir.path, f"is an image set of another tree (root {root}), "
+                             f"not of the replica's root {self.images.inventory.root_pid}")
+
+    def _create(self, images, nodes):
+        preflight.check(images, self.pidns)
+        self.run = run = Restore(images, self.pidns)
+        run.pidfd = files.pycr_pidfd()
+        run.create()
+        self.shared.refresh(images)
+        changes = PassChanges(added=[p.pid for p in images.processes])
+        for p in images.processes:
+            task = run.tasks[p.pid]
+            r = task.remote
+            files.close_inherited(r, run.pidfd)
+            task.workspace = restore_mm.map_workspace(r, p.mm.vmas)
+            restore_mm.unmap_stub(r, task.workspace)
+            restore_mm.place_specials(r, p.mm.vmas)
+            restore_mm.map_vmas(r, p.mm, self.shared.paths)
+            changes.pages_written += images.pages.fill_task(task.real, str(p.pid))
+            restore_mm.set_mm_map(r, p.mm)
+            r.reset_scratch()
+        log.info("replica: %d processes created, held stopped", len(run.tasks))
+        return changes
+
+    def _update(self, images, nodes):
+        diff = treediff.diff(self.nodes, nodes)
+        changes = PassChanges(added=[p for p in diff.added if p not in diff.recreated],
+                              removed=[p for p in diff.removed if p not in diff.recreated],
+                              recreated=sorted(diff.recreated))
+        for pid in diff.removed:
+            self._remove(pid)
+        self.shared.refresh(images)
+        by_pid = {p.pid: p for p in images.processes}
+        for pid in diff.kept:
+            changes.pages_written += self._update_task(self.run.tasks[pid], by_pid[pid], images)
+        for pid in diff.added:
+            changes.pages_written += self._add(by_pid[pid], images)
+        self.run.images = images
+        return changes
+
+    # -- one task
+    def _update_task(self, task, p, images):
+        """Reshape the address space, write the pass's pages, set the mm fields."""
+        chain, owner = images.pages, str(p.pid)
+        fresh = layout.apply(task, p.mm, self.shared)
+        written = self.pages.write_delta(task.real, chain, owner)
+        written += self.pages.write_resolved(task.real, chain, owner, fresh)
+        self._set_mm(task, p)
+        return written
+
+    def _set_mm(self, task, p):
+        exe = _strip_deleted(p.mm.exe)
+        relink = bool(exe) and exe != _exe(task.real)
+        restore_mm.set_mm_map(task.remote, p.mm, exe_link=relink)
+        task.remote.reset_scratch()
+
+    def _add(self, p, images):
+        """Fork p from its replica parent with its PID, then rebuild its memory whole."""
+        parent = self.run.tasks.get(p.ppid)
+        if parent is None:
+            raise RestoreError(f"pid {p.pid}: its parent {p.ppid} is not in the replica")
+        task = fork_child(parent, p.pid, self.run.created)
+        self.run.tasks[p.pid] = task
+        _join_session_and_group(task, p, self.run.tasks)
+        layout.apply(task, p.mm, self.shared)
+        written = images.pages.fill_task(task.real, str(p.pid))
+        self._set_mm(task, p)
+        log.info("pid %d: forked in the replica from pid %d and rebuilt", p.pid, p.ppid)
+        return written
+
+    def _remove(self, pid):
+        """Kill a replica task and reap it in its replica parent (it must leave no zombie)."""
+        task = self.run.tasks.pop(pid)
+        try:
+            parent_real = proc.stat(task.real).ppid
+        except TaskGone:
+            parent_real = 0
+        try:
+            os.kill(task.real, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _wait_dead(task)
+        reaper = self._by_real(parent_real)
+        if reaper is not None:
+            _reap_in(reaper, task.pid)
+        if task.real in self.run.created:
+            self.run.created.remove(task.real)
+        log.info("pid %d: killed and reaped in the replica", pid)
+
+    def _by_real(self, real):
+        """The Remote of the replica task (or init) with that real PID."""
+        for task in self.run.tasks.values():
+            if task.real == real:
+                return task.remote
+        if self.run.init is not None and self.run.init.real == real:
+            return self.run.init.remote
+        return None
+
+    # -- final pass
+    def _finish(self, images):
+        """Drop absent pages, set protections, then everything a plain restore does after memory."""
+        run = self.run
+        dropped = 0
+        for p in images.processes:
+            task = run.tasks[p.pid]
+            dropped += self.pages.zero_absent(task.remote, task.real, images.pages, str(p.pid), p.mm)
+            layout.finish(task, p.mm)
+        run.descs = files.Descriptions(images)
+        for p in images.processes:
+            run.finish_process(run.tasks[p.pid], p)
+        return dropped
+
+    def resume(self):
+        """Detach every thread: the replica runs from here on."""
+        self.run.release()
+        self.resumed = True
+        self._close()
+        log.info("replica resumed: %d processes", len(self.run.tasks))
+
+    def discard(self):
+        """Kill and reap every task of the replica made so far."""
+        if self.run is not None:
+            self.run.abort()
+        self._close()
+
+    def _close(self):
+        if self.run is not None:
+            self.run.close()
+        self.pages.close()
+        self.shared.close()
+
+
+def fork_child(parent, pid, created):
+    """clone3(set_tid=pid) injected into a replica task, through its workspace -> tasks.Task.
+
+    The child is a copy of the parent (pycr's workspace included) and is
+    auto-attached (PTRACE_O_TRACEFORK); it never runs: its first stop comes
+    before it returns to user space.
+    """
+    r = parent.remote
+    tid_addr = r.put(struct.pack("<i", pid))
+    args = r.put(tasks.clone_args(set_tid=tid_addr, set_tid_size=1))
+    res = r.call("clone3", args, tasks.CLONE_ARGS.size)
+    r.reset_scratch()
+    if res < 0:
+        if res == -17:
+            raise RestoreError(f"pid {pid} is in use in the replica's PID namespace")
+        raise RestoreError(f"pid {parent.pid}: clone3(set_tid={pid}) failed: {os.strerror(-res)}")
+    thread = r.take_born()
+    created.append(thread.tid)
+    if res != pid:
+        raise RestoreError(f"pid {parent.pid}: clone3 gave pid {res}, not {pid}")
+    remote = Remote(thread, pid, thread.tid, r.trampoline)
+    remote.use_scratch(*r.scratch)
+    task = tasks.Task(pid, thread.tid, remote)
+    task.workspace = parent.workspace
+    return task
+
+
+def _join_session_and_group(task, p, all_tasks):
+    """A new task is born in its parent's session and group; follow the image."""
+    r = task.remote
+    if p.sid == p.pid:
+        r.check("setsid", what="")
+    elif p.pgid == p.pid:
+        r.check("setpgid", 0, 0, what="0, 0")
+    elif p.pgid in all_tasks:
+        res = r.call("setpgid", 0, p.pgid)
+        if res < 0:
+            log.warning("pid %d: setpgid(0, %d): %s", p.pid, p.pgid, os.strerror(-res))
+
+
+def _wait_dead(task, timeout=REAP_TIMEOUT):
+    """As its tracer, wait until a killed replica task has exited."""
+    thread = task.remote.thread
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            stop = thread.wait(timeout=max(deadline - time.monotonic(), 0.01))
+        except TaskGone:
+            return
+        except TimeoutError:
+            raise RestoreError(f"pid {task.pid}: killed in the replica but did not exit") from None
+        if stop.gone:
+            return
+
+
+def _reap_in(reaper, pid, timeout=REAP_TIMEOUT):
+    """wait4(pid) injected into the task's parent, then the SIGCHLD it got is taken back."""
+    deadline = time.monotonic() + timeout
+    while True:
+        res = reaper.call("wait4", pid, 0, B.WALL | WNOHANG, 0)
+        if res == pid:
+            break
+        if res < 0:
+            log.warning("pid %d: wait4 in its parent pid %d: %s", pid, reaper.pid, os.strerror(-res))
+            return
+        if time.monotonic() > deadline:
+            raise RestoreError(f"pid {pid}: killed in the replica but its parent cannot reap it")
+        time.sleep(0.001)
+    if reaper.scratch is not None:
+        mask = reaper.put(struct.pack("<Q", 1 << (SIGCHLD - 1)))
+        zero = reaper.put(struct.pack("<qq", 0, 0))
+        reaper.call("rt_sigtimedwait", mask, 0, zero, 8)
+        reaper.reset_scratch()

@@ -1,0 +1,76 @@
+"""Where the image sets of an incremental restore come from, one pass at a time.
+
+The destination loop only asks `next_image_set()` for the path of the next
+complete image set and tells `finish(ok)` how it ended, so the same loop runs
+over a directory (`pycr restore --follow`), beside an in-process source
+(`pycr migrate`), or later over a socket between two machines.
+
+An image set is complete once its inventory.img exists (pycr writes it last).
+The next set is the one whose inventory names the previous one as parent, so
+pass directories may have any names and appear in any order.
+"""
+
+import os
+import time
+
+from pycr.errors import ImageError, PycrError
+from pycr.images import ImageDir
+from pycr.log import log
+
+
+class Transport:
+    """The interface: a source of image sets for one incremental restore."""
+
+    def next_image_set(self):
+        """Path of the next complete image set (blocks until there is one)."""
+        raise NotImplementedError
+
+    def finish(self, ok):
+        """The restore ended: ok=True once the replica runs, False if it was discarded."""
+
+    def close(self):
+        """Release whatever the transport holds."""
+
+
+class DirectoryTransport(Transport):
+    """Pass directories appearing one by one under `top` (`pycr restore -D TOP --follow`)."""
+
+    def __init__(self, top, timeout=300.0, poll=0.02):
+        self.top = os.fspath(top)
+        self.timeout = timeout
+        self.poll = poll
+        self.previous = None        # realpath of the last set handed out
+
+    def _parent_of(self, path):
+        """realpath of the parent named by path's inventory ('' for a chain start)."""
+        inventory = ImageDir(path).read("inventory")
+        if not inventory.parent:
+            return ""
+        return os.path.realpath(os.path.join(path, inventory.parent))
+
+    def _candidates(self):
+        try:
+            names = sorted(os.listdir(self.top))
+        except FileNotFoundError:
+            raise ImageError(self.top, "no such image directory") from None
+        for name in names:
+            path = os.path.join(self.top, name)
+            if os.path.isfile(os.path.join(path, "inventory.img")):
+                yield path
+
+    def next_image_set(self):
+        want = self.previous or ""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            for path in self._candidates():
+                real = os.path.realpath(path)
+                if real == self.previous:
+                    continue
+                if self._parent_of(path) == want:
+                    self.previous = real
+                    log.info("next image set: %s", path)
+                    return path
+            if time.monotonic() >= deadline:
+                after = f"after {self.previous}" if self.previous else "to start from"
+                raise PycrError(f"{self.top}: no image set {after} appeared within {self.timeout:g} s")
+            time.sleep(self.poll)
