@@ -160,11 +160,14 @@ def dir_size(path):
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def one_round(tool, mib, nproc, work_dir, pause):
+def one_round(tool, mib, nproc, work_dir, pause, prefault=True):
     """Start a workload, dump it with tool, restore it, check it; always clean up.
 
     Returns {"dump_s", "image_mib", "restore_s"}; raises ToolFailed.
+    prefault: warm the VM's free memory before each timed phase (see limits.settle).
     """
+    # a dump allocates page cache for the images, a restore the tree's memory: about mib each
+    warm = (mib + 64) * MIB if prefault else 0
     images = Path(work_dir) / f"{tool.name}-images"
     logs = Path(work_dir) / f"{tool.name}-logs"
     shutil.rmtree(images, ignore_errors=True)
@@ -177,7 +180,7 @@ def one_round(tool, mib, nproc, work_dir, pause):
         if len(before) != len(wl.pids):
             raise ToolFailed(f"workload answered {len(before)} of {len(wl.pids)} checksum requests")
 
-        limits.settle(pause)
+        limits.settle(pause, warm)
         wl.reap_during()
         t0 = time.perf_counter()
         dumped = False
@@ -191,7 +194,7 @@ def one_round(tool, mib, nproc, work_dir, pause):
             raise ToolFailed(f"{tool.name} dump left pids {left} behind; they block the restore")
         image_mib = dir_size(images) / MIB
 
-        limits.settle(pause)
+        limits.settle(pause, warm)
         t0 = time.perf_counter()
         tool.restore(images, logs / "restore.log")
         restore_s = time.perf_counter() - t0
@@ -272,6 +275,9 @@ def main(argv=None):
     ap.add_argument("--work-dir", default=str(procs.CACHE / "compare"),
                     help="images and logs go here (its filesystem is the one measured)")
     ap.add_argument("--pause", type=float, default=0.5, help="seconds after sync before each timed phase")
+    ap.add_argument("--no-prefault", action="store_true",
+                    help="do not touch and free memory before each timed phase (then the VM's host faults "
+                         "on memory it took back are measured too)")
     ap.add_argument("--limits-rounds", type=int, default=3, help="rounds of benchmarks.limits (0: skip)")
     ap.add_argument("--json", metavar="FILE", help="also write every raw figure here")
     args = ap.parse_args(argv)
@@ -306,7 +312,7 @@ def main(argv=None):
             for tool in order:
                 slot = per_tool.setdefault(tool.name, {"ok": [], "failed": []})
                 try:
-                    res = one_round(tool, mib, nproc, work_dir, args.pause)
+                    res = one_round(tool, mib, nproc, work_dir, args.pause, not args.no_prefault)
                     slot["ok"].append(res)
                     print(f"  {label} round {r + 1} {tool.name}: dump {res['dump_s']:.3f} s, "
                           f"image {res['image_mib']:.1f} MiB, restore {res['restore_s']:.3f} s", flush=True)
