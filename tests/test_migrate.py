@@ -1,0 +1,423 @@
+"""Incremental restore and `pycr migrate` against real processes.
+
+The source workload runs while pre-dump passes are taken; a replica is built
+in a new PID namespace from the first pass, held stopped, fixed up by every
+later pass and resumed on the final dump; only then is the source killed.
+Hooks of the Python API (on_image_set before a pass is applied, on_pass
+after) let a test act between passes: change the source, look at the
+replica, or break the migration.
+
+Every replica task is registered with cleanup_pids as soon as it exists
+(its namespace init first: killing it takes the namespace down with it).
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import procutil
+from pycrcmd import one_line_error, pycr
+
+from pycr.errors import PycrError
+from pycr.images import ImageDir, read_memory
+from pycr.migrate import migrate
+from pycr.migrate.loop import Policy
+from pycr.migrate.mmdiff import plan
+from pycr.migrate.treediff import Node, diff
+
+UFFD_LINK = "anon_inode:[userfaultfd]"
+PASS_LINE = re.compile(r"^pass (\d+) (pre-dump|dump): \+(\d+) -(\d+) tasks(?:, \d+ re-created)?, "
+                       r"(\d+) pages, (\d+) bytes, ([0-9.]+) s ")
+
+
+# ---------------------------------------------------------------- helpers
+
+def ns_tasks(init_real):
+    """{pid inside the namespace: (pid outside, parent's pid inside)} of every live task under init."""
+    inner = {}
+    for outer in [init_real, *procutil.descendants(init_real)]:
+        st = procutil.status(outer)
+        if st is None or procutil.state(outer) in (None, "Z", "X"):
+            continue
+        inner[outer] = int(st["NSpid"].split()[-1])
+    return {pid: (outer, inner.get(procutil.ppid(outer))) for outer, pid in inner.items() if outer != init_real}
+
+
+def wait_line(w, pattern, start=0, timeout=10.0):
+    """Like Workload.wait_for, for lines a replica writes (the source's PID is gone by then)."""
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in w.lines(start):
+            m = regex.search(line)
+            if m:
+                return m
+        if time.monotonic() >= deadline:
+            tail = "\n".join(w.lines()[-10:])
+            raise AssertionError(f"no line matching {pattern!r} within {timeout:g} s; tail:\n{tail}")
+        time.sleep(0.01)
+
+
+def signal_and_wait(w, pid, sig, pattern):
+    start = w.mark()
+    procutil.kill(pid, sig)
+    return wait_line(w, pattern, start)
+
+
+def untraced_and_running(pid):
+    assert procutil.tracer_pid(pid) == 0, f"pid {pid} is still traced"
+    for tid in procutil.threads(pid):
+        assert procutil.state(pid, tid) in ("R", "S", "D"), f"tid {tid} is {procutil.state(pid, tid)}"
+
+
+def no_uffd(pid):
+    return UFFD_LINK not in procutil.fds(pid).values()
+
+
+def stub_tasks():
+    from pycr.native import core
+    stub = core.stub_path()
+    out = []
+    for pid in procutil.all_pids():
+        try:
+            if os.readlink(f"/proc/{pid}/exe") == stub:
+                out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def final_pstree(work_dir):
+    """(pid, ppid) of every process in the final dump of a kept work dir."""
+    for name in sorted(os.listdir(work_dir)):
+        img = ImageDir(os.path.join(work_dir, name))
+        if str(img.read("inventory").kind) == "dump":
+            return {p.pid: p.ppid for p in img.read("pstree").processes}
+    raise AssertionError(f"no final dump in {work_dir}")
+
+
+def coalesced_maps(pid):
+    out = []
+    for start, end, perms, path in procutil.maps(pid):
+        if out and out[-1][1] == start and out[-1][2:] == (perms, path):
+            out[-1] = (out[-1][0], end, perms, path)
+        else:
+            out.append((start, end, perms, path))
+    return out
+
+
+def symbol_address(pid, binary, name):
+    """Run-time address of a static variable of a PIE workload (nm offset + load base)."""
+    out = subprocess.run(["nm", binary], capture_output=True, text=True, check=True).stdout
+    offset = next(int(parts[0], 16) for parts in map(str.split, out.splitlines())
+                  if len(parts) == 3 and parts[2] == name)
+    base = min(start for start, _, _, path in procutil.maps(pid) if path == binary)
+    return base + offset
+
+
+def registering(cleanup_pids, seen=None, then=None):
+    """An on_pass hook that registers every replica task for cleanup, then calls `then`."""
+    def hook(rep, replica):
+        cleanup_pids.add(*replica.reals)
+        if seen is not None:
+            seen.extend(r for r in replica.reals if r not in seen)
+        if then is not None:
+            then(rep, replica)
+    return hook
+
+
+def assert_source_unharmed(w, replica_reals):
+    """The migration failed: the source goes on as before, nothing of the replica is left."""
+    assert w.alive()
+    untraced_and_running(w.pid)
+    assert no_uffd(w.pid), procutil.fds(w.pid)
+    n = int(w.last("count").split()[1])
+    w.wait_for(rf"^count {n + 3}$", start=w.mark() - 1)
+    for real in replica_reals:
+        assert not procutil.exists(real), f"replica task {real} ({procutil.state(real)}) left behind"
+    assert stub_tasks() == []
+
+
+# ---------------------------------------------------------------- the tree
+
+def test_forker_replica_has_the_final_tree(spawn, tmp_path, cleanup_pids):
+    """Workers come and go between passes; the replica ends with the final pass's tree."""
+    w = spawn("forker")
+    w.wait_for(r"^exit \d+ 0$")
+
+    def between(rep, replica):
+        time.sleep(0.35)        # the source forks and reaps workers meanwhile
+
+    def at_final(number, path):
+        if path.endswith("dump") and not path.endswith("pre-dump"):
+            marks.append(w.mark())      # the source is frozen: later lines are the replica's
+
+    marks = []
+    work = tmp_path / "work"
+    res = migrate(w.pid, work_dir=work, policy=Policy(max_passes=5, min_delta=0),
+                  on_image_set=at_final, on_pass=registering(cleanup_pids, then=between))
+    init = res.summary.init_real
+    got = ns_tasks(init)
+    mark = marks[0]
+    want = final_pstree(work)
+    assert sum(r.added for r in res.reports[1:]) > 0 and sum(r.removed for r in res.reports[1:]) > 0, \
+        [r.line() for r in res.reports]
+    # The same PIDs inside the namespace and the same parents; the root's parent is the init.
+    # A worker may have exited or been forked in the instant since the resume: the
+    # replica's own lines say so.
+    later_forks = {int(f[0]) for f in w.fields("fork", mark)}
+    later_exits = {int(f[0]) for f in w.fields("exit", mark)}
+    assert set(got) - set(want) <= later_forks
+    assert set(want) - set(got) <= later_exits
+    for pid in set(got) & set(want):
+        assert got[pid][1] == (1 if pid == w.pid else want[pid]), f"pid {pid}"
+    assert got[w.pid][0] == res.summary.root_real != w.pid
+    assert not procutil.exists(w.pid) or procutil.state(w.pid) == "Z"
+    untraced_and_running(res.summary.root_real)
+    # Workers of the final pass go on counting, and the forker goes on forking and reaping.
+    for pid in set(want) - {w.pid} - later_exits:
+        wait_line(w, rf"^(count {pid} \d+|exit {pid} 0)$", start=mark)
+    fork = int(wait_line(w, r"^fork (\d+)$", start=mark).group(1))
+    wait_line(w, rf"^exit {fork} 0$", start=mark, timeout=5)
+
+
+# ---------------------------------------------------------------- memory
+
+def test_mapper_memory_and_layout_survive_reshaping(spawn, tmp_path, cleanup_pids):
+    """mmap/munmap/mremap/mprotect between passes: the replica ends with the same layout and bytes."""
+    w = spawn("mapper", 2)
+    seen = {}
+
+    def between(rep, replica):
+        if rep.number == 1:
+            seen["step1"] = int(w.last("step").split()[1])
+            time.sleep(0.3)      # ~150 reshaping steps between pass 1 and pass 2
+        elif rep.number == 2:
+            seen["step2"] = int(w.signal_and_wait(signal.SIGUSR2, r"^paused (\d+)$").group(1))
+            seen["regions"] = w.signal_and_wait(signal.SIGUSR1, r"^regions (.*)$").group(1)
+            seen["sum"] = w.wait_for(r"^sum ([0-9a-f]+)$", start=w.mark() - 1).group(1)
+            seen["maps"] = coalesced_maps(w.pid)
+
+    res = migrate(w.pid, policy=Policy(max_passes=4, min_delta=0),
+                  on_pass=registering(cleanup_pids, then=between))
+    assert seen["step2"] > seen["step1"] + 50
+    replica = res.summary.root_real
+    assert coalesced_maps(replica) == seen["maps"]
+    mark = w.mark()
+    assert signal_and_wait(w, replica, signal.SIGUSR1, r"^regions (.*)$").group(1) == seen["regions"]
+    assert wait_line(w, r"^sum ([0-9a-f]+)$", start=mark).group(1) == seen["sum"]
+    # It is still paused where the source was, and goes on reshaping itself.
+    signal_and_wait(w, replica, signal.SIGUSR2, rf"^resumed {seen['step2']}$")
+    wait_line(w, rf"^step {seen['step2'] + 20}$", start=mark)
+
+
+def test_execer_execs_between_passes(spawn, tmp_path, cleanup_pids, workloads):
+    """An exec between passes replaces the replica's address space; it goes on as the new program."""
+    w = spawn("execer", 0)
+    w.wait_for(r"^count 5$")
+
+    def between(rep, replica):
+        if rep.number == 1:
+            mark = w.mark()
+            w.signal(signal.SIGUSR2)
+            w.wait_for(rf"^ready {w.pid}$", start=mark)
+            w.wait_for(r"^count 5$", start=mark)
+
+    res = migrate(w.pid, policy=Policy(max_passes=4, min_delta=0),
+                  on_pass=registering(cleanup_pids, then=between))
+    replica = res.summary.root_real
+    assert os.readlink(f"/proc/{replica}/exe") == workloads["counter"]
+    assert not any(path == workloads["execer"] for _, _, _, path in procutil.maps(replica))
+    after_exec = w.lines()[max(i for i, line in enumerate(w.lines()) if line.startswith("ready")) + 1:]
+    counts = [int(line.split()[1]) for line in after_exec if line.startswith("count ")]
+    # The counter (the exec'd program) counts on from where the source was, without a gap.
+    n = counts[-1]
+    wait_line(w, rf"^count {n + 5}$", start=w.mark() - 1)
+    after_exec = w.lines()[max(i for i, line in enumerate(w.lines()) if line.startswith("ready")) + 1:]
+    counts = [int(line.split()[1]) for line in after_exec if line.startswith("count ")]
+    assert counts == list(range(1, len(counts) + 1))
+    untraced_and_running(replica)
+
+
+def test_counter_replica_never_runs_before_the_final_pass(spawn, tmp_path, cleanup_pids, workloads):
+    """Between passes every replica task sits in a ptrace stop and its memory does not move;
+    after the final pass the counter goes on from the source's last value."""
+    w = spawn("counter")
+    w.wait_for(r"^count 3$")
+    checked = []
+
+    def between(rep, replica):
+        if rep.kind != "pre-dump":
+            return
+        real = replica.tasks[w.pid].real
+        for r in replica.reals:
+            assert procutil.state(r) == "t", f"replica task {r} is {procutil.state(r)}"
+        addr = symbol_address(real, workloads["counter"], "counter")
+        first = procutil.read_memory(real, addr, 8)
+        source_mark = w.mark()
+        time.sleep(0.2)
+        assert procutil.read_memory(real, addr, 8) == first
+        assert read_memory(ImageDir(rep.path), str(w.pid), addr, 8) == first
+        assert w.mark() > source_mark + 5, "the source must keep counting meanwhile"
+        checked.append(int.from_bytes(first, "little"))
+
+    res = migrate(w.pid, policy=Policy(max_passes=4, min_delta=0),
+                  on_pass=registering(cleanup_pids, then=between))
+    assert len(checked) >= 2 and checked[-1] > checked[0]
+    replica = res.summary.root_real
+    n = int(w.last("count").split()[1])
+    wait_line(w, rf"^count {n + 5}$", start=w.mark() - 1)
+    counts = [int(f[0]) for f in w.fields("count")]
+    assert counts == list(range(1, len(counts) + 1)), "a count was lost or repeated across the migration"
+    untraced_and_running(replica)
+    assert procutil.status(replica)["NSpid"].split() == [str(replica), str(w.pid)]
+    assert res.summary.downtime > 0
+    assert res.summary.total_bytes == sum(r.bytes for r in res.reports)
+
+
+# ---------------------------------------------------------------- failures
+
+def test_replica_killed_in_a_middle_pass(spawn, tmp_path, cleanup_pids):
+    """The destination side dies between passes: the migration fails, the source runs on."""
+    w = spawn("counter")
+    w.wait_for(r"^count 3$")
+    reals = []
+
+    def kill_replica(number, path):
+        if number == 2:
+            procutil.kill(reals[1], signal.SIGKILL)     # the replica's root (reals[0] is its init)
+
+    with pytest.raises(PycrError):
+        migrate(w.pid, policy=Policy(max_passes=5, min_delta=0), on_image_set=kill_replica,
+                on_pass=registering(cleanup_pids, seen=reals))
+    assert len(reals) == 2
+    assert_source_unharmed(w, reals)
+
+
+@pytest.mark.parametrize("where", ["02-pre-dump", "03-dump"])
+def test_corrupt_delta(spawn, tmp_path, cleanup_pids, where):
+    """A truncated pages file in a middle pass or in the final dump: the source runs on."""
+    w = spawn("counter")
+    w.wait_for(r"^count 3$")
+    reals = []
+
+    def corrupt(number, path):
+        if os.path.basename(path) == where:
+            pages = os.path.join(path, f"pages-{w.pid}.img")
+            os.truncate(pages, os.path.getsize(pages) - 4096)
+
+    with pytest.raises(PycrError, match=f"pages-{w.pid}.img"):
+        migrate(w.pid, work_dir=tmp_path / "work", policy=Policy(max_passes=3, min_delta=0),
+                on_image_set=corrupt, on_pass=registering(cleanup_pids, seen=reals))
+    assert os.path.isdir(tmp_path / "work" / where)
+    assert_source_unharmed(w, reals)
+
+
+# ---------------------------------------------------------------- the commands
+
+def test_cli_migrate_reports_every_pass(spawn, tmp_path, cleanup_pids):
+    w = spawn("counter")
+    w.wait_for(r"^count 3$")
+    proc = pycr("migrate", "-t", w.pid, "--max-passes", 4, "--min-delta", "0")
+    lines = proc.stdout.strip().splitlines()
+    m = re.search(r"namespace init (\d+)\)", proc.stdout)
+    assert m, proc.stdout
+    cleanup_pids.add(int(m.group(1)))
+    passes = [PASS_LINE.match(line) for line in lines if line.startswith("pass ")]
+    assert all(passes) and [int(p.group(1)) for p in passes] == list(range(1, len(passes) + 1))
+    assert [p.group(2) for p in passes][-1] == "dump"
+    assert all(p.group(2) == "pre-dump" for p in passes[:-1])
+    assert passes[0].group(3) == "1" and int(passes[0].group(5)) > 0
+    down = re.search(r"^downtime ([0-9.]+) s .*, (\d+) bytes moved in (\d+) passes$", lines[-1])
+    assert down and int(down.group(2)) == sum(int(p.group(6)) for p in passes)
+    root = int(re.search(r"\(pid (\d+) outside", proc.stdout).group(1))
+    n = int(w.last("count").split()[1])
+    wait_line(w, rf"^count {n + 3}$", start=w.mark() - 1)
+    untraced_and_running(root)
+
+
+def test_cli_migrate_refuses_a_missing_process(tmp_path):
+    proc = pycr("migrate", "-t", procutil.free_pids()[0], expect=1)
+    assert "no such process" in one_line_error(proc)
+
+
+def test_restore_follow_applies_passes_as_they_come(spawn, tmp_path, cleanup_pids):
+    """pycr pre-dump twice, then pycr dump, into pass directories that a follower applies."""
+    w = spawn("counter")
+    w.wait_for(r"^count 3$")
+    top = tmp_path / "passes"
+    top.mkdir()
+    follower = subprocess.Popen([sys.executable, "-m", "pycr", "restore", "-D", top, "--follow", "--pidns",
+                                 "-d", "--follow-timeout", "60"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, close_fds=True)
+    try:
+        pycr("pre-dump", "-t", w.pid, "-D", top / "a")
+        replica = None
+        deadline = time.monotonic() + 20
+        while replica is None and time.monotonic() < deadline:
+            for outer in procutil.children(follower.pid):
+                cleanup_pids.add(outer, *procutil.descendants(outer))
+                kids = procutil.descendants(outer)
+                if kids and procutil.state(kids[0]) == "t":
+                    replica = kids[0]
+            time.sleep(0.02)
+        assert replica is not None, "no replica appeared after the first pass"
+        assert procutil.status(replica)["NSpid"].split()[-1] == str(w.pid)
+        pycr("pre-dump", "-t", w.pid, "-D", top / "b", "--prev-images-dir", "../a")
+        time.sleep(0.3)
+        assert procutil.state(replica) == "t", "the replica must stay stopped until the dump"
+        pycr("dump", "-t", w.pid, "-D", top / "c", "--prev-images-dir", "../b")
+        _, err = follower.communicate(timeout=60)
+        assert follower.returncode == 0, err
+        n = int(w.last("count").split()[1])
+        wait_line(w, rf"^count {n + 5}$", start=w.mark() - 1)
+        counts = [int(f[0]) for f in w.fields("count")]
+        assert counts == list(range(1, len(counts) + 1))
+        untraced_and_running(replica)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+
+
+# ---------------------------------------------------------------- the diffs on their own
+
+def test_treediff_kills_gone_forks_new_and_recreates_moved():
+    old = [Node(10, 1, 100), Node(11, 10, 101), Node(12, 11, 102), Node(13, 10, 103)]
+    # 11 died: 12 went to the root (a subreaper); 13 exited and its PID was reused by a new 13; 14 is new.
+    new = [Node(10, 1, 100), Node(12, 10, 102), Node(13, 10, 200), Node(14, 12, 201)]
+    d = diff(old, new)
+    assert d.removed == [13, 12, 11]          # children before parents
+    assert d.added == [12, 13, 14]            # parents before children
+    assert d.recreated == {12}
+    assert d.kept == [10]
+
+
+def test_mmdiff_keeps_same_backing_and_plans_the_rest():
+    from construct import Container
+    from pycr.proc.maps import parse_line
+
+    live = [parse_line(line) for line in (
+        "10000-14000 rw-p 00000000 00:00 0",
+        "20000-30000 rw-p 00000000 00:00 0",
+        "40000-41000 r--p 00002000 08:01 77 /bin/x",
+    )]
+
+    def vma(start, end, kind="anon", prot=3, path="", pgoff=0, inode=0, shared=False):
+        return Container(start=start, end=end, kind=kind, prot=prot, path=path, pgoff=pgoff, inode=inode,
+                         shared=shared, shmem_id=0, vmflags="")
+
+    want = [vma(0x10000, 0x12000, prot=1),                 # shrunk and re-protected: kept part
+            vma(0x20000, 0x34000),                         # grown: only the tail is new
+            vma(0x40000, 0x41000, "file", 1, "/bin/x", 0x3000, 77)]   # other file offset: remapped
+    p = plan(live, want, {})
+    assert list(p.unmap) == [0x12000, 0x2000]
+    assert [(s, e) for _, s, e in p.map] == [(0x30000, 0x34000), (0x40000, 0x41000)]
+    assert list(p.fresh) == [0x30000, 0x4000, 0x40000, 0x1000]
+    assert p.protect == []
