@@ -3,7 +3,6 @@
 Real processes only; every test kills what it started, by PID. No speed is asserted.
 """
 
-import os
 import subprocess
 import time
 
