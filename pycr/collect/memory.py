@@ -9,6 +9,7 @@ Runs of pages go to the native core, which copies them with process_vm_readv
 in large batches: no per-page Python object on this path.
 """
 
+import fcntl
 import os
 from array import array
 
@@ -72,10 +73,28 @@ def split_by_readability(runs, vmas):
     return batches
 
 
+def set_direct_io(fd, on):
+    """Turn O_DIRECT on or off for fd; False where the filesystem refuses it.
+
+    The pages file is written from the native core's page-aligned buffer in
+    page multiples, so it can bypass the page cache: on a VM whose fresh page
+    cache costs a first-touch fault per page, this is several times faster
+    than buffered writes followed by the fsync that atomic images need.
+    """
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    want = flags | os.O_DIRECT if on else flags & ~os.O_DIRECT
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, want)
+    except OSError:
+        return False
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT) == on
+
+
 def copy_runs(pid, runs, vmas, out_fd, progress=None):
     """Copy the runs' bytes from task pid to out_fd, in run order. Returns bytes written."""
     total = 0
     for readable, batch in split_by_readability(runs, vmas):
+        set_direct_io(out_fd, readable)
         if readable:
             # Chunk so that a terminal shows progress on large copies.
             chunk, size = array("Q"), 0
@@ -100,6 +119,7 @@ def copy_runs(pid, runs, vmas, out_fd, progress=None):
                     total += len(data)
             finally:
                 os.close(mem)
+    set_direct_io(out_fd, False)
     return total
 
 
