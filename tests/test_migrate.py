@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 
@@ -184,6 +185,112 @@ def test_forker_replica_has_the_final_tree(spawn, tmp_path, cleanup_pids):
         wait_line(w, rf"^(count {pid} \d+|exit {pid} 0)$", start=mark)
     fork = int(wait_line(w, r"^fork (\d+)$", start=mark).group(1))
     wait_line(w, rf"^exit {fork} 0$", start=mark, timeout=5)
+
+
+# A small Python workload for what the C workloads do not do: a subreaper root whose
+# grandchild is re-parented to it, and pages dropped with MADV_DONTNEED between passes.
+PYWORKER = r"""
+import ctypes, mmap, os, signal, sys, time, zlib
+out = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+def say(*words):
+    os.write(out, (" ".join(map(str, words)) + "\n").encode())
+want = set()
+signal.signal(signal.SIGUSR1, lambda *a: want.add("usr1"))
+signal.signal(signal.SIGUSR2, lambda *a: want.add("usr2"))
+if sys.argv[2] == "dontneed":
+    m = mmap.mmap(-1, 64 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for i in range(64):
+        m[i * 4096:(i + 1) * 4096] = bytes([i + 1]) * 4096
+    say("ready", os.getpid())
+    while True:
+        if "usr2" in want:
+            want.discard("usr2")
+            m.madvise(mmap.MADV_DONTNEED, 0, 32 * 4096)
+            say("dropped")
+        if "usr1" in want:
+            want.discard("usr1")
+            say("sum", zlib.crc32(m), m[0], m[40 * 4096])
+        time.sleep(0.01)
+else:
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)          # PR_SET_CHILD_SUBREAPER
+    say("ready", os.getpid())
+    middle = os.fork()
+    if middle == 0:
+        grand = os.fork()
+        if grand == 0:
+            n = 0
+            while True:
+                n += 1
+                say("count", os.getpid(), n)
+                time.sleep(0.02)
+        say("grand", grand)
+        while True:
+            time.sleep(1)
+    while True:
+        if "usr2" in want:
+            want.discard("usr2")
+            os.kill(middle, signal.SIGKILL)
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            pid = 0
+        if pid:
+            say("exit", pid, status)
+        time.sleep(0.01)
+"""
+
+
+@pytest.fixture
+def pyworker(tmp_path):
+    path = tmp_path / "pyworker"
+    path.write_text(f"#!{sys.executable}\n" + PYWORKER)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_reparented_task_is_recreated_under_its_new_parent(spawn, pyworker, cleanup_pids):
+    """A middle process dies between passes; its child moves to the subreaper root on the
+    source, and is re-created under the root in the replica, its memory whole."""
+    w = spawn(pyworker, "reparent")
+    grand = int(w.wait_for(r"^grand (\d+)$").group(1))
+    middle = procutil.ppid(grand)
+    w.wait_for(rf"^count {grand} 5$")
+
+    def between(rep, replica):
+        if rep.number == 1:
+            w.signal(signal.SIGUSR2)
+            w.wait_for(rf"^exit {middle} 9$", start=0)
+            assert procutil.ppid(grand) == w.pid
+
+    res = migrate(w.pid, policy=Policy(max_passes=4, min_delta=0),
+                  on_pass=registering(cleanup_pids, then=between))
+    assert sum(r.recreated for r in res.reports) == 1, [r.line() for r in res.reports]
+    got = ns_tasks(res.summary.init_real)
+    assert sorted(got) == sorted([w.pid, grand])
+    assert got[grand][1] == w.pid
+    n = int(w.last(f"count {grand}").split()[2])
+    wait_line(w, rf"^count {grand} {n + 5}$", start=w.mark() - 1)
+    counts = [int(f[0]) for f in w.fields(f"count {grand}")]
+    assert counts == list(range(1, len(counts) + 1)), "the re-created task must go on, not start over"
+    untraced_and_running(got[grand][0])
+
+
+@pytest.mark.parametrize("tracker", ["uffd-wp", "hash"])
+def test_pages_dropped_between_passes_read_as_zeros(spawn, pyworker, cleanup_pids, tracker):
+    """MADV_DONTNEED between passes: the source no longer has those pages (nothing reads
+    them, so they stay unpopulated; uffd-wp saves its markers as zero pages, the hash
+    tracker leaves them out of the pagemap); the replica must not keep its copies."""
+    w = spawn(pyworker, "dontneed")
+
+    def between(rep, replica):
+        if rep.number == 1:
+            w.signal_and_wait(signal.SIGUSR2, r"^dropped$")
+
+    res = migrate(w.pid, policy=Policy(max_passes=4, min_delta=0), tracker=tracker,
+                  on_pass=registering(cleanup_pids, then=between))
+    want = bytes(32 * 4096) + b"".join(bytes([i + 1]) * 4096 for i in range(32, 64))
+    got = signal_and_wait(w, res.summary.root_real, signal.SIGUSR1, r"^sum (\d+ \d+ \d+)$").group(1)
+    assert got == f"{zlib.crc32(want)} 0 41"
 
 
 # ---------------------------------------------------------------- memory

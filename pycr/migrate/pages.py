@@ -6,10 +6,13 @@ an mmap of the pages files (no copy through Python):
   written on the source since the previous pass;
 - write_resolved: for ranges mapped anew in the replica (a new task, a moved
   or re-backed VMA), the in_parent runs too, found up the chain;
-- zero_absent (final pass only): replica pages the source no longer has
-  (MADV_DONTNEED'd, or inherited by fork and dropped since) are dropped with
+- zero_absent: replica pages the source no longer has (MADV_DONTNEED'd, or
+  inherited by fork and never present in the child) are dropped with
   madvise(MADV_DONTNEED), which gives zeros, or the file's bytes in a private
-  file mapping, exactly as the source reads them.
+  file mapping, exactly as the source reads them. After every pass the
+  replica holds exactly the pages of the pass's pagemap, so the next pass
+  can tell what to drop from the two pagemaps alone, without reading the
+  replica's page tables during the downtime.
 Shared anonymous objects are memfds of pycr's, refilled whole every pass
 (pre-dumps save them whole).
 """
@@ -115,18 +118,30 @@ class PageWriter:
             next_off += length
         return total
 
-    def zero_absent(self, remote, real, chain, owner, mm):
-        """Drop replica pages that the source did not have at this pass -> bytes dropped."""
-        have = array("Q")
-        fd = os.open(f"/proc/{real}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            for vma in mm.vmas:
-                if vma.shared or str(vma.kind) in SPECIAL:
-                    continue
-                have.extend(core.pagemap_runs(fd, vma.start, vma.end, True, True, str(vma.kind) == "file"))
-        finally:
-            os.close(fd)
-        extra = R.subtract(R.normalize(have), coverage(chain, owner))
+    def zero_absent(self, remote, real, chain, owner, mm, previous=None):
+        """Drop replica pages that the source did not have at this pass -> bytes dropped.
+
+        previous: the coverage of the pass applied before, when the replica
+        held exactly that (then only what left it since needs dropping and
+        the replica's pagemap is not read); None reads the replica's pagemap
+        (a task just forked, which holds whatever its parent had).
+        """
+        now = coverage(chain, owner)
+        private = R.normalize(array("Q", [x for v in mm.vmas if not v.shared and str(v.kind) not in SPECIAL
+                                          for x in (v.start, v.end - v.start)]))
+        if previous is not None:
+            extra = R.intersect(R.subtract(previous, now), private)
+        else:
+            have = array("Q")
+            fd = os.open(f"/proc/{real}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                for vma in mm.vmas:
+                    if vma.shared or str(vma.kind) in SPECIAL:
+                        continue
+                    have.extend(core.pagemap_runs(fd, vma.start, vma.end, True, True, str(vma.kind) == "file"))
+            finally:
+                os.close(fd)
+            extra = R.subtract(R.normalize(have), now)
         for start, end in R.pairs(extra):
             remote.check("madvise", start, end - start, MADV_DONTNEED, what=f"{start:#x}, DONTNEED")
         if extra:

@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass, field
 
 from pycr import proc
-from pycr.errors import ImageError, PycrError, RestoreError, TaskGone
-from pycr.images import iter_page_runs
+from pycr.errors import ImageError, RestoreError, TaskGone
 from pycr.log import log
 from pycr.migrate import layout, treediff
+from pycr.migrate import pages as pages_mod
 from pycr.migrate.pages import PageWriter, SharedObjects
 from pycr.ptrace import binding as B
 from pycr.restore import files, mm as restore_mm, preflight, tasks
@@ -44,7 +44,7 @@ class PassChanges:
     removed: list = field(default_factory=list)
     recreated: list = field(default_factory=list)
     pages_written: int = 0          # bytes written into the replica
-    pages_dropped: int = 0          # bytes dropped (final pass)
+    pages_dropped: int = 0          # bytes the source no longer had, dropped from the replica
 
 
 def _exe(real):
@@ -103,7 +103,7 @@ class Replica:
         if old is not None:
             old.pages.close()
         if kind == "dump":
-            changes.pages_dropped = self._finish(images)
+            self._finish(images)
         return changes
 
     def _check_same_tree(self, images):
@@ -144,21 +144,22 @@ class Replica:
         self.shared.refresh(images)
         by_pid = {p.pid: p for p in images.processes}
         for pid in diff.kept:
-            changes.pages_written += self._update_task(self.run.tasks[pid], by_pid[pid], images)
+            self._update_task(self.run.tasks[pid], by_pid[pid], images, changes)
         for pid in diff.added:
-            changes.pages_written += self._add(by_pid[pid], images)
+            self._add(by_pid[pid], images, changes)
         self.run.images = images
         return changes
 
     # -- one task
-    def _update_task(self, task, p, images):
-        """Reshape the address space, write the pass's pages, set the mm fields."""
+    def _update_task(self, task, p, images, changes):
+        """Reshape the address space, write the pass's pages, drop those gone, set the mm fields."""
         chain, owner = images.pages, str(p.pid)
         fresh = layout.apply(task, p.mm, self.shared)
-        written = self.pages.write_delta(task.real, chain, owner)
-        written += self.pages.write_resolved(task.real, chain, owner, fresh)
+        changes.pages_written += self.pages.write_delta(task.real, chain, owner)
+        changes.pages_written += self.pages.write_resolved(task.real, chain, owner, fresh)
+        previous = pages_mod.coverage(self.images.pages, owner)
+        changes.pages_dropped += self.pages.zero_absent(task.remote, task.real, chain, owner, p.mm, previous)
         self._set_mm(task, p)
-        return written
 
     def _set_mm(self, task, p):
         exe = _strip_deleted(p.mm.exe)
@@ -166,7 +167,7 @@ class Replica:
         restore_mm.set_mm_map(task.remote, p.mm, exe_link=relink)
         task.remote.reset_scratch()
 
-    def _add(self, p, images):
+    def _add(self, p, images, changes):
         """Fork p from its replica parent with its PID, then rebuild its memory whole."""
         parent = self.run.tasks.get(p.ppid)
         if parent is None:
@@ -175,10 +176,10 @@ class Replica:
         self.run.tasks[p.pid] = task
         _join_session_and_group(task, p, self.run.tasks)
         layout.apply(task, p.mm, self.shared)
-        written = images.pages.fill_task(task.real, str(p.pid))
+        changes.pages_written += images.pages.fill_task(task.real, str(p.pid))
+        changes.pages_dropped += self.pages.zero_absent(task.remote, task.real, images.pages, str(p.pid), p.mm)
         self._set_mm(task, p)
         log.info("pid %d: forked in the replica from pid %d and rebuilt", p.pid, p.ppid)
-        return written
 
     def _remove(self, pid):
         """Kill a replica task and reap it in its replica parent (it must leave no zombie)."""
@@ -210,17 +211,13 @@ class Replica:
 
     # -- final pass
     def _finish(self, images):
-        """Drop absent pages, set protections, then everything a plain restore does after memory."""
+        """Set protections, then everything a plain restore does after memory."""
         run = self.run
-        dropped = 0
         for p in images.processes:
-            task = run.tasks[p.pid]
-            dropped += self.pages.zero_absent(task.remote, task.real, images.pages, str(p.pid), p.mm)
-            layout.finish(task, p.mm)
+            layout.finish(run.tasks[p.pid], p.mm)
         run.descs = files.Descriptions(images)
         for p in images.processes:
             run.finish_process(run.tasks[p.pid], p)
-        return dropped
 
     def resume(self):
         """Detach every thread: the replica runs from here on."""
