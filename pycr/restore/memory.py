@@ -19,6 +19,7 @@ from pycr.errors import ImageError, RestoreError
 from pycr.images import iter_page_runs
 from pycr.log import Progress, log
 from pycr.native import core
+from pycr.trackers.runs import split
 
 PAGE = 4096
 MAX_CHAIN = 256
@@ -38,24 +39,6 @@ def _buffers():
     return _stream_buffers
 
 
-def split_runs(runs, limit):
-    """(array of runs, bytes) pieces of `runs`, in order, each at most `limit` bytes."""
-    piece, size = array("Q"), 0
-    for i in range(0, len(runs), 2):
-        addr, length = runs[i], runs[i + 1]
-        while length:
-            take = min(length, limit - size)
-            piece.extend((addr, take))
-            size += take
-            addr += take
-            length -= take
-            if size == limit:
-                yield piece, size
-                piece, size = array("Q"), 0
-    if size:
-        yield piece, size
-
-
 def stream_pages(pid, fd, offset, runs, advance=None):
     """Write `runs` of task pid from the pages file fd, read consecutively from offset.
 
@@ -73,7 +56,7 @@ def stream_pages(pid, fd, offset, runs, advance=None):
     def reader():
         pos = offset
         try:
-            for piece, size in split_runs(runs, STREAM_PIECE):
+            for piece, size in split(runs, STREAM_PIECE):
                 buf = free.get()
                 if stop.is_set():
                     return

@@ -19,24 +19,6 @@ from .base import PAGE, Tracker, present_pages
 CHUNK = 32 << 20
 
 
-def _pieces(runs, limit):
-    """Split runs into lists of (addr, length) of at most `limit` bytes each."""
-    batch, size = [], 0
-    for i in range(0, len(runs), 2):
-        addr, length = runs[i], runs[i + 1]
-        while length:
-            take = min(length, limit - size)
-            batch.append((addr, take))
-            size += take
-            addr += take
-            length -= take
-            if size == limit:
-                yield batch
-                batch, size = [], 0
-    if batch:
-        yield batch
-
-
 class HashTracker(Tracker):
     name = "hash"
 
@@ -72,8 +54,8 @@ class HashTracker(Tracker):
             raise TaskGone(pid, "exited during the copy") from None
         try:
             with imgdir.pages_writer(str(pid)) as out:
-                for batch in _pieces(present, CHUNK):
-                    for addr, length in batch:
+                for piece, _ in R.split(present, CHUNK):
+                    for addr, length in zip(piece[0::2], piece[1::2]):
                         try:
                             data = os.pread(mem, length, addr)
                         except OSError:

@@ -77,3 +77,22 @@ def total(runs):
 def covers(runs, start, end):
     """True if [start, end) lies wholly inside runs."""
     return total(intersect(runs, array("Q", (start, end - start)))) == end - start
+
+
+def split(runs, limit):
+    """(runs, bytes) pieces of `runs`, in order, each at most `limit` bytes
+    (a run longer than that is cut), for copies done a bounded buffer at a time."""
+    piece, size = array("Q"), 0
+    for i in range(0, len(runs), 2):
+        addr, length = runs[i], runs[i + 1]
+        while length:
+            take = min(length, limit - size)
+            piece.extend((addr, take))
+            size += take
+            addr += take
+            length -= take
+            if size == limit:
+                yield piece, size
+                piece, size = array("Q"), 0
+    if size:
+        yield piece, size
