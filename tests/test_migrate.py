@@ -211,6 +211,27 @@ if sys.argv[2] == "dontneed":
             want.discard("usr1")
             say("sum", zlib.crc32(m), m[0], m[40 * 4096])
         time.sleep(0.01)
+elif sys.argv[2] == "grow":
+    # Maps memory right below its lowest mapping (the executable), at a fixed address:
+    # there, in the widest hole of a usual layout, a replica keeps pycr's workspace.
+    libc = ctypes.CDLL(None)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    size = 8 << 20
+    say("ready", os.getpid())
+    while True:
+        if "usr2" in want:
+            want.discard("usr2")
+            with open("/proc/self/maps") as f:
+                lowest = int(f.readline().split("-")[0], 16)
+            addr = libc.mmap(lowest - size, size, 3, 0x22 | 0x100000, -1, 0)   # FIXED_NOREPLACE
+            region = (ctypes.c_char * size).from_address(addr)
+            region[:] = bytes(range(256)) * (size // 256)
+            say("grown", hex(addr))
+        if "usr1" in want:
+            want.discard("usr1")
+            say("sum", zlib.crc32(bytes(region)))
+        time.sleep(0.01)
 else:
     ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)          # PR_SET_CHILD_SUBREAPER
     say("ready", os.getpid())
@@ -273,6 +294,27 @@ def test_reparented_task_is_recreated_under_its_new_parent(spawn, pyworker, clea
     counts = [int(f[0]) for f in w.fields(f"count {grand}")]
     assert counts == list(range(1, len(counts) + 1)), "the re-created task must go on, not start over"
     untraced_and_running(got[grand][0])
+
+
+def test_new_mapping_over_the_workspace_moves_it(spawn, pyworker, cleanup_pids):
+    """The source maps memory where the replica keeps pycr's workspace: the workspace
+    moves out of the way and the new mapping gets its bytes."""
+    w = spawn(pyworker, "grow")
+    workspaces = []
+
+    def between(rep, replica):
+        workspaces.append(replica.tasks[w.pid].workspace)
+        if rep.number == 1:
+            w.signal_and_wait(signal.SIGUSR2, r"^grown 0x[0-9a-f]+$")
+
+    res = migrate(w.pid, policy=Policy(max_passes=3, min_delta=0),
+                  on_pass=registering(cleanup_pids, then=between))
+    addr = int(w.last("grown").split()[1], 16)
+    assert addr <= workspaces[0] < addr + (8 << 20), "the test mapping must cover the first workspace"
+    assert not addr <= workspaces[1] < addr + (8 << 20)
+    want = zlib.crc32(bytes(range(256)) * (8 << 12))
+    got = signal_and_wait(w, res.summary.root_real, signal.SIGUSR1, r"^sum (\d+)$").group(1)
+    assert got == str(want)
 
 
 @pytest.mark.parametrize("tracker", ["uffd-wp", "hash"])
