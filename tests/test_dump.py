@@ -183,3 +183,26 @@ def test_unsupported_socket_is_named_and_tree_untouched(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MiB tmpfs: a dump that does not fit must fail cleanly."""
+    where = tmp_path / "small"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_disk_full_is_one_line_and_tree_untouched(spawn, small_fs):
+    w = spawn("bigmem", 32)
+    before = w.signal_and_wait(signal.SIGUSR1, r"^sum (\w+)$").group(1)
+    proc = pycr("dump", "-t", w.pid, "-D", small_fs / "img", expect=1)
+    assert "no space left on device" in one_line_error(proc).lower()
+    untraced_and_running([w.pid])
+    assert w.signal_and_wait(signal.SIGUSR1, r"^sum (\w+)$").group(1) == before
+    # No half-written pages file is left under its final name.
+    assert not [n for n in os.listdir(small_fs / "img") if n.startswith("pages-") and not n.startswith(".")]
