@@ -58,7 +58,9 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
     time.monotonic() of the freeze).
     keep_frozen (final dump only): neither kill nor thaw the tree, and return
     its FrozenTree instead of 0; the caller kills or thaws it (migration keeps
-    the source stopped until the replica runs).
+    the source stopped until the replica runs). The tracker's state in the
+    targets (a userfaultfd) is left in place too: after a thaw the caller
+    removes it (pycr.migrate.loop.untrack).
     """
     if keep_frozen and pre_dump:
         raise ValueError("keep_frozen is for the final dump, not a pre-dump")
@@ -68,6 +70,7 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
     imgdir = ImageDir(images_dir)
     parent = open_parent(images_dir, prev_images_dir, root) if prev_images_dir else None
     trk = make_tracker(tracker, parent)
+    trk.keep_in_target = keep_frozen     # the caller kills the tree, or takes tracking out of it
     final = not pre_dump
     kind = "pre-dump" if pre_dump else "dump"
     rel_parent = os.path.relpath(parent.imgdir.path, images_dir) if parent else ""

@@ -69,6 +69,7 @@ class SourcePasses(Transport):
         self.policy = policy or Policy()
         self.deltas = []            # bytes of pages each pass copied
         self.previous = None        # the last image set taken
+        self.last_pre_dump = None   # the last pre-dump (its tracker images name pycr's uffds)
         self.frozen = None          # FrozenTree of the final dump, until finish()
         self.frozen_at = None       # time.monotonic() of the final freeze
         self.last_seconds = 0.0
@@ -93,6 +94,8 @@ class SourcePasses(Transport):
         self.last_seconds = time.monotonic() - started
         self.deltas.append(stats.pages_bytes)
         self.previous = path
+        if not final:
+            self.last_pre_dump = path
         return path
 
     def finish(self, ok):
@@ -107,12 +110,15 @@ class SourcePasses(Transport):
             else:
                 frozen.thaw()
                 log.info("source thawed: it goes on as before")
-        elif not ok and self.previous is not None and not self.final_taken:
-            untrack(self.root, self.previous)
+        if not ok and self.last_pre_dump is not None:
+            untrack(self.root, self.last_pre_dump)
 
 
 def untrack(root, last_pass):
     """Take pycr's userfaultfds (and copies inherited by fork) out of a tree left running.
+
+    last_pass is the last pre-dump: its tracker images name them (the final
+    dump of a migration leaves them in place, at the same numbers).
 
     Closing the last reference makes the kernel drop every write-protect
     registration, so nothing of the pre-dumps stays in the source.

@@ -119,6 +119,10 @@ def _free_high_fd(pid):
 
 class UffdWpTracker(Tracker):
     name = "uffd-wp"
+    # The final dump normally closes the userfaultfd in the target. A migration keeps
+    # the source frozen and then kills it, so closing it there would only add to the
+    # downtime; on failure the migration takes it out itself.
+    keep_in_target = False
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -155,7 +159,7 @@ class UffdWpTracker(Tracker):
         self.dirty[pid] = R.union(dirty, untracked) if tracked else None
         self.to_register[pid] = [(s, e) for s, e, prot_none, _ in vmas
                                  if not prot_none and not R.covers(tracked, s, e)]
-        if final and uffd is not None:
+        if final and uffd is not None and not self.keep_in_target:
             self._close_in_target(uffd, leader)
         elif uffd is not None:
             self.procs[pid] = uffd
