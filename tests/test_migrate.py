@@ -429,6 +429,31 @@ def test_counter_replica_never_runs_before_the_final_pass(spawn, tmp_path, clean
     assert res.summary.total_bytes == sum(r.bytes for r in res.reports)
 
 
+def test_threads_are_created_at_the_final_pass(spawn, cleanup_pids):
+    """Between passes the replica is its leader alone; at the end every thread is back with its TID."""
+    w = spawn("threads")
+    tids = w.threads()
+    assert len(tids) == 4
+    counted = []
+
+    def between(rep, replica):
+        counted.append(len(procutil.threads(replica.tasks[w.pid].real)))
+
+    res = migrate(w.pid, policy=Policy(max_passes=3, min_delta=0),
+                  on_pass=registering(cleanup_pids, then=between))
+    assert counted[:-1] == [1] * (len(counted) - 1)
+    replica = res.summary.root_real
+    inner = sorted(int(procutil.status(f"{replica}/task/{t}")["NSpid"].split()[-1])
+                   for t in procutil.threads(replica))
+    assert inner == tids
+    mark = w.mark()
+    for tid in tids:
+        first = int(wait_line(w, rf"^count {tid} (\d+)$", start=mark).group(1))
+        wait_line(w, rf"^count {tid} {first + 2}$", start=mark)
+        assert first > 5, "a thread started over"
+    untraced_and_running(replica)
+
+
 # ---------------------------------------------------------------- failures
 
 def test_replica_killed_in_a_middle_pass(spawn, tmp_path, cleanup_pids):
