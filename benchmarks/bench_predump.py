@@ -6,7 +6,8 @@ test_chain (2 GiB memhog rewriting 1 % of its pages per second; PYCR_BENCH_CHAIN
   each round starts a fresh process, lets it run 1 s, takes a full dump of it that leaves
   it running (the reference), then PREDUMPS pre-dump passes PASS_INTERVAL s apart and the
   final dump (--prev-images-dir the last pass). The timed call is the final dump. Then the
-  chain is restored and must come back running. extra_info: frozen seconds and bytes of
+  chain is restored and must come back running. extra_info: frozen seconds (freeze until
+  the thaw or kill begins, see benchmarks.pycr_runs) and bytes of
   the reference, of every pre-dump pass and of the final dump, and final/full frozen.
 test_scan: one tracker scan of a 64 MiB, 512 MiB and 2 GiB process that writes 1 % of its
   pages per second. uffd-wp: one PAGEMAP_SCAN (report written pages, write-protect them
@@ -42,7 +43,7 @@ HASH_CHUNK = 32 * MIB
 
 @pytest.mark.parametrize("tracker", ["uffd-wp", "hash"])
 def test_chain(benchmark, tracker, workloads, images_root):
-    seen = {"full_frozen": [], "full_bytes": [], "pre_frozen": [], "pre_bytes": [], "pre_total": [],
+    seen = {"full_frozen": [], "final_frozen_with_kill": [], "full_bytes": [], "pre_frozen": [], "pre_bytes": [], "pre_total": [],
             "final_frozen": [], "final_bytes": [], "final_total": [], "restore_s": [], "chain_bytes": [],
             "bad": []}
     state = {}
@@ -54,7 +55,7 @@ def test_chain(benchmark, tracker, workloads, images_root):
         time.sleep(1.0)
         settle(CHAIN_MIB * MIB)
         ref = full_dump(wl.root, base / "full", leave_running=True)
-        seen["full_frozen"].append(ref.frozen_seconds)
+        seen["full_frozen"].append(ref.until_release_seconds)
         seen["full_bytes"].append(ref.pages_bytes)
         shutil.rmtree(base / "full")
         frozen, written, totals, prev = [], [], [], None
@@ -63,7 +64,7 @@ def test_chain(benchmark, tracker, workloads, images_root):
             if n > 1:
                 time.sleep(max(PASS_INTERVAL - 0.5, 0))
             st = incremental_pass(wl.root, base / f"pre{n}", prev=prev, tracker=tracker)
-            frozen.append(st.frozen_seconds)
+            frozen.append(st.until_release_seconds)
             written.append(st.pages_bytes)
             totals.append(st.total_seconds)
             prev = base / f"pre{n}"
@@ -78,7 +79,8 @@ def test_chain(benchmark, tracker, workloads, images_root):
         with reaping_dump(state["wl"]):
             st = incremental_pass(state["wl"].root, state["base"] / "final", prev=state["prev"],
                                   pre_dump=False, tracker=tracker)
-        seen["final_frozen"].append(st.frozen_seconds)
+        seen["final_frozen"].append(st.until_release_seconds)
+        seen["final_frozen_with_kill"].append(st.frozen_seconds)
         seen["final_bytes"].append(st.pages_bytes)
         seen["final_total"].append(st.total_seconds)
 
@@ -108,7 +110,8 @@ def test_chain(benchmark, tracker, workloads, images_root):
         tracker=tracker, mib=CHAIN_MIB, rate_pct=RATE_PCT, predumps=PREDUMPS, pass_interval_s=PASS_INTERVAL,
         full_frozen_s=seen["full_frozen"], full_bytes=seen["full_bytes"],
         predump_frozen_s=seen["pre_frozen"], predump_bytes=seen["pre_bytes"], predump_total_s=seen["pre_total"],
-        final_frozen_s=seen["final_frozen"], final_bytes=seen["final_bytes"], final_total_s=seen["final_total"],
+        final_frozen_s=seen["final_frozen"], final_frozen_with_kill_s=seen["final_frozen_with_kill"],
+        final_bytes=seen["final_bytes"], final_total_s=seen["final_total"],
         chain_image_bytes=seen["chain_bytes"], chain_restore_s=seen["restore_s"],
         final_over_full_frozen=round(fin / full, 4) if full else None)
 

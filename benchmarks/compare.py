@@ -7,23 +7,34 @@ restores it detached. Before each timed phase the harness syncs and pauses, beca
 VM hands freed memory back to its host and the first touch of new memory is slow: one
 phase should not pay for the previous one's page cache.
 
-Measured per tool: wall time of the dump command, total size of the image directory,
-wall time of the restore command (until it returns with the tree running). Each restore
+Measured per tool: wall time of the dump command, the time the tree stayed frozen (criu's
+own "Frozen time" from `--display-stats`; for pycr the same span, freeze until the kill
+begins, from benchmarks.pycr_runs), total size of the
+image directory, wall time of the restore command (until it returns with the tree
+running). Each restore
 is checked the way a user would: every PID is back and running, and every process reports
 the same memory checksum as before the dump. Printed: medians with min-max and the
 pycr/criu ratios, and the machine's copy limits (benchmarks.limits) from the same run.
 
 Tools: criu from $CRIU, else PATH, else /opt/criu/sbin/criu (scripts/build-criu.sh);
-pycr from $PYCR (a command line), else `python -m pycr`. A tool that is missing or
+pycr from $PYCR (a command line), else `python -m benchmarks.pycr_runs` (pycr's CLI from
+this checkout, which also prints the frozen time). A tool that is missing or
 broken is reported in one line and skipped.
 
     python -m benchmarks.compare [--rounds 3] [--workloads 64,512,2048,512x16] [--tools criu,pycr]
+
+Incremental path (--incremental 2048, on by default; 0 turns it off): a process writing
+1 % of its pages per second. pycr takes PREDUMPS pre-dumps (--predumps 2) and a final dump
+with --prev-images-dir; criu cannot pre-dump on this kernel (no soft-dirty: `criu check
+--feature mem_dirty_track` fails, which is recorded), so its plain dump of the same kind of
+process is the comparison. The restore is checked by the PIDs running and counting on.
 """
 
 import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -63,7 +74,16 @@ class Tool:
     def version(self):
         return ""
 
-    def dump(self, pid, images_dir, log_path):
+    def dump(self, pid, images_dir, log_path, prev=None):
+        """Dump and kill the tree; -> seconds the tool says it was frozen, or None."""
+        raise NotImplementedError
+
+    def pre_dump_problem(self):
+        """None when this tool can pre-dump here, else one line saying why not."""
+        return "not implemented"
+
+    def pre_dump(self, pid, images_dir, log_path, prev=None):
+        """One pre-dump pass (the tree keeps running); -> frozen seconds or None."""
         raise NotImplementedError
 
     def restore(self, images_dir, log_path):
@@ -101,9 +121,24 @@ class Criu(Tool):
         out = subprocess.run([self.binary, "--version"], capture_output=True, text=True).stdout
         return " ".join(out.split())
 
-    def dump(self, pid, images_dir, log_path):
+    def dump(self, pid, images_dir, log_path, prev=None):
         self._run("dump", [self.binary, "dump", "-t", str(pid), "-D", str(images_dir), "--shell-job",
-                           "-o", str(log_path)], log_path)
+                           "--display-stats", "-o", str(log_path)], log_path)
+        return criu_frozen_seconds(_log_tail(log_path, 0))   # criu truncates its -o log
+
+    def pre_dump_problem(self):
+        check = subprocess.run([self.binary, "check", "--feature", "mem_dirty_track"],
+                               capture_output=True, text=True, close_fds=True)
+        if check.returncode == 0:
+            return None
+        return f"criu pre-dump: unavailable here (`criu check --feature mem_dirty_track`: " \
+               f"{_last_error(check.stdout + check.stderr)}; the kernel has no soft-dirty)"
+
+    def pre_dump(self, pid, images_dir, log_path, prev=None):
+        argv = [self.binary, "pre-dump", "-t", str(pid), "-D", str(images_dir), "--display-stats",
+                "-o", str(log_path)]
+        self._run("pre-dump", argv + (["--prev-images-dir", str(prev)] if prev else []), log_path)
+        return criu_frozen_seconds(_log_tail(log_path, 0))
 
     def restore(self, images_dir, log_path):
         self._run("restore", [self.binary, "restore", "-D", str(images_dir), "--shell-job", "-d",
@@ -115,7 +150,9 @@ class Pycr(Tool):
 
     def __init__(self, command=None):
         command = command or os.environ.get("PYCR")
-        self.argv = shlex.split(command) if command else [sys.executable, "-m", "pycr"]
+        # default: the pycr CLI of this checkout, through benchmarks.pycr_runs, which adds
+        # the frozen time measured as criu measures its own (freeze until kill or thaw)
+        self.argv = shlex.split(command) if command else [sys.executable, "-m", "benchmarks.pycr_runs"]
         self.env = dict(os.environ)
         if not command:  # `python -m pycr` from this checkout
             self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), self.env.get("PYTHONPATH")]))
@@ -138,11 +175,55 @@ class Pycr(Tool):
     def _run(self, phase, argv, log_path, timeout=600, env=None):
         super()._run(phase, argv, log_path, timeout, env or self.env)
 
-    def dump(self, pid, images_dir, log_path):
-        self._run("dump", self.argv + ["dump", "-t", str(pid), "-D", str(images_dir)], log_path)
+    def dump(self, pid, images_dir, log_path, prev=None):
+        start = _log_size(log_path)
+        argv = self.argv + ["dump", "-v", "-t", str(pid), "-D", str(images_dir)]
+        self._run("dump", argv + (["--prev-images-dir", str(prev)] if prev else []), log_path)
+        return pycr_frozen_seconds(_log_tail(log_path, start))
+
+    def pre_dump_problem(self):
+        return None
+
+    def pre_dump(self, pid, images_dir, log_path, prev=None):
+        start = _log_size(log_path)
+        argv = self.argv + ["pre-dump", "-v", "-t", str(pid), "-D", str(images_dir)]
+        self._run("pre-dump", argv + (["--prev-images-dir", str(prev)] if prev else []), log_path)
+        return pycr_frozen_seconds(_log_tail(log_path, start))
 
     def restore(self, images_dir, log_path):
         self._run("restore", self.argv + ["restore", "-D", str(images_dir), "-d"], log_path)
+
+
+def _log_size(path):
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+
+
+def _log_tail(path, start):
+    """What was appended to a log since it was start bytes long."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read().decode(errors="replace")
+
+
+def criu_frozen_seconds(text):
+    """criu --display-stats prints "Frozen time: N us" (from its stats-dump image); the last one counts."""
+    found = re.findall(r"Frozen time:\s*(\d+)\s*us", text)
+    return int(found[-1]) / 1e6 if found else None
+
+
+def pycr_frozen_seconds(text):
+    """Seconds from the freeze until the kill or thaw began.
+
+    benchmarks.pycr_runs prints "frozen until release: S s". Failing that (a $PYCR
+    command), pycr -v's "... done: X MiB of pages, frozen S s, total T s", which also
+    counts the wait for a killed tree's PIDs to be free.
+    """
+    found = re.findall(r"frozen until release: ([\d.]+) s", text) or \
+        re.findall(r"done: [\d.]+ MiB of pages, frozen ([\d.]+) s", text)
+    return float(found[-1]) if found else None
 
 
 def parse_workload(spec):
@@ -163,7 +244,8 @@ def dir_size(path):
 def one_round(tool, mib, nproc, work_dir, pause, prefault=True):
     """Start a workload, dump it with tool, restore it, check it; always clean up.
 
-    Returns {"dump_s", "image_mib", "restore_s"}; raises ToolFailed.
+    Returns {"dump_s", "frozen_s" (None if the tool does not say), "image_mib", "restore_s"};
+    raises ToolFailed.
     prefault: warm the VM's free memory before each timed phase (see limits.settle).
     """
     # a dump allocates page cache for the images, a restore the tree's memory: about mib each
@@ -185,7 +267,7 @@ def one_round(tool, mib, nproc, work_dir, pause, prefault=True):
         t0 = time.perf_counter()
         dumped = False
         try:
-            tool.dump(wl.root, images, logs / "dump.log")
+            frozen_s = tool.dump(wl.root, images, logs / "dump.log")
             dumped = True
         finally:
             dump_s = time.perf_counter() - t0
@@ -205,7 +287,7 @@ def one_round(tool, mib, nproc, work_dir, pause, prefault=True):
         bad = [pid for pid in wl.pids if after.get(pid, (0, None))[1] != before[pid][1]]
         if bad:
             raise ToolFailed(f"{tool.name} restore: memory checksum differs (or no answer) in pids {bad}")
-        return {"dump_s": dump_s, "image_mib": image_mib, "restore_s": restore_s}
+        return {"dump_s": dump_s, "frozen_s": frozen_s, "image_mib": image_mib, "restore_s": restore_s}
     finally:
         left = wl.kill()
         wl.cleanup()
@@ -214,10 +296,74 @@ def one_round(tool, mib, nproc, work_dir, pause, prefault=True):
             print(f"compare: warning: pids {left} did not go away", file=sys.stderr)
 
 
-METRICS = (("dump_s", "dump time (s)"), ("image_mib", "image size (MiB)"), ("restore_s", "restore time (s)"))
+def incremental_round(tool, mib, work_dir, pause, predumps, interval=1.0, rate_pct=1.0, prefault=True):
+    """A process writing rate_pct % of its pages per second: predumps pre-dump passes
+    (interval s apart) then the final dump, or a plain dump when predumps is 0; restore.
+
+    Returns {"passes": [{"wall_s", "frozen_s", "image_mib"}], "dump_s", "frozen_s",
+    "image_mib" (final directory only), "chain_mib" (every directory), "restore_s"}.
+    The restore is checked by every PID running and its tick count growing.
+    """
+    warm = (mib + 64) * MIB if prefault else 0
+    base = Path(work_dir) / f"{tool.name}-chain"
+    logs = Path(work_dir) / f"{tool.name}-logs"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    wl = procs.Workload(mib, rate_pct=rate_pct, workdir=work_dir)
+    try:
+        wl.start()
+        time.sleep(interval)
+        passes, prev = [], None
+        for n in range(1, predumps + 1):
+            limits.settle(pause, warm if n == 1 else 0)
+            d = base / f"pre{n}"
+            d.mkdir()
+            t0 = time.perf_counter()
+            frozen = tool.pre_dump(wl.root, d, logs / "pre-dump.log", prev=f"../{prev.name}" if prev else None)
+            passes.append({"wall_s": time.perf_counter() - t0, "frozen_s": frozen, "image_mib": dir_size(d) / MIB})
+            prev = d
+            time.sleep(max(interval - pause, 0))
+        final = base / "final"
+        final.mkdir()
+        limits.settle(pause, warm if not predumps else 0)
+        wl.reap_during()
+        t0 = time.perf_counter()
+        dumped = False
+        try:
+            frozen_s = tool.dump(wl.root, final, logs / "dump.log", prev=f"../{prev.name}" if prev else None)
+            dumped = True
+        finally:
+            dump_s = time.perf_counter() - t0
+            left = wl.wait_dumped(timeout=10.0 if dumped else 0.0)
+        if left:
+            raise ToolFailed(f"{tool.name} dump left pids {left} behind; they block the restore")
+        image_mib, chain_mib = dir_size(final) / MIB, dir_size(base) / MIB
+        limits.settle(pause, warm)
+        t0 = time.perf_counter()
+        tool.restore(final, logs / "restore.log")
+        restore_s = time.perf_counter() - t0
+        first = wl.checksums(timeout=30)
+        time.sleep(0.1)
+        second = wl.checksums(timeout=30)
+        if not wl.alive() or any(second.get(p, (0,))[0] <= first.get(p, (1 << 62,))[0] for p in wl.pids):
+            raise ToolFailed(f"{tool.name} restore: not every pid of {wl.pids} is back and counting")
+        return {"passes": passes, "dump_s": dump_s, "frozen_s": frozen_s, "image_mib": image_mib,
+                "chain_mib": chain_mib, "restore_s": restore_s}
+    finally:
+        left = wl.kill()
+        wl.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+        if left:
+            print(f"compare: warning: pids {left} did not go away", file=sys.stderr)
+
+
+METRICS = (("dump_s", "dump time (s)"), ("frozen_s", "frozen (s)"), ("image_mib", "image size (MiB)"),
+           ("restore_s", "restore time (s)"))
 
 
 def _stat(values):
+    values = [v for v in values if v is not None]
     if not values:
         return None
     return statistics.median(values), min(values), max(values)
@@ -225,7 +371,7 @@ def _stat(values):
 
 def _fmt(st, digits):
     if st is None:
-        return "-"
+        return "n/a"
     med, lo, hi = st
     return f"{med:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
 
@@ -249,6 +395,29 @@ def format_results(results, tool_names):
         for n in tool_names:
             for msg in per_tool.get(n, {}).get("failed", []):
                 lines.append(f"{label:<18} {n} failed: {msg}")
+    return "\n".join(lines)
+
+
+def format_incremental(label, per_tool, notes):
+    """The incremental table: each pre-dump pass, then the final dump and the restore."""
+    lines = [f"incremental path, {label}", "-" * 60]
+    for name, slot in per_tool.items():
+        rounds = slot["ok"]
+        npass = max((len(r["passes"]) for r in rounds), default=0)
+        for k in range(npass):
+            got = [r["passes"][k] for r in rounds if len(r["passes"]) > k]
+            lines.append(f"{name:<5} pre-dump {k + 1}: wall {_fmt(_stat([g['wall_s'] for g in got]), 3)} s, "
+                         f"frozen {_fmt(_stat([g['frozen_s'] for g in got]), 3)} s, "
+                         f"{_fmt(_stat([g['image_mib'] for g in got]), 1)} MiB")
+        kind = "final dump" if npass else "plain dump"
+        lines.append(f"{name:<5} {kind}: wall {_fmt(_stat([r['dump_s'] for r in rounds]), 3)} s, "
+                     f"frozen {_fmt(_stat([r['frozen_s'] for r in rounds]), 3)} s, "
+                     f"{_fmt(_stat([r['image_mib'] for r in rounds]), 1)} MiB "
+                     f"(chain {_fmt(_stat([r['chain_mib'] for r in rounds]), 1)} MiB)")
+        lines.append(f"{name:<5} restore: {_fmt(_stat([r['restore_s'] for r in rounds]), 3)} s")
+        for msg in slot["failed"]:
+            lines.append(f"{name:<5} failed: {msg}")
+    lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
 
 
@@ -279,6 +448,11 @@ def main(argv=None):
                     help="do not touch and free memory before each timed phase (then the VM's host faults "
                          "on memory it took back are measured too)")
     ap.add_argument("--limits-rounds", type=int, default=3, help="rounds of benchmarks.limits (0: skip)")
+    ap.add_argument("--incremental", type=int, default=2048, metavar="MIB",
+                    help="size of the busy process (1 %% of pages written per second) for the incremental "
+                         "comparison (default 2048; 0: skip)")
+    ap.add_argument("--predumps", type=int, default=2, help="pre-dump passes before the final dump (default 2)")
+    ap.add_argument("--interval", type=float, default=1.0, help="seconds between passes (default 1)")
     ap.add_argument("--json", metavar="FILE", help="also write every raw figure here")
     args = ap.parse_args(argv)
 
@@ -320,8 +494,39 @@ def main(argv=None):
                     slot["failed"].append(str(exc))
                     print(f"  {label} round {r + 1} {tool.name}: {exc}", flush=True)
 
+    incremental, notes = {}, []
+    if args.incremental > 0 and tools:
+        label = workload_label(args.incremental, 1) + ", 1 % of pages written per second"
+        can = {}
+        for tool in tools:
+            why = tool.pre_dump_problem()
+            can[tool.name] = why is None
+            if why:
+                notes.append(f"{why}; its plain dump of the same process is shown")
+                print(f"# {why}", flush=True)
+        for r in range(args.rounds):
+            order = tools if r % 2 == 0 else tools[::-1]
+            for tool in order:
+                slot = incremental.setdefault(tool.name, {"ok": [], "failed": []})
+                n = args.predumps if can[tool.name] else 0
+                try:
+                    res = incremental_round(tool, args.incremental, work_dir, args.pause, n, args.interval,
+                                            prefault=not args.no_prefault)
+                    slot["ok"].append(res)
+                    passes = ", ".join(f"{p['wall_s']:.3f}/{p['frozen_s'] or 0:.3f} s {p['image_mib']:.1f} MiB"
+                                       for p in res["passes"])
+                    print(f"  incremental round {r + 1} {tool.name}: passes [{passes}], final dump "
+                          f"{res['dump_s']:.3f} s (frozen {res['frozen_s'] or 0:.3f} s, {res['image_mib']:.1f} MiB), "
+                          f"restore {res['restore_s']:.3f} s", flush=True)
+                except (ToolFailed, RuntimeError) as exc:
+                    slot["failed"].append(str(exc))
+                    print(f"  incremental round {r + 1} {tool.name}: {exc}", flush=True)
+
     print()
     print(format_results(results, names))
+    if incremental:
+        print()
+        print(format_incremental(workload_label(args.incremental, 1), incremental, notes))
     lim = None
     if args.limits_rounds > 0:
         print()
@@ -330,7 +535,9 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"machine": machine_line(), "date": datetime.now(timezone.utc).isoformat(),
-             "tools": {t.name: t.version() for t in tools}, "results": results, "limits": lim}, indent=1))
+             "tools": {t.name: t.version() for t in tools}, "results": results, "limits": lim,
+             "incremental": {"mib": args.incremental, "predumps": args.predumps, "interval_s": args.interval,
+                             "rate_pct": 1.0, "results": incremental, "notes": notes}}, indent=1))
     return 0
 
 

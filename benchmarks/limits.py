@@ -7,7 +7,8 @@ criu are read against them:
 - process_vm_writev of 1 GiB into a populated target, and into a fresh, never touched
   mapping (the restore case, which has to fault in new pages);
 - write and fsync of 1 GiB to the image directory's filesystem, to a new file (page cache
-  pages allocated fresh) and over the same file again (page cache pages reused);
+  pages allocated fresh), over the same file again (page cache pages reused), and to a
+  new file with O_DIRECT (no page cache: how pycr writes pages);
 - in-process baselines: memcpy between warm buffers, and the first touch of new anonymous
   memory (slow in this VM: freed memory goes back to the host and comes back page by page).
 
@@ -233,11 +234,35 @@ def _fs_round(image_dir, buf, pause):
         finally:
             os.close(fd)
         yield "write + fsync over the same file (cached pages reused)", t1 - t0
+
+        path.unlink()
+        secs = _direct_write(path, buf, pause)
+        if secs is not None:
+            yield "O_DIRECT write + fsync of a new file (pycr's dump path)", secs
     finally:
         try:
             path.unlink()
         except FileNotFoundError:
             pass
+
+
+def _direct_write(path, buf, pause):
+    """Seconds to write buf to a new file with O_DIRECT (no page cache), or None if the
+    filesystem refuses O_DIRECT. buf is an mmap, so it is page aligned."""
+    settle(pause)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+    except OSError:
+        return None
+    try:
+        t0 = time.perf_counter()
+        _write_all(fd, buf)
+        os.fsync(fd)
+        return time.perf_counter() - t0
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def summarize(res):
