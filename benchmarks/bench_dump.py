@@ -53,9 +53,10 @@ def test_dump(benchmark, spec, workloads, images_root, copy_limits):
     info.update(workload=spec, nproc=nproc, mib=mib, total_s=seen["total"], frozen_s=seen["frozen"],
                 frozen_median_s=median(seen["frozen"]), frozen_with_kill_s=seen["frozen_with_kill"],
                 image_bytes=median(seen["image"]))
-    info.update(throughput_info(median(seen["bytes"]), median(seen["total"]), copy_limits, "file_write"))
-    info["ratio_to_readv"] = throughput_info(median(seen["bytes"]), median(seen["total"]),
-                                             copy_limits, "readv").get("ratio_to_readv")
+    info.update(throughput_info(median(seen["bytes"]), median(seen["total"]), copy_limits, "direct_write"))
+    for key in ("readv", "file_write"):
+        extra = throughput_info(median(seen["bytes"]), median(seen["total"]), copy_limits, key)
+        info.update({k: v for k, v in extra.items() if k.startswith(("ratio_", "limit_"))})
 
 
 @pytest.mark.parametrize("spec", WORKLOADS, ids=lambda s: workload_label(*parse_workload(s)).replace(" ", ""))

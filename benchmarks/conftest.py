@@ -34,7 +34,9 @@ PAUSE = float(os.environ.get("PYCR_BENCH_PAUSE", "0.5"))
 READ_LIMIT = "process_vm_readv, 2 MiB iovecs"
 WRITEV_LIMIT = "process_vm_writev into unpopulated memory, 1 iovec"
 FILE_LIMIT = "write + fsync of a new file"
-LIMIT_KEYS = {"readv": READ_LIMIT, "writev_fresh": WRITEV_LIMIT, "file_write": FILE_LIMIT}
+DIRECT_LIMIT = "O_DIRECT write + fsync of a new file (pycr's dump path)"
+LIMIT_KEYS = {"readv": READ_LIMIT, "writev_fresh": WRITEV_LIMIT, "file_write": FILE_LIMIT,
+              "direct_write": DIRECT_LIMIT}
 
 
 def pytest_collect_file(file_path, parent):
