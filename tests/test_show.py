@@ -35,7 +35,7 @@ def test_text_of_a_directory_shows_every_image_in_order(dump_dir):
     headers = [line.split()[1] for line in text.splitlines() if line.startswith("== ")]
     assert headers == ["inventory.img", "pstree.img", "files.img", "pipes-data.img",
                        f"core-{ROOT}.img", f"mm-{ROOT}.img", f"pagemap-{ROOT}.img", f"pages-{ROOT}.img",
-                       f"core-{CHILD}.img"]
+                       f"tracker-{ROOT}.img", f"core-{CHILD}.img"]
     # inventory and pstree
     assert "pre-dump" in text and "uffd-wp" in text
     assert f"{ROOT:>7} {1:>7} {ROOT:>7} {ROOT:>7}" in text and f"{ROOT},{THREAD2}" in text
