@@ -110,3 +110,41 @@ def test_criu_round_restores_the_same_memory(tmp_path):
 def test_missing_tool_is_reported_in_one_line():
     why = compare.Criu("/nonexistent/criu").problem()
     assert why and "\n" not in why and "not found" in why
+
+
+def test_frozen_time_is_read_from_either_tool_output():
+    assert compare.criu_frozen_seconds("Displaying dump stats:\nFrozen time: 55675 us\n") == 0.055675
+    assert compare.criu_frozen_seconds("no stats here") is None
+    text = "pycr: dump done: 64.1 MiB of pages, frozen 0.120 s, total 0.2 s\npycr: frozen until release: 0.080000 s\n"
+    assert compare.pycr_frozen_seconds(text) == 0.08
+    assert compare.pycr_frozen_seconds(text.splitlines()[0]) == 0.12
+
+
+def test_freeze_clock_stamps_a_dump_that_leaves_the_tree_running(tmp_path):
+    from benchmarks.pycr_runs import full_dump
+    with procs.Workload(8) as wl:
+        before = wl.checksums()
+        stats = full_dump(wl.root, tmp_path / "d", leave_running=True)
+        assert 0 < stats.until_release_seconds <= stats.frozen_seconds <= stats.total_seconds
+        assert stats.pages_bytes >= 8 * MIB
+        assert wl.alive() and wl.checksums()[wl.root][1] == before[wl.root][1]
+    import pycr.dump
+    from pycr.freeze import freeze
+    assert pycr.dump.freeze is freeze, "the clock puts pycr's freeze back"
+
+
+def test_plot_and_report_from_a_comparison_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    import json
+    from benchmarks import plot, report
+    ok = {"dump_s": 0.2, "frozen_s": 0.1, "image_mib": 64.1, "restore_s": 0.3}
+    data = {"machine": "m", "date": "2026-11-26T00:00", "tools": {"criu": "Version: 4.1.1", "pycr": "pycr 0.1.0"},
+            "results": {label: {t: {"ok": [ok], "failed": []} for t in ("criu", "pycr")}
+                        for label in ("64 MiB", "2 GiB", "512 MiB x16 procs")},
+            "limits": {plot.READV: [5.0], plot.DIRECT_WRITE: [1.6], plot.WRITEV_FRESH: [1.0]}}
+    assert list(plot.single_process_sizes(data["results"])) == [64, 2048]
+    out = tmp_path / "p.png"
+    plot.draw(data, out)
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    table = report.compare_tables(json.loads(json.dumps(data)))
+    assert "| 2 GiB | frozen (s) | 0.100 | 0.100 | 1.00 |" in table
