@@ -70,19 +70,19 @@ def _collect_files(pid, hidden):
     return [describe_fd(pid, fd, target) for fd, target in proc.fds(pid).items() if fd not in hidden]
 
 
-def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None):
+def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
     """Collect and write every image of a frozen tree except the inventory.
 
     memory(pid, vmas, imgdir) -> bytes writes the pages of one process; the
     default saves every present page. Returns bytes of pages written.
     hidden_fds: {pid: fds} that are pycr's own (a tracker's userfaultfd) and
-    are left out of the files image.
+    are left out of the files image. smaps(pid) -> entries, if already read this pass.
     """
     processes = frozen.processes
     # Pass 1: read what can refuse the dump, before writing anything.
     vmas_by_pid, files_by_pid = {}, {}
     for pid in processes:
-        vmas = read_vmas(pid)
+        vmas = read_vmas(pid, smaps(pid) if smaps else None)
         check_supported(pid, vmas)
         vmas_by_pid[pid] = vmas
         files_by_pid[pid] = _collect_files(pid, (hidden_fds or {}).get(pid))

@@ -70,7 +70,9 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
     imgdir = ImageDir(images_dir)
     parent = open_parent(images_dir, prev_images_dir, root) if prev_images_dir else None
     trk = make_tracker(tracker, parent)
-    trk.keep_in_target = keep_frozen     # the caller kills the tree, or takes tracking out of it
+    # The userfaultfd stays in the targets when they are killed right after (closing it
+    # costs injected syscalls while frozen), or when the caller takes it out later.
+    trk.keep_in_target = keep_frozen or not (pre_dump or leave_running)
     final = not pre_dump
     kind = "pre-dump" if pre_dump else "dump"
     rel_parent = os.path.relpath(parent.imgdir.path, images_dir) if parent else ""
@@ -96,7 +98,8 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
         for pid, leader in leaders.items():
             trk.while_frozen(pid, leader, final)
         hidden = {pid: trk.hidden_fds(pid) for pid in leaders}
-        stats.pages_bytes = write_tree_images(frozen, imgdir, memory=memory, hidden_fds=hidden)
+        stats.pages_bytes = write_tree_images(frozen, imgdir, memory=memory, hidden_fds=hidden,
+                                              smaps=trk.smaps)
         inv = inventory(root, kind, tracker=trk.name, parent=rel_parent, pass_nr=pass_nr)
     except BaseException:
         log.info("%s failed: detaching, the tree goes on as before", kind)

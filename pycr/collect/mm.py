@@ -22,9 +22,10 @@ def vma_record(vma, vmflags):
     }
 
 
-def read_vmas(pid):
-    """[(proc.Vma, vmflags string)] of process pid, from smaps (which repeats maps' lines)."""
-    return [(entry.vma, entry.vmflags) for entry in proc.smaps(pid)]
+def read_vmas(pid, entries=None):
+    """[(proc.Vma, vmflags string)] of process pid, from smaps (which repeats maps' lines);
+    entries: smaps already read while the task was frozen."""
+    return [(entry.vma, entry.vmflags) for entry in (entries if entries is not None else proc.smaps(pid))]
 
 
 def check_supported(pid, vmas):

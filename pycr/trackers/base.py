@@ -65,10 +65,18 @@ class Tracker:
     def __init__(self, parent=None):
         self.parent = parent          # ParentPass or None (first pass)
         self.start_times = {}
+        self.smaps_read = {}
 
     # --- interface
     def while_frozen(self, pid, leader, final):
         self.start_times[pid] = proc.stat(pid).start_time
+
+    def smaps(self, pid):
+        """/proc/PID/smaps of a frozen task, read once per pass: for a large
+        process the kernel's page walk behind it costs tens of milliseconds."""
+        if pid not in self.smaps_read:
+            self.smaps_read[pid] = proc.smaps(pid)
+        return self.smaps_read[pid]
 
     def hidden_fds(self, pid):
         return set()

@@ -41,10 +41,11 @@ HIGHEST_FD = 1023                    # keeps the target's fd table small
 RLIMIT_NOFILE = 7
 
 
-def candidate_vmas(pid):
-    """(start, end, prot_none, tracked_flag) of the private VMAs whose pages a dump saves."""
+def candidate_vmas(entries):
+    """(start, end, prot_none, tracked_flag) of the private VMAs whose pages a dump saves,
+    from a task's smaps entries."""
     out = []
-    for entry in proc.smaps(pid):
+    for entry in entries:
         vma = entry.vma
         if vma.shared or vma.kind in SKIPPED_KINDS:
             continue
@@ -137,7 +138,7 @@ class UffdWpTracker(Tracker):
         super().while_frozen(pid, leader, final)
         self.final = final
         self._close_inherited(pid, leader)
-        vmas = candidate_vmas(pid)
+        vmas = candidate_vmas(self.smaps(pid))
         uffd = self._adopt(pid)
         tracked, dirty = array("Q"), array("Q")
         if uffd is not None:
@@ -161,7 +162,7 @@ class UffdWpTracker(Tracker):
                                  if not prot_none and not R.covers(tracked, s, e)]
         if final and uffd is not None and not self.keep_in_target:
             self._close_in_target(uffd, leader)
-        elif uffd is not None:
+        if uffd is not None:
             self.procs[pid] = uffd
 
     def _owners(self):
@@ -251,10 +252,27 @@ class UffdWpTracker(Tracker):
         return uffd
 
     def _close_in_target(self, uffd, leader):
+        """Take the userfaultfd out of the target's fd table. pycr's duplicate keeps
+        tracking alive until finish(): the final rescan still needs it, and closing
+        the last reference is what makes the kernel unregister every range."""
         with Injector(leader) as inj:
             inj.call("close", uffd.target_fd)
-        uffd.close()   # the last reference: the kernel unregisters every range
         log.info("pid %d: closed its userfaultfd (fd %d)", uffd.pid, uffd.target_fd)
+
+    def _rescan(self, pid):
+        """Add what was written after while_frozen's scan to the dirty set.
+
+        The tree is frozen, but pycr's own injected syscalls return to user mode
+        and the kernel then updates the rseq area (cpu_id) in the task's TLS;
+        without this, the final dump would keep the parent's stale copy of it.
+        """
+        uffd, tracked = self.procs.get(pid), self.tracked.get(pid)
+        if uffd is None or not tracked or self.dirty.get(pid) is None:
+            return
+        late = array("Q")
+        for start, end in contiguous(R.pairs(tracked)):
+            late.extend(uffd.scan_written(start, end, check=False))
+        self.dirty[pid] = R.union(self.dirty[pid], R.normalize(late))
 
     def hidden_fds(self, pid):
         uffd = self.procs.get(pid)
@@ -278,6 +296,8 @@ class UffdWpTracker(Tracker):
 
     def save_pages(self, pid, vmas, imgdir, live):
         registered = self._arm(pid)
+        if self.final:
+            self._rescan(pid)
         present = present_pages(pid, vmas)
         save, in_parent = plan_copy(present, self.dirty.get(pid), self.coverage(pid))
         written = write_pages(pid, vmas, imgdir, save, in_parent, live)
