@@ -20,7 +20,7 @@ from . import proc
 from .dump import DumpStats, inventory, probe_writable, write_tree_images
 from .errors import ImageError, TaskGone
 from .freeze import freeze
-from .images import ImageDir, iter_page_runs
+from .images import ImageDir
 from .log import log
 from .trackers import ParentPass, make_tracker
 from .trackers.base import check_parent_tree
@@ -163,33 +163,3 @@ def chain(images_dir):
         out.append(current)
         current = current.parent()
     return out
-
-
-def read_chain_pages(images_dir, pid, start, end):
-    """The bytes of pages [start, end) of pid as the chain holds them.
-
-    Follows in_parent runs up the chain; a page no image holds reads as
-    zeros (it was not present). For tests, pycr show and the restorer.
-    """
-    out = bytearray(end - start)
-    want = [(start, end)]
-    for imgdir in chain(images_dir):
-        if not want or not imgdir.exists("pagemap", str(pid)):
-            break
-        pagemap = imgdir.read("pagemap", str(pid))
-        still = []
-        with open(imgdir.pages_path(str(pid)), "rb") as pages:
-            for vaddr, nr, in_parent, offset in iter_page_runs(pagemap, PAGE):
-                for a, b in want:
-                    lo, hi = max(vaddr, a), min(vaddr + nr * PAGE, b)
-                    if lo >= hi:
-                        continue
-                    if in_parent:
-                        still.append((lo, hi))
-                    else:
-                        pages.seek(offset + lo - vaddr)
-                        out[lo - start:hi - start] = pages.read(hi - lo)
-        want = still
-    return bytes(out)
-
-

@@ -14,7 +14,7 @@ from pycrcmd import one_line_error, pycr
 from pycr.dump import dump_tree
 from pycr.errors import ImageError
 from pycr.images import ImageDir
-from pycr.predump import read_chain_pages
+from pycr.images import read_memory
 
 PAGE = 4096
 SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")
@@ -55,7 +55,7 @@ def assert_chain_matches(imgdir, pid):
     checked = 0
     for start, end in private_anon(pid):
         live = procutil.read_memory(pid, start, end - start)
-        chain = read_chain_pages(imgdir, pid, start, end)
+        chain = read_memory(imgdir, str(pid), start, end - start)
         if live != chain:
             bad = next(i for i in range(0, end - start, PAGE) if live[i:i + PAGE] != chain[i:i + PAGE])
             raise AssertionError(f"pid {pid}: page {start + bad:#x} of VMA {start:#x}-{end:#x} differs from "
