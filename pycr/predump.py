@@ -147,19 +147,3 @@ def _alive(pid):
         return proc.stat(pid).state not in ("Z", "X")
     except TaskGone:
         return False
-
-
-def chain(images_dir):
-    """[ImageDir] from images_dir up through its parents (ImageError on a broken link)."""
-    out, seen = [], set()
-    current = ImageDir(images_dir)
-    while current is not None:
-        real = os.path.realpath(current.path)
-        if real in seen:
-            raise ImageError(current.path, "the chain of parents loops")
-        seen.add(real)
-        if not current.exists("inventory"):
-            raise ImageError(current.path, "missing inventory.img (a broken chain?)")
-        out.append(current)
-        current = current.parent()
-    return out
