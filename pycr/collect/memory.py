@@ -91,7 +91,17 @@ def set_direct_io(fd, on):
 
 
 def copy_runs(pid, runs, vmas, out_fd, progress=None):
-    """Copy the runs' bytes from task pid to out_fd, in run order. Returns bytes written."""
+    """Copy the runs' bytes from task pid to out_fd, in run order. Returns bytes written.
+
+    out_fd is left as it came (without O_DIRECT), also when the copy fails.
+    """
+    try:
+        return _copy_batches(pid, runs, vmas, out_fd, progress)
+    finally:
+        set_direct_io(out_fd, False)
+
+
+def _copy_batches(pid, runs, vmas, out_fd, progress):
     total = 0
     for readable, batch in split_by_readability(runs, vmas):
         set_direct_io(out_fd, readable)
@@ -119,7 +129,6 @@ def copy_runs(pid, runs, vmas, out_fd, progress=None):
                     total += len(data)
             finally:
                 os.close(mem)
-    set_direct_io(out_fd, False)
     return total
 
 
