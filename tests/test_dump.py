@@ -206,3 +206,26 @@ def test_disk_full_is_one_line_and_tree_untouched(spawn, small_fs):
     assert w.signal_and_wait(signal.SIGUSR1, r"^sum (\w+)$").group(1) == before
     # No half-written pages file is left under its final name.
     assert not [n for n in os.listdir(small_fs / "img") if n.startswith("pages-") and not n.startswith(".")]
+
+
+def test_failed_copy_leaves_pages_file_writable(spawn, tmp_path):
+    """A live copy that faults falls back to writing run by run: the pages
+    file must not be left in O_DIRECT mode, which refuses unaligned writes."""
+    import errno
+    import fcntl
+    from array import array
+    from pycr.collect.memory import copy_runs
+    w = spawn("bigmem", 1)
+    _, addr, size = w.last("region").split()
+    addr, size = int(addr, 16), int(size)
+    vmas = [{"start": addr, "end": addr + size, "prot": 3}]
+    runs = array("Q", [addr, size, 0x1000, 4096])      # the second run is never mapped
+    fd = os.open(tmp_path / "pages", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(OSError) as info:
+            copy_runs(w.pid, runs, vmas, fd)
+        assert info.value.errno == errno.EFAULT
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        assert os.write(fd, b"x" * 100) == 100
+    finally:
+        os.close(fd)
