@@ -80,11 +80,12 @@ def no_uffd(pid):
     return UFFD_LINK not in procutil.fds(pid).values()
 
 
-def stub_tasks():
+def stub_children():
+    """Restore stubs that are children of this test process (a replica's namespace init)."""
     from pycr.native import core
     stub = core.stub_path()
     out = []
-    for pid in procutil.all_pids():
+    for pid in procutil.children(os.getpid()):
         try:
             if os.readlink(f"/proc/{pid}/exe") == stub:
                 out.append(pid)
@@ -141,7 +142,7 @@ def assert_source_unharmed(w, replica_reals):
     w.wait_for(rf"^count {n + 3}$", start=w.mark() - 1)
     for real in replica_reals:
         assert not procutil.exists(real), f"replica task {real} ({procutil.state(real)}) left behind"
-    assert stub_tasks() == []
+    assert stub_children() == []
 
 
 # ---------------------------------------------------------------- the tree

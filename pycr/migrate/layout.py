@@ -7,6 +7,9 @@ is that of the first restore (pycr.restore.mm): unmap what went away, move
 [vvar]/[vdso] (they move only with an exec), map what is new, re-protect.
 """
 
+import bisect
+from array import array
+
 from construct import Container
 
 from pycr import proc
@@ -64,11 +67,44 @@ def apply(task, mm_img, shared):
         restore_mm.map_vmas(r, parts, shared.paths)
     for start, end, prot in plan.protect:
         r.check("mprotect", start, end - start, prot, what=f"{start:#x}, shared")
-    r.reset_scratch()
+    fresh = plan.fresh
     if not plan.empty:
         log.info("pid %d: layout: %d ranges unmapped, %d mapped, %d re-protected", task.pid,
                  len(plan.unmap) // 2, len(plan.map), len(plan.protect))
-    return plan.fresh
+    rejoined = rejoin_split(task, mm_img, shared)
+    if rejoined:
+        fresh = R.union(fresh, rejoined)
+    r.reset_scratch()
+    return fresh
+
+
+def rejoin_split(task, mm_img, shared):
+    """Map anew every image VMA that the replica holds as several VMAs -> their runs.
+
+    Parts kept from different earlier mappings have different anon_vmas, and
+    the kernel never merges those, while the source has one VMA there; a later
+    mremap of it would fail in the replica (it must not span VMAs). Mapping
+    the whole range again gives one VMA; its pages are then written whole.
+    """
+    live = live_vmas(task)
+    starts = [v.start for v in live]
+    split = []
+    for vma in mm_img.vmas:
+        if str(vma.kind) in mmdiff.SPECIAL:
+            continue
+        i = max(bisect.bisect_right(starts, vma.start) - 1, 0)
+        inside = 0
+        while i < len(live) and live[i].start < vma.end:
+            if live[i].end > vma.start:
+                inside += 1
+            i += 1
+        if inside > 1:
+            split.append(vma)
+    if not split:
+        return None
+    restore_mm.map_vmas(task.remote, Container(vmas=split), shared.paths)
+    log.info("pid %d: %d VMAs mapped anew to be one VMA each, as on the source", task.pid, len(split))
+    return R.normalize(array("Q", [x for v in split for x in (v.start, v.end - v.start)]))
 
 
 def finish(task, mm_img):
