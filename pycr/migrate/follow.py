@@ -40,7 +40,9 @@ def follow(transport, pidns=False, keep_init=False, on_image_set=None, on_pass=N
             if on_image_set is not None:
                 on_image_set(number, path)
             started = time.monotonic()
-            images = load_images(path, allow_pre_dump=True)
+            # Later sets: in_parent runs are in the replica already; following them all up
+            # the chain would only add to the downtime (write_resolved follows those it needs).
+            images = load_images(path, allow_pre_dump=True, resolve_chain=replica.run is None)
             changes = replica.apply(images)
             final = changes.kind == "dump"
             if final:

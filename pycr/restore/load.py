@@ -88,11 +88,14 @@ def _check_mm(path, mm, pagemap):
             i += 1
 
 
-def load_images(images_dir, allow_pre_dump=False):
+def load_images(images_dir, allow_pre_dump=False, resolve_chain=True):
     """Load and cross-check every image of the dump in images_dir -> ImageSet.
 
     allow_pre_dump: accept a pre-dump too (incremental restore builds a
     replica from every pass of a chain, not only from the final dump).
+    resolve_chain=False skips following every in_parent run up the chain
+    (incremental restore: the replica holds those pages already, and the
+    runs it does follow raise ImageError then if the chain is broken).
     """
     imgdir = ImageDir(images_dir)
     if not os.path.isdir(imgdir.path):
@@ -138,7 +141,8 @@ def load_images(images_dir, allow_pre_dump=False):
         pagemap = chain.pagemap(0, str(pid))
         _check_pages_file(imgdir, str(pid), pagemap)
         _check_mm(imgdir.path_of("mm", pid), mm, pagemap)
-        chain.check_resolvable(str(pid))
+        if resolve_chain:
+            chain.check_resolvable(str(pid))
         for vma in mm.vmas:
             if str(vma.kind) == "shmem":
                 need = vma.pgoff + (vma.end - vma.start)
@@ -149,7 +153,8 @@ def load_images(images_dir, allow_pre_dump=False):
         owner = f"shmem-{shmem_id}"
         pagemap = chain.pagemap(0, owner)
         _check_pages_file(imgdir, owner, pagemap)
-        chain.check_resolvable(owner)
+        if resolve_chain:
+            chain.check_resolvable(owner)
     for pid_fds in fds_by_pid:
         if pid_fds not in seen:
             raise ImageError(imgdir.path_of("files"), f"corrupt: fds of pid {pid_fds}, not in pstree.img")
