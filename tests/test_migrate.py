@@ -459,6 +459,37 @@ def test_threads_are_created_at_the_final_pass(spawn, cleanup_pids):
     untraced_and_running(replica)
 
 
+def test_shared_anonymous_memory_stays_shared(spawn, tmp_path, cleanup_pids):
+    """A MAP_SHARED|MAP_ANONYMOUS region written between passes: one object in the replica too."""
+    from test_restore import SHARED_ANON_SCRIPT
+    script = tmp_path / "shared_anon.py"
+    script.write_text(SHARED_ANON_SCRIPT.format(python=sys.executable))
+    script.chmod(0o755)
+    w = spawn(str(script))
+    child = int(w.wait_for(r"^child (\d+)$").group(1))
+    w.wait_for(r"^seen [1-9]\d* hello$")
+
+    def between(rep, replica):
+        time.sleep(0.2)
+
+    res = migrate(w.pid, policy=Policy(max_passes=4, min_delta=0),
+                  on_pass=registering(cleanup_pids, then=between))
+    last = int(w.last("seen").split()[1])
+    got = ns_tasks(res.summary.init_real)
+    mark = w.mark()
+    # The parent sees the child's writes go on from where they were: the same object.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        seen = [int(f[0]) for f in w.fields("seen", mark)]
+        if seen and seen[-1] >= last + 20:
+            break
+        time.sleep(0.02)
+    assert seen and seen[0] >= last and seen[-1] >= last + 20, seen[-5:]
+    assert all(f[1] == "hello" for f in w.fields("seen", mark))
+    shared = lambda pid: {(s, e): path for s, e, p, path in procutil.maps(pid) if p[3] == "s"}
+    assert shared(got[w.pid][0]) and shared(got[w.pid][0]) == shared(got[child][0])
+
+
 # ---------------------------------------------------------------- failures
 
 def test_replica_killed_in_a_middle_pass(spawn, tmp_path, cleanup_pids):
