@@ -36,14 +36,26 @@ def shmem_vmas(vmas):
     return out
 
 
+def swap_in_use():
+    """True if any swap device is active. Without one, no page can be swapped out,
+    and pagemap's "swapped" bit only marks PTE markers (userfaultfd write-protect
+    on a page never touched), which hold nothing worth saving."""
+    try:
+        with open("/proc/swaps") as f:
+            return len(f.read().splitlines()) > 1
+    except OSError:
+        return True
+
+
 def present_runs(pid, vmas):
     """(start, len) runs, flattened in an array('Q'), of the pages of `vmas` worth saving."""
+    swapped = swap_in_use()
     runs = array("Q")
     fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
     try:
         for v in vmas:
             anon_only = v["kind"] == "file"
-            runs.extend(core.pagemap_runs(fd, v["start"], v["end"], True, True, anon_only))
+            runs.extend(core.pagemap_runs(fd, v["start"], v["end"], True, swapped, anon_only))
     finally:
         os.close(fd)
     return runs

@@ -129,6 +129,7 @@ class UffdWpTracker(Tracker):
         super().__init__(parent)
         self.procs = {}        # pid -> UffdProcess
         self.dirty = {}        # pid -> runs, or None for "all"
+        self.armed = {}        # pid -> runs registered and write-protected by this pass
         self.tracked = {}      # pid -> runs still tracked from the parent pass
         self.to_register = {}  # pid -> [(start, end)] VMAs to register and arm
         self.final = False
@@ -164,6 +165,10 @@ class UffdWpTracker(Tracker):
             self._close_in_target(uffd, leader)
         if uffd is not None:
             self.procs[pid] = uffd
+        # Arm the new ranges now: registering after the thaw would use ranges the
+        # program may have grown or moved since, and split its VMAs (a later
+        # mremap of the whole mapping would then fail).
+        self.armed[pid] = self._arm(pid)
 
     def _owners(self):
         """(pid, fd) of every pycr userfaultfd known in the tree: the parent's and this pass's."""
@@ -280,7 +285,8 @@ class UffdWpTracker(Tracker):
 
     # -- copying
     def _arm(self, pid):
-        """Register the untracked VMAs and write-protect them (the first scan reports all)."""
+        """Register the untracked VMAs and write-protect them (the first scan reports all);
+        runs while the tree is frozen."""
         uffd = self.procs.get(pid)
         registered = array("Q", self.tracked.get(pid, array("Q")))
         if uffd is None or self.final:
@@ -295,7 +301,7 @@ class UffdWpTracker(Tracker):
         return R.normalize(registered)
 
     def save_pages(self, pid, vmas, imgdir, live):
-        registered = self._arm(pid)
+        registered = self.armed.get(pid, array("Q"))
         if self.final:
             self._rescan(pid)
         present = present_pages(pid, vmas)
