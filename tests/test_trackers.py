@@ -149,3 +149,18 @@ def test_run_set_operations():
     assert R.pairs(R.subtract(a, b)) == [(0, 2 * PAGE), (9 * PAGE, 10 * PAGE)]
     assert R.pairs(R.union(a, b)) == [(0, 10 * PAGE)]
     assert R.covers(a, PAGE, 3 * PAGE) and not R.covers(a, 3 * PAGE, 9 * PAGE)
+
+
+def test_untouched_memory_is_not_saved_once_armed(spawn, tmp_path):
+    """Write-protecting a never-touched page leaves a marker that pagemap shows as
+    "swapped"; on a machine without swap it holds nothing and must not be saved.
+    The 4 thread stacks (8 MiB each, barely touched) would otherwise be thousands of pages."""
+    w = spawn("threads")
+    dump_tree(w.pid, tmp_path / "d1", pre_dump=True, tracker="uffd-wp")
+    dump_tree(w.pid, tmp_path / "d2", pre_dump=True, prev_images_dir="../d1", tracker="uffd-wp")
+    dump_tree(w.pid, tmp_path / "d3", prev_images_dir="../d2", leave_running=True)
+    rss_pages = int(procutil.status(w.pid)["VmRSS"].split()[0]) // 4
+    for d in ("d1", "d2", "d3"):
+        entries = ImageDir(tmp_path / d).read("pagemap", str(w.pid)).entries
+        listed = sum(e.nr_pages for e in entries)
+        assert listed <= rss_pages, f"{d} lists {listed} pages, the process has {rss_pages} resident"
