@@ -22,10 +22,11 @@ import mmap
 import os
 from array import array
 
-from pycr.errors import ImageError, RestoreError
+from pycr.errors import RestoreError
 from pycr.images import iter_page_runs
 from pycr.log import log
 from pycr.native import core
+from pycr.restore.memory import map_pages_file
 from pycr.trackers import runs as R
 
 PAGE = 4096
@@ -73,15 +74,7 @@ class PageWriter:
 
     def _source(self, path):
         if path not in self._maps:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise ImageError(path, "missing") from None
-            try:
-                size = os.fstat(fd).st_size
-                self._maps[path] = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else b""
-            finally:
-                os.close(fd)
+            self._maps[path] = map_pages_file(path)
         return self._maps[path]
 
     def _write(self, real, runs, src, offset):

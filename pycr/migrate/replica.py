@@ -26,7 +26,6 @@ from pycr.migrate import pages as pages_mod
 from pycr.migrate.pages import PageWriter, SharedObjects
 from pycr.ptrace import binding as B
 from pycr.restore import files, mm as restore_mm, preflight, tasks
-from pycr.restore.remote import Remote
 from pycr.restore.restorer import Restore
 
 PAGE = 4096
@@ -251,17 +250,10 @@ def fork_child(parent, pid, created):
     args = r.put(tasks.clone_args(set_tid=tid_addr, set_tid_size=1))
     res = r.call("clone3", args, tasks.CLONE_ARGS.size)
     r.reset_scratch()
-    if res < 0:
-        if res == -17:
-            raise RestoreError(f"pid {pid} is in use in the replica's PID namespace")
-        raise RestoreError(f"pid {parent.pid}: clone3(set_tid={pid}) failed: {os.strerror(-res)}")
-    thread = r.take_born()
-    created.append(thread.tid)
-    if res != pid:
-        raise RestoreError(f"pid {parent.pid}: clone3 gave pid {res}, not {pid}")
-    remote = Remote(thread, pid, thread.tid, r.trampoline)
+    remote = tasks.born_child(parent, pid, res, created,
+                              f"pid {pid} is in use in the replica's PID namespace")
     remote.use_scratch(*r.scratch)
-    task = tasks.Task(pid, thread.tid, remote)
+    task = tasks.Task(pid, remote.real, remote)
     task.workspace = parent.workspace
     return task
 

@@ -95,6 +95,23 @@ def stream_pages(pid, fd, offset, runs, advance=None):
         thread.join()
 
 
+def map_pages_file(path):
+    """A read-only mmap of a pages file (b"" when it is empty)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ImageError(path, "missing") from None
+    try:
+        size = os.fstat(fd).st_size
+        if not size:
+            return b""
+        mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    mapped.madvise(mmap.MADV_SEQUENTIAL)
+    return mapped
+
+
 class PageChain:
     """The pages of one dump and of the image dirs it builds on (level 0 is the dump)."""
 
@@ -176,18 +193,7 @@ class PageChain:
     def _source(self, level, owner):
         key = (level, owner)
         if key not in self._maps:
-            path = self.dir(level).pages_path(owner)
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise ImageError(path, "missing") from None
-            try:
-                size = os.fstat(fd).st_size
-                self._maps[key] = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else b""
-            finally:
-                os.close(fd)
-            if size:
-                self._maps[key].madvise(mmap.MADV_SEQUENTIAL)
+            self._maps[key] = map_pages_file(self.dir(level).pages_path(owner))
         return self._maps[key]
 
     def close(self):

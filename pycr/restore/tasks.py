@@ -105,6 +105,25 @@ def start_root(pid, created):
     return Task(pid, real, remote)
 
 
+def born_child(parent, pid, res, created, in_use):
+    """The Remote of the child an injected clone3(set_tid=pid) in parent returned `res` for.
+
+    The child was auto-attached (PTRACE_O_TRACEFORK); it is recorded in
+    `created` at once so that a failure from here on kills it too.
+    in_use: the message for EEXIST (the PID is taken).
+    """
+    r = parent.remote
+    if res < 0:
+        if res == -17:
+            raise RestoreError(in_use)
+        raise RestoreError(f"pid {parent.pid}: clone3(set_tid={pid}) failed: {os.strerror(-res)}")
+    thread = r.take_born()
+    created.append(thread.tid)
+    if res != pid:
+        raise RestoreError(f"pid {parent.pid}: clone3 gave pid {res}, not {pid}")
+    return Remote(thread, pid, thread.tid, r.trampoline)
+
+
 def fork_in(parent, pid, created):
     """Fork a stub child with PID pid (inner namespace) inside parent's stub."""
     r = parent.remote
@@ -112,17 +131,9 @@ def fork_in(parent, pid, created):
         r.write(buf, struct.pack("<i", pid))
         r.write(buf + 64, clone_args(set_tid=buf, set_tid_size=1))
         res = r.call("clone3", buf + 64, CLONE_ARGS.size)
-    if res < 0:
-        if res == -17:
-            raise RestoreError(f"pid {pid} is in use; restore with --pidns")
-        raise RestoreError(f"pid {parent.pid}: clone3(set_tid={pid}) failed: {os.strerror(-res)}")
-    thread = r.take_born()
-    created.append(thread.tid)
-    if res != pid:
-        raise RestoreError(f"pid {parent.pid}: clone3 gave pid {res}, not {pid}")
-    remote = Remote(thread, pid, thread.tid, r.trampoline)
+    remote = born_child(parent, pid, res, created, f"pid {pid} is in use; restore with --pidns")
     log.info("pid %d: forked in pid %d by injected clone3 (set_tid)", pid, parent.pid)
-    return Task(pid, thread.tid, remote)
+    return Task(pid, remote.real, remote)
 
 
 def create_tree(images, root_task, created):
