@@ -278,3 +278,23 @@ def fds(pid):
         except FileNotFoundError:
             pass
     return out
+
+
+def coalesced_maps(pid):
+    """(start, end, perms, path) of pid's mappings, neighbours with the same perms and
+    path merged: what a restore must reproduce, whatever the kernel split or merged."""
+    out = []
+    for start, end, perms, path in maps(pid):
+        if out and out[-1][1] == start and out[-1][2:] == (perms, path):
+            out[-1] = (out[-1][0], end, perms, path)
+        else:
+            out.append((start, end, perms, path))
+    return out
+
+
+def assert_running_untraced(*pids):
+    """Every thread of pids runs: none traced, stopped, or gone."""
+    for pid in pids:
+        assert tracer_pid(pid) == 0, f"pid {pid} is still traced"
+        for tid in threads(pid):
+            assert state(pid, tid) not in ("t", "T", "Z", None), f"tid {tid} of pid {pid} is {state(pid, tid)}"

@@ -14,19 +14,11 @@ from pycrcmd import one_line_error, pycr
 from pycr.images import ImageDir, read_memory
 
 
-def untraced_and_running(pids):
-    """No thread of pids is left stopped or traced by pycr."""
-    for pid in pids:
-        assert procutil.tracer_pid(pid) == 0, f"pid {pid} left traced"
-        for tid in procutil.threads(pid):
-            assert procutil.state(pid, tid) not in ("t", "T"), f"tid {tid} left stopped"
-
-
 def test_counter_leave_running_goes_on(spawn, tmp_path):
     w = spawn("counter")
     w.wait_for(r"^count 5$")
     pycr("dump", "-t", w.pid, "-D", tmp_path / "img", "--leave-running")
-    untraced_and_running([w.pid])
+    procutil.assert_running_untraced(w.pid)
     n = int(w.last("count").split()[1])
     w.wait_for(rf"^count {n + 5}$")
     img = ImageDir(tmp_path / "img")
@@ -69,7 +61,7 @@ def test_tree_identity(spawn, tmp_path):
     for p in tree.processes:   # parents first
         assert p.ppid in seen or p.pid == w.pid
         seen.add(p.pid)
-    untraced_and_running(pids)
+    procutil.assert_running_untraced(*pids)
 
 
 def test_threads_all_saved(spawn, tmp_path):
@@ -82,7 +74,7 @@ def test_threads_all_saved(spawn, tmp_path):
     assert core.threads[0].tid == w.pid
     for t in core.threads:
         assert len(t.xstate) >= 832 and t.regs.cs == 0x33
-    untraced_and_running([w.pid])
+    procutil.assert_running_untraced(w.pid)
 
 
 def test_bigmem_checksum_from_images(spawn, tmp_path):
@@ -162,7 +154,7 @@ def test_unwritable_directory_leaves_tree_running(spawn, tmp_path):
     assert "cannot write images" in one_line_error(proc)
     n = int(w.last("count").split()[1])
     w.wait_for(rf"^count {n + 3}$")
-    untraced_and_running([w.pid])
+    procutil.assert_running_untraced(w.pid)
 
 
 def test_unsupported_socket_is_named_and_tree_untouched(tmp_path):
@@ -178,7 +170,7 @@ def test_unsupported_socket_is_named_and_tree_untouched(tmp_path):
         proc = pycr("dump", "-t", p.pid, "-D", tmp_path / "img", expect=1)
         line = one_line_error(proc)
         assert "socket (AF_UNIX) is not supported" in line
-        untraced_and_running([p.pid])
+        procutil.assert_running_untraced(p.pid)
         assert p.poll() is None
     finally:
         p.kill()
@@ -202,7 +194,7 @@ def test_disk_full_is_one_line_and_tree_untouched(spawn, small_fs):
     before = w.signal_and_wait(signal.SIGUSR1, r"^sum (\w+)$").group(1)
     proc = pycr("dump", "-t", w.pid, "-D", small_fs / "img", expect=1)
     assert "no space left on device" in one_line_error(proc).lower()
-    untraced_and_running([w.pid])
+    procutil.assert_running_untraced(w.pid)
     assert w.signal_and_wait(signal.SIGUSR1, r"^sum (\w+)$").group(1) == before
     # No half-written pages file is left under its final name.
     assert not [n for n in os.listdir(small_fs / "img") if n.startswith("pages-") and not n.startswith(".")]

@@ -70,12 +70,6 @@ def signal_and_wait(w, pid, sig, pattern):
     return wait_line(w, pattern, start)
 
 
-def untraced_and_running(pid):
-    assert procutil.tracer_pid(pid) == 0, f"pid {pid} is still traced"
-    for tid in procutil.threads(pid):
-        assert procutil.state(pid, tid) in ("R", "S", "D"), f"tid {tid} is {procutil.state(pid, tid)}"
-
-
 def no_uffd(pid):
     return UFFD_LINK not in procutil.fds(pid).values()
 
@@ -103,16 +97,6 @@ def final_pstree(work_dir):
     raise AssertionError(f"no final dump in {work_dir}")
 
 
-def coalesced_maps(pid):
-    out = []
-    for start, end, perms, path in procutil.maps(pid):
-        if out and out[-1][1] == start and out[-1][2:] == (perms, path):
-            out[-1] = (out[-1][0], end, perms, path)
-        else:
-            out.append((start, end, perms, path))
-    return out
-
-
 def symbol_address(pid, binary, name):
     """Run-time address of a static variable of a PIE workload (nm offset + load base)."""
     out = subprocess.run(["nm", binary], capture_output=True, text=True, check=True).stdout
@@ -136,7 +120,7 @@ def registering(cleanup_pids, seen=None, then=None):
 def assert_source_unharmed(w, replica_reals):
     """The migration failed: the source goes on as before, nothing of the replica is left."""
     assert w.alive()
-    untraced_and_running(w.pid)
+    procutil.assert_running_untraced(w.pid)
     assert no_uffd(w.pid), procutil.fds(w.pid)
     n = int(w.last("count").split()[1])
     w.wait_for(rf"^count {n + 3}$", start=w.mark() - 1)
@@ -180,7 +164,7 @@ def test_forker_replica_has_the_final_tree(spawn, tmp_path, cleanup_pids):
         assert got[pid][1] == (1 if pid == w.pid else want[pid]), f"pid {pid}"
     assert got[w.pid][0] == res.summary.root_real != w.pid
     assert not procutil.exists(w.pid) or procutil.state(w.pid) == "Z"
-    untraced_and_running(res.summary.root_real)
+    procutil.assert_running_untraced(res.summary.root_real)
     # Workers of the final pass go on counting, and the forker goes on forking and reaping.
     for pid in set(want) - {w.pid} - later_exits:
         wait_line(w, rf"^(count {pid} \d+|exit {pid} 0)$", start=mark)
@@ -294,7 +278,7 @@ def test_reparented_task_is_recreated_under_its_new_parent(spawn, pyworker, clea
     wait_line(w, rf"^count {grand} {n + 5}$", start=w.mark() - 1)
     counts = [int(f[0]) for f in w.fields(f"count {grand}")]
     assert counts == list(range(1, len(counts) + 1)), "the re-created task must go on, not start over"
-    untraced_and_running(got[grand][0])
+    procutil.assert_running_untraced(got[grand][0])
 
 
 def test_new_mapping_over_the_workspace_moves_it(spawn, pyworker, cleanup_pids):
@@ -351,13 +335,13 @@ def test_mapper_memory_and_layout_survive_reshaping(spawn, tmp_path, cleanup_pid
             seen["step2"] = int(w.signal_and_wait(signal.SIGUSR2, r"^paused (\d+)$").group(1))
             seen["regions"] = w.signal_and_wait(signal.SIGUSR1, r"^regions (.*)$").group(1)
             seen["sum"] = w.wait_for(r"^sum ([0-9a-f]+)$", start=w.mark() - 1).group(1)
-            seen["maps"] = coalesced_maps(w.pid)
+            seen["maps"] = procutil.coalesced_maps(w.pid)
 
     res = migrate(w.pid, policy=Policy(max_passes=4, min_delta=0),
                   on_pass=registering(cleanup_pids, then=between))
     assert seen["step2"] > seen["step1"] + 50
     replica = res.summary.root_real
-    assert coalesced_maps(replica) == seen["maps"]
+    assert procutil.coalesced_maps(replica) == seen["maps"]
     mark = w.mark()
     assert signal_and_wait(w, replica, signal.SIGUSR1, r"^regions (.*)$").group(1) == seen["regions"]
     assert wait_line(w, r"^sum ([0-9a-f]+)$", start=mark).group(1) == seen["sum"]
@@ -367,7 +351,7 @@ def test_mapper_memory_and_layout_survive_reshaping(spawn, tmp_path, cleanup_pid
     wait_line(w, rf"^step {seen['step2'] + 300}$", start=mark)
     with open(w.log_path) as log:
         assert "error" not in log.read()
-    untraced_and_running(replica)
+    procutil.assert_running_untraced(replica)
 
 
 def test_execer_execs_between_passes(spawn, tmp_path, cleanup_pids, workloads):
@@ -395,7 +379,7 @@ def test_execer_execs_between_passes(spawn, tmp_path, cleanup_pids, workloads):
     after_exec = w.lines()[max(i for i, line in enumerate(w.lines()) if line.startswith("ready")) + 1:]
     counts = [int(line.split()[1]) for line in after_exec if line.startswith("count ")]
     assert counts == list(range(1, len(counts) + 1))
-    untraced_and_running(replica)
+    procutil.assert_running_untraced(replica)
 
 
 def test_counter_replica_never_runs_before_the_final_pass(spawn, tmp_path, cleanup_pids, workloads):
@@ -428,7 +412,7 @@ def test_counter_replica_never_runs_before_the_final_pass(spawn, tmp_path, clean
     wait_line(w, rf"^count {n + 5}$", start=w.mark() - 1)
     counts = [int(f[0]) for f in w.fields("count")]
     assert counts == list(range(1, len(counts) + 1)), "a count was lost or repeated across the migration"
-    untraced_and_running(replica)
+    procutil.assert_running_untraced(replica)
     assert procutil.status(replica)["NSpid"].split() == [str(replica), str(w.pid)]
     assert res.summary.downtime > 0
     assert res.summary.total_bytes == sum(r.bytes for r in res.reports)
@@ -456,7 +440,7 @@ def test_threads_are_created_at_the_final_pass(spawn, cleanup_pids):
         first = int(wait_line(w, rf"^count {tid} (\d+)$", start=mark).group(1))
         wait_line(w, rf"^count {tid} {first + 2}$", start=mark)
         assert first > 5, "a thread started over"
-    untraced_and_running(replica)
+    procutil.assert_running_untraced(replica)
 
 
 def test_shared_anonymous_memory_stays_shared(spawn, tmp_path, cleanup_pids):
@@ -548,7 +532,7 @@ def test_cli_migrate_reports_every_pass(spawn, tmp_path, cleanup_pids):
     root = int(re.search(r"\(pid (\d+) outside", proc.stdout).group(1))
     n = int(w.last("count").split()[1])
     wait_line(w, rf"^count {n + 3}$", start=w.mark() - 1)
-    untraced_and_running(root)
+    procutil.assert_running_untraced(root)
 
 
 def test_cli_migrate_refuses_a_missing_process(tmp_path):
@@ -589,7 +573,7 @@ def test_restore_follow_applies_passes_as_they_come(spawn, tmp_path, cleanup_pid
         wait_line(w, rf"^count {n + 5}$", start=w.mark() - 1)
         counts = [int(f[0]) for f in w.fields("count")]
         assert counts == list(range(1, len(counts) + 1))
-        untraced_and_running(replica)
+        procutil.assert_running_untraced(replica)
     finally:
         if follower.poll() is None:
             follower.kill()

@@ -15,13 +15,6 @@ import procutil
 from pycrcmd import one_line_error, pycr
 
 
-def untraced_and_running(pids):
-    for pid in pids:
-        assert procutil.tracer_pid(pid) == 0, f"pid {pid} left traced"
-        for tid in procutil.threads(pid):
-            assert procutil.state(pid, tid) not in ("t", "T", "Z", None), f"tid {tid} not running"
-
-
 def stub_tasks():
     """PIDs of every live restore stub (none may be left after a failed restore)."""
     from pycr.native import core
@@ -62,7 +55,7 @@ def test_counter_continues(spawn, tmp_path, cleanup_pids):
     # It goes on from the dumped value, one step at a time, never from 0.
     assert after[0] in (n, n + 1)
     assert after == list(range(after[0], after[0] + len(after)))
-    untraced_and_running([w.pid])
+    procutil.assert_running_untraced(w.pid)
     assert procutil.stat(w.pid)["comm"] == "counter"
     assert os.readlink(f"/proc/{w.pid}/exe") == w.argv[0]
     # Its SIGUSR1 handler is still installed and runs on the restored stack.
@@ -91,7 +84,7 @@ def test_tree_ids(spawn, tmp_path, cleanup_pids):
     for p in pids:
         start = len(counts_after(w, f"count {p}", mark))
         w.wait_for(rf"^count {p} \d+$", start=mark + start)
-    untraced_and_running(pids)
+    procutil.assert_running_untraced(*pids)
     for p in pids:
         got_counts = counts_after(w, f"count {p}", mark)
         assert got_counts[0] > 1, "the counter started over"
@@ -105,7 +98,7 @@ def test_threads_all_run(spawn, tmp_path, cleanup_pids):
     mark = w.mark()
     restore(tmp_path / "img", cleanup_pids, [w.pid])
     assert w.threads() == tids
-    untraced_and_running([w.pid])
+    procutil.assert_running_untraced(w.pid)
     for tid in tids:
         # Each thread counts on: two fresh reports of its own counter.
         w.wait_for(rf"^count {tid} \d+$", start=mark)
@@ -192,7 +185,7 @@ def test_restore_dump_restore_twice(spawn, tmp_path, cleanup_pids):
     mark = w.mark()
     for p in pids:
         w.wait_for(rf"^count {p} \d+$", start=mark)
-    untraced_and_running(pids)
+    procutil.assert_running_untraced(*pids)
 
 
 def _ns_twin(pid, exe):
@@ -302,7 +295,7 @@ def test_pid_taken(spawn, tmp_path, cleanup_pids):
     line = one_line_error(proc)
     assert f"pid {w.pid} is in use" in line and "--pidns" in line
     assert stub_tasks() == before
-    untraced_and_running([w.pid])
+    procutil.assert_running_untraced(w.pid)
 
 
 def test_missing_file(spawn, tmp_path, cleanup_pids):
@@ -361,16 +354,6 @@ def test_shared_descriptions_stay_shared(spawn, tmp_path, cleanup_pids):
     assert not _same_description(pids[0], status_fds[pids[0]][0], pids[1], status_fds[pids[1]][0])
 
 
-def _coalesced_maps(pid):
-    out = []
-    for start, end, perms, path in procutil.maps(pid):
-        if out and out[-1][1] == start and out[-1][2:] == (perms, path):
-            out[-1] = (out[-1][0], end, perms, path)
-        else:
-            out.append((start, end, perms, path))
-    return out
-
-
 def test_mapper_layout_and_contents(spawn, tmp_path, cleanup_pids):
     """An address space reshaped by mmap/munmap/mremap/mprotect comes back byte for byte."""
     w = spawn("mapper", 5)
@@ -378,12 +361,12 @@ def test_mapper_layout_and_contents(spawn, tmp_path, cleanup_pids):
     w.signal_and_wait(signal.SIGUSR2, r"^paused \d+$")
     regions = w.signal_and_wait(signal.SIGUSR1, r"^regions (.*)$").group(1)
     before = w.wait_for(r"^sum ([0-9a-f]+)$", start=w.mark() - 1).group(1)
-    maps_before = _coalesced_maps(w.pid)
+    maps_before = procutil.coalesced_maps(w.pid)
     dump(w, tmp_path / "img")
     restore(tmp_path / "img", cleanup_pids, [w.pid])
     # The same address ranges with the same protections and backing (the kernel may
     # merge neighbours that were separate VMAs before, e.g. after an mremap).
-    assert _coalesced_maps(w.pid) == maps_before
+    assert procutil.coalesced_maps(w.pid) == maps_before
     mark = w.mark()
     assert w.signal_and_wait(signal.SIGUSR1, r"^regions (.*)$").group(1) == regions
     assert w.wait_for(r"^sum ([0-9a-f]+)$", start=mark).group(1) == before
@@ -517,7 +500,7 @@ def test_pre_dump_is_refused(spawn, tmp_path, cleanup_pids):
     pycr("pre-dump", "-t", w.pid, "-D", tmp_path / "pre")
     line = one_line_error(pycr("restore", "-D", tmp_path / "pre", "-d", expect=1))
     assert "pre-dump cannot be restored" in line
-    untraced_and_running([w.pid])
+    procutil.assert_running_untraced(w.pid)
 
 
 def test_shrunk_file(spawn, tmp_path, cleanup_pids):
