@@ -6,6 +6,7 @@ Buffers go to C through ffi.from_buffer, so nothing large is copied.
 
 import errno as _errno
 import os
+import threading
 from array import array
 
 from ._core import ffi, lib
@@ -116,6 +117,23 @@ def mem_write(pid, addr, data):
 
 # ---- pagemap ---------------------------------------------------------------
 
+_scratch = threading.local()
+
+
+def _out_buffer(words):
+    """A reused per-thread array('Q') of at least `words` slots, with its C view.
+
+    Zeroing a fresh megabyte on every call cost more than the pagemap walk
+    itself when a dump asks about hundreds of small VMAs.
+    """
+    have = getattr(_scratch, "buf", None)
+    if have is None or len(have) < words:
+        have = array("Q", bytes(8 * words))
+        _scratch.buf = have
+        _scratch.view = ffi.from_buffer("uint64_t[]", have)
+    return have, _scratch.view
+
+
 def _append_runs(dst, src):
     """Append (start, len) runs, merging one that continues the last."""
     if dst and src and dst[-2] + dst[-1] == src[0]:
@@ -136,8 +154,7 @@ def pagemap_runs(pagemap_fd, start, end, want_present=True, want_swapped=True,
             | (_WANT_SWAPPED if want_swapped else 0)
             | (_WANT_ANON_ONLY if anon_only else 0))
     result = array("Q")
-    out = array("Q", bytes(16 * _RUNS_PER_CALL))
-    cout = ffi.from_buffer("uint64_t[]", out)
+    out, cout = _out_buffer(3 * _RUNS_PER_CALL)
     resume = ffi.new("uint64_t *")
     fd = _fileno(pagemap_fd)
     while start < end:
@@ -157,8 +174,7 @@ def pagemap_scan(pagemap_fd, start, end, flags, category_mask, category_inverted
     otherwise it stops once max_pages pages were reported.
     """
     result = array("Q")
-    vec = array("Q", bytes(24 * _RUNS_PER_CALL))
-    cvec = ffi.from_buffer("uint64_t[]", vec)
+    vec, cvec = _out_buffer(3 * _RUNS_PER_CALL)
     walk_end = ffi.new("uint64_t *")
     fd = _fileno(pagemap_fd)
     left = max_pages
