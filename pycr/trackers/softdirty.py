@@ -44,15 +44,17 @@ class SoftDirtyTracker(Tracker):
             raise KernelFeatureMissing("soft-dirty tracking", finding.detail)
         super().__init__(parent)
         self.dirty = {}
+        self.spans = {}
+        self.final = False
 
     def while_frozen(self, pid, leader, final):
         super().while_frozen(pid, leader, final)
         parent = self.parent_of(pid)
         state = parent.state(pid) if parent else None
+        self.final = final
         if state is not None and state.tracker == self.name:
-            from ..collect.mm import read_vmas
-            spans = [(v.start, v.end) for v, _ in read_vmas(pid)]
-            self.dirty[pid] = soft_dirty_runs(pid, spans)
+            self.spans[pid] = [(e.vma.start, e.vma.end) for e in self.smaps(pid)]
+            self.dirty[pid] = soft_dirty_runs(pid, self.spans[pid])
         else:
             self.dirty[pid] = None
         if not final:
@@ -63,6 +65,10 @@ class SoftDirtyTracker(Tracker):
                 raise from_oserror(exc, pid, "clear_refs") from None
 
     def save_pages(self, pid, vmas, imgdir, live):
+        if self.final and self.dirty.get(pid) is not None:
+            # Read the bits again just before copying: pycr's own injected syscalls,
+            # on their return to user mode, let the kernel write the task's rseq area.
+            self.dirty[pid] = soft_dirty_runs(pid, self.spans[pid])
         present = present_pages(pid, vmas)
         save, in_parent = plan_copy(present, self.dirty.get(pid), self.coverage(pid))
         written = write_pages(pid, vmas, imgdir, save, in_parent, live)
