@@ -15,7 +15,6 @@ import struct
 import tempfile
 from collections import namedtuple
 
-from construct import Container, ListContainer
 from construct.core import ConstructError, EnumIntegerString, StreamError
 
 from . import formats

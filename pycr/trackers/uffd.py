@@ -13,7 +13,6 @@ the ranges this tracker registered: mremap, munmap+mmap and exec all leave
 VMAs without it, and those are copied whole and registered anew.
 """
 
-import errno
 import fcntl
 import os
 import struct
