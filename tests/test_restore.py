@@ -247,6 +247,35 @@ def test_wait_returns_exit_status(spawn, tmp_path):
             proc.wait()
 
 
+def test_pidns_wait_returns_status_and_ends_the_namespace(spawn, tmp_path, cleanup_pids):
+    """Without -d, --pidns reports the root's status, and the namespace's init stub
+    goes once nothing is left in it: no stub outlives the restored tree."""
+    import subprocess
+    import sys
+    w = spawn("counter")
+    dump(w, tmp_path / "img", "-R")
+    w.signal(signal.SIGSTOP)          # the original keeps its PID and stays quiet
+    proc = subprocess.Popen([sys.executable, "-m", "pycr", "restore", "-D", str(tmp_path / "img"), "--pidns"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        twin = None
+        while twin is None and time.monotonic() < deadline and proc.poll() is None:
+            twin = _ns_twin(w.pid, w.argv[0])
+            time.sleep(0.01)
+        assert twin is not None, proc.poll()
+        init = procutil.ppid(twin)
+        cleanup_pids.add(init, twin)
+        procutil.kill(twin, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        assert procutil.wait_gone([init], timeout=5) == []
+    finally:
+        w.signal(signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # ---------------------------------------------------------------- failures
 
 def _fails(imgdir, cleanup_pids, pids, *extra):

@@ -6,11 +6,15 @@
  * `syscall; int3` at pycr_trampoline as its trampoline.
  *
  *   pycr-stub        wait forever in pause()
- *   pycr-stub init   act as PID 1 of a new PID namespace: reap children forever
+ *   pycr-stub init   act as PID 1 of a new PID namespace: reap children until,
+ *                    having reaped at least one (or been told so: r12 != 0, set
+ *                    by the restorer), none is left; then exit, which ends the
+ *                    namespace. Before its first child it naps and retries.
  */
 #define SYS_pause       34
 #define SYS_nanosleep   35
 #define SYS_wait4       61
+#define SYS_exit_group  231
 #define WALL            0x40000000
 
         .text
@@ -25,6 +29,7 @@ _start:
         cmpb    $0, 4(%rsi)
         jne     .Lpause
 
+        xor     %r12d, %r12d            /* r12: a child was reaped (syscalls keep it) */
 .Lreap:
         mov     $SYS_wait4, %eax
         mov     $-1, %rdi
@@ -33,14 +38,23 @@ _start:
         xor     %r10d, %r10d
         syscall
         test    %rax, %rax
-        jns     .Lreap                  /* reaped one (or EINTR below): again */
-        cmp     $-10, %rax              /* -ECHILD: nobody yet, nap and retry */
-        jne     .Lreap
+        js      .Lfailed
+        mov     $1, %r12d               /* reaped one: again */
+        jmp     .Lreap
+.Lfailed:
+        cmp     $-10, %rax              /* -ECHILD: none left, or none yet */
+        jne     .Lreap                  /* EINTR: again */
+        test    %r12d, %r12d
+        jnz     .Lexit
         mov     $SYS_nanosleep, %eax
         lea     .Lnap(%rip), %rdi
         xor     %esi, %esi
         syscall
         jmp     .Lreap
+.Lexit:
+        mov     $SYS_exit_group, %eax
+        xor     %edi, %edi
+        syscall
 
 .Lpause:
         mov     $SYS_pause, %eax

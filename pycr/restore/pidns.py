@@ -1,7 +1,7 @@
 """--pidns: restoring into a new PID namespace, under a stub acting as its PID 1.
 
-The init stub is started by pycr with CLONE_NEWPID (it becomes PID 1 there and
-reaps orphans forever); the restored root is forked inside it with clone3
+The init stub is started by pycr with CLONE_NEWPID (it becomes PID 1 there,
+reaps orphans, and exits once its last child is gone, which ends the namespace); the restored root is forked inside it with clone3
 set_tid, so every restored task gets its dumped PID in the new namespace
 while pycr keeps seeing the outer PIDs. To report the root's exit status, the
 init stub is kept stopped while pycr waits; when the root has exited, pycr
@@ -11,6 +11,7 @@ runs wait4 for it inside the init stub and only then lets init reap again.
 import os
 import select
 import struct
+import time
 
 from pycr.errors import RestoreError
 from pycr.log import log
@@ -53,5 +54,27 @@ def wait_child(init, child):
         r.check("wait4", child.pid, buf, WALL, 0, what=f"{child.pid}")
         (status,) = struct.unpack("<i", r.read(buf, 4))
     r.finish()
+    # The stub's own loop did not see this child go: tell it one was reaped,
+    # so that it exits (ending the namespace) once no orphan is left to reap.
+    regs = r.thread.get_regs()
+    regs.r12 = 1
+    r.thread.set_regs(regs)
     r.thread.detach(0)
+    _reap_if_alone(init)
     return status
+
+
+def _reap_if_alone(init, timeout=2.0):
+    """If no task is left in the namespace, init exits at once: reap it (it is
+    pycr's child) rather than leave a zombie for PID 1 to find later."""
+    if any(open(f"/proc/{init.real}/task/{t}/children").read().split()
+           for t in os.listdir(f"/proc/{init.real}/task")):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(init.real, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.002)
