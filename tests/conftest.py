@@ -310,6 +310,21 @@ def spawn(workloads, tmp_path):
         pytest.fail("cleanup: " + "; ".join(errors), pytrace=False)
 
 
+@pytest.fixture
+def spawn_python(spawn, tmp_path):
+    """spawn_python(name, template) -> Workload: a Python workload written out from
+    `template` (its "{python}" becomes this interpreter) and started like any other."""
+    import sys
+
+    def start(name, template):
+        script = tmp_path / f"{name}.py"
+        script.write_text(template.format(python=sys.executable))
+        script.chmod(0o755)
+        return spawn(str(script))
+
+    return start
+
+
 class PidRegistry:
     """PIDs a test wants killed at teardown, with their descendants.
 

@@ -443,13 +443,10 @@ def test_threads_are_created_at_the_final_pass(spawn, cleanup_pids):
     procutil.assert_running_untraced(replica)
 
 
-def test_shared_anonymous_memory_stays_shared(spawn, tmp_path, cleanup_pids):
+def test_shared_anonymous_memory_stays_shared(spawn_python, tmp_path, cleanup_pids):
     """A MAP_SHARED|MAP_ANONYMOUS region written between passes: one object in the replica too."""
     from test_restore import SHARED_ANON_SCRIPT
-    script = tmp_path / "shared_anon.py"
-    script.write_text(SHARED_ANON_SCRIPT.format(python=sys.executable))
-    script.chmod(0o755)
-    w = spawn(str(script))
+    w = spawn_python("shared_anon", SHARED_ANON_SCRIPT)
     child = int(w.wait_for(r"^child (\d+)$").group(1))
     w.wait_for(r"^seen [1-9]\d* hello$")
 

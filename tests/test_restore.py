@@ -445,13 +445,9 @@ while True:
 """
 
 
-def test_shared_anonymous_memory(spawn, tmp_path, cleanup_pids):
+def test_shared_anonymous_memory(spawn_python, tmp_path, cleanup_pids):
     """A MAP_SHARED|MAP_ANONYMOUS region stays one object shared by parent and child."""
-    import sys
-    script = tmp_path / "shared_anon.py"
-    script.write_text(SHARED_ANON_SCRIPT.format(python=sys.executable))
-    script.chmod(0o755)
-    w = spawn(str(script))
+    w = spawn_python("shared_anon", SHARED_ANON_SCRIPT)
     child = int(w.wait_for(r"^child (\d+)$").group(1))
     w.wait_for(r"^seen [1-9]\d* hello$")
     dump(w, tmp_path / "img")
@@ -486,13 +482,9 @@ while True:
 """
 
 
-def test_blocked_mask_and_pending_signal(spawn, tmp_path, cleanup_pids):
+def test_blocked_mask_and_pending_signal(spawn_python, tmp_path, cleanup_pids):
     """A blocked SIGUSR1 stays blocked and pending; unblocked after restore, its handler runs."""
-    import sys
-    script = tmp_path / "pending.py"
-    script.write_text(PENDING_SCRIPT.format(python=sys.executable))
-    script.chmod(0o755)
-    w = spawn(str(script))
+    w = spawn_python("pending", PENDING_SCRIPT)
     usr1 = 1 << (signal.SIGUSR1 - 1)
     w.signal(signal.SIGUSR1)
     deadline = time.monotonic() + 5
@@ -556,12 +548,8 @@ while True:
 """
 
 
-def test_credentials_of_an_unprivileged_process(spawn, tmp_path, cleanup_pids):
-    import sys
-    script = tmp_path / "creds.py"
-    script.write_text(CREDS_SCRIPT.format(python=sys.executable))
-    script.chmod(0o755)
-    w = spawn(str(script))
+def test_credentials_of_an_unprivileged_process(spawn_python, tmp_path, cleanup_pids):
+    w = spawn_python("creds", CREDS_SCRIPT)
     before = {k: procutil.status(w.pid)[k] for k in ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff",
                                                        "CapBnd", "CapAmb")}
     assert before["Uid"].split() == ["65534"] * 4 and before["CapEff"] == "0" * 16
