@@ -400,3 +400,17 @@ long pycr_clone3_exec(const int *set_tid, size_t set_tid_size, uint64_t flags,
     }
     return pid;
 }
+
+void pycr_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t *out)
+{
+    uint32_t a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(leaf), "c"(subleaf));
+    out[0] = a; out[1] = b; out[2] = c; out[3] = d;
+}
+
+uint64_t pycr_xgetbv(uint32_t idx)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(idx));
+    return ((uint64_t)hi << 32) | lo;
+}

@@ -33,6 +33,10 @@ void pycr_hash_pages(const unsigned char *buf, size_t npages, uint64_t *out);
 long pycr_syscall6(long nr, long a, long b, long c, long d, long e, long f);
 long pycr_clone3_exec(const int *set_tid, size_t set_tid_size, uint64_t flags,
                       const char *path, char *const argv[]);
+/* CPUID leaf/subleaf into out[eax, ebx, ecx, edx]; XGETBV of register idx
+ * (0 = XCR0, the state components the kernel enabled). */
+void pycr_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t *out);
+uint64_t pycr_xgetbv(uint32_t idx);
 /* CDEF-END */
 
 #endif

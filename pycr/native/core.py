@@ -284,3 +284,17 @@ def stub_path():
     """Path of the installed restore stub (pycr-stub, beside the compiled core)."""
     from . import _core
     return os.path.join(os.path.dirname(os.path.abspath(_core.__file__)), "pycr-stub")
+
+
+# ---- the CPU -----------------------------------------------------------------
+
+def cpuid(leaf, subleaf=0):
+    """(eax, ebx, ecx, edx) of CPUID leaf/subleaf on the CPU this runs on."""
+    out = ffi.new("uint32_t[4]")
+    lib.pycr_cpuid(leaf, subleaf, out)
+    return tuple(out)
+
+
+def xgetbv(index=0):
+    """XCR<index>; XCR0 names the state components the kernel enabled."""
+    return lib.pycr_xgetbv(index)

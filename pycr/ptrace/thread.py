@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pycr.errors import PycrError, TaskGone
 from pycr.proc.status import status
 from pycr.ptrace import binding as B
+from pycr.ptrace import xstate as X
 
-XSTATE_BUFSIZE = 4096   # the kernel shrinks iov_len to the real size (832 here)
 SIGINFO_SIZE = 128
 
 
@@ -238,8 +238,14 @@ class Thread:
         self._call(B.SETREGS, 0, ctypes.addressof(regs))
 
     def get_xstate(self):
-        buf = ctypes.create_string_buffer(XSTATE_BUFSIZE)
-        iov = _iovec(ctypes.addressof(buf), XSTATE_BUFSIZE)
+        """The NT_X86_XSTATE regset, exactly as long as the kernel says.
+
+        GETREGSET silently truncates a short buffer, so the buffer is sized
+        from CPUID (an upper bound) and the length the kernel returns is kept.
+        """
+        size = X.regset_buffer_size()
+        buf = ctypes.create_string_buffer(size)
+        iov = _iovec(ctypes.addressof(buf), size)
         self._call(B.GETREGSET, B.NT_X86_XSTATE, ctypes.addressof(iov))
         return buf.raw[: iov.len]
 
