@@ -6,10 +6,11 @@ status 1; pycr never shows a traceback unless asked with -vv.
 
 import argparse
 import errno
+import signal
 import sys
 
-from . import __version__
-from .errors import PycrError
+from . import __version__, steps
+from .errors import Interrupted, PycrError
 from . import log as pycr_log
 
 
@@ -174,17 +175,47 @@ def _migrate(args):
     return 0
 
 
+_UNDONE = {
+    "dump": "the tree was released as it was",
+    "pre-dump": "the tree was released as it was",
+    "restore": "the tasks it had created were killed",
+    "migrate": "the source tree goes on; the replica was killed",
+}
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signum)
+
+
+def _catch_stop_signals():
+    """SIGINT, SIGTERM and SIGHUP raise Interrupted, so that pycr rolls back
+    (detaches, kills what it created) before it exits."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupted)
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    try:
+        _catch_stop_signals()
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("pycr: interrupted before it began", file=sys.stderr)
+        return 130
     pycr_log.setup(args.verbose)
     try:
         status = _run(args)
     except PycrError as exc:
         print(f"pycr: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("pycr: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        name = signal.Signals(signum).name
+        if steps.finished:
+            print(f"pycr: {name} after the {args.command} was complete: nothing was undone", file=sys.stderr)
+        else:
+            undone = _UNDONE.get(args.command)
+            print(f"pycr: interrupted by {name}" + (f": {undone}" if undone else ""), file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:
         return 1
     except OSError as exc:

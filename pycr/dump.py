@@ -21,6 +21,7 @@ from .freeze import freeze
 from .images import ImageDir
 from .log import log
 from .ptrace.inject import Injector
+from .steps import finish, step
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -89,6 +90,7 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
     number_file_descriptions(files_by_pid)
     log.info("tree of %d processes: VMAs and fds readable, nothing unsupported", len(processes))
 
+    step("write pstree, files and pipes-data")
     imgdir.write("pstree", collect_pstree(processes))
     imgdir.write("files", {"processes": [{"pid": pid, "fds": fds} for pid, fds in files_by_pid.items()]})
     pipes = collect_pipes_data(files_by_pid)
@@ -102,8 +104,10 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
             log.info("pid %d: reading sigactions and brk by injected syscalls", pid)
             core_img = collect_core(pid, states, threads[0], injector)
             mm_img = collect_mm(pid, vmas_by_pid[pid], injector)
+        step(f"write core and mm of {pid}")
         imgdir.write("core", core_img)
         imgdir.write("mm", mm_img)
+        step(f"write pages of {pid}")
         vmas = mm_img["vmas"]
         if memory is None:
             written += dump_private_memory(pid, vmas, imgdir)
@@ -134,11 +138,13 @@ def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images
              len(frozen.processes), sum(len(t) for t in frozen.processes.values()))
     try:
         stats.pages_bytes = write_tree_images(frozen, imgdir)
+        step("write inventory")
         imgdir.write("inventory", inventory(root, "dump"))
     except BaseException:
         log.info("dump failed: detaching, the tree goes on as before")
         frozen.thaw()
         raise
+    step("release the tree" if leave_running else "kill the tree")
     if leave_running:
         frozen.thaw()
         log.info("detached every thread (--leave-running): the tree goes on")
@@ -150,6 +156,7 @@ def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images
             log.warning("warning: %s", exc)
     stats.frozen_seconds = time.monotonic() - frozen_at
     stats.total_seconds = time.monotonic() - started
+    finish()
     log.info("dump done: %.1f MiB of pages, frozen %.3f s, total %.3f s",
              stats.pages_bytes / (1 << 20), stats.frozen_seconds, stats.total_seconds)
     return 0

@@ -47,6 +47,16 @@ class KernelFeatureMissing(PycrError):
         super().__init__(f"{feature} is not available: {why}")
 
 
+class Interrupted(KeyboardInterrupt):
+    """pycr was told to stop (SIGINT, SIGTERM, SIGHUP) and undid what it had begun.
+
+    A KeyboardInterrupt, so that every rollback path written for Ctrl-C runs."""
+
+    def __init__(self, signum):
+        self.signum = signum
+        super().__init__(signum)
+
+
 def from_oserror(exc, pid=None, what=""):
     """Map an OSError raised while touching task `pid` onto a PycrError."""
     code = getattr(exc, "errno", None)

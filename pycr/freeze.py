@@ -19,6 +19,7 @@ from pycr import proc
 from pycr.errors import AccessDenied, PycrError, TaskGone
 from pycr.ptrace import binding as B
 from pycr.ptrace.thread import Thread
+from pycr.steps import step
 
 DEFAULT_OPTIONS = (B.O_SUSPEND_SECCOMP | B.O_TRACEFORK | B.O_TRACEVFORK | B.O_TRACECLONE)
 _NEW_TASK_EVENTS = (B.EVENT_FORK, B.EVENT_VFORK, B.EVENT_CLONE)
@@ -137,6 +138,7 @@ class FrozenTree:
                     if tid in self.threads or tid in pending or tid in self.zombies:
                         continue
                     thread = Thread(tid)
+                    step(f"seize {tid}")
                     if self._seize(thread, options):
                         pending[tid] = thread
                         found = True

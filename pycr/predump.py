@@ -22,6 +22,7 @@ from .errors import ImageError, TaskGone
 from .freeze import freeze
 from .images import ImageDir
 from .log import log
+from .steps import finish, step
 from .trackers import ParentPass, make_tracker
 from .trackers.base import check_parent_tree
 
@@ -108,6 +109,7 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
         finally:
             frozen.thaw()
         raise
+    step("release the tree" if (pre_dump or leave_running) else "kill the tree")
     try:
         if keep_frozen:
             pass
@@ -129,12 +131,15 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
                 imgdir.write("pagemap", {"owner": str(pid), "entries": []}, str(pid))
     finally:
         trk.finish()
+    step("write inventory")
     try:
         imgdir.write("inventory", inv)
     except BaseException:
         if keep_frozen:
             frozen.thaw()
         raise
+    if not keep_frozen:
+        finish()
     stats.total_seconds = time.monotonic() - started
     log.info("%s done: %.1f MiB of pages, frozen %.3f s, total %.3f s", kind,
              stats.pages_bytes / (1 << 20), stats.frozen_seconds, stats.total_seconds)

@@ -138,19 +138,49 @@ def test_inject_getpid_gettid_and_state_kept(counter):
     assert counter.report()["bad"] == 0
 
 
-def test_inject_scratch_mmap_munmap(counter):
+def _peek(pid, addr, n):
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    try:
+        return os.pread(fd, n, addr)
+    finally:
+        os.close(fd)
+
+
+def _scratch_round_trip(counter, inj, size):
+    with inj.scratch(size) as addr:
+        vma = [v for v in proc.maps(counter.pid) if v.start <= addr < v.end]
+        assert vma and vma[0].end >= addr + size and vma[0].write and not vma[0].shared
+        inj.write(addr + 100, b"hello pycr")
+        assert inj.read(addr + 100, 10) == b"hello pycr"
+        # the target itself sees it: write(1, addr+100, 11) lands in our pipe
+        inj.write(addr + 110, b"\n")
+        assert inj.call("write", 1, addr + 100, 11) == 11
+        assert counter.readline() == "hello pycr"
+    return addr
+
+
+def test_inject_scratch_below_the_frame_maps_nothing(counter):
+    """Small scratch areas come from the stack below the recovery frame: the
+    task's maps and the stack bytes are the same afterwards."""
+    with seized(counter.pid) as t:
+        regs = t.get_regs()
+        maps_before = proc.maps(counter.pid)
+        below = t.get_regs().rsp - 32 * 1024
+        stack_before = _peek(counter.pid, below, 32 * 1024)
+        with Injector(t) as inj:
+            _scratch_round_trip(counter, inj, 8192)
+            assert _peek(counter.pid, below, 32 * 1024) != stack_before
+        assert proc.maps(counter.pid) == maps_before
+        assert _peek(counter.pid, below, 32 * 1024) == stack_before
+        assert t.get_regs() == regs
+    assert counter.report()["bad"] == 0
+
+
+def test_inject_scratch_larger_than_the_stack_room_is_mapped_and_unmapped(counter):
     with seized(counter.pid) as t:
         regs = t.get_regs()
         with Injector(t) as inj:
-            with inj.scratch(8192) as addr:
-                vma = [v for v in proc.maps(counter.pid) if v.start <= addr < v.end]
-                assert vma and vma[0].end >= addr + 8192 and vma[0].write and not vma[0].shared
-                inj.write(addr + 100, b"hello pycr")
-                assert inj.read(addr + 100, 10) == b"hello pycr"
-                # the target itself sees it: write(1, addr+100, 11) lands in our pipe
-                inj.write(addr + 110, b"\n")
-                assert inj.call("write", 1, addr + 100, 11) == 11
-                assert counter.readline() == "hello pycr"
+            addr = _scratch_round_trip(counter, inj, 1 << 20)
             assert not [v for v in proc.maps(counter.pid) if v.start <= addr < v.end]
         assert t.get_regs() == regs
     assert counter.report()["bad"] == 0

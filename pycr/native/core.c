@@ -14,6 +14,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/prctl.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -384,10 +385,20 @@ long pycr_clone3_exec(const int *set_tid, size_t set_tid_size, uint64_t flags,
     args.exit_signal = SIGCHLD;
     args.set_tid = (uint64_t)(uintptr_t)set_tid;
     args.set_tid_size = set_tid_size;
+    pid_t parent = getpid();
     long pid = syscall(SYS_clone3, &args, sizeof(args));
     if (pid < 0)
         return -errno;
     if (pid == 0) {
+        /* Until pycr seizes it (with PTRACE_O_EXITKILL), the stub must die
+         * with pycr: a stub left behind would hold a PID of the tree. The
+         * death signal survives execve; pycr clears it once it holds the
+         * task. A parent already gone is seen as a new parent pid (0 when
+         * the child is alone in a new PID namespace, where this cannot be told). */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        pid_t now = getppid();
+        if (now != parent && now != 0)
+            _exit(126);
         /* Start the program clean: default dispositions for what the
          * interpreter ignores, nothing blocked. */
         sigset_t none;

@@ -63,6 +63,11 @@ EVENT_EXIT = 6
 EVENT_SECCOMP = 7
 EVENT_STOP = 128
 
+SYSCALL_INFO_NONE = 0
+SYSCALL_INFO_ENTRY = 1
+SYSCALL_INFO_EXIT = 2
+SYSCALL_INFO_SECCOMP = 3
+
 PEEKSIGINFO_SHARED = 1
 NT_PRSTATUS = 1
 NT_PRFPREG = 2
@@ -71,7 +76,7 @@ NT_X86_XSTATE = 0x202
 WALL = 0x40000000   # __WALL: wait for threads and clones too
 
 _NAMES = {v: k for k, v in list(globals().items()) if k.isupper() and isinstance(v, int)
-          and not k.startswith(("O_", "EVENT_", "NT_", "PEEKSIGINFO_", "WALL"))}
+          and not k.startswith(("O_", "EVENT_", "NT_", "PEEKSIGINFO_", "SYSCALL_INFO_", "WALL"))}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]

@@ -1,23 +1,41 @@
-"""Running syscalls inside a ptrace-stopped thread.
+"""Running syscalls inside a ptrace-stopped thread, so that pycr's death at any
+instant leaves the task running as it was.
 
-The thread's registers, extended state and signal mask are saved first and put
-back by restore(), so the task cannot tell anything ran. Two trampolines:
-- default: a `syscall` (0f 05) found in the task's [vdso], stepped with
-  PTRACE_SINGLESTEP; writes no memory.
-- given address of `0f 05 cc` (the restore stub): PTRACE_CONT until the int3.
-All signals are blocked while injecting so that none turns a step into a
-signal stop; one that still arrives (SIGSTOP cannot be blocked) is recorded in
+Two trampolines:
+- default (a live task): `syscall; mov $15,%eax; syscall` written into the
+  zero padding at the end of the task's [vdso] text, and a recovery frame
+  (pycr.ptrace.sigframe) of the task's own state written below its red zone.
+  Each call resumes with PTRACE_SYSCALL and ends at the syscall-exit stop;
+  the task is never single-stepped, so no trap flag is ever set. Should pycr
+  die with the task anywhere inside an injection, the kernel detaches it, the
+  injected call completes and rt_sigreturn loads the original registers,
+  signal mask, alternate stack and extended state from the frame. The first
+  injected call is sigaltstack(NULL, &frame.uc_stack): the kernel itself
+  fills in the one part of the frame that cannot be read from outside.
+  Syscall arguments go into scratch space below the frame when the stack has
+  room, so a dump maps nothing into the task.
+- given the address of `0f 05 cc` (the restore stub): PTRACE_CONT until the
+  int3. A stub that loses pycr dies with it (PTRACE_O_EXITKILL), as it should.
+
+The injected syscalls leave the extended state alone (the kernel preserves
+user FPU state across syscalls), so in the default mode it is read for the
+recovery frame but never written back. All signals are blocked while
+injecting; one that still stops the task (SIGSTOP) is recorded in
 thread.held_signals for re-delivery at detach, never dropped.
 """
 
 import contextlib
 import os
 import signal
+import struct
 
 from pycr.errors import PycrError, TaskGone, from_oserror
+from pycr.log import log
 from pycr.ptrace import binding as B
+from pycr.ptrace import sigframe
 from pycr.ptrace import syscalls as S
 from pycr import proc
+from pycr.steps import step
 
 MAP_PRIVATE = 0x02
 MAP_ANONYMOUS = 0x20
@@ -25,15 +43,42 @@ PROT_READ = 1
 PROT_WRITE = 2
 _U64 = 0xFFFFFFFFFFFFFFFF
 _ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+SCRATCH_BELOW_FRAME = 16 * 1024     # stack space for syscall arguments, when the stack has it
+# pycr's own signals stay blocked inside one injected call, so that a handler
+# that raises (Ctrl-C, SIGTERM) never runs between a syscall's entry and exit stops.
+_DEFERRED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 def _signed(value):
     return value - (1 << 64) if value & (1 << 63) else value
 
 
+def _align_down(value, align):
+    return value & ~(align - 1)
+
+
+def vdso_text_end(image):
+    """The end of what the [vdso] ELF image uses: headers, segments, sections.
+    The rest of its last page is zero padding that nothing executes."""
+    if image[:4] != b"\x7fELF":
+        return None
+    phoff, shoff = struct.unpack_from("<QQ", image, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", image, 0x36)
+    end = max(0x40, phoff + phnum * phentsize, shoff + shnum * shentsize)
+    for i in range(phnum):
+        _, _, offset, _, _, filesz, _ = struct.unpack_from("<IIQQQQQ", image, phoff + i * phentsize)
+        end = max(end, offset + filesz)
+    for i in range(shnum):
+        sh_type = struct.unpack_from("<I", image, shoff + i * shentsize + 4)[0]
+        offset, size = struct.unpack_from("<QQ", image, shoff + i * shentsize + 0x18)
+        if sh_type != 8:                                     # SHT_NOBITS takes no bytes
+            end = max(end, offset + size)
+    return end
+
+
 class Injector:
     """Runs syscalls in `thread` (already in a ptrace stop); use as a context manager
-    or call restore() when done."""
+    or call restore() when done. Nested injectors on one thread share the outer one."""
 
     def __init__(self, thread, trampoline=None, keep_xstate=True):
         self.thread = thread
@@ -42,36 +87,174 @@ class Injector:
         self.trampoline = trampoline
         self.keep_xstate = keep_xstate
         self.events = []          # (ptrace event, event message) seen during calls (fork, clone)
-        self._saved = None
+        self._saved = None        # (regs, xstate, sigmask) as found
+        self._outer = None        # the injector already active on this thread, if any
         self._mem = None
+        self._masked = False
+        # default mode only
+        self._code = None         # address of the trampoline in [vdso]
+        self._own_code = False    # this injector wrote it (and removes it)
+        self._frame = None        # address of the recovery frame
+        self._stack_lo = None     # lowest stack address in use, with its original bytes
+        self._stack_bytes = b""
+        self._scratch_top = None  # next free byte (downwards) of the stack scratch area
 
     # save / restore
     def save(self):
-        if self._saved is not None:
+        if self._saved is not None or self._outer is not None:
+            return
+        active = getattr(self.thread, "injector", None)
+        if self.trampoline is None and active is not None and active is not self:
+            self._outer = active
             return
         t = self.thread
         regs = t.get_regs()
-        xstate = t.get_xstate() if self.keep_xstate else None
+        xstate = t.get_xstate() if (self.keep_xstate or self.trampoline is None) else None
         mask = t.get_sigmask()
         self._saved = (regs, xstate, mask)
-        t.set_sigmask(_U64)
         if self.trampoline is None:
-            self._syscall_insn = self._find_vdso_syscall()
+            try:
+                self._place_recovery(regs, xstate, mask)
+                self.thread.injector = self
+                # The first call fills in the frame's uc_stack: only the task can read it.
+                self.check("sigaltstack", 0, self._frame + sigframe.UC_STACK_OFFSET)
+            except BaseException:
+                self.restore()
+                raise
+        else:
+            t.set_sigmask(_U64)
+            self._masked = True
+
+    def _place_recovery(self, regs, xstate, mask):
+        """Write the trampoline into [vdso] padding and the recovery frame below the red zone."""
+        vmas = proc.maps(self.pid)
+        vdso = next((v for v in vmas if v.kind == "vdso"), None)
+        if vdso is None:
+            raise PycrError(f"pid {self.pid}: no [vdso] to hold pycr's syscall trampoline")
+        end = vdso_text_end(self.read(vdso.start, vdso.size))
+        code = vdso.start + ((end + 15) & ~15) if end is not None else None
+        if code is None or code + len(sigframe.TRAMPOLINE) > vdso.end:
+            raise PycrError(f"pid {self.pid}: no padding left in [vdso] for pycr's syscall trampoline")
+        found = self.read(code, len(sigframe.TRAMPOLINE))
+        if found == bytes(len(found)):
+            self.write(code, sigframe.TRAMPOLINE)
+            self._own_code = True
+        elif found != sigframe.TRAMPOLINE:
+            raise PycrError(f"pid {self.pid}: the padding of [vdso] at {code:#x} is not empty")
+        self._code = code
+
+        sp = regs.rsp
+        stack = next((v for v in vmas if v.start < sp - sigframe.RED_ZONE <= v.end), None)
+        size = sigframe.frame_size(len(xstate or b""))
+        frame = _align_down(sp - sigframe.RED_ZONE - size, 64)
+        if stack is None or not stack.write or frame < stack.start:
+            raise PycrError(f"tid {self.tid}: no room on its stack below {sp:#x} for pycr's "
+                            f"recovery frame ({size} bytes)")
+        lo = max(stack.start, frame - SCRATCH_BELOW_FRAME)
+        self._stack_bytes = self.read(lo, frame + size - lo)
+        self._stack_lo = lo
+        self.write(frame, sigframe.build(regs, xstate, mask, frame))
+        self._frame = frame
+        self._scratch_top = frame
 
     def restore(self):
-        """Put back the registers, extended state and signal mask saved at the first call."""
-        if self._mem is not None:
-            os.close(self._mem)
-            self._mem = None
+        """Put the task back as it was; nothing of pycr stays in it.
+
+        Each item is put back on its own. If the mask or the registers cannot
+        be written, the task is left at its trampoline with the recovery frame
+        in place: on detach it runs rt_sigreturn into its original state.
+        """
+        if self._outer is not None:
+            self._outer = None
+            return
         if self._saved is None:
+            self._close_mem()
             return
         regs, xstate, mask = self._saved
         self._saved = None
         t = self.thread
-        t.set_regs(regs)
-        if xstate is not None:
-            t.set_xstate(xstate)
-        t.set_sigmask(mask)
+        if self.trampoline is not None:
+            try:
+                t.set_regs(regs)
+                if xstate is not None:
+                    t.set_xstate(xstate)
+            finally:
+                if self._masked:
+                    t.set_sigmask(mask)
+                self._masked = False
+                self._close_mem()
+            return
+        if getattr(t, "injector", None) is self:
+            t.injector = None
+        if self._frame is None:          # nothing was written into the task's registers
+            self._remove_traces()
+            return
+        try:
+            if self._masked:
+                t.set_sigmask(mask)
+                self._masked = False
+            t.set_regs(regs)
+            self._back_to_interrupt_stop()
+        except TaskGone:
+            self._close_mem()
+            raise
+        except PycrError as exc:
+            log.warning("tid %d: %s; it returns to its own state through pycr's recovery frame", self.tid, exc)
+            self._leave_to_sigreturn(regs)
+            self._close_mem()
+            return
+        self._remove_traces()
+
+    def _back_to_interrupt_stop(self):
+        """Leave the syscall-exit stop of the last injected call for an interrupt stop.
+
+        The kernel restarts a syscall the task was interrupted in (rax = -ERESTART*)
+        only on its signal path, after a stop inside get_signal; from a
+        syscall-exit stop it would return -ERESTART* to the program. PTRACE_INTERRUPT
+        then PTRACE_CONT traps the task there before it runs any instruction.
+        """
+        t = self.thread
+        t.interrupt()
+        while True:
+            t.cont()
+            stop = t.wait()
+            if stop.gone:
+                raise TaskGone(self.tid, "exited while pycr returned it to its stop")
+            if stop.is_interrupt_stop or stop.is_group_stop:
+                return
+            if stop.event:
+                continue
+            if stop.signal & 0x7F == signal.SIGTRAP and t.syscall_info()[0] != B.SYSCALL_INFO_NONE:
+                continue
+            t.hold_signal(stop)
+
+    def _leave_to_sigreturn(self, regs):
+        """Point the task at the trampoline's rt_sigreturn (best effort)."""
+        back = regs.copy()
+        back.rip = self._code + sigframe.SIGRETURN_AT
+        back.rsp = self._frame + 8
+        back.orig_rax = _U64
+        with contextlib.suppress(PycrError):
+            self.thread.set_regs(back)
+
+    def _remove_traces(self):
+        """The stack bytes under the frame and the [vdso] padding, as they were."""
+        try:
+            if self._stack_lo is not None:
+                self.write(self._stack_lo, self._stack_bytes)
+            if self._own_code:
+                self.write(self._code, bytes(len(sigframe.TRAMPOLINE)))
+        except PycrError as exc:
+            log.warning("tid %d: could not wipe pycr's trampoline or frame: %s", self.tid, exc)
+        finally:
+            self._stack_lo = self._frame = None
+            self._own_code = False
+            self._close_mem()
+
+    def _close_mem(self):
+        if self._mem is not None:
+            os.close(self._mem)
+            self._mem = None
 
     def __enter__(self):
         self.save()
@@ -88,16 +271,9 @@ class Injector:
     @property
     def saved_regs(self):
         self.save()
+        if self._outer is not None:
+            return self._outer.saved_regs
         return self._saved[0].copy()
-
-    def _find_vdso_syscall(self):
-        for vma in proc.maps(self.pid):
-            if vma.kind == "vdso":
-                code = self.read(vma.start, vma.size)
-                at = code.find(b"\x0f\x05")
-                if at >= 0:
-                    return vma.start + at
-        raise PycrError(f"pid {self.pid}: no syscall instruction in [vdso]; pass a trampoline")
 
     # syscalls
     def call(self, nr, *args):
@@ -107,21 +283,34 @@ class Injector:
         if len(args) > 6:
             raise ValueError("a syscall takes at most 6 arguments")
         self.save()
-        t = self.thread
+        if self._outer is not None:
+            return self._outer.call(nr, *args)
         regs = self._saved[0].copy()
         regs.rax = nr
         regs.orig_rax = _U64          # -1: no syscall-restart fixups on our return
         for name, value in zip(_ARG_REGS, args):
             setattr(regs, name, value & _U64)
-        addr = self._syscall_insn if self.trampoline is None else self.trampoline
-        end = addr + (2 if self.trampoline is None else 3)
-        regs.rip = addr
-        t.set_regs(regs)
-        while True:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+        try:
             if self.trampoline is None:
-                t.singlestep()
-            else:
-                t.cont()
+                regs.rip = self._code
+                regs.rsp = self._frame + 8
+                return self._run_syscall_stops(nr, regs)
+            regs.rip = self.trampoline
+            return self._run_to_int3(nr, regs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _run_syscall_stops(self, nr, regs):
+        t = self.thread
+        t.set_regs(regs)            # registers first: from here on, a detach ends in rt_sigreturn
+        if not self._masked:
+            t.set_sigmask(_U64)
+            self._masked = True
+        step(f"inject {S.NAMES.get(nr, nr)} into {self.tid}")
+        entered = False
+        while True:
+            t.syscall()
             stop = t.wait()
             if stop.gone:
                 raise TaskGone(self.tid, f"died during injected syscall {S.NAMES.get(nr, nr)}")
@@ -130,19 +319,42 @@ class Injector:
                 continue
             if stop.event:                       # interrupt or group stop: just go on
                 continue
+            if stop.signal & 0x7F == signal.SIGTRAP:
+                op, value = t.syscall_info()
+                if op == B.SYSCALL_INFO_ENTRY:
+                    entered = True
+                    continue
+                if op == B.SYSCALL_INFO_EXIT and entered:
+                    return value
+                if op == B.SYSCALL_INFO_EXIT:    # the exit of the syscall the task was stopped in
+                    continue
+            t.hold_signal(stop)   # passed on at detach, never dropped
+
+    def _run_to_int3(self, nr, regs):
+        t = self.thread
+        addr, end = regs.rip, regs.rip + 3
+        t.set_regs(regs)
+        while True:
+            t.cont()
+            stop = t.wait()
+            if stop.gone:
+                raise TaskGone(self.tid, f"died during injected syscall {S.NAMES.get(nr, nr)}")
+            if stop.event in (B.EVENT_FORK, B.EVENT_VFORK, B.EVENT_CLONE, B.EVENT_VFORK_DONE):
+                self.events.append((stop.event, t.event_msg()))
+                continue
+            if stop.event:
+                continue
             if stop.signal == signal.SIGTRAP:
                 now = t.get_regs()
                 if now.rip == end:
                     return _signed(now.rax)
-                if now.rip == addr:              # not executed yet (spurious trap)
-                    continue
                 raise PycrError(f"tid {self.tid}: injected syscall {S.NAMES.get(nr, nr)} "
                                 f"trapped at {now.rip:#x}, expected {end:#x}")
             if stop.signal in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL) and \
                     t.get_regs().rip == addr:
                 raise PycrError(f"tid {self.tid}: trampoline {addr:#x} is not executable "
                                 f"(signal {stop.signal})")
-            t.hold_signal(stop)   # passed on at detach, never dropped
+            t.hold_signal(stop)
 
     def check(self, nr, *args):
         """Like call(), but a negative result raises the mapped pycr error."""
@@ -155,7 +367,22 @@ class Injector:
 
     @contextlib.contextmanager
     def scratch(self, size=4096):
-        """A private RW anonymous mapping in the target for the duration of the block."""
+        """Writable memory in the target for the duration of the block: stack space
+        below the recovery frame when there is room, else a private anonymous mapping."""
+        self.save()
+        if self._outer is not None:
+            with self._outer.scratch(size) as addr:
+                yield addr
+            return
+        need = (size + 63) & ~63
+        if self._scratch_top is not None and self._scratch_top - need >= self._stack_lo:
+            top = self._scratch_top
+            self._scratch_top = top - need
+            try:
+                yield top - need
+            finally:
+                self._scratch_top = top
+            return
         addr = self.check("mmap", 0, size, PROT_READ | PROT_WRITE,
                           MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
         try:
@@ -167,12 +394,14 @@ class Injector:
     def _memfd(self):
         if self._mem is None:
             try:
-                self._mem = os.open(f"/proc/{self.pid}/mem", os.O_RDWR)
+                self._mem = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
                 raise from_oserror(exc, self.pid, "mem") from None
         return self._mem
 
     def read(self, addr, n):
+        if self._outer is not None:
+            return self._outer.read(addr, n)
         try:
             data = os.pread(self._memfd(), n, addr)
         except OSError as exc:
@@ -182,6 +411,8 @@ class Injector:
         return data
 
     def write(self, addr, data):
+        if self._outer is not None:
+            return self._outer.write(addr, data)
         try:
             done = os.pwrite(self._memfd(), bytes(data), addr)
         except OSError as exc:

@@ -17,6 +17,7 @@ from pycr.ptrace import binding as B
 from pycr.ptrace import xstate as X
 
 SIGINFO_SIZE = 128
+_SYSCALL_INFO_SIZE = 88      # struct ptrace_syscall_info; entry.nr / exit.rval at 24
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -147,7 +148,9 @@ class Thread:
 
     # attach / run control
     def seize(self, options=0):
-        self._call(B.SEIZE, 0, options)
+        """PTRACE_SEIZE; syscall stops always report SIGTRAP|0x80 (the injector tells
+        them apart from a real SIGTRAP by it)."""
+        self._call(B.SEIZE, 0, options | B.O_TRACESYSGOOD)
 
     def interrupt(self):
         self._call(B.INTERRUPT)
@@ -157,6 +160,19 @@ class Thread:
 
     def singlestep(self, sig=0):
         self._call(B.SINGLESTEP, 0, sig)
+
+    def syscall(self, sig=0):
+        """Resume until the next syscall-entry or syscall-exit stop."""
+        self._call(B.SYSCALL, 0, sig)
+
+    def syscall_info(self):
+        """(op, value) of PTRACE_GET_SYSCALL_INFO: op is SYSCALL_INFO_ENTRY with the
+        syscall number, SYSCALL_INFO_EXIT with the signed return value, or another op."""
+        buf = ctypes.create_string_buffer(_SYSCALL_INFO_SIZE)
+        self._call(B.GET_SYSCALL_INFO, _SYSCALL_INFO_SIZE, ctypes.addressof(buf))
+        op = buf.raw[0]
+        value = ctypes.c_int64.from_buffer_copy(buf.raw, 24).value
+        return op, value
 
     def detach(self, sig=0):
         self._call(B.DETACH, 0, sig)
@@ -219,12 +235,14 @@ class Thread:
         first = 0
         if sigs and self.last_stop is not None and self.last_stop.is_signal_delivery:
             first = sigs.pop(0)
-        tgid = None
-        for sig in sigs:
-            if tgid is None:
-                tgid = status(self.tid).tgid
-            _tgkill(tgid, self.tid, sig)
-        self.detach(first)
+        try:
+            tgid = None
+            for sig in sigs:
+                if tgid is None:
+                    tgid = status(self.tid).tgid
+                _tgkill(tgid, self.tid, sig)
+        finally:
+            self.detach(first)
 
     # CPU state
     def get_regs(self):

@@ -19,6 +19,7 @@ from pycr.log import log
 from pycr.ptrace.inject import Injector
 from pycr.restore import files, mm, pidns as pidns_mod, preflight, process, tasks, threads
 from pycr.restore.load import load_images
+from pycr.steps import finish, step
 
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
 MFD_CLOEXEC = 1
@@ -79,6 +80,7 @@ class Restore:
         for p in self.images.processes:
             task = self.tasks[p.pid]
             r = task.remote
+            step(f"rebuild pid {p.pid}")
             files.close_inherited(r, self.pidfd)
             task.workspace = mm.rebuild(r, p.mm, self.images.pages, shmem_paths)
             self.finish_process(task, p)
@@ -116,6 +118,7 @@ class Restore:
 
     def release(self):
         """Detach every thread of every process: the tree runs from here on."""
+        step("release the restored tree")
         for task in self.tasks.values():
             for thread in task.threads.values():
                 thread.detach(0)
@@ -208,6 +211,7 @@ def restore(images_dir, detach=False, pidns=False):
         raise
     finally:
         run.close()
+    finish()
     log.info("restore done in %.3f s", time.monotonic() - started)
     if detach:
         return 0

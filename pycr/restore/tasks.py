@@ -14,12 +14,14 @@ import time
 
 from pycr.errors import RestoreError, TaskGone
 from pycr.log import log
+from pycr.steps import step
 from pycr.native import core
 from pycr.ptrace import binding as B
 from pycr.ptrace.thread import Thread
 from pycr.restore.remote import Remote, find_code
 
 SIGCHLD = 17
+PR_SET_PDEATHSIG = 1
 SEIZE_OPTIONS = (B.O_TRACEFORK | B.O_TRACEVFORK | B.O_TRACECLONE | B.O_SUSPEND_SECCOMP | B.O_EXITKILL)
 CLONE_ARGS = struct.Struct("<QQQQQQQQQQQ")     # struct clone_args, VER2 (88 bytes)
 SYS_PAUSE, SYS_WAIT4, SYS_NANOSLEEP = 34, 61, 35
@@ -88,7 +90,12 @@ def seize_stub(real, pid, syscalls=(SYS_PAUSE,)):
         if stop.event == B.EVENT_STOP:
             break
         thread.cont(0)
-    return Remote(thread, pid, real, _stub_trampoline(real))
+    remote = Remote(thread, pid, real, _stub_trampoline(real))
+    # The stub was started with PR_SET_PDEATHSIG so that it died with pycr until
+    # now; from here PTRACE_O_EXITKILL does that, and the restored task must
+    # outlive pycr once released.
+    remote.check("prctl", PR_SET_PDEATHSIG, 0, what="PR_SET_PDEATHSIG, 0")
+    return remote
 
 
 def start_root(pid, created):
@@ -100,6 +107,7 @@ def start_root(pid, created):
         raise RestoreError(f"pid {pid} is in use; restore with --pidns"
                            if exc.errno == 17 else f"cannot start the root stub as pid {pid}: {exc.strerror}") from None
     created.append(real)
+    step(f"seize the root stub {real}")
     remote = seize_stub(real, pid)
     log.info("root: started pycr-stub as pid %d (clone3 set_tid) and seized it", pid)
     return Task(pid, real, remote)
@@ -132,6 +140,7 @@ def fork_in(parent, pid, created):
         r.write(buf + 64, clone_args(set_tid=buf, set_tid_size=1))
         res = r.call("clone3", buf + 64, CLONE_ARGS.size)
     remote = born_child(parent, pid, res, created, f"pid {pid} is in use; restore with --pidns")
+    step(f"forked pid {pid}")
     log.info("pid %d: forked in pid %d by injected clone3 (set_tid)", pid, parent.pid)
     return Task(pid, remote.real, remote)
 
