@@ -68,8 +68,16 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser("check", help="which kernel features pycr can use here")
+    p = sub.add_parser("check", help="which kernel features pycr can use here; with -t, what a killed "
+                                     "pycr left in a tree")
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    p.add_argument("-t", "--tree", type=int, metavar="PID",
+                   help="list what pycr left in the tree rooted at PID when it was killed")
+    _add_common(p)
+
+    p = sub.add_parser("cleanup", help="take out what a killed pycr left in a tree "
+                                       "(its userfaultfd, its trampoline)")
+    p.add_argument("-t", "--tree", type=int, required=True, metavar="PID", help="root of the tree")
     _add_common(p)
 
     p = sub.add_parser("dump", help="checkpoint a process tree into image files")
@@ -124,9 +132,19 @@ def build_parser():
 
 
 def _run(args):
+    if args.command == "check" and args.tree is not None:
+        return _check_tree(args.tree)
     if args.command == "check":
         from .check import run_check
         return run_check(as_json=args.json)
+    if args.command == "cleanup":
+        from .leftovers import cleanup
+        removed = cleanup(args.tree)
+        for item in removed:
+            print(f"removed {item}")
+        if not removed:
+            print(f"nothing of pycr's in the tree of pid {args.tree}")
+        return 0
     if args.command in ("dump", "pre-dump"):
         from .dump import dump_tree
         return dump_tree(args.tree, args.images_dir,
@@ -150,6 +168,20 @@ def _run(args):
         encode_json_file(args.input, args.output)
         return 0
     raise AssertionError(args.command)
+
+
+def _check_tree(root):
+    from . import proc
+    from .leftovers import find
+    proc.status(root)                      # TaskGone: one line, exit 1
+    found = find(root)
+    for item in found:
+        print(item)
+    if not found:
+        print(f"nothing of pycr's in the tree of pid {root}")
+        return 0
+    print(f"run `pycr cleanup -t {root}` to take them out")
+    return 3
 
 
 def _restore_follow(args):

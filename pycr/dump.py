@@ -10,7 +10,7 @@ import os
 import platform
 import time
 
-from . import __version__, proc
+from . import __version__, leftovers, proc
 from .collect.core import collect_core, collect_thread
 from .collect.files import collect_files, collect_pipes_data, number_file_descriptions, describe_fd
 from .collect.memory import dump_private_memory, dump_shmem, shmem_vmas
@@ -83,6 +83,9 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
     # Pass 1: read what can refuse the dump, before writing anything.
     vmas_by_pid, files_by_pid = {}, {}
     for pid in processes:
+        # What a pycr killed earlier left (its userfaultfd, its trampoline) goes first.
+        leftovers.close_stray_uffds(pid, processes[pid][0], keep=(hidden_fds or {}).get(pid, ()))
+        leftovers.wipe_trampoline(pid)
         vmas = read_vmas(pid, smaps(pid) if smaps else None)
         check_supported(pid, vmas)
         vmas_by_pid[pid] = vmas
@@ -140,11 +143,11 @@ def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images
         stats.pages_bytes = write_tree_images(frozen, imgdir)
         step("write inventory")
         imgdir.write("inventory", inventory(root, "dump"))
+        step("release the tree" if leave_running else "kill the tree")
     except BaseException:
         log.info("dump failed: detaching, the tree goes on as before")
         frozen.thaw()
         raise
-    step("release the tree" if leave_running else "kill the tree")
     if leave_running:
         frozen.thaw()
         log.info("detached every thread (--leave-running): the tree goes on")

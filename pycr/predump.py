@@ -18,11 +18,11 @@ import time
 
 from . import proc
 from .dump import DumpStats, inventory, probe_writable, write_tree_images
-from .errors import ImageError, TaskGone
+from .errors import ImageError, PycrError, TaskGone
 from .freeze import freeze
 from .images import ImageDir
 from .log import log
-from .steps import finish, step
+from .steps import deferred_signals, finish, step
 from .trackers import ParentPass, make_tracker
 from .trackers.base import check_parent_tree
 
@@ -109,18 +109,20 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
         finally:
             frozen.thaw()
         raise
-    step("release the tree" if (pre_dump or leave_running) else "kill the tree")
+    state = "frozen"
     try:
+        step("release the tree" if (pre_dump or leave_running) else "kill the tree")
         if keep_frozen:
             pass
         elif pre_dump or leave_running:
             frozen.thaw()
+            state = "thawed"
         else:
             frozen.kill()
+            state = "killed"
         stats.frozen_seconds = time.monotonic() - frozen_at
         if not keep_frozen:
-            log.info("tree %s after %.3f s frozen", "killed" if not (pre_dump or leave_running) else "thawed",
-                     stats.frozen_seconds)
+            log.info("tree %s after %.3f s frozen", state, stats.frozen_seconds)
         for pid, vmas in later.items():
             try:
                 stats.pages_bytes += trk.save_pages(pid, vmas, imgdir, live=True)
@@ -129,21 +131,40 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
                     raise
                 log.warning("pid %d exited during the pre-dump; its pages are left out", pid)
                 imgdir.write("pagemap", {"owner": str(pid), "entries": []}, str(pid))
-    finally:
-        trk.finish()
-    step("write inventory")
-    try:
+        step("write inventory")
         imgdir.write("inventory", inv)
     except BaseException:
-        if keep_frozen:
-            frozen.thaw()
+        log.info("%s failed: taking pycr's tracking out of the tree, which goes on as before", kind)
+        _undo_pass(root, frozen, trk, state)
         raise
+    finally:
+        trk.finish()
     if not keep_frozen:
         finish()
     stats.total_seconds = time.monotonic() - started
     log.info("%s done: %.1f MiB of pages, frozen %.3f s, total %.3f s", kind,
              stats.pages_bytes / (1 << 20), stats.frozen_seconds, stats.total_seconds)
     return frozen if keep_frozen else 0
+
+
+def _undo_pass(root, frozen, trk, state):
+    """Leave no trace of a pass that failed after the freeze: the tracker's state
+    made in the targets this pass goes (re-freezing the tree if it was thawed)."""
+    if state == "killed":
+        return
+    if state == "frozen":
+        try:
+            trk.abort({pid: threads[0] for pid, threads in frozen.processes.items()})
+        finally:
+            frozen.thaw()
+        return
+    with deferred_signals():
+        try:
+            with freeze(root) as again:
+                trk.abort({pid: threads[0] for pid, threads in again.processes.items()})
+        except PycrError as exc:
+            log.warning("could not take pycr's tracking out of the tree: %s (pycr cleanup -t %d does)",
+                        exc, root)
 
 
 def _alive(pid):

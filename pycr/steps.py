@@ -11,6 +11,7 @@ a test knows how many steps a command has.
 Without those variables a step costs one dictionary lookup.
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -27,6 +28,17 @@ def finish():
     """The command's work is complete; stop signals no longer undo it."""
     global finished
     finished = True
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """Hold SIGINT, SIGTERM and SIGHUP for the block: what it does to a task is
+    done whole or not at all, and the rollback they trigger starts after it."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _WAKE)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def step(name):

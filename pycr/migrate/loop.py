@@ -11,6 +11,7 @@ The replica lives in a new PID namespace (the original PIDs are still taken
 by the source), with the same PIDs inside it.
 """
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -166,6 +167,40 @@ def _same_file_as_any(pid, fd, owners):
     return False
 
 
+WORK_PREFIX = "pycr-migrate-"
+_LOCK = ".pycr-lock"
+
+
+def _hold(work_dir):
+    """An exclusive flock on work_dir/.pycr-lock, held for the migration's life:
+    the kernel drops it when pycr dies, however it dies."""
+    fd = os.open(os.path.join(work_dir, _LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def sweep_work_dirs():
+    """Remove the temporary work directories of migrations whose pycr was killed
+    (no one holds their lock)."""
+    top = tempfile.gettempdir()
+    for name in os.listdir(top):
+        path = os.path.join(top, name)
+        if not name.startswith(WORK_PREFIX) or not os.path.isdir(path):
+            continue
+        try:
+            fd = os.open(os.path.join(path, _LOCK), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue                      # not ours, or not yet locked: leave it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue                      # a running migration
+        finally:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s, left by a migration that was killed", path)
+
+
 @dataclass
 class MigrationResult:
     replica: object
@@ -187,14 +222,18 @@ def migrate(root, work_dir=None, policy=None, tracker="auto", on_image_set=None,
     except TaskGone:
         raise TaskGone(root, "no process to migrate") from None
     keep = work_dir is not None
-    work_dir = os.fspath(work_dir) if keep else tempfile.mkdtemp(prefix="pycr-migrate-")
+    if not keep:
+        sweep_work_dirs()
+    work_dir = os.fspath(work_dir) if keep else tempfile.mkdtemp(prefix=WORK_PREFIX)
     os.makedirs(work_dir, mode=0o700, exist_ok=True)
+    lock = None if keep else _hold(work_dir)
     source = SourcePasses(root, work_dir, tracker, policy)
     try:
         result = follow(source, pidns=True, on_image_set=on_image_set, on_pass=on_pass)
     finally:
         if not keep:
             shutil.rmtree(work_dir, ignore_errors=True)
+            os.close(lock)
     replica = result.replica
     root_task = replica.tasks[root]
     summary = Summary(passes=len(result.reports), downtime=result.resumed_at - source.frozen_at,

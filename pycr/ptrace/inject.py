@@ -35,7 +35,7 @@ from pycr.ptrace import binding as B
 from pycr.ptrace import sigframe
 from pycr.ptrace import syscalls as S
 from pycr import proc
-from pycr.steps import step
+from pycr.steps import deferred_signals, step
 
 MAP_PRIVATE = 0x02
 MAP_ANONYMOUS = 0x20
@@ -44,9 +44,8 @@ PROT_WRITE = 2
 _U64 = 0xFFFFFFFFFFFFFFFF
 _ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 SCRATCH_BELOW_FRAME = 16 * 1024     # stack space for syscall arguments, when the stack has it
-# pycr's own signals stay blocked inside one injected call, so that a handler
-# that raises (Ctrl-C, SIGTERM) never runs between a syscall's entry and exit stops.
-_DEFERRED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+# pycr's stop signals are held inside one injected call, so that a handler that
+# raises (Ctrl-C, SIGTERM) never runs between a syscall's entry and exit stops.
 
 
 def _signed(value):
@@ -290,16 +289,13 @@ class Injector:
         regs.orig_rax = _U64          # -1: no syscall-restart fixups on our return
         for name, value in zip(_ARG_REGS, args):
             setattr(regs, name, value & _U64)
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
-        try:
+        with deferred_signals():
             if self.trampoline is None:
                 regs.rip = self._code
                 regs.rsp = self._frame + 8
                 return self._run_syscall_stops(nr, regs)
             regs.rip = self.trampoline
             return self._run_to_int3(nr, regs)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def _run_syscall_stops(self, nr, regs):
         t = self.thread

@@ -24,6 +24,7 @@ from ..errors import PycrError, TaskGone
 from ..log import log
 from ..native import core
 from ..ptrace.inject import Injector
+from ..steps import deferred_signals
 from . import runs as R
 from .base import Tracker, plan_copy, present_pages, write_pages
 
@@ -239,14 +240,19 @@ class UffdWpTracker(Tracker):
     def _create(self, pid, leader):
         """Inject userfaultfd(), move it to a high fd, take a duplicate, enable WP_ASYNC."""
         target_fd = _free_high_fd(pid)
-        with Injector(leader) as inj:
+        # Whole or not at all: a stop signal in between would leave an fd nobody knows.
+        with deferred_signals(), Injector(leader) as inj:
             rfd = inj.check("userfaultfd", O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY)
             try:
                 inj.check("dup3", rfd, target_fd, O_CLOEXEC)
             finally:
                 inj.check("close", rfd)
-        uffd = UffdProcess(pid, target_fd, _pidfd_dup(pid, target_fd), created=True)
-        self.procs[pid] = uffd
+            try:
+                uffd = UffdProcess(pid, target_fd, _pidfd_dup(pid, target_fd), created=True)
+            except BaseException:
+                inj.call("close", target_fd)
+                raise
+            self.procs[pid] = uffd
         arg = bytearray(struct.pack("<QQQ", UFFD_API, FEATURES, 0))
         try:
             fcntl.ioctl(uffd.fd, UFFDIO_API, arg, True)

@@ -1,0 +1,146 @@
+"""What pycr may leave in a tree it could not finish with, found and taken out.
+
+pycr undoes everything it puts into a task, on success, on error and on
+SIGINT/SIGTERM/SIGHUP. Only its death by SIGKILL (or the OOM killer) at an
+unlucky instant can leave something behind, and none of it changes what the
+program does:
+- its dirty-page tracker's userfaultfd (pre-dump), recognised by the flags and
+  features pycr creates it with (O_NONBLOCK|O_CLOEXEC; WP_ASYNC|WP_UNPOPULATED,
+  or none yet when pycr died before UFFDIO_API);
+- its syscall trampoline in the zero padding of [vdso] (never executed once
+  the task has left the injection).
+`pycr check -t PID` lists them; `pycr cleanup -t PID` takes them out, and so
+does every dump and pre-dump of the tree before it looks at its fds.
+"""
+
+from dataclasses import dataclass
+
+from pycr import proc
+from pycr.errors import PycrError, TaskGone
+from pycr.log import log
+from pycr.ptrace import sigframe
+from pycr.ptrace.inject import vdso_text_end
+
+UFFD_LINK = "anon_inode:[userfaultfd]"
+UFFD_FLAGS = 0o4000 | 0o2000000                 # O_NONBLOCK | O_CLOEXEC, read-only
+UFFD_FEATURES = (1 << 15) | (1 << 13)           # WP_ASYNC | WP_UNPOPULATED
+_FEATURE_INITIALIZED = 1 << 31                  # set by the kernel once UFFDIO_API ran
+
+
+@dataclass
+class Leftover:
+    pid: int
+    what: str        # "userfaultfd" or "trampoline"
+    where: int       # fd number or address
+    detail: str
+
+    def __str__(self):
+        if self.what == "userfaultfd":
+            return f"pid {self.pid} fd {self.where}: pycr's userfaultfd ({self.detail})"
+        return f"pid {self.pid}: pycr's syscall trampoline at {self.where:#x} in [vdso] padding"
+
+
+def uffd_features(pid, fd):
+    """The features of a userfaultfd from its fdinfo ("API: aa:<features>:<ioctls>"), or None."""
+    info = proc.fdinfo(pid, fd)
+    api = (info.extra.get("API") or [""])[0].split(":")
+    if len(api) < 2:
+        return info.flags, None
+    return info.flags, int(api[1], 16) & ~_FEATURE_INITIALIZED
+
+
+def pycr_uffds(pid, initialized_only=False):
+    """fds of pid that are userfaultfds as pycr makes them."""
+    out = []
+    for fd, link in proc.fds(pid).items():
+        if link != UFFD_LINK:
+            continue
+        try:
+            flags, features = uffd_features(pid, fd)
+        except TaskGone:
+            continue
+        if flags & ~0o100000 != UFFD_FLAGS:            # O_LARGEFILE may show too
+            continue
+        if features == UFFD_FEATURES or (features == 0 and not initialized_only):
+            out.append(fd)
+    return out
+
+
+def trampoline_address(pid):
+    """Where pycr's trampoline sits in pid's [vdso] if it is there, else None."""
+    vdso = next((v for v in proc.maps(pid) if v.kind == "vdso"), None)
+    if vdso is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+            mem.seek(vdso.start)
+            image = mem.read(vdso.size)
+    except OSError:
+        return None
+    end = vdso_text_end(image)
+    if end is None:
+        return None
+    at = (end + 15) & ~15
+    if image[at:at + len(sigframe.TRAMPOLINE)] == sigframe.TRAMPOLINE:
+        return vdso.start + at
+    return None
+
+
+def find(root):
+    """Every Leftover in the tree rooted at root."""
+    out = []
+    for pid in proc.descendants(root):
+        try:
+            for fd in pycr_uffds(pid):
+                out.append(Leftover(pid, "userfaultfd", fd, "write-protect tracking"))
+            addr = trampoline_address(pid)
+            if addr is not None:
+                out.append(Leftover(pid, "trampoline", addr, ""))
+        except TaskGone:
+            continue
+    return out
+
+
+def close_stray_uffds(pid, leader, keep=()):
+    """Close, by injection into the frozen leader, pycr's userfaultfds in pid other
+    than those in keep (the ones the current pass tracks with). -> fds closed."""
+    from pycr.ptrace.inject import Injector
+    stray = [fd for fd in pycr_uffds(pid, initialized_only=True) if fd not in keep]
+    if stray:
+        with Injector(leader) as inj:
+            for fd in stray:
+                inj.call("close", fd)
+        log.info("pid %d: closed userfaultfd(s) %s left by an earlier pycr run", pid, stray)
+    return stray
+
+
+def wipe_trampoline(pid):
+    """Zero the trampoline bytes in pid's [vdso] padding, as they were."""
+    addr = trampoline_address(pid)
+    if addr is None:
+        return False
+    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
+        mem.seek(addr)
+        mem.write(bytes(len(sigframe.TRAMPOLINE)))
+    return True
+
+
+def cleanup(root):
+    """`pycr cleanup -t PID`: freeze the tree, take out every leftover, thaw. -> [Leftover]."""
+    from pycr.freeze import freeze
+    found = find(root)
+    if not found:
+        return []
+    with freeze(root) as frozen:
+        for pid, threads in frozen.processes.items():
+            fds = [x.where for x in found if x.pid == pid and x.what == "userfaultfd"]
+            if fds:
+                from pycr.ptrace.inject import Injector
+                with Injector(threads[0]) as inj:
+                    for fd in fds:
+                        res = inj.call("close", fd)
+                        if res < 0:
+                            raise PycrError(f"pid {pid}: close of fd {fd} failed ({-res})")
+        for pid in frozen.processes:
+            wipe_trampoline(pid)
+    return found

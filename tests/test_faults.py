@@ -1,0 +1,172 @@
+"""pycr killed at its steps: the tree it touched goes on as it was.
+
+Each command is run once with PYCR_COUNT_STEPS to learn its steps, then again
+with PYCR_STOP_AT_STEP=N for a spread of N (every kind of step, injected
+syscalls included), and pycr is sent SIGKILL, SIGTERM or SIGINT there. After
+each trial: the source tree runs untraced, keeps counting, its blocked mask,
+maps and fds are as before; a restore leaves no task and no stub behind.
+What only a SIGKILL can leave (pycr's userfaultfd, its trampoline) is listed
+by `pycr check -t` and taken out by `pycr cleanup -t`.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import procutil
+from pycrcmd import pycr
+
+SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
+
+
+def steps_of(tmp_path, *args):
+    """[(n, name)] of the steps `pycr ARGS` goes through."""
+    count = tmp_path / "steps"
+    count.unlink(missing_ok=True)
+    env = dict(os.environ, PYCR_COUNT_STEPS=str(count))
+    done = subprocess.run([sys.executable, "-m", "pycr", *map(str, args)], env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = count.read_text().splitlines()
+    return [(int(n), name) for n, _, name in (line.partition(" ") for line in lines)]
+
+
+def spread(steps, most=8):
+    """Steps of every kind, and injected syscalls spread over the run."""
+    picked, kinds = [], set()
+    for n, name in steps:
+        kind = " ".join(name.split()[:2]) if name.startswith("inject") else name.split()[0]
+        if kind not in kinds:
+            kinds.add(kind)
+            picked.append(n)
+    injects = [n for n, name in steps if name.startswith("inject")]
+    picked += injects[len(injects) // 3::max(1, len(injects) // 3)]
+    picked = sorted(set(picked))
+    stride = max(1, len(picked) // most)
+    return picked[::stride] + ([steps[-1][0]] if steps else [])
+
+
+def stop_and_signal(tmp_path, n, sig, *args, expect_exit=None):
+    """Run pycr ARGS until it stops at step n, send it sig; -> (returncode, stderr)."""
+    env = dict(os.environ, PYCR_STOP_AT_STEP=str(n))
+    p = subprocess.Popen([sys.executable, "-m", "pycr", *map(str, args)], env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        first = p.stderr.readline()
+        assert first.startswith(f"pycr: stopped at step {n} "), first + p.stderr.read()
+        p.send_signal(sig)
+        rest = p.stderr.read()
+        rc = p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return rc, first + rest
+
+
+def snapshot(pid):
+    return dict(maps=procutil.coalesced_maps(pid), fds=procutil.fds(pid),
+                sigblk=procutil.status(pid)["SigBlk"])
+
+
+def assert_goes_on(w, before, sig, where):
+    """The tree runs untraced and counts on; after SIGKILL pycr's leftovers are only
+    what `pycr check -t` lists, and `pycr cleanup -t` removes them."""
+    procutil.assert_running_untraced(w.pid)
+    mark = w.mark()
+    w.wait_for(r"^count [\d ]+$", start=mark, timeout=5)
+    now = snapshot(w.pid)
+    if sig == signal.SIGKILL:
+        listed = pycr("check", "-t", w.pid, expect=None)
+        if now != before:
+            assert listed.returncode == 3 and "pycr's" in listed.stdout, where
+        if listed.returncode == 3:
+            pycr("cleanup", "-t", w.pid)
+            now = snapshot(w.pid)
+    assert now == before, f"{where}: the tree changed"
+    assert pycr("check", "-t", w.pid).stdout.startswith("nothing of pycr's"), where
+    procutil.assert_running_untraced(w.pid)
+
+
+@pytest.mark.time_limit(400)
+@pytest.mark.parametrize("command", ["dump", "pre-dump"])
+def test_killed_dump_leaves_the_tree_running(spawn, tmp_path, command):
+    w = spawn("threads")
+    w.wait_for(r"^count [\d ]+$")
+    extra = ["-R"] if command == "dump" else []
+    steps = steps_of(tmp_path, command, "-t", w.pid, "-D", tmp_path / "count", *extra)
+    assert any(name.startswith("inject") for _, name in steps)
+    # A completed pre-dump leaves its tracker by design: the reference is the tree after one.
+    before = snapshot(w.pid) if command == "dump" else None
+    trial = 0
+    for n in spread(steps):
+        for sig in SIGNALS:
+            trial += 1
+            if before is None:
+                pycr("cleanup", "-t", w.pid)
+                before = snapshot(w.pid)
+            rc, err = stop_and_signal(tmp_path, n, sig, command, "-t", w.pid, "-D", tmp_path / f"t{trial}", *extra)
+            where = f"{command} stopped at step {n} ({dict(steps)[n]}), {sig.name}"
+            if sig == signal.SIGKILL:
+                assert rc == -signal.SIGKILL, where
+            else:
+                assert rc == 128 + sig and "interrupted by" in err and "Traceback" not in err, f"{where}: {err}"
+            assert_goes_on(w, before, sig, where)
+
+
+@pytest.mark.time_limit(300)
+def test_killed_restore_leaves_no_task(spawn, tmp_path, cleanup_pids):
+    w = spawn("tree")
+    pids = w.pids()
+    w.wait_for(r"^count [\d ]+$")
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img")
+    assert not procutil.wait_gone(pids)
+    steps = steps_of(tmp_path, "restore", "-D", tmp_path / "img", "-d")
+    cleanup_pids.add(*pids)
+    for pid in pids:
+        procutil.kill(pid)
+    assert not procutil.wait_gone(pids)
+    for n in spread(steps[:-1]):        # the last step is the release: the tree then runs
+        for sig in SIGNALS:
+            rc, err = stop_and_signal(tmp_path, n, sig, "restore", "-D", tmp_path / "img", "-d")
+            where = f"restore stopped at step {n} ({dict(steps)[n]}), {sig.name}"
+            assert rc != 0, where
+            # every task of the restore held one of the dumped PIDs (the root stub too)
+            assert not procutil.wait_gone(pids, timeout=5), f"{where}: restored tasks left behind"
+    # and the set still restores
+    pycr("restore", "-D", tmp_path / "img", "-d")
+    w.wait_for(r"^count [\d ]+$", start=w.mark())
+
+
+@pytest.mark.time_limit(400)
+def test_killed_migrate_leaves_the_source_running(spawn, tmp_path, cleanup_pids):
+    w = spawn("counter")
+    w.wait_for(r"^count [\d ]+$")
+    work = tmp_path / "count"
+    steps = steps_of(tmp_path, "migrate", "-t", w.pid, "--work-dir", work)
+    # the migrated replica replaced the source: start a new one
+    cleanup_pids.add(w.pid)
+    procutil.kill(w.pid)
+    w = spawn("counter")
+    w.wait_for(r"^count [\d ]+$")
+    before = None
+    before_all = set(os.listdir("/tmp"))
+    release = max(n for n, name in steps if name == "release the restored tree")
+    for n in [s for s in spread(steps) if s < release]:
+        for sig in (signal.SIGKILL, signal.SIGTERM):
+            if before is None:
+                before = snapshot(w.pid)
+            tmp_before = set(os.listdir("/tmp"))
+            rc, err = stop_and_signal(tmp_path, n, sig, "migrate", "-t", w.pid)
+            where = f"migrate stopped at step {n} ({dict(steps)[n]}), {sig.name}"
+            assert rc != 0, where
+            assert_goes_on(w, before, sig, where)
+            if sig != signal.SIGKILL:
+                left = [d for d in set(os.listdir("/tmp")) - tmp_before if d.startswith("pycr-")]
+                assert not left, f"{where}: left {left} in /tmp"
+    # What a SIGKILL left in /tmp goes with the next migrate, which also succeeds.
+    pycr("migrate", "-t", w.pid)
+    assert not [d for d in os.listdir("/tmp") if d.startswith("pycr-migrate-") and d not in before_all]
