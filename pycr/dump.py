@@ -21,8 +21,10 @@ from .freeze import freeze
 from .images import ImageDir
 from .log import log
 from .ptrace.inject import Injector
+from . import settings
+from .sysinfo import page_size
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
+PAGE = page_size()
 
 
 def probe_writable(path):
@@ -128,7 +130,7 @@ def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images
     started = time.monotonic()
     probe_writable(images_dir)
     imgdir = ImageDir(images_dir)
-    frozen = freeze(root)
+    frozen = freeze(root, timeout=settings.freeze_timeout())
     frozen_at = time.monotonic()
     log.info("froze %d processes, %d threads with PTRACE_SEIZE + PTRACE_INTERRUPT",
              len(frozen.processes), sum(len(t) for t in frozen.processes.values()))
@@ -144,7 +146,7 @@ def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images
         log.info("detached every thread (--leave-running): the tree goes on")
     else:
         try:
-            frozen.kill()
+            frozen.kill(timeout=settings.freeze_timeout())
             log.info("killed the tree with SIGKILL and waited for its PIDs to be free")
         except PycrError as exc:   # the images are complete; only the PIDs are late
             log.warning("warning: %s", exc)

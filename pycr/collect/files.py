@@ -11,7 +11,7 @@ import os
 import socket
 import stat as st
 
-from .. import proc
+from .. import proc, sysinfo
 from ..errors import Unsupported, TaskGone
 from ..native import core
 
@@ -19,7 +19,6 @@ F_GETPIPE_SZ = 1032
 F_SETPIPE_SZ = 1031
 SPLICE_F_NONBLOCK = 2
 O_CLOEXEC = 0o2000000
-TTY_MAJORS = {4, 5} | set(range(136, 144))
 FAMILY_NAMES = {getattr(socket, n): n for n in dir(socket) if n.startswith("AF_")}
 
 
@@ -38,6 +37,22 @@ def _socket_family(pid, fd):
             sock.close()
     except OSError:
         return "unknown family"
+
+
+def _is_tty(pid, fd, rdev):
+    """Ask the kernel: isatty() on a copy of the fd; by /proc/devices majors if no copy can be had."""
+    try:
+        pidfd = core.pidfd_open(pid)
+        try:
+            mine = core.pidfd_getfd(pidfd, fd)
+        finally:
+            os.close(pidfd)
+    except OSError:
+        return os.major(rdev) in sysinfo.tty_majors()
+    try:
+        return os.isatty(mine)
+    finally:
+        os.close(mine)
 
 
 def describe_fd(pid, fd, target):
@@ -65,7 +80,7 @@ def describe_fd(pid, fd, target):
             rec.update(type="fifo", pipe_id=s.st_ino)
     elif st.S_ISCHR(mode):
         rec["rdev"] = s.st_rdev
-        rec["type"] = "tty" if os.major(s.st_rdev) in TTY_MAJORS else "chr"
+        rec["type"] = "tty" if _is_tty(pid, fd, s.st_rdev) else "chr"
     elif st.S_ISSOCK(mode):
         fam = _socket_family(pid, fd)
         raise Unsupported(f"pid {pid} fd {fd}: socket ({fam}) is not supported")

@@ -15,8 +15,9 @@ from array import array
 
 from ..native import core
 from ..log import Progress, log
+from ..sysinfo import page_size
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
+PAGE = page_size()
 SKIPPED_KINDS = {"vdso", "vvar", "vvar_vclock", "vsyscall"}
 MEM_CHUNK = 64 << 20
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pycr.errors import ImageError
 from pycr.images import ImageDir, iter_page_runs
 from pycr.restore.memory import PageChain
+from pycr.sysinfo import page_size
 
-PAGE = 4096
+PAGE = page_size()
 SPECIAL_KINDS = ("vdso", "vvar", "vvar_vclock", "vsyscall")
 
 

@@ -21,8 +21,10 @@ import struct
 from pycr import proc
 from pycr.errors import RestoreError
 from pycr.log import log
+from pycr import sysinfo
+from pycr.sysinfo import page_size
 
-PAGE = 4096
+PAGE = page_size()
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
@@ -34,9 +36,14 @@ MM_MAP = struct.Struct("<11QQII")       # struct prctl_mm_map (104 bytes)
 KEEP_EXE = 0xFFFFFFFF
 
 WORKSPACE_SIZE = 32 * PAGE              # 1 trampoline page + 31 pages of scratch
-TASK_SIZE = 0x7FFFFFFFF000
-MMAP_MIN_ADDR = 0x10000
-GAP = 2 << 20                           # keep clear of stack guard gaps and heap growth
+HEAP_ROOM = 2 << 20                     # keep clear of heap growth next to a hole
+
+
+def gap():
+    """Room left on each side of pycr's own mappings: a neighbour may be a stack
+    (whose guard gap is a boot parameter) or a heap that grows."""
+    return max(HEAP_ROOM, sysinfo.stack_guard_gap() + PAGE)
+
 SPECIAL = ("vvar", "vvar_vclock", "vdso")
 NOT_MAPPED = ("vdso", "vvar", "vvar_vclock", "vsyscall")
 MADVISE = {"dc": 10, "wf": 18, "hg": 14, "nh": 15, "dd": 16}   # VmFlags -> MADV_*
@@ -47,8 +54,14 @@ def kind_of(vma):
     return str(vma.kind)
 
 
-def hole_candidates(vmas, size, floor=MMAP_MIN_ADDR, ceiling=TASK_SIZE):
-    """Addresses where `size` bytes fit in the holes of `vmas`, widest hole first."""
+def hole_candidates(vmas, size, floor=None, ceiling=None):
+    """Addresses where `size` bytes fit in the holes of `vmas`, widest hole first.
+
+    floor and ceiling default to this kernel's mmap_min_addr and TASK_SIZE.
+    """
+    floor = sysinfo.mmap_min_addr() if floor is None else floor
+    ceiling = sysinfo.task_size() if ceiling is None else ceiling
+    room = gap()
     ranges = sorted((v.start, v.end) for v in vmas if kind_of(v) != "vsyscall" and v.start < ceiling)
     gaps, prev = [], floor
     for start, end in ranges:
@@ -60,9 +73,9 @@ def hole_candidates(vmas, size, floor=MMAP_MIN_ADDR, ceiling=TASK_SIZE):
     gaps.sort(key=lambda g: g[1] - g[0], reverse=True)
     out = []
     for lo, hi in gaps:
-        if hi - lo >= size + 2 * GAP:
-            out.append((hi - GAP - size) & ~(PAGE - 1))
-            out.append((lo + GAP + PAGE - 1) & ~(PAGE - 1))
+        if hi - lo >= size + 2 * room:
+            out.append((hi - room - size) & ~(PAGE - 1))
+            out.append((lo + room + PAGE - 1) & ~(PAGE - 1))
     return out
 
 
@@ -121,10 +134,11 @@ def place_specials(remote, image_vmas):
     hi = max(v.end for v in have.values())
     if lo + delta < hi and lo < hi + delta:
         # The move overlaps itself: go through a free spot first.
-        temp = remote.check("mmap", 0, (hi - lo) + 2 * GAP, 0, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0,
+        room = gap()
+        temp = remote.check("mmap", 0, (hi - lo) + 2 * room, 0, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0,
                             what="temporary reservation")
-        remote.check("munmap", temp, (hi - lo) + 2 * GAP, what="temporary reservation")
-        step = temp + GAP - lo
+        remote.check("munmap", temp, (hi - lo) + 2 * room, what="temporary reservation")
+        step = temp + room - lo
         _move(remote, have, step)
         have = {k: _shifted(v, step) for k, v in have.items()}
         delta -= step
