@@ -179,7 +179,8 @@ def _render_core(body):
         "rlimits:",
     ]
     limit = lambda v: "unlimited" if v == RLIM_INFINITY else str(v)
-    for name, rl in zip(RLIMIT_NAMES, body["rlimits"]):
+    for i, rl in enumerate(body["rlimits"]):
+        name = RLIMIT_NAMES[i] if i < len(RLIMIT_NAMES) else str(i)
         lines.append(f"  {name:<11} {limit(rl['cur'])} / {limit(rl['max'])}")
     handled = [(i + 1, sa) for i, sa in enumerate(body["sigactions"]) if any(sa.values())]
     lines.append(f"sigactions: {len(handled)} not default")

@@ -339,7 +339,7 @@ def test_trailing_garbage_and_bad_flags_are_corrupt():
 
 def test_bad_objects_and_bad_json_raise_image_error():
     core = sample_core()
-    core["rlimits"] = core["rlimits"][:15]
+    core["rlimits"] = core["rlimits"][:15] + [dict(cur=1, max="x")]
     with pytest.raises(ImageError, match="cannot build a core image: field rlimits"):
         images.build("core", core)
     inventory = sample_inventory()

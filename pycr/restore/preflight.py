@@ -9,6 +9,7 @@ import os
 
 from pycr.errors import RestoreError, Unsupported
 from pycr.log import log
+from pycr.restore import process
 
 DELETED = " (deleted)"
 
@@ -95,5 +96,7 @@ def check_pipes(images):
 def check(images, pidns):
     if not pidns:
         check_pids(images)
+    for p in images.processes:
+        process.check_rlimits(p.pid, p.core)
     check_files(images)
     check_pipes(images)
