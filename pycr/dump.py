@@ -94,7 +94,8 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
     imgdir.write("pstree", collect_pstree(processes))
     imgdir.write("files", {"processes": [{"pid": pid, "fds": fds} for pid, fds in files_by_pid.items()]})
     pipes = collect_pipes_data(files_by_pid)
-    imgdir.write("pipes-data", {"pipes": [{"pipe_id": k, "data": v} for k, v in pipes.items()]})
+    imgdir.write("pipes-data", {"pipes": [{"pipe_id": k, "data": data, "size": size}
+                                          for k, (data, size) in pipes.items()]})
 
     written = 0
     for pid, threads in processes.items():

@@ -261,7 +261,7 @@ def _render_files(body):
 
 def _render_pipes_data(body):
     lines = [f"pipes: {len(body['pipes'])}"]
-    lines += [f"  pipe {p['pipe_id']}: {_blob(p['data'])}" for p in body["pipes"]]
+    lines += [f"  pipe {p['pipe_id']} size {p['size']}: {_blob(p['data'])}" for p in body["pipes"]]
     return lines
 
 

@@ -143,7 +143,8 @@ def sample_files():
 
 
 def sample_pipes_data():
-    return dict(pipes=[dict(pipe_id=51234, data=b"hello\x00\xffworld\n" * 3), dict(pipe_id=51240, data=b"")])
+    return dict(pipes=[dict(pipe_id=51234, data=b"hello\x00\xffworld\n" * 3, size=65536),
+                       dict(pipe_id=51240, data=b"", size=1 << 20)])
 
 
 def sample_tracker():

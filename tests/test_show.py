@@ -57,7 +57,7 @@ def test_text_of_a_directory_shows_every_image_in_order(dump_dir):
     # pages summarized, blobs abridged
     assert "24576 bytes, 6 pages" in text
     assert "aaaa" not in text
-    assert "pipe 51234: 39 bytes: 68 65 6c 6c 6f 00 ff" in text
+    assert "pipe 51234 size 65536: 39 bytes: 68 65 6c 6c 6f 00 ff" in text
     # files
     assert "3 reg" in text and "(deleted)" in text and "rdev 1:3" in text
 

@@ -10,6 +10,8 @@ import fcntl
 import os
 import socket
 import stat as st
+import struct
+import termios
 
 from .. import proc, sysinfo
 from ..errors import Unsupported, TaskGone
@@ -118,21 +120,34 @@ def number_file_descriptions(files_by_pid):
 
 
 def peek_pipe(pid, fd):
-    """The bytes buffered in the pipe behind pid's fd, left in place."""
+    """(buffered bytes, pipe size) of the pipe behind pid's fd; the bytes are left in place.
+
+    They are tee(2)d into a pipe of pycr's as large as the source: if that
+    pipe cannot be made as large (pipe-max-size without CAP_SYS_RESOURCE),
+    or tee copies less than FIONREAD says is buffered, the dump fails rather
+    than saving part of the data.
+    """
     src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         size = fcntl.fcntl(src, F_GETPIPE_SZ)
-        try:
-            fcntl.fcntl(w, F_SETPIPE_SZ, size)
-        except OSError:
-            pass
+        buffered = struct.unpack("i", fcntl.ioctl(src, termios.FIONREAD, b"\0" * 4))[0]
+        if not buffered:
+            return b"", size
+        if fcntl.fcntl(w, F_GETPIPE_SZ) < size:
+            try:
+                fcntl.fcntl(w, F_SETPIPE_SZ, size)
+            except OSError as exc:
+                raise Unsupported(f"pid {pid} fd {fd}: pipe of {size} bytes holds {buffered}, which pycr "
+                                  f"cannot copy: F_SETPIPE_SZ {size} failed: {exc.strerror}") from None
         try:
             n = core.tee(src, w, size, SPLICE_F_NONBLOCK)
         except OSError as exc:
-            if exc.errno == errno.EAGAIN:
-                return b""   # empty pipe
-            raise
+            if exc.errno != errno.EAGAIN:
+                raise
+            n = 0
+        if n != buffered:
+            raise Unsupported(f"pid {pid} fd {fd}: pipe holds {buffered} bytes, only {n} could be copied")
         chunks, left = [], n
         while left > 0:
             chunk = os.read(r, left)
@@ -140,14 +155,14 @@ def peek_pipe(pid, fd):
                 break
             chunks.append(chunk)
             left -= len(chunk)
-        return b"".join(chunks)
+        return b"".join(chunks), size
     finally:
         for x in (src, r, w):
             os.close(x)
 
 
 def collect_pipes_data(files_by_pid):
-    """{pipe_id: bytes} for every pipe of the tree, read once through any end."""
+    """{pipe_id: (bytes, pipe size)} for every pipe and FIFO of the tree, read once through any end."""
     data = {}
     for pid, recs in files_by_pid.items():
         for rec in recs:
