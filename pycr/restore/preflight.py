@@ -9,7 +9,7 @@ import os
 
 from pycr.errors import RestoreError, Unsupported
 from pycr.log import log
-from pycr.restore import process
+from pycr.restore import mm, process
 
 DELETED = " (deleted)"
 
@@ -98,5 +98,6 @@ def check(images, pidns):
         check_pids(images)
     for p in images.processes:
         process.check_rlimits(p.pid, p.core)
+        mm.check_vmas(p.pid, p.mm)
     check_files(images)
     check_pipes(images)
