@@ -10,6 +10,7 @@ inherited, and dup3()s them to their numbers. Fds that shared a description
 
 import fcntl
 import os
+import re
 import struct
 import termios
 
@@ -28,39 +29,74 @@ DELETED = " (deleted)"
 SEEKABLE = ("reg", "dir")
 
 
+PROC_PID = re.compile(r"^/proc/(\d+)(/.*)?$")
+
+
+def tree_proc_pid(path, tree_pids):
+    """The PID of the tree that a /proc/PID[/...] path names (as /proc/self resolves), else None."""
+    m = PROC_PID.match(path)
+    if m and int(m.group(1)) in tree_pids:
+        return int(m.group(1))
+    return None
+
+
 class Descriptions:
     """Every open file description of the tree, opened once by pycr, keyed by file_id.
 
     Pipes are made by pycr (their buffered bytes written back) and FIFOs held
     open read-write, so that opening a descriptor of either never blocks.
+    A file under /proc/PID of a task of the tree (/proc/self/status opened by
+    the task) exists only once that task does: it is opened when first
+    handed to a task, with PID as the restored task's real one (`reals`).
     """
 
     def __init__(self, images):
         self.fds = {}           # description key -> fd in pycr
         self.pipes = {}         # pipe_id -> (read fd, write fd) in pycr
+        self.late = {}          # description key -> record, opened once the tasks exist
+        self.reals = {}         # dumped pid -> real pid, where they differ (--pidns)
+        self.images = images
+        tree_pids = {tid for p in images.processes for tid in p.tids}
         try:
             for p in images.processes:
                 for rec in p.fds:
                     key = self.key(p.pid, rec)
-                    if key not in self.fds:
+                    if key in self.fds or key in self.late:
+                        continue
+                    if str(rec.type) in SEEKABLE and tree_proc_pid(rec.path, tree_pids) is not None:
+                        self.late[key] = rec
+                    else:
                         self.fds[key] = self._open(rec, images)
         except BaseException:
             self.close()
             raise
+
+    def fd_for(self, pid, rec, remote=None):
+        """pycr's fd of the description behind rec (an fd of process pid)."""
+        key = self.key(pid, rec)
+        if key not in self.fds:
+            late = self.late.pop(key)
+            m = PROC_PID.match(late.path)
+            named = int(m.group(1))
+            real = self.reals.get(named, remote.real if remote is not None and named == remote.pid else named)
+            path = f"/proc/{real}{m.group(2) or ''}"
+            self.fds[key] = self._open(late, self.images, path)
+            log.info("pid %d fd %d: %s opened as %s once the task exists", pid, rec.fd, late.path, path)
+        return self.fds[key]
 
     @staticmethod
     def key(pid, rec):
         """file_id names a description across the tree; without one, each fd is its own."""
         return rec.file_id if getattr(rec, "file_id", 0) else (pid, rec.fd)
 
-    def _open(self, rec, images):
+    def _open(self, rec, images, path=None):
         kind = str(rec.type)
         flags = (rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_CLOEXEC | os.O_NOCTTY
         if kind == "pipe":
             path = self._pipe_path(rec, images)
         elif kind == "fifo":
             path = self._fifo_path(rec, images)
-        else:
+        elif path is None:
             if rec.deleted or rec.path.endswith(DELETED):
                 raise RestoreError(f"fd {rec.fd}: {rec.path} was deleted")
             path = rec.path
@@ -169,7 +205,7 @@ def restore_fds(remote, pid, fds, descs, pidfd):
         remote.check("close", pidfd, what=str(pidfd))
         pidfd = moved
     for rec in fds:
-        mine = descs.fds[descs.key(pid, rec)]
+        mine = descs.fd_for(pid, rec, remote)
         got = remote.call("pidfd_getfd", pidfd, mine, 0)
         if got < 0:
             raise RestoreError(f"pid {remote.pid} fd {rec.fd}: pidfd_getfd failed: {os.strerror(-got)}")
