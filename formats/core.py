@@ -7,7 +7,6 @@ from .common import U32, U64, Array32, Blob, Registers, Siginfo, String
 MAGIC = b"PYCC"
 FILE_NAME = "core-{pid}.img"
 
-RLIMIT_COUNT = 16       # RLIM_NLIMITS on Linux
 SIGNAL_COUNT = 64       # sigactions[i] belongs to signal i + 1
 
 Creds = Struct(
@@ -67,7 +66,7 @@ Body = Struct(
     "root" / String,
     "no_new_privs" / Flag,
     "creds" / Creds,
-    "rlimits" / Array(RLIMIT_COUNT, Rlimit),
+    "rlimits" / Array32(Rlimit),            # as many as the dumping kernel has, by RLIMIT_* number
     "sigactions" / Array(SIGNAL_COUNT, Sigaction),
     "shared_pending" / Array32(Siginfo),    # process-wide queue, oldest first
     "seccomp_mode" / SeccompMode,

@@ -36,6 +36,7 @@ Vma = Struct(
     "kind" / VmaKind,
     "vmflags" / String,         # smaps VmFlags, e.g. "rd wr mr mw me ac"
     "shmem_id" / U64,           # kind shmem: pages live in pages-shmem-<id>.img
+    "pkey" / U32,               # memory protection key (smaps ProtectionKey), 0 = default
 )
 
 Body = Struct(

@@ -14,8 +14,9 @@ import sys
 from dataclasses import dataclass
 
 from .native import core
+from .sysinfo import page_size
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
+PAGE = page_size()
 SYS_userfaultfd = 323
 UFFD_USER_MODE_ONLY = 1
 UFFDIO_API = 0xC018AA3F

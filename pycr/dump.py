@@ -22,8 +22,10 @@ from .images import ImageDir
 from .log import log
 from .ptrace.inject import Injector
 from .steps import finish, step
+from . import settings
+from .sysinfo import page_size
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
+PAGE = page_size()
 
 
 def probe_writable(path):
@@ -97,7 +99,8 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
     imgdir.write("pstree", collect_pstree(processes))
     imgdir.write("files", {"processes": [{"pid": pid, "fds": fds} for pid, fds in files_by_pid.items()]})
     pipes = collect_pipes_data(files_by_pid)
-    imgdir.write("pipes-data", {"pipes": [{"pipe_id": k, "data": v} for k, v in pipes.items()]})
+    imgdir.write("pipes-data", {"pipes": [{"pipe_id": k, "data": data, "size": size}
+                                          for k, (data, size) in pipes.items()]})
 
     written = 0
     for pid, threads in processes.items():
@@ -135,7 +138,7 @@ def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images
     started = time.monotonic()
     probe_writable(images_dir)
     imgdir = ImageDir(images_dir)
-    frozen = freeze(root)
+    frozen = freeze(root, timeout=settings.freeze_timeout())
     frozen_at = time.monotonic()
     log.info("froze %d processes, %d threads with PTRACE_SEIZE + PTRACE_INTERRUPT",
              len(frozen.processes), sum(len(t) for t in frozen.processes.values()))
@@ -153,7 +156,7 @@ def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images
         log.info("detached every thread (--leave-running): the tree goes on")
     else:
         try:
-            frozen.kill()
+            frozen.kill(timeout=settings.freeze_timeout())
             log.info("killed the tree with SIGKILL and waited for its PIDs to be free")
         except PycrError as exc:   # the images are complete; only the PIDs are late
             log.warning("warning: %s", exc)

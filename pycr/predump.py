@@ -25,8 +25,10 @@ from .log import log
 from .steps import deferred_signals, finish, step
 from .trackers import ParentPass, make_tracker
 from .trackers.base import check_parent_tree
+from . import settings
+from .sysinfo import page_size
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
+PAGE = page_size()
 
 
 def resolve_parent(images_dir, prev_images_dir):
@@ -79,7 +81,7 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
     rel_parent = os.path.relpath(parent.imgdir.path, images_dir) if parent else ""
     pass_nr = parent.inventory.pass_nr + 1 if parent else 0
 
-    frozen = freeze(root)
+    frozen = freeze(root, timeout=settings.freeze_timeout())
     frozen_at = time.monotonic()
     stats.frozen_at = frozen_at
     leaders = {pid: threads[0] for pid, threads in frozen.processes.items()}
@@ -118,7 +120,7 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
             frozen.thaw()
             state = "thawed"
         else:
-            frozen.kill()
+            frozen.kill(timeout=settings.freeze_timeout())
             state = "killed"
         stats.frozen_seconds = time.monotonic() - frozen_at
         if not keep_frozen:

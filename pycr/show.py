@@ -179,7 +179,8 @@ def _render_core(body):
         "rlimits:",
     ]
     limit = lambda v: "unlimited" if v == RLIM_INFINITY else str(v)
-    for name, rl in zip(RLIMIT_NAMES, body["rlimits"]):
+    for i, rl in enumerate(body["rlimits"]):
+        name = RLIMIT_NAMES[i] if i < len(RLIMIT_NAMES) else str(i)
         lines.append(f"  {name:<11} {limit(rl['cur'])} / {limit(rl['max'])}")
     handled = [(i + 1, sa) for i, sa in enumerate(body["sigactions"]) if any(sa.values())]
     lines.append(f"sigactions: {len(handled)} not default")
@@ -260,7 +261,7 @@ def _render_files(body):
 
 def _render_pipes_data(body):
     lines = [f"pipes: {len(body['pipes'])}"]
-    lines += [f"  pipe {p['pipe_id']}: {_blob(p['data'])}" for p in body["pipes"]]
+    lines += [f"  pipe {p['pipe_id']} size {p['size']}: {_blob(p['data'])}" for p in body["pipes"]]
     return lines
 
 

@@ -10,6 +10,7 @@ by `pycr check -t` and taken out by `pycr cleanup -t`.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,7 +32,15 @@ def steps_of(tmp_path, *args):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = count.read_text().splitlines()
+    steps_of.stdout = done.stdout
     return [(int(n), name) for n, _, name in (line.partition(" ") for line in lines)]
+
+
+def replica_pids(migrate_stdout):
+    """The real PIDs of a migrated replica's root and namespace init, from `pycr migrate`'s summary."""
+    m = re.search(r"root pid \d+ \(pid (\d+) outside its namespace, namespace init (\d+)\)", migrate_stdout)
+    assert m, migrate_stdout
+    return int(m.group(1)), int(m.group(2))
 
 
 def spread(steps, most=8):
@@ -65,6 +74,11 @@ def stop_and_signal(tmp_path, n, sig, *args, expect_exit=None):
             p.kill()
             p.wait()
     return rc, first + rest
+
+
+def stubs():
+    """PIDs of pycr-stub processes (a replica's namespace init keeps that name)."""
+    return [p for p in procutil.all_pids() if (procutil.stat(p) or {}).get("comm") == "pycr-stub"]
 
 
 def snapshot(pid):
@@ -147,9 +161,8 @@ def test_killed_migrate_leaves_the_source_running(spawn, tmp_path, cleanup_pids)
     w.wait_for(r"^count [\d ]+$")
     work = tmp_path / "count"
     steps = steps_of(tmp_path, "migrate", "-t", w.pid, "--work-dir", work)
-    # the migrated replica replaced the source: start a new one
-    cleanup_pids.add(w.pid)
-    procutil.kill(w.pid)
+    # the migrated replica replaced the source: kill it, start a new source
+    cleanup_pids.add(*replica_pids(steps_of.stdout))
     w = spawn("counter")
     w.wait_for(r"^count [\d ]+$")
     before = None
@@ -160,13 +173,15 @@ def test_killed_migrate_leaves_the_source_running(spawn, tmp_path, cleanup_pids)
             if before is None:
                 before = snapshot(w.pid)
             tmp_before = set(os.listdir("/tmp"))
+            stubs_before = set(stubs())
             rc, err = stop_and_signal(tmp_path, n, sig, "migrate", "-t", w.pid)
             where = f"migrate stopped at step {n} ({dict(steps)[n]}), {sig.name}"
             assert rc != 0, where
             assert_goes_on(w, before, sig, where)
+            assert not procutil.wait_gone(set(stubs()) - stubs_before, timeout=5), f"{where}: replica left"
             if sig != signal.SIGKILL:
                 left = [d for d in set(os.listdir("/tmp")) - tmp_before if d.startswith("pycr-")]
                 assert not left, f"{where}: left {left} in /tmp"
     # What a SIGKILL left in /tmp goes with the next migrate, which also succeeds.
-    pycr("migrate", "-t", w.pid)
+    cleanup_pids.add(*replica_pids(pycr("migrate", "-t", w.pid).stdout))
     assert not [d for d in os.listdir("/tmp") if d.startswith("pycr-migrate-") and d not in before_all]

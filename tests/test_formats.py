@@ -87,9 +87,10 @@ def sample_core():
 
 
 def vma(start, end, prot, path="", kind="anon", shared=False, pgoff=0, dev=(0, 0), inode=0,
-        vmflags="rd wr mr mw me ac sd", shmem_id=0):
+        vmflags="rd wr mr mw me ac sd", shmem_id=0, pkey=0):
     return dict(start=start, end=end, prot=prot, shared=shared, pgoff=pgoff, dev_major=dev[0],
-                dev_minor=dev[1], inode=inode, path=path, kind=kind, vmflags=vmflags, shmem_id=shmem_id)
+                dev_minor=dev[1], inode=inode, path=path, kind=kind, vmflags=vmflags, shmem_id=shmem_id,
+                pkey=pkey)
 
 
 def sample_mm():
@@ -143,7 +144,8 @@ def sample_files():
 
 
 def sample_pipes_data():
-    return dict(pipes=[dict(pipe_id=51234, data=b"hello\x00\xffworld\n" * 3), dict(pipe_id=51240, data=b"")])
+    return dict(pipes=[dict(pipe_id=51234, data=b"hello\x00\xffworld\n" * 3, size=65536),
+                       dict(pipe_id=51240, data=b"", size=1 << 20)])
 
 
 def sample_tracker():
@@ -241,7 +243,7 @@ def test_parsed_values_match_what_was_built():
 def test_json_blobs_are_hex_and_building_accepts_hex():
     doc = json.loads(images.to_json(images.parse(images.build("pipes-data", sample_pipes_data()))))
     assert doc["body"]["pipes"][0]["data"] == (b"hello\x00\xffworld\n" * 3).hex()
-    from_hex = dict(pipes=[dict(pipe_id=1, data="00ff10")])
+    from_hex = dict(pipes=[dict(pipe_id=1, data="00ff10", size=65536)])
     assert images.parse(images.build("pipes-data", from_hex)).pipes[0].data == b"\x00\xff\x10"
 
 
@@ -339,7 +341,7 @@ def test_trailing_garbage_and_bad_flags_are_corrupt():
 
 def test_bad_objects_and_bad_json_raise_image_error():
     core = sample_core()
-    core["rlimits"] = core["rlimits"][:15]
+    core["rlimits"] = core["rlimits"][:15] + [dict(cur=1, max="x")]
     with pytest.raises(ImageError, match="cannot build a core image: field rlimits"):
         images.build("core", core)
     inventory = sample_inventory()

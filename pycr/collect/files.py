@@ -10,8 +10,10 @@ import fcntl
 import os
 import socket
 import stat as st
+import struct
+import termios
 
-from .. import proc
+from .. import proc, sysinfo
 from ..errors import Unsupported, TaskGone
 from ..native import core
 
@@ -19,7 +21,6 @@ F_GETPIPE_SZ = 1032
 F_SETPIPE_SZ = 1031
 SPLICE_F_NONBLOCK = 2
 O_CLOEXEC = 0o2000000
-TTY_MAJORS = {4, 5} | set(range(136, 144))
 FAMILY_NAMES = {getattr(socket, n): n for n in dir(socket) if n.startswith("AF_")}
 
 
@@ -38,6 +39,22 @@ def _socket_family(pid, fd):
             sock.close()
     except OSError:
         return "unknown family"
+
+
+def _is_tty(pid, fd, rdev):
+    """Ask the kernel: isatty() on a copy of the fd; by /proc/devices majors if no copy can be had."""
+    try:
+        pidfd = core.pidfd_open(pid)
+        try:
+            mine = core.pidfd_getfd(pidfd, fd)
+        finally:
+            os.close(pidfd)
+    except OSError:
+        return os.major(rdev) in sysinfo.tty_majors()
+    try:
+        return os.isatty(mine)
+    finally:
+        os.close(mine)
 
 
 def describe_fd(pid, fd, target):
@@ -65,7 +82,7 @@ def describe_fd(pid, fd, target):
             rec.update(type="fifo", pipe_id=s.st_ino)
     elif st.S_ISCHR(mode):
         rec["rdev"] = s.st_rdev
-        rec["type"] = "tty" if os.major(s.st_rdev) in TTY_MAJORS else "chr"
+        rec["type"] = "tty" if _is_tty(pid, fd, s.st_rdev) else "chr"
     elif st.S_ISSOCK(mode):
         fam = _socket_family(pid, fd)
         raise Unsupported(f"pid {pid} fd {fd}: socket ({fam}) is not supported")
@@ -103,21 +120,34 @@ def number_file_descriptions(files_by_pid):
 
 
 def peek_pipe(pid, fd):
-    """The bytes buffered in the pipe behind pid's fd, left in place."""
+    """(buffered bytes, pipe size) of the pipe behind pid's fd; the bytes are left in place.
+
+    They are tee(2)d into a pipe of pycr's as large as the source: if that
+    pipe cannot be made as large (pipe-max-size without CAP_SYS_RESOURCE),
+    or tee copies less than FIONREAD says is buffered, the dump fails rather
+    than saving part of the data.
+    """
     src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         size = fcntl.fcntl(src, F_GETPIPE_SZ)
-        try:
-            fcntl.fcntl(w, F_SETPIPE_SZ, size)
-        except OSError:
-            pass
+        buffered = struct.unpack("i", fcntl.ioctl(src, termios.FIONREAD, b"\0" * 4))[0]
+        if not buffered:
+            return b"", size
+        if fcntl.fcntl(w, F_GETPIPE_SZ) < size:
+            try:
+                fcntl.fcntl(w, F_SETPIPE_SZ, size)
+            except OSError as exc:
+                raise Unsupported(f"pid {pid} fd {fd}: pipe of {size} bytes holds {buffered}, which pycr "
+                                  f"cannot copy: F_SETPIPE_SZ {size} failed: {exc.strerror}") from None
         try:
             n = core.tee(src, w, size, SPLICE_F_NONBLOCK)
         except OSError as exc:
-            if exc.errno == errno.EAGAIN:
-                return b""   # empty pipe
-            raise
+            if exc.errno != errno.EAGAIN:
+                raise
+            n = 0
+        if n != buffered:
+            raise Unsupported(f"pid {pid} fd {fd}: pipe holds {buffered} bytes, only {n} could be copied")
         chunks, left = [], n
         while left > 0:
             chunk = os.read(r, left)
@@ -125,14 +155,14 @@ def peek_pipe(pid, fd):
                 break
             chunks.append(chunk)
             left -= len(chunk)
-        return b"".join(chunks)
+        return b"".join(chunks), size
     finally:
         for x in (src, r, w):
             os.close(x)
 
 
 def collect_pipes_data(files_by_pid):
-    """{pipe_id: bytes} for every pipe of the tree, read once through any end."""
+    """{pipe_id: (bytes, pipe size)} for every pipe and FIFO of the tree, read once through any end."""
     data = {}
     for pid, recs in files_by_pid.items():
         for rec in recs:

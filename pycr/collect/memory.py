@@ -9,14 +9,16 @@ Runs of pages go to the native core, which copies them with process_vm_readv
 in large batches: no per-page Python object on this path.
 """
 
+import bisect
 import fcntl
 import os
 from array import array
 
 from ..native import core
 from ..log import Progress, log
+from ..sysinfo import page_size
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
+PAGE = page_size()
 SKIPPED_KINDS = {"vdso", "vvar", "vvar_vclock", "vsyscall"}
 MEM_CHUNK = 64 << 20
 
@@ -71,17 +73,33 @@ def split_by_readability(runs, vmas):
 
     process_vm_readv honours protections, so pages of a PROT_NONE or write-only
     VMA are read through /proc/PID/mem, which the kernel lets a tracer read anyway.
+    Readability is judged per VMA: a run (merged by a tracker across VMAs) that
+    crosses into an unreadable VMA is cut at the boundary, in order.
     """
-    unreadable = [(v["start"], v["end"]) for v in vmas if not v["prot"] & 1]
+    unreadable = sorted((v["start"], v["end"]) for v in vmas if not v["prot"] & 1)
     if not unreadable:
         return [(True, runs)]
+    starts = [s for s, _ in unreadable]
     batches = []
-    for i in range(0, len(runs), 2):
-        start, length = runs[i], runs[i + 1]
-        readable = not any(s <= start < e for s, e in unreadable)
+
+    def add(readable, start, length):
         if not batches or batches[-1][0] != readable:
             batches.append((readable, array("Q")))
         batches[-1][1].extend((start, length))
+
+    for i in range(0, len(runs), 2):
+        addr, end = runs[i], runs[i] + runs[i + 1]
+        j = max(bisect.bisect_right(starts, addr) - 1, 0)
+        while addr < end:
+            while j < len(unreadable) and unreadable[j][1] <= addr:
+                j += 1
+            if j < len(unreadable) and unreadable[j][0] <= addr:
+                stop = min(end, unreadable[j][1])
+                add(False, addr, stop - addr)
+            else:
+                stop = min(end, unreadable[j][0]) if j < len(unreadable) else end
+                add(True, addr, stop - addr)
+            addr = stop
     return batches
 
 

@@ -11,7 +11,11 @@ from ..ptrace.syscalls import NR
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 
 
-def vma_record(vma, vmflags):
+#: "[...]" mappings the kernel re-creates by itself: left out of the image.
+KERNEL_MADE = ("[uprobes]",)       # uprobes' execute-out-of-line page, mapped again at the next probe hit
+
+
+def vma_record(vma, vmflags, pkey=0):
     prot = (PROT_READ if vma.read else 0) | (PROT_WRITE if vma.write else 0) | (PROT_EXEC if vma.exec else 0)
     return {
         "start": vma.start, "end": vma.end, "prot": prot, "shared": vma.shared,
@@ -19,25 +23,37 @@ def vma_record(vma, vmflags):
         "inode": vma.inode, "path": vma.path + (" (deleted)" if vma.deleted else ""),
         "kind": vma.kind, "vmflags": vmflags,
         "shmem_id": vma.inode if vma.kind == "shmem" else 0,
+        "pkey": pkey,
     }
 
 
 def read_vmas(pid, entries=None):
-    """[(proc.Vma, vmflags string)] of process pid, from smaps (which repeats maps' lines);
-    entries: smaps already read while the task was frozen."""
-    return [(entry.vma, entry.vmflags) for entry in (entries if entries is not None else proc.smaps(pid))]
+    """[(proc.Vma, vmflags string, protection key)] of process pid, from smaps (which
+    repeats maps' lines); entries: smaps already read while the task was frozen.
+    Mappings the kernel makes again by itself ([uprobes]) are left out."""
+    return [(entry.vma, entry.vmflags, entry.counters.get("ProtectionKey", 0))
+            for entry in (entries if entries is not None else proc.smaps(pid))
+            if entry.vma.path not in KERNEL_MADE]
 
 
 def check_supported(pid, vmas):
     """Refuse by name what pycr cannot restore, before anything is written."""
-    for vma, vmflags in vmas:
+    for vma, vmflags, *_ in vmas:
         flags = set(vmflags.split())
+        where = f"{vma.start:#x}-{vma.end:#x}"
         if "ht" in flags:
-            raise Unsupported(f"pid {pid}: hugetlb mapping {vma.start:#x}-{vma.end:#x} is not supported")
+            raise Unsupported(f"pid {pid}: hugetlb mapping {where} is not supported")
+        if "ss" in flags:
+            raise Unsupported(f"pid {pid}: shadow stack {where} is not supported")
+        if vma.kind == "special":
+            raise Unsupported(f"pid {pid}: kernel mapping {vma.path} at {where} is not supported")
         if vma.kind == "shmem" and vma.is_sysv:
             raise Unsupported(f"pid {pid}: SysV shared memory at {vma.start:#x} is not supported")
         if vma.kind == "file" and vma.deleted:
             raise Unsupported(f"pid {pid}: mapping of deleted file {vma.path} is not supported")
+        if "dp" in flags and (vma.shared or vma.kind not in ("anon", "heap", "stack")):
+            raise Unsupported(f"pid {pid}: MAP_DROPPABLE mapping {where} of {vma.path or 'anonymous memory'} "
+                              "is not supported")
 
 
 def collect_mm(pid, vmas, injector):
@@ -57,5 +73,5 @@ def collect_mm(pid, vmas, injector):
         "exe": exe,
         "mm": fields,
         "auxv": proc.auxv_bytes(pid),
-        "vmas": [vma_record(vma, flags) for vma, flags in vmas],
+        "vmas": [vma_record(vma, flags, pkey) for vma, flags, pkey in vmas],
     }

@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from pycr import proc
+from pycr import proc, settings
 from pycr.dump import DumpStats
 from pycr.errors import PycrError, TaskGone
 from pycr.freeze import freeze
@@ -104,7 +104,7 @@ class SourcePasses(Transport):
         if frozen is not None:
             if ok:
                 try:
-                    frozen.kill()
+                    frozen.kill(timeout=settings.freeze_timeout())
                 except PycrError as exc:
                     log.warning("warning: the source was killed but %s", exc)
                 log.info("source killed: the replica runs in its place")
@@ -131,7 +131,7 @@ def untrack(root, last_pass):
     if parent.inventory.tracker != "uffd-wp":
         return
     try:
-        frozen = freeze(root)
+        frozen = freeze(root, timeout=settings.freeze_timeout())
     except PycrError as exc:
         log.warning("the source could not be frozen to remove pycr's userfaultfds: %s", exc)
         return

@@ -28,8 +28,9 @@ from pycr.log import log
 from pycr.native import core
 from pycr.restore.memory import map_pages_file
 from pycr.trackers import runs as R
+from pycr.sysinfo import page_size
 
-PAGE = 4096
+PAGE = page_size()
 MADV_DONTNEED = 4
 MFD_CLOEXEC = 1
 SPECIAL = ("vdso", "vvar", "vvar_vclock", "vsyscall")

@@ -27,8 +27,9 @@ from pycr.migrate.pages import PageWriter, SharedObjects
 from pycr.ptrace import binding as B
 from pycr.restore import files, mm as restore_mm, preflight, tasks
 from pycr.restore.restorer import Restore
+from pycr.sysinfo import page_size
 
-PAGE = 4096
+PAGE = page_size()
 SIGCHLD = 17
 WNOHANG = 1
 REAP_TIMEOUT = 5.0

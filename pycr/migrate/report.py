@@ -7,7 +7,9 @@ same report serves `pycr restore --follow` and `pycr migrate`.
 import os
 from dataclasses import dataclass
 
-PAGE = 4096
+from pycr.sysinfo import page_size
+
+PAGE = page_size()
 
 
 def image_set_size(path):

@@ -20,24 +20,49 @@
 
 extern char **environ;
 
-#define PAGE_SIZE_4K 4096UL
 /* Remote iovecs per process_vm_* call: the kernel's UIO_MAXIOV. */
 #define BATCH_IOVS 1024
+
+/* The page size, asked of the kernel once (it is not 4096 everywhere). */
+static uint64_t page_size(void)
+{
+    static uint64_t size;
+    if (!size)
+        size = (uint64_t)sysconf(_SC_PAGESIZE);
+    return size;
+}
+#define PAGE_SZ page_size()
+
 /* The reused bounce buffer of the dump path. Large batches amortise the
  * per-call cost; prefaulting avoids the first-touch faults that make a cold
- * buffer many times slower than a warm one. */
-#define BOUNCE_SIZE (32UL << 20)
-
+ * buffer many times slower than a warm one. Its size is a setting
+ * (pycr_set_bounce_size, from pycr.settings); each thread maps its own. */
+static size_t bounce_size = 32UL << 20;
 static __thread unsigned char *bounce;
+static __thread size_t bounce_mapped;
+
+long pycr_set_bounce_size(size_t size)
+{
+    size -= size % PAGE_SZ;
+    if (!size)
+        return -EINVAL;
+    bounce_size = size;
+    return (long)size;
+}
 
 static unsigned char *bounce_buffer(void)
 {
+    if (bounce && bounce_mapped != bounce_size) {
+        munmap(bounce, bounce_mapped);
+        bounce = NULL;
+    }
     if (!bounce) {
-        void *p = mmap(NULL, BOUNCE_SIZE, PROT_READ | PROT_WRITE,
+        void *p = mmap(NULL, bounce_size, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
         if (p == MAP_FAILED)
             return NULL;
         bounce = p;
+        bounce_mapped = bounce_size;
     }
     return bounce;
 }
@@ -146,7 +171,7 @@ long pycr_vm_read_runs(int pid, const uint64_t *runs, size_t nruns, int fd,
     if (!buf)
         return -ENOMEM;
     for (;;) {
-        size_t nbytes, n = next_batch(&c, remote, BOUNCE_SIZE, &nbytes);
+        size_t nbytes, n = next_batch(&c, remote, bounce_mapped, &nbytes);
         if (!n)
             return total;
         long r = transfer_batch(pid, 0, buf, remote, n, nbytes, fail_addr);
@@ -232,7 +257,7 @@ long pycr_pagemap_runs(int fd, uint64_t start, uint64_t end, int want,
                        uint64_t *out, size_t cap, uint64_t *resume)
 {
     static __thread uint64_t entries[PAGEMAP_CHUNK];
-    uint64_t mask = 0, addr = start & ~(PAGE_SIZE_4K - 1);
+    uint64_t mask = 0, addr = start & ~(PAGE_SZ - 1);
     uint64_t run_start = 0, run_len = 0;
     size_t n = 0;
 
@@ -243,10 +268,10 @@ long pycr_pagemap_runs(int fd, uint64_t start, uint64_t end, int want,
     if (!cap)
         return -EINVAL;
     while (addr < end) {
-        uint64_t pages = (end - addr + PAGE_SIZE_4K - 1) / PAGE_SIZE_4K;
+        uint64_t pages = (end - addr + PAGE_SZ - 1) / PAGE_SZ;
         if (pages > PAGEMAP_CHUNK)
             pages = PAGEMAP_CHUNK;
-        ssize_t r = pread(fd, entries, pages * 8, (off_t)(addr / PAGE_SIZE_4K * 8));
+        ssize_t r = pread(fd, entries, pages * 8, (off_t)(addr / PAGE_SZ * 8));
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -255,14 +280,14 @@ long pycr_pagemap_runs(int fd, uint64_t start, uint64_t end, int want,
         if (r < 8)
             return -EIO;
         pages = (uint64_t)r / 8;
-        for (uint64_t i = 0; i < pages; i++, addr += PAGE_SIZE_4K) {
+        for (uint64_t i = 0; i < pages; i++, addr += PAGE_SZ) {
             uint64_t e = entries[i];
             int match = (e & mask) &&
                         !((want & WANT_ANON_ONLY) && (e & PM_FILE_OR_SHARED));
             if (!match)
                 continue;
             if (run_len && run_start + run_len == addr) {
-                run_len += PAGE_SIZE_4K;
+                run_len += PAGE_SZ;
                 continue;
             }
             if (run_len) {
@@ -274,7 +299,7 @@ long pycr_pagemap_runs(int fd, uint64_t start, uint64_t end, int want,
                 }
             }
             run_start = addr;
-            run_len = PAGE_SIZE_4K;
+            run_len = PAGE_SZ;
         }
     }
     if (run_len) {
@@ -344,7 +369,7 @@ static uint64_t hash_page(const unsigned char *p)
     const uint64_t k1 = 0xd6e8feb86659fd93ULL, k2 = 0xff51afd7ed558ccdULL;
     uint64_t v0 = 0x243f6a8885a308d3ULL, v1 = 0x13198a2e03707344ULL;
     uint64_t v2 = 0xa4093822299f31d0ULL, v3 = 0x082efa98ec4e6c89ULL;
-    for (size_t i = 0; i < PAGE_SIZE_4K; i += 32) {
+    for (size_t i = 0; i < PAGE_SZ; i += 32) {
         uint64_t w[4];
         memcpy(w, p + i, 32);
         v0 = rotl64(v0 ^ (w[0] * k2), 27) * k1;
@@ -354,13 +379,13 @@ static uint64_t hash_page(const unsigned char *p)
     }
     uint64_t h = avalanche(v0) ^ rotl64(avalanche(v1), 16) ^
                  rotl64(avalanche(v2), 32) ^ rotl64(avalanche(v3), 48);
-    return avalanche(h ^ PAGE_SIZE_4K);
+    return avalanche(h ^ PAGE_SZ);
 }
 
 void pycr_hash_pages(const unsigned char *buf, size_t npages, uint64_t *out)
 {
     for (size_t i = 0; i < npages; i++)
-        out[i] = hash_page(buf + i * PAGE_SIZE_4K);
+        out[i] = hash_page(buf + i * PAGE_SZ);
 }
 
 /* ---- raw syscalls ----------------------------------------------------- */

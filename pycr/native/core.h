@@ -12,6 +12,7 @@
 #include <stddef.h>
 
 /* CDEF-BEGIN */
+long pycr_set_bounce_size(size_t size);
 long pycr_vm_read_runs(int pid, const uint64_t *runs, size_t nruns, int fd,
                        uint64_t *fail_addr);
 long pycr_vm_write_runs(int pid, const uint64_t *runs, size_t nruns,

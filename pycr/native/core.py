@@ -10,6 +10,7 @@ import threading
 from array import array
 
 from ._core import ffi, lib
+from ..sysinfo import page_size
 
 # PAGEMAP_SCAN categories and flags (include/uapi/linux/fs.h).
 PAGE_IS_WPALLOWED = 1
@@ -23,7 +24,7 @@ PAGE_IS_SOFT_DIRTY = 128
 PM_SCAN_WP_MATCHING = 1
 PM_SCAN_CHECK_WPASYNC = 2
 
-PAGE_SIZE = 4096
+PAGE_SIZE = page_size()
 _WANT_PRESENT, _WANT_SWAPPED, _WANT_ANON_ONLY = 1, 2, 4
 _RUNS_PER_CALL = 1 << 16  # output slots per C call of pagemap_runs / pagemap_scan
 
@@ -54,13 +55,26 @@ def _runs_view(runs):
 
 # ---- memory of another task -----------------------------------------------
 
+_bounce_set = False
+
+
+def _size_bounce():
+    """Give the C core the copy buffer size of pycr.settings, once."""
+    global _bounce_set
+    if not _bounce_set:
+        from ..settings import copy_buffer
+        _check(lib.pycr_set_bounce_size(copy_buffer()), "copy buffer size")
+        _bounce_set = True
+
+
 def vm_read_runs(pid, runs, fd):
     """Copy the runs of task `pid` to `fd` in order; returns bytes written.
 
     The dump hot path: process_vm_readv in batches of up to 1024 remote
-    iovecs into a reused, prefaulted 32 MiB buffer, then write(). An
-    unreadable address raises OSError(EFAULT) naming it.
+    iovecs into a reused, prefaulted buffer (pycr.settings.copy_buffer),
+    then write(). An unreadable address raises OSError(EFAULT) naming it.
     """
+    _size_bounce()
     cruns, n, _keep = _runs_view(runs)
     fail = ffi.new("uint64_t *")
     ret = lib.pycr_vm_read_runs(pid, cruns, n, _fileno(fd), fail)

@@ -1,8 +1,12 @@
 """/proc/PID/maps: the VMAs of a process, classified by what backs them.
 
 kind is one of anon, file, heap, stack, vdso, vvar, vvar_vclock, vsyscall,
-shmem. A shared anonymous mapping shows as "/dev/zero (deleted)" and SysV shm
-as "/SYSV<key> (deleted)"; both, and shared memfd mappings, are kind shmem.
+shmem, special. A shared anonymous mapping shows as "/dev/zero (deleted)", or
+"[anon_shmem:NAME]" once named (PR_SET_VMA_ANON_NAME, Linux 6.2+), and SysV
+shm as "/SYSV<key> (deleted)"; these, and shared memfd mappings, are kind
+shmem. "[anon:NAME]" is named private anonymous memory (kind anon). Any other
+"[...]" is a mapping the kernel made for its own ends (kind special: [uprobes]
+or one pycr does not know); a file's path always starts with "/".
 """
 
 from dataclasses import dataclass
@@ -47,14 +51,26 @@ class Vma:
     def is_sysv(self):
         return self.path.startswith("/SYSV")
 
+    @property
+    def anon_name(self):
+        """The name given with PR_SET_VMA_ANON_NAME ("[anon:NAME]", "[anon_shmem:NAME]"), or None."""
+        for prefix in ("[anon:", "[anon_shmem:"):
+            if self.path.startswith(prefix) and self.path.endswith("]"):
+                return self.path[len(prefix):-1]
+        return None
+
 
 def _kind(path, deleted, shared, inode):
     if path in _SPECIAL:
         return _SPECIAL[path]
     if path.startswith("[stack:"):
         return "stack"
-    if not path or path.startswith("[anon"):  # "[anon:name]" from PR_SET_VMA_ANON_NAME
+    if path.startswith("[anon_shmem:"):
+        return "shmem" if shared else "special"
+    if not path or path.startswith("[anon:"):  # "[anon:name]" from PR_SET_VMA_ANON_NAME
         return "anon"
+    if path.startswith("["):
+        return "special"
     if shared and deleted and (path == "/dev/zero" or path.startswith("/SYSV")
                                or path.startswith("/memfd:")):
         return "shmem"

@@ -2,11 +2,13 @@
 
 rlimits are parsed from /proc/PID/limits: prlimit64(pid) would be simpler,
 but reading another user's limits that way needs CAP_SYS_RESOURCE, which a
-dumping root may lack; the file is readable by anyone.
+dumping root may lack; the file is readable by anyone. It has one row per
+limit the running kernel knows (RLIM_NLIMITS), so its length is the count.
 """
 
 from pycr.proc._read import read_text, readlink
 
+#: Names of the limits every Linux has had since 2.6.25, by RLIMIT_* number.
 RLIMIT_NAMES = ("cpu", "fsize", "data", "stack", "core", "rss", "nproc", "nofile",
                 "memlock", "as", "locks", "sigpending", "msgqueue", "nice", "rtprio", "rttime")
 RLIM_INFINITY = (1 << 64) - 1
@@ -32,25 +34,33 @@ def exe(pid):
     return readlink(pid, "exe")
 
 
+def rlimit_name(res):
+    """RLIMIT_NOFILE style name of limit number res (a number past the known ones)."""
+    return f"RLIMIT_{RLIMIT_NAMES[res].upper()}" if res < len(RLIMIT_NAMES) else f"rlimit {res}"
+
+
 def parse_limits(text):
     """(cur, max) pairs in RLIMIT_* order from the text of /proc/PID/limits.
 
-    The kernel prints the rows in RLIMIT_* order, values as numbers or
-    "unlimited", in columns after the limit's name (which has spaces).
+    The kernel prints one row per limit it has, in RLIMIT_* order, values as
+    numbers or "unlimited", in columns after the limit's name (which has spaces).
     """
     out = []
     for line in text.splitlines()[1:]:
         words = line.split()
         values = [w for w in words if w.isdigit() or w == "unlimited"]
         if len(values) < 2:
-            continue
+            raise ValueError(f"/proc/PID/limits: cannot parse {line!r}")
         cur, mx = (RLIM_INFINITY if v == "unlimited" else int(v) for v in values[:2])
         out.append((cur, mx))
-    if len(out) != len(RLIMIT_NAMES):
-        raise ValueError(f"/proc/PID/limits has {len(out)} limits, expected {len(RLIMIT_NAMES)}")
     return out
 
 
 def rlimits(pid):
-    """All 16 rlimits of pid as a list of (cur, max), in RLIMIT_* order."""
+    """Every rlimit the kernel has for pid, as a list of (cur, max) in RLIMIT_* order."""
     return parse_limits(read_text(pid, "limits"))
+
+
+def rlimit_count():
+    """How many limits this kernel knows (RLIM_NLIMITS): the rows of our own limits file."""
+    return len(parse_limits(read_text("self", "limits")))

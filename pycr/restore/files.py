@@ -10,6 +10,9 @@ inherited, and dup3()s them to their numbers. Fds that shared a description
 
 import fcntl
 import os
+import re
+import struct
+import termios
 
 from pycr.errors import RestoreError
 from pycr.log import log
@@ -20,10 +23,21 @@ O_CLOEXEC = 0o2000000
 AT_FDCWD = -100
 F_SETFD, FD_CLOEXEC = 2, 1
 F_DUPFD_CLOEXEC = 1030
-F_SETPIPE_SZ = 1031
+F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 SEEK_SET = 0
 DELETED = " (deleted)"
 SEEKABLE = ("reg", "dir")
+
+
+PROC_PID = re.compile(r"^/proc/(\d+)(/.*)?$")
+
+
+def tree_proc_pid(path, tree_pids):
+    """The PID of the tree that a /proc/PID[/...] path names (as /proc/self resolves), else None."""
+    m = PROC_PID.match(path)
+    if m and int(m.group(1)) in tree_pids:
+        return int(m.group(1))
+    return None
 
 
 class Descriptions:
@@ -31,34 +45,58 @@ class Descriptions:
 
     Pipes are made by pycr (their buffered bytes written back) and FIFOs held
     open read-write, so that opening a descriptor of either never blocks.
+    A file under /proc/PID of a task of the tree (/proc/self/status opened by
+    the task) exists only once that task does: it is opened when first
+    handed to a task, with PID as the restored task's real one (`reals`).
     """
 
     def __init__(self, images):
         self.fds = {}           # description key -> fd in pycr
         self.pipes = {}         # pipe_id -> (read fd, write fd) in pycr
+        self.late = {}          # description key -> record, opened once the tasks exist
+        self.reals = {}         # dumped pid -> real pid, where they differ (--pidns)
+        self.images = images
+        tree_pids = {tid for p in images.processes for tid in p.tids}
         try:
             for p in images.processes:
                 for rec in p.fds:
                     key = self.key(p.pid, rec)
-                    if key not in self.fds:
-                        self.fds[key] = self._open(rec, images.pipes_data)
+                    if key in self.fds or key in self.late:
+                        continue
+                    if str(rec.type) in SEEKABLE and tree_proc_pid(rec.path, tree_pids) is not None:
+                        self.late[key] = rec
+                    else:
+                        self.fds[key] = self._open(rec, images)
         except BaseException:
             self.close()
             raise
+
+    def fd_for(self, pid, rec, remote=None):
+        """pycr's fd of the description behind rec (an fd of process pid)."""
+        key = self.key(pid, rec)
+        if key not in self.fds:
+            late = self.late.pop(key)
+            m = PROC_PID.match(late.path)
+            named = int(m.group(1))
+            real = self.reals.get(named, remote.real if remote is not None and named == remote.pid else named)
+            path = f"/proc/{real}{m.group(2) or ''}"
+            self.fds[key] = self._open(late, self.images, path)
+            log.info("pid %d fd %d: %s opened as %s once the task exists", pid, rec.fd, late.path, path)
+        return self.fds[key]
 
     @staticmethod
     def key(pid, rec):
         """file_id names a description across the tree; without one, each fd is its own."""
         return rec.file_id if getattr(rec, "file_id", 0) else (pid, rec.fd)
 
-    def _open(self, rec, pipes_data):
+    def _open(self, rec, images, path=None):
         kind = str(rec.type)
         flags = (rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_CLOEXEC | os.O_NOCTTY
         if kind == "pipe":
-            path = self._pipe_path(rec, pipes_data.get(rec.pipe_id, b""))
+            path = self._pipe_path(rec, images)
         elif kind == "fifo":
-            path = self._fifo_path(rec)
-        else:
+            path = self._fifo_path(rec, images)
+        elif path is None:
             if rec.deleted or rec.path.endswith(DELETED):
                 raise RestoreError(f"fd {rec.fd}: {rec.path} was deleted")
             path = rec.path
@@ -74,21 +112,15 @@ class Descriptions:
                 raise RestoreError(f"cannot seek {rec.path} to {rec.pos}: {exc.strerror}") from None
         return fd
 
-    def _pipe_path(self, rec, data):
+    def _pipe_path(self, rec, images):
         if rec.pipe_id not in self.pipes:
             r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             self.pipes[rec.pipe_id] = (r, w)
-            if data:
-                if len(data) > 65536:
-                    fcntl.fcntl(w, F_SETPIPE_SZ, len(data))
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(w, view):]
-                log.info("pipe %d: wrote back %d buffered bytes", rec.pipe_id, len(data))
+            refill(w, rec.pipe_id, images)
         r, w = self.pipes[rec.pipe_id]
         return f"/proc/self/fd/{w if (rec.flags & O_ACCMODE) == O_WRONLY else r}"
 
-    def _fifo_path(self, rec):
+    def _fifo_path(self, rec, images):
         if rec.pipe_id not in self.pipes:
             path = rec.path[: -len(DELETED)] if rec.path.endswith(DELETED) else rec.path
             try:
@@ -97,6 +129,7 @@ class Descriptions:
             except OSError as exc:
                 raise RestoreError(f"FIFO {path}: {exc.strerror}") from None
             self.pipes[rec.pipe_id] = (fd, fd)
+            refill(fd, rec.pipe_id, images, f"FIFO {path}")
         return f"/proc/self/fd/{self.pipes[rec.pipe_id][0]}"
 
     def close(self):
@@ -108,6 +141,37 @@ class Descriptions:
                 os.close(w)
         self.fds.clear()
         self.pipes.clear()
+
+
+def refill(fd, pipe_id, images, what=None):
+    """Give a pipe (or FIFO) its dumped size, then write back its buffered bytes.
+
+    The size goes first: the bytes may not fit a default pipe, and a writer
+    must find the pipe as full as it was (no more room, no less).
+    """
+    what = what or f"pipe:[{pipe_id}]"
+    data = images.pipes_data.get(pipe_id, b"")
+    size = images.pipe_sizes.get(pipe_id, 0)
+    if size and fcntl.fcntl(fd, F_GETPIPE_SZ) != size:
+        try:
+            fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+        except OSError as exc:
+            raise RestoreError(f"{what}: cannot set its size back to {size} bytes: {exc.strerror}") from None
+    if _buffered(fd):
+        raise RestoreError(f"{what}: holds data already; another process has it open")
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except BlockingIOError:
+        raise RestoreError(f"{what}: {len(data)} buffered bytes do not fit its {fcntl.fcntl(fd, F_GETPIPE_SZ)} "
+                           "bytes") from None
+    if data:
+        log.info("%s: wrote back %d buffered bytes (pipe size %d)", what, len(data), size)
+
+
+def _buffered(fd):
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
 
 
 def pycr_pidfd():
@@ -141,7 +205,7 @@ def restore_fds(remote, pid, fds, descs, pidfd):
         remote.check("close", pidfd, what=str(pidfd))
         pidfd = moved
     for rec in fds:
-        mine = descs.fds[descs.key(pid, rec)]
+        mine = descs.fd_for(pid, rec, remote)
         got = remote.call("pidfd_getfd", pidfd, mine, 0)
         if got < 0:
             raise RestoreError(f"pid {remote.pid} fd {rec.fd}: pidfd_getfd failed: {os.strerror(-got)}")

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pycr.errors import ImageError
 from pycr.images import ImageDir, iter_page_runs
 from pycr.restore.memory import PageChain
+from pycr.sysinfo import page_size
 
-PAGE = 4096
+PAGE = page_size()
 SPECIAL_KINDS = ("vdso", "vvar", "vvar_vclock", "vsyscall")
 
 
@@ -38,6 +39,7 @@ class ImageSet:
     pipes_data: dict                 # pipe_id -> bytes
     shmem: dict                      # shmem_id -> size in bytes the mappings need
     pages: PageChain
+    pipe_sizes: dict = field(default_factory=dict)    # pipe_id -> capacity in bytes
 
     @property
     def root(self):
@@ -117,6 +119,7 @@ def load_images(images_dir, allow_pre_dump=False, resolve_chain=True):
     fds_by_pid = {p.pid: list(p.fds) for p in files.processes}
     pipes = imgdir.read("pipes-data")
     pipes_data = {p.pipe_id: bytes(p.data) for p in pipes.pipes}
+    pipe_sizes = {p.pipe_id: p.size for p in pipes.pipes}
     chain = PageChain(imgdir)
 
     processes, seen = [], set()
@@ -159,4 +162,4 @@ def load_images(images_dir, allow_pre_dump=False, resolve_chain=True):
         if pid_fds not in seen:
             raise ImageError(imgdir.path_of("files"), f"corrupt: fds of pid {pid_fds}, not in pstree.img")
     return ImageSet(imgdir=imgdir, inventory=inventory, processes=processes,
-                    pipes_data=pipes_data, shmem=shmem, pages=chain)
+                    pipes_data=pipes_data, shmem=shmem, pages=chain, pipe_sizes=pipe_sizes)

@@ -20,8 +20,9 @@ from pycr.images import iter_page_runs
 from pycr.log import Progress, log
 from pycr.native import core
 from pycr.trackers.runs import split
+from pycr.sysinfo import page_size
 
-PAGE = 4096
+PAGE = page_size()
 MAX_CHAIN = 256
 CHUNK = 64 << 20        # bytes per native call, so that progress shows on big copies
 

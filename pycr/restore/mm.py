@@ -21,8 +21,10 @@ import struct
 from pycr import proc
 from pycr.errors import RestoreError
 from pycr.log import log
+from pycr import sysinfo
+from pycr.sysinfo import page_size
 
-PAGE = 4096
+PAGE = page_size()
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
@@ -34,12 +36,24 @@ MM_MAP = struct.Struct("<11QQII")       # struct prctl_mm_map (104 bytes)
 KEEP_EXE = 0xFFFFFFFF
 
 WORKSPACE_SIZE = 32 * PAGE              # 1 trampoline page + 31 pages of scratch
-TASK_SIZE = 0x7FFFFFFFF000
-MMAP_MIN_ADDR = 0x10000
-GAP = 2 << 20                           # keep clear of stack guard gaps and heap growth
+HEAP_ROOM = 2 << 20                     # keep clear of heap growth next to a hole
+
+
+def gap():
+    """Room left on each side of pycr's own mappings: a neighbour may be a stack
+    (whose guard gap is a boot parameter) or a heap that grows."""
+    return max(HEAP_ROOM, sysinfo.stack_guard_gap() + PAGE)
+
 SPECIAL = ("vvar", "vvar_vclock", "vdso")
 NOT_MAPPED = ("vdso", "vvar", "vvar_vclock", "vsyscall")
-MADVISE = {"dc": 10, "wf": 18, "hg": 14, "nh": 15, "dd": 16}   # VmFlags -> MADV_*
+MAP_DROPPABLE = 0x08                    # a map type, like MAP_PRIVATE (Linux 6.11+)
+#: VmFlags -> (MADV_* advice, its name): the madvise state smaps shows and a restore applies again.
+MADVISE_NAMED = {"sr": (2, "MADV_SEQUENTIAL"), "rr": (1, "MADV_RANDOM"), "dc": (10, "MADV_DONTFORK"),
+                 "dd": (16, "MADV_DONTDUMP"), "mg": (12, "MADV_MERGEABLE"), "hg": (14, "MADV_HUGEPAGE"),
+                 "nh": (15, "MADV_NOHUGEPAGE"), "wf": (18, "MADV_WIPEONFORK")}
+MADVISE = {flag: advice for flag, (advice, _) in MADVISE_NAMED.items()}
+PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
+SYS_PKEY_MPROTECT, SYS_PKEY_ALLOC, SYS_PKEY_FREE = 329, 330, 331
 DELETED = " (deleted)"
 
 
@@ -47,8 +61,14 @@ def kind_of(vma):
     return str(vma.kind)
 
 
-def hole_candidates(vmas, size, floor=MMAP_MIN_ADDR, ceiling=TASK_SIZE):
-    """Addresses where `size` bytes fit in the holes of `vmas`, widest hole first."""
+def hole_candidates(vmas, size, floor=None, ceiling=None):
+    """Addresses where `size` bytes fit in the holes of `vmas`, widest hole first.
+
+    floor and ceiling default to this kernel's mmap_min_addr and TASK_SIZE.
+    """
+    floor = sysinfo.mmap_min_addr() if floor is None else floor
+    ceiling = sysinfo.task_size() if ceiling is None else ceiling
+    room = gap()
     ranges = sorted((v.start, v.end) for v in vmas if kind_of(v) != "vsyscall" and v.start < ceiling)
     gaps, prev = [], floor
     for start, end in ranges:
@@ -60,9 +80,9 @@ def hole_candidates(vmas, size, floor=MMAP_MIN_ADDR, ceiling=TASK_SIZE):
     gaps.sort(key=lambda g: g[1] - g[0], reverse=True)
     out = []
     for lo, hi in gaps:
-        if hi - lo >= size + 2 * GAP:
-            out.append((hi - GAP - size) & ~(PAGE - 1))
-            out.append((lo + GAP + PAGE - 1) & ~(PAGE - 1))
+        if hi - lo >= size + 2 * room:
+            out.append((hi - room - size) & ~(PAGE - 1))
+            out.append((lo + room + PAGE - 1) & ~(PAGE - 1))
     return out
 
 
@@ -121,10 +141,11 @@ def place_specials(remote, image_vmas):
     hi = max(v.end for v in have.values())
     if lo + delta < hi and lo < hi + delta:
         # The move overlaps itself: go through a free spot first.
-        temp = remote.check("mmap", 0, (hi - lo) + 2 * GAP, 0, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0,
+        room = gap()
+        temp = remote.check("mmap", 0, (hi - lo) + 2 * room, 0, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0,
                             what="temporary reservation")
-        remote.check("munmap", temp, (hi - lo) + 2 * GAP, what="temporary reservation")
-        step = temp + GAP - lo
+        remote.check("munmap", temp, (hi - lo) + 2 * room, what="temporary reservation")
+        step = temp + room - lo
         _move(remote, have, step)
         have = {k: _shifted(v, step) for k, v in have.items()}
         delta -= step
@@ -178,8 +199,13 @@ def map_vmas(remote, mm, shmem_paths):
                 else:
                     if "gd" in flags:
                         extra |= MAP_GROWSDOWN
-                    remote.check("mmap", vma.start, size, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | extra,
-                                 -1, 0, what=f"{vma.start:#x}, anon")
+                    kind_flag = MAP_DROPPABLE if "dp" in flags else MAP_PRIVATE
+                    res = remote.call("mmap", vma.start, size, prot, kind_flag | MAP_ANONYMOUS | MAP_FIXED | extra,
+                                      -1, 0)
+                    if res != vma.start:
+                        what = "MAP_DROPPABLE " if "dp" in flags else ""
+                        raise RestoreError(f"pid {remote.pid}: mmap of {what}anonymous memory at {vma.start:#x} "
+                                           f"failed: {errno_name(res) if res < 0 else hex(res)}")
             else:
                 if kind == "shmem":
                     path = shmem_paths[vma.shmem_id]
@@ -212,20 +238,89 @@ def errno_name(res):
 
 
 def finish_vmas(remote, mm):
-    """Dumped protections, madvise flags and mlock, once the pages are in."""
+    """Dumped protections, protection keys, names, madvise flags and mlock, once the pages are in."""
+    keys = PkeyAllocator(remote)
+    try:
+        for vma in mm.vmas:
+            if kind_of(vma) in NOT_MAPPED:
+                continue
+            size = vma.end - vma.start
+            pkey = getattr(vma, "pkey", 0)
+            if pkey:
+                keys.ensure(pkey, vma)
+                remote.check(SYS_PKEY_MPROTECT, vma.start, size, vma.prot, pkey,
+                             what=f"{vma.start:#x}, key {pkey}")
+            elif not vma.shared and vma.prot != (vma.prot | PROT_READ | PROT_WRITE):
+                remote.check("mprotect", vma.start, size, vma.prot, what=f"{vma.start:#x}")
+            apply_vma_state(remote, vma)
+    finally:
+        keys.free_extra()
+
+
+def apply_vma_state(remote, vma):
+    """The anonymous name, madvise state and mlock of one mapped VMA, as smaps showed them."""
+    size = vma.end - vma.start
+    where = f"{vma.start:#x}-{vma.end:#x}"
+    name = anon_name(vma)
+    if name is not None and not vma.shared:
+        res = remote.call("prctl", PR_SET_VMA, PR_SET_VMA_ANON_NAME, vma.start, size, remote.put_str(name))
+        remote.reset_scratch()
+        if res < 0:
+            raise RestoreError(f"pid {remote.pid}: cannot name {where} [anon:{name}] with PR_SET_VMA_ANON_NAME: "
+                               f"{errno_name(res)}")
+    flags = vma.vmflags.split()
+    for flag in flags:
+        advice = MADVISE_NAMED.get(flag)
+        if advice is not None:
+            res = remote.call("madvise", vma.start, size, advice[0])
+            if res < 0:
+                raise RestoreError(f"pid {remote.pid}: madvise {where} {advice[1]} (VmFlags {flag}) failed: "
+                                   f"{errno_name(res)}")
+    if "lo" in flags:
+        remote.call("mlock2", vma.start, size, 0)
+
+
+def check_vmas(pid, mm):
+    """Refuse, before any task exists, VMA state this machine cannot give back."""
     for vma in mm.vmas:
-        if kind_of(vma) in NOT_MAPPED:
-            continue
-        size = vma.end - vma.start
-        if not vma.shared and vma.prot != (vma.prot | PROT_READ | PROT_WRITE):
-            remote.check("mprotect", vma.start, size, vma.prot, what=f"{vma.start:#x}")
-        flags = vma.vmflags.split()
-        for flag in flags:
-            advice = MADVISE.get(flag)
-            if advice is not None:
-                remote.call("madvise", vma.start, size, advice)
-        if "lo" in flags:
-            remote.call("mlock2", vma.start, size, 0)
+        if getattr(vma, "pkey", 0) and not sysinfo.has_pku():
+            raise RestoreError(f"pid {pid}: {vma.start:#x}-{vma.end:#x} uses protection key {vma.pkey}, "
+                               "but this CPU has no protection keys (no pku/ospke in /proc/cpuinfo)")
+
+
+def anon_name(vma):
+    """NAME of a VMA dumped as "[anon:NAME]" or "[anon_shmem:NAME]", else None."""
+    for prefix in ("[anon:", "[anon_shmem:"):
+        if vma.path.startswith(prefix) and vma.path.endswith("]"):
+            return vma.path[len(prefix):-1]
+    return None
+
+
+class PkeyAllocator:
+    """Memory protection keys with the dumped numbers, allocated in the restored task.
+
+    pkey_alloc hands out the lowest free key, so keys are allocated until the
+    wanted number comes; those taken on the way and never wanted are freed at the end.
+    """
+
+    def __init__(self, remote):
+        self.remote = remote
+        self.have, self.used = set(), set()
+
+    def ensure(self, key, vma):
+        self.used.add(key)
+        while key not in self.have:
+            got = self.remote.call(SYS_PKEY_ALLOC, 0, 0)
+            if got < 0:
+                why = errno_name(got) if sysinfo.has_pku() else "this CPU has no protection keys (no pku/ospke)"
+                raise RestoreError(f"pid {self.remote.pid}: {vma.start:#x}-{vma.end:#x} uses protection key "
+                                   f"{key}, pkey_alloc failed: {why}")
+            self.have.add(got)
+
+    def free_extra(self):
+        for key in sorted(self.have - self.used):
+            self.remote.call(SYS_PKEY_FREE, key)
+        self.have &= self.used
 
 
 def set_mm_map(remote, mm, exe_link=True):

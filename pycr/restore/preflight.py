@@ -9,6 +9,7 @@ import os
 
 from pycr.errors import RestoreError, Unsupported
 from pycr.log import log
+from pycr.restore import files, mm, process
 
 DELETED = " (deleted)"
 
@@ -38,6 +39,7 @@ def _stat(path):
 
 
 def check_files(images):
+    tree_pids = {tid for p in images.processes for tid in p.tids}
     for p in images.processes:
         for rec in p.fds:
             kind = str(rec.type)
@@ -45,6 +47,8 @@ def check_files(images):
                 raise Unsupported(f"pid {p.pid} fd {rec.fd}: {rec.path} is not supported")
             if kind in ("pipe",):
                 continue
+            if kind in files.SEEKABLE and files.tree_proc_pid(rec.path, tree_pids) is not None:
+                continue            # under /proc/PID of the tree: there again once the tasks are
             if rec.deleted or rec.path.endswith(DELETED):
                 raise RestoreError(f"pid {p.pid} fd {rec.fd}: {rec.path} was deleted before the dump")
             st = _stat(rec.path)
@@ -95,5 +99,8 @@ def check_pipes(images):
 def check(images, pidns):
     if not pidns:
         check_pids(images)
+    for p in images.processes:
+        process.check_rlimits(p.pid, p.core)
+        mm.check_vmas(p.pid, p.mm)
     check_files(images)
     check_pipes(images)

@@ -11,6 +11,7 @@ import os
 import resource
 import struct
 
+from pycr import proc
 from pycr.errors import RestoreError
 from pycr.log import log
 
@@ -63,22 +64,35 @@ def set_sigactions(remote, core):
     log.info("pid %d: %d signal handlers set with rt_sigaction", remote.pid, count)
 
 
+def check_rlimits(pid, core, known=None):
+    """Refuse, before any task exists, a limit this kernel does not know (the image came
+    from a newer one) unless it is unlimited/unlimited, which is what its absence means."""
+    known = proc.rlimit_count() if known is None else known
+    for res in range(known, len(core.rlimits)):
+        lim = core.rlimits[res]
+        if (lim.cur, lim.max) != (RLIM_INFINITY, RLIM_INFINITY):
+            raise RestoreError(f"pid {pid}: {proc.rlimit_name(res)} ({lim.cur}/{lim.max}) is not known "
+                               f"to this kernel, which has {known} limits")
+
+
 def set_rlimits(remote, core):
-    """prlimit64 for all 16 limits. A hard limit above pycr's own cannot be raised here
-    (this needs CAP_SYS_RESOURCE): it is kept at pycr's and a warning says so."""
-    for res, lim in enumerate(core.rlimits):
+    """prlimit64 for every limit both kernels know (check_rlimits refused the others).
+    A hard limit above pycr's own cannot be raised here (this needs
+    CAP_SYS_RESOURCE): it is kept at pycr's and a warning says so."""
+    known = proc.rlimit_count()
+    for res, lim in enumerate(core.rlimits[:known]):
         cur, hard = lim.cur, lim.max
         addr = remote.put(struct.pack("<QQ", cur, hard))
         got = remote.call("prlimit64", 0, res, addr, 0)
         if got == -1:                       # EPERM: the hard limit cannot go up
             _, my_hard = resource.getrlimit(res)
             my_hard = RLIM_INFINITY if my_hard == resource.RLIM_INFINITY else my_hard
-            log.warning("pid %d: rlimit %d: hard limit %d is above pycr's %d; kept at %d",
-                        remote.pid, res, hard, my_hard, my_hard)
+            log.warning("pid %d: %s: hard limit %d is above pycr's %d; kept at %d",
+                        remote.pid, proc.rlimit_name(res), hard, my_hard, my_hard)
             addr = remote.put(struct.pack("<QQ", min(cur, my_hard), my_hard))
             got = remote.call("prlimit64", 0, res, addr, 0)
         if got < 0:
-            raise RestoreError(f"pid {remote.pid}: prlimit64({res}) failed: {os.strerror(-got)}")
+            raise RestoreError(f"pid {remote.pid}: prlimit64({proc.rlimit_name(res)}) failed: {os.strerror(-got)}")
         remote.reset_scratch()
 
 

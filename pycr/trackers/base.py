@@ -27,8 +27,9 @@ from ..collect.memory import copy_runs, present_runs, private_vmas, runs_to_entr
 from ..errors import ImageError, TaskGone
 from ..log import Progress, log
 from . import runs as R
+from ..sysinfo import page_size
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
+PAGE = page_size()
 
 
 class ParentPass:

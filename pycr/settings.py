@@ -1,0 +1,83 @@
+"""Tunables that were once constants measured on one VM, with their defaults.
+
+Each can be set in the environment; the defaults follow the machine where
+that makes sense.
+
+PYCR_COPY_BUFFER   bytes of the prefaulted buffer the dump copies memory
+                   through (process_vm_readv -> write). Default: 32 MiB, but
+                   at most 1/256 of MemTotal and at least 1 MiB (a large
+                   buffer saves syscalls; it is resident for the whole dump).
+PYCR_FREEZE_TIMEOUT  seconds every thread of a tree gets to reach its ptrace
+                   stop (and a killed tree to leave /proc). Default: 10 s,
+                   stretched by the load average per CPU above 1 (a busy
+                   machine schedules a stopping thread later).
+"""
+
+import os
+
+from pycr.errors import PycrError
+
+COPY_BUFFER_MAX = 32 << 20
+COPY_BUFFER_MIN = 1 << 20
+FREEZE_TIMEOUT_BASE = 10.0
+
+
+def _env(name, parse):
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        value = parse(text)
+    except ValueError:
+        raise PycrError(f"{name}={text!r} is not a valid value") from None
+    if value <= 0:
+        raise PycrError(f"{name}={text!r} must be positive")
+    return value
+
+
+def mem_total():
+    """MemTotal of /proc/meminfo in bytes (0 if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def default_copy_buffer(total=None, page=None):
+    from pycr.sysinfo import page_size
+    total = mem_total() if total is None else total
+    page = page or page_size()
+    size = COPY_BUFFER_MAX
+    if total:
+        size = max(COPY_BUFFER_MIN, min(size, total // 256))
+    return size // page * page
+
+
+def copy_buffer():
+    """Bytes of the dump's copy buffer (PYCR_COPY_BUFFER, rounded down to pages)."""
+    from pycr.sysinfo import page_size
+    value = _env("PYCR_COPY_BUFFER", lambda t: int(t, 0))
+    if value is None:
+        return default_copy_buffer()
+    page = page_size()
+    return max(value // page, 1) * page
+
+
+def default_freeze_timeout(load=None, cpus=None):
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            load = 0.0
+    cpus = cpus or os.cpu_count() or 1
+    return FREEZE_TIMEOUT_BASE * max(1.0, load / cpus)
+
+
+def freeze_timeout():
+    """Seconds a freeze (or the kill of a frozen tree) may take (PYCR_FREEZE_TIMEOUT)."""
+    value = _env("PYCR_FREEZE_TIMEOUT", float)
+    return default_freeze_timeout() if value is None else value
