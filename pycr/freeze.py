@@ -208,7 +208,8 @@ class FrozenTree:
                 if got and (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
                     waiting.discard(tid)
             left = []
-            for pid in pids:
+            # Unreaped zombie children go with their killed parents (to init, which reaps them).
+            for pid in pids + sorted(self.zombies - set(pids)):
                 try:
                     st = proc.stat(pid)
                 except TaskGone:
@@ -246,7 +247,7 @@ def freeze(root_pid, options=DEFAULT_OPTIONS, timeout=10.0):
     st = proc.status(root_pid)
     if st.tgid != root_pid:
         raise PycrError(f"pid {root_pid} is a thread of pid {st.tgid}, not a process")
-    if st.state in "ZX":
+    if st.state in "ZX" and len(proc.tasks(root_pid)) < 2:   # a zombie leader with live threads is fine
         raise TaskGone(root_pid, "zombie")
     tree = FrozenTree(root_pid)
     try:

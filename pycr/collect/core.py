@@ -8,6 +8,7 @@ import ctypes
 import struct
 
 from .. import proc
+from ..errors import TaskGone
 from ..native import core as native
 from ..ptrace.inject import Injector
 from ..ptrace.syscalls import NR
@@ -18,6 +19,21 @@ SECCOMP_MODES = {0: "disabled", 1: "strict", 2: "filter"}
 PR_GET_TID_ADDRESS = 40
 STACK_T = struct.Struct("<QiiQ")         # stack_t: ss_sp, ss_flags, (padding), ss_size
 SYS_GET_ROBUST_LIST = 274
+
+
+def injector_for(thread):
+    """Injector(thread), reading maps and memory through the thread itself when
+    its process's leader has exited: /proc/<tgid>/maps and mem are then empty,
+    since a zombie leader has no mm, while /proc/<tid>/ shows the shared one."""
+    injector = Injector(thread)
+    if injector.pid != thread.tid:
+        try:
+            exited = proc.stat(injector.pid).state == "Z"
+        except TaskGone:
+            exited = True
+        if exited:
+            injector.pid = thread.tid
+    return injector
 
 
 def collect_sigactions(injector):
@@ -48,7 +64,7 @@ def robust_list(tid):
 def thread_links(thread):
     """clear_child_tid and the alternate signal stack, which only the thread itself can
     tell: read by injecting prctl(PR_GET_TID_ADDRESS) and sigaltstack(NULL, &old)."""
-    with Injector(thread) as injector, injector.scratch() as buf:
+    with injector_for(thread) as injector, injector.scratch() as buf:
         injector.check(NR["prctl"], PR_GET_TID_ADDRESS, buf, 0, 0, 0)
         injector.check(NR["sigaltstack"], 0, buf + 8)
         raw = injector.read(buf, 8 + STACK_T.size)
@@ -81,17 +97,20 @@ def collect_core(pid, thread_states, leader, injector):
     """The core image body of process pid.
 
     thread_states come from collect_thread(), taken before the injector
-    touched any register or the signal mask; leader is the seized leader Thread.
+    touched any register or the signal mask; leader is the seized leader Thread,
+    or a live thread once the leader has exited: per-process files are read
+    through it then, since /proc/PID of a zombie leader has no cwd, root or umask.
     """
-    status = proc.status(pid)
+    src = leader.tid
+    status = proc.status(src)
     uid, gid = status.uid, status.gid
     return {
         "pid": pid,
         "comm": proc.comm(pid),
-        "personality": proc.personality(pid),
+        "personality": proc.personality(src),
         "umask": status.umask,
-        "cwd": proc.cwd(pid),
-        "root": proc.root(pid),
+        "cwd": proc.cwd(src),
+        "root": proc.root(src),
         "no_new_privs": bool(status.no_new_privs),
         "creds": {
             "uid": uid[0], "euid": uid[1], "suid": uid[2], "fsuid": uid[3],
@@ -100,7 +119,7 @@ def collect_core(pid, thread_states, leader, injector):
             "cap_inh": status.cap_inh, "cap_prm": status.cap_prm, "cap_eff": status.cap_eff,
             "cap_bnd": status.cap_bnd, "cap_amb": status.cap_amb,
         },
-        "rlimits": [{"cur": cur, "max": mx} for cur, mx in proc.rlimits(pid)],
+        "rlimits": [{"cur": cur, "max": mx} for cur, mx in proc.rlimits(src)],
         "sigactions": collect_sigactions(injector),
         "shared_pending": leader.peek_siginfo(shared=True),
         "seccomp_mode": SECCOMP_MODES.get(status.seccomp, "disabled"),

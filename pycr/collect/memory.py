@@ -144,19 +144,21 @@ def _copy_batches(pid, runs, vmas, out_fd, progress):
     return total
 
 
-def dump_private_memory(pid, vmas, imgdir, runs=None, parent_runs=None):
+def dump_private_memory(pid, vmas, imgdir, runs=None, parent_runs=None, src=None):
     """Write pages-<pid>.img and pagemap-<pid>.img; returns bytes of pages written.
 
     runs: the runs to save (default: every present page). parent_runs: runs
     whose pages are unchanged since the previous image set (pre-dump chains).
+    src: the task to read from (a live thread when the leader has exited).
     """
+    src = src or pid
     mine = private_vmas(vmas)
     if runs is None:
-        runs = present_runs(pid, mine)
+        runs = present_runs(src, mine)
     size = sum(runs[1::2])
     log.info("pid %d: copying %d pages in %d runs with process_vm_readv", pid, size // PAGE, len(runs) // 2)
     with Progress(f"pid {pid} memory", size) as progress, imgdir.pages_writer(str(pid)) as f:
-        written = copy_runs(pid, runs, mine, f.fileno(), progress)
+        written = copy_runs(src, runs, mine, f.fileno(), progress)
     entries = runs_to_entries(runs) + runs_to_entries(parent_runs or array("Q"), in_parent=True)
     entries.sort()
     imgdir.write("pagemap", {"owner": str(pid), "entries": entries}, str(pid))
