@@ -67,8 +67,18 @@ class FrozenTree:
             threads.append(thread)
 
     def _seize(self, thread, options):
-        """Seize and interrupt; False if the thread is gone or dead already."""
+        """Seize and interrupt; False if the thread is gone or dead already.
+
+        PTRACE_O_SUSPEND_SECCOMP (for injecting past seccomp filters) needs
+        CAP_SYS_ADMIN: it is asked for only for a thread that has a filter,
+        so that a user can freeze their own filter-free processes."""
         tid = thread.tid
+        try:
+            seccomp = proc.status(tid).seccomp
+        except TaskGone:
+            return False
+        if not seccomp:
+            options &= ~B.O_SUSPEND_SECCOMP
         try:
             thread.seize(options)
         except TaskGone:
@@ -85,6 +95,12 @@ class FrozenTree:
                 return False
             if st.tracer_pid:
                 raise AccessDenied(f"pid {tid} is already traced by pid {st.tracer_pid}") from None
+            if options & B.O_SUSPEND_SECCOMP:
+                raise AccessDenied(f"pid {tid} ({st.name}) has seccomp filters: freezing it needs "
+                                   "PTRACE_O_SUSPEND_SECCOMP, which needs CAP_SYS_ADMIN") from None
+            if any(uid != os.getuid() for uid in st.uid[:3]):
+                raise AccessDenied(f"pid {tid} ({st.name}) belongs to uid {st.uid[0]}: tracing another "
+                                   "user's process needs CAP_SYS_PTRACE") from None
             raise
         try:
             thread.interrupt()

@@ -12,7 +12,7 @@ import socket
 import stat as st
 
 from .. import proc
-from ..errors import Unsupported, TaskGone
+from ..errors import AccessDenied, Unsupported, TaskGone
 from ..native import core
 
 F_GETPIPE_SZ = 1032
@@ -104,7 +104,12 @@ def number_file_descriptions(files_by_pid):
 
 def peek_pipe(pid, fd):
     """The bytes buffered in the pipe behind pid's fd, left in place."""
-    src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except PermissionError:
+        owner = os.stat(f"/proc/{pid}/fd/{fd}").st_uid
+        raise AccessDenied(f"pid {pid} fd {fd}: cannot open the pipe to copy its buffered data: "
+                           f"it belongs to uid {owner}") from None
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         size = fcntl.fcntl(src, F_GETPIPE_SZ)

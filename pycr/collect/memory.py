@@ -13,6 +13,7 @@ import fcntl
 import os
 from array import array
 
+from ..errors import AccessDenied
 from ..native import core
 from ..log import Progress, log
 
@@ -187,7 +188,11 @@ def dump_shmem(pid, vma, imgdir):
     owner = f"shmem-{vma['shmem_id']}"
     if imgdir.exists("pagemap", owner):
         return 0
-    fd = os.open(f"/proc/{pid}/map_files/{vma['start']:x}-{vma['end']:x}", os.O_RDONLY)
+    try:
+        fd = os.open(f"/proc/{pid}/map_files/{vma['start']:x}-{vma['end']:x}", os.O_RDONLY)
+    except PermissionError:
+        raise AccessDenied(f"pid {pid}: shared memory at {vma['start']:#x}: reading it through "
+                           "/proc/PID/map_files needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN") from None
     try:
         size = os.fstat(fd).st_size or (vma["end"] - vma["start"] + vma["pgoff"])
         runs = shmem_data_runs(fd, size)
