@@ -12,7 +12,7 @@ import os
 import struct
 import time
 
-from pycr.errors import RestoreError, TaskGone
+from pycr.errors import AccessDenied, RestoreError, TaskGone
 from pycr.log import log
 from pycr.native import core
 from pycr.ptrace import binding as B
@@ -25,6 +25,17 @@ PR_SET_DUMPABLE, PR_SET_NAME = 4, 15
 SYS_EXIT_GROUP = 231
 U64 = (1 << 64) - 1
 SEIZE_OPTIONS = (B.O_TRACEFORK | B.O_TRACEVFORK | B.O_TRACECLONE | B.O_SUSPEND_SECCOMP | B.O_EXITKILL)
+# What the kernel asks of a restorer that chooses PIDs (clone3 set_tid: EPERM without it).
+PIDS_NEED = "restoring PIDs needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN in the PID namespace's user namespace"
+EPERM, EEXIST = 1, 17
+
+
+def seize_options(images):
+    """SEIZE_OPTIONS, without PTRACE_O_SUSPEND_SECCOMP (it needs CAP_SYS_ADMIN) unless a
+    process of images has seccomp filters, which would apply to pycr's injections."""
+    if any(str(p.core.seccomp_mode) != "disabled" for p in images.processes):
+        return SEIZE_OPTIONS
+    return SEIZE_OPTIONS & ~B.O_SUSPEND_SECCOMP
 CLONE_ARGS = struct.Struct("<QQQQQQQQQQQ")     # struct clone_args, VER2 (88 bytes)
 SYS_PAUSE, SYS_WAIT4, SYS_NANOSLEEP = 34, 61, 35
 
@@ -78,12 +89,19 @@ def _wait_in_stub(real, stub, syscalls, timeout=10.0):
         time.sleep(0.0005)
 
 
-def seize_stub(real, pid, syscalls=(SYS_PAUSE,)):
-    """Seize a stub that pycr started, stop it, and wrap it in a Remote."""
+def seize_stub(real, pid, syscalls=(SYS_PAUSE,), options=SEIZE_OPTIONS):
+    """Seize a stub that pycr started, stop it, and wrap it in a Remote.
+    Tasks it forks later are auto-attached with the same options."""
     stub = core.stub_path()
     _wait_in_stub(real, stub, syscalls)
     thread = Thread(real)
-    thread.seize(SEIZE_OPTIONS)
+    try:
+        thread.seize(options)
+    except AccessDenied:
+        if options & B.O_SUSPEND_SECCOMP:
+            raise RestoreError("restoring seccomp filters needs CAP_SYS_ADMIN (pycr suspends them "
+                               "with PTRACE_O_SUSPEND_SECCOMP while it injects)") from None
+        raise
     thread.interrupt()
     while True:
         stop = thread.wait(timeout=10)
@@ -95,16 +113,19 @@ def seize_stub(real, pid, syscalls=(SYS_PAUSE,)):
     return Remote(thread, pid, real, _stub_trampoline(real))
 
 
-def start_root(pid, created):
+def start_root(pid, created, options=SEIZE_OPTIONS):
     """Start the root stub as PID pid in pycr's PID namespace; records it in created."""
     stub = core.stub_path()
     try:
         real = core.clone3_exec([pid], 0, stub, ["pycr-stub"])
     except OSError as exc:
-        raise RestoreError(f"pid {pid} is in use; restore with --pidns"
-                           if exc.errno == 17 else f"cannot start the root stub as pid {pid}: {exc.strerror}") from None
+        if exc.errno == EEXIST:
+            raise RestoreError(f"pid {pid} is in use; restore with --pidns") from None
+        if exc.errno == EPERM:
+            raise RestoreError(f"{PIDS_NEED} (pid {pid})") from None
+        raise RestoreError(f"cannot start the root stub as pid {pid}: {exc.strerror}") from None
     created.append(real)
-    remote = seize_stub(real, pid)
+    remote = seize_stub(real, pid, options=options)
     log.info("root: started pycr-stub as pid %d (clone3 set_tid) and seized it", pid)
     return Task(pid, real, remote)
 
@@ -118,8 +139,10 @@ def born_child(parent, pid, res, created, in_use):
     """
     r = parent.remote
     if res < 0:
-        if res == -17:
+        if res == -EEXIST:
             raise RestoreError(in_use)
+        if res == -EPERM:
+            raise RestoreError(f"{PIDS_NEED} (pid {pid})")
         raise RestoreError(f"pid {parent.pid}: clone3(set_tid={pid}) failed: {os.strerror(-res)}")
     thread = r.take_born()
     created.append(thread.tid)
