@@ -103,6 +103,18 @@ def test_shared_fd_table_stays_shared(spawn, tmp_path, cleanup_pids):
     w.signal_and_wait(signal.SIGUSR2, rf"^has {child} 1 1$", pid=child)
 
 
+def test_fd_table_shared_by_siblings_alone_is_refused(spawn, tmp_path):
+    """Two children share a table their parent unshared: a restore cannot fork
+    that, so the dump says so by name and leaves the tree running."""
+    w = spawn("sharedfd", "siblings")
+    a, b = (int(f[0]) for f in w.fields("child"))
+    assert core.kcmp(a, b, core.KCMP_FILES) == 0 != core.kcmp(w.pid, a, core.KCMP_FILES)
+    out = pycr("dump", "-t", w.pid, "-D", tmp_path / "img", expect=1)
+    assert one_line_error(out) == (f"pycr: pids {min(a, b)} and {max(a, b)} share one fd table (CLONE_FILES) "
+                                   "but neither is the other's parent: not supported")
+    procutil.assert_running_untraced(w.pid, a, b)
+
+
 def test_session_member_outside_the_tree_is_refused(spawn, tmp_path, cleanup_pids):
     w = spawn("orphan")
     orphan = int(w.fields("orphan")[0][0])

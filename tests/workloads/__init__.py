@@ -23,8 +23,9 @@ workload reports "ready <pid>" once set up. Reports (one line per write(2)):
   zleader                  the leader pthread_exits, 2 threads go on: count <tid> N;
                            usr1 <tid> (SIGUSR1); SIGUSR2: exit_group(7)
   orphan                   orphan <pid> (a session member re-parented away); count <pid> N
-  sharedfd                 child <pid> (clone CLONE_FILES); count <pid> N; opened <pid> <fd>
-                           (SIGUSR1); has <pid> <fd40> <fd41> (SIGUSR2)
+  sharedfd [siblings]      child <pid> (clone CLONE_FILES); count <pid> N; opened <pid> <fd>
+                           (SIGUSR1); has <pid> <fd40> <fd41> (SIGUSR2); siblings: two
+                           children share a table their parent unshared
 Sums are procutil.checksum() (crc32 << 32 | adler32 of the bytes).
 Multi-process workloads give each process its own O_APPEND status description;
 single-process ones write at the descriptor's own offset (not O_APPEND).

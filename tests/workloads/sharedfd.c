@@ -1,6 +1,8 @@
-/* sharedfd STATUS
+/* sharedfd STATUS [siblings]
  * The root clones a child with CLONE_FILES (not CLONE_VM): two processes, one
- * fd table. Both count ("count <pid> N" every 10 ms); the root reports
+ * fd table. With "siblings" it clones a second such child ("child <pid>" for
+ * each) and then unshares its own table: the two children share one table
+ * that their parent no longer has. Both count ("count <pid> N" every 10 ms); the root reports
  * "child <pid>" and then "ready <pid>". SIGUSR1 makes a process open
  * /dev/null at fd 40 + (its role: 0 root, 1 child) and report "opened <pid> <fd>";
  * SIGUSR2 makes it report which of fds 40 and 41 it has: "has <pid> <a> <b>"
@@ -59,6 +61,18 @@ int main(int argc, char **argv)
         count_forever();
     }
     wl_report1("child", (uint64_t)child);
+    if (argc > 2 && strcmp(argv[2], "siblings") == 0) {
+        child = syscall(SYS_clone, CLONE_FILES | SIGCHLD, 0, 0, 0, 0);
+        if (child < 0)
+            wl_die("clone");
+        if (child == 0) {
+            role = 1;
+            count_forever();
+        }
+        wl_report1("child", (uint64_t)child);
+        if (unshare(CLONE_FILES) < 0)
+            wl_die("unshare");
+    }
     wl_ready();
     count_forever();
 }
