@@ -69,12 +69,12 @@ class Restore:
         """The tree of stubs; with zombies, its zombies too (an incremental restore
         makes them at its final pass: they may be reaped by then)."""
         root = self.images.root
-        options = tasks.seize_options(self.images)
+        need_suspend = tasks.has_seccomp(self.images)
         if self.pidns:
-            self.init = pidns_mod.start_init(self.created, self.pidfd, options)
+            self.init = pidns_mod.start_init(self.created, self.pidfd, need_suspend)
             root_task = tasks.fork_in(self.init, root.pid, self.created)
         else:
-            root_task = tasks.start_root(root.pid, self.created, options)
+            root_task = tasks.start_root(root.pid, self.created, need_suspend)
         self.tasks = tasks.create_tree(self.images, root_task, self.created, zombies=zombies)
 
     def rebuild(self):

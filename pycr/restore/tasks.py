@@ -6,6 +6,7 @@ clone3 with set_tid, so that parent links come out as dumped; the new task is
 auto-attached because the parent was seized with PTRACE_O_TRACEFORK. A task
 can join a session only by being forked into it, so setsid runs in a session
 leader before it forks; process groups are set once every task exists.
+Zombies are stubs forked the same way that exit before the tree runs.
 """
 
 import os
@@ -28,16 +29,14 @@ SEIZE_OPTIONS = (B.O_TRACEFORK | B.O_TRACEVFORK | B.O_TRACECLONE | B.O_SUSPEND_S
 # What the kernel asks of a restorer that chooses PIDs (clone3 set_tid: EPERM without it).
 PIDS_NEED = "restoring PIDs needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN in the PID namespace's user namespace"
 EPERM, EEXIST = 1, 17
-
-
-def seize_options(images):
-    """SEIZE_OPTIONS, without PTRACE_O_SUSPEND_SECCOMP (it needs CAP_SYS_ADMIN) unless a
-    process of images has seccomp filters, which would apply to pycr's injections."""
-    if any(str(p.core.seccomp_mode) != "disabled" for p in images.processes):
-        return SEIZE_OPTIONS
-    return SEIZE_OPTIONS & ~B.O_SUSPEND_SECCOMP
 CLONE_ARGS = struct.Struct("<QQQQQQQQQQQ")     # struct clone_args, VER2 (88 bytes)
 SYS_PAUSE, SYS_WAIT4, SYS_NANOSLEEP = 34, 61, 35
+
+
+def has_seccomp(images):
+    """True if a process of images has seccomp filters: they will apply to pycr's
+    later injections unless the tasks are seized with PTRACE_O_SUSPEND_SECCOMP."""
+    return any(str(p.core.seccomp_mode) != "disabled" for p in images.processes)
 
 
 def clone_args(flags=0, exit_signal=SIGCHLD, set_tid=0, set_tid_size=0):
@@ -89,19 +88,23 @@ def _wait_in_stub(real, stub, syscalls, timeout=10.0):
         time.sleep(0.0005)
 
 
-def seize_stub(real, pid, syscalls=(SYS_PAUSE,), options=SEIZE_OPTIONS):
+def seize_stub(real, pid, syscalls=(SYS_PAUSE,), need_suspend=True):
     """Seize a stub that pycr started, stop it, and wrap it in a Remote.
-    Tasks it forks later are auto-attached with the same options."""
+    Tasks it forks later are auto-attached with the same options.
+
+    PTRACE_O_SUSPEND_SECCOMP needs CAP_SYS_ADMIN: without it the stub is seized
+    without the option, which is enough unless seccomp filters are to be
+    restored (need_suspend)."""
     stub = core.stub_path()
     _wait_in_stub(real, stub, syscalls)
     thread = Thread(real)
     try:
-        thread.seize(options)
+        thread.seize(SEIZE_OPTIONS)
     except AccessDenied:
-        if options & B.O_SUSPEND_SECCOMP:
+        if need_suspend:
             raise RestoreError("restoring seccomp filters needs CAP_SYS_ADMIN (pycr suspends them "
                                "with PTRACE_O_SUSPEND_SECCOMP while it injects)") from None
-        raise
+        thread.seize(SEIZE_OPTIONS & ~B.O_SUSPEND_SECCOMP)
     thread.interrupt()
     while True:
         stop = thread.wait(timeout=10)
@@ -113,7 +116,7 @@ def seize_stub(real, pid, syscalls=(SYS_PAUSE,), options=SEIZE_OPTIONS):
     return Remote(thread, pid, real, _stub_trampoline(real))
 
 
-def start_root(pid, created, options=SEIZE_OPTIONS):
+def start_root(pid, created, need_suspend=True):
     """Start the root stub as PID pid in pycr's PID namespace; records it in created."""
     stub = core.stub_path()
     try:
@@ -125,7 +128,7 @@ def start_root(pid, created, options=SEIZE_OPTIONS):
             raise RestoreError(f"{PIDS_NEED} (pid {pid})") from None
         raise RestoreError(f"cannot start the root stub as pid {pid}: {exc.strerror}") from None
     created.append(real)
-    remote = seize_stub(real, pid, options=options)
+    remote = seize_stub(real, pid, need_suspend=need_suspend)
     log.info("root: started pycr-stub as pid %d (clone3 set_tid) and seized it", pid)
     return Task(pid, real, remote)
 
