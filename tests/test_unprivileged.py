@@ -99,6 +99,17 @@ def test_user_dumps_own_process_and_restore_names_the_missing_capability(workloa
     assert one_line_error(out) == "pycr: --pidns: creating a PID namespace needs CAP_SYS_ADMIN"
 
 
+def test_user_dump_of_a_process_with_seccomp_filters_names_cap_sys_admin(workloads, user, userdir):
+    w = UserProcess(workloads, "seccomp", user, userdir)
+    try:
+        out = pycr_as(*user, "dump", "-t", w.pid, "-D", os.path.join(userdir, "img"), "-R", expect=1)
+        assert one_line_error(out) == (f"pycr: pid {w.pid} (seccomp) has seccomp filters: freezing it "
+                                       "needs PTRACE_O_SUSPEND_SECCOMP, which needs CAP_SYS_ADMIN")
+        procutil.assert_running_untraced(w.pid)
+    finally:
+        w.kill()
+
+
 def test_user_with_checkpoint_restore_restores_own_process(workloads, user, userdir, cleanup_pids):
     with open("/proc/sys/kernel/cap_last_cap") as f:
         if int(f.read()) < CAP_CHECKPOINT_RESTORE:
