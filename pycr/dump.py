@@ -15,7 +15,7 @@ from .collect.core import collect_core, collect_thread
 from .collect.files import collect_files, collect_pipes_data, number_file_descriptions, describe_fd
 from .collect.memory import dump_private_memory, dump_shmem, shmem_vmas
 from .collect.mm import check_supported, collect_mm, read_vmas
-from .collect.tree import collect_pstree
+from .collect.tree import check_sessions, collect_pstree, reader
 from .errors import PycrError
 from .freeze import freeze
 from .images import ImageDir
@@ -82,45 +82,51 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
     are left out of the files image. smaps(pid) -> entries, if already read this pass.
     """
     processes = frozen.processes
+    # /proc/PID of a process whose leader has exited has no maps, fds or cwd:
+    # everything per process is read through a live thread (src) instead.
+    srcs = {pid: reader(pid, threads) for pid, threads in processes.items()}
     # Pass 1: read what can refuse the dump, before writing anything.
-    vmas_by_pid, files_by_pid = {}, {}
-    for pid in processes:
+    check_sessions(processes, frozen.zombies)
+    pstree = collect_pstree(processes, frozen.zombies)
+    vmas_by_pid, files_by_src = {}, {}
+    for pid, src in srcs.items():
         # What a pycr killed earlier left (its userfaultfd, its trampoline) goes first.
-        leftovers.close_stray_uffds(pid, processes[pid][0], keep=(hidden_fds or {}).get(pid, ()))
-        leftovers.wipe_trampoline(pid)
-        vmas = read_vmas(pid, smaps(pid) if smaps else None)
+        leftovers.close_stray_uffds(src, processes[pid][0], keep=(hidden_fds or {}).get(pid, ()))
+        leftovers.wipe_trampoline(src)
+        vmas = read_vmas(src, smaps(pid) if smaps else None)
         check_supported(pid, vmas)
         vmas_by_pid[pid] = vmas
-        files_by_pid[pid] = _collect_files(pid, (hidden_fds or {}).get(pid))
-    number_file_descriptions(files_by_pid)
+        files_by_src[src] = _collect_files(src, (hidden_fds or {}).get(pid))
+    number_file_descriptions(files_by_src)
     log.info("tree of %d processes: VMAs and fds readable, nothing unsupported", len(processes))
 
     step("write pstree, files and pipes-data")
-    imgdir.write("pstree", collect_pstree(processes))
-    imgdir.write("files", {"processes": [{"pid": pid, "fds": fds} for pid, fds in files_by_pid.items()]})
-    pipes = collect_pipes_data(files_by_pid)
+    imgdir.write("pstree", pstree)
+    imgdir.write("files", {"processes": [{"pid": pid, "fds": files_by_src[src]} for pid, src in srcs.items()]})
+    pipes = collect_pipes_data(files_by_src)
     imgdir.write("pipes-data", {"pipes": [{"pipe_id": k, "data": data, "size": size}
                                           for k, (data, size) in pipes.items()]})
 
     written = 0
     for pid, threads in processes.items():
         # CPU state first: injection below borrows the registers and the signal mask.
+        src = srcs[pid]
         states = [collect_thread(t, pid) for t in threads]
         with Injector(threads[0]) as injector:
             log.info("pid %d: reading sigactions and brk by injected syscalls", pid)
             core_img = collect_core(pid, states, threads[0], injector)
-            mm_img = collect_mm(pid, vmas_by_pid[pid], injector)
+            mm_img = collect_mm(pid, vmas_by_pid[pid], injector, src=src)
         step(f"write core and mm of {pid}")
         imgdir.write("core", core_img)
         imgdir.write("mm", mm_img)
         step(f"write pages of {pid}")
         vmas = mm_img["vmas"]
         if memory is None:
-            written += dump_private_memory(pid, vmas, imgdir)
+            written += dump_private_memory(pid, vmas, imgdir, src=src)
         else:
             written += memory(pid, vmas, imgdir)
         for vma in shmem_vmas(vmas):
-            written += dump_shmem(pid, vma, imgdir)
+            written += dump_shmem(src, vma, imgdir)
     return written
 
 

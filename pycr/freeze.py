@@ -68,8 +68,18 @@ class FrozenTree:
             threads.append(thread)
 
     def _seize(self, thread, options):
-        """Seize and interrupt; False if the thread is gone or dead already."""
+        """Seize and interrupt; False if the thread is gone or dead already.
+
+        PTRACE_O_SUSPEND_SECCOMP (for injecting past seccomp filters) needs
+        CAP_SYS_ADMIN: it is asked for only for a thread that has a filter,
+        so that a user can freeze their own filter-free processes."""
         tid = thread.tid
+        try:
+            seccomp = proc.status(tid).seccomp
+        except TaskGone:
+            return False
+        if not seccomp:
+            options &= ~B.O_SUSPEND_SECCOMP
         try:
             thread.seize(options)
         except TaskGone:
@@ -86,6 +96,12 @@ class FrozenTree:
                 return False
             if st.tracer_pid:
                 raise AccessDenied(f"pid {tid} is already traced by pid {st.tracer_pid}") from None
+            if options & B.O_SUSPEND_SECCOMP:
+                raise AccessDenied(f"pid {tid} ({st.name}) has seccomp filters: freezing it needs "
+                                   "PTRACE_O_SUSPEND_SECCOMP, which needs CAP_SYS_ADMIN") from None
+            if any(uid != os.getuid() for uid in st.uid[:3]):
+                raise AccessDenied(f"pid {tid} ({st.name}) belongs to uid {st.uid[0]}: tracing another "
+                                   "user's process needs CAP_SYS_PTRACE") from None
             raise
         try:
             thread.interrupt()
@@ -210,7 +226,8 @@ class FrozenTree:
                 if got and (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
                     waiting.discard(tid)
             left = []
-            for pid in pids:
+            # Unreaped zombie children go with their killed parents (to init, which reaps them).
+            for pid in pids + sorted(self.zombies - set(pids)):
                 try:
                     st = proc.stat(pid)
                 except TaskGone:
@@ -248,7 +265,7 @@ def freeze(root_pid, options=DEFAULT_OPTIONS, timeout=10.0):
     st = proc.status(root_pid)
     if st.tgid != root_pid:
         raise PycrError(f"pid {root_pid} is a thread of pid {st.tgid}, not a process")
-    if st.state in "ZX":
+    if st.state in "ZX" and len(proc.tasks(root_pid)) < 2:   # a zombie leader with live threads is fine
         raise TaskGone(root_pid, "zombie")
     tree = FrozenTree(root_pid)
     try:

@@ -18,7 +18,7 @@ import time
 
 from . import proc
 from .dump import DumpStats, inventory, probe_writable, write_tree_images
-from .errors import ImageError, PycrError, TaskGone
+from .errors import ImageError, PycrError, TaskGone, Unsupported
 from .freeze import freeze
 from .images import ImageDir
 from .log import log
@@ -99,6 +99,10 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
 
     try:
         for pid, leader in leaders.items():
+            if leader.tid != pid:
+                # Trackers inject and scan through /proc/PID, which a zombie leader no longer has.
+                raise Unsupported(f"pid {pid}: its thread-group leader has exited; incremental dumps "
+                                  "of such a process are not supported (a plain dump is)")
             trk.while_frozen(pid, leader, final)
         hidden = {pid: trk.hidden_fds(pid) for pid in leaders}
         stats.pages_bytes = write_tree_images(frozen, imgdir, memory=memory, hidden_fds=hidden,

@@ -147,8 +147,24 @@ def _render_pstree(body):
     lines = [f"{'PID':>7} {'PPID':>7} {'PGID':>7} {'SID':>7} {'START':>12}  THREADS"]
     for p in body["processes"]:
         threads = ",".join(map(str, p["threads"]))
-        lines.append(f"{p['pid']:>7} {p['ppid']:>7} {p['pgid']:>7} {p['sid']:>7} {p['start_time']:>12}  {threads}")
+        notes = ""
+        if p.get("leader_exited"):
+            notes += f"  (leader exited, status {p['leader_exit_code']:#x})"
+        if p.get("shares_files"):
+            notes += "  (fd table shared with its parent)"
+        lines.append(f"{p['pid']:>7} {p['ppid']:>7} {p['pgid']:>7} {p['sid']:>7} {p['start_time']:>12}  "
+                     f"{threads}{notes}")
+    for z in body.get("zombies", []):
+        lines.append(f"{z['pid']:>7} {z['ppid']:>7} {z['pgid']:>7} {z['sid']:>7} {z['start_time']:>12}  "
+                     f"zombie, {_wait_status(z['exit_code'])}")
     return lines
+
+
+def _wait_status(status):
+    """A wait status as words: "exit 42", "killed by SIGTERM (core dumped)"."""
+    if status & 0x7F == 0:
+        return f"exit {status >> 8 & 0xFF}"
+    return f"killed by {_signal_name(status & 0x7F)}" + (" (core dumped)" if status & 0x80 else "")
 
 
 def _signal_name(signo):

@@ -116,7 +116,11 @@ def kill_tree(roots, session=None, timeout=GONE_TIMEOUT):
 
 
 def _is_live(pid):
-    return procutil.state(pid) not in (None, "Z", "X")
+    """Running, or a zombie thread-group leader whose other threads still run."""
+    state = procutil.state(pid)
+    if state == "Z":
+        return len(procutil.threads(pid)) > 1
+    return state not in (None, "X")
 
 
 def _describe(pids):

@@ -50,8 +50,10 @@ def sample_inventory():
 def sample_pstree():
     return dict(processes=[
         dict(pid=ROOT, ppid=1, pgid=ROOT, sid=ROOT, start_time=987654, threads=[ROOT, THREAD2]),
-        dict(pid=CHILD, ppid=ROOT, pgid=ROOT, sid=ROOT, start_time=987700, threads=[CHILD]),
-    ])
+        dict(pid=CHILD, ppid=ROOT, pgid=ROOT, sid=ROOT, start_time=987700, threads=[CHILD + 1],
+             leader_exited=True, leader_exit_code=3 << 8, shares_files=True),
+    ], zombies=[dict(pid=CHILD + 2, ppid=ROOT, pgid=ROOT, sid=ROOT, start_time=987800, exit_code=42 << 8,
+                     comm="worker")])
 
 
 def sample_core():

@@ -40,6 +40,8 @@ def test_text_of_a_directory_shows_every_image_in_order(dump_dir):
     # inventory and pstree
     assert "pre-dump" in text and "uffd-wp" in text
     assert f"{ROOT:>7} {1:>7} {ROOT:>7} {ROOT:>7}" in text and f"{ROOT},{THREAD2}" in text
+    assert "(leader exited, status 0x300)  (fd table shared with its parent)" in text
+    assert f"{CHILD + 2:>7} {ROOT:>7}" in text and "zombie, exit 42" in text
     # core: registers in hex, limits, handlers, pending signals
     assert "comm 'counter'" in text and "comm 'child'" in text
     assert "rip 00007f3a1230d7fa" in text

@@ -81,17 +81,20 @@ def collect_core(pid, thread_states, leader, injector):
     """The core image body of process pid.
 
     thread_states come from collect_thread(), taken before the injector
-    touched any register or the signal mask; leader is the seized leader Thread.
+    touched any register or the signal mask; leader is the seized leader Thread,
+    or a live thread once the leader has exited: per-process files are read
+    through it then, since /proc/PID of a zombie leader has no cwd, root or umask.
     """
-    status = proc.status(pid)
+    src = leader.tid
+    status = proc.status(src)
     uid, gid = status.uid, status.gid
     return {
         "pid": pid,
         "comm": proc.comm(pid),
-        "personality": proc.personality(pid),
+        "personality": proc.personality(src),
         "umask": status.umask,
-        "cwd": proc.cwd(pid),
-        "root": proc.root(pid),
+        "cwd": proc.cwd(src),
+        "root": proc.root(src),
         "no_new_privs": bool(status.no_new_privs),
         "creds": {
             "uid": uid[0], "euid": uid[1], "suid": uid[2], "fsuid": uid[3],
@@ -100,7 +103,7 @@ def collect_core(pid, thread_states, leader, injector):
             "cap_inh": status.cap_inh, "cap_prm": status.cap_prm, "cap_eff": status.cap_eff,
             "cap_bnd": status.cap_bnd, "cap_amb": status.cap_amb,
         },
-        "rlimits": [{"cur": cur, "max": mx} for cur, mx in proc.rlimits(pid)],
+        "rlimits": [{"cur": cur, "max": mx} for cur, mx in proc.rlimits(src)],
         "sigactions": collect_sigactions(injector),
         "shared_pending": leader.peek_siginfo(shared=True),
         "seccomp_mode": SECCOMP_MODES.get(status.seccomp, "disabled"),

@@ -14,7 +14,7 @@ import struct
 import termios
 
 from .. import proc, sysinfo
-from ..errors import Unsupported, TaskGone
+from ..errors import AccessDenied, Unsupported, TaskGone
 from ..native import core
 
 F_GETPIPE_SZ = 1032
@@ -127,7 +127,12 @@ def peek_pipe(pid, fd):
     or tee copies less than FIONREAD says is buffered, the dump fails rather
     than saving part of the data.
     """
-    src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except PermissionError:
+        owner = os.stat(f"/proc/{pid}/fd/{fd}").st_uid
+        raise AccessDenied(f"pid {pid} fd {fd}: cannot open the pipe to copy its buffered data: "
+                           f"it belongs to uid {owner}") from None
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         size = fcntl.fcntl(src, F_GETPIPE_SZ)

@@ -14,6 +14,7 @@ import fcntl
 import os
 from array import array
 
+from ..errors import AccessDenied
 from ..native import core
 from ..log import Progress, log
 from ..sysinfo import page_size
@@ -162,19 +163,21 @@ def _copy_batches(pid, runs, vmas, out_fd, progress):
     return total
 
 
-def dump_private_memory(pid, vmas, imgdir, runs=None, parent_runs=None):
+def dump_private_memory(pid, vmas, imgdir, runs=None, parent_runs=None, src=None):
     """Write pages-<pid>.img and pagemap-<pid>.img; returns bytes of pages written.
 
     runs: the runs to save (default: every present page). parent_runs: runs
     whose pages are unchanged since the previous image set (pre-dump chains).
+    src: the task to read from (a live thread when the leader has exited).
     """
+    src = src or pid
     mine = private_vmas(vmas)
     if runs is None:
-        runs = present_runs(pid, mine)
+        runs = present_runs(src, mine)
     size = sum(runs[1::2])
     log.info("pid %d: copying %d pages in %d runs with process_vm_readv", pid, size // PAGE, len(runs) // 2)
     with Progress(f"pid {pid} memory", size) as progress, imgdir.pages_writer(str(pid)) as f:
-        written = copy_runs(pid, runs, mine, f.fileno(), progress)
+        written = copy_runs(src, runs, mine, f.fileno(), progress)
     entries = runs_to_entries(runs) + runs_to_entries(parent_runs or array("Q"), in_parent=True)
     entries.sort()
     imgdir.write("pagemap", {"owner": str(pid), "entries": entries}, str(pid))
@@ -203,7 +206,11 @@ def dump_shmem(pid, vma, imgdir):
     owner = f"shmem-{vma['shmem_id']}"
     if imgdir.exists("pagemap", owner):
         return 0
-    fd = os.open(f"/proc/{pid}/map_files/{vma['start']:x}-{vma['end']:x}", os.O_RDONLY)
+    try:
+        fd = os.open(f"/proc/{pid}/map_files/{vma['start']:x}-{vma['end']:x}", os.O_RDONLY)
+    except PermissionError:
+        raise AccessDenied(f"pid {pid}: shared memory at {vma['start']:#x}: reading it through "
+                           "/proc/PID/map_files needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN") from None
     try:
         size = os.fstat(fd).st_size or (vma["end"] - vma["start"] + vma["pgoff"])
         runs = shmem_data_runs(fd, size)

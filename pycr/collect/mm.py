@@ -56,22 +56,24 @@ def check_supported(pid, vmas):
                               "is not supported")
 
 
-def collect_mm(pid, vmas, injector):
-    """The mm image body of process pid, given its VMAs read while frozen."""
-    st = proc.stat(pid)
+def collect_mm(pid, vmas, injector, src=None):
+    """The mm image body of process pid, given its VMAs read while frozen.
+    src: the task to read /proc from (a live thread when the leader has exited)."""
+    src = src or pid
+    st = proc.stat(src)
     brk = injector.check(NR["brk"], 0)
     fields = {name: getattr(st, name) for name in (
         "start_code", "end_code", "start_data", "end_data", "start_brk",
         "start_stack", "arg_start", "arg_end", "env_start", "env_end")}
     fields["brk"] = brk
     try:
-        exe = proc.exe(pid)
+        exe = proc.exe(src)
     except OSError:
         exe = ""
     return {
         "pid": pid,
         "exe": exe,
         "mm": fields,
-        "auxv": proc.auxv_bytes(pid),
+        "auxv": proc.auxv_bytes(src),
         "vmas": [vma_record(vma, flags, pkey) for vma, flags, pkey in vmas],
     }

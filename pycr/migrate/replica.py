@@ -117,7 +117,7 @@ class Replica:
         preflight.check(images, self.pidns)
         self.run = run = Restore(images, self.pidns)
         run.pidfd = files.pycr_pidfd()
-        run.create()
+        run.create(zombies=False)
         self.shared.refresh(images)
         changes = PassChanges(added=[p.pid for p in images.processes])
         for p in images.processes:
@@ -215,6 +215,7 @@ class Replica:
         run = self.run
         for p in images.processes:
             layout.finish(run.tasks[p.pid], p.mm)
+        tasks.create_zombies(images, run.tasks, run.created)   # as the final dump found them
         run.descs = files.Descriptions(images)
         for p in images.processes:
             run.finish_process(run.tasks[p.pid], p)

@@ -126,7 +126,7 @@ class Injector:
 
     def _place_recovery(self, regs, xstate, mask):
         """Write the trampoline into [vdso] padding and the recovery frame below the red zone."""
-        vmas = proc.maps(self.pid)
+        vmas = proc.maps(self.tid)      # /proc/<tid>: still there when the leader has exited
         vdso = next((v for v in vmas if v.kind == "vdso"), None)
         if vdso is None:
             raise PycrError(f"pid {self.pid}: no [vdso] to hold pycr's syscall trampoline")
@@ -390,7 +390,7 @@ class Injector:
     def _memfd(self):
         if self._mem is None:
             try:
-                self._mem = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+                self._mem = os.open(f"/proc/{self.tid}/mem", os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
                 raise from_oserror(exc, self.pid, "mem") from None
         return self._mem

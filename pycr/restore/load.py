@@ -28,6 +28,25 @@ class ProcessImages:
     core: object
     mm: object
     fds: list = field(default_factory=list)
+    leader_exited: bool = False     # a zombie leader: tids are its live threads only
+    leader_exit_code: int = 0
+    shares_files: bool = False      # one fd table with its parent (CLONE_FILES)
+
+    @property
+    def clone_tids(self):
+        """The threads to clone inside the leader (every tid but the leader's)."""
+        return [t for t in self.tids if t != self.pid]
+
+
+@dataclass
+class ZombieImage:
+    """A dead child its parent had not reaped: restored as a task that exits with `exit_code`."""
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    exit_code: int
+    comm: str = ""
 
 
 @dataclass
@@ -40,6 +59,7 @@ class ImageSet:
     shmem: dict                      # shmem_id -> size in bytes the mappings need
     pages: PageChain
     pipe_sizes: dict = field(default_factory=dict)    # pipe_id -> capacity in bytes
+    zombies: list = field(default_factory=list)     # [ZombieImage]
 
     @property
     def root(self):
@@ -133,8 +153,11 @@ def load_images(images_dir, allow_pre_dump=False, resolve_chain=True):
                              f"corrupt: pid {pid} comes before its parent {entry.ppid}")
         seen.add(pid)
         tids = list(entry.threads)
-        if not tids or tids[0] != pid:
+        exited = bool(entry.leader_exited)
+        if not tids or (tids[0] != pid) != exited or (exited and pid in tids):
             raise ImageError(imgdir.path_of("pstree"), f"corrupt: pid {pid} does not lead its threads")
+        if entry.shares_files and pid == inventory.root_pid:
+            raise ImageError(imgdir.path_of("pstree"), "corrupt: the root shares its parent's fd table")
         core = imgdir.read("core", pid)
         if core.pid != pid or [t.tid for t in core.threads] != tids:
             raise ImageError(imgdir.path_of("core", pid), "corrupt: its pid or threads differ from pstree.img")
@@ -151,7 +174,17 @@ def load_images(images_dir, allow_pre_dump=False, resolve_chain=True):
                 need = vma.pgoff + (vma.end - vma.start)
                 shmem[vma.shmem_id] = max(shmem.get(vma.shmem_id, 0), need)
         processes.append(ProcessImages(pid=pid, ppid=entry.ppid, pgid=entry.pgid, sid=entry.sid,
-                                       tids=tids, core=core, mm=mm, fds=fds_by_pid.get(pid, [])))
+                                       tids=tids, core=core, mm=mm, fds=fds_by_pid.get(pid, []),
+                                       leader_exited=exited, leader_exit_code=entry.leader_exit_code,
+                                       shares_files=bool(entry.shares_files)))
+    zombies = []
+    for z in pstree.zombies:
+        if z.pid in seen or z.ppid not in seen or z.pid in {t for p in processes for t in p.tids}:
+            raise ImageError(imgdir.path_of("pstree"),
+                             f"corrupt: zombie {z.pid} is listed twice or its parent {z.ppid} is not in the tree")
+        seen.add(z.pid)
+        zombies.append(ZombieImage(pid=z.pid, ppid=z.ppid, pgid=z.pgid, sid=z.sid, exit_code=z.exit_code,
+                                  comm=z.comm))
     for shmem_id in shmem:
         owner = f"shmem-{shmem_id}"
         pagemap = chain.pagemap(0, owner)
@@ -159,7 +192,8 @@ def load_images(images_dir, allow_pre_dump=False, resolve_chain=True):
         if resolve_chain:
             chain.check_resolvable(owner)
     for pid_fds in fds_by_pid:
-        if pid_fds not in seen:
+        if pid_fds not in seen or any(z.pid == pid_fds for z in zombies):
             raise ImageError(imgdir.path_of("files"), f"corrupt: fds of pid {pid_fds}, not in pstree.img")
     return ImageSet(imgdir=imgdir, inventory=inventory, processes=processes,
-                    pipes_data=pipes_data, shmem=shmem, pages=chain, pipe_sizes=pipe_sizes)
+                    pipes_data=pipes_data, shmem=shmem, pages=chain, pipe_sizes=pipe_sizes,
+                    zombies=zombies)

@@ -8,6 +8,7 @@ init stub is kept stopped while pycr waits; when the root has exited, pycr
 runs wait4 for it inside the init stub and only then lets init reap again.
 """
 
+import errno
 import os
 import select
 import struct
@@ -22,14 +23,17 @@ CLONE_NEWPID = 0x20000000
 WALL = 0x40000000
 
 
-def start_init(created, keep_fd):
+def start_init(created, keep_fd, need_suspend=True):
     """Start the PID 1 stub of a new PID namespace and seize it -> tasks.Task."""
     try:
         real = core.clone3_exec([], CLONE_NEWPID, core.stub_path(), ["pycr-stub", "init"])
     except OSError as exc:
+        if exc.errno == errno.EPERM:
+            raise RestoreError("--pidns: creating a PID namespace needs CAP_SYS_ADMIN") from None
         raise RestoreError(f"cannot create a PID namespace: {exc.strerror}") from None
     created.append(real)
-    remote = tasks.seize_stub(real, 1, syscalls=(tasks.SYS_WAIT4, tasks.SYS_NANOSLEEP))
+    remote = tasks.seize_stub(real, 1, syscalls=(tasks.SYS_WAIT4, tasks.SYS_NANOSLEEP),
+                              need_suspend=need_suspend)
     # It inherited pycr's descriptors (a caller may wait for EOF on them);
     # only pycr's pidfd stays, for the restored tasks forked from it.
     files.close_inherited(remote, keep_fd)

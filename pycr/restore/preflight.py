@@ -21,12 +21,13 @@ def pid_max():
 
 def check_pids(images):
     limit = pid_max()
-    for p in images.processes:
-        for tid in p.tids:
-            if tid >= limit:
-                raise RestoreError(f"pid {tid} is not below pid_max {limit}")
-            if os.path.exists(f"/proc/{tid}"):
-                raise RestoreError(f"pid {tid} is in use; restore with --pidns")
+    # A zombie leader's pid is not among its tids, and a zombie child needs its pid too.
+    needed = [tid for p in images.processes for tid in dict.fromkeys([p.pid, *p.tids])]
+    for tid in needed + [z.pid for z in images.zombies]:
+        if tid >= limit:
+            raise RestoreError(f"pid {tid} is not below pid_max {limit}")
+        if os.path.exists(f"/proc/{tid}"):
+            raise RestoreError(f"pid {tid} is in use; restore with --pidns")
 
 
 def _stat(path):

@@ -16,7 +16,7 @@ from pycr.errors import RestoreError
 from pycr.log import log
 
 PR_SET_NAME, PR_SET_NO_NEW_PRIVS, PR_SET_KEEPCAPS = 15, 38, 8
-PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 24, 47, 2
+PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 2, 4
 SECCOMP_SET_MODE_STRICT, SECCOMP_SET_MODE_FILTER = 0, 1
 SECCOMP_FILTER_FLAG_TSYNC = 1
 SIGKILL, SIGSTOP = 9, 19
@@ -122,31 +122,38 @@ def _my_creds():
 
 
 def set_creds(remote, core):
-    """Groups, gids, uids and capabilities as dumped; nothing to do when they are pycr's."""
+    """Groups, gids, uids and capabilities as dumped, changing only what differs from
+    pycr's own (which the task inherited): setgroups, setresgid and setresuid need
+    CAP_SETGID/CAP_SETUID even to set the same values, and a user restoring their
+    own processes has neither. Capabilities can always be dropped."""
     c = core.creds
     uids, gids, groups, caps = _my_creds()
-    same = (tuple(uids) == (c.uid, c.euid, c.suid) and c.fsuid == c.euid
-            and tuple(gids) == (c.gid, c.egid, c.sgid) and c.fsgid == c.egid
-            and sorted(c.groups) == groups
-            and (caps["CapInh"], caps["CapPrm"], caps["CapEff"], caps["CapBnd"], caps["CapAmb"])
-            == (c.cap_inh, c.cap_prm, c.cap_eff, c.cap_bnd, c.cap_amb))
-    if same:
+    want_caps = (c.cap_inh, c.cap_prm, c.cap_eff, c.cap_bnd, c.cap_amb)
+    ids_same = (tuple(uids) == (c.uid, c.euid, c.suid) and c.fsuid == c.euid
+                and tuple(gids) == (c.gid, c.egid, c.sgid) and c.fsgid == c.egid)
+    groups_same = sorted(c.groups) == groups
+    caps_same = (caps["CapInh"], caps["CapPrm"], caps["CapEff"], caps["CapBnd"], caps["CapAmb"]) == want_caps
+    if ids_same and groups_same and caps_same:
         return
     for cap in range(64):
         if caps["CapBnd"] >> cap & 1 and not c.cap_bnd >> cap & 1:
             remote.call("prctl", PR_CAPBSET_DROP, cap, 0, 0, 0)
     remote.check("prctl", PR_SET_KEEPCAPS, 1, 0, 0, 0, what="PR_SET_KEEPCAPS")
-    groups_addr = remote.put(struct.pack(f"<{len(c.groups)}I", *c.groups)) if c.groups else 0
-    remote.check("setgroups", len(c.groups), groups_addr, what=f"{len(c.groups)} groups")
-    remote.check("setresgid", c.gid, c.egid, c.sgid, what=f"{c.gid}, {c.egid}, {c.sgid}")
+    if not groups_same:
+        groups_addr = remote.put(struct.pack(f"<{len(c.groups)}I", *c.groups)) if c.groups else 0
+        remote.check("setgroups", len(c.groups), groups_addr, what=f"{len(c.groups)} groups")
+    if tuple(gids) != (c.gid, c.egid, c.sgid):
+        remote.check("setresgid", c.gid, c.egid, c.sgid, what=f"{c.gid}, {c.egid}, {c.sgid}")
     remote.call("setfsgid", c.fsgid)
-    remote.check("setresuid", c.uid, c.euid, c.suid, what=f"{c.uid}, {c.euid}, {c.suid}")
+    if tuple(uids) != (c.uid, c.euid, c.suid):
+        remote.check("setresuid", c.uid, c.euid, c.suid, what=f"{c.uid}, {c.euid}, {c.suid}")
     remote.call("setfsuid", c.fsuid)
     header = remote.put(CAP_HEADER.pack(LINUX_CAPABILITY_VERSION_3, 0))
     data = remote.put(CAP_DATA.pack(c.cap_eff & 0xFFFFFFFF, c.cap_prm & 0xFFFFFFFF, c.cap_inh & 0xFFFFFFFF)
                       + CAP_DATA.pack(c.cap_eff >> 32, c.cap_prm >> 32, c.cap_inh >> 32))
     remote.check("capset", header, data, what="capset")
     remote.check("prctl", PR_SET_KEEPCAPS, 0, 0, 0, 0, what="PR_SET_KEEPCAPS")
+    remote.call("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     for cap in range(64):
         if c.cap_amb >> cap & 1:
             remote.call("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0)

@@ -66,14 +66,17 @@ class Restore:
         self.descs = files.Descriptions(self.images)
         self.pidfd = files.pycr_pidfd()
 
-    def create(self):
+    def create(self, zombies=True):
+        """The tree of stubs; with zombies, its zombies too (an incremental restore
+        makes them at its final pass: they may be reaped by then)."""
         root = self.images.root
+        need_suspend = tasks.has_seccomp(self.images)
         if self.pidns:
-            self.init = pidns_mod.start_init(self.created, self.pidfd)
+            self.init = pidns_mod.start_init(self.created, self.pidfd, need_suspend)
             root_task = tasks.fork_in(self.init, root.pid, self.created)
         else:
-            root_task = tasks.start_root(root.pid, self.created)
-        self.tasks = tasks.create_tree(self.images, root_task, self.created)
+            root_task = tasks.start_root(root.pid, self.created, need_suspend)
+        self.tasks = tasks.create_tree(self.images, root_task, self.created, zombies=zombies)
 
     def rebuild(self):
         shmem_paths = self._make_shmem()
@@ -81,7 +84,8 @@ class Restore:
             task = self.tasks[p.pid]
             r = task.remote
             step(f"rebuild pid {p.pid}")
-            files.close_inherited(r, self.pidfd)
+            if not p.shares_files:      # its table is its parent's, already restored
+                files.close_inherited(r, self.pidfd)
             task.workspace = mm.rebuild(r, p.mm, self.images.pages, shmem_paths)
             self.finish_process(task, p)
 
@@ -91,7 +95,8 @@ class Restore:
         (Incremental restore calls this once a replica's memory is final.)"""
         r = task.remote
         core = p.core
-        files.restore_fds(r, p.pid, p.fds, self.descs, self.pidfd)
+        if not p.shares_files:          # else its parent's fds are its own already
+            files.restore_fds(r, p.pid, p.fds, self.descs, self.pidfd)
         process.set_identity(r, core)
         process.set_dirs(r, core)
         process.set_sigactions(r, core)
@@ -99,7 +104,8 @@ class Restore:
         process.set_rlimits(r, core)
         threads.queue_signals(task, p)
         process.set_seccomp(r, core)
-        process.set_creds(r, core)
+        for remote in task.remotes.values():    # credentials are per thread in the kernel
+            process.set_creds(remote, core)
         threads.load_cpu_state(task, p)
         self._drop_workspace(task)
 

@@ -6,13 +6,14 @@ clone3 with set_tid, so that parent links come out as dumped; the new task is
 auto-attached because the parent was seized with PTRACE_O_TRACEFORK. A task
 can join a session only by being forked into it, so setsid runs in a session
 leader before it forks; process groups are set once every task exists.
+Zombies are stubs forked the same way that exit before the tree runs.
 """
 
 import os
 import struct
 import time
 
-from pycr.errors import RestoreError, TaskGone
+from pycr.errors import AccessDenied, RestoreError, TaskGone
 from pycr.log import log
 from pycr.steps import step
 from pycr.native import core
@@ -22,9 +23,22 @@ from pycr.restore.remote import Remote, find_code
 
 SIGCHLD = 17
 PR_SET_PDEATHSIG = 1
+CLONE_FILES = 0x400
+PR_SET_DUMPABLE, PR_SET_NAME = 4, 15
+SYS_EXIT_GROUP = 231
+U64 = (1 << 64) - 1
 SEIZE_OPTIONS = (B.O_TRACEFORK | B.O_TRACEVFORK | B.O_TRACECLONE | B.O_SUSPEND_SECCOMP | B.O_EXITKILL)
+# What the kernel asks of a restorer that chooses PIDs (clone3 set_tid: EPERM without it).
+PIDS_NEED = "restoring PIDs needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN in the PID namespace's user namespace"
+EPERM, EEXIST = 1, 17
 CLONE_ARGS = struct.Struct("<QQQQQQQQQQQ")     # struct clone_args, VER2 (88 bytes)
 SYS_PAUSE, SYS_WAIT4, SYS_NANOSLEEP = 34, 61, 35
+
+
+def has_seccomp(images):
+    """True if a process of images has seccomp filters: they will apply to pycr's
+    later injections unless the tasks are seized with PTRACE_O_SUSPEND_SECCOMP."""
+    return any(str(p.core.seccomp_mode) != "disabled" for p in images.processes)
 
 
 def clone_args(flags=0, exit_signal=SIGCHLD, set_tid=0, set_tid_size=0):
@@ -76,12 +90,23 @@ def _wait_in_stub(real, stub, syscalls, timeout=10.0):
         time.sleep(0.0005)
 
 
-def seize_stub(real, pid, syscalls=(SYS_PAUSE,)):
-    """Seize a stub that pycr started, stop it, and wrap it in a Remote."""
+def seize_stub(real, pid, syscalls=(SYS_PAUSE,), need_suspend=True):
+    """Seize a stub that pycr started, stop it, and wrap it in a Remote.
+    Tasks it forks later are auto-attached with the same options.
+
+    PTRACE_O_SUSPEND_SECCOMP needs CAP_SYS_ADMIN: without it the stub is seized
+    without the option, which is enough unless seccomp filters are to be
+    restored (need_suspend)."""
     stub = core.stub_path()
     _wait_in_stub(real, stub, syscalls)
     thread = Thread(real)
-    thread.seize(SEIZE_OPTIONS)
+    try:
+        thread.seize(SEIZE_OPTIONS)
+    except AccessDenied:
+        if need_suspend:
+            raise RestoreError("restoring seccomp filters needs CAP_SYS_ADMIN (pycr suspends them "
+                               "with PTRACE_O_SUSPEND_SECCOMP while it injects)") from None
+        thread.seize(SEIZE_OPTIONS & ~B.O_SUSPEND_SECCOMP)
     thread.interrupt()
     while True:
         stop = thread.wait(timeout=10)
@@ -98,17 +123,20 @@ def seize_stub(real, pid, syscalls=(SYS_PAUSE,)):
     return remote
 
 
-def start_root(pid, created):
+def start_root(pid, created, need_suspend=True):
     """Start the root stub as PID pid in pycr's PID namespace; records it in created."""
     stub = core.stub_path()
     try:
         real = core.clone3_exec([pid], 0, stub, ["pycr-stub"])
     except OSError as exc:
-        raise RestoreError(f"pid {pid} is in use; restore with --pidns"
-                           if exc.errno == 17 else f"cannot start the root stub as pid {pid}: {exc.strerror}") from None
+        if exc.errno == EEXIST:
+            raise RestoreError(f"pid {pid} is in use; restore with --pidns") from None
+        if exc.errno == EPERM:
+            raise RestoreError(f"{PIDS_NEED} (pid {pid})") from None
+        raise RestoreError(f"cannot start the root stub as pid {pid}: {exc.strerror}") from None
     created.append(real)
     step(f"seize the root stub {real}")
-    remote = seize_stub(real, pid)
+    remote = seize_stub(real, pid, need_suspend=need_suspend)
     log.info("root: started pycr-stub as pid %d (clone3 set_tid) and seized it", pid)
     return Task(pid, real, remote)
 
@@ -122,8 +150,10 @@ def born_child(parent, pid, res, created, in_use):
     """
     r = parent.remote
     if res < 0:
-        if res == -17:
+        if res == -EEXIST:
             raise RestoreError(in_use)
+        if res == -EPERM:
+            raise RestoreError(f"{PIDS_NEED} (pid {pid})")
         raise RestoreError(f"pid {parent.pid}: clone3(set_tid={pid}) failed: {os.strerror(-res)}")
     thread = r.take_born()
     created.append(thread.tid)
@@ -132,33 +162,112 @@ def born_child(parent, pid, res, created, in_use):
     return Remote(thread, pid, thread.tid, r.trampoline)
 
 
-def fork_in(parent, pid, created):
+def fork_in(parent, pid, created, flags=0):
     """Fork a stub child with PID pid (inner namespace) inside parent's stub."""
     r = parent.remote
     with r.inj.scratch(4096) as buf:
         r.write(buf, struct.pack("<i", pid))
-        r.write(buf + 64, clone_args(set_tid=buf, set_tid_size=1))
+        r.write(buf + 64, clone_args(flags=flags, set_tid=buf, set_tid_size=1))
         res = r.call("clone3", buf + 64, CLONE_ARGS.size)
     remote = born_child(parent, pid, res, created, f"pid {pid} is in use; restore with --pidns")
     step(f"forked pid {pid}")
-    log.info("pid %d: forked in pid %d by injected clone3 (set_tid)", pid, parent.pid)
+    log.info("pid %d: forked in pid %d by injected clone3 (set_tid%s)", pid, parent.pid,
+             ", CLONE_FILES" if flags & CLONE_FILES else "")
     return Task(pid, remote.real, remote)
 
 
-def create_tree(images, root_task, created):
-    """Create every process of images under root_task (already the root stub).
+def create_tree(images, root_task, created, zombies=True):
+    """Create every process of images under root_task (already the root stub),
+    then (with zombies) its zombies. Returns {pid: Task}, parents created before
+    their children.
 
-    Returns {pid: Task}, parents created before their children.
+    A process that shared its parent's fd table is forked with CLONE_FILES:
+    the kernel has no other way to make two processes share one table.
+    Zombies are forked before process groups are set, since one may lead a
+    group whose members live on.
     """
     tasks = {images.root.pid: root_task}
     _session(root_task, images.root)
     for proc_img in images.processes[1:]:
         parent = tasks[proc_img.ppid]
-        task = fork_in(parent, proc_img.pid, created)
+        task = fork_in(parent, proc_img.pid, created, CLONE_FILES if proc_img.shares_files else 0)
         tasks[proc_img.pid] = task
         _session(task, proc_img)
-    _groups(tasks, images)
+    dead = images.zombies if zombies else []
+    zombie_tasks = _fork_zombies(dead, tasks, created)
+    _groups({**tasks, **zombie_tasks}, images.processes + dead)
+    _finish_zombies(dead, tasks, zombie_tasks)
     return tasks
+
+
+def create_zombies(images, tasks, created):
+    """The zombies of images, in a tree whose processes exist already (incremental restore)."""
+    zombie_tasks = _fork_zombies(images.zombies, tasks, created)
+    _groups(zombie_tasks, images.zombies, known={p.pid for p in images.processes})
+    _finish_zombies(images.zombies, tasks, zombie_tasks)
+
+
+def _fork_zombies(zombies, tasks, created):
+    out = {}
+    for z in zombies:
+        out[z.pid] = fork_in(tasks[z.ppid], z.pid, created)
+        _session(out[z.pid], z)
+    return out
+
+
+def _finish_zombies(zombies, tasks, zombie_tasks):
+    for z in zombies:
+        exit_as_zombie(zombie_tasks[z.pid], z.exit_code, z.comm)
+    for ppid in dict.fromkeys(z.ppid for z in zombies):
+        _take_back_sigchld(tasks[ppid])
+
+
+def exit_as_zombie(task, status, comm=""):
+    """Make a stub exit with wait status `status` (exit code << 8, or a signal).
+
+    Its parent is a stopped stub that never calls wait, so the task stays a
+    zombie with its PID for the restored parent to reap. A death by signal is
+    reproduced by the signal itself, with the default action and no core file
+    (the status then lacks the core-dumped bit 0x80).
+    """
+    r, thread = task.remote, task.remote.thread
+    sig = status & 0x7F
+    with r.inj.scratch(4096) as buf:
+        if comm:
+            r.write(buf + 64, os.fsencode(comm)[:15] + b"\0")
+            r.check("prctl", PR_SET_NAME, buf + 64, 0, 0, 0, what="PR_SET_NAME")
+        if sig:                                     # zeros at buf: SIG_DFL, no flags, empty mask
+            r.check("rt_sigaction", sig, buf, 0, 8, what=f"{sig}, SIG_DFL")
+    if sig:
+        r.check("prctl", PR_SET_DUMPABLE, 0, 0, 0, 0, what="PR_SET_DUMPABLE, 0")
+        r.finish()
+        thread.set_sigmask(0)
+        os.kill(task.real, sig)
+    else:
+        r.finish()
+        regs = thread.get_regs()
+        regs.rax, regs.rdi, regs.orig_rax, regs.rip = SYS_EXIT_GROUP, status >> 8 & 0xFF, U64, r.trampoline
+        thread.set_regs(regs)
+    thread.cont(0)
+    while True:
+        try:
+            stop = thread.wait(timeout=10)
+        except TimeoutError:
+            raise RestoreError(f"pid {task.pid}: the zombie's stub did not exit with status {status:#x}") from None
+        if stop.gone:
+            break
+        thread.cont(stop.signal if stop.is_signal_delivery else 0)
+    # The tracer's wait handed it to its real parent: a zombie there.
+    log.info("pid %d: exited with status %#x, left unreaped as a zombie", task.pid, status)
+
+
+def _take_back_sigchld(parent):
+    """The parent stub got a SIGCHLD for its restored zombies (held pending: pycr blocks
+    every signal while it injects); the dumped process had it long ago. Dequeue it."""
+    r = parent.remote
+    with r.inj.scratch(4096) as buf:
+        r.write(buf, struct.pack("<Qqq", 1 << (SIGCHLD - 1), 0, 0))
+        r.call("rt_sigtimedwait", buf, 0, buf + 8, 8)
 
 
 def _session(task, proc_img):
@@ -168,10 +277,11 @@ def _session(task, proc_img):
         log.info("pid %d: setsid (leads session %d)", task.pid, task.pid)
 
 
-def _groups(tasks, images):
-    """setpgid: group leaders first, then their members (same session by construction)."""
-    pids = {p.pid for p in images.processes}
-    ordered = sorted(images.processes, key=lambda p: (p.pgid != p.pid, p.pid))
+def _groups(tasks, entries, known=()):
+    """setpgid: group leaders first, then their members (same session by construction).
+    entries: processes and zombies to place; known: other pids of the tree, made earlier."""
+    pids = {p.pid for p in entries} | set(known)
+    ordered = sorted(entries, key=lambda p: (p.pgid != p.pid, p.pid))
     for p in ordered:
         task = tasks[p.pid]
         if p.pgid == p.pid:

@@ -11,6 +11,7 @@ the fix-up the kernel would have made to a syscall interrupted by the freeze.
 import os
 import struct
 
+from pycr.errors import RestoreError
 from pycr.log import log
 from pycr.ptrace.thread import user_regs_struct
 from pycr.restore.remote import Remote
@@ -22,6 +23,7 @@ THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD 
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
 EINTR = 4
 PR_SET_NAME = 15
+SYS_EXIT = 60
 U64 = (1 << 64) - 1
 
 
@@ -29,7 +31,7 @@ def create_threads(task, proc_img):
     """Clone every non-leader thread with its dumped TID; fills task.remotes."""
     leader = task.remote
     task.remotes = {task.pid: leader}
-    for tid in proc_img.tids[1:]:
+    for tid in proc_img.clone_tids:
         tid_addr = leader.put(struct.pack("<i", tid))
         args = leader.put(clone_args(flags=THREAD_FLAGS, exit_signal=0, set_tid=tid_addr, set_tid_size=1))
         leader.check("clone3", args, CLONE_ARGS.size, what=f"CLONE_THREAD, set_tid={tid}")
@@ -39,8 +41,8 @@ def create_threads(task, proc_img):
         remote = Remote(thread, tid, thread.tid, leader.trampoline)
         remote.use_scratch(*leader.scratch)
         task.remotes[tid] = remote
-    if len(proc_img.tids) > 1:
-        log.info("pid %d: cloned %d threads with their TIDs", task.pid, len(proc_img.tids) - 1)
+    if proc_img.clone_tids:
+        log.info("pid %d: cloned %d threads with their TIDs", task.pid, len(proc_img.clone_tids))
 
 
 def _signo(info):
@@ -114,3 +116,38 @@ def load_cpu_state(task, proc_img):
         if th.xstate:
             thread.set_xstate(bytes(th.xstate))
         thread.set_sigmask(th.sigmask)
+    if proc_img.leader_exited:
+        _leader_exits_at_detach(task, proc_img)
+
+
+def _leader_exits_at_detach(task, proc_img):
+    """Set the leader up to call exit (not exit_group) as soon as it is detached.
+
+    The kernel keeps a thread-group leader that exits while other threads run
+    as a zombie (State Z, its PID still the process's) until the last thread
+    is gone, and only then tells its parent, with the status of the group's
+    exit or else the leader's own. The leader had to live until now: the
+    address space, fds and threads were built through it. It blocks every
+    signal first, so that none meant for the process is taken by it on the way.
+    """
+    remote = task.remotes[task.pid]
+    remote.finish()
+    thread = task.threads[task.pid]
+    regs = thread.get_regs()
+    regs.rip = _vdso_syscall(remote, proc_img)
+    regs.rax, regs.rdi, regs.orig_rax = SYS_EXIT, proc_img.leader_exit_code >> 8 & 0xFF, U64
+    thread.set_regs(regs)
+    thread.set_sigmask(U64)
+    log.info("pid %d: the leader exits at detach; its %d threads go on", task.pid, len(proc_img.tids))
+
+
+def _vdso_syscall(remote, proc_img):
+    """Address of a `syscall` in the restored [vdso]: code that stays once pycr's workspace is gone."""
+    for vma in proc_img.mm.vmas:
+        if str(vma.kind) == "vdso":
+            at = remote.read(vma.start, vma.end - vma.start).find(b"\x0f\x05")
+            if at >= 0:
+                return vma.start + at
+    raise RestoreError(f"pid {proc_img.pid}: its leader had exited, and there is no [vdso] "
+                       "with a syscall instruction to make it exit again")
+

@@ -18,6 +18,14 @@ workload reports "ready <pid>" once set up. Reports (one line per write(2)):
   mapper [STEP_MS]         step N; regions <hexaddr>:<bytes>,...; sum <hex> (SIGUSR1);
                            paused N / resumed N (SIGUSR2)
   execer [DELAY_MS] [TARGET]  count N; exec <pid>; then TARGET's reports (counter by default)
+  zombie [CODE|sig:N ...]  zombie <pid> (children left unreaped); count N; on SIGUSR1:
+                           reaped <pid> exited C | signaled S; reaped none <errno>; chld N
+  zleader                  the leader pthread_exits, 2 threads go on: count <tid> N;
+                           usr1 <tid> (SIGUSR1); SIGUSR2: exit_group(7)
+  orphan                   orphan <pid> (a session member re-parented away); count <pid> N
+  sharedfd [siblings]      child <pid> (clone CLONE_FILES); count <pid> N; opened <pid> <fd>
+                           (SIGUSR1); has <pid> <fd40> <fd41> (SIGUSR2); siblings: two
+                           children share a table their parent unshared
 Sums are procutil.checksum() (crc32 << 32 | adler32 of the bytes).
 Multi-process workloads give each process its own O_APPEND status description;
 single-process ones write at the descriptor's own offset (not O_APPEND).
@@ -28,7 +36,7 @@ import subprocess
 
 SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
 NAMES = ("counter", "tree", "threads", "bigmem", "openfile", "pipe", "seccomp",
-         "forker", "mapper", "execer", "joiner")
+         "forker", "mapper", "execer", "joiner", "zombie", "zleader", "orphan", "sharedfd")
 CFLAGS = ("-O2", "-g", "-Wall", "-Wextra", "-Werror", "-std=gnu11")
 
 
