@@ -8,6 +8,7 @@ import pytest
 
 from pycr import images
 from pycr.errors import ImageError
+from pycr.formats import FORMAT_VERSION
 from pycr.show import show
 
 from test_formats import CHILD, ROOT, SAMPLES, THREAD2, sample_pagemap
@@ -33,7 +34,7 @@ def run_show(path, **kwargs):
 def test_text_of_a_directory_shows_every_image_in_order(dump_dir):
     text = run_show(dump_dir.path)
     headers = [line.split()[1] for line in text.splitlines() if line.startswith("== ")]
-    assert headers == ["inventory.img", "pstree.img", "files.img", "pipes-data.img",
+    assert headers == ["inventory.img", "pstree.img", "files.img", "pipes-data.img", "manifest.img",
                        f"core-{ROOT}.img", f"mm-{ROOT}.img", f"pagemap-{ROOT}.img", f"pages-{ROOT}.img",
                        f"tracker-{ROOT}.img", f"core-{CHILD}.img"]
     # inventory and pstree
@@ -58,6 +59,9 @@ def test_text_of_a_directory_shows_every_image_in_order(dump_dir):
     assert "24576 bytes, 6 pages" in text
     assert "aaaa" not in text
     assert "pipe 51234: 39 bytes: 68 65 6c 6c 6f 00 ff" in text
+    # manifest: the set's identity and every file's checksum
+    assert "set 000102030405060708090a0b0c0d0e0f  parent -" in text
+    assert f"pages-{ROOT}.img" in text and "1 CRC-32C sums" in text
     # files
     assert "3 reg" in text and "(deleted)" in text and "rdev 1:3" in text
 
@@ -67,7 +71,7 @@ def test_json_of_a_directory_is_one_object_per_image(dump_dir):
     assert list(doc)[:2] == ["inventory.img", "pstree.img"]
     assert doc[f"pages-{ROOT}.img"] == {"kind": "pages", "size": 6 * 4096}
     core = doc[f"core-{ROOT}.img"]
-    assert core["kind"] == "core" and core["version"] == 1
+    assert core["kind"] == "core" and core["version"] == FORMAT_VERSION
     assert core["body"]["threads"][0]["regs"]["rip"] == 0x7F3A1230D7FA
     assert len(bytes.fromhex(core["body"]["threads"][0]["xstate"])) == 832
     # each image's JSON goes back to the very same bytes
@@ -77,7 +81,7 @@ def test_json_of_a_directory_is_one_object_per_image(dump_dir):
 
 def test_single_file_text_and_json(dump_dir):
     text = run_show(dump_dir.path_of("pagemap", ROOT))
-    assert text.startswith(f"== pagemap-{ROOT}.img (pagemap, format 1)")
+    assert text.startswith(f"== pagemap-{ROOT}.img (pagemap, format {FORMAT_VERSION})")
     assert f"owner {ROOT}  runs 3  pages 39" in text
     doc = json.loads(run_show(dump_dir.path_of("pagemap", ROOT), json=True))
     assert doc["kind"] == "pagemap"
