@@ -96,7 +96,7 @@ def _verify_file(where, entry, chunk, deep):
         raise ImageError(where, "not a regular file")
     if st.st_size != entry.size:
         how = "truncated" if st.st_size < entry.size else "corrupt"
-        raise ImageError(where, f"{how}: {st.st_size} bytes, manifest.img says {entry.size}")
+        raise ImageError(where, f"{how} or edited: {st.st_size} bytes, manifest.img says {entry.size}")
     if images.classify_name(os.path.basename(where)).kind == "pages":
         want = len(entry.sums) // 4
         if len(entry.sums) % 4 or want != -(-entry.size // chunk):
