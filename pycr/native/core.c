@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <linux/sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -135,6 +136,42 @@ static long transfer_batch(int pid, int write_remote, unsigned char *buf,
     return 0;
 }
 
+struct sum_job {
+    struct pycr_sums *sums;
+    const unsigned char *buf;
+    size_t len;
+    long ret;
+};
+
+static void *sum_thread(void *arg)
+{
+    struct sum_job *job = arg;
+    job->ret = pycr_sums_update(job->sums, job->buf, job->len);
+    return NULL;
+}
+
+/*
+ * write() the buffer and checksum it at the same time: with O_DIRECT the
+ * writing thread mostly waits for the device, so a second thread sums the
+ * same (read-only) buffer meanwhile and the CRC costs next to no time.
+ * Falls back to summing in line if no thread can be made.
+ */
+static long write_summed(int fd, const unsigned char *buf, size_t n, struct pycr_sums *sums)
+{
+    struct sum_job job = {sums, buf, n, 0};
+    pthread_t th;
+    long r;
+    if (!sums)
+        return write_all(fd, buf, n);
+    if (pthread_create(&th, NULL, sum_thread, &job) != 0) {
+        r = pycr_sums_update(sums, buf, n);
+        return r < 0 ? r : write_all(fd, buf, n);
+    }
+    r = write_all(fd, buf, n);
+    pthread_join(th, NULL);
+    return r < 0 ? r : job.ret;
+}
+
 long pycr_vm_read_runs(int pid, const uint64_t *runs, size_t nruns, int fd,
                        uint64_t *fail_addr, struct pycr_sums *sums)
 {
@@ -151,9 +188,7 @@ long pycr_vm_read_runs(int pid, const uint64_t *runs, size_t nruns, int fd,
         long r = transfer_batch(pid, 0, buf, remote, n, nbytes, fail_addr);
         if (r < 0)
             return r;
-        if (sums && (r = pycr_sums_update(sums, buf, nbytes)) < 0)
-            return r;
-        r = write_all(fd, buf, nbytes);
+        r = write_summed(fd, buf, nbytes, sums);
         if (r < 0)
             return r;
         total += (long)nbytes;
