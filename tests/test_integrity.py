@@ -336,6 +336,7 @@ def test_images_of_a_user_restore_only_with_that_users_rights(nobody_counter, tm
     pid, status = nobody_counter
     img = tmp_path / "img"
     pycr("dump", "-t", pid, "-D", img)
+    cleanup_pids.add(pid)           # free now: whatever holds it at teardown is the restored counter
     _chown_set(img, NOBODY)
     line = refused(img, [pid])
     assert "owned by uid 65534" in line and "--trust-images" in line
