@@ -27,6 +27,8 @@ def _add_dump_args(p):
                    help="the previous pre-dump of this tree (relative to DIR, as criu takes it, or absolute)")
     p.add_argument("--tracker", choices=["auto", "uffd-wp", "soft-dirty", "hash"], default="auto",
                    help="how pages written since the previous pass are found")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the image set DIR holds (default: refuse a directory that holds one)")
     _add_common(p)
 
 
@@ -100,6 +102,9 @@ def build_parser():
                         "comes, and resume it on the dump")
     p.add_argument("--follow-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="with --follow: give up if no next pass appears within this time (default 300)")
+    p.add_argument("--trust-images", action="store_true",
+                   help="restore images that another user owns or may write (default: refuse them); "
+                        "images a non-root user owns still get no more than that user's rights")
     _add_common(p)
 
     p = sub.add_parser("migrate", help="move a live tree into a replica on this machine with iterative "
@@ -151,12 +156,13 @@ def _run(args):
                          pre_dump=(args.command == "pre-dump"),
                          leave_running=getattr(args, "leave_running", False),
                          prev_images_dir=args.prev_images_dir,
-                         tracker=args.tracker)
+                         tracker=args.tracker, overwrite=args.overwrite)
     if args.command == "restore" and args.follow:
         return _restore_follow(args)
     if args.command == "restore":
         from .restore import restore
-        return restore(args.images_dir, detach=args.restore_detached, pidns=args.pidns)
+        return restore(args.images_dir, detach=args.restore_detached, pidns=args.pidns,
+                       trust_images=args.trust_images)
     if args.command == "migrate":
         return _migrate(args)
     if args.command == "show":
@@ -187,7 +193,7 @@ def _check_tree(root):
 def _restore_follow(args):
     from .migrate import DirectoryTransport, follow
     result = follow(DirectoryTransport(args.images_dir, timeout=args.follow_timeout), pidns=args.pidns,
-                    keep_init=not args.restore_detached)
+                    keep_init=not args.restore_detached, trust_images=args.trust_images)
     if args.restore_detached:
         return 0
     return result.replica.run.wait_root()

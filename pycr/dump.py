@@ -6,11 +6,10 @@ any syscall is injected (an injected scratch mmap is itself a VMA).
 Whatever goes wrong, the tree is thawed exactly as it was.
 """
 
-import os
 import platform
 import time
 
-from . import __version__, leftovers, proc
+from . import __version__, leftovers, manifest, outdir, proc
 from .collect.core import collect_core, collect_thread
 from .collect.files import collect_files, collect_pipes_data, number_file_descriptions, describe_fd
 from .collect.memory import dump_private_memory, dump_shmem, shmem_vmas
@@ -18,7 +17,6 @@ from .collect.mm import check_supported, collect_mm, read_vmas
 from .collect.tree import check_sessions, collect_pstree, reader
 from .errors import PycrError
 from .freeze import freeze
-from .images import ImageDir
 from .log import log
 from .ptrace.inject import Injector
 from .steps import finish, step
@@ -26,18 +24,6 @@ from . import settings
 from .sysinfo import page_size
 
 PAGE = page_size()
-
-
-def probe_writable(path):
-    """Fail before freezing anything if the image directory cannot take files."""
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        probe = os.path.join(path, f".pycr-probe-{os.getpid()}")
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise PycrError(f"cannot write images to {path}: {exc.strerror}") from None
 
 
 def inventory(root, kind, tracker="", parent="", pass_nr=0):
@@ -131,32 +117,34 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
 
 
 def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images_dir=None,
-              tracker="auto"):
+              tracker="auto", overwrite=False):
     """Checkpoint the tree rooted at `root` into images_dir. Returns 0.
 
     pre-dump and --prev-images-dir go through pycr.predump (incremental chains).
+    images_dir must not hold another image set unless overwrite (see pycr.outdir);
+    a failed dump removes what it wrote. The manifest, written last, seals the set.
     """
     if pre_dump or prev_images_dir:
         from .predump import dump_incremental
         return dump_incremental(root, images_dir, pre_dump=pre_dump, leave_running=leave_running,
-                                prev_images_dir=prev_images_dir, tracker=tracker)
+                                prev_images_dir=prev_images_dir, tracker=tracker, overwrite=overwrite)
     stats = DumpStats()
     started = time.monotonic()
-    probe_writable(images_dir)
-    imgdir = ImageDir(images_dir)
-    frozen = freeze(root, timeout=settings.freeze_timeout())
-    frozen_at = time.monotonic()
-    log.info("froze %d processes, %d threads with PTRACE_SEIZE + PTRACE_INTERRUPT",
-             len(frozen.processes), sum(len(t) for t in frozen.processes.values()))
-    try:
-        stats.pages_bytes = write_tree_images(frozen, imgdir)
-        step("write inventory")
-        imgdir.write("inventory", inventory(root, "dump"))
-        step("release the tree" if leave_running else "kill the tree")
-    except BaseException:
-        log.info("dump failed: detaching, the tree goes on as before")
-        frozen.thaw()
-        raise
+    with outdir.writing(images_dir, overwrite) as imgdir:
+        frozen = freeze(root, timeout=settings.freeze_timeout())
+        frozen_at = time.monotonic()
+        log.info("froze %d processes, %d threads with PTRACE_SEIZE + PTRACE_INTERRUPT",
+                 len(frozen.processes), sum(len(t) for t in frozen.processes.values()))
+        try:
+            stats.pages_bytes = write_tree_images(frozen, imgdir)
+            step("write inventory and manifest")
+            imgdir.write("inventory", inventory(root, "dump"))
+            manifest.seal(imgdir)
+            step("release the tree" if leave_running else "kill the tree")
+        except BaseException:
+            log.info("dump failed: detaching, the tree goes on as before; removing what was written")
+            frozen.thaw()
+            raise
     if leave_running:
         frozen.thaw()
         log.info("detached every thread (--leave-running): the tree goes on")

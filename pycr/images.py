@@ -17,7 +17,7 @@ from collections import namedtuple
 
 from construct.core import ConstructError, EnumIntegerString, StreamError
 
-from . import formats
+from . import checksum, formats
 from .errors import ImageError
 from .formats import FORMAT_VERSION, HEADER_SIZE, KINDS, Header, kind_of_magic
 from .formats.pagemap import PageRun
@@ -262,10 +262,13 @@ def iter_page_runs(pagemap, page_size=PAGE_SIZE):
 
 # ---------------------------------------------------------------- directories
 
+Written = namedtuple("Written", "size digest sums")
+Written.__doc__ = "A file an ImageDir wrote: bytes, BLAKE2b-128 (images) or CRC-32C sums (pages)."
+
 ImageFile = namedtuple("ImageFile", "kind key name")
 ImageFile.__doc__ = "A file of an image dir: kind, key (pid, owner or None), file name."
 
-_GLOBAL_ORDER = ("inventory", "pstree", "files", "pipes-data")
+_GLOBAL_ORDER = ("inventory", "pstree", "files", "pipes-data", "manifest")
 _PER_TASK_ORDER = ("core", "mm", "pagemap", "pages", "tracker")
 
 
@@ -299,10 +302,16 @@ def _sort_key(image):
 
 
 class ImageDir:
-    """One dump directory: every image of one dump or pre-dump pass."""
+    """One dump directory: every image of one dump or pre-dump pass.
+
+    `written` records the size and checksum of every file this object wrote,
+    for the manifest that seals the set (pycr.manifest.seal) and for removing
+    them again if the dump fails (discard).
+    """
 
     def __init__(self, path):
         self.path = os.fspath(path)
+        self.written = {}            # file name -> Written
 
     def __repr__(self):
         return f"ImageDir({self.path!r})"
@@ -330,6 +339,7 @@ class ImageDir:
         self._ensure()
         path = self.path_of(kind, name)
         write_atomic(path, data)
+        self.written[os.path.basename(path)] = Written(len(data), checksum.digest(data), b"")
         return path
 
     def read(self, kind, name=None):
@@ -345,10 +355,29 @@ class ImageDir:
 
     @contextlib.contextmanager
     def pages_writer(self, owner):
-        """A binary file for pages-<owner>.img; it appears only if the block succeeds."""
+        """A checksum.PagesFile for pages-<owner>.img; it appears only if the block succeeds.
+
+        Everything written to it is summed per chunk on the way (see PagesFile).
+        """
         self._ensure()
-        with _atomic_file(self.pages_path(owner)) as f:
-            yield f
+        path = self.pages_path(owner)
+        with _atomic_file(path) as f:
+            out = checksum.PagesFile(f)
+            yield out
+            out.flush()
+            size = os.fstat(f.fileno()).st_size
+            if size != out.sums.pos:
+                raise AssertionError(f"{path}: {size} bytes written but {out.sums.pos} summed")
+        self.written[os.path.basename(path)] = Written(size, b"", out.sums.sums().tobytes())
+
+    def discard(self):
+        """Remove every file this object wrote (a failed dump leaves nothing of its own)."""
+        for name in list(self.written):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.path, name))
+            del self.written[name]
+        with contextlib.suppress(OSError):
+            _fsync_dir(self.path)
 
     def list(self):
         """ImageFile for every image here, sorted: globals, then per pid, then shmem."""

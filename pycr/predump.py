@@ -16,8 +16,8 @@ program closed the userfaultfd) is copied whole with a warning.
 import os
 import time
 
-from . import proc
-from .dump import DumpStats, inventory, probe_writable, write_tree_images
+from . import manifest, outdir, proc
+from .dump import DumpStats, inventory, write_tree_images
 from .errors import ImageError, PycrError, TaskGone, Unsupported
 from .freeze import freeze
 from .images import ImageDir
@@ -37,13 +37,20 @@ def resolve_parent(images_dir, prev_images_dir):
 
 
 def open_parent(images_dir, prev_images_dir, root):
-    """ParentPass of --prev-images-dir, checked to be a pre-dump of this tree."""
+    """ParentPass of --prev-images-dir, checked to be a whole pre-dump of this tree.
+
+    Its set ID (parent.set_id) goes into this pass's manifest, which ties the
+    chain: a restore refuses a parent directory whose ID differs. Its pages
+    are checked chunk by chunk at restore, not here (this pass does not read them).
+    """
     path = resolve_parent(images_dir, prev_images_dir)
     if not os.path.isdir(path):
         raise ImageError(path, "parent image directory (--prev-images-dir) does not exist")
     if os.path.realpath(path) == os.path.realpath(images_dir):
         raise ImageError(path, "--prev-images-dir is the images directory itself")
+    set_id = bytes(manifest.verify(path, deep=False).set_id)
     parent = ParentPass(ImageDir(path))
+    parent.set_id = set_id
     if str(parent.inventory.kind) != "pre-dump":
         raise ImageError(path, f"is a {parent.inventory.kind}, not a pre-dump: a chain grows only from pre-dumps")
     if parent.inventory.page_size != PAGE:
@@ -53,7 +60,7 @@ def open_parent(images_dir, prev_images_dir, root):
 
 
 def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev_images_dir=None,
-                     tracker="auto", stats=None, keep_frozen=False):
+                     tracker="auto", stats=None, keep_frozen=False, overwrite=False):
     """One pass of a chain rooted at `root` into images_dir. Returns 0.
 
     stats (a DumpStats) is filled in for benchmarks: frozen_seconds,
@@ -69,8 +76,20 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
         raise ValueError("keep_frozen is for the final dump, not a pre-dump")
     stats = stats if stats is not None else DumpStats()
     started = time.monotonic()
-    probe_writable(images_dir)
-    imgdir = ImageDir(images_dir)
+    with outdir.writing(images_dir, overwrite) as imgdir:
+        frozen = _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, stats,
+                           keep_frozen)
+    if not keep_frozen:
+        finish()
+    stats.total_seconds = time.monotonic() - started
+    log.info("%s done: %.1f MiB of pages, frozen %.3f s, total %.3f s", "pre-dump" if pre_dump else "dump",
+             stats.pages_bytes / (1 << 20), stats.frozen_seconds, stats.total_seconds)
+    return frozen if keep_frozen else 0
+
+
+def _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, stats, keep_frozen):
+    """Write and seal one pass into imgdir; -> the FrozenTree if keep_frozen."""
+    images_dir = imgdir.path
     parent = open_parent(images_dir, prev_images_dir, root) if prev_images_dir else None
     trk = make_tracker(tracker, parent)
     # The userfaultfd stays in the targets when they are killed right after (closing it
@@ -137,20 +156,16 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
                     raise
                 log.warning("pid %d exited during the pre-dump; its pages are left out", pid)
                 imgdir.write("pagemap", {"owner": str(pid), "entries": []}, str(pid))
-        step("write inventory")
+        step("write inventory and manifest")
         imgdir.write("inventory", inv)
+        manifest.seal(imgdir, parent.set_id if parent else manifest.NO_ID)
     except BaseException:
         log.info("%s failed: taking pycr's tracking out of the tree, which goes on as before", kind)
         _undo_pass(root, frozen, trk, state)
         raise
     finally:
         trk.finish()
-    if not keep_frozen:
-        finish()
-    stats.total_seconds = time.monotonic() - started
-    log.info("%s done: %.1f MiB of pages, frozen %.3f s, total %.3f s", kind,
-             stats.pages_bytes / (1 << 20), stats.frozen_seconds, stats.total_seconds)
-    return frozen if keep_frozen else 0
+    return frozen
 
 
 def _undo_pass(root, frozen, trk, state):

@@ -281,7 +281,21 @@ def _render_pipes_data(body):
     return lines
 
 
+def _render_manifest(body):
+    parent = body["parent_set_id"]
+    lines = [f"set {body['set_id']}  parent {parent if parent.strip('0') else '-'}  "
+             f"pages checksum: CRC-32C per {body['chunk_size']} bytes",
+             f"files: {len(body['files'])}"]
+    for f in body["files"]:
+        check = (f"blake2b-128 {f['digest']}" if f["digest"]
+                 else f"{len(f['sums']) // 8} CRC-32C sums")
+        lines.append(f"  {f['name']:<24} {f['size']:>12} bytes  {check}")
+    lines.append(f"digest {body['digest']}")
+    return lines
+
+
 _RENDERERS = {
+    "manifest": _render_manifest,
     "inventory": _render_inventory,
     "pstree": _render_pstree,
     "core": _render_core,

@@ -8,6 +8,7 @@ import struct
 import pytest
 
 from pycr import images
+from pycr.native import core
 from pycr.errors import ImageError
 from pycr.formats import FORMAT_VERSION, HEADER_SIZE, KINDS, kind_of_file, kind_of_magic
 from pycr.formats.common import REGISTER_NAMES
@@ -156,6 +157,14 @@ def sample_tracker():
                 hash_runs=b"", hashes=b"")
 
 
+def sample_manifest():
+    return dict(set_id=bytes(range(16)), parent_set_id=bytes(16), chunk_size=1 << 20,
+                files=[dict(name="inventory.img", size=120, digest=b"\x5a" * 16, sums=b""),
+                       dict(name=f"pages-{ROOT}.img", size=6 * 4096, digest=b"",
+                            sums=struct.pack("<I", 0xE3069283))],
+                digest=b"\x01" * 16)
+
+
 SAMPLES = {
     "inventory": sample_inventory,
     "pstree": sample_pstree,
@@ -165,6 +174,7 @@ SAMPLES = {
     "files": sample_files,
     "pipes-data": sample_pipes_data,
     "tracker": sample_tracker,
+    "manifest": sample_manifest,
 }
 
 
@@ -398,8 +408,9 @@ def test_pages_writer_is_atomic(tmp_path):
     assert os.listdir(tmp_path) == []
 
     with directory.pages_writer(ROOT) as f:
-        os.write(f.fileno(), b"\x02" * 8192)     # the native core writes to the fd
+        f.write_fd(b"\x02" * 8192)     # to the fd, as the native core does, and summed
     assert os.listdir(tmp_path) == [f"pages-{ROOT}.img"]
+    assert directory.written[f"pages-{ROOT}.img"].sums == struct.pack("<I", core.crc32c(b"\x02" * 8192))
     assert open(directory.pages_path(ROOT), "rb").read() == b"\x02" * 8192
     assert stat.S_IMODE(os.stat(directory.pages_path(ROOT)).st_mode) == 0o600
 

@@ -340,6 +340,7 @@ def test_missing_file(spawn, tmp_path, cleanup_pids):
 
 def test_failure_mid_restore_kills_tree(spawn, tmp_path, cleanup_pids):
     """A child whose mapping cannot be made fails after the whole stub tree exists."""
+    from pycr import manifest
     from pycr.images import ImageDir
     w = spawn("tree")
     pids = w.pids()
@@ -352,6 +353,7 @@ def test_failure_mid_restore_kills_tree(spawn, tmp_path, cleanup_pids):
             vma.path = str(tmp_path)       # a directory: open works, mmap does not
             break
     img.write("mm", mm, last)
+    manifest.reseal(tmp_path / "img")     # an edit on purpose, not a corruption
     line = _fails(tmp_path / "img", cleanup_pids, pids)
     assert f"pid {last}" in line
     assert [p for p in pids if procutil.exists(p)] == []

@@ -34,7 +34,7 @@ def run_show(path, **kwargs):
 def test_text_of_a_directory_shows_every_image_in_order(dump_dir):
     text = run_show(dump_dir.path)
     headers = [line.split()[1] for line in text.splitlines() if line.startswith("== ")]
-    assert headers == ["inventory.img", "pstree.img", "files.img", "pipes-data.img",
+    assert headers == ["inventory.img", "pstree.img", "files.img", "pipes-data.img", "manifest.img",
                        f"core-{ROOT}.img", f"mm-{ROOT}.img", f"pagemap-{ROOT}.img", f"pages-{ROOT}.img",
                        f"tracker-{ROOT}.img", f"core-{CHILD}.img"]
     # inventory and pstree
@@ -61,6 +61,9 @@ def test_text_of_a_directory_shows_every_image_in_order(dump_dir):
     assert "24576 bytes, 6 pages" in text
     assert "aaaa" not in text
     assert "pipe 51234 size 65536: 39 bytes: 68 65 6c 6c 6f 00 ff" in text
+    # manifest: the set's identity and every file's checksum
+    assert "set 000102030405060708090a0b0c0d0e0f  parent -" in text
+    assert f"pages-{ROOT}.img" in text and "1 CRC-32C sums" in text
     # files
     assert "3 reg" in text and "(deleted)" in text and "rdev 1:3" in text
 

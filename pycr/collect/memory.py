@@ -121,18 +121,22 @@ def set_direct_io(fd, on):
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT) == on
 
 
-def copy_runs(pid, runs, vmas, out_fd, progress=None):
-    """Copy the runs' bytes from task pid to out_fd, in run order. Returns bytes written.
+def copy_runs(pid, runs, vmas, out, progress=None):
+    """Copy the runs' bytes from task pid to out, in run order. Returns bytes written.
 
-    out_fd is left as it came (without O_DIRECT), also when the copy fails.
+    out is a pages writer (checksum.PagesFile: every byte is summed on the
+    way) or a bare fd. Its fd is left as it came (without O_DIRECT), also
+    when the copy fails.
     """
+    sums = getattr(out, "sums", None)
+    out_fd = out if isinstance(out, int) else out.fileno()
     try:
-        return _copy_batches(pid, runs, vmas, out_fd, progress)
+        return _copy_batches(pid, runs, vmas, out_fd, sums, progress)
     finally:
         set_direct_io(out_fd, False)
 
 
-def _copy_batches(pid, runs, vmas, out_fd, progress):
+def _copy_batches(pid, runs, vmas, out_fd, sums, progress):
     total = 0
     for readable, batch in split_by_readability(runs, vmas):
         set_direct_io(out_fd, readable)
@@ -143,12 +147,12 @@ def _copy_batches(pid, runs, vmas, out_fd, progress):
                 chunk.extend((batch[i], batch[i + 1]))
                 size += batch[i + 1]
                 if size >= MEM_CHUNK:
-                    total += core.vm_read_runs(pid, chunk, out_fd)
+                    total += core.vm_read_runs(pid, chunk, out_fd, sums)
                     if progress:
                         progress.advance(size)
                     chunk, size = array("Q"), 0
             if chunk:
-                total += core.vm_read_runs(pid, chunk, out_fd)
+                total += core.vm_read_runs(pid, chunk, out_fd, sums)
                 if progress:
                     progress.advance(size)
         else:
@@ -156,11 +160,19 @@ def _copy_batches(pid, runs, vmas, out_fd, progress):
             try:
                 for i in range(0, len(batch), 2):
                     data = os.pread(mem, batch[i + 1], batch[i])
-                    os.write(out_fd, data)
+                    _write_all(out_fd, data)
+                    if sums is not None:
+                        sums.update(data)
                     total += len(data)
             finally:
                 os.close(mem)
     return total
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def dump_private_memory(pid, vmas, imgdir, runs=None, parent_runs=None, src=None):
@@ -177,7 +189,7 @@ def dump_private_memory(pid, vmas, imgdir, runs=None, parent_runs=None, src=None
     size = sum(runs[1::2])
     log.info("pid %d: copying %d pages in %d runs with process_vm_readv", pid, size // PAGE, len(runs) // 2)
     with Progress(f"pid {pid} memory", size) as progress, imgdir.pages_writer(str(pid)) as f:
-        written = copy_runs(src, runs, mine, f.fileno(), progress)
+        written = copy_runs(src, runs, mine, f, progress)
     entries = runs_to_entries(runs) + runs_to_entries(parent_runs or array("Q"), in_parent=True)
     entries.sort()
     imgdir.write("pagemap", {"owner": str(pid), "entries": entries}, str(pid))

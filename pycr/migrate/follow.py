@@ -22,13 +22,14 @@ class FollowResult:
     resumed_at: float = 0.0         # time.monotonic() of the resume
 
 
-def follow(transport, pidns=False, keep_init=False, on_image_set=None, on_pass=None):
+def follow(transport, pidns=False, keep_init=False, on_image_set=None, on_pass=None, trust_images=False):
     """Run an incremental restore from `transport` until the replica runs -> FollowResult.
 
     on_image_set(number, path) is called before a set is applied and
     on_pass(PassReport, replica) after (both may raise to abandon the restore).
     keep_init: with pidns, keep the namespace's init stopped so that the
     caller can collect the root's exit status (Restore.wait_root).
+    trust_images: accept sets another user owns or may write (see restore.trust).
     """
     replica = Replica(pidns)
     result = FollowResult(replica)
@@ -42,7 +43,8 @@ def follow(transport, pidns=False, keep_init=False, on_image_set=None, on_pass=N
             started = time.monotonic()
             # Later sets: in_parent runs are in the replica already; following them all up
             # the chain would only add to the downtime (write_resolved follows those it needs).
-            images = load_images(path, allow_pre_dump=True, resolve_chain=replica.run is None)
+            images = load_images(path, allow_pre_dump=True, resolve_chain=replica.run is None,
+                                 trust_images=trust_images)
             changes = replica.apply(images)
             final = changes.kind == "dump"
             if final:

@@ -5,7 +5,8 @@ complete image set and tells `finish(ok)` how it ended, so the same loop runs
 over a directory (`pycr restore --follow`), beside an in-process source
 (`pycr migrate`), or later over a socket between two machines.
 
-An image set is complete once its inventory.img exists (pycr writes it last).
+An image set is complete once its manifest.img exists (pycr writes it last;
+load_images then checks it lists exactly what is there).
 The next set is the one whose inventory names the previous one as parent, so
 pass directories may have any names and appear in any order.
 """
@@ -55,7 +56,7 @@ class DirectoryTransport(Transport):
             raise ImageError(self.top, "no such image directory") from None
         for name in names:
             path = os.path.join(self.top, name)
-            if os.path.isfile(os.path.join(path, "inventory.img")):
+            if os.path.isfile(os.path.join(path, "manifest.img")):
                 yield path
 
     def next_image_set(self):

@@ -13,8 +13,25 @@
 
 /* CDEF-BEGIN */
 long pycr_set_bounce_size(size_t size);
+/* Running CRC-32C sums of a byte stream, one per `chunk` bytes: the pages
+ * file checksums. `crc` is the sum of the unfinished chunk so far; each
+ * finished chunk's sum is appended to out (-ENOSPC once n reaches cap). */
+struct pycr_sums {
+    uint64_t chunk;
+    uint64_t pos;
+    uint32_t crc;
+    uint32_t *out;
+    size_t cap;
+    size_t n;
+};
+uint32_t pycr_crc32c(uint32_t crc, const unsigned char *buf, size_t len);
+uint32_t pycr_crc32c_portable(uint32_t crc, const unsigned char *buf, size_t len);
+long pycr_sums_update(struct pycr_sums *s, const unsigned char *buf, size_t len);
+long pycr_sums_fd(int fd, uint64_t offset, uint64_t len, struct pycr_sums *s);
+
+/* sums may be NULL; otherwise every byte written to fd is summed too. */
 long pycr_vm_read_runs(int pid, const uint64_t *runs, size_t nruns, int fd,
-                       uint64_t *fail_addr);
+                       uint64_t *fail_addr, struct pycr_sums *sums);
 long pycr_vm_write_runs(int pid, const uint64_t *runs, size_t nruns,
                         const unsigned char *src, uint64_t *fail_addr);
 long pycr_vm_read(int pid, uint64_t addr, unsigned char *dst, size_t len);

@@ -67,17 +67,22 @@ def _size_bounce():
         _bounce_set = True
 
 
-def vm_read_runs(pid, runs, fd):
+def vm_read_runs(pid, runs, fd, sums=None):
     """Copy the runs of task `pid` to `fd` in order; returns bytes written.
 
     The dump hot path: process_vm_readv in batches of up to 1024 remote
     iovecs into a reused, prefaulted buffer (pycr.settings.copy_buffer),
     then write(). An unreadable address raises OSError(EFAULT) naming it.
+    sums (a ChunkSums) is fed every byte written, from the buffer that is
+    still in cache.
     """
     _size_bounce()
-    cruns, n, _keep = _runs_view(runs)
+    cruns, n, runs = _runs_view(runs)
+    state = ffi.NULL
+    if sums is not None:
+        state = sums.reserve(sum(runs[1::2]))
     fail = ffi.new("uint64_t *")
-    ret = lib.pycr_vm_read_runs(pid, cruns, n, _fileno(fd), fail)
+    ret = lib.pycr_vm_read_runs(pid, cruns, n, _fileno(fd), fail, state)
     if ret == -_errno.EFAULT:
         raise OSError(_errno.EFAULT, f"pid {pid}: cannot read at {fail[0]:#x}")
     return _check(ret, f"pid {pid}: vm_read_runs")
@@ -223,6 +228,80 @@ def hash_pages(buffer, npages):
     out = array("Q", bytes(8 * npages))
     lib.pycr_hash_pages(view, npages, ffi.from_buffer("uint64_t[]", out))
     return out
+
+
+# ---- checksums -------------------------------------------------------------
+
+def crc32c(data, crc=0):
+    """CRC-32C (Castagnoli) of data, continuing from crc (0 to start)."""
+    view = ffi.from_buffer("unsigned char[]", data)
+    return lib.pycr_crc32c(crc, view, len(view))
+
+
+def crc32c_portable(data, crc=0):
+    """The same CRC by a byte table, without the SSE4.2 instruction (for tests)."""
+    view = ffi.from_buffer("unsigned char[]", data)
+    return lib.pycr_crc32c_portable(crc, view, len(view))
+
+
+class ChunkSums:
+    """CRC-32C of every `chunk` bytes of a stream, fed in order (the last may be short).
+
+    The state lives in C so that the dump's copy loop can feed it without
+    coming back to Python; mark()/rewind() undo what was fed after a point
+    (a copy that is rolled back and redone).
+    """
+
+    def __init__(self, chunk):
+        if chunk <= 0:
+            raise ValueError("chunk must be positive")
+        self._state = ffi.new("struct pycr_sums *")
+        self._state.chunk = chunk
+        self._out = ffi.new("uint32_t[]", 64)
+        self._state.out = self._out
+        self._state.cap = 64
+
+    @property
+    def pos(self):
+        """Bytes fed so far."""
+        return self._state.pos
+
+    def reserve(self, nbytes):
+        """Room for the sums of nbytes more; returns the C state for native calls."""
+        s = self._state
+        need = s.n + nbytes // s.chunk + 2
+        if need > s.cap:
+            cap = max(need, 2 * s.cap)
+            out = ffi.new("uint32_t[]", cap)
+            ffi.memmove(out, self._out, s.n * 4)
+            self._out, s.out, s.cap = out, out, cap
+        return s
+
+    def update(self, data):
+        """Feed bytes written from Python."""
+        view = ffi.from_buffer("unsigned char[]", data)
+        _check(lib.pycr_sums_update(self.reserve(len(view)), view, len(view)), "checksum")
+
+    def update_from_fd(self, fd, offset, length):
+        """Feed `length` bytes read from fd at offset (verification of a file)."""
+        _check(lib.pycr_sums_fd(_fileno(fd), offset, length, self.reserve(length)), "checksum read")
+
+    def mark(self):
+        s = self._state
+        return (s.pos, s.crc, s.n)
+
+    def rewind(self, mark):
+        s = self._state
+        s.pos, s.crc, s.n = mark
+
+    def sums(self):
+        """array('I') of the sum of every chunk, the unfinished last one included."""
+        s = self._state
+        out = array("I")
+        out.frombytes(ffi.buffer(self._out, s.n * 4))
+        if s.pos % s.chunk:
+            out.append(s.crc)
+        return out
 
 
 # ---- syscalls --------------------------------------------------------------

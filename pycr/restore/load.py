@@ -5,11 +5,14 @@ be known wrong from the images alone (missing, truncated, corrupt or
 inconsistent files) is found here, and raises ImageError naming the file.
 """
 
+import bisect
 import os
 from dataclasses import dataclass, field
 
+from pycr import manifest
 from pycr.errors import ImageError
 from pycr.images import ImageDir, iter_page_runs
+from pycr.restore import bounds, trust
 from pycr.restore.memory import PageChain
 from pycr.sysinfo import page_size
 
@@ -89,15 +92,9 @@ def _check_pages_file(imgdir, owner, pagemap):
 
 
 def _check_mm(path, mm, pagemap):
-    """VMAs ascending and disjoint; every saved page inside a private VMA."""
-    prev_end = 0
-    for vma in mm.vmas:
-        if vma.start >= vma.end or vma.start % PAGE or vma.end % PAGE or vma.start < prev_end:
-            raise ImageError(path, f"corrupt: VMA {vma.start:#x}-{vma.end:#x} is not page aligned "
-                                   "or overlaps the one before")
-        prev_end = vma.end
+    """VMAs in range (bounds.check_mm); every saved page inside a VMA."""
+    bounds.check_mm(path, mm)
     starts = [v.start for v in mm.vmas]
-    import bisect
     for vaddr, nr, _, _ in iter_page_runs(pagemap):
         i = bisect.bisect_right(starts, vaddr) - 1
         end = vaddr + nr * PAGE
@@ -110,18 +107,38 @@ def _check_mm(path, mm, pagemap):
             i += 1
 
 
-def load_images(images_dir, allow_pre_dump=False, resolve_chain=True):
+def check_set(imgdir, resolve_chain=True, trust_images=False):
+    """Before reading anything: who may have written the set, and is it whole and its own?
+
+    Returns the non-root user who owns the images (the tree is then bounded
+    by what that user could have), or None. See pycr.manifest and
+    pycr.restore.trust.
+    """
+    if not trust_images:
+        trust.check_modes([imgdir.path])
+    dirs = [d for d, _ in manifest.verify_chain(imgdir.path, deep=True, parents=resolve_chain)]
+    if not trust_images:
+        trust.check_modes(dirs[1:])
+    return trust.owner_of(dirs)
+
+
+def load_images(images_dir, allow_pre_dump=False, resolve_chain=True, trust_images=False):
     """Load and cross-check every image of the dump in images_dir -> ImageSet.
 
+    First check_set (owners and modes, manifest and checksums of the set and
+    its chain), then every value against this kernel's limits (bounds).
     allow_pre_dump: accept a pre-dump too (incremental restore builds a
     replica from every pass of a chain, not only from the final dump).
     resolve_chain=False skips following every in_parent run up the chain
     (incremental restore: the replica holds those pages already, and the
-    runs it does follow raise ImageError then if the chain is broken).
+    runs it does follow raise ImageError then if the chain is broken); the
+    parent's set ID is still checked, its files were when it was applied.
+    trust_images: accept images others own or may write (--trust-images).
     """
     imgdir = ImageDir(images_dir)
     if not os.path.isdir(imgdir.path):
         raise ImageError(imgdir.path, "no such image directory")
+    owner = check_set(imgdir, resolve_chain, trust_images)
     inventory = imgdir.read("inventory")
     if str(inventory.kind) != "dump" and not (allow_pre_dump and str(inventory.kind) == "pre-dump"):
         raise ImageError(imgdir.path_of("inventory"),
@@ -131,6 +148,7 @@ def load_images(images_dir, allow_pre_dump=False, resolve_chain=True):
     pstree = imgdir.read("pstree")
     if not pstree.processes:
         raise ImageError(imgdir.path_of("pstree"), "corrupt: no processes")
+    bounds.check_tree(imgdir.path_of("pstree"), pstree)
     if pstree.processes[0].pid != inventory.root_pid:
         raise ImageError(imgdir.path_of("pstree"),
                          f"corrupt: first process {pstree.processes[0].pid} is not the root "
@@ -164,6 +182,7 @@ def load_images(images_dir, allow_pre_dump=False, resolve_chain=True):
         mm = imgdir.read("mm", pid)
         if mm.pid != pid:
             raise ImageError(imgdir.path_of("mm", pid), f"corrupt: it describes pid {mm.pid}")
+        bounds.check_fds(imgdir.path_of("files"), pid, fds_by_pid.get(pid, []), core)
         pagemap = chain.pagemap(0, str(pid))
         _check_pages_file(imgdir, str(pid), pagemap)
         _check_mm(imgdir.path_of("mm", pid), mm, pagemap)
@@ -185,15 +204,19 @@ def load_images(images_dir, allow_pre_dump=False, resolve_chain=True):
         seen.add(z.pid)
         zombies.append(ZombieImage(pid=z.pid, ppid=z.ppid, pgid=z.pgid, sid=z.sid, exit_code=z.exit_code,
                                   comm=z.comm))
-    for shmem_id in shmem:
-        owner = f"shmem-{shmem_id}"
-        pagemap = chain.pagemap(0, owner)
-        _check_pages_file(imgdir, owner, pagemap)
+    for shmem_id, size in shmem.items():
+        key = f"shmem-{shmem_id}"
+        pagemap = chain.pagemap(0, key)
+        bounds.check_runs(imgdir.path_of("pagemap", key), pagemap, limit=size)
+        _check_pages_file(imgdir, key, pagemap)
         if resolve_chain:
-            chain.check_resolvable(owner)
+            chain.check_resolvable(key)
     for pid_fds in fds_by_pid:
         if pid_fds not in seen or any(z.pid == pid_fds for z in zombies):
             raise ImageError(imgdir.path_of("files"), f"corrupt: fds of pid {pid_fds}, not in pstree.img")
-    return ImageSet(imgdir=imgdir, inventory=inventory, processes=processes,
-                    pipes_data=pipes_data, shmem=shmem, pages=chain, pipe_sizes=pipe_sizes,
-                    zombies=zombies)
+    images = ImageSet(imgdir=imgdir, inventory=inventory, processes=processes,
+                      pipes_data=pipes_data, shmem=shmem, pages=chain, pipe_sizes=pipe_sizes,
+                      zombies=zombies)
+    if owner is not None:
+        trust.check_owner_bound(images, owner)
+    return images

@@ -19,6 +19,7 @@ from pycr.errors import ImageError, RestoreError
 from pycr.images import iter_page_runs
 from pycr.log import Progress, log
 from pycr.native import core
+from pycr.restore import bounds
 from pycr.trackers.runs import split
 from pycr.sysinfo import page_size
 
@@ -139,7 +140,9 @@ class PageChain:
     def pagemap(self, level, owner):
         key = (level, owner)
         if key not in self._pagemaps:
-            self._pagemaps[key] = self.dir(level).read("pagemap", owner)
+            pagemap = self.dir(level).read("pagemap", owner)
+            bounds.check_runs(self.dir(level).path_of("pagemap", owner), pagemap)
+            self._pagemaps[key] = pagemap
         return self._pagemaps[key]
 
     def _entries(self, level, owner):

@@ -193,14 +193,15 @@ def kill_and_reap(reals, timeout=10.0):
         _libc.prctl(PR_SET_CHILD_SUBREAPER, was.value, 0, 0, 0)
 
 
-def restore(images_dir, detach=False, pidns=False):
+def restore(images_dir, detach=False, pidns=False, trust_images=False):
     """Restore the tree dumped in images_dir.
 
     With detach, return 0 once the tree runs; otherwise wait for the restored
     root task and return its exit status, or 128 + the signal that killed it.
+    trust_images: accept images another user owns or may write (see restore.trust).
     """
     started = time.monotonic()
-    images = load_images(images_dir)
+    images = load_images(images_dir, trust_images=trust_images)
     log.info("images of %d processes loaded and checked", len(images.processes))
     preflight.check(images, pidns)
     run = Restore(images, pidns)

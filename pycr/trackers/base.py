@@ -121,22 +121,26 @@ def plan_copy(present, dirty, coverage):
     return save, R.subtract(present, save)
 
 
-def copy_live(pid, save, vmas, out_fd):
-    """Copy runs from a running task; -> (bytes, runs actually copied).
+def copy_live(pid, save, vmas, out):
+    """Copy runs from a running task to a pages writer; -> (bytes, runs actually copied).
 
     The task may unmap or re-protect memory meanwhile. A batch that faults is
-    rolled back and copied run by run through /proc/PID/mem (which reads
-    through any protection); runs that are gone are left out: they are then
-    in neither this image nor the parent's, and the next pass sees them.
+    rolled back (file and checksums) and copied run by run through
+    /proc/PID/mem (which reads through any protection); runs that are gone
+    are left out: they are then in neither this image nor the parent's, and
+    the next pass sees them.
     """
+    out_fd = out.fileno()
+    start = os.lseek(out_fd, 0, os.SEEK_CUR)
+    mark = out.sums.mark()
     try:
-        start = os.lseek(out_fd, 0, os.SEEK_CUR)
-        return copy_runs(pid, save, vmas, out_fd), save
+        return copy_runs(pid, save, vmas, out), save
     except OSError as exc:
         if exc.errno not in (errno.EFAULT, errno.EIO, errno.ENOMEM):
             raise
     os.lseek(out_fd, start, os.SEEK_SET)
     os.ftruncate(out_fd, start)
+    out.sums.rewind(mark)
     copied, total = array("Q"), 0
     try:
         mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
@@ -152,7 +156,7 @@ def copy_live(pid, save, vmas, out_fd):
             if len(data) != length:
                 log.info("pid %d: %#x-%#x went away during the copy", pid, addr, addr + length)
                 continue
-            os.write(out_fd, data)
+            out.write_fd(data)
             total += length
             copied.extend((addr, length))
     finally:
@@ -168,9 +172,9 @@ def write_pages(pid, vmas, imgdir, save, in_parent, live):
     with Progress(f"pid {pid} memory", R.total(save)) as progress, \
             imgdir.pages_writer(str(pid)) as f:
         if live:
-            written, save = copy_live(pid, save, mine, f.fileno())
+            written, save = copy_live(pid, save, mine, f)
         else:
-            written = copy_runs(pid, save, mine, f.fileno(), progress)
+            written = copy_runs(pid, save, mine, f, progress)
     entries = runs_to_entries(save) + runs_to_entries(in_parent, in_parent=True)
     entries.sort()
     imgdir.write("pagemap", {"owner": str(pid), "entries": entries}, str(pid))
