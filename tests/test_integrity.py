@@ -234,11 +234,10 @@ def test_dump_killed_midway_leaves_nothing_restorable(spawn, tmp_path, cleanup_p
     # Never restorable (whether the tree outlived its tracer or not).
     line = one_line_error(pycr("restore", "-D", img, "-d", expect=1))
     assert "manifest.img" in line and "incomplete" in line
+    # The tree outlived its tracer, untouched.
+    procutil.assert_running_untraced(w.pid)
+    assert w.signal_and_wait(signal.SIGUSR1, r"^sum (\w+)$").group(1) == before
     # The next dump into it says what to do, and --overwrite clears it all, temp files included.
-    if not procutil.exists(w.pid) or procutil.is_zombie(w.pid):
-        w = spawn("bigmem", 64)
-        w.wait_for(r"^ready")
-        before = w.signal_and_wait(signal.SIGUSR1, r"^sum (\w+)$").group(1)
     line = one_line_error(pycr("dump", "-t", w.pid, "-D", img, expect=1))
     assert "unfinished dump" in line and "--overwrite" in line
     dump(w, img, "--overwrite")
