@@ -71,5 +71,6 @@ Body = Struct(
     "shared_pending" / Array32(Siginfo),    # process-wide queue, oldest first
     "seccomp_mode" / SeccompMode,
     "seccomp_filters" / Array32(Blob),      # sock_filter arrays, oldest first
+    "xcomp_perm" / U64,         # xstate components granted by ARCH_REQ_XCOMP_PERM (AMX tile data)
     "threads" / Array32(Thread),            # leader first
 )

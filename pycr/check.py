@@ -47,6 +47,10 @@ def _reap(child):
 
 
 def check_ptrace():
+    """Seize a helper, and prove the register round trip a dump and restore make:
+    GETREGS/SETREGS and the whole NT_X86_XSTATE regset (get, set, get), at the
+    size CPUID leaf 0xD gives for this CPU."""
+    from .ptrace import xstate as X
     from .ptrace.thread import Thread
     child = _sleeper()
     try:
@@ -55,13 +59,58 @@ def check_ptrace():
         try:
             t.interrupt()
             t.wait(timeout=5)
-            t.get_regs()
-            size = len(t.get_xstate())
+            regs = t.get_regs()
+            t.set_regs(regs)
+            xs = t.get_xstate()
+            t.set_xstate(xs)
+            again = t.get_xstate()
+            same = t.get_regs() == regs and again == xs
         finally:
             t.detach()
-        return Finding("ptrace seize", True, f"PTRACE_SEIZE/INTERRUPT, GETREGS, xstate {size} bytes", "dump/restore")
+        layout = X.local_layout()
+        if not same:
+            return Finding("ptrace registers", False, "registers or xstate read back different after a set",
+                           "dump/restore")
+        if len(xs) != layout.size:
+            return Finding("ptrace registers", False, f"the kernel's xstate is {len(xs)} bytes, CPUID leaf 0xD "
+                           f"says {layout.size}", "dump/restore")
+        return Finding("ptrace registers", True,
+                       f"SEIZE/INTERRUPT; regs and xstate get/set/get round trip; xstate {len(xs)} bytes "
+                       f"(XCR0 {layout.xcr0:#x}: {X.component_names(layout.xcr0)})", "dump/restore")
     except Exception as exc:
-        return Finding("ptrace seize", False, str(exc), "dump/restore")
+        return Finding("ptrace registers", False, str(exc), "dump/restore")
+    finally:
+        _reap(child)
+
+
+def check_injection():
+    """Run a syscall inside a helper the way a dump does, and check that the helper
+    is left exactly as it was: registers, blocked mask, memory, maps."""
+    from .leftovers import trampoline_address
+    from .proc import maps
+    from .ptrace.inject import Injector
+    from .ptrace.thread import Thread
+    child = _sleeper()
+    try:
+        t = Thread(child.pid)
+        t.seize(0)
+        try:
+            t.interrupt()
+            t.wait(timeout=5)
+            regs, mask, layout = t.get_regs(), t.get_sigmask(), maps(child.pid)
+            with Injector(t) as inj:
+                got = inj.call("getpid")
+            same = (t.get_regs() == regs and t.get_sigmask() == mask and maps(child.pid) == layout
+                    and trampoline_address(child.pid) is None)
+        finally:
+            t.detach()
+        if got != child.pid or not same:
+            return Finding("syscall injection", False, f"getpid gave {got}, or the helper was left changed",
+                           "dump/restore")
+        return Finding("syscall injection", True, "getpid through a [vdso] trampoline with syscall stops "
+                       "and a recovery frame; the helper left as it was", "dump/restore")
+    except Exception as exc:
+        return Finding("syscall injection", False, str(exc), "dump/restore")
     finally:
         _reap(child)
 
@@ -185,7 +234,7 @@ def check_pidfd_getfd():
         _reap(child)
 
 
-CHECKS = (check_ptrace, check_vm_rw, check_clone3_set_tid, check_prctl_mm_map, check_pidfd_getfd,
+CHECKS = (check_ptrace, check_injection, check_vm_rw, check_clone3_set_tid, check_prctl_mm_map, check_pidfd_getfd,
           check_soft_dirty, check_uffd_wp_async, check_pagemap_scan)
 
 

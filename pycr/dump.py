@@ -18,6 +18,7 @@ from .collect.tree import check_sessions, collect_pstree, reader
 from .errors import PycrError
 from .freeze import freeze
 from .log import log
+from .ptrace import xstate
 from .ptrace.inject import Injector
 from .steps import finish, step
 from . import settings
@@ -38,6 +39,7 @@ def inventory(root, kind, tracker="", parent="", pass_nr=0):
         "parent": parent,
         "pass_nr": pass_nr,
         "created": time.time_ns(),
+        "cpu": xstate.cpu_record(),
     }
 
 

@@ -140,7 +140,16 @@ def _scalar(value):
 
 
 def _render_inventory(body):
-    return [f"{key:<16}{_scalar(value)}" for key, value in body.items()]
+    lines = [f"{key:<16}{_scalar(value)}" for key, value in body.items() if key != "cpu"]
+    cpu = body.get("cpu")
+    if cpu is not None:
+        from .ptrace.xstate import component_names
+        lines.append(f"{'cpu':<16}{cpu['vendor']} {cpu['model']}".rstrip())
+        lines.append(f"{'xstate':<16}{cpu['xstate_size']} bytes, XCR0 {cpu['xcr0']:#x} "
+                     f"({component_names(cpu['xcr0'])})")
+        lines.extend(f"{'':<16}component {c['index']:>2} at {c['offset']:>5}, {c['size']:>5} bytes"
+                     for c in cpu["xstate_components"])
+    return lines
 
 
 def _render_pstree(body):

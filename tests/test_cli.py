@@ -9,7 +9,7 @@ def test_check_reports_every_mechanism_and_trackers():
     proc = pycr("check", "--json")
     doc = json.loads(proc.stdout)
     names = {c["name"]: c["ok"] for c in doc["checks"]}
-    for needed in ("ptrace seize", "process_vm_readv/writev", "clone3 set_tid", "PR_SET_MM_MAP", "pidfd_getfd"):
+    for needed in ("ptrace registers", "syscall injection", "process_vm_readv/writev", "clone3 set_tid", "PR_SET_MM_MAP", "pidfd_getfd"):
         assert names[needed], needed
     assert {"soft-dirty", "userfaultfd WP_ASYNC", "PAGEMAP_SCAN"} <= names.keys()
     assert doc["ok"] is True and "hash" in doc["trackers"]

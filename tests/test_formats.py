@@ -45,7 +45,9 @@ def regs(rip, rsp, rax=0, orig_rax=U64_MAX):
 def sample_inventory():
     return dict(pycr_version="0.1.0", kernel="6.18.44-fc-v657", page_size=4096, root_pid=ROOT,
                 root_start_time=987654, kind="pre-dump", tracker="uffd-wp", parent="../pass-0",
-                pass_nr=1, created=1732575600123456789)
+                pass_nr=1, created=1732575600123456789,
+                cpu=dict(vendor="GenuineIntel", model="Sample CPU", xcr0=0x7, xstate_size=832,
+                         xstate_components=[dict(index=2, offset=576, size=256)]))
 
 
 def sample_pstree():
@@ -74,6 +76,7 @@ def sample_core():
         shared_pending=[siginfo(10, code=0, pid=1, uid=0)],
         seccomp_mode="filter",
         seccomp_filters=[bytes.fromhex("20000000040000001500000100000000060000000000ff7f")],
+        xcomp_perm=0,
         threads=[
             dict(tid=ROOT, comm="counter", regs=regs(0x7F3A1230D7FA, 0x7FFC8A2B1F30, rax=2**64 - 516, orig_rax=230),
                  xstate=xstate(), sigmask=0, pending=[],

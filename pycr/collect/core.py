@@ -10,6 +10,7 @@ import struct
 from .. import proc
 from ..native import core as native
 from ..ptrace.inject import Injector
+from ..ptrace import xstate as X
 from ..ptrace.syscalls import NR
 
 SIGKILL, SIGSTOP = 9, 19
@@ -18,6 +19,7 @@ SECCOMP_MODES = {0: "disabled", 1: "strict", 2: "filter"}
 PR_GET_TID_ADDRESS = 40
 STACK_T = struct.Struct("<QiiQ")         # stack_t: ss_sp, ss_flags, (padding), ss_size
 SYS_GET_ROBUST_LIST = 274
+ARCH_GET_XCOMP_PERM = 0x1022
 
 
 def collect_sigactions(injector):
@@ -77,6 +79,17 @@ def collect_thread(thread, pid):
     return state
 
 
+def xcomp_perm(injector):
+    """The dynamic xstate components (AMX tile data) the process was granted,
+    read by injecting arch_prctl(ARCH_GET_XCOMP_PERM, &mask); 0 where the kernel
+    has no such call (before 5.16, or a CPU without dynamic state)."""
+    with injector.scratch(8) as buf:
+        if injector.call(NR["arch_prctl"], ARCH_GET_XCOMP_PERM, buf) < 0:
+            return 0
+        (mask,) = struct.unpack("<Q", injector.read(buf, 8))
+    return mask & X.DYNAMIC_COMPONENTS
+
+
 def collect_core(pid, thread_states, leader, injector):
     """The core image body of process pid.
 
@@ -108,5 +121,6 @@ def collect_core(pid, thread_states, leader, injector):
         "shared_pending": leader.peek_siginfo(shared=True),
         "seccomp_mode": SECCOMP_MODES.get(status.seccomp, "disabled"),
         "seccomp_filters": leader.seccomp_filters() if status.seccomp == 2 else [],
+        "xcomp_perm": xcomp_perm(injector),
         "threads": thread_states,
     }

@@ -70,6 +70,39 @@ class Layout:
                    {int(i): (int(off), int(n)) for i, off, n in plain["components"]})
 
 
+def cpu_record():
+    """The inventory's `cpu`: this machine's layout, and its name for the reader."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break
+    except OSError:
+        pass
+    layout = local_layout()
+    return {"vendor": info.get("vendor_id", ""), "model": info.get("model name", ""),
+            "xcr0": layout.xcr0, "xstate_size": layout.size,
+            "xstate_components": [{"index": i, "offset": off, "size": n}
+                                  for i, (off, n) in sorted(layout.components.items())]}
+
+
+def layout_of_record(cpu):
+    """The Layout an inventory's `cpu` describes."""
+    return Layout(cpu["xcr0"], cpu["xstate_size"],
+                  {c["index"]: (c["offset"], c["size"]) for c in cpu["xstate_components"]})
+
+
+def check_components(mask, what):
+    """Refuse state components in mask that this machine's kernel did not enable."""
+    missing = mask & ~local_layout().xcr0
+    if missing:
+        raise PycrError(f"{what} uses CPU state this machine does not have: "
+                        f"{component_names(missing)} (xstate components {missing:#x})")
+
+
 @lru_cache(maxsize=1)
 def local_layout():
     """The layout of this machine, from CPUID leaf 0xD and XCR0."""
@@ -120,7 +153,7 @@ def convert(data, source, target):
     xstate_bv, _ = header(data)
     missing = xstate_bv & ~target.xcr0
     if missing:
-        raise PycrError(f"the dumped task uses CPU state this machine does not have: "
+        raise PycrError(f"the dumped thread uses CPU state the target does not have: "
                         f"{component_names(missing)} (xstate components {missing:#x})")
     out = bytearray(target.size)
     out[:LEGACY_SIZE] = data[:LEGACY_SIZE]

@@ -15,6 +15,7 @@ from pycr.images import ImageDir, iter_page_runs
 from pycr.restore import bounds, trust
 from pycr.restore.memory import PageChain
 from pycr.sysinfo import page_size
+from pycr.ptrace import xstate as X
 
 PAGE = page_size()
 SPECIAL_KINDS = ("vdso", "vvar", "vvar_vclock", "vsyscall")
@@ -67,6 +68,11 @@ class ImageSet:
     @property
     def root(self):
         return self.processes[0]
+
+    @property
+    def cpu_layout(self):
+        """The XSAVE layout of the CPU the threads' xstate was read on."""
+        return X.layout_of_record(self.inventory.cpu)
 
     def by_pid(self, pid):
         for p in self.processes:

@@ -7,8 +7,10 @@ restore usually leaves nothing to clean up.
 
 import os
 
-from pycr.errors import RestoreError, Unsupported
+from pycr import proc
+from pycr.errors import PycrError, RestoreError, Unsupported
 from pycr.log import log
+from pycr.ptrace import xstate as X
 from pycr.restore import files, mm, process
 
 DELETED = " (deleted)"
@@ -97,7 +99,42 @@ def check_pipes(images):
                         pipe_id, missing, "EPIPE" if missing == "reader" else "EOF")
 
 
+def check_cpu(images):
+    """Every thread's extended state fits this CPU, and every permission the
+    process had (AMX) can be granted here; one line naming what differs."""
+    layout, here = images.cpu_layout, X.local_layout()
+    for p in images.processes:
+        try:
+            X.check_components(p.core.xcomp_perm, "the permission it had (ARCH_REQ_XCOMP_PERM)")
+            for th in p.core.threads:
+                if th.xstate:
+                    if len(th.xstate) != layout.size:
+                        raise PycrError(f"its xstate is {len(th.xstate)} bytes, the inventory says "
+                                        f"{layout.size}")
+                    X.convert(th.xstate, layout, here)
+        except PycrError as exc:
+            raise RestoreError(f"pid {p.pid}: {exc}") from None
+
+
+def check_vdso(images):
+    """The dumped [vvar]/[vdso] must have this kernel's sizes and spacing: the
+    restore moves this kernel's vdso to the dumped address, it cannot reshape it."""
+    mine = {v.kind: v for v in proc.maps(os.getpid()) if v.kind in mm.SPECIAL}
+    for p in images.processes:
+        want = {mm.kind_of(v): v for v in p.mm.vmas if mm.kind_of(v) in mm.SPECIAL}
+        if not want or "vdso" not in want or "vdso" not in mine:
+            continue
+        for kind, v in want.items():
+            have = mine.get(kind)
+            if have is None or v.end - v.start != have.size or \
+                    v.start - want["vdso"].start != have.start - mine["vdso"].start:
+                raise RestoreError(f"pid {p.pid}: the dumped [{kind}] ({(v.end - v.start) // 1024} KiB) does not "
+                                   f"match this kernel's vdso layout: restore on a kernel with the same vdso")
+
+
 def check(images, pidns):
+    check_cpu(images)
+    check_vdso(images)
     if not pidns:
         check_pids(images)
     for p in images.processes:

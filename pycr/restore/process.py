@@ -14,6 +14,7 @@ import struct
 from pycr import proc
 from pycr.errors import RestoreError
 from pycr.log import log
+from pycr.ptrace import xstate as X
 
 PR_SET_NAME, PR_SET_NO_NEW_PRIVS, PR_SET_KEEPCAPS = 15, 38, 8
 PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 2, 4
@@ -24,6 +25,7 @@ KSIGACTION = struct.Struct("<QQQQ")
 SOCK_FPROG = struct.Struct("<HxxxxxxQ")
 RLIM_INFINITY = (1 << 64) - 1
 SYS_CHROOT = 161
+ARCH_REQ_XCOMP_PERM = 0x1023
 CAP_HEADER = struct.Struct("<Ii")
 CAP_DATA = struct.Struct("<III")
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -48,6 +50,17 @@ def set_dirs(remote, core):
     if core.root != "/":
         remote.check(SYS_CHROOT, remote.put_str(core.root), what=core.root)
     remote.reset_scratch()
+
+
+def set_xcomp_perm(remote, core):
+    """Ask again for the dynamic xstate components (AMX tile data) the process had:
+    the kernel accepts such state in SETREGSET only for a process granted it."""
+    for i in range(64):
+        if core.xcomp_perm >> i & 1:
+            remote.check("arch_prctl", ARCH_REQ_XCOMP_PERM, i,
+                         what=f"ARCH_REQ_XCOMP_PERM, {X.COMPONENT_NAMES.get(i, i)}")
+            log.info("pid %d: xstate component %s permitted again (arch_prctl ARCH_REQ_XCOMP_PERM)",
+                     remote.pid, X.COMPONENT_NAMES.get(i, i))
 
 
 def set_sigactions(remote, core):

@@ -100,13 +100,14 @@ class Restore:
         process.set_identity(r, core)
         process.set_dirs(r, core)
         process.set_sigactions(r, core)
+        process.set_xcomp_perm(r, core)         # permission is per process: before the threads
         threads.create_threads(task, p)
         process.set_rlimits(r, core)
         threads.queue_signals(task, p)
         process.set_seccomp(r, core)
         for remote in task.remotes.values():    # credentials are per thread in the kernel
             process.set_creds(remote, core)
-        threads.load_cpu_state(task, p)
+        threads.load_cpu_state(task, p, self.images.cpu_layout)
         self._drop_workspace(task)
 
     def _drop_workspace(self, task):

@@ -13,6 +13,7 @@ import struct
 
 from pycr.errors import RestoreError
 from pycr.log import log
+from pycr.ptrace import xstate as X
 from pycr.ptrace.thread import user_regs_struct
 from pycr.restore.remote import Remote
 from pycr.restore.tasks import CLONE_ARGS, clone_args
@@ -106,18 +107,60 @@ def final_regs(thread_img):
     return regs
 
 
-def load_cpu_state(task, proc_img):
-    """Registers, xstate and blocked mask of every thread (injection is over for them)."""
+def load_cpu_state(task, proc_img, layout):
+    """Registers, xstate and blocked mask of every thread (injection is over for them).
+
+    The xstate is moved from the dumping CPU's XSAVE layout (`layout`, from the
+    inventory) to this CPU's; preflight checked that every component fits."""
+    here = X.local_layout()
     for th in proc_img.core.threads:
         remote = task.remotes[th.tid]
+        if th.xstate and X.in_use(th.xstate) & X.DYNAMIC_COMPONENTS:
+            _grow_fpstate(remote)
         remote.finish()
         thread = task.threads[th.tid]
         thread.set_regs(final_regs(th))
         if th.xstate:
-            thread.set_xstate(bytes(th.xstate))
+            thread.set_xstate(X.convert(th.xstate, layout, here))
         thread.set_sigmask(th.sigmask)
     if proc_img.leader_exited:
         _leader_exits_at_detach(task, proc_img)
+
+
+# ldtilecfg (%rax); tilezero %tmm0; tilerelease; int3
+TOUCH_TILES = b"\xc4\xe2\x78\x49\x00" b"\xc4\xe2\x7b\x49\xc0" b"\xc4\xe2\x78\x49\xc0" b"\xcc"
+TILE_CONFIG = bytes([1]) + bytes(15) + (64).to_bytes(2, "little") + bytes(30) + bytes([16]) + bytes(15)
+
+
+def _grow_fpstate(remote):
+    """Make the kernel give this thread room for AMX tile data.
+
+    A thread's XSAVE buffer is the small default until the thread first uses
+    a dynamic component: the CPU traps it (XFD) and the kernel then enlarges
+    the buffer, if the process is permitted. Until then SETREGSET refuses tile
+    state (EINVAL). Tile data is the component behind XFD, so the thread
+    zeroes one tile (after configuring it) and releases the tiles again, before
+    its own xstate is loaded over all of it.
+    """
+    thread = remote.thread
+    saved = thread.get_regs()
+    code = remote.trampoline + 16
+    remote.write(code, TOUCH_TILES)
+    config = remote.put(TILE_CONFIG)
+    regs = saved.copy()
+    regs.rip, regs.rax, regs.orig_rax = code, config, U64
+    thread.set_regs(regs)
+    try:
+        thread.cont()
+        stop = thread.wait(timeout=10)
+        if not (stop.stopped and stop.signal == 5 and thread.get_regs().rip == code + len(TOUCH_TILES)):
+            raise RestoreError(f"pid {remote.pid}: the thread could not take AMX tile state ({stop!r} at "
+                               f"{thread.get_regs().rip:#x})")
+    finally:
+        thread.set_regs(saved)
+        remote.reset_scratch()
+    log.info("tid %d: touched a tile (XFD fault) so that the kernel makes room for AMX tile data",
+             remote.real)
 
 
 def _leader_exits_at_detach(task, proc_img):

@@ -26,6 +26,8 @@ workload reports "ready <pid>" once set up. Reports (one line per write(2)):
   sharedfd [siblings]      child <pid> (clone CLONE_FILES); count <pid> N; opened <pid> <fd>
                            (SIGUSR1); has <pid> <fd40> <fd41> (SIGUSR2); siblings: two
                            children share a table their parent unshared
+  xstate                   has avx512 <0|1> amx <0|1>; check N ok | check N bad <zmm31|tmm0>
+                           (zmm31 and AMX tile 0 held across steps)
 Sums are procutil.checksum() (crc32 << 32 | adler32 of the bytes).
 Multi-process workloads give each process its own O_APPEND status description;
 single-process ones write at the descriptor's own offset (not O_APPEND).
@@ -36,7 +38,7 @@ import subprocess
 
 SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
 NAMES = ("counter", "tree", "threads", "bigmem", "openfile", "pipe", "seccomp",
-         "forker", "mapper", "execer", "joiner", "zombie", "zleader", "orphan", "sharedfd")
+         "forker", "mapper", "execer", "joiner", "zombie", "zleader", "orphan", "sharedfd", "xstate")
 CFLAGS = ("-O2", "-g", "-Wall", "-Wextra", "-Werror", "-std=gnu11")
 
 
