@@ -58,9 +58,9 @@ def spread(steps, most=8):
     return picked[::stride] + ([steps[-1][0]] if steps else [])
 
 
-def stop_and_signal(tmp_path, n, sig, *args, expect_exit=None):
+def stop_and_signal(tmp_path, n, sig, *args, trial=""):
     """Run pycr ARGS until it stops at step n, send it sig; -> (returncode, stderr)."""
-    env = dict(os.environ, PYCR_STOP_AT_STEP=str(n))
+    env = dict(os.environ, PYCR_STOP_AT_STEP=str(n), PYCR_FAULT_TRIAL=str(trial))
     p = subprocess.Popen([sys.executable, "-m", "pycr", *map(str, args)], env=env, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -76,9 +76,20 @@ def stop_and_signal(tmp_path, n, sig, *args, expect_exit=None):
     return rc, first + rest
 
 
-def stubs():
-    """PIDs of pycr-stub processes (a replica's namespace init keeps that name)."""
-    return [p for p in procutil.all_pids() if (procutil.stat(p) or {}).get("comm") == "pycr-stub"]
+def stubs(trial):
+    """PIDs of pycr-stub processes started by the pycr of this trial (a replica's namespace
+    init keeps that name; a stub inherits pycr's environment, which names the trial)."""
+    out = []
+    for p in procutil.all_pids():
+        if (procutil.stat(p) or {}).get("comm") != "pycr-stub":
+            continue
+        try:
+            with open(f"/proc/{p}/environ", "rb") as f:
+                if f"PYCR_FAULT_TRIAL={trial}".encode() in f.read().split(b"\0"):
+                    out.append(p)
+        except OSError:
+            pass
+    return out
 
 
 def snapshot(pid):
@@ -173,12 +184,12 @@ def test_killed_migrate_leaves_the_source_running(spawn, tmp_path, cleanup_pids)
             if before is None:
                 before = snapshot(w.pid)
             tmp_before = set(os.listdir("/tmp"))
-            stubs_before = set(stubs())
-            rc, err = stop_and_signal(tmp_path, n, sig, "migrate", "-t", w.pid)
+            trial = f"{os.getpid()}-{n}-{sig}"
+            rc, err = stop_and_signal(tmp_path, n, sig, "migrate", "-t", w.pid, trial=trial)
             where = f"migrate stopped at step {n} ({dict(steps)[n]}), {sig.name}"
             assert rc != 0, where
             assert_goes_on(w, before, sig, where)
-            assert not procutil.wait_gone(set(stubs()) - stubs_before, timeout=5), f"{where}: replica left"
+            assert not procutil.wait_gone(stubs(trial), timeout=5), f"{where}: replica left"
             if sig != signal.SIGKILL:
                 left = [d for d in set(os.listdir("/tmp")) - tmp_before if d.startswith("pycr-")]
                 assert not left, f"{where}: left {left} in /tmp"
