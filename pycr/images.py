@@ -21,8 +21,9 @@ from . import checksum, formats
 from .errors import ImageError
 from .formats import FORMAT_VERSION, HEADER_SIZE, KINDS, Header, kind_of_magic
 from .formats.pagemap import PageRun
+from .sysinfo import page_size
 
-PAGE_SIZE = 4096
+PAGE_SIZE = page_size()   # of this machine; the unit of pagemap runs (inventory.page_size)
 
 _BUILD_ERRORS = (ConstructError, KeyError, TypeError, ValueError, AttributeError,
                  struct.error, UnicodeError, OverflowError)

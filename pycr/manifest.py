@@ -71,7 +71,7 @@ def verify(path, deep=True):
     if not os.path.isdir(path):
         raise ImageError(path, "no such image directory")
     man = read(path)
-    if man.chunk_size <= 0 or man.chunk_size % 4096:
+    if man.chunk_size <= 0 or man.chunk_size % images.PAGE_SIZE:
         raise ImageError(os.path.join(path, NAME), f"corrupt: chunk size {man.chunk_size}")
     listed = {}
     for entry in man.files:
