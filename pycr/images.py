@@ -385,7 +385,7 @@ class ImageDir:
         try:
             names = os.listdir(self.path)
         except FileNotFoundError:
-            raise ImageError(self.path, "no such image directory") from None
+            raise ImageError(self.path, not_a_directory(self.path)) from None
         found = [image for image in map(classify_name, names) if image is not None]
         return sorted(found, key=_sort_key)
 
@@ -395,6 +395,13 @@ class ImageDir:
         if not inventory.parent:
             return None
         return ImageDir(os.path.normpath(os.path.join(self.path, inventory.parent)))
+
+
+def not_a_directory(path):
+    """Why path cannot be an image directory: missing, or a file where a directory is expected."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "not a directory (an image set is a directory; `pycr show FILE` reads one image)"
+    return "no such image directory"
 
 
 def encode_json_file(src, dst):

@@ -69,7 +69,7 @@ def verify(path, deep=True):
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise ImageError(path, "no such image directory")
+        raise ImageError(path, images.not_a_directory(path))
     man = read(path)
     if man.chunk_size <= 0 or man.chunk_size % images.PAGE_SIZE:
         raise ImageError(os.path.join(path, NAME), f"corrupt: chunk size {man.chunk_size}")

@@ -15,7 +15,7 @@ import os
 import time
 
 from pycr.errors import ImageError, PycrError
-from pycr.images import ImageDir
+from pycr.images import ImageDir, not_a_directory
 from pycr.log import log
 
 
@@ -53,7 +53,7 @@ class DirectoryTransport(Transport):
         try:
             names = sorted(os.listdir(self.top))
         except FileNotFoundError:
-            raise ImageError(self.top, "no such image directory") from None
+            raise ImageError(self.top, not_a_directory(self.top)) from None
         for name in names:
             path = os.path.join(self.top, name)
             if os.path.isfile(os.path.join(path, "manifest.img")):

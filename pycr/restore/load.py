@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from pycr import manifest
 from pycr.errors import ImageError
-from pycr.images import ImageDir, iter_page_runs
+from pycr.images import ImageDir, iter_page_runs, not_a_directory
 from pycr.restore import bounds, trust
 from pycr.restore.memory import PageChain
 from pycr.sysinfo import page_size
@@ -143,7 +143,7 @@ def load_images(images_dir, allow_pre_dump=False, resolve_chain=True, trust_imag
     """
     imgdir = ImageDir(images_dir)
     if not os.path.isdir(imgdir.path):
-        raise ImageError(imgdir.path, "no such image directory")
+        raise ImageError(imgdir.path, not_a_directory(imgdir.path))
     owner = check_set(imgdir, resolve_chain, trust_images)
     inventory = imgdir.read("inventory")
     if str(inventory.kind) != "dump" and not (allow_pre_dump and str(inventory.kind) == "pre-dump"):
