@@ -38,3 +38,27 @@ def test_encode_rejects_bad_json(tmp_path):
     proc = pycr("encode", "-i", tmp_path / "bad.json", "-o", tmp_path / "out.img", expect=1)
     assert "not valid JSON" in one_line_error(proc)
     assert not (tmp_path / "out.img").exists()
+
+
+def test_restore_of_a_file_says_it_is_not_a_directory(tmp_path):
+    single = tmp_path / "core-1.img"
+    single.write_bytes(b"PYCC")
+    line = one_line_error(pycr("restore", "-D", single, "-d", expect=1))
+    assert line == (f"pycr: {single}: not a directory (an image set is a directory; "
+                    "`pycr show FILE` reads one image)")
+    line = one_line_error(pycr("restore", "-D", tmp_path / "none", "-d", expect=1))
+    assert line == f"pycr: {tmp_path / 'none'}: no such image directory"
+
+
+def test_check_of_a_clean_tree_and_of_a_missing_pid(tmp_path):
+    import subprocess
+    import sys
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert pycr("check", "-t", child.pid).stdout == f"nothing of pycr's in the tree of pid {child.pid}\n"
+        assert pycr("cleanup", "-t", child.pid).stdout == f"nothing of pycr's in the tree of pid {child.pid}\n"
+    finally:
+        child.kill()
+        child.wait()
+    line = one_line_error(pycr("check", "-t", child.pid, expect=1))
+    assert line.startswith(f"pycr: pid {child.pid}: no such process")
