@@ -208,3 +208,36 @@ def test_inject_through_given_trampoline(counter):
             vdso_inj.check("munmap", code, 4096)
         assert t.get_regs() == regs and t.get_xstate() == xs
     assert counter.report()["bad"] == 0
+
+
+def test_tracer_gone_mid_injection_leaves_the_task_as_it_was(counter):
+    """What the kernel does when pycr dies mid-injection, done on purpose: the thread
+    is detached at the syscall-exit stop of an injected call, with its signal taken
+    from a signal-delivery stop still held by pycr. The task runs rt_sigreturn from
+    its recovery frame: registers, mask and extended state as before, the held
+    SIGUSR1 delivered, nothing of pycr left but the trampoline bytes."""
+    from pycr.leftovers import trampoline_address, wipe_trampoline
+    from pycr.ptrace.thread import _tgkill
+    t = Thread(counter.pid)
+    t.seize(B.O_SUSPEND_SECCOMP)
+    try:
+        _tgkill(counter.pid, counter.pid, signal.SIGUSR1)     # to the seized thread itself
+        stop = t.wait(5)
+        assert stop.is_signal_delivery and stop.signal == signal.SIGUSR1, stop
+        t.hold_signal(stop)
+        mask = t.get_sigmask()
+        inj = Injector(t)
+        assert inj.call("getpid") == counter.pid
+        assert inj.call("getppid") == os.getpid()
+        assert t.get_sigmask() | 1 << (signal.SIGKILL - 1) | 1 << (signal.SIGSTOP - 1) == (1 << 64) - 1
+    finally:
+        t.detach(0)          # as the kernel detaches a dead tracer's tracees
+    assert counter.report_until(lambda r: r["usr1"] >= 1)["usr1"] == 1
+    assert counter.report()["bad"] == 0
+    status = proc.status(counter.pid)
+    assert status.tracer_pid == 0
+    with open(f"/proc/{counter.pid}/status") as f:
+        blocked = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+    assert blocked == mask
+    assert trampoline_address(counter.pid) is not None     # what `pycr cleanup` removes
+    assert wipe_trampoline(counter.pid) and trampoline_address(counter.pid) is None

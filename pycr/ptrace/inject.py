@@ -303,6 +303,10 @@ class Injector:
         if not self._masked:
             t.set_sigmask(_U64)
             self._masked = True
+            # A signal the freeze took from a signal-delivery stop goes back to pending
+            # (blocked until rt_sigreturn or restore() unblocks it): held in pycr, it
+            # would die with pycr.
+            t.requeue_held()
         step(f"inject {S.NAMES.get(nr, nr)} into {self.tid}")
         entered = False
         while True:

@@ -224,6 +224,16 @@ class Thread:
         self.held_signals.append(stop.signal)
         self.held_siginfos.append(info)
 
+    def requeue_held(self):
+        """Make the held signals pending again now (the thread must have them blocked),
+        so that they are not lost even if pycr dies before release()."""
+        sigs = list(self.held_signals)
+        self.held_signals.clear()
+        self.held_siginfos.clear()
+        tgid = status(self.tid).tgid if sigs else None
+        for sig in sigs:
+            _tgkill(tgid, self.tid, sig)
+
     def release(self):
         """Detach, passing on every held signal: the first through the detach
         itself when the thread sits in a signal-delivery stop (the kernel takes
