@@ -58,9 +58,9 @@ def spread(steps, most=8):
     return picked[::stride] + ([steps[-1][0]] if steps else [])
 
 
-def stop_and_signal(tmp_path, n, sig, *args, trial=""):
+def stop_and_signal(tmp_path, n, sig, *args, trial="", env=None):
     """Run pycr ARGS until it stops at step n, send it sig; -> (returncode, stderr)."""
-    env = dict(os.environ, PYCR_STOP_AT_STEP=str(n), PYCR_FAULT_TRIAL=str(trial))
+    env = dict(os.environ, **(env or {}), PYCR_STOP_AT_STEP=str(n), PYCR_FAULT_TRIAL=str(trial))
     p = subprocess.Popen([sys.executable, "-m", "pycr", *map(str, args)], env=env, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -177,22 +177,36 @@ def test_killed_migrate_leaves_the_source_running(spawn, tmp_path, cleanup_pids)
     w = spawn("counter")
     w.wait_for(r"^count [\d ]+$")
     before = None
-    before_all = set(os.listdir("/tmp"))
+    # pycr's temporary work directories go to a TMPDIR of this test's own
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {"TMPDIR": str(tmpdir)}
+    killed_left, swept = set(), set()
     release = max(n for n, name in steps if name == "release the restored tree")
     for n in [s for s in spread(steps) if s < release]:
         for sig in (signal.SIGKILL, signal.SIGTERM):
             if before is None:
                 before = snapshot(w.pid)
-            tmp_before = set(os.listdir("/tmp"))
+            tmp_before = set(os.listdir(tmpdir))
             trial = f"{os.getpid()}-{n}-{sig}"
-            rc, err = stop_and_signal(tmp_path, n, sig, "migrate", "-t", w.pid, trial=trial)
+            rc, err = stop_and_signal(tmp_path, n, sig, "migrate", "-t", w.pid, trial=trial, env=env)
             where = f"migrate stopped at step {n} ({dict(steps)[n]}), {sig.name}"
             assert rc != 0, where
             assert_goes_on(w, before, sig, where)
             assert not procutil.wait_gone(stubs(trial), timeout=5), f"{where}: replica left"
-            if sig != signal.SIGKILL:
-                left = [d for d in set(os.listdir("/tmp")) - tmp_before if d.startswith("pycr-")]
-                assert not left, f"{where}: left {left} in /tmp"
-    # What a SIGKILL left in /tmp goes with the next migrate, which also succeeds.
-    cleanup_pids.add(*replica_pids(pycr("migrate", "-t", w.pid).stdout))
-    assert not [d for d in os.listdir("/tmp") if d.startswith("pycr-migrate-") and d not in before_all]
+            if sig == signal.SIGKILL:
+                killed_left |= set(os.listdir(tmpdir)) - tmp_before
+            else:
+                left = set(os.listdir(tmpdir)) - tmp_before
+                assert not left, f"{where}: left {left} in TMPDIR"
+                # the work directory a SIGKILLed migrate left was swept by this one
+                assert not killed_left & set(os.listdir(tmpdir)), where
+                swept |= killed_left
+                killed_left = set()
+    # What a SIGKILL left in TMPDIR goes with the next migrate, which also succeeds.
+    done = subprocess.run([sys.executable, "-m", "pycr", "migrate", "-t", str(w.pid)], env=dict(os.environ, **env),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    cleanup_pids.add(*replica_pids(done.stdout))
+    assert os.listdir(tmpdir) == []
+    assert swept, "no SIGKILLed migrate left a work directory to sweep"
