@@ -156,9 +156,21 @@ def test_pipe_data(spawn, tmp_path, cleanup_pids):
     assert procutil.ppid(child) == w.pid
     got = w.signal_and_wait(signal.SIGUSR1, r"^got ([0-9a-f]+)$", pid=child).group(1)
     assert bytes.fromhex(got) == b"pycr pipe message 0123456789"
-    # Both ends are one pipe object again.
-    assert procutil.fds(child)[3].startswith("pipe:") or any(
-        t.startswith("pipe:") for t in procutil.fds(child).values())
+    # Both ends are one pipe object again: the parent's write end and the child's read
+    # end have one inode, and what goes in at one comes out at the other.
+    ends = lambda pid: {fd: t for fd, t in procutil.fds(pid).items() if t.startswith("pipe:")}
+    (wfd, wlink), = ends(w.pid).items()
+    (rfd, rlink), = ends(child).items()
+    assert wlink == rlink
+    assert os.stat(f"/proc/{w.pid}/fd/{wfd}").st_ino == os.stat(f"/proc/{child}/fd/{rfd}").st_ino
+    writer = os.open(f"/proc/{w.pid}/fd/{wfd}", os.O_WRONLY | os.O_CLOEXEC)
+    reader = os.open(f"/proc/{child}/fd/{rfd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        assert os.write(writer, b"through the restored pipe") == 25
+        assert os.read(reader, 100) == b"through the restored pipe"
+    finally:
+        os.close(writer)
+        os.close(reader)
 
 
 def test_seccomp_still_applies(spawn, tmp_path, cleanup_pids):
