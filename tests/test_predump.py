@@ -210,7 +210,6 @@ def scribble(pid, base, size, count):
 
 
 def test_restore_from_a_chain(spawn, tmp_path, cleanup_pids):
-    pytest.importorskip("pycr.restore")
     w = spawn("bigmem", 64)
     m = w.wait_for(r"^region ([0-9a-f]+) (\d+)$")
     base, size = int(m.group(1), 16), int(m.group(2))
