@@ -230,6 +230,8 @@ def run_restore(binaries, workdir, most, results):
     release = max(n for n, name in steps if name == "release the restored tree")
     for i, n in enumerate(pick([s for s in steps if s[0] < release], most)):
         for sig in SIGNALS:
+            # a zombie an earlier trial left to PID 1 holds its PID until PID 1 reaps it
+            procutil.wait_gone(pids, timeout=30)
             before = stub_like()
             rc, err, stopped, _ = stop_and_signal(n, sig, ["restore", "-D", img, "-d"])
             left, zombies = new_tasks(before, pids)
@@ -239,7 +241,9 @@ def run_restore(binaries, workdir, most, results):
             kill_pids(left)
         print(f"  restore: {i + 1} steps done", file=sys.stderr, flush=True)
     # and the set still restores
-    pycr("restore", "-D", img, "-d")
+    procutil.wait_gone(pids, timeout=30)
+    again = pycr("restore", "-D", img, "-d", check=False)
+    results.restores_after = again.returncode == 0 or again.stderr.strip()
     kill_pids(pids)
 
 
@@ -314,6 +318,17 @@ class Results(list):
     def __init__(self):
         super().__init__()
         self.total = {}
+        self.restores_after = None
+
+
+def save(path, results, started):
+    """Write what was measured so far (after each command: a crash loses one command at most)."""
+    doc = dict(cpu=cpu_name(), kernel=platform.release(), seconds=round(time.monotonic() - started),
+               total_steps=results.total, restore_after_trials=results.restores_after, trials=list(results))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    return doc
 
 
 def cpu_name():
@@ -348,13 +363,10 @@ def main():
                 run_restore(binaries, workdir, most[command], results)
             else:
                 run_migrate(binaries, workdir, most[command], results)
+            save(args.out, results, started)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    doc = dict(cpu=cpu_name(), kernel=platform.release(), seconds=round(time.monotonic() - started),
-               total_steps=total, trials=list(results))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1)
+    doc = save(args.out, results, started)
     print(f"CPU: {doc['cpu']}, kernel {doc['kernel']}, {len(results)} trials in {doc['seconds']} s\n")
     print(table(results, total))
     bad = [r for r in results if r["command"] != "restore" and not r["same_after_cleanup"]] + \
