@@ -6,7 +6,7 @@ Run as a script to build by hand: python -m workloads OUTDIR (from tests/).
 
 Command lines start with the status argument (a path, "-" or "fd:N"); every
 workload reports "ready <pid>" once set up. Reports (one line per write(2)):
-  counter [STEP_MS]        count N; usr1 N (SIGUSR1 handler)
+  counter [STEP_MS] [clock] count N [MS]; usr1 N (SIGUSR1 handler)
   tree                     proc <pid> <ppid> <pgid>; count <pid> N (4 processes)
   threads                  thread <tid>; count <tid> N (4 threads)
   bigmem [MIB] [--dirty-pct-per-sec P] [--seed S]
