@@ -26,6 +26,8 @@ workload reports "ready <pid>" once set up. Reports (one line per write(2)):
   sharedfd [siblings]      child <pid> (clone CLONE_FILES); count <pid> N; opened <pid> <fd>
                            (SIGUSR1); has <pid> <fd40> <fd41> (SIGUSR2); siblings: two
                            children share a table their parent unshared
+  sigread restart|norestart  pipe <rfd> <wfd>; reading N; read <n> <hex> | read error <errno>;
+                           usr1 (SIGUSR1 handler, SA_RESTART or not, while blocked in read)
 Sums are procutil.checksum() (crc32 << 32 | adler32 of the bytes).
 Multi-process workloads give each process its own O_APPEND status description;
 single-process ones write at the descriptor's own offset (not O_APPEND).
@@ -36,7 +38,7 @@ import subprocess
 
 SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
 NAMES = ("counter", "tree", "threads", "bigmem", "openfile", "pipe", "seccomp",
-         "forker", "mapper", "execer", "joiner", "zombie", "zleader", "orphan", "sharedfd")
+         "forker", "mapper", "execer", "joiner", "zombie", "zleader", "orphan", "sharedfd", "sigread")
 CFLAGS = ("-O2", "-g", "-Wall", "-Wextra", "-Werror", "-std=gnu11")
 
 
