@@ -22,6 +22,7 @@ import zlib
 import pytest
 
 import procutil
+from kernel import require_tracker
 from pycrcmd import one_line_error, pycr
 
 from pycr.errors import PycrError
@@ -307,6 +308,7 @@ def test_pages_dropped_between_passes_read_as_zeros(spawn, pyworker, cleanup_pid
     """MADV_DONTNEED between passes: the source no longer has those pages (nothing reads
     them, so they stay unpopulated; uffd-wp saves its markers as zero pages, the hash
     tracker leaves them out of the pagemap); the replica must not keep its copies."""
+    require_tracker(tracker)
     w = spawn(pyworker, "dontneed")
 
     def between(rep, replica):
