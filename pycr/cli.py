@@ -193,7 +193,7 @@ def _check_tree(root):
 def _restore_follow(args):
     from .migrate import DirectoryTransport, follow
     result = follow(DirectoryTransport(args.images_dir, timeout=args.follow_timeout), pidns=args.pidns,
-                    keep_init=not args.restore_detached, trust_images=args.trust_images)
+                    trust_images=args.trust_images)
     if args.restore_detached:
         return 0
     return result.replica.run.wait_root()

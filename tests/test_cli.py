@@ -62,3 +62,29 @@ def test_check_of_a_clean_tree_and_of_a_missing_pid(tmp_path):
         child.wait()
     line = one_line_error(pycr("check", "-t", child.pid, expect=1))
     assert line.startswith(f"pycr: pid {child.pid}: no such process")
+
+
+def test_restore_follow_gives_up_after_its_timeout(tmp_path):
+    """Nothing appears in the directory: one line, a non-zero exit, soon after the timeout."""
+    import time
+    started = time.monotonic()
+    proc = pycr("restore", "-D", tmp_path, "--follow", "--follow-timeout", 1, expect=1, timeout=30)
+    took = time.monotonic() - started
+    assert one_line_error(proc) == f"pycr: {tmp_path}: no image set to start from appeared within 1 s"
+    assert 1.0 <= took < 10.0, took
+
+
+def test_verbose_dump_explains_its_steps_in_kernel_terms(spawn, tmp_path):
+    import re
+    import procutil
+    w = spawn("counter")
+    quiet = pycr("dump", "-t", w.pid, "-D", tmp_path / "quiet", "-R")
+    assert quiet.stderr == ""
+    lines = pycr("dump", "-t", w.pid, "-D", tmp_path / "img", "-R", "-v").stderr.splitlines()
+    assert lines[0] == "pycr: froze 1 processes, 1 threads with PTRACE_SEIZE + PTRACE_INTERRUPT"
+    assert f"pycr: pid {w.pid}: reading sigactions and brk by injected syscalls" in lines
+    assert any(re.fullmatch(rf"pycr: pid {w.pid}: copying \d+ pages in \d+ runs with process_vm_readv", line)
+               for line in lines), lines
+    assert "pycr: detached every thread (--leave-running): the tree goes on" in lines
+    assert re.fullmatch(r"pycr: dump done: [0-9.]+ MiB of pages, frozen [0-9.]+ s, total [0-9.]+ s", lines[-1])
+    procutil.assert_running_untraced(w.pid)

@@ -23,7 +23,7 @@ AVX512 = (1 << 5) | (1 << 6) | (1 << 7)
 
 
 def checks_after(w, mark, count=5):
-    w.wait_for(rf"^check \d+ ", start=mark)
+    w.wait_for(r"^check \d+ ", start=mark)
     for _ in range(count):
         w.wait_for(r"^check \d+ ", start=w.mark())
     return [line for line in w.lines(mark) if line.startswith("check ")]

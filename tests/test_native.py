@@ -179,10 +179,16 @@ def wait_for(predicate, timeout=5.0):
 def test_package_metadata_and_install_location():
     assert pycr.__version__ == "0.1.0"
     formats = importlib.import_module("pycr.formats")  # from the top-level formats/
+    # One installation: the formats, the compiled core and the stub all come from the
+    # tree pycr was imported from (site-packages, or the checkout and its build dir).
+    top = os.path.dirname(os.path.dirname(os.path.realpath(pycr.__file__)))
+    for part in (formats.__file__, core.__file__, importlib.import_module("pycr.native._core").__file__,
+                 stub_path()):
+        assert os.path.realpath(part).startswith(top + os.sep), part
+    assert os.access(stub_path(), os.X_OK)
     expect = os.environ.get("PYCR_EXPECT_INSTALLED")
-    if expect:  # scripts/test.sh: the suite must test the installed copy
+    if expect:  # scripts/test.sh: the suite must test the installed copy, not the checkout
         assert os.path.realpath(pycr.__file__).startswith(os.path.realpath(expect))
-        assert os.path.realpath(formats.__file__).startswith(os.path.realpath(expect))
 
 
 # ---- bulk memory I/O -------------------------------------------------------

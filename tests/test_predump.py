@@ -10,6 +10,7 @@ import time
 import pytest
 
 import procutil
+from kernel import require_tracker
 from pycrcmd import one_line_error, pycr
 from pycr.dump import dump_tree
 from pycr.errors import ImageError
@@ -82,6 +83,7 @@ def untraced(pids):
 
 @pytest.mark.parametrize("tracker", ["uffd-wp", "hash"])
 def test_three_level_chain_reassembles_memory(spawn, tmp_path, tracker):
+    require_tracker(tracker)
     w = spawn("bigmem", 64, "--dirty-pct-per-sec", 20)
     for n in (1, 2):
         prev = f"../d{n - 1}" if n > 1 else None
@@ -182,6 +184,7 @@ def test_broken_chains_are_refused(spawn, tmp_path):
 
 
 def test_uffd_closed_by_the_target_falls_back_to_a_full_copy(spawn, tmp_path):
+    require_tracker("uffd-wp")
     w = spawn("bigmem", 8)
     dump_tree(w.pid, tmp_path / "d1", pre_dump=True, tracker="uffd-wp")
     fd = ImageDir(tmp_path / "d1").read("tracker", w.pid).uffd_fd
@@ -210,7 +213,6 @@ def scribble(pid, base, size, count):
 
 
 def test_restore_from_a_chain(spawn, tmp_path, cleanup_pids):
-    pytest.importorskip("pycr.restore")
     w = spawn("bigmem", 64)
     m = w.wait_for(r"^region ([0-9a-f]+) (\d+)$")
     base, size = int(m.group(1), 16), int(m.group(2))
@@ -225,3 +227,35 @@ def test_restore_from_a_chain(spawn, tmp_path, cleanup_pids):
     pycr("restore", "-D", tmp_path / "d3", "-d")
     got = w.signal_and_wait(signal.SIGUSR1, r"^sum ([0-9a-f]+)$", timeout=60).group(1)
     assert int(got, 16) == expected
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MiB tmpfs: a pre-dump of more memory fails for want of space."""
+    import subprocess
+    where = tmp_path / "small"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.mark.parametrize("tracker", ["uffd-wp", "hash"])
+def test_failed_pre_dump_leaves_nothing_behind(spawn, small_fs, tracker):
+    """A pre-dump that fails once its tracker is set up (the disk is full) takes it out:
+    no fd, no mapping, the same blocked mask, and `pycr check -t` finds nothing."""
+    from pycrcmd import one_line_error
+    if tracker == "uffd-wp":
+        require_tracker("uffd-wp")
+    w = spawn("bigmem", 32)
+    before = w.signal_and_wait(signal.SIGUSR1, r"^sum (\w+)$").group(1)
+    state = (procutil.coalesced_maps(w.pid), procutil.fds(w.pid), procutil.status(w.pid)["SigBlk"])
+    proc = pycr("pre-dump", "-t", w.pid, "-D", small_fs / "pre", "--tracker", tracker, expect=1)
+    assert one_line_error(proc).startswith("pycr: no space left on device")
+    procutil.assert_running_untraced(w.pid)
+    assert (procutil.coalesced_maps(w.pid), procutil.fds(w.pid), procutil.status(w.pid)["SigBlk"]) == state
+    assert pycr("check", "-t", w.pid).stdout == f"nothing of pycr's in the tree of pid {w.pid}\n"
+    assert w.signal_and_wait(signal.SIGUSR1, r"^sum (\w+)$").group(1) == before
+    assert not os.path.exists(small_fs / "pre")

@@ -11,6 +11,7 @@ from pycr.errors import TaskGone
 from pycr.ptrace import binding as B
 from pycr.ptrace.inject import Injector
 from pycr.ptrace.thread import Thread
+from pycr.ptrace.xstate import local_layout
 from helpers_ptrace import COUNTER_C, Proc, build, state_and_tracer, free_pid
 
 
@@ -63,9 +64,18 @@ def test_seize_regs_roundtrip_and_target_keeps_counting(counter):
             t.set_regs(regs.to_dict())
             assert t.get_regs() == regs
             xs = t.get_xstate()
-            xcr0 = int.from_bytes(xs[464:472], "little")
-            assert xcr0 & 0x7 == 0x7               # x87 | SSE | AVX at least
-            assert len(xs) == 832 if xcr0 == 0x7 else len(xs) > 832
+            # The whole area, as CPUID leaf 0xD sizes it for the kernel's XCR0.
+            assert len(xs) == local_layout().size
+            assert int.from_bytes(xs[464:472], "little") == local_layout().xcr0
+            t.set_xstate(xs)
+            assert t.get_xstate() == xs
+            # A changed area goes in and comes out whole: xmm15 (legacy area, bytes 400..415).
+            changed = bytearray(xs)
+            changed[400:416] = bytes(range(1, 17))
+            changed[512] |= 0x2                     # xstate_bv: the SSE component is in use
+            t.set_xstate(bytes(changed))
+            got = t.get_xstate()
+            assert len(got) == len(xs) and got[400:416] == bytes(range(1, 17))
             t.set_xstate(xs)
             assert t.get_xstate() == xs
     assert state_and_tracer(counter.pid)[1] == 0

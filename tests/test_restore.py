@@ -156,9 +156,21 @@ def test_pipe_data(spawn, tmp_path, cleanup_pids):
     assert procutil.ppid(child) == w.pid
     got = w.signal_and_wait(signal.SIGUSR1, r"^got ([0-9a-f]+)$", pid=child).group(1)
     assert bytes.fromhex(got) == b"pycr pipe message 0123456789"
-    # Both ends are one pipe object again.
-    assert procutil.fds(child)[3].startswith("pipe:") or any(
-        t.startswith("pipe:") for t in procutil.fds(child).values())
+    # Both ends are one pipe object again: the parent's write end and the child's read
+    # end have one inode, and what goes in at one comes out at the other.
+    ends = lambda pid: {fd: t for fd, t in procutil.fds(pid).items() if t.startswith("pipe:")}
+    (wfd, wlink), = ends(w.pid).items()
+    (rfd, rlink), = ends(child).items()
+    assert wlink == rlink
+    assert os.stat(f"/proc/{w.pid}/fd/{wfd}").st_ino == os.stat(f"/proc/{child}/fd/{rfd}").st_ino
+    writer = os.open(f"/proc/{w.pid}/fd/{wfd}", os.O_WRONLY | os.O_CLOEXEC)
+    reader = os.open(f"/proc/{child}/fd/{rfd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        assert os.write(writer, b"through the restored pipe") == 25
+        assert os.read(reader, 100) == b"through the restored pipe"
+    finally:
+        os.close(writer)
+        os.close(reader)
 
 
 def test_seccomp_still_applies(spawn, tmp_path, cleanup_pids):
@@ -268,6 +280,132 @@ def test_pidns_wait_returns_status_and_ends_the_namespace(spawn, tmp_path, clean
         cleanup_pids.add(init, twin)
         procutil.kill(twin, signal.SIGTERM)
         assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        assert procutil.wait_gone([init], timeout=5) == []
+    finally:
+        w.signal(signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+ORPHANING_SCRIPT = """#!{python}
+import os, signal, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+def report(line):
+    os.write(fd, (line + "\\n").encode())
+want = []
+signal.signal(signal.SIGUSR1, lambda *a: want.append(1))
+signal.signal(signal.SIGUSR2, lambda *a: os._exit(7))
+report("ready %d" % os.getpid())
+n = 0
+while True:
+    n += 1
+    report("count %d" % n)
+    if want:
+        want.clear()
+        middle = os.fork()
+        if middle == 0:
+            if os.fork() == 0:
+                while os.getppid() != 1:
+                    time.sleep(0.001)        # until the middle process is gone: orphaned
+                report("orphan %d %d" % (os.getpid(), os.getppid()))
+                os._exit(0)
+            os._exit(0)
+        os.waitpid(middle, 0)
+        report("middle %d reaped" % middle)
+    time.sleep(0.01)
+"""
+
+
+def _restore_pidns_waiting(w, imgdir):
+    """`pycr restore --pidns` without -d, as a user runs it -> (Popen, twin, init) once the
+    restored root reports again."""
+    import subprocess
+    import sys
+    mark = w.mark()
+    proc = subprocess.Popen([sys.executable, "-m", "pycr", "restore", "-D", str(imgdir), "--pidns"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        w.wait_for(r"^count \d+$", start=mark, timeout=30)
+    except AssertionError:
+        proc.kill()
+        raise AssertionError(f"no report from the restored tree: {proc.communicate()[1]}") from None
+    twin = _ns_twin(w.pid, os.readlink(f"/proc/{os.getpid()}/exe"))
+    assert twin is not None
+    return proc, twin, procutil.ppid(twin)
+
+
+def _zombies_under(pid):
+    return [p for p in procutil.descendants(pid) if procutil.state(p) == "Z"]
+
+
+def test_pidns_restore_reaps_orphans_while_pycr_waits(spawn_python, tmp_path, cleanup_pids):
+    """While `pycr restore --pidns` waits for the root, the namespace's init runs
+    (untraced): a process orphaned in the namespace is reaped, no zombie stays."""
+    w = spawn_python("orphaning", ORPHANING_SCRIPT)
+    dump(w, tmp_path / "img", "-R")
+    w.signal(signal.SIGSTOP)          # the original keeps its PID and stays quiet
+    proc, twin, init = _restore_pidns_waiting(w, tmp_path / "img")
+    cleanup_pids.add(init, twin)
+    try:
+        procutil.assert_running_untraced(init, twin)
+        orphan = int(w.signal_and_wait(signal.SIGUSR1, r"^orphan (\d+) 1$", pid=twin).group(1))
+        assert orphan != w.pid
+        deadline = time.monotonic() + 5
+        while _zombies_under(init) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _zombies_under(init) == [], "an orphan in the namespace stays a zombie"
+        assert proc.poll() is None          # still waiting for the root
+        procutil.kill(twin, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        w.signal(signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_pidns_tree_outlives_a_killed_waiting_pycr(spawn, tmp_path, cleanup_pids):
+    """SIGKILL of `pycr restore --pidns` while it waits for the root: the restored
+    tree and its namespace run on, untraced."""
+    w = spawn("counter")
+    dump(w, tmp_path / "img", "-R")
+    w.signal(signal.SIGSTOP)
+    mark = w.mark()
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "pycr", "restore", "-D", str(tmp_path / "img"), "--pidns"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        w.wait_for(r"^count \d+$", start=mark, timeout=30)
+        twin = _ns_twin(w.pid, w.argv[0])
+        assert twin is not None
+        init = procutil.ppid(twin)
+        cleanup_pids.add(init, twin)
+        proc.kill()
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        n = int(w.last("count").split()[1])
+        w.wait_for(rf"^count {n + 5}$", start=mark)
+        procutil.assert_running_untraced(init, twin)
+        assert procutil.status(twin)["NSpid"].split()[1] == str(w.pid)
+    finally:
+        w.signal(signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_pidns_wait_returns_the_exit_code(spawn_python, tmp_path, cleanup_pids):
+    """The root's own exit code comes out of `pycr restore --pidns` (the init stub
+    keeps it for pycr, which never traces init while it waits); the namespace ends."""
+    w = spawn_python("orphaning", ORPHANING_SCRIPT)
+    dump(w, tmp_path / "img", "-R")
+    w.signal(signal.SIGSTOP)
+    proc, twin, init = _restore_pidns_waiting(w, tmp_path / "img")
+    cleanup_pids.add(init, twin)
+    try:
+        procutil.kill(twin, signal.SIGUSR2)            # _exit(7)
+        assert proc.wait(timeout=30) == 7, proc.stderr.read()
         assert procutil.wait_gone([init], timeout=5) == []
     finally:
         w.signal(signal.SIGCONT)

@@ -1,35 +1,80 @@
-"""The syscall-restart fix-up applied to registers of threads frozen inside a syscall."""
+"""A task restored while blocked in a syscall: the kernel's restart rules hold after restore.
 
-from types import SimpleNamespace
+The sigread workload blocks in read() on an empty pipe with a SIGUSR1 handler.
+It is dumped there and restored; the restored task must be back in that read()
+(not returning the kernel-internal -ERESTARTSYS to the program), and a SIGUSR1
+sent to the restored task must then do what it does to a task never dumped:
+without SA_RESTART the read fails with EINTR, with SA_RESTART it goes on and
+returns the data written to the pipe afterwards.
+"""
 
-import pytest
-
-from pycr.restore.threads import final_regs
-
-U64 = (1 << 64) - 1
-NAMES = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx",
-         "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base", "ds",
-         "es", "fs", "gs")
-
-
-def thread(rax, orig_rax, rip=0x401002):
-    regs = {name: 0 for name in NAMES}
-    regs.update(rax=rax & U64, orig_rax=orig_rax & U64, rip=rip)
-    return SimpleNamespace(regs=regs)
+import errno
+import os
+import signal
+import time
 
 
-@pytest.mark.parametrize("err", [512, 513, 514])
-def test_restartable_syscall_runs_again(err):
-    regs = final_regs(thread(-err, 7))
-    assert regs.rax == 7 and regs.rip == 0x401000 and regs.orig_rax == U64
+import procutil
+from pycrcmd import pycr
+
+SYS_READ = 0
 
 
-def test_restart_block_becomes_eintr():
-    regs = final_regs(thread(-516, 230))
-    assert regs.rax == (-4) & U64 and regs.rip == 0x401002 and regs.orig_rax == U64
+def in_syscall(pid, nr, timeout=5.0):
+    """Wait until pid sleeps inside syscall nr (/proc/PID/syscall); True if it does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(f"/proc/{pid}/syscall") as f:
+                fields = f.read().split()
+        except OSError:
+            fields = []
+        if fields and fields[0] == str(nr) and procutil.state(pid) == "S":
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
 
 
-@pytest.mark.parametrize("rax,orig", [(5, 0), (-11, 1), (-512, -1), (0x1234, -1)])
-def test_other_states_are_left_alone(rax, orig):
-    regs = final_regs(thread(rax, orig))
-    assert regs.rax == rax & U64 and regs.rip == 0x401002 and regs.orig_rax == U64
+def dump_and_restore_in_read(spawn, tmp_path, cleanup_pids, mode):
+    w = spawn("sigread", mode)
+    rfd, wfd = (int(x) for x in w.wait_for(r"^pipe (\d+) (\d+)$").groups())
+    w.wait_for(r"^reading 1$")
+    assert in_syscall(w.pid, SYS_READ)
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img")
+    assert procutil.wait_gone([w.pid]) == []
+    cleanup_pids.add(w.pid)
+    mark = w.mark()
+    pycr("restore", "-D", tmp_path / "img", "-d")
+    # Back inside the same read(), and nothing reported: it neither returned nor failed.
+    assert in_syscall(w.pid, SYS_READ), open(f"/proc/{w.pid}/syscall").read()
+    assert w.lines(mark) == []
+    return w, mark, wfd
+
+
+def write_to_pipe(pid, fd, data):
+    writer = os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        assert os.write(writer, data) == len(data)
+    finally:
+        os.close(writer)
+
+
+def test_signal_without_sa_restart_interrupts_the_restored_read(spawn, tmp_path, cleanup_pids):
+    w, mark, wfd = dump_and_restore_in_read(spawn, tmp_path, cleanup_pids, "norestart")
+    w.signal(signal.SIGUSR1)
+    w.wait_for(rf"^read error {errno.EINTR}$", start=mark)
+    assert w.lines(mark)[:3] == ["usr1", f"read error {errno.EINTR}", "reading 2"]
+    # and the next read works on the same pipe
+    write_to_pipe(w.pid, wfd, b"after")
+    w.wait_for(rf"^read 5 {b'after'.hex()}$", start=mark)
+
+
+def test_signal_with_sa_restart_lets_the_restored_read_go_on(spawn, tmp_path, cleanup_pids):
+    w, mark, wfd = dump_and_restore_in_read(spawn, tmp_path, cleanup_pids, "restart")
+    w.signal_and_wait(signal.SIGUSR1, r"^usr1$")
+    # The read was restarted: blocked in it again, no error, and it returns what comes next.
+    assert in_syscall(w.pid, SYS_READ)
+    write_to_pipe(w.pid, wfd, b"hello")
+    w.wait_for(rf"^read 5 {b'hello'.hex()}$", start=mark)
+    assert w.lines(mark)[:2] == ["usr1", f"read 5 {b'hello'.hex()}"]

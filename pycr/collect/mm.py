@@ -50,7 +50,7 @@ def check_supported(pid, vmas):
         if vma.kind == "shmem" and vma.is_sysv:
             raise Unsupported(f"pid {pid}: SysV shared memory at {vma.start:#x} is not supported")
         if vma.kind == "file" and vma.deleted:
-            raise Unsupported(f"pid {pid}: mapping of deleted file {vma.path} is not supported")
+            raise Unsupported(f"pid {pid}: mapping {where} of deleted file {vma.path} is not supported")
         if "dp" in flags and (vma.shared or vma.kind not in ("anon", "heap", "stack")):
             raise Unsupported(f"pid {pid}: MAP_DROPPABLE mapping {where} of {vma.path or 'anonymous memory'} "
                               "is not supported")

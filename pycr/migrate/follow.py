@@ -22,13 +22,13 @@ class FollowResult:
     resumed_at: float = 0.0         # time.monotonic() of the resume
 
 
-def follow(transport, pidns=False, keep_init=False, on_image_set=None, on_pass=None, trust_images=False):
+def follow(transport, pidns=False, on_image_set=None, on_pass=None, trust_images=False):
     """Run an incremental restore from `transport` until the replica runs -> FollowResult.
 
     on_image_set(number, path) is called before a set is applied and
     on_pass(PassReport, replica) after (both may raise to abandon the restore).
-    keep_init: with pidns, keep the namespace's init stopped so that the
-    caller can collect the root's exit status (Restore.wait_root).
+    With pidns, the namespace's init is detached with the rest at the resume; the
+    caller can still collect the root's exit status (Restore.wait_root).
     trust_images: accept sets another user owns or may write (see restore.trust).
     """
     replica = Replica(pidns)
@@ -48,8 +48,6 @@ def follow(transport, pidns=False, keep_init=False, on_image_set=None, on_pass=N
             changes = replica.apply(images)
             final = changes.kind == "dump"
             if final:
-                if replica.run.init is not None:
-                    replica.run.init.keep = keep_init
                 replica.resume()
                 result.resumed_at = time.monotonic()
             rep = report.for_pass(changes, path, getattr(transport, "last_seconds", 0.0),

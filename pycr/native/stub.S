@@ -10,6 +10,14 @@
  *                    having reaped at least one (or been told so: r12 != 0, set
  *                    by the restorer), none is left; then exit, which ends the
  *                    namespace. Before its first child it naps and retries.
+ *                    The restorer may name the restored root (r13: its PID in
+ *                    the namespace) and a 12-byte slot in the stub's stack
+ *                    (r14): wait4 then writes each status there, and once the
+ *                    root is reaped the stub stores its status as a shell
+ *                    would report it (code, or 128 + signal) at r14+4 and 1 at
+ *                    r14+8, and exits with that code when the namespace ends.
+ *                    pycr reads the slot through /proc/PID/mem (or takes the
+ *                    exit code), so it never has to hold the init stopped.
  */
 #define SYS_pause       34
 #define SYS_nanosleep   35
@@ -30,16 +38,37 @@ _start:
         jne     .Lpause
 
         xor     %r12d, %r12d            /* r12: a child was reaped (syscalls keep it) */
+        xor     %r13d, %r13d            /* r13: the root's PID, 0 until the restorer sets it */
+        xor     %r14d, %r14d            /* r14: the status slot, 0 for none */
+        xor     %r15d, %r15d            /* r15: the exit code (the root's) */
 .Lreap:
         mov     $SYS_wait4, %eax
         mov     $-1, %rdi
-        xor     %esi, %esi
+        mov     %r14, %rsi
         mov     $WALL, %edx
         xor     %r10d, %r10d
         syscall
         test    %rax, %rax
         js      .Lfailed
         mov     $1, %r12d               /* reaped one: again */
+        test    %r13, %r13
+        jz      .Lreap
+        cmp     %r13, %rax
+        jne     .Lreap
+        test    %r14, %r14
+        jz      .Lreap
+        movl    (%r14), %eax            /* the root's wait status */
+        mov     %eax, %ecx
+        and     $0x7f, %ecx
+        jz      .Lexited
+        add     $128, %ecx              /* killed by signal ecx */
+        jmp     .Lstore
+.Lexited:
+        movzbl  %ah, %ecx               /* exit code: bits 8..15 */
+.Lstore:
+        mov     %ecx, %r15d
+        movl    %ecx, 4(%r14)
+        movl    $1, 8(%r14)
         jmp     .Lreap
 .Lfailed:
         cmp     $-10, %rax              /* -ECHILD: none left, or none yet */
@@ -53,7 +82,7 @@ _start:
         jmp     .Lreap
 .Lexit:
         mov     $SYS_exit_group, %eax
-        xor     %edi, %edi
+        mov     %r15d, %edi
         syscall
 
 .Lpause:

@@ -3,9 +3,17 @@
 The init stub is started by pycr with CLONE_NEWPID (it becomes PID 1 there,
 reaps orphans, and exits once its last child is gone, which ends the namespace); the restored root is forked inside it with clone3
 set_tid, so every restored task gets its dumped PID in the new namespace
-while pycr keeps seeing the outer PIDs. To report the root's exit status, the
-init stub is kept stopped while pycr waits; when the root has exited, pycr
-runs wait4 for it inside the init stub and only then lets init reap again.
+while pycr keeps seeing the outer PIDs.
+
+pycr holds the init stub only while it builds the tree: once the tree runs,
+init is detached like every restored task (release_init), so it reaps the
+namespace's orphans from the start and nothing of the namespace depends on
+pycr staying alive (no PTRACE_O_EXITKILL left on any task). To report the
+root's exit status, release_init tells the stub the root's PID and a slot in
+its own stack: the stub stores the root's status there when it reaps it, and
+exits with it when the namespace ends. pycr waits for the root with a pidfd
+and reads the slot through /proc/PID/mem (wait_root), or takes init's exit
+status if the namespace has ended by then.
 """
 
 import errno
@@ -14,7 +22,7 @@ import select
 import struct
 import time
 
-from pycr.errors import RestoreError
+from pycr.errors import PycrError, RestoreError
 from pycr.log import log
 from pycr.native import core
 from pycr.restore import files, tasks
@@ -38,47 +46,107 @@ def start_init(created, keep_fd, need_suspend=True):
     # only pycr's pidfd stays, for the restored tasks forked from it.
     files.close_inherited(remote, keep_fd)
     task = tasks.Task(1, real, remote)
-    task.keep = False
     log.info("--pidns: init stub is pid %d outside, 1 inside", real)
     return task
 
 
-def wait_child(init, child):
-    """Wait for child (a child of init) to exit; reap it inside init -> wait status."""
-    pidfd = core.pidfd_open(child.real)
+SLOT_BELOW_SP = 256        # the status slot: in init's stack, which the stub itself never uses
+
+
+def release_init(init, root_pid):
+    """Detach the init stub for good, telling it the root's PID (inside the namespace)
+    and where to leave the root's status: see the stub's comment (pycr/native/stub.S)."""
+    r = init.remote
+    r.finish()
+    t = r.thread
+    regs = t.get_regs()
+    slot = (regs.rsp - SLOT_BELOW_SP) & ~15
+    fd = os.open(f"/proc/{init.real}/mem", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, bytes(12), slot)
+    finally:
+        os.close(fd)
+    regs.r13 = root_pid
+    regs.r14 = slot
+    if regs.orig_rax == tasks.SYS_WAIT4:    # stopped in wait4: restarted with these arguments
+        regs.rsi = slot
+    t.set_regs(regs)
+    t.detach(0)
+    init.slot = slot
+    log.info("--pidns: init stub %d detached; it keeps pid %d's status at %#x", init.real, root_pid, slot)
+
+
+def _read_slot(init):
+    """The root's status (shell style) from init's slot, or None if not there (yet)."""
+    try:
+        fd = os.open(f"/proc/{init.real}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.pread(fd, 12, init.slot)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) != 12:
+        return None
+    code, done = struct.unpack_from("<iI", data, 4)
+    return code if done == 1 else None
+
+
+def _shell_status(status):
+    return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def wait_root(init, root, alone_timeout=2.0):
+    """Wait for the restored root to exit -> its status as a shell reports it (code or
+    128 + signal). Neither the root nor init is traced: a pidfd says when the root has
+    gone, init's slot (or init's own exit status) says how."""
+    try:
+        pidfd = core.pidfd_open(root.real)
+    except OSError:
+        pidfd = None            # gone already
+    if pidfd is not None:
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            while not poller.poll(1000):
+                pass
+        finally:
+            os.close(pidfd)
+    init_fd = core.pidfd_open(init.real)     # our child: a zombie still has one
     try:
         poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        while not poller.poll(1000):
-            pass
+        poller.register(init_fd, select.POLLIN)
+        code = None
+        while code is None:
+            code = _read_slot(init)
+            if code is not None:
+                break
+            res = os.waitid(os.P_PIDFD, init_fd, os.WEXITED | os.WNOHANG)
+            if res is not None:          # the namespace ended: init exited with the root's code
+                return res.si_status if res.si_code == os.CLD_EXITED else 128 + res.si_status
+            poller.poll(10)
+        # Nothing left in the namespace: init exits at once; reap it (it is pycr's
+        # child) rather than leave a zombie for PID 1 to find later.
+        if not _has_children(init.real):
+            deadline = time.monotonic() + alone_timeout
+            while time.monotonic() < deadline:
+                if os.waitid(os.P_PIDFD, init_fd, os.WEXITED | os.WNOHANG) is not None:
+                    break
+                poller.poll(10)
+        return code
+    except ChildProcessError:
+        if code is None:
+            raise PycrError(f"the namespace's init (pid {init.real}) was reaped by someone else") from None
+        return code
     finally:
-        os.close(pidfd)
-    r = init.remote
-    with r.inj.scratch(4096) as buf:
-        r.check("wait4", child.pid, buf, WALL, 0, what=f"{child.pid}")
-        (status,) = struct.unpack("<i", r.read(buf, 4))
-    r.finish()
-    # The stub's own loop did not see this child go: tell it one was reaped,
-    # so that it exits (ending the namespace) once no orphan is left to reap.
-    regs = r.thread.get_regs()
-    regs.r12 = 1
-    r.thread.set_regs(regs)
-    r.thread.detach(0)
-    _reap_if_alone(init)
-    return status
+        os.close(init_fd)
 
 
-def _reap_if_alone(init, timeout=2.0):
-    """If no task is left in the namespace, init exits at once: reap it (it is
-    pycr's child) rather than leave a zombie for PID 1 to find later."""
-    if any(open(f"/proc/{init.real}/task/{t}/children").read().split()
-           for t in os.listdir(f"/proc/{init.real}/task")):
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(init.real, os.WNOHANG)[0]:
-                return
-        except ChildProcessError:
-            return
-        time.sleep(0.002)
+def _has_children(real):
+    try:
+        return any(open(f"/proc/{real}/task/{t}/children").read().split()
+                   for t in os.listdir(f"/proc/{real}/task"))
+    except OSError:
+        return False

@@ -130,9 +130,10 @@ class Restore:
             for thread in task.threads.values():
                 thread.detach(0)
         self.released = True
-        if self.init is not None and not self.init.keep:
-            self.init.remote.finish()
-            self.init.remote.thread.detach(0)
+        if self.init is not None:
+            # init is not held: it reaps the namespace's orphans, and pycr's death
+            # cannot take the namespace down (no PTRACE_O_EXITKILL left on it).
+            pidns_mod.release_init(self.init, self.images.root.pid)
         log.info("detached %d threads of %d processes", sum(len(t.threads) for t in self.tasks.values()),
                  len(self.tasks))
 
@@ -154,9 +155,8 @@ class Restore:
     def wait_root(self):
         root = self.tasks[self.images.root.pid]
         if self.init is not None:
-            status = pidns_mod.wait_child(self.init, root)
-        else:
-            _, status = os.waitpid(root.real, 0)
+            return pidns_mod.wait_root(self.init, root)
+        _, status = os.waitpid(root.real, 0)
         if os.WIFSIGNALED(status):
             return 128 + os.WTERMSIG(status)
         return os.WEXITSTATUS(status)
@@ -210,8 +210,6 @@ def restore(images_dir, detach=False, pidns=False, trust_images=False):
         run.open_files()
         run.create()
         run.rebuild()
-        if run.init is not None:
-            run.init.keep = not detach
         run.release()
     except BaseException:
         log.info("restore failed: killing the %d tasks created so far", len(run.created))

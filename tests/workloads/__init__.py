@@ -6,7 +6,7 @@ Run as a script to build by hand: python -m workloads OUTDIR (from tests/).
 
 Command lines start with the status argument (a path, "-" or "fd:N"); every
 workload reports "ready <pid>" once set up. Reports (one line per write(2)):
-  counter [STEP_MS]        count N; usr1 N (SIGUSR1 handler)
+  counter [STEP_MS] [clock] count N [MS]; usr1 N (SIGUSR1 handler)
   tree                     proc <pid> <ppid> <pgid>; count <pid> N (4 processes)
   threads                  thread <tid>; count <tid> N (4 threads)
   bigmem [MIB] [--dirty-pct-per-sec P] [--seed S]
@@ -28,6 +28,8 @@ workload reports "ready <pid>" once set up. Reports (one line per write(2)):
                            children share a table their parent unshared
   xstate                   has avx512 <0|1> amx <0|1>; check N ok | check N bad <zmm31|tmm0>
                            (zmm31 and AMX tile 0 held across steps)
+  sigread restart|norestart  pipe <rfd> <wfd>; reading N; read <n> <hex> | read error <errno>;
+                           usr1 (SIGUSR1 handler, SA_RESTART or not, while blocked in read)
 Sums are procutil.checksum() (crc32 << 32 | adler32 of the bytes).
 Multi-process workloads give each process its own O_APPEND status description;
 single-process ones write at the descriptor's own offset (not O_APPEND).
@@ -38,7 +40,7 @@ import subprocess
 
 SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
 NAMES = ("counter", "tree", "threads", "bigmem", "openfile", "pipe", "seccomp",
-         "forker", "mapper", "execer", "joiner", "zombie", "zleader", "orphan", "sharedfd", "xstate")
+         "forker", "mapper", "execer", "joiner", "zombie", "zleader", "orphan", "sharedfd", "xstate", "sigread")
 CFLAGS = ("-O2", "-g", "-Wall", "-Wextra", "-Werror", "-std=gnu11")
 
 

@@ -1,0 +1,115 @@
+"""Every kind the README says a dump refuses, refused by name in one line, the tree left running.
+
+Each case is a small Python workload holding one unsupported resource; the
+dump must fail with exactly the one line that names the pid, the fd or the
+address, and the kind; the tree runs on untraced, counting, with the same
+maps, fds and blocked mask, and no image directory is left behind.
+"""
+
+import os
+
+import pytest
+
+import procutil
+from pycrcmd import one_line_error, pycr
+
+HOLDER = r"""#!{python}
+import ctypes, mmap, os, select, signal, socket, sys, tempfile, time
+libc = ctypes.CDLL(None, use_errno=True)
+st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+def report(line):
+    os.write(st, (line + "\n").encode())
+kind = sys.argv[2]
+where = os.path.dirname(sys.argv[1])
+keep = []
+if kind == "socket":
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); keep.append(s); report("fd %d" % s.fileno())
+elif kind == "eventfd":
+    report("fd %d" % os.eventfd(0))
+elif kind == "epoll":
+    e = select.epoll(); keep.append(e); report("fd %d" % e.fileno())
+elif kind == "signalfd":
+    mask = ctypes.c_uint64(1 << (signal.SIGUSR2 - 1))
+    report("fd %d" % libc.signalfd(-1, ctypes.byref(mask), 0))
+elif kind == "timerfd":
+    report("fd %d" % libc.timerfd_create(1, 0))
+elif kind == "inotify":
+    report("fd %d" % libc.inotify_init1(0))
+elif kind == "deleted-open":
+    path = os.path.join(where, "gone-open")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600); os.write(fd, b"x" * 100); os.unlink(path)
+    report("fd %d %s" % (fd, path))
+elif kind == "deleted-mapped":
+    path = os.path.join(where, "gone-mapped")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600); os.ftruncate(fd, 8192)
+    m = mmap.mmap(fd, 8192); keep.append(m); os.close(fd); os.unlink(path)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    report("map %x %x %s" % (addr, addr + 8192, path))
+elif kind == "sysv-shm":
+    libc.shmat.restype = ctypes.c_void_p
+    shmid = libc.shmget(0, 8192, 0o1000 | 0o600)            # IPC_PRIVATE, IPC_CREAT
+    addr = libc.shmat(shmid, None, 0)
+    libc.shmctl(shmid, 0, None)                              # IPC_RMID: gone with the process
+    report("map %x %x" % (addr, addr + 8192))
+elif kind == "hugetlb":
+    try:
+        m = mmap.mmap(-1, 2 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x40000)   # MAP_HUGETLB
+        m[0] = 1
+    except OSError as exc:
+        report("none %s" % exc.strerror.replace(" ", "_"))
+    else:
+        keep.append(m)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        report("map %x %x" % (addr, addr + (2 << 20)))
+report("ready %d" % os.getpid())
+n = 0
+while True:
+    n += 1
+    report("count %d" % n)
+    time.sleep(0.01)
+"""
+
+CASES = {
+    "socket": "pid {pid} fd {fd}: socket (AF_UNIX) is not supported",
+    "eventfd": "pid {pid} fd {fd}: [eventfd] is not supported",
+    "epoll": "pid {pid} fd {fd}: [eventpoll] is not supported",
+    "signalfd": "pid {pid} fd {fd}: [signalfd] is not supported",
+    "timerfd": "pid {pid} fd {fd}: [timerfd] is not supported",
+    "inotify": "pid {pid} fd {fd}: inotify is not supported",
+    "deleted-open": "pid {pid} fd {fd}: deleted file {path} is not supported",
+    "deleted-mapped": "pid {pid}: mapping {start:#x}-{end:#x} of deleted file {path} is not supported",
+    "sysv-shm": "pid {pid}: SysV shared memory at {start:#x} is not supported",
+    "hugetlb": "pid {pid}: hugetlb mapping {start:#x}-{end:#x} is not supported",
+}
+
+
+def snapshot(pid):
+    return procutil.coalesced_maps(pid), procutil.fds(pid), procutil.status(pid)["SigBlk"]
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_unsupported_kind_is_refused_by_name(spawn, tmp_path, kind):
+    script = tmp_path / "holder.py"
+    import sys
+    script.write_text(HOLDER.replace("{python}", sys.executable))
+    script.chmod(0o755)
+    w = spawn(str(script), kind)
+    what = w.lines()[0].split()
+    if what[0] == "none":
+        pytest.skip(f"this kernel gives no hugetlb mapping: {what[1].replace('_', ' ')}")
+    fields = dict(pid=w.pid)
+    if what[0] == "fd":
+        fields.update(fd=int(what[1]), path=what[2] if len(what) > 2 else None)
+        assert fields["fd"] >= 0, f"the workload could not make its {kind}"
+    else:
+        fields.update(start=int(what[1], 16), end=int(what[2], 16), path=what[3] if len(what) > 3 else None)
+    w.wait_for(r"^count \d+$")
+    before = snapshot(w.pid)
+    proc = pycr("dump", "-t", w.pid, "-D", tmp_path / "img", expect=1)
+    assert one_line_error(proc) == "pycr: " + CASES[kind].format(**fields)
+    # The tree runs on as it was, and nothing of the dump is left.
+    procutil.assert_running_untraced(w.pid)
+    n = int(w.last("count").split()[1])
+    w.wait_for(rf"^count {n + 3}$")
+    assert snapshot(w.pid) == before
+    assert not os.path.exists(tmp_path / "img")
