@@ -13,7 +13,6 @@ import os
 import signal
 import time
 
-
 import procutil
 from pycrcmd import pycr
 
