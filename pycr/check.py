@@ -13,18 +13,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from .abi import (NR, PAGE_IS_PRESENT, PM_SOFT_DIRTY, PR_SET_MM, PR_SET_MM_MAP_SIZE, UFFD_API, UFFD_PYCR_FEATURES,
+                  UFFD_PYCR_FLAGS, UFFD_USER_MODE_ONLY, UFFDIO_API)
 from .native import core
 from .sysinfo import page_size
 
 PAGE = page_size()
-SYS_userfaultfd = 323
-UFFD_USER_MODE_ONLY = 1
-UFFDIO_API = 0xC018AA3F
-UFFD_API = 0xAA
-UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
-UFFD_FEATURE_WP_ASYNC = 1 << 15
-PR_SET_MM, PR_SET_MM_MAP, PR_SET_MM_MAP_SIZE = 35, 14, 15
-PM_SOFT_DIRTY = 1 << 55
 
 
 @dataclass
@@ -102,12 +96,12 @@ def check_soft_dirty():
 
 def check_uffd_wp_async():
     try:
-        fd = core.syscall(SYS_userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK | UFFD_USER_MODE_ONLY)
+        fd = core.syscall(NR["userfaultfd"], UFFD_PYCR_FLAGS | UFFD_USER_MODE_ONLY)
     except OSError as exc:
         return Finding("userfaultfd WP_ASYNC", False, f"userfaultfd: {exc.strerror}", "tracker")
     try:
         import fcntl
-        want = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED
+        want = UFFD_PYCR_FEATURES
         arg = bytearray(struct.pack("<QQQ", UFFD_API, want, 0))
         try:
             fcntl.ioctl(fd, UFFDIO_API, arg, True)
@@ -127,7 +121,7 @@ def check_pagemap_scan():
     fd = os.open("/proc/self/pagemap", os.O_RDONLY)
     try:
         area[0] = 1
-        runs, _ = core.pagemap_scan(fd, addr, addr + 4 * PAGE, 0, 0, 0, 0, core.PAGE_IS_PRESENT)
+        runs, _ = core.pagemap_scan(fd, addr, addr + 4 * PAGE, 0, 0, 0, 0, PAGE_IS_PRESENT)
         found = len(runs) >= 3 and runs[0] == addr
         return Finding("PAGEMAP_SCAN", found, "ioctl on /proc/PID/pagemap (Linux 6.7+)"
                        if found else "scan did not report a present page", "tracker")

@@ -16,6 +16,7 @@ import signal
 import time
 
 from pycr import proc
+from pycr.abi import WALL
 from pycr.errors import AccessDenied, PycrError, TaskGone
 from pycr.ptrace import binding as B
 from pycr.ptrace.thread import Thread
@@ -219,7 +220,7 @@ class FrozenTree:
         while True:
             for tid in list(waiting):
                 try:
-                    got, status = os.waitpid(tid, B.WALL | os.WNOHANG)
+                    got, status = os.waitpid(tid, WALL | os.WNOHANG)
                 except ChildProcessError:
                     waiting.discard(tid)
                     continue

@@ -16,15 +16,11 @@ does every dump and pre-dump of the tree before it looks at its fds.
 from dataclasses import dataclass
 
 from pycr import proc
+from pycr.abi import O_LARGEFILE, UFFD_FEATURE_INITIALIZED, UFFD_LINK, UFFD_PYCR_FEATURES, UFFD_PYCR_FLAGS
 from pycr.errors import PycrError, TaskGone
 from pycr.log import log
 from pycr.ptrace import sigframe
 from pycr.ptrace.inject import vdso_text_end
-
-UFFD_LINK = "anon_inode:[userfaultfd]"
-UFFD_FLAGS = 0o4000 | 0o2000000                 # O_NONBLOCK | O_CLOEXEC, read-only
-UFFD_FEATURES = (1 << 15) | (1 << 13)           # WP_ASYNC | WP_UNPOPULATED
-_FEATURE_INITIALIZED = 1 << 31                  # set by the kernel once UFFDIO_API ran
 
 
 @dataclass
@@ -46,7 +42,7 @@ def uffd_features(pid, fd):
     api = (info.extra.get("API") or [""])[0].split(":")
     if len(api) < 2:
         return info.flags, None
-    return info.flags, int(api[1], 16) & ~_FEATURE_INITIALIZED
+    return info.flags, int(api[1], 16) & ~UFFD_FEATURE_INITIALIZED
 
 
 def pycr_uffds(pid, initialized_only=False):
@@ -59,9 +55,9 @@ def pycr_uffds(pid, initialized_only=False):
             flags, features = uffd_features(pid, fd)
         except TaskGone:
             continue
-        if flags & ~0o100000 != UFFD_FLAGS:            # O_LARGEFILE may show too
+        if flags & ~O_LARGEFILE != UFFD_PYCR_FLAGS:     # O_LARGEFILE may show too (read-only: O_RDONLY is 0)
             continue
-        if features == UFFD_FEATURES or (features == 0 and not initialized_only):
+        if features == UFFD_PYCR_FEATURES or (features == 0 and not initialized_only):
             out.append(fd)
     return out
 

@@ -7,8 +7,9 @@ machines, boot parameters and sysctls: pycr never hard-codes them.
 
 import ctypes
 import functools
-import mmap
 import os
+
+from .abi import MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE
 
 KERNEL_STACK_GUARD_PAGES = 256      # the kernel's stack_guard_gap default, in pages
 TTY_DRIVERS = ("tty", "/dev/tty", "/dev/console", "/dev/ptmx", "pts", "ttyS", "/dev/vc/0",
@@ -61,13 +62,12 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-MAP_FIXED_NOREPLACE = 0x100000
 MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def _can_map_at(addr):
     page = page_size()
-    got = _libc.mmap(addr, page, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+    got = _libc.mmap(addr, page, 0, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
     if got in (None, MAP_FAILED):
         return False
     _libc.munmap(got, page)

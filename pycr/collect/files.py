@@ -13,14 +13,11 @@ import stat as st
 import struct
 import termios
 
-from .. import proc, sysinfo
+from .. import abi, proc, sysinfo
+from ..abi import F_GETPIPE_SZ, F_SETPIPE_SZ, O_CLOEXEC, SPLICE_F_NONBLOCK
 from ..errors import AccessDenied, Unsupported, TaskGone
 from ..native import core
 
-F_GETPIPE_SZ = 1032
-F_SETPIPE_SZ = 1031
-SPLICE_F_NONBLOCK = 2
-O_CLOEXEC = 0o2000000
 FAMILY_NAMES = {getattr(socket, n): n for n in dir(socket) if n.startswith("AF_")}
 
 
@@ -110,7 +107,7 @@ def number_file_descriptions(files_by_pid):
         for rec in recs:
             candidates = seen.setdefault(rec.pop("_same_file"), [])
             for other_pid, other in candidates:
-                if core.kcmp(pid, other_pid, core.KCMP_FILE, rec["fd"], other["fd"]) == 0:
+                if core.kcmp(pid, other_pid, abi.KCMP_FILE, rec["fd"], other["fd"]) == 0:
                     rec["file_id"] = other["file_id"]
                     break
             else:

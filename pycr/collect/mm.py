@@ -6,9 +6,7 @@ read by injecting brk(0), which returns the current break without moving it.
 
 from .. import proc
 from ..errors import Unsupported
-from ..ptrace.syscalls import NR
-
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+from ..abi import NR, PROT_EXEC, PROT_READ, PROT_WRITE
 
 
 #: "[...]" mappings the kernel re-creates by itself: left out of the image.

@@ -22,6 +22,7 @@ import mmap
 import os
 from array import array
 
+from pycr.abi import MADV_DONTNEED, MFD_CLOEXEC
 from pycr.errors import RestoreError
 from pycr.images import iter_page_runs
 from pycr.log import log
@@ -31,8 +32,6 @@ from pycr.trackers import runs as R
 from pycr.sysinfo import page_size
 
 PAGE = page_size()
-MADV_DONTNEED = 4
-MFD_CLOEXEC = 1
 SPECIAL = ("vdso", "vvar", "vvar_vclock", "vsyscall")
 
 

@@ -10,19 +10,8 @@ import threading
 from array import array
 
 from ._core import ffi, lib
+from ..abi import NR
 from ..sysinfo import page_size
-
-# PAGEMAP_SCAN categories and flags (include/uapi/linux/fs.h).
-PAGE_IS_WPALLOWED = 1
-PAGE_IS_WRITTEN = 2
-PAGE_IS_FILE = 4
-PAGE_IS_PRESENT = 8
-PAGE_IS_SWAPPED = 16
-PAGE_IS_PFNZERO = 32
-PAGE_IS_HUGE = 64
-PAGE_IS_SOFT_DIRTY = 128
-PM_SCAN_WP_MATCHING = 1
-PM_SCAN_CHECK_WPASYNC = 2
 
 PAGE_SIZE = page_size()
 _WANT_PRESENT, _WANT_SWAPPED, _WANT_ANON_ONLY = 1, 2, 4
@@ -318,42 +307,29 @@ def syscall(nr, *args):
     return _check(lib.pycr_syscall6(nr, *regs), f"syscall {nr}")
 
 
-SYS_kcmp = 312
-SYS_tee = 276
-SYS_pidfd_send_signal = 424
-SYS_pidfd_open = 434
-SYS_pidfd_getfd = 438
-
-
 def pidfd_open(pid, flags=0):
     """A pidfd for `pid` (close it when done)."""
-    return syscall(SYS_pidfd_open, pid, flags)
+    return syscall(NR["pidfd_open"], pid, flags)
 
 
 def pidfd_getfd(pidfd, fd, flags=0):
     """A duplicate, in this process, of file descriptor `fd` of the pidfd's task."""
-    return syscall(SYS_pidfd_getfd, pidfd, fd, flags)
+    return syscall(NR["pidfd_getfd"], pidfd, fd, flags)
 
 
 def pidfd_send_signal(pidfd, sig, flags=0):
     """Send `sig` to the pidfd's task (works for non-children, no PID reuse race)."""
-    return syscall(SYS_pidfd_send_signal, pidfd, sig, 0, flags)
-
-
-KCMP_FILE, KCMP_VM, KCMP_FILES, KCMP_FS, KCMP_SIGHAND, KCMP_IO, KCMP_SYSVSEM = range(7)
+    return syscall(NR["pidfd_send_signal"], pidfd, sig, 0, flags)
 
 
 def kcmp(pid1, pid2, type, idx1=0, idx2=0):
     """0 if the two tasks share the resource, else 1 or 2 (an ordering)."""
-    return syscall(SYS_kcmp, pid1, pid2, type, idx1, idx2)
+    return syscall(NR["kcmp"], pid1, pid2, type, idx1, idx2)
 
 
 def tee(fd_in, fd_out, n, flags=0):
     """Duplicate up to `n` bytes from pipe fd_in into pipe fd_out without consuming them."""
-    return syscall(SYS_tee, _fileno(fd_in), _fileno(fd_out), n, flags)
-
-
-CLONE_NEWPID = 0x20000000
+    return syscall(NR["tee"], _fileno(fd_in), _fileno(fd_out), n, flags)
 
 
 def clone3_exec(set_tid, flags, path, argv):

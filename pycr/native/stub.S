@@ -10,12 +10,15 @@
  *                    having reaped at least one (or been told so: r12 != 0, set
  *                    by the restorer), none is left; then exit, which ends the
  *                    namespace. Before its first child it naps and retries.
+ *
+ * These numbers are pycr.abi's (tests/test_abi.py checks that they agree).
  */
 #define SYS_pause       34
 #define SYS_nanosleep   35
 #define SYS_wait4       61
 #define SYS_exit_group  231
 #define WALL            0x40000000
+#define ECHILD          10
 
         .text
         .globl  _start
@@ -42,7 +45,7 @@ _start:
         mov     $1, %r12d               /* reaped one: again */
         jmp     .Lreap
 .Lfailed:
-        cmp     $-10, %rax              /* -ECHILD: none left, or none yet */
+        cmp     $-ECHILD, %rax          /* none left, or none yet */
         jne     .Lreap                  /* EINTR: again */
         test    %r12d, %r12d
         jnz     .Lexit

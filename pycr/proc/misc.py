@@ -6,12 +6,12 @@ dumping root may lack; the file is readable by anyone. It has one row per
 limit the running kernel knows (RLIM_NLIMITS), so its length is the count.
 """
 
+from pycr.abi import RLIM_INFINITY
 from pycr.proc._read import read_text, readlink
 
 #: Names of the limits every Linux has had since 2.6.25, by RLIMIT_* number.
 RLIMIT_NAMES = ("cpu", "fsize", "data", "stack", "core", "rss", "nproc", "nofile",
                 "memlock", "as", "locks", "sigpending", "msgqueue", "nice", "rtprio", "rttime")
-RLIM_INFINITY = (1 << 64) - 1
 
 
 def comm(pid, tid=None):

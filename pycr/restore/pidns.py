@@ -14,13 +14,11 @@ import select
 import struct
 import time
 
+from pycr.abi import CLONE_NEWPID, WALL
 from pycr.errors import RestoreError
 from pycr.log import log
 from pycr.native import core
 from pycr.restore import files, tasks
-
-CLONE_NEWPID = 0x20000000
-WALL = 0x40000000
 
 
 def start_init(created, keep_fd, need_suspend=True):

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 
+from pycr.abi import MFD_CLOEXEC, PR_GET_CHILD_SUBREAPER, PR_SET_CHILD_SUBREAPER
 from pycr.errors import PycrError
 from pycr.log import log
 from pycr.ptrace.inject import Injector
@@ -21,8 +22,6 @@ from pycr.restore import files, mm, pidns as pidns_mod, preflight, process, task
 from pycr.restore.load import load_images
 from pycr.steps import finish, step
 
-PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
-MFD_CLOEXEC = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 

@@ -9,12 +9,12 @@ needed. clear_refs acts on the whole process and is written while frozen.
 import os
 from array import array
 
+from ..abi import PM_SOFT_DIRTY
 from ..check import check_soft_dirty
 from ..errors import KernelFeatureMissing, from_oserror
 from . import runs as R
 from .base import PAGE, Tracker, plan_copy, present_pages, write_pages
 
-PM_SOFT_DIRTY = 1 << 55
 CHUNK_PAGES = 1 << 16
 
 
