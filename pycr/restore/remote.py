@@ -15,7 +15,7 @@ import os
 from pycr.errors import RestoreError, TaskGone
 from pycr.ptrace import binding as B
 from pycr.ptrace.inject import Injector
-from pycr.ptrace.syscalls import NAMES, NR
+from pycr.abi import NAMES, NR
 from pycr.ptrace.thread import Thread
 
 TRAMPOLINE_CODE = b"\x0f\x05\xcc"
