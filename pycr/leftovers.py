@@ -13,6 +13,7 @@ program does:
 does every dump and pre-dump of the tree before it looks at its fds.
 """
 
+import os
 from dataclasses import dataclass
 
 from pycr import proc
@@ -68,10 +69,8 @@ def trampoline_address(pid):
     if vdso is None:
         return None
     try:
-        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
-            mem.seek(vdso.start)
-            image = mem.read(vdso.size)
-    except OSError:
+        image = proc.read_mem(pid, vdso.start, vdso.size)
+    except PycrError:
         return None
     end = vdso_text_end(image)
     if end is None:
@@ -115,9 +114,11 @@ def wipe_trampoline(pid):
     addr = trampoline_address(pid)
     if addr is None:
         return False
-    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
-        mem.seek(addr)
-        mem.write(bytes(len(sigframe.TRAMPOLINE)))
+    fd = proc.open_mem(pid, write=True)
+    try:
+        os.pwrite(fd, bytes(len(sigframe.TRAMPOLINE)), addr)
+    finally:
+        os.close(fd)
     return True
 
 

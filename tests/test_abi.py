@@ -59,7 +59,8 @@ def test_flags_agree_with_pythons_own_modules():
     same = {"O_ACCMODE": os, "O_RDONLY": os, "O_WRONLY": os, "O_RDWR": os, "O_CREAT": os, "O_EXCL": os,
             "O_TRUNC": os, "O_NONBLOCK": os, "O_CLOEXEC": os, "O_PATH": os, "SEEK_SET": os,
             "MFD_CLOEXEC": os, "WNOHANG": os, "PROT_READ": mmap, "PROT_WRITE": mmap, "PROT_EXEC": mmap,
-            "MAP_SHARED": mmap, "MAP_PRIVATE": mmap, "MAP_ANONYMOUS": mmap, "MADV_DONTNEED": mmap,
+            "MAP_SHARED": mmap, "MAP_PRIVATE": mmap, "MAP_ANONYMOUS": mmap, "MAP_POPULATE": mmap,
+            "MADV_DONTNEED": mmap,
             "F_SETFD": fcntl, "FD_CLOEXEC": fcntl, "F_DUPFD_CLOEXEC": fcntl, "F_SETPIPE_SZ": fcntl,
             "F_GETPIPE_SZ": fcntl, "RLIMIT_NOFILE": resource}
     for name, module in same.items():

@@ -58,9 +58,9 @@ def describe_fd(pid, fd, target):
     """One fd record of the files image; raises Unsupported for what pycr cannot restore."""
     info = proc.fdinfo(pid, fd)
     try:
-        s = os.stat(f"/proc/{pid}/fd/{fd}")
-    except FileNotFoundError:
-        raise TaskGone(pid, f"fd {fd} closed while frozen")
+        s = proc.stat_fd(pid, fd)
+    except TaskGone:
+        raise TaskGone(pid, f"fd {fd} closed while frozen") from None
     rec = {"fd": fd, "type": "reg", "flags": info.flags & ~O_CLOEXEC, "pos": info.pos,
            "cloexec": bool(info.flags & O_CLOEXEC), "path": target, "deleted": False,
            "pipe_id": 0, "rdev": 0, "size": 0, "file_id": 0,
@@ -125,9 +125,9 @@ def peek_pipe(pid, fd):
     than saving part of the data.
     """
     try:
-        src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except PermissionError:
-        owner = os.stat(f"/proc/{pid}/fd/{fd}").st_uid
+        src = proc.open_fd(pid, fd, os.O_RDONLY | os.O_NONBLOCK)
+    except AccessDenied:
+        owner = proc.stat_fd(pid, fd).st_uid
         raise AccessDenied(f"pid {pid} fd {fd}: cannot open the pipe to copy its buffered data: "
                            f"it belongs to uid {owner}") from None
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

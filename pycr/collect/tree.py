@@ -3,7 +3,6 @@ unreaped zombies, fd tables shared between processes, and the session members
 a dump of this tree would leave behind."""
 
 import functools
-import os
 
 from .. import abi, proc
 from ..errors import TaskGone, Unsupported
@@ -138,7 +137,7 @@ def _comm(pid):
 
 
 def _all_pids():
-    return sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
+    return proc.pids()
 
 
 def check_sessions(processes, zombies=()):

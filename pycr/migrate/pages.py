@@ -22,6 +22,7 @@ import mmap
 import os
 from array import array
 
+from pycr import proc
 from pycr.abi import MADV_DONTNEED, MFD_CLOEXEC
 from pycr.errors import RestoreError
 from pycr.images import iter_page_runs
@@ -126,7 +127,7 @@ class PageWriter:
             extra = R.intersect(R.subtract(previous, now), private)
         else:
             have = array("Q")
-            fd = os.open(f"/proc/{real}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            fd = proc.open_pagemap(real)
             try:
                 for vma in mm.vmas:
                     if vma.shared or str(vma.kind) in SPECIAL:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from pycr import proc
 from pycr.abi import WALL, WNOHANG
-from pycr.errors import ImageError, RestoreError, TaskGone
+from pycr.errors import ImageError, PycrError, RestoreError, TaskGone
 from pycr.log import log
 from pycr.migrate import layout, treediff
 from pycr.migrate import pages as pages_mod
@@ -47,8 +47,8 @@ class PassChanges:
 
 def _exe(real):
     try:
-        return os.readlink(f"/proc/{real}/exe")
-    except OSError:
+        return proc.exe(real)
+    except PycrError:
         return ""
 
 

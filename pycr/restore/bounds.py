@@ -11,6 +11,7 @@ import errno
 import functools
 import os
 
+from pycr import proc
 from pycr.abi import MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, NR, PROT_NONE, RLIMIT_NOFILE
 from pycr.errors import ImageError
 from pycr.formats.mm import MM_FIELDS
@@ -50,19 +51,16 @@ def _mappable(addr):
     return got == addr
 
 
-def _read_int(path):
-    with open(path) as f:
-        return int(f.read())
 
 
 def pid_max():
     """PIDs are in (0, pid_max): /proc/sys/kernel/pid_max."""
-    return _read_int("/proc/sys/kernel/pid_max")
+    return proc.sysctl_int("kernel/pid_max")
 
 
 def nr_open():
     """No fd number reaches this (the kernel's ceiling for RLIMIT_NOFILE): /proc/sys/fs/nr_open."""
-    return _read_int("/proc/sys/fs/nr_open")
+    return proc.sysctl_int("fs/nr_open")
 
 
 def check_tree(path, pstree):

@@ -14,8 +14,9 @@ import select
 import struct
 import time
 
+from pycr import proc
 from pycr.abi import CLONE_NEWPID, WALL
-from pycr.errors import RestoreError
+from pycr.errors import RestoreError, TaskGone
 from pycr.log import log
 from pycr.native import core
 from pycr.restore import files, tasks
@@ -69,9 +70,11 @@ def wait_child(init, child):
 def _reap_if_alone(init, timeout=2.0):
     """If no task is left in the namespace, init exits at once: reap it (it is
     pycr's child) rather than leave a zombie for PID 1 to find later."""
-    if any(open(f"/proc/{init.real}/task/{t}/children").read().split()
-           for t in os.listdir(f"/proc/{init.real}/task")):
-        return
+    try:
+        if proc.children(init.real):
+            return
+    except TaskGone:
+        pass                # init is gone already: reap it below
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

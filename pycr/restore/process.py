@@ -111,9 +111,9 @@ def set_seccomp(remote, core):
 
 
 def _my_creds():
-    with open("/proc/self/status") as f:
-        fields = dict(line.split(":", 1) for line in f if ":" in line)
-    caps = {k: int(fields[k].strip(), 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
+    st = proc.status("self")
+    caps = {"CapInh": st.cap_inh, "CapPrm": st.cap_prm, "CapEff": st.cap_eff, "CapBnd": st.cap_bnd,
+            "CapAmb": st.cap_amb}
     return os.getresuid(), os.getresgid(), sorted(os.getgroups()), caps
 
 

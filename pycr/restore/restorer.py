@@ -14,9 +14,11 @@ import os
 import signal
 import time
 
-from pycr.abi import MFD_CLOEXEC, PR_GET_CHILD_SUBREAPER, PR_SET_CHILD_SUBREAPER
+from pycr import proc
+from pycr.abi import MFD_CLOEXEC, PR_GET_CHILD_SUBREAPER, PR_SET_CHILD_SUBREAPER, WALL
 from pycr.errors import PycrError
 from pycr.log import log
+from pycr.native.core import Copier
 from pycr.ptrace.inject import Injector
 from pycr.restore import files, mm, pidns as pidns_mod, preflight, process, tasks, threads
 from pycr.restore.load import load_images
@@ -181,8 +183,8 @@ def kill_and_reap(reals, timeout=10.0):
         while pending and time.monotonic() < deadline:
             for real in list(pending):
                 with contextlib.suppress(ChildProcessError):
-                    os.waitpid(real, os.WNOHANG | 0x40000000)
-                if not os.path.exists(f"/proc/{real}"):
+                    os.waitpid(real, os.WNOHANG | WALL)
+                if not proc.exists(real):
                     pending.remove(real)
             if pending:
                 time.sleep(0.002)
@@ -200,7 +202,8 @@ def restore(images_dir, detach=False, pidns=False, trust_images=False):
     trust_images: accept images another user owns or may write (see restore.trust).
     """
     started = time.monotonic()
-    images = load_images(images_dir, trust_images=trust_images)
+    with Copier():                      # the buffer checksums are read through
+        images = load_images(images_dir, trust_images=trust_images)
     log.info("images of %d processes loaded and checked", len(images.processes))
     preflight.check(images, pidns)
     run = Restore(images, pidns)

@@ -16,7 +16,8 @@ import time
 from signal import SIGCHLD
 
 from pycr.abi import CLONE_FILES, NR, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_PDEATHSIG
-from pycr.errors import AccessDenied, RestoreError, TaskGone
+from pycr import proc
+from pycr.errors import AccessDenied, PycrError, RestoreError, TaskGone
 from pycr.log import log
 from pycr.steps import step
 from pycr.native import core
@@ -60,7 +61,6 @@ class Task:
 
 def _stub_trampoline(real):
     """The `syscall; int3` of a fresh stub, found in its executable mapping."""
-    from pycr import proc
     for vma in proc.maps(real):
         if vma.exec and vma.kind == "file":
             addr = find_code(real, vma.start, vma.end)
@@ -74,14 +74,12 @@ def _wait_in_stub(real, stub, syscalls, timeout=10.0):
     deadline = time.monotonic() + timeout
     while True:
         try:
-            exe = os.readlink(f"/proc/{real}/exe")
-            with open(f"/proc/{real}/syscall") as f:
-                nr = f.read().split()[0]
-        except FileNotFoundError:
+            exe, nr = proc.exe(real), proc.syscall(real)
+        except TaskGone:
             raise TaskGone(real, "the restore stub exited at once") from None
-        except (OSError, IndexError):
-            exe, nr = "", ""
-        if exe == stub and nr.lstrip("-").isdigit() and int(nr) in syscalls:
+        except PycrError:
+            exe, nr = "", None
+        if exe == stub and nr in syscalls:
             return
         if time.monotonic() > deadline:
             raise RestoreError(f"pid {real}: the restore stub did not start within {timeout:.0f} s")

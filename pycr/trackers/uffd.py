@@ -65,7 +65,7 @@ class UffdProcess:
         self.target_fd = target_fd   # number in the target
         self.fd = fd                 # our duplicate
         self.created = created       # made in this pass (undone by abort)
-        self.pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+        self.pagemap = proc.open_pagemap(pid)
 
     def close(self):
         for fd in (self.fd, self.pagemap):
@@ -220,8 +220,8 @@ class UffdWpTracker(Tracker):
                             pid, parent.imgdir.path)
             return None
         try:
-            link = os.readlink(f"/proc/{pid}/fd/{state.uffd_fd}")
-        except FileNotFoundError:
+            link = proc.fd_link(pid, state.uffd_fd)
+        except TaskGone:
             link = ""
         if link != UFFD_LINK:
             log.warning("pid %d: its userfaultfd (fd %d) is gone, closed or lost in an exec: "
