@@ -122,12 +122,8 @@ class Replica:
             task = run.tasks[p.pid]
             r = task.remote
             files.close_inherited(r, run.pidfd)
-            task.workspace = restore_mm.map_workspace(r, p.mm.vmas)
-            restore_mm.unmap_stub(r, task.workspace)
-            restore_mm.place_specials(r, p.mm.vmas)
-            restore_mm.map_vmas(r, p.mm, self.shared.paths)
-            changes.pages_written += images.pages.fill_task(task.real, str(p.pid))
-            restore_mm.set_mm_map(r, p.mm)
+            task.workspace, written = restore_mm.rebuild(r, p.mm, images.pages, self.shared.paths, final=False)
+            changes.pages_written += written
             r.reset_scratch()
         log.info("replica: %d processes created, held stopped", len(run.tasks))
         return changes

@@ -344,13 +344,16 @@ def set_mm_map(remote, mm, exe_link=True):
     log.info("pid %d: PR_SET_MM_MAP (mm fields, %d bytes of auxv, exe %s)", remote.pid, len(mm.auxv), exe)
 
 
-def rebuild(remote, mm, chain, shmem_paths):
-    """Steps 1-6 for one process (its threads do not exist yet). Returns the workspace address."""
+def rebuild(remote, mm, chain, shmem_paths, final=True):
+    """Steps 1-6 for one process (its threads do not exist yet) -> (workspace address,
+    bytes of pages written). Not final (a replica that later passes update): the
+    private mappings stay writable and step 5 is left for the last pass."""
     workspace = map_workspace(remote, mm.vmas)
     unmap_stub(remote, workspace)
     place_specials(remote, mm.vmas)
     map_vmas(remote, mm, shmem_paths)
-    chain.fill_task(remote.real, str(remote.pid))
-    finish_vmas(remote, mm)
+    written = chain.fill_task(remote.real, str(remote.pid))
+    if final:
+        finish_vmas(remote, mm)
     set_mm_map(remote, mm)
-    return workspace
+    return workspace, written

@@ -87,7 +87,7 @@ class Restore:
             step(f"rebuild pid {p.pid}")
             if not p.shares_files:      # its table is its parent's, already restored
                 files.close_inherited(r, self.pidfd)
-            task.workspace = mm.rebuild(r, p.mm, self.images.pages, shmem_paths)
+            task.workspace, _ = mm.rebuild(r, p.mm, self.images.pages, shmem_paths)
             self.finish_process(task, p)
 
     def finish_process(self, task, p):
