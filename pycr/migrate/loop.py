@@ -225,7 +225,10 @@ def migrate(root, work_dir=None, policy=None, tracker="auto", on_image_set=None,
     if not keep:
         sweep_work_dirs()
     work_dir = os.fspath(work_dir) if keep else tempfile.mkdtemp(prefix=WORK_PREFIX)
-    os.makedirs(work_dir, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(work_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise PycrError(f"{work_dir}: cannot use it as the work directory: {exc.strerror}") from None
     lock = None if keep else _hold(work_dir)
     source = SourcePasses(root, work_dir, tracker, policy)
     try:

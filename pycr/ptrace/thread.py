@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from pycr.abi import NR, SIGINFO_SIZE, WALL
-from pycr.errors import PycrError, TaskGone
+from pycr.errors import PycrError, StopTimeout, TaskGone
 from pycr.proc.status import status
 from pycr.ptrace import binding as B
 from pycr.ptrace import xstate as X
@@ -186,7 +186,7 @@ class Thread:
         return msg.value
 
     def wait(self, timeout=None):
-        """waitpid(tid, __WALL) -> Stop; raises TimeoutError after timeout seconds."""
+        """waitpid(tid, __WALL) -> Stop; raises StopTimeout after timeout seconds."""
         if timeout is None:
             try:
                 _, status = os.waitpid(self.tid, WALL)
@@ -205,7 +205,7 @@ class Thread:
                 self.last_stop = Stop(self.tid, status)
                 return self.last_stop
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"tid {self.tid}: no ptrace stop within {timeout} s")
+                raise StopTimeout(f"tid {self.tid}: no ptrace stop within {timeout} s")
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
 
