@@ -13,18 +13,14 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from .abi import (NR, PAGE_IS_PRESENT, PM_SOFT_DIRTY, PR_SET_MM, PR_SET_MM_MAP_SIZE, UFFD_API, UFFD_PYCR_FEATURES,
+                  UFFD_PYCR_FLAGS, UFFD_USER_MODE_ONLY, UFFDIO_API)
+from . import proc
+from .errors import PycrError
 from .native import core
 from .sysinfo import page_size
 
 PAGE = page_size()
-SYS_userfaultfd = 323
-UFFD_USER_MODE_ONLY = 1
-UFFDIO_API = 0xC018AA3F
-UFFD_API = 0xAA
-UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
-UFFD_FEATURE_WP_ASYNC = 1 << 15
-PR_SET_MM, PR_SET_MM_MAP, PR_SET_MM_MAP_SIZE = 35, 14, 15
-PM_SOFT_DIRTY = 1 << 55
 
 
 @dataclass
@@ -132,18 +128,21 @@ def check_soft_dirty():
     area = mmap.mmap(-1, PAGE)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(area))
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("4")
+        proc.clear_refs("self", "4")
         area[0] = 1
-        with open("/proc/self/pagemap", "rb") as f:
-            f.seek(addr // PAGE * 8)
-            (entry,) = struct.unpack("<Q", f.read(8))
-        if entry & PM_SOFT_DIRTY:
+        fd = proc.open_pagemap("self")
+        try:
+            dirty = core.pagemap_match(fd, addr, addr + PAGE, PM_SOFT_DIRTY)
+        finally:
+            os.close(fd)
+        if dirty:
             return Finding("soft-dirty", True, "clear_refs 4 + pagemap bit 55", "tracker")
         return Finding("soft-dirty", False, "pagemap bit 55 stays clear after a write "
                        "(kernel built without CONFIG_MEM_SOFT_DIRTY)", "tracker")
     except OSError as exc:
-        return Finding("soft-dirty", False, f"clear_refs: {exc.strerror}", "tracker")
+        return Finding("soft-dirty", False, f"pagemap: {exc.strerror}", "tracker")
+    except PycrError as exc:
+        return Finding("soft-dirty", False, str(exc), "tracker")
     finally:
         del addr
         area.close()
@@ -151,12 +150,12 @@ def check_soft_dirty():
 
 def check_uffd_wp_async():
     try:
-        fd = core.syscall(SYS_userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK | UFFD_USER_MODE_ONLY)
+        fd = core.syscall(NR["userfaultfd"], UFFD_PYCR_FLAGS | UFFD_USER_MODE_ONLY)
     except OSError as exc:
         return Finding("userfaultfd WP_ASYNC", False, f"userfaultfd: {exc.strerror}", "tracker")
     try:
         import fcntl
-        want = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED
+        want = UFFD_PYCR_FEATURES
         arg = bytearray(struct.pack("<QQQ", UFFD_API, want, 0))
         try:
             fcntl.ioctl(fd, UFFDIO_API, arg, True)
@@ -173,10 +172,10 @@ def check_uffd_wp_async():
 def check_pagemap_scan():
     area = mmap.mmap(-1, 4 * PAGE)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(area))
-    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    fd = proc.open_pagemap("self")
     try:
         area[0] = 1
-        runs, _ = core.pagemap_scan(fd, addr, addr + 4 * PAGE, 0, 0, 0, 0, core.PAGE_IS_PRESENT)
+        runs, _ = core.pagemap_scan(fd, addr, addr + 4 * PAGE, 0, 0, 0, 0, PAGE_IS_PRESENT)
         found = len(runs) >= 3 and runs[0] == addr
         return Finding("PAGEMAP_SCAN", found, "ioctl on /proc/PID/pagemap (Linux 6.7+)"
                        if found else "scan did not report a present page", "tracker")
@@ -189,10 +188,10 @@ def check_pagemap_scan():
 
 
 def _free_pid():
-    last = int(open("/proc/sys/kernel/ns_last_pid").read())
-    pid_max = int(open("/proc/sys/kernel/pid_max").read())
+    last = proc.sysctl_int("kernel/ns_last_pid")
+    pid_max = proc.sysctl_int("kernel/pid_max")
     for pid in list(range(last + 1000, pid_max)) + list(range(300, last)):
-        if not os.path.exists(f"/proc/{pid}"):
+        if not proc.exists(pid):
             return pid
     raise OSError("no free pid")
 
@@ -205,6 +204,8 @@ def check_clone3_set_tid():
         return Finding("clone3 set_tid", pid == want, f"asked for pid {want}, got {pid}", "dump/restore")
     except OSError as exc:
         return Finding("clone3 set_tid", False, exc.strerror or str(exc), "dump/restore")
+    except PycrError as exc:
+        return Finding("clone3 set_tid", False, str(exc), "dump/restore")
 
 
 def check_prctl_mm_map():

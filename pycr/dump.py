@@ -19,6 +19,7 @@ from .errors import PycrError
 from .freeze import freeze
 from .log import log
 from .ptrace import xstate
+from .native.core import Copier
 from .ptrace.inject import Injector
 from .steps import finish, step
 from . import settings
@@ -132,7 +133,7 @@ def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images
                                 prev_images_dir=prev_images_dir, tracker=tracker, overwrite=overwrite)
     stats = DumpStats()
     started = time.monotonic()
-    with outdir.writing(images_dir, overwrite) as imgdir:
+    with outdir.writing(images_dir, overwrite) as imgdir, Copier():
         frozen = freeze(root, timeout=settings.freeze_timeout())
         frozen_at = time.monotonic()
         log.info("froze %d processes, %d threads with PTRACE_SEIZE + PTRACE_INTERRUPT",

@@ -47,6 +47,12 @@ class KernelFeatureMissing(PycrError):
         super().__init__(f"{feature} is not available: {why}")
 
 
+class StopTimeout(PycrError, TimeoutError):
+    """A task did not reach a ptrace stop in time (a loaded machine: PYCR_FREEZE_TIMEOUT).
+
+    Also a TimeoutError, which is what callers of the ptrace layer caught before."""
+
+
 class Interrupted(KeyboardInterrupt):
     """pycr was told to stop (SIGINT, SIGTERM, SIGHUP) and undid what it had begun.
 

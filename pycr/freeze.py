@@ -16,7 +16,8 @@ import signal
 import time
 
 from pycr import proc
-from pycr.errors import AccessDenied, PycrError, TaskGone
+from pycr.abi import WALL
+from pycr.errors import AccessDenied, PycrError, StopTimeout, TaskGone
 from pycr.ptrace import binding as B
 from pycr.ptrace.thread import Thread
 from pycr.steps import step
@@ -115,7 +116,7 @@ class FrozenTree:
             remaining = deadline - time.monotonic()
             try:
                 stop = thread.wait(max(remaining, 0.0))
-            except TimeoutError:
+            except StopTimeout:
                 raise PycrError(f"tid {thread.tid} did not stop within {timeout} s") from None
             except TaskGone:
                 return
@@ -219,7 +220,7 @@ class FrozenTree:
         while True:
             for tid in list(waiting):
                 try:
-                    got, status = os.waitpid(tid, B.WALL | os.WNOHANG)
+                    got, status = os.waitpid(tid, WALL | os.WNOHANG)
                 except ChildProcessError:
                     waiting.discard(tid)
                     continue

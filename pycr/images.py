@@ -174,7 +174,10 @@ def write_atomic(path, data):
 def _atomic_file(path):
     """A binary file that appears at `path` only if the block succeeds."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as exc:
+        raise ImageError(path, f"cannot write it: {exc.strerror}") from None
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -422,29 +425,12 @@ def read_memory(imgdir, owner, addr, length):
     """The saved bytes of [addr, addr+length) of owner (a pid or shmem-<id>), following
     in_parent runs down a pre-dump chain. Pages saved nowhere read as zeros.
 
-    For tests and for research: what a restore would put at that address.
+    For tests and for research: what a restore would put at that address, read by
+    the restorer's own resolver of in_parent runs (pycr.restore.memory.PageChain).
     """
-    out = bytearray(length)
-    end = addr + length
-    here = imgdir if isinstance(imgdir, ImageDir) else ImageDir(imgdir)
-    wanted = [(addr, end)]          # ranges still to be found, in this dir or its parents
-    while here is not None and wanted:
-        if not here.exists("pagemap", owner):
-            break
-        pagemap = here.read("pagemap", owner)
-        missing = []
-        with open(here.pages_path(owner), "rb") as pages:
-            for vaddr, nr_pages, in_parent, offset in iter_page_runs(pagemap):
-                run_end = vaddr + nr_pages * PAGE_SIZE
-                for lo, hi in wanted:
-                    s, e = max(lo, vaddr), min(hi, run_end)
-                    if s >= e:
-                        continue
-                    if in_parent:
-                        missing.append((s, e))
-                    else:
-                        pages.seek(offset + (s - vaddr))
-                        out[s - addr:e - addr] = pages.read(e - s)
-        wanted = missing
-        here = here.parent() if missing else None
-    return bytes(out)
+    from pycr.restore.memory import PageChain      # it imports this module
+    chain = PageChain(imgdir if isinstance(imgdir, ImageDir) else ImageDir(imgdir))
+    try:
+        return chain.read(owner, addr, length)
+    finally:
+        chain.close()

@@ -13,18 +13,15 @@ program does:
 does every dump and pre-dump of the tree before it looks at its fds.
 """
 
+import os
 from dataclasses import dataclass
 
 from pycr import proc
+from pycr.abi import O_LARGEFILE, UFFD_FEATURE_INITIALIZED, UFFD_LINK, UFFD_PYCR_FEATURES, UFFD_PYCR_FLAGS
 from pycr.errors import PycrError, TaskGone
 from pycr.log import log
 from pycr.ptrace import sigframe
 from pycr.ptrace.inject import vdso_text_end
-
-UFFD_LINK = "anon_inode:[userfaultfd]"
-UFFD_FLAGS = 0o4000 | 0o2000000                 # O_NONBLOCK | O_CLOEXEC, read-only
-UFFD_FEATURES = (1 << 15) | (1 << 13)           # WP_ASYNC | WP_UNPOPULATED
-_FEATURE_INITIALIZED = 1 << 31                  # set by the kernel once UFFDIO_API ran
 
 
 @dataclass
@@ -46,7 +43,7 @@ def uffd_features(pid, fd):
     api = (info.extra.get("API") or [""])[0].split(":")
     if len(api) < 2:
         return info.flags, None
-    return info.flags, int(api[1], 16) & ~_FEATURE_INITIALIZED
+    return info.flags, int(api[1], 16) & ~UFFD_FEATURE_INITIALIZED
 
 
 def pycr_uffds(pid, initialized_only=False):
@@ -59,9 +56,9 @@ def pycr_uffds(pid, initialized_only=False):
             flags, features = uffd_features(pid, fd)
         except TaskGone:
             continue
-        if flags & ~0o100000 != UFFD_FLAGS:            # O_LARGEFILE may show too
+        if flags & ~O_LARGEFILE != UFFD_PYCR_FLAGS:     # O_LARGEFILE may show too (read-only: O_RDONLY is 0)
             continue
-        if features == UFFD_FEATURES or (features == 0 and not initialized_only):
+        if features == UFFD_PYCR_FEATURES or (features == 0 and not initialized_only):
             out.append(fd)
     return out
 
@@ -72,10 +69,8 @@ def trampoline_address(pid):
     if vdso is None:
         return None
     try:
-        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
-            mem.seek(vdso.start)
-            image = mem.read(vdso.size)
-    except OSError:
+        image = proc.read_mem(pid, vdso.start, vdso.size)
+    except PycrError:
         return None
     end = vdso_text_end(image)
     if end is None:
@@ -119,9 +114,11 @@ def wipe_trampoline(pid):
     addr = trampoline_address(pid)
     if addr is None:
         return False
-    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
-        mem.seek(addr)
-        mem.write(bytes(len(sigframe.TRAMPOLINE)))
+    fd = proc.open_mem(pid, write=True)
+    try:
+        os.pwrite(fd, bytes(len(sigframe.TRAMPOLINE)), addr)
+    finally:
+        os.close(fd)
     return True
 
 

@@ -22,6 +22,7 @@ from .errors import ImageError, PycrError, TaskGone, Unsupported
 from .freeze import freeze
 from .images import ImageDir
 from .log import log
+from .native.core import Copier
 from .steps import deferred_signals, finish, step
 from .trackers import ParentPass, make_tracker
 from .trackers.base import check_parent_tree
@@ -76,7 +77,7 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
         raise ValueError("keep_frozen is for the final dump, not a pre-dump")
     stats = stats if stats is not None else DumpStats()
     started = time.monotonic()
-    with outdir.writing(images_dir, overwrite) as imgdir:
+    with outdir.writing(images_dir, overwrite) as imgdir, Copier():
         frozen = _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, stats,
                            keep_frozen)
     if not keep_frozen:

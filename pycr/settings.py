@@ -16,6 +16,7 @@ PYCR_FREEZE_TIMEOUT  seconds every thread of a tree gets to reach its ptrace
 import os
 
 from pycr.errors import PycrError
+from pycr.proc.system import read_system
 
 COPY_BUFFER_MAX = 32 << 20
 COPY_BUFFER_MIN = 1 << 20
@@ -38,11 +39,10 @@ def _env(name, parse):
 def mem_total():
     """MemTotal of /proc/meminfo in bytes (0 if unknown)."""
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+        for line in read_system("meminfo").splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except (PycrError, ValueError, IndexError):
         pass
     return 0
 

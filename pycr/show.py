@@ -10,6 +10,7 @@ import signal
 import sys
 
 from . import images
+from .abi import RLIM_INFINITY
 from .errors import ImageError
 from .formats import HEADER_SIZE, kind_of_magic
 from .formats.common import REGISTER_NAMES
@@ -21,7 +22,6 @@ RLIMIT_NAMES = (
     "CPU", "FSIZE", "DATA", "STACK", "CORE", "RSS", "NPROC", "NOFILE",
     "MEMLOCK", "AS", "LOCKS", "SIGPENDING", "MSGQUEUE", "NICE", "RTPRIO", "RTTIME",
 )
-RLIM_INFINITY = 2**64 - 1
 
 
 def show(path, json=False, out=sys.stdout):

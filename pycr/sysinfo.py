@@ -7,8 +7,11 @@ machines, boot parameters and sysctls: pycr never hard-codes them.
 
 import ctypes
 import functools
-import mmap
 import os
+
+from .abi import MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE
+from .errors import PycrError
+from .proc.system import read_system
 
 KERNEL_STACK_GUARD_PAGES = 256      # the kernel's stack_guard_gap default, in pages
 TTY_DRIVERS = ("tty", "/dev/tty", "/dev/console", "/dev/ptmx", "pts", "ttyS", "/dev/vc/0",
@@ -20,17 +23,12 @@ def page_size():
     return os.sysconf("SC_PAGE_SIZE")
 
 
-def _read(path):
-    with open(path) as f:
-        return f.read()
-
-
 @functools.cache
 def mmap_min_addr():
     """/proc/sys/vm/mmap_min_addr: nothing can be mapped below it (without CAP_SYS_RAWIO)."""
     try:
-        return max(int(_read("/proc/sys/vm/mmap_min_addr")), page_size())
-    except (OSError, ValueError):
+        return max(int(read_system("sys/vm/mmap_min_addr")), page_size())
+    except (PycrError, ValueError):
         return 1 << 16
 
 
@@ -51,8 +49,8 @@ def parse_stack_guard_gap(cmdline, page):
 def stack_guard_gap():
     """Bytes the kernel keeps free below a growing stack (boot parameter stack_guard_gap)."""
     try:
-        cmdline = _read("/proc/cmdline")
-    except OSError:
+        cmdline = read_system("cmdline")
+    except PycrError:
         cmdline = ""
     return parse_stack_guard_gap(cmdline, page_size())
 
@@ -61,13 +59,12 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-MAP_FIXED_NOREPLACE = 0x100000
 MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def _can_map_at(addr):
     page = page_size()
-    got = _libc.mmap(addr, page, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+    got = _libc.mmap(addr, page, 0, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
     if got in (None, MAP_FAILED):
         return False
     _libc.munmap(got, page)
@@ -108,8 +105,8 @@ def parse_char_majors(text, names=TTY_DRIVERS):
 def tty_majors():
     """Character majors of tty drivers, as /proc/devices lists them on this machine."""
     try:
-        return frozenset(parse_char_majors(_read("/proc/devices")))
-    except OSError:
+        return frozenset(parse_char_majors(read_system("devices")))
+    except PycrError:
         return frozenset({4, 5, 136})
 
 
@@ -128,8 +125,8 @@ def pipe_default_size():
 def pipe_max_size():
     """/proc/sys/fs/pipe-max-size: the largest pipe an unprivileged F_SETPIPE_SZ may ask for."""
     try:
-        return int(_read("/proc/sys/fs/pipe-max-size"))
-    except (OSError, ValueError):
+        return int(read_system("sys/fs/pipe-max-size"))
+    except (PycrError, ValueError):
         return 1 << 20
 
 
@@ -137,8 +134,8 @@ def pipe_max_size():
 def has_pku():
     """Whether the CPU has protection keys and the kernel enabled them (cpuinfo pku and ospke)."""
     try:
-        text = _read("/proc/cpuinfo")
-    except OSError:
+        text = read_system("cpuinfo")
+    except PycrError:
         return False
     for line in text.splitlines():
         if line.startswith("flags"):

@@ -14,6 +14,7 @@ from array import array
 import pytest
 
 import pycr
+from pycr import abi
 from pycr.native import core, stub_path
 
 PAGE = 4096
@@ -300,17 +301,17 @@ def test_pagemap_scan_reports_present_pages(spawn):
     runs = as_runs(child.base, touched_pages(specs))
     expected = array("Q")
     for k in range(0, len(runs), 2):
-        expected.extend((runs[k], runs[k] + runs[k + 1], core.PAGE_IS_PRESENT))
+        expected.extend((runs[k], runs[k] + runs[k + 1], abi.PAGE_IS_PRESENT))
     with open(f"/proc/{child.pid}/pagemap", "rb") as pm:
         got, walk_end = core.pagemap_scan(pm.fileno(), child.base, end, 0,
-                                          core.PAGE_IS_PRESENT, 0, 0,
-                                          core.PAGE_IS_PRESENT)
+                                          abi.PAGE_IS_PRESENT, 0, 0,
+                                          abi.PAGE_IS_PRESENT)
         assert walk_end == end
         assert got == expected
         one, walk_end = core.pagemap_scan(pm.fileno(), child.base, end, 0,
-                                          core.PAGE_IS_PRESENT, 0, 0,
-                                          core.PAGE_IS_PRESENT, max_pages=1)
-        assert list(one) == [child.base + 2 * PAGE, child.base + 3 * PAGE, core.PAGE_IS_PRESENT]
+                                          abi.PAGE_IS_PRESENT, 0, 0,
+                                          abi.PAGE_IS_PRESENT, max_pages=1)
+        assert list(one) == [child.base + 2 * PAGE, child.base + 3 * PAGE, abi.PAGE_IS_PRESENT]
         assert walk_end <= child.base + 10 * PAGE
 
 
@@ -321,8 +322,8 @@ def test_pagemap_scan_loops_when_vec_fills(spawn, monkeypatch):
     end = child.base + 32 * PAGE
     with open(f"/proc/{child.pid}/pagemap", "rb") as pm:
         got, walk_end = core.pagemap_scan(pm.fileno(), child.base, end, 0,
-                                          core.PAGE_IS_PRESENT, 0, 0,
-                                          core.PAGE_IS_PRESENT)
+                                          abi.PAGE_IS_PRESENT, 0, 0,
+                                          abi.PAGE_IS_PRESENT)
     assert walk_end == end
     assert list(got[0::3]) == [child.base + i * PAGE for i in range(0, 32, 2)]
 
@@ -368,9 +369,9 @@ def test_pidfd_getfd_kcmp_and_signal(spawn):
         # The child's stdin is our pipe's read end: same open file description.
         theirs = core.pidfd_getfd(pidfd, 0)
         try:
-            assert core.kcmp(child.pid, os.getpid(), core.KCMP_FILE, 0, theirs) == 0
-            assert core.kcmp(child.pid, os.getpid(), core.KCMP_FILE, 1, theirs) != 0
-            assert core.kcmp(child.pid, os.getpid(), core.KCMP_VM) != 0
+            assert core.kcmp(child.pid, os.getpid(), abi.KCMP_FILE, 0, theirs) == 0
+            assert core.kcmp(child.pid, os.getpid(), abi.KCMP_FILE, 1, theirs) != 0
+            assert core.kcmp(child.pid, os.getpid(), abi.KCMP_VM) != 0
         finally:
             os.close(theirs)
         core.pidfd_send_signal(pidfd, signal.SIGKILL)
@@ -426,7 +427,7 @@ def test_clone3_exec_failed_exec_exits_127():
 
 def test_stub_init_is_pid1_of_new_namespace_and_reaps():
     want = free_pid()
-    pid = core.clone3_exec([1, want], core.CLONE_NEWPID, stub_path(), ["pycr-stub", "init"])
+    pid = core.clone3_exec([1, want], abi.CLONE_NEWPID, stub_path(), ["pycr-stub", "init"])
     try:
         assert pid == want
         def nspid():

@@ -11,6 +11,7 @@ import time
 
 import procutil
 from pycrcmd import one_line_error, pycr
+from pycr import abi
 from pycr.native import core
 
 
@@ -92,7 +93,7 @@ def test_zombie_leader_threads_go_on(spawn, tmp_path, cleanup_pids):
 def test_shared_fd_table_stays_shared(spawn, tmp_path, cleanup_pids):
     w = spawn("sharedfd")
     child = int(w.fields("child")[0][0])
-    assert core.kcmp(w.pid, child, core.KCMP_FILES) == 0
+    assert core.kcmp(w.pid, child, abi.KCMP_FILES) == 0
     dump(w, tmp_path / "img")
     restore(tmp_path / "img", cleanup_pids, [w.pid, child])
     procutil.assert_running_untraced(w.pid, child)
@@ -108,7 +109,7 @@ def test_fd_table_shared_by_siblings_alone_is_refused(spawn, tmp_path):
     that, so the dump says so by name and leaves the tree running."""
     w = spawn("sharedfd", "siblings")
     a, b = (int(f[0]) for f in w.fields("child"))
-    assert core.kcmp(a, b, core.KCMP_FILES) == 0 != core.kcmp(w.pid, a, core.KCMP_FILES)
+    assert core.kcmp(a, b, abi.KCMP_FILES) == 0 != core.kcmp(w.pid, a, abi.KCMP_FILES)
     out = pycr("dump", "-t", w.pid, "-D", tmp_path / "img", expect=1)
     assert one_line_error(out) == (f"pycr: pids {min(a, b)} and {max(a, b)} share one fd table (CLONE_FILES) "
                                    "but neither is the other's parent: not supported")

@@ -6,20 +6,17 @@ are read by injecting rt_sigaction(sig, NULL, &old) into the frozen task.
 
 import ctypes
 import struct
+from signal import SIGKILL, SIGSTOP
 
 from .. import proc
 from ..native import core as native
 from ..ptrace.inject import Injector
+from ..abi import ARCH_GET_XCOMP_PERM, NR, PR_GET_TID_ADDRESS, SECCOMP_MODE_FILTER
 from ..ptrace import xstate as X
-from ..ptrace.syscalls import NR
 
-SIGKILL, SIGSTOP = 9, 19
 KSIGACTION = struct.Struct("<QQQQ")      # handler, flags, restorer, mask (kernel layout)
 SECCOMP_MODES = {0: "disabled", 1: "strict", 2: "filter"}
-PR_GET_TID_ADDRESS = 40
 STACK_T = struct.Struct("<QiiQ")         # stack_t: ss_sp, ss_flags, (padding), ss_size
-SYS_GET_ROBUST_LIST = 274
-ARCH_GET_XCOMP_PERM = 0x1022
 
 
 def collect_sigactions(injector):
@@ -43,7 +40,7 @@ def collect_sigactions(injector):
 def robust_list(tid):
     """get_robust_list(tid): the futex list glibc registers per thread, read from outside."""
     head, length = ctypes.c_uint64(), ctypes.c_uint64()
-    native.syscall(SYS_GET_ROBUST_LIST, tid, ctypes.addressof(head), ctypes.addressof(length))
+    native.syscall(NR["get_robust_list"], tid, ctypes.addressof(head), ctypes.addressof(length))
     return head.value, length.value
 
 
@@ -120,7 +117,7 @@ def collect_core(pid, thread_states, leader, injector):
         "sigactions": collect_sigactions(injector),
         "shared_pending": leader.peek_siginfo(shared=True),
         "seccomp_mode": SECCOMP_MODES.get(status.seccomp, "disabled"),
-        "seccomp_filters": leader.seccomp_filters() if status.seccomp == 2 else [],
+        "seccomp_filters": leader.seccomp_filters() if status.seccomp == SECCOMP_MODE_FILTER else [],
         "xcomp_perm": xcomp_perm(injector),
         "threads": thread_states,
     }

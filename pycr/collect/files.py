@@ -13,14 +13,11 @@ import stat as st
 import struct
 import termios
 
-from .. import proc, sysinfo
+from .. import abi, proc, sysinfo
+from ..abi import F_GETPIPE_SZ, F_SETPIPE_SZ, O_CLOEXEC, SPLICE_F_NONBLOCK
 from ..errors import AccessDenied, Unsupported, TaskGone
 from ..native import core
 
-F_GETPIPE_SZ = 1032
-F_SETPIPE_SZ = 1031
-SPLICE_F_NONBLOCK = 2
-O_CLOEXEC = 0o2000000
 FAMILY_NAMES = {getattr(socket, n): n for n in dir(socket) if n.startswith("AF_")}
 
 
@@ -61,9 +58,9 @@ def describe_fd(pid, fd, target):
     """One fd record of the files image; raises Unsupported for what pycr cannot restore."""
     info = proc.fdinfo(pid, fd)
     try:
-        s = os.stat(f"/proc/{pid}/fd/{fd}")
-    except FileNotFoundError:
-        raise TaskGone(pid, f"fd {fd} closed while frozen")
+        s = proc.stat_fd(pid, fd)
+    except TaskGone:
+        raise TaskGone(pid, f"fd {fd} closed while frozen") from None
     rec = {"fd": fd, "type": "reg", "flags": info.flags & ~O_CLOEXEC, "pos": info.pos,
            "cloexec": bool(info.flags & O_CLOEXEC), "path": target, "deleted": False,
            "pipe_id": 0, "rdev": 0, "size": 0, "file_id": 0,
@@ -110,7 +107,7 @@ def number_file_descriptions(files_by_pid):
         for rec in recs:
             candidates = seen.setdefault(rec.pop("_same_file"), [])
             for other_pid, other in candidates:
-                if core.kcmp(pid, other_pid, core.KCMP_FILE, rec["fd"], other["fd"]) == 0:
+                if core.kcmp(pid, other_pid, abi.KCMP_FILE, rec["fd"], other["fd"]) == 0:
                     rec["file_id"] = other["file_id"]
                     break
             else:
@@ -128,9 +125,9 @@ def peek_pipe(pid, fd):
     than saving part of the data.
     """
     try:
-        src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except PermissionError:
-        owner = os.stat(f"/proc/{pid}/fd/{fd}").st_uid
+        src = proc.open_fd(pid, fd, os.O_RDONLY | os.O_NONBLOCK)
+    except AccessDenied:
+        owner = proc.stat_fd(pid, fd).st_uid
         raise AccessDenied(f"pid {pid} fd {fd}: cannot open the pipe to copy its buffered data: "
                            f"it belongs to uid {owner}") from None
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -14,7 +14,8 @@ import fcntl
 import os
 from array import array
 
-from ..errors import AccessDenied
+from .. import proc
+from ..errors import AccessDenied, PycrError
 from ..native import core
 from ..log import Progress, log
 from ..sysinfo import page_size
@@ -44,9 +45,8 @@ def swap_in_use():
     and pagemap's "swapped" bit only marks PTE markers (userfaultfd write-protect
     on a page never touched), which hold nothing worth saving."""
     try:
-        with open("/proc/swaps") as f:
-            return len(f.read().splitlines()) > 1
-    except OSError:
+        return len(proc.read_system("swaps").splitlines()) > 1
+    except PycrError:
         return True
 
 
@@ -54,7 +54,7 @@ def present_runs(pid, vmas):
     """(start, len) runs, flattened in an array('Q'), of the pages of `vmas` worth saving."""
     swapped = swap_in_use()
     runs = array("Q")
-    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    fd = proc.open_pagemap(pid)
     try:
         for v in vmas:
             anon_only = v["kind"] == "file"
@@ -156,7 +156,7 @@ def _copy_batches(pid, runs, vmas, out_fd, sums, progress):
                 if progress:
                     progress.advance(size)
         else:
-            mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+            mem = proc.open_mem(pid)
             try:
                 for i in range(0, len(batch), 2):
                     data = os.pread(mem, batch[i + 1], batch[i])
@@ -219,8 +219,8 @@ def dump_shmem(pid, vma, imgdir):
     if imgdir.exists("pagemap", owner):
         return 0
     try:
-        fd = os.open(f"/proc/{pid}/map_files/{vma['start']:x}-{vma['end']:x}", os.O_RDONLY)
-    except PermissionError:
+        fd = proc.open_map_file(pid, vma["start"], vma["end"])
+    except AccessDenied:
         raise AccessDenied(f"pid {pid}: shared memory at {vma['start']:#x}: reading it through "
                            "/proc/PID/map_files needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN") from None
     try:

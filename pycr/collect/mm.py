@@ -5,10 +5,8 @@ read by injecting brk(0), which returns the current break without moving it.
 """
 
 from .. import proc
-from ..errors import Unsupported
-from ..ptrace.syscalls import NR
-
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+from ..errors import PycrError, Unsupported
+from ..abi import NR, PROT_EXEC, PROT_READ, PROT_WRITE
 
 
 #: "[...]" mappings the kernel re-creates by itself: left out of the image.
@@ -68,7 +66,7 @@ def collect_mm(pid, vmas, injector, src=None):
     fields["brk"] = brk
     try:
         exe = proc.exe(src)
-    except OSError:
+    except PycrError:                   # proc maps its OSErrors: no exe link (an exited mm)
         exe = ""
     return {
         "pid": pid,

@@ -3,9 +3,8 @@ unreaped zombies, fd tables shared between processes, and the session members
 a dump of this tree would leave behind."""
 
 import functools
-import os
 
-from .. import proc
+from .. import abi, proc
 from ..errors import TaskGone, Unsupported
 from ..native import core
 
@@ -90,7 +89,7 @@ def order_parents_first(entries):
 
 def _files_order(a, b):
     """kcmp(KCMP_FILES) as a sort key: 0 same table, 1 / 2 an ordering of the pointers."""
-    res = core.kcmp(a, b, core.KCMP_FILES)
+    res = core.kcmp(a, b, abi.KCMP_FILES)
     return 0 if res == 0 else (-1 if res == 1 else 1)
 
 
@@ -119,7 +118,7 @@ def files_shared_with_parent(processes):
         if parent in processes or parent <= 0:
             continue
         try:
-            same = core.kcmp(tid[pid], parent, core.KCMP_FILES) == 0
+            same = core.kcmp(tid[pid], parent, abi.KCMP_FILES) == 0
         except OSError:
             continue      # gone, or not ours to compare: it cannot share with us then
         if same:
@@ -138,7 +137,7 @@ def _comm(pid):
 
 
 def _all_pids():
-    return sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
+    return proc.pids()
 
 
 def check_sessions(processes, zombies=()):

@@ -19,7 +19,6 @@ from pycr.migrate import mmdiff
 from pycr.trackers import runs as R
 
 WORKSPACE_SIZE = restore_mm.WORKSPACE_SIZE
-PROT_READ, PROT_WRITE = 1, 2
 
 
 def _overlaps(start, end, ws):

@@ -18,7 +18,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from pycr import proc, settings
+from pycr import abi, proc, settings
+from pycr.abi import UFFD_LINK
 from pycr.dump import DumpStats
 from pycr.errors import PycrError, TaskGone
 from pycr.freeze import freeze
@@ -34,7 +35,6 @@ from pycr.trackers import ParentPass
 
 DEFAULT_MAX_PASSES = 8
 DEFAULT_MIN_DELTA = 1 << 20
-UFFD_LINK = "anon_inode:[userfaultfd]"
 
 
 @dataclass
@@ -160,7 +160,7 @@ def _same_file_as_any(pid, fd, owners):
         if (owner, owner_fd) == (pid, fd):
             return True
         try:
-            if core.kcmp(pid, owner, core.KCMP_FILE, fd, owner_fd) == 0:
+            if core.kcmp(pid, owner, abi.KCMP_FILE, fd, owner_fd) == 0:
                 return True
         except OSError:
             continue
@@ -225,7 +225,10 @@ def migrate(root, work_dir=None, policy=None, tracker="auto", on_image_set=None,
     if not keep:
         sweep_work_dirs()
     work_dir = os.fspath(work_dir) if keep else tempfile.mkdtemp(prefix=WORK_PREFIX)
-    os.makedirs(work_dir, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(work_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise PycrError(f"{work_dir}: cannot use it as the work directory: {exc.strerror}") from None
     lock = None if keep else _hold(work_dir)
     source = SourcePasses(root, work_dir, tracker, policy)
     try:

@@ -22,11 +22,11 @@ import bisect
 from array import array
 from dataclasses import dataclass, field
 
+from pycr.abi import PROT_EXEC, PROT_READ, PROT_WRITE
 from pycr.trackers import runs as R
 
 SPECIAL = ("vdso", "vvar", "vvar_vclock", "vsyscall")
 DELETED = " (deleted)"
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 
 
 def _strip(path):

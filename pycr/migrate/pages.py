@@ -22,6 +22,8 @@ import mmap
 import os
 from array import array
 
+from pycr import proc
+from pycr.abi import MADV_DONTNEED, MFD_CLOEXEC
 from pycr.errors import RestoreError
 from pycr.images import iter_page_runs
 from pycr.log import log
@@ -31,8 +33,6 @@ from pycr.trackers import runs as R
 from pycr.sysinfo import page_size
 
 PAGE = page_size()
-MADV_DONTNEED = 4
-MFD_CLOEXEC = 1
 SPECIAL = ("vdso", "vvar", "vvar_vclock", "vsyscall")
 
 
@@ -127,7 +127,7 @@ class PageWriter:
             extra = R.intersect(R.subtract(previous, now), private)
         else:
             have = array("Q")
-            fd = os.open(f"/proc/{real}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            fd = proc.open_pagemap(real)
             try:
                 for vma in mm.vmas:
                     if vma.shared or str(vma.kind) in SPECIAL:

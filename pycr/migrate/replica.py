@@ -19,19 +19,17 @@ import time
 from dataclasses import dataclass, field
 
 from pycr import proc
-from pycr.errors import ImageError, RestoreError, TaskGone
+from pycr.abi import WALL, WNOHANG
+from pycr.errors import ImageError, PycrError, RestoreError, TaskGone
 from pycr.log import log
 from pycr.migrate import layout, treediff
 from pycr.migrate import pages as pages_mod
 from pycr.migrate.pages import PageWriter, SharedObjects
-from pycr.ptrace import binding as B
 from pycr.restore import files, mm as restore_mm, preflight, tasks
 from pycr.restore.restorer import Restore
 from pycr.sysinfo import page_size
 
 PAGE = page_size()
-SIGCHLD = 17
-WNOHANG = 1
 REAP_TIMEOUT = 5.0
 
 
@@ -49,8 +47,8 @@ class PassChanges:
 
 def _exe(real):
     try:
-        return os.readlink(f"/proc/{real}/exe")
-    except OSError:
+        return proc.exe(real)
+    except PycrError:
         return ""
 
 
@@ -124,12 +122,8 @@ class Replica:
             task = run.tasks[p.pid]
             r = task.remote
             files.close_inherited(r, run.pidfd)
-            task.workspace = restore_mm.map_workspace(r, p.mm.vmas)
-            restore_mm.unmap_stub(r, task.workspace)
-            restore_mm.place_specials(r, p.mm.vmas)
-            restore_mm.map_vmas(r, p.mm, self.shared.paths)
-            changes.pages_written += images.pages.fill_task(task.real, str(p.pid))
-            restore_mm.set_mm_map(r, p.mm)
+            task.workspace, written = restore_mm.rebuild(r, p.mm, images.pages, self.shared.paths, final=False)
+            changes.pages_written += written
             r.reset_scratch()
         log.info("replica: %d processes created, held stopped", len(run.tasks))
         return changes
@@ -292,7 +286,7 @@ def _reap_in(reaper, pid, timeout=REAP_TIMEOUT):
     """wait4(pid) injected into the task's parent, then the SIGCHLD it got is taken back."""
     deadline = time.monotonic() + timeout
     while True:
-        res = reaper.call("wait4", pid, 0, B.WALL | WNOHANG, 0)
+        res = reaper.call("wait4", pid, 0, WALL | WNOHANG, 0)
         if res == pid:
             break
         if res < 0:
@@ -302,7 +296,7 @@ def _reap_in(reaper, pid, timeout=REAP_TIMEOUT):
             raise RestoreError(f"pid {pid}: killed in the replica but its parent cannot reap it")
         time.sleep(0.001)
     if reaper.scratch is not None:
-        mask = reaper.put(struct.pack("<Q", 1 << (SIGCHLD - 1)))
+        mask = reaper.put(struct.pack("<Q", 1 << (signal.SIGCHLD - 1)))
         zero = reaper.put(struct.pack("<qq", 0, 0))
         reaper.call("rt_sigtimedwait", mask, 0, zero, 8)
         reaper.reset_scratch()

@@ -54,6 +54,8 @@ class DirectoryTransport(Transport):
             names = sorted(os.listdir(self.top))
         except FileNotFoundError:
             raise ImageError(self.top, not_a_directory(self.top)) from None
+        except OSError as exc:
+            raise ImageError(self.top, f"cannot list the image sets: {exc.strerror}") from None
         for name in names:
             path = os.path.join(self.top, name)
             if os.path.isfile(os.path.join(path, "manifest.img")):

@@ -1,6 +1,9 @@
 /*
  * pycr native core: bulk memory I/O between tasks, pagemap walks, page
  * hashing and raw syscalls. See core.h for the return convention.
+ * No function keeps a buffer between calls: the caller owns every buffer
+ * (pycr.native.core.Copier for the dump's copies), so that two dumps or
+ * restores in one process never share one.
  */
 #include "core.h"
 
@@ -34,39 +37,6 @@ static uint64_t page_size(void)
 }
 #define PAGE_SZ page_size()
 
-/* The reused bounce buffer of the dump path. Large batches amortise the
- * per-call cost; prefaulting avoids the first-touch faults that make a cold
- * buffer many times slower than a warm one. Its size is a setting
- * (pycr_set_bounce_size, from pycr.settings); each thread maps its own. */
-static size_t bounce_size = 32UL << 20;
-static __thread unsigned char *bounce;
-static __thread size_t bounce_mapped;
-
-long pycr_set_bounce_size(size_t size)
-{
-    size -= size % PAGE_SZ;
-    if (!size)
-        return -EINVAL;
-    bounce_size = size;
-    return (long)size;
-}
-
-static unsigned char *bounce_buffer(void)
-{
-    if (bounce && bounce_mapped != bounce_size) {
-        munmap(bounce, bounce_mapped);
-        bounce = NULL;
-    }
-    if (!bounce) {
-        void *p = mmap(NULL, bounce_size, PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
-        if (p == MAP_FAILED)
-            return NULL;
-        bounce = p;
-        bounce_mapped = bounce_size;
-    }
-    return bounce;
-}
 
 static long write_all(int fd, const unsigned char *p, size_t n)
 {
@@ -199,16 +169,16 @@ static long write_summed(int fd, const unsigned char *buf, size_t n, struct pycr
 }
 
 long pycr_vm_read_runs(int pid, const uint64_t *runs, size_t nruns, int fd,
+                       unsigned char *buf, size_t buflen,
                        uint64_t *fail_addr, struct pycr_sums *sums)
 {
     struct iovec remote[BATCH_IOVS];
     struct run_cursor c = {runs, nruns, 0, 0};
-    unsigned char *buf = bounce_buffer();
     long total = 0;
-    if (!buf)
-        return -ENOMEM;
+    if (buflen < PAGE_SZ)
+        return -EINVAL;
     for (;;) {
-        size_t nbytes, n = next_batch(&c, remote, bounce_mapped, &nbytes);
+        size_t nbytes, n = next_batch(&c, remote, buflen, &nbytes);
         if (!n)
             return total;
         long r = transfer_batch(pid, 0, buf, remote, n, nbytes, fail_addr);
@@ -282,32 +252,20 @@ long pycr_mem_write(int pid, uint64_t addr, const unsigned char *src, size_t len
 
 /* ---- pagemap ---------------------------------------------------------- */
 
-#define PM_PRESENT (1ULL << 63)
-#define PM_SWAPPED (1ULL << 62)
-#define PM_FILE_OR_SHARED (1ULL << 61)
-#define WANT_PRESENT 1
-#define WANT_SWAPPED 2
-#define WANT_ANON_ONLY 4
-#define PAGEMAP_CHUNK 65536 /* entries per pread: 512 KiB, 256 MiB of VA */
-
-long pycr_pagemap_runs(int fd, uint64_t start, uint64_t end, int want,
+long pycr_pagemap_runs(int fd, uint64_t start, uint64_t end, uint64_t match,
+                       uint64_t exclude, uint64_t *entries, size_t nentries,
                        uint64_t *out, size_t cap, uint64_t *resume)
 {
-    static __thread uint64_t entries[PAGEMAP_CHUNK];
-    uint64_t mask = 0, addr = start & ~(PAGE_SZ - 1);
+    uint64_t addr = start & ~(PAGE_SZ - 1);
     uint64_t run_start = 0, run_len = 0;
     size_t n = 0;
 
-    if (want & WANT_PRESENT)
-        mask |= PM_PRESENT;
-    if (want & WANT_SWAPPED)
-        mask |= PM_SWAPPED;
-    if (!cap)
+    if (!cap || !nentries)
         return -EINVAL;
     while (addr < end) {
         uint64_t pages = (end - addr + PAGE_SZ - 1) / PAGE_SZ;
-        if (pages > PAGEMAP_CHUNK)
-            pages = PAGEMAP_CHUNK;
+        if (pages > nentries)
+            pages = nentries;
         ssize_t r = pread(fd, entries, pages * 8, (off_t)(addr / PAGE_SZ * 8));
         if (r < 0) {
             if (errno == EINTR)
@@ -319,9 +277,7 @@ long pycr_pagemap_runs(int fd, uint64_t start, uint64_t end, int want,
         pages = (uint64_t)r / 8;
         for (uint64_t i = 0; i < pages; i++, addr += PAGE_SZ) {
             uint64_t e = entries[i];
-            int match = (e & mask) &&
-                        !((want & WANT_ANON_ONLY) && (e & PM_FILE_OR_SHARED));
-            if (!match)
+            if (!(e & match) || (e & exclude))
                 continue;
             if (run_len && run_start + run_len == addr) {
                 run_len += PAGE_SZ;
@@ -604,14 +560,15 @@ long pycr_sums_update(struct pycr_sums *s, const unsigned char *buf, size_t len)
     return 0;
 }
 
-long pycr_sums_fd(int fd, uint64_t offset, uint64_t len, struct pycr_sums *s)
+long pycr_sums_fd(int fd, uint64_t offset, uint64_t len, unsigned char *buf,
+                  size_t buflen, struct pycr_sums *s)
 {
-    unsigned char *buf = bounce_buffer();
-    if (!buf)
-        return -ENOMEM;
+    buflen &= ~(PAGE_SZ - 1);
+    if (!buflen)
+        return -EINVAL;
     while (len) {
         /* Whole pages, so that an O_DIRECT fd accepts the tail too. */
-        size_t want = len < bounce_size ? (size_t)len : bounce_size;
+        size_t want = len < buflen ? (size_t)len : buflen;
         want = (want + PAGE_SZ - 1) & ~(PAGE_SZ - 1);
         ssize_t r = pread(fd, buf, want, (off_t)offset);
         if (r < 0 && errno == EINTR)

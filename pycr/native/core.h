@@ -12,7 +12,6 @@
 #include <stddef.h>
 
 /* CDEF-BEGIN */
-long pycr_set_bounce_size(size_t size);
 /* Running CRC-32C sums of a byte stream, one per `chunk` bytes: the pages
  * file checksums. `crc` is the sum of the unfinished chunk so far; each
  * finished chunk's sum is appended to out (-ENOSPC once n reaches cap). */
@@ -27,10 +26,14 @@ struct pycr_sums {
 uint32_t pycr_crc32c(uint32_t crc, const unsigned char *buf, size_t len);
 uint32_t pycr_crc32c_portable(uint32_t crc, const unsigned char *buf, size_t len);
 long pycr_sums_update(struct pycr_sums *s, const unsigned char *buf, size_t len);
-long pycr_sums_fd(int fd, uint64_t offset, uint64_t len, struct pycr_sums *s);
+/* buf (buflen bytes, whole pages: fd may be O_DIRECT) is the caller's. */
+long pycr_sums_fd(int fd, uint64_t offset, uint64_t len, unsigned char *buf,
+                  size_t buflen, struct pycr_sums *s);
 
-/* sums may be NULL; otherwise every byte written to fd is summed too. */
+/* buf (the caller's, buflen bytes) carries each batch from the task to fd;
+ * sums may be NULL, otherwise every byte written to fd is summed too. */
 long pycr_vm_read_runs(int pid, const uint64_t *runs, size_t nruns, int fd,
+                       unsigned char *buf, size_t buflen,
                        uint64_t *fail_addr, struct pycr_sums *sums);
 long pycr_vm_write_runs(int pid, const uint64_t *runs, size_t nruns,
                         const unsigned char *src, uint64_t *fail_addr);
@@ -38,7 +41,10 @@ long pycr_vm_read(int pid, uint64_t addr, unsigned char *dst, size_t len);
 long pycr_vm_write(int pid, uint64_t addr, const unsigned char *src, size_t len);
 long pycr_mem_write(int pid, uint64_t addr, const unsigned char *src, size_t len);
 
-long pycr_pagemap_runs(int fd, uint64_t start, uint64_t end, int want,
+/* Runs of pages whose pagemap entry has a bit of `match` and none of
+ * `exclude`; entries (nentries words, the caller's) holds each pread. */
+long pycr_pagemap_runs(int fd, uint64_t start, uint64_t end, uint64_t match,
+                       uint64_t exclude, uint64_t *entries, size_t nentries,
                        uint64_t *out, size_t cap, uint64_t *resume);
 long pycr_pagemap_scan(int fd, uint64_t start, uint64_t end, uint64_t flags,
                        uint64_t category_mask, uint64_t category_inverted,

@@ -4,29 +4,19 @@ Errors come back as OSError carrying the errno (the C side returns -errno).
 Buffers go to C through ffi.from_buffer, so nothing large is copied.
 """
 
+import contextvars
 import errno as _errno
+import mmap
 import os
-import threading
 from array import array
 
 from ._core import ffi, lib
+from ..abi import MAP_ANONYMOUS, MAP_POPULATE, MAP_PRIVATE, NR, PM_FILE_OR_SHARED, PM_PRESENT, PM_SWAPPED
 from ..sysinfo import page_size
 
-# PAGEMAP_SCAN categories and flags (include/uapi/linux/fs.h).
-PAGE_IS_WPALLOWED = 1
-PAGE_IS_WRITTEN = 2
-PAGE_IS_FILE = 4
-PAGE_IS_PRESENT = 8
-PAGE_IS_SWAPPED = 16
-PAGE_IS_PFNZERO = 32
-PAGE_IS_HUGE = 64
-PAGE_IS_SOFT_DIRTY = 128
-PM_SCAN_WP_MATCHING = 1
-PM_SCAN_CHECK_WPASYNC = 2
-
 PAGE_SIZE = page_size()
-_WANT_PRESENT, _WANT_SWAPPED, _WANT_ANON_ONLY = 1, 2, 4
 _RUNS_PER_CALL = 1 << 16  # output slots per C call of pagemap_runs / pagemap_scan
+_PAGEMAP_CHUNK = 1 << 16  # pagemap entries per pread: 512 KiB, 256 MiB of address space
 
 
 def _check(ret, what=""):
@@ -55,37 +45,96 @@ def _runs_view(runs):
 
 # ---- memory of another task -----------------------------------------------
 
-_bounce_set = False
+_copier = contextvars.ContextVar("pycr_copier", default=None)
 
 
-def _size_bounce():
-    """Give the C core the copy buffer size of pycr.settings, once."""
-    global _bounce_set
-    if not _bounce_set:
-        from ..settings import copy_buffer
-        _check(lib.pycr_set_bounce_size(copy_buffer()), "copy buffer size")
-        _bounce_set = True
+class Copier:
+    """The copy buffer of one dump: process_vm_readv lands there before write().
+
+    Large batches amortise the per-call cost, and the buffer is prefaulted
+    because a cold one is many times slower than a warm one; so it is made
+    once per dump, not per call. `with Copier():` makes it the one
+    vm_read_runs uses in this thread (or task) until the block ends, then
+    unmaps it: two dumps, in two threads of one process, never share one.
+    Its size is pycr.settings.copy_buffer() unless given.
+    """
+
+    def __init__(self, size=None):
+        if size is None:
+            from ..settings import copy_buffer
+            size = copy_buffer()
+        size -= size % PAGE_SIZE
+        if size <= 0:
+            raise ValueError(f"copy buffer of {size} bytes: at least one page is needed")
+        self._buf = mmap.mmap(-1, size, flags=MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE)
+        self._view = ffi.from_buffer("unsigned char[]", self._buf)
+        self.size = size
+        self._token = None
+
+    def __enter__(self):
+        self._token = _copier.set(self)
+        return self
+
+    def __exit__(self, *exc):
+        _copier.reset(self._token)
+        self.close()
+
+    def close(self):
+        if self._view is not None:
+            ffi.release(self._view)
+            self._buf.close()
+            self._view = None
+
+    @staticmethod
+    def current():
+        """The Copier of the enclosing `with Copier()` block, or None."""
+        return _copier.get()
+
+    def read_runs(self, pid, runs, fd, sums=None):
+        """See vm_read_runs."""
+        if self._view is None:
+            raise ValueError("the copier is closed")
+        cruns, n, runs = _runs_view(runs)
+        state = ffi.NULL
+        if sums is not None:
+            state = sums.reserve(sum(runs[1::2]))
+        fail = ffi.new("uint64_t *")
+        ret = lib.pycr_vm_read_runs(pid, cruns, n, _fileno(fd), self._view, self.size, fail, state)
+        if ret == -_errno.EFAULT:
+            raise OSError(_errno.EFAULT, f"pid {pid}: cannot read at {fail[0]:#x}")
+        return _check(ret, f"pid {pid}: vm_read_runs")
+
+    def sum_fd(self, sums, fd, offset, length):
+        """Feed ChunkSums `sums` with `length` bytes of fd from offset, read into this buffer."""
+        if self._view is None:
+            raise ValueError("the copier is closed")
+        _check(lib.pycr_sums_fd(_fileno(fd), offset, length, self._view, self.size, sums.reserve(length)),
+               "checksum read")
+
+
+def _with_copier(need, use):
+    """use(the current Copier), or use(a Copier made for this call alone, of at most
+    `need` bytes rounded up to pages) outside a `with Copier()` block."""
+    copier = Copier.current()
+    if copier is not None:
+        return use(copier)
+    from ..settings import copy_buffer
+    size = min(copy_buffer(), max(PAGE_SIZE, -(-need // PAGE_SIZE) * PAGE_SIZE))
+    with Copier(size) as copier:
+        return use(copier)
 
 
 def vm_read_runs(pid, runs, fd, sums=None):
     """Copy the runs of task `pid` to `fd` in order; returns bytes written.
 
     The dump hot path: process_vm_readv in batches of up to 1024 remote
-    iovecs into a reused, prefaulted buffer (pycr.settings.copy_buffer),
-    then write(). An unreadable address raises OSError(EFAULT) naming it.
-    sums (a ChunkSums) is fed every byte written, from the buffer that is
-    still in cache.
+    iovecs into the current Copier's buffer, then write(); outside a
+    `with Copier()` block a buffer is made for this call alone. An
+    unreadable address raises OSError(EFAULT) naming it. sums (a ChunkSums)
+    is fed every byte written, from the buffer that is still in cache.
     """
-    _size_bounce()
-    cruns, n, runs = _runs_view(runs)
-    state = ffi.NULL
-    if sums is not None:
-        state = sums.reserve(sum(runs[1::2]))
-    fail = ffi.new("uint64_t *")
-    ret = lib.pycr_vm_read_runs(pid, cruns, n, _fileno(fd), fail, state)
-    if ret == -_errno.EFAULT:
-        raise OSError(_errno.EFAULT, f"pid {pid}: cannot read at {fail[0]:#x}")
-    return _check(ret, f"pid {pid}: vm_read_runs")
+    need = sum(array("Q", runs)[1::2]) if not isinstance(runs, array) else sum(runs[1::2])
+    return _with_copier(need, lambda c: c.read_runs(pid, runs, fd, sums))
 
 
 def vm_write_runs(pid, runs, src, src_offset=0):
@@ -136,21 +185,18 @@ def mem_write(pid, addr, data):
 
 # ---- pagemap ---------------------------------------------------------------
 
-_scratch = threading.local()
-
-
 def _out_buffer(words):
-    """A reused per-thread array('Q') of at least `words` slots, with its C view.
+    """An array('Q') of `words` slots with its C view, made per call.
 
-    Zeroing a fresh megabyte on every call cost more than the pagemap walk
-    itself when a dump asks about hundreds of small VMAs.
+    Callers size it by the range asked about (a VMA of a few pages needs a
+    few slots), so that small VMAs, hundreds of them in a dump, cost little.
     """
-    have = getattr(_scratch, "buf", None)
-    if have is None or len(have) < words:
-        have = array("Q", bytes(8 * words))
-        _scratch.buf = have
-        _scratch.view = ffi.from_buffer("uint64_t[]", have)
-    return have, _scratch.view
+    buf = array("Q", bytes(8 * words))
+    return buf, ffi.from_buffer("uint64_t[]", buf)
+
+
+def _pages_in(start, end):
+    return max((end - start + PAGE_SIZE - 1) // PAGE_SIZE, 1)
 
 
 def _append_runs(dst, src):
@@ -161,27 +207,37 @@ def _append_runs(dst, src):
     dst.extend(src)
 
 
+def pagemap_match(pagemap_fd, start, end, match, exclude=0):
+    """Runs (start, len bytes) of pages in [start, end) whose pagemap entry has a
+    bit of `match` and none of `exclude` (pycr.abi.PM_* bits).
+
+    The one parser of /proc/PID/pagemap (an open fd): it reads the entries in
+    512 KiB chunks in C.
+    """
+    pages = _pages_in(start, end)
+    cap = min(_RUNS_PER_CALL, pages // 2 + 1)
+    result = array("Q")
+    out, cout = _out_buffer(2 * cap)
+    _, centries = _out_buffer(min(_PAGEMAP_CHUNK, pages))
+    resume = ffi.new("uint64_t *")
+    fd = _fileno(pagemap_fd)
+    while start < end:
+        n = _check(lib.pycr_pagemap_runs(fd, start, end, match, exclude, centries, len(centries),
+                                         cout, cap, resume), "pagemap read")
+        _append_runs(result, out[:2 * n])
+        start = resume[0]
+    return result
+
+
 def pagemap_runs(pagemap_fd, start, end, want_present=True, want_swapped=True,
                  anon_only=False):
     """Runs (start, len bytes) of pages in [start, end) that are present or swapped.
 
-    Reads /proc/PID/pagemap (an open fd) in 512 KiB chunks in C. With
-    anon_only, pages whose entry has bit 61 (file page or shared anon) are
-    left out.
+    With anon_only, pages whose entry has bit 61 (file page or shared anon)
+    are left out.
     """
-    want = ((_WANT_PRESENT if want_present else 0)
-            | (_WANT_SWAPPED if want_swapped else 0)
-            | (_WANT_ANON_ONLY if anon_only else 0))
-    result = array("Q")
-    out, cout = _out_buffer(3 * _RUNS_PER_CALL)
-    resume = ffi.new("uint64_t *")
-    fd = _fileno(pagemap_fd)
-    while start < end:
-        n = _check(lib.pycr_pagemap_runs(fd, start, end, want, cout,
-                                         _RUNS_PER_CALL, resume), "pagemap read")
-        _append_runs(result, out[:2 * n])
-        start = resume[0]
-    return result
+    match = (PM_PRESENT if want_present else 0) | (PM_SWAPPED if want_swapped else 0)
+    return pagemap_match(pagemap_fd, start, end, match, PM_FILE_OR_SHARED if anon_only else 0)
 
 
 def pagemap_scan(pagemap_fd, start, end, flags, category_mask, category_inverted,
@@ -193,7 +249,8 @@ def pagemap_scan(pagemap_fd, start, end, flags, category_mask, category_inverted
     otherwise it stops once max_pages pages were reported.
     """
     result = array("Q")
-    vec, cvec = _out_buffer(3 * _RUNS_PER_CALL)
+    cap = min(_RUNS_PER_CALL, _pages_in(start, end) + 1)
+    vec, cvec = _out_buffer(3 * cap)
     walk_end = ffi.new("uint64_t *")
     fd = _fileno(pagemap_fd)
     left = max_pages
@@ -201,7 +258,7 @@ def pagemap_scan(pagemap_fd, start, end, flags, category_mask, category_inverted
     while True:
         n = _check(lib.pycr_pagemap_scan(fd, pos, end, flags, category_mask,
                                          category_inverted, category_anyof_mask,
-                                         return_mask, left, cvec, _RUNS_PER_CALL,
+                                         return_mask, left, cvec, cap,
                                          walk_end), "PAGEMAP_SCAN")
         got = vec[:3 * n]
         if result and got and result[-2] == got[0] and result[-1] == got[2]:
@@ -283,8 +340,9 @@ class ChunkSums:
         _check(lib.pycr_sums_update(self.reserve(len(view)), view, len(view)), "checksum")
 
     def update_from_fd(self, fd, offset, length):
-        """Feed `length` bytes read from fd at offset (verification of a file)."""
-        _check(lib.pycr_sums_fd(_fileno(fd), offset, length, self.reserve(length)), "checksum read")
+        """Feed `length` bytes read from fd at offset (verification of a file), through the
+        current Copier's buffer."""
+        _with_copier(length, lambda c: c.sum_fd(self, fd, offset, length))
 
     def mark(self):
         s = self._state
@@ -318,42 +376,29 @@ def syscall(nr, *args):
     return _check(lib.pycr_syscall6(nr, *regs), f"syscall {nr}")
 
 
-SYS_kcmp = 312
-SYS_tee = 276
-SYS_pidfd_send_signal = 424
-SYS_pidfd_open = 434
-SYS_pidfd_getfd = 438
-
-
 def pidfd_open(pid, flags=0):
     """A pidfd for `pid` (close it when done)."""
-    return syscall(SYS_pidfd_open, pid, flags)
+    return syscall(NR["pidfd_open"], pid, flags)
 
 
 def pidfd_getfd(pidfd, fd, flags=0):
     """A duplicate, in this process, of file descriptor `fd` of the pidfd's task."""
-    return syscall(SYS_pidfd_getfd, pidfd, fd, flags)
+    return syscall(NR["pidfd_getfd"], pidfd, fd, flags)
 
 
 def pidfd_send_signal(pidfd, sig, flags=0):
     """Send `sig` to the pidfd's task (works for non-children, no PID reuse race)."""
-    return syscall(SYS_pidfd_send_signal, pidfd, sig, 0, flags)
-
-
-KCMP_FILE, KCMP_VM, KCMP_FILES, KCMP_FS, KCMP_SIGHAND, KCMP_IO, KCMP_SYSVSEM = range(7)
+    return syscall(NR["pidfd_send_signal"], pidfd, sig, 0, flags)
 
 
 def kcmp(pid1, pid2, type, idx1=0, idx2=0):
     """0 if the two tasks share the resource, else 1 or 2 (an ordering)."""
-    return syscall(SYS_kcmp, pid1, pid2, type, idx1, idx2)
+    return syscall(NR["kcmp"], pid1, pid2, type, idx1, idx2)
 
 
 def tee(fd_in, fd_out, n, flags=0):
     """Duplicate up to `n` bytes from pipe fd_in into pipe fd_out without consuming them."""
-    return syscall(SYS_tee, _fileno(fd_in), _fileno(fd_out), n, flags)
-
-
-CLONE_NEWPID = 0x20000000
+    return syscall(NR["tee"], _fileno(fd_in), _fileno(fd_out), n, flags)
 
 
 def clone3_exec(set_tid, flags, path, argv):

@@ -18,12 +18,15 @@
  *                    r14+8, and exits with that code when the namespace ends.
  *                    pycr reads the slot through /proc/PID/mem (or takes the
  *                    exit code), so it never has to hold the init stopped.
+ *
+ * These numbers are pycr.abi's (tests/test_abi.py checks that they agree).
  */
 #define SYS_pause       34
 #define SYS_nanosleep   35
 #define SYS_wait4       61
 #define SYS_exit_group  231
 #define WALL            0x40000000
+#define ECHILD          10
 
         .text
         .globl  _start
@@ -71,7 +74,7 @@ _start:
         movl    $1, 8(%r14)
         jmp     .Lreap
 .Lfailed:
-        cmp     $-10, %rax              /* -ECHILD: none left, or none yet */
+        cmp     $-ECHILD, %rax          /* none left, or none yet */
         jne     .Lreap                  /* EINTR: again */
         test    %r12d, %r12d
         jnz     .Lexit

@@ -21,6 +21,11 @@ def fds(pid):
     return out
 
 
+def fd_link(pid, fd):
+    """What pid's fd refers to (its /proc/PID/fd/N link)."""
+    return readlink(pid, f"fd/{fd}")
+
+
 @dataclass
 class FdInfo:
     pos: int = 0

@@ -6,12 +6,13 @@ dumping root may lack; the file is readable by anyone. It has one row per
 limit the running kernel knows (RLIM_NLIMITS), so its length is the count.
 """
 
+from pycr.abi import RLIM_INFINITY
+from pycr.errors import PycrError
 from pycr.proc._read import read_text, readlink
 
 #: Names of the limits every Linux has had since 2.6.25, by RLIMIT_* number.
 RLIMIT_NAMES = ("cpu", "fsize", "data", "stack", "core", "rss", "nproc", "nofile",
                 "memlock", "as", "locks", "sigpending", "msgqueue", "nice", "rtprio", "rttime")
-RLIM_INFINITY = (1 << 64) - 1
 
 
 def comm(pid, tid=None):
@@ -58,7 +59,10 @@ def parse_limits(text):
 
 def rlimits(pid):
     """Every rlimit the kernel has for pid, as a list of (cur, max) in RLIMIT_* order."""
-    return parse_limits(read_text(pid, "limits"))
+    try:
+        return parse_limits(read_text(pid, "limits"))
+    except ValueError as exc:
+        raise PycrError(f"pid {pid}: {exc}") from None
 
 
 def rlimit_count():

@@ -73,10 +73,8 @@ NT_PRSTATUS = 1
 NT_PRFPREG = 2
 NT_X86_XSTATE = 0x202
 
-WALL = 0x40000000   # __WALL: wait for threads and clones too
-
 _NAMES = {v: k for k, v in list(globals().items()) if k.isupper() and isinstance(v, int)
-          and not k.startswith(("O_", "EVENT_", "NT_", "PEEKSIGINFO_", "SYSCALL_INFO_", "WALL"))}
+          and not k.startswith(("O_", "EVENT_", "NT_", "PEEKSIGINFO_", "SYSCALL_INFO_"))}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]

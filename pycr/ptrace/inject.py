@@ -33,14 +33,10 @@ from pycr.errors import PycrError, TaskGone, from_oserror
 from pycr.log import log
 from pycr.ptrace import binding as B
 from pycr.ptrace import sigframe
-from pycr.ptrace import syscalls as S
+from pycr import abi as S
+from pycr.abi import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
 from pycr import proc
 from pycr.steps import deferred_signals, step
-
-MAP_PRIVATE = 0x02
-MAP_ANONYMOUS = 0x20
-PROT_READ = 1
-PROT_WRITE = 2
 _U64 = 0xFFFFFFFFFFFFFFFF
 _ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 SCRATCH_BELOW_FRAME = 16 * 1024     # stack space for syscall arguments, when the stack has it

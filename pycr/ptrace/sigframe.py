@@ -17,6 +17,7 @@ a siginfo (128), and the XSAVE image (64-byte aligned) ending in FP_XSTATE_MAGIC
 
 import struct
 
+from pycr.abi import ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, NR
 from pycr.ptrace import xstate as X
 
 TRAMPOLINE = b"\x0f\x05" + b"\xb8\x0f\x00\x00\x00" + b"\x0f\x05"   # syscall; mov $15,%eax; syscall
@@ -36,9 +37,7 @@ SIGMASK_OFFSET = MCONTEXT_OFFSET + 256
 FPSTATE_OFFSET = 448                 # after the siginfo, rounded up to 64
 _SIGCONTEXT = struct.Struct("<18Q4H4QQ")   # r8..eflags, cs gs fs ss, err trapno oldmask cr2, fpstate
 
-# Return values that ask the kernel to restart the interrupted syscall.
-ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
-NR_RESTART_SYSCALL = 219
+NR_RESTART_SYSCALL = NR["restart_syscall"]
 
 
 def _signed(value):

@@ -11,18 +11,18 @@ import signal
 import time
 from dataclasses import dataclass
 
-from pycr.errors import PycrError, TaskGone
+from pycr.abi import NR, SIGINFO_SIZE, WALL
+from pycr.errors import PycrError, StopTimeout, TaskGone
 from pycr.proc.status import status
 from pycr.ptrace import binding as B
 from pycr.ptrace import xstate as X
 
-SIGINFO_SIZE = 128
 _SYSCALL_INFO_SIZE = 88      # struct ptrace_syscall_info; entry.nr / exit.rval at 24
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-_SYS_TGKILL = 234
+_SYS_TGKILL = NR["tgkill"]
 
 
 def _tgkill(tgid, tid, sig):
@@ -186,10 +186,10 @@ class Thread:
         return msg.value
 
     def wait(self, timeout=None):
-        """waitpid(tid, __WALL) -> Stop; raises TimeoutError after timeout seconds."""
+        """waitpid(tid, __WALL) -> Stop; raises StopTimeout after timeout seconds."""
         if timeout is None:
             try:
-                _, status = os.waitpid(self.tid, B.WALL)
+                _, status = os.waitpid(self.tid, WALL)
             except ChildProcessError:
                 raise TaskGone(self.tid, "not waitable") from None
             self.last_stop = Stop(self.tid, status)
@@ -198,14 +198,14 @@ class Thread:
         delay = 0.0001
         while True:
             try:
-                pid, status = os.waitpid(self.tid, B.WALL | os.WNOHANG)
+                pid, status = os.waitpid(self.tid, WALL | os.WNOHANG)
             except ChildProcessError:
                 raise TaskGone(self.tid, "not waitable") from None
             if pid:
                 self.last_stop = Stop(self.tid, status)
                 return self.last_stop
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"tid {self.tid}: no ptrace stop within {timeout} s")
+                raise StopTimeout(f"tid {self.tid}: no ptrace stop within {timeout} s")
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
 

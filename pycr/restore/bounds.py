@@ -11,13 +11,13 @@ import errno
 import functools
 import os
 
+from pycr import proc
+from pycr.abi import MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, NR, PROT_NONE, RLIMIT_NOFILE
 from pycr.errors import ImageError
 from pycr.formats.mm import MM_FIELDS
 from pycr.native import core
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-SYS_mmap, SYS_munmap = 9, 11
-PROT_NONE, MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0, 0x02, 0x20, 0x100000
 UNCHECKED_KINDS = ("vsyscall",)       # the kernel's own page above the user address space
 
 
@@ -43,30 +43,24 @@ def _mappable(addr):
     if addr < 1 << 16:
         return True         # below vm.mmap_min_addr: refused for another reason
     try:
-        got = core.syscall(SYS_mmap, addr, PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+        got = core.syscall(NR["mmap"], addr, PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
                            -1, 0)
     except OSError as exc:
         return exc.errno == errno.EEXIST
-    core.syscall(SYS_munmap, got, PAGE)
+    core.syscall(NR["munmap"], got, PAGE)
     return got == addr
 
 
-def _read_int(path):
-    with open(path) as f:
-        return int(f.read())
 
 
 def pid_max():
     """PIDs are in (0, pid_max): /proc/sys/kernel/pid_max."""
-    return _read_int("/proc/sys/kernel/pid_max")
+    return proc.sysctl_int("kernel/pid_max")
 
 
 def nr_open():
     """No fd number reaches this (the kernel's ceiling for RLIMIT_NOFILE): /proc/sys/fs/nr_open."""
-    return _read_int("/proc/sys/fs/nr_open")
-
-
-RLIMIT_NOFILE = 7
+    return proc.sysctl_int("fs/nr_open")
 
 
 def check_tree(path, pstree):

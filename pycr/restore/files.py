@@ -14,17 +14,11 @@ import re
 import struct
 import termios
 
+from pycr.abi import (F_DUPFD_CLOEXEC, F_GETPIPE_SZ, F_SETFD, F_SETPIPE_SZ, O_ACCMODE, O_CLOEXEC, O_CREAT, O_EXCL,
+                      O_TRUNC, O_WRONLY)
 from pycr.errors import RestoreError
 from pycr.log import log
 
-O_ACCMODE, O_RDONLY, O_WRONLY, O_RDWR = 3, 0, 1, 2
-O_CREAT, O_EXCL, O_TRUNC, O_NONBLOCK = 0o100, 0o200, 0o1000, 0o4000
-O_CLOEXEC = 0o2000000
-AT_FDCWD = -100
-F_SETFD, FD_CLOEXEC = 2, 1
-F_DUPFD_CLOEXEC = 1030
-F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
-SEEK_SET = 0
 DELETED = " (deleted)"
 SEEKABLE = ("reg", "dir")
 

@@ -15,6 +15,7 @@ import queue
 import threading
 from array import array
 
+from pycr.abi import MAP_ANONYMOUS, MAP_POPULATE, MAP_PRIVATE
 from pycr.errors import ImageError, RestoreError
 from pycr.images import iter_page_runs
 from pycr.log import Progress, log
@@ -30,19 +31,18 @@ CHUNK = 64 << 20        # bytes per native call, so that progress shows on big c
 
 STREAM_PIECE = 16 << 20     # bytes read from the pages file per pread
 STREAM_BUFFERS = 3
-_stream_buffers = []
 
 
-def _buffers():
-    """Prefaulted buffers, made once: cold memory costs a fault per page here."""
-    if not _stream_buffers:
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0x8000)
-        _stream_buffers.extend(mmap.mmap(-1, STREAM_PIECE, flags=flags) for _ in range(STREAM_BUFFERS))
-    return _stream_buffers
+def stream_buffers():
+    """Prefaulted buffers for stream_pages (cold memory costs a fault per page there).
+    Their owner (a PageChain: one per restore or replica) closes them when done."""
+    flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE
+    return [mmap.mmap(-1, STREAM_PIECE, flags=flags) for _ in range(STREAM_BUFFERS)]
 
 
-def stream_pages(pid, fd, offset, runs, advance=None):
-    """Write `runs` of task pid from the pages file fd, read consecutively from offset.
+def stream_pages(pid, fd, offset, runs, buffers, advance=None):
+    """Write `runs` of task pid from the pages file fd, read consecutively from offset,
+    through `buffers` (from stream_buffers; no other call may use them meanwhile).
 
     A reader thread preads the next piece (O_DIRECT: no page cache to allocate)
     while this thread process_vm_writev's the previous one into the task, so
@@ -51,7 +51,7 @@ def stream_pages(pid, fd, offset, runs, advance=None):
     from an mmap of it. Returns bytes written.
     """
     free, full = queue.Queue(), queue.Queue()
-    for buf in _buffers():
+    for buf in buffers:
         free.put(buf)
     stop = threading.Event()
 
@@ -92,7 +92,7 @@ def stream_pages(pid, fd, offset, runs, advance=None):
                 advance(size)
     finally:
         stop.set()
-        for _ in range(STREAM_BUFFERS):
+        for _ in buffers:
             free.put(None)       # wake the reader if it waits for a buffer
         thread.join()
 
@@ -122,6 +122,7 @@ class PageChain:
         self._pagemaps = {}
         self._index = {}
         self._maps = {}
+        self._buffers = None        # stream_buffers(), made at the first fill_task
 
     # -- directories and pagemaps
     def dir(self, level):
@@ -177,15 +178,31 @@ class PageChain:
             addr = stop
             i += 1
 
-    def pieces(self, owner):
-        """Every saved run of owner as (level, addr, length, offset), in dump order."""
+    def pieces(self, owner, start=0, end=None):
+        """Every saved run of owner as (level, addr, length, offset), in dump order;
+        only what lies in [start, end) when end is given."""
         out = []
         for vaddr, nr, in_parent, offset in iter_page_runs(self.pagemap(0, owner)):
+            lo, hi = vaddr, vaddr + nr * PAGE
+            if end is not None:
+                lo, hi = max(lo, start), min(hi, end)
+                if lo >= hi:
+                    continue
             if in_parent:
-                self._resolve(1, owner, vaddr, vaddr + nr * PAGE, out)
+                self._resolve(1, owner, lo, hi, out)
             else:
-                out.append((0, vaddr, nr * PAGE, offset))
+                out.append((0, lo, hi - lo, offset + (lo - vaddr)))
         return out
+
+    def read(self, owner, addr, length):
+        """The saved bytes of [addr, addr+length) of owner; pages saved nowhere read as zeros."""
+        out = bytearray(length)
+        if not self.dirs[0].exists("pagemap", owner):
+            return bytes(out)
+        for level, start, size, offset in self.pieces(owner, addr, addr + length):
+            src = self._source(level, owner)
+            out[start - addr:start - addr + size] = src[offset:offset + size]
+        return bytes(out)
 
     def check_resolvable(self, owner):
         """Raise ImageError now if any in_parent run cannot be found."""
@@ -205,6 +222,9 @@ class PageChain:
             if isinstance(m, mmap.mmap):
                 m.close()
         self._maps.clear()
+        for buf in self._buffers or ():
+            buf.close()
+        self._buffers = None
 
     def batches(self, owner):
         """(level, runs array, file offset): runs read back to back from that offset."""
@@ -236,11 +256,13 @@ class PageChain:
         total = 0
         batches = self.batches(owner)
         size = sum(sum(runs[1::2]) for _, runs, _ in batches)
+        if self._buffers is None:
+            self._buffers = stream_buffers()
         with Progress(f"pid {pid} memory", size) as progress:
             for level, runs, offset in batches:
                 fd = self._open_pages(level, owner)
                 try:
-                    total += stream_pages(pid, fd, offset, runs, progress.advance)
+                    total += stream_pages(pid, fd, offset, runs, self._buffers, progress.advance)
                 except OSError as exc:
                     raise RestoreError(f"pid {pid}: filling memory: {exc.strerror}") from None
                 finally:

@@ -19,19 +19,16 @@ import os
 import struct
 
 from pycr import proc
+from pycr.abi import (AT_FDCWD, MADVISE_NAMED, MAP_ANONYMOUS, MAP_DROPPABLE, MAP_FIXED, MAP_FIXED_NOREPLACE,
+                      MAP_GROWSDOWN, MAP_NORESERVE, MAP_PRIVATE, MAP_SHARED, MREMAP_FIXED, MREMAP_MAYMOVE, NR,
+                      O_CLOEXEC, O_RDONLY, O_RDWR, PR_SET_MM, PR_SET_MM_MAP, PR_SET_VMA, PR_SET_VMA_ANON_NAME,
+                      PROT_EXEC, PROT_READ, PROT_WRITE)
 from pycr.errors import RestoreError
 from pycr.log import log
 from pycr import sysinfo
 from pycr.sysinfo import page_size
 
 PAGE = page_size()
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
-MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
-MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
-O_RDONLY, O_RDWR, O_CLOEXEC = 0, 2, 0o2000000
-AT_FDCWD = -100
-PR_SET_MM, PR_SET_MM_MAP = 35, 14
 MM_MAP = struct.Struct("<11QQII")       # struct prctl_mm_map (104 bytes)
 KEEP_EXE = 0xFFFFFFFF
 
@@ -46,14 +43,8 @@ def gap():
 
 SPECIAL = ("vvar", "vvar_vclock", "vdso")
 NOT_MAPPED = ("vdso", "vvar", "vvar_vclock", "vsyscall")
-MAP_DROPPABLE = 0x08                    # a map type, like MAP_PRIVATE (Linux 6.11+)
-#: VmFlags -> (MADV_* advice, its name): the madvise state smaps shows and a restore applies again.
-MADVISE_NAMED = {"sr": (2, "MADV_SEQUENTIAL"), "rr": (1, "MADV_RANDOM"), "dc": (10, "MADV_DONTFORK"),
-                 "dd": (16, "MADV_DONTDUMP"), "mg": (12, "MADV_MERGEABLE"), "hg": (14, "MADV_HUGEPAGE"),
-                 "nh": (15, "MADV_NOHUGEPAGE"), "wf": (18, "MADV_WIPEONFORK")}
 MADVISE = {flag: advice for flag, (advice, _) in MADVISE_NAMED.items()}
-PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
-SYS_PKEY_MPROTECT, SYS_PKEY_ALLOC, SYS_PKEY_FREE = 329, 330, 331
+SYS_PKEY_MPROTECT, SYS_PKEY_ALLOC, SYS_PKEY_FREE = NR["pkey_mprotect"], NR["pkey_alloc"], NR["pkey_free"]
 DELETED = " (deleted)"
 
 
@@ -353,13 +344,16 @@ def set_mm_map(remote, mm, exe_link=True):
     log.info("pid %d: PR_SET_MM_MAP (mm fields, %d bytes of auxv, exe %s)", remote.pid, len(mm.auxv), exe)
 
 
-def rebuild(remote, mm, chain, shmem_paths):
-    """Steps 1-6 for one process (its threads do not exist yet). Returns the workspace address."""
+def rebuild(remote, mm, chain, shmem_paths, final=True):
+    """Steps 1-6 for one process (its threads do not exist yet) -> (workspace address,
+    bytes of pages written). Not final (a replica that later passes update): the
+    private mappings stay writable and step 5 is left for the last pass."""
     workspace = map_workspace(remote, mm.vmas)
     unmap_stub(remote, workspace)
     place_specials(remote, mm.vmas)
     map_vmas(remote, mm, shmem_paths)
-    chain.fill_task(remote.real, str(remote.pid))
-    finish_vmas(remote, mm)
+    written = chain.fill_task(remote.real, str(remote.pid))
+    if final:
+        finish_vmas(remote, mm)
     set_mm_map(remote, mm)
-    return workspace
+    return workspace, written

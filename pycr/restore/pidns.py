@@ -22,13 +22,12 @@ import select
 import struct
 import time
 
-from pycr.errors import PycrError, RestoreError
+from pycr import proc
+from pycr.abi import CLONE_NEWPID
+from pycr.errors import PycrError, RestoreError, TaskGone
 from pycr.log import log
 from pycr.native import core
 from pycr.restore import files, tasks
-
-CLONE_NEWPID = 0x20000000
-WALL = 0x40000000
 
 
 def start_init(created, keep_fd, need_suspend=True):
@@ -61,7 +60,7 @@ def release_init(init, root_pid):
     t = r.thread
     regs = t.get_regs()
     slot = (regs.rsp - SLOT_BELOW_SP) & ~15
-    fd = os.open(f"/proc/{init.real}/mem", os.O_RDWR | os.O_CLOEXEC)
+    fd = proc.open_mem(init.real, write=True)
     try:
         os.pwrite(fd, bytes(12), slot)
     finally:
@@ -79,15 +78,9 @@ def release_init(init, root_pid):
 def _read_slot(init):
     """The root's status (shell style) from init's slot, or None if not there (yet)."""
     try:
-        fd = os.open(f"/proc/{init.real}/mem", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+        data = proc.read_mem(init.real, init.slot, 12)
+    except PycrError:
         return None
-    try:
-        data = os.pread(fd, 12, init.slot)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
     if len(data) != 12:
         return None
     code, done = struct.unpack_from("<iI", data, 4)
@@ -146,7 +139,6 @@ def wait_root(init, root, alone_timeout=2.0):
 
 def _has_children(real):
     try:
-        return any(open(f"/proc/{real}/task/{t}/children").read().split()
-                   for t in os.listdir(f"/proc/{real}/task"))
-    except OSError:
+        return bool(proc.children(real))
+    except TaskGone:
         return False

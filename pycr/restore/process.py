@@ -10,25 +10,20 @@ seized with PTRACE_O_SUSPEND_SECCOMP).
 import os
 import resource
 import struct
+from signal import SIGKILL, SIGSTOP
 
 from pycr import proc
+from pycr.abi import (ARCH_REQ_XCOMP_PERM, LINUX_CAPABILITY_VERSION_3, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, PR_CAP_AMBIENT_RAISE,
+                      PR_CAPBSET_DROP, PR_SET_KEEPCAPS, PR_SET_NAME, PR_SET_NO_NEW_PRIVS, RLIM_INFINITY,
+                      SECCOMP_FILTER_FLAG_TSYNC, SECCOMP_SET_MODE_FILTER, SECCOMP_SET_MODE_STRICT)
 from pycr.errors import RestoreError
 from pycr.log import log
 from pycr.ptrace import xstate as X
 
-PR_SET_NAME, PR_SET_NO_NEW_PRIVS, PR_SET_KEEPCAPS = 15, 38, 8
-PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 2, 4
-SECCOMP_SET_MODE_STRICT, SECCOMP_SET_MODE_FILTER = 0, 1
-SECCOMP_FILTER_FLAG_TSYNC = 1
-SIGKILL, SIGSTOP = 9, 19
 KSIGACTION = struct.Struct("<QQQQ")
 SOCK_FPROG = struct.Struct("<HxxxxxxQ")
-RLIM_INFINITY = (1 << 64) - 1
-SYS_CHROOT = 161
-ARCH_REQ_XCOMP_PERM = 0x1023
 CAP_HEADER = struct.Struct("<Ii")
 CAP_DATA = struct.Struct("<III")
-LINUX_CAPABILITY_VERSION_3 = 0x20080522
 DELETED = " (deleted)"
 
 
@@ -48,7 +43,7 @@ def set_dirs(remote, core):
             raise RestoreError(f"pid {remote.pid}: its {what} {path[:-len(DELETED)]} was deleted")
     remote.check("chdir", remote.put_str(core.cwd), what=core.cwd)
     if core.root != "/":
-        remote.check(SYS_CHROOT, remote.put_str(core.root), what=core.root)
+        remote.check("chroot", remote.put_str(core.root), what=core.root)
     remote.reset_scratch()
 
 
@@ -128,9 +123,9 @@ def set_seccomp(remote, core):
 
 
 def _my_creds():
-    with open("/proc/self/status") as f:
-        fields = dict(line.split(":", 1) for line in f if ":" in line)
-    caps = {k: int(fields[k].strip(), 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
+    st = proc.status("self")
+    caps = {"CapInh": st.cap_inh, "CapPrm": st.cap_prm, "CapEff": st.cap_eff, "CapBnd": st.cap_bnd,
+            "CapAmb": st.cap_amb}
     return os.getresuid(), os.getresgid(), sorted(os.getgroups()), caps
 
 

@@ -12,10 +12,11 @@ the trampoline when the stub's own text goes away.
 
 import os
 
+from pycr import proc
 from pycr.errors import RestoreError, TaskGone
 from pycr.ptrace import binding as B
 from pycr.ptrace.inject import Injector
-from pycr.ptrace.syscalls import NAMES, NR
+from pycr.abi import NAMES, NR
 from pycr.ptrace.thread import Thread
 
 TRAMPOLINE_CODE = b"\x0f\x05\xcc"
@@ -36,11 +37,7 @@ def wait_attach_stop(thread):
 
 def find_code(pid, start, end, code=TRAMPOLINE_CODE):
     """Address of `code` inside [start, end) of task pid, or None."""
-    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        data = os.pread(fd, end - start, start)
-    finally:
-        os.close(fd)
+    data = proc.read_mem(pid, start, end - start)
     at = data.find(code)
     return None if at < 0 else start + at
 

@@ -14,15 +14,16 @@ import os
 import signal
 import time
 
+from pycr import proc
+from pycr.abi import MFD_CLOEXEC, PR_GET_CHILD_SUBREAPER, PR_SET_CHILD_SUBREAPER, WALL
 from pycr.errors import PycrError
 from pycr.log import log
+from pycr.native.core import Copier
 from pycr.ptrace.inject import Injector
 from pycr.restore import files, mm, pidns as pidns_mod, preflight, process, tasks, threads
 from pycr.restore.load import load_images
 from pycr.steps import finish, step
 
-PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
-MFD_CLOEXEC = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
@@ -86,7 +87,7 @@ class Restore:
             step(f"rebuild pid {p.pid}")
             if not p.shares_files:      # its table is its parent's, already restored
                 files.close_inherited(r, self.pidfd)
-            task.workspace = mm.rebuild(r, p.mm, self.images.pages, shmem_paths)
+            task.workspace, _ = mm.rebuild(r, p.mm, self.images.pages, shmem_paths)
             self.finish_process(task, p)
 
     def finish_process(self, task, p):
@@ -183,8 +184,8 @@ def kill_and_reap(reals, timeout=10.0):
         while pending and time.monotonic() < deadline:
             for real in list(pending):
                 with contextlib.suppress(ChildProcessError):
-                    os.waitpid(real, os.WNOHANG | 0x40000000)
-                if not os.path.exists(f"/proc/{real}"):
+                    os.waitpid(real, os.WNOHANG | WALL)
+                if not proc.exists(real):
                     pending.remove(real)
             if pending:
                 time.sleep(0.002)
@@ -202,7 +203,8 @@ def restore(images_dir, detach=False, pidns=False, trust_images=False):
     trust_images: accept images another user owns or may write (see restore.trust).
     """
     started = time.monotonic()
-    images = load_images(images_dir, trust_images=trust_images)
+    with Copier():                      # the buffer checksums are read through
+        images = load_images(images_dir, trust_images=trust_images)
     log.info("images of %d processes loaded and checked", len(images.processes))
     preflight.check(images, pidns)
     run = Restore(images, pidns)

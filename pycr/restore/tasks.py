@@ -9,11 +9,15 @@ leader before it forks; process groups are set once every task exists.
 Zombies are stubs forked the same way that exit before the tree runs.
 """
 
+import errno
 import os
 import struct
 import time
+from signal import SIGCHLD
 
-from pycr.errors import AccessDenied, RestoreError, TaskGone
+from pycr.abi import CLONE_FILES, NR, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_PDEATHSIG
+from pycr import proc
+from pycr.errors import AccessDenied, PycrError, RestoreError, TaskGone
 from pycr.log import log
 from pycr.steps import step
 from pycr.native import core
@@ -21,18 +25,13 @@ from pycr.ptrace import binding as B
 from pycr.ptrace.thread import Thread
 from pycr.restore.remote import Remote, find_code
 
-SIGCHLD = 17
-PR_SET_PDEATHSIG = 1
-CLONE_FILES = 0x400
-PR_SET_DUMPABLE, PR_SET_NAME = 4, 15
-SYS_EXIT_GROUP = 231
+SYS_EXIT_GROUP = NR["exit_group"]
 U64 = (1 << 64) - 1
 SEIZE_OPTIONS = (B.O_TRACEFORK | B.O_TRACEVFORK | B.O_TRACECLONE | B.O_SUSPEND_SECCOMP | B.O_EXITKILL)
 # What the kernel asks of a restorer that chooses PIDs (clone3 set_tid: EPERM without it).
 PIDS_NEED = "restoring PIDs needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN in the PID namespace's user namespace"
-EPERM, EEXIST = 1, 17
 CLONE_ARGS = struct.Struct("<QQQQQQQQQQQ")     # struct clone_args, VER2 (88 bytes)
-SYS_PAUSE, SYS_WAIT4, SYS_NANOSLEEP = 34, 61, 35
+SYS_PAUSE, SYS_WAIT4, SYS_NANOSLEEP = NR["pause"], NR["wait4"], NR["nanosleep"]
 
 
 def has_seccomp(images):
@@ -62,7 +61,6 @@ class Task:
 
 def _stub_trampoline(real):
     """The `syscall; int3` of a fresh stub, found in its executable mapping."""
-    from pycr import proc
     for vma in proc.maps(real):
         if vma.exec and vma.kind == "file":
             addr = find_code(real, vma.start, vma.end)
@@ -76,14 +74,12 @@ def _wait_in_stub(real, stub, syscalls, timeout=10.0):
     deadline = time.monotonic() + timeout
     while True:
         try:
-            exe = os.readlink(f"/proc/{real}/exe")
-            with open(f"/proc/{real}/syscall") as f:
-                nr = f.read().split()[0]
-        except FileNotFoundError:
+            exe, nr = proc.exe(real), proc.syscall(real)
+        except TaskGone:
             raise TaskGone(real, "the restore stub exited at once") from None
-        except (OSError, IndexError):
-            exe, nr = "", ""
-        if exe == stub and nr.lstrip("-").isdigit() and int(nr) in syscalls:
+        except PycrError:
+            exe, nr = "", None
+        if exe == stub and nr in syscalls:
             return
         if time.monotonic() > deadline:
             raise RestoreError(f"pid {real}: the restore stub did not start within {timeout:.0f} s")
@@ -129,9 +125,9 @@ def start_root(pid, created, need_suspend=True):
     try:
         real = core.clone3_exec([pid], 0, stub, ["pycr-stub"])
     except OSError as exc:
-        if exc.errno == EEXIST:
+        if exc.errno == errno.EEXIST:
             raise RestoreError(f"pid {pid} is in use; restore with --pidns") from None
-        if exc.errno == EPERM:
+        if exc.errno == errno.EPERM:
             raise RestoreError(f"{PIDS_NEED} (pid {pid})") from None
         raise RestoreError(f"cannot start the root stub as pid {pid}: {exc.strerror}") from None
     created.append(real)
@@ -150,9 +146,9 @@ def born_child(parent, pid, res, created, in_use):
     """
     r = parent.remote
     if res < 0:
-        if res == -EEXIST:
+        if res == -errno.EEXIST:
             raise RestoreError(in_use)
-        if res == -EPERM:
+        if res == -errno.EPERM:
             raise RestoreError(f"{PIDS_NEED} (pid {pid})")
         raise RestoreError(f"pid {parent.pid}: clone3(set_tid={pid}) failed: {os.strerror(-res)}")
     thread = r.take_born()

@@ -10,7 +10,10 @@ the fix-up the kernel would have made to a syscall interrupted by the freeze.
 
 import os
 import struct
+from errno import EINTR
 
+from pycr.abi import (CLONE_FILES, CLONE_FS, CLONE_SIGHAND, CLONE_SYSVSEM, CLONE_THREAD, CLONE_VM, ERESTART_RESTARTBLOCK,
+                      ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, NR, PR_SET_NAME)
 from pycr.errors import RestoreError
 from pycr.log import log
 from pycr.ptrace import xstate as X
@@ -18,13 +21,8 @@ from pycr.ptrace.thread import user_regs_struct
 from pycr.restore.remote import Remote
 from pycr.restore.tasks import CLONE_ARGS, clone_args
 
-CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
-CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
 THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
-ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
-EINTR = 4
-PR_SET_NAME = 15
-SYS_EXIT = 60
+SYS_EXIT = NR["exit"]
 U64 = (1 << 64) - 1
 
 

@@ -16,12 +16,11 @@ import os
 import pwd
 import stat
 
+from pycr.abi import O_ACCMODE, O_PATH, O_RDWR, O_WRONLY, PROT_WRITE
 from pycr.errors import ImageError, RestoreError
 from pycr.images import classify_name
 
 ADVICE = "check them, then pass --trust-images"
-O_ACCMODE, O_WRONLY, O_RDWR, O_PATH = 3, 1, 2, 0o10000000
-PROT_WRITE = 2
 
 
 def image_paths(dirs):

@@ -143,8 +143,8 @@ def copy_live(pid, save, vmas, out):
     out.sums.rewind(mark)
     copied, total = array("Q"), 0
     try:
-        mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
-    except FileNotFoundError:
+        mem = proc.open_mem(pid)
+    except TaskGone:
         raise TaskGone(pid, "exited during the copy") from None
     try:
         for i in range(0, len(save), 2):

@@ -10,6 +10,7 @@ same bytes is not copied again. The bytes saved are exactly the bytes hashed
 import os
 from array import array
 
+from .. import proc
 from ..errors import TaskGone
 from ..log import log
 from ..native import core
@@ -49,8 +50,8 @@ class HashTracker(Tracker):
         save, in_parent, hashed, hashes = [], [], [], array("Q")
         written = 0
         try:
-            mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
-        except FileNotFoundError:
+            mem = proc.open_mem(pid)
+        except TaskGone:
             raise TaskGone(pid, "exited during the copy") from None
         try:
             with imgdir.pages_writer(str(pid)) as out:

@@ -9,30 +9,28 @@ needed. clear_refs acts on the whole process and is written while frozen.
 import os
 from array import array
 
+from .. import proc
+from ..abi import PM_SOFT_DIRTY
 from ..check import check_soft_dirty
 from ..errors import KernelFeatureMissing, from_oserror
+from ..native import core
 from . import runs as R
-from .base import PAGE, Tracker, plan_copy, present_pages, write_pages
-
-PM_SOFT_DIRTY = 1 << 55
-CHUNK_PAGES = 1 << 16
+from .base import Tracker, plan_copy, present_pages, write_pages
 
 
 def soft_dirty_runs(pid, spans):
     """Runs of pages of pid whose pagemap entry has the soft-dirty bit."""
-    found = []
-    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    found = array("Q")
+    fd = proc.open_pagemap(pid)
     try:
         for start, end in spans:
-            for base in range(start, end, CHUNK_PAGES * PAGE):
-                n = min(CHUNK_PAGES, (end - base) // PAGE)
-                entries = array("Q", os.pread(fd, n * 8, base // PAGE * 8))
-                for k, entry in enumerate(entries):
-                    if entry & PM_SOFT_DIRTY:
-                        found.append((base + k * PAGE, base + (k + 1) * PAGE))
+            try:
+                found.extend(core.pagemap_match(fd, start, end, PM_SOFT_DIRTY))
+            except OSError as exc:
+                raise from_oserror(exc, pid, "pagemap") from None
     finally:
         os.close(fd)
-    return R.from_pairs(found)
+    return R.normalize(found)
 
 
 class SoftDirtyTracker(Tracker):
@@ -58,11 +56,7 @@ class SoftDirtyTracker(Tracker):
         else:
             self.dirty[pid] = None
         if not final:
-            try:
-                with open(f"/proc/{pid}/clear_refs", "w") as f:
-                    f.write("4")
-            except OSError as exc:
-                raise from_oserror(exc, pid, "clear_refs") from None
+            proc.clear_refs(pid, "4")
 
     def save_pages(self, pid, vmas, imgdir, live):
         if self.final and self.dirty.get(pid) is not None:

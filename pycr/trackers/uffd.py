@@ -18,7 +18,9 @@ import os
 import struct
 from array import array
 
-from .. import proc
+from .. import abi, proc
+from ..abi import (O_CLOEXEC, RLIMIT_NOFILE, UFFD_API, UFFD_LINK, UFFD_PYCR_FEATURES as FEATURES, UFFD_PYCR_FLAGS,
+                   UFFD_USER_MODE_ONLY, UFFDIO_API, UFFDIO_REGISTER, UFFDIO_REGISTER_MODE_WP)
 from ..collect.memory import SKIPPED_KINDS
 from ..errors import PycrError, TaskGone
 from ..log import log
@@ -28,17 +30,7 @@ from ..steps import deferred_signals
 from . import runs as R
 from .base import Tracker, plan_copy, present_pages, write_pages
 
-O_NONBLOCK = 0o4000
-O_CLOEXEC = 0o2000000
-UFFD_USER_MODE_ONLY = 1
-UFFDIO_API = 0xC018AA3F
-UFFDIO_REGISTER = 0xC020AA00
-UFFD_API = 0xAA
-UFFDIO_REGISTER_MODE_WP = 2
-FEATURES = (1 << 15) | (1 << 13)     # WP_ASYNC | WP_UNPOPULATED
-UFFD_LINK = "anon_inode:[userfaultfd]"
 HIGHEST_FD = 1023                    # keeps the target's fd table small
-RLIMIT_NOFILE = 7
 
 
 def candidate_vmas(entries):
@@ -73,7 +65,7 @@ class UffdProcess:
         self.target_fd = target_fd   # number in the target
         self.fd = fd                 # our duplicate
         self.created = created       # made in this pass (undone by abort)
-        self.pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+        self.pagemap = proc.open_pagemap(pid)
 
     def close(self):
         for fd in (self.fd, self.pagemap):
@@ -93,9 +85,9 @@ class UffdProcess:
 
     def scan_written(self, start, end, check=True):
         """Runs written since the last scan in [start, end); they are write-protected again."""
-        flags = core.PM_SCAN_WP_MATCHING | (core.PM_SCAN_CHECK_WPASYNC if check else 0)
-        found, _ = core.pagemap_scan(self.pagemap, start, end, flags, core.PAGE_IS_WRITTEN, 0, 0,
-                                     core.PAGE_IS_WRITTEN)
+        flags = abi.PM_SCAN_WP_MATCHING | (abi.PM_SCAN_CHECK_WPASYNC if check else 0)
+        found, _ = core.pagemap_scan(self.pagemap, start, end, flags, abi.PAGE_IS_WRITTEN, 0, 0,
+                                     abi.PAGE_IS_WRITTEN)
         return R.from_pairs((found[i], found[i + 1]) for i in range(0, len(found), 3))
 
 
@@ -205,7 +197,7 @@ class UffdWpTracker(Tracker):
             same = False
             for owner, owner_fd in owners:
                 try:
-                    same = core.kcmp(pid, owner, core.KCMP_FILE, fd, owner_fd) == 0
+                    same = core.kcmp(pid, owner, abi.KCMP_FILE, fd, owner_fd) == 0
                 except OSError:
                     same = False
                 if same:
@@ -228,8 +220,8 @@ class UffdWpTracker(Tracker):
                             pid, parent.imgdir.path)
             return None
         try:
-            link = os.readlink(f"/proc/{pid}/fd/{state.uffd_fd}")
-        except FileNotFoundError:
+            link = proc.fd_link(pid, state.uffd_fd)
+        except TaskGone:
             link = ""
         if link != UFFD_LINK:
             log.warning("pid %d: its userfaultfd (fd %d) is gone, closed or lost in an exec: "
@@ -242,7 +234,7 @@ class UffdWpTracker(Tracker):
         target_fd = _free_high_fd(pid)
         # Whole or not at all: a stop signal in between would leave an fd nobody knows.
         with deferred_signals(), Injector(leader) as inj:
-            rfd = inj.check("userfaultfd", O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY)
+            rfd = inj.check("userfaultfd", UFFD_PYCR_FLAGS | UFFD_USER_MODE_ONLY)
             try:
                 inj.check("dup3", rfd, target_fd, O_CLOEXEC)
             finally:

@@ -1,0 +1,59 @@
+"""Bad inputs end in one line naming the cause: no traceback, never "internal error"."""
+
+import os
+import subprocess
+
+import pytest
+
+from pycrcmd import one_line_error, pycr
+
+
+def _fails_in_one_line(*args):
+    line = one_line_error(pycr(*args, expect=1))
+    assert "internal error" not in line
+    return line
+
+
+def test_a_kernel_thread_is_refused(tmp_path):
+    line = _fails_in_one_line("dump", "-t", 2, "-D", tmp_path / "img")
+    assert "pid 2" in line
+    assert not (tmp_path / "img").exists() or not os.listdir(tmp_path / "img")
+
+
+def test_a_pid_nobody_has(tmp_path):
+    pid_max = int(open("/proc/sys/kernel/pid_max").read())
+    assert "no such process" in _fails_in_one_line("dump", "-t", pid_max + 1, "-D", tmp_path / "img")
+
+
+def test_a_file_where_a_directory_is_expected(spawn, tmp_path):
+    w = spawn("counter")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert "afile" in _fails_in_one_line("dump", "-t", w.pid, "-D", afile, "-R")
+    assert "afile" in _fails_in_one_line("restore", "-D", afile)
+    assert "afile" in _fails_in_one_line("restore", "-D", afile, "--follow", "--follow-timeout", "1")
+    assert "afile" in _fails_in_one_line("migrate", "-t", w.pid, "--work-dir", afile / "work")
+    assert os.path.exists(f"/proc/{w.pid}")        # the tree runs on
+
+
+def test_images_on_a_read_only_filesystem(spawn, tmp_path):
+    w = spawn("counter")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        assert "Read-only" in _fails_in_one_line("dump", "-t", w.pid, "-D", ro / "img", "-R")
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+    assert os.path.exists(f"/proc/{w.pid}")
+
+
+def test_an_image_into_a_missing_directory(tmp_path):
+    src = tmp_path / "x.json"
+    src.write_text('{"kind": "inventory"}')
+    _fails_in_one_line("encode", "-i", src, "-o", tmp_path / "x.img")
+    good = tmp_path / "pstree.json"
+    good.write_text('{"kind": "pstree", "version": 2, "body": {"processes": [], "zombies": []}}')
+    line = _fails_in_one_line("encode", "-i", good, "-o", tmp_path / "missing" / "pstree.img")
+    assert "missing/pstree.img" in line and ".tmp" not in line
