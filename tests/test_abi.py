@@ -8,7 +8,6 @@ import pathlib
 import re
 import resource
 
-
 from pycr import abi
 
 NATIVE = pathlib.Path(abi.__file__).resolve().parent / "native"
