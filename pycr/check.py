@@ -4,6 +4,7 @@ Every line is the outcome of trying the mechanism on a throw-away process or
 on pycr itself, not a guess from the kernel version.
 """
 
+import contextlib
 import ctypes
 import json
 import mmap
@@ -42,11 +43,10 @@ def _reap(child):
     child.wait()
 
 
-def check_ptrace():
-    """Seize a helper, and prove the register round trip a dump and restore make:
-    GETREGS/SETREGS and the whole NT_X86_XSTATE regset (get, set, get), at the
-    size CPUID leaf 0xD gives for this CPU."""
-    from .ptrace import xstate as X
+@contextlib.contextmanager
+def _stopped_helper():
+    """A throw-away child, seized and in an interrupt stop: -> (pid, Thread).
+    Detached, killed and reaped on leaving."""
     from .ptrace.thread import Thread
     child = _sleeper()
     try:
@@ -55,28 +55,37 @@ def check_ptrace():
         try:
             t.interrupt()
             t.wait(timeout=5)
+            yield child.pid, t
+        finally:
+            t.detach()
+    finally:
+        _reap(child)
+
+
+def check_ptrace():
+    """Seize a helper, and prove the register round trip a dump and restore make:
+    GETREGS/SETREGS and the whole NT_X86_XSTATE regset (get, set, get), at the
+    size CPUID leaf 0xD gives for this CPU."""
+    from .ptrace import xstate as X
+    try:
+        with _stopped_helper() as (_, t):
             regs = t.get_regs()
             t.set_regs(regs)
             xs = t.get_xstate()
             t.set_xstate(xs)
-            again = t.get_xstate()
-            same = t.get_regs() == regs and again == xs
-        finally:
-            t.detach()
-        layout = X.local_layout()
-        if not same:
-            return Finding("ptrace registers", False, "registers or xstate read back different after a set",
-                           "dump/restore")
-        if len(xs) != layout.size:
-            return Finding("ptrace registers", False, f"the kernel's xstate is {len(xs)} bytes, CPUID leaf 0xD "
-                           f"says {layout.size}", "dump/restore")
-        return Finding("ptrace registers", True,
-                       f"SEIZE/INTERRUPT; regs and xstate get/set/get round trip; xstate {len(xs)} bytes "
-                       f"(XCR0 {layout.xcr0:#x}: {X.component_names(layout.xcr0)})", "dump/restore")
+            same = t.get_regs() == regs and t.get_xstate() == xs
     except Exception as exc:
         return Finding("ptrace registers", False, str(exc), "dump/restore")
-    finally:
-        _reap(child)
+    layout = X.local_layout()
+    if not same:
+        return Finding("ptrace registers", False, "registers or xstate read back different after a set",
+                       "dump/restore")
+    if len(xs) != layout.size:
+        return Finding("ptrace registers", False, f"the kernel's xstate is {len(xs)} bytes, CPUID leaf 0xD "
+                       f"says {layout.size}", "dump/restore")
+    return Finding("ptrace registers", True,
+                   f"SEIZE/INTERRUPT; regs and xstate get/set/get round trip; xstate {len(xs)} bytes "
+                   f"(XCR0 {layout.xcr0:#x}: {X.component_names(layout.xcr0)})", "dump/restore")
 
 
 def check_injection():
@@ -85,30 +94,20 @@ def check_injection():
     from .leftovers import trampoline_address
     from .proc import maps
     from .ptrace.inject import Injector
-    from .ptrace.thread import Thread
-    child = _sleeper()
     try:
-        t = Thread(child.pid)
-        t.seize(0)
-        try:
-            t.interrupt()
-            t.wait(timeout=5)
-            regs, mask, layout = t.get_regs(), t.get_sigmask(), maps(child.pid)
+        with _stopped_helper() as (pid, t):
+            regs, mask, layout = t.get_regs(), t.get_sigmask(), maps(pid)
             with Injector(t) as inj:
                 got = inj.call("getpid")
-            same = (t.get_regs() == regs and t.get_sigmask() == mask and maps(child.pid) == layout
-                    and trampoline_address(child.pid) is None)
-        finally:
-            t.detach()
-        if got != child.pid or not same:
-            return Finding("syscall injection", False, f"getpid gave {got}, or the helper was left changed",
-                           "dump/restore")
-        return Finding("syscall injection", True, "getpid through a [vdso] trampoline with syscall stops "
-                       "and a recovery frame; the helper left as it was", "dump/restore")
+            same = (t.get_regs() == regs and t.get_sigmask() == mask and maps(pid) == layout
+                    and trampoline_address(pid) is None)
     except Exception as exc:
         return Finding("syscall injection", False, str(exc), "dump/restore")
-    finally:
-        _reap(child)
+    if got != pid or not same:
+        return Finding("syscall injection", False, f"getpid gave {got}, or the helper was left changed",
+                       "dump/restore")
+    return Finding("syscall injection", True, "getpid through a [vdso] trampoline with syscall stops "
+                   "and a recovery frame; the helper left as it was", "dump/restore")
 
 
 def check_vm_rw():

@@ -306,15 +306,7 @@ class Injector:
         step(f"inject {S.NAMES.get(nr, nr)} into {self.tid}")
         entered = False
         while True:
-            t.syscall()
-            stop = t.wait()
-            if stop.gone:
-                raise TaskGone(self.tid, f"died during injected syscall {S.NAMES.get(nr, nr)}")
-            if stop.event in (B.EVENT_FORK, B.EVENT_VFORK, B.EVENT_CLONE, B.EVENT_VFORK_DONE):
-                self.events.append((stop.event, t.event_msg()))
-                continue
-            if stop.event:                       # interrupt or group stop: just go on
-                continue
+            stop = self._next_stop(nr, t.syscall)
             if stop.signal & 0x7F == signal.SIGTRAP:
                 op, value = t.syscall_info()
                 if op == B.SYSCALL_INFO_ENTRY:
@@ -326,20 +318,26 @@ class Injector:
                     continue
             t.hold_signal(stop)   # passed on at detach, never dropped
 
-    def _run_to_int3(self, nr, regs):
+    def _next_stop(self, nr, resume):
+        """Resume the thread and wait for a stop that says something about the call:
+        fork and clone events are recorded, interrupt and group stops passed over."""
         t = self.thread
-        addr, end = regs.rip, regs.rip + 3
-        t.set_regs(regs)
         while True:
-            t.cont()
+            resume()
             stop = t.wait()
             if stop.gone:
                 raise TaskGone(self.tid, f"died during injected syscall {S.NAMES.get(nr, nr)}")
             if stop.event in (B.EVENT_FORK, B.EVENT_VFORK, B.EVENT_CLONE, B.EVENT_VFORK_DONE):
                 self.events.append((stop.event, t.event_msg()))
-                continue
-            if stop.event:
-                continue
+            elif not stop.event:
+                return stop
+
+    def _run_to_int3(self, nr, regs):
+        t = self.thread
+        addr, end = regs.rip, regs.rip + 3
+        t.set_regs(regs)
+        while True:
+            stop = self._next_stop(nr, t.cont)
             if stop.signal == signal.SIGTRAP:
                 now = t.get_regs()
                 if now.rip == end:
