@@ -24,11 +24,7 @@ FAMILY_NAMES = {getattr(socket, n): n for n in dir(socket) if n.startswith("AF_"
 def _socket_family(pid, fd):
     """The AF_* name of a socket fd of another process (for the refusal message)."""
     try:
-        pidfd = core.pidfd_open(pid)
-        try:
-            mine = core.pidfd_getfd(pidfd, fd)
-        finally:
-            os.close(pidfd)
+        mine = core.dup_from(pid, fd)
         sock = socket.socket(fileno=mine)   # owns mine from here on
         try:
             return FAMILY_NAMES.get(sock.family, str(int(sock.family)))
@@ -41,11 +37,7 @@ def _socket_family(pid, fd):
 def _is_tty(pid, fd, rdev):
     """Ask the kernel: isatty() on a copy of the fd; by /proc/devices majors if no copy can be had."""
     try:
-        pidfd = core.pidfd_open(pid)
-        try:
-            mine = core.pidfd_getfd(pidfd, fd)
-        finally:
-            os.close(pidfd)
+        mine = core.dup_from(pid, fd)
     except OSError:
         return os.major(rdev) in sysinfo.tty_majors()
     try:

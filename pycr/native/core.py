@@ -386,6 +386,16 @@ def pidfd_getfd(pidfd, fd, flags=0):
     return syscall(NR["pidfd_getfd"], pidfd, fd, flags)
 
 
+
+def dup_from(pid, fd):
+    """A copy, in this process, of fd `fd` of process pid (pidfd_open + pidfd_getfd):
+    the same open file description. The caller closes it."""
+    pidfd = pidfd_open(pid)
+    try:
+        return pidfd_getfd(pidfd, fd)
+    finally:
+        os.close(pidfd)
+
 def pidfd_send_signal(pidfd, sig, flags=0):
     """Send `sig` to the pidfd's task (works for non-children, no PID reuse race)."""
     return syscall(NR["pidfd_send_signal"], pidfd, sig, 0, flags)

@@ -91,14 +91,6 @@ class UffdProcess:
         return R.from_pairs((found[i], found[i + 1]) for i in range(0, len(found), 3))
 
 
-def _pidfd_dup(pid, fd):
-    pidfd = core.pidfd_open(pid)
-    try:
-        return core.pidfd_getfd(pidfd, fd)
-    finally:
-        os.close(pidfd)
-
-
 def _free_high_fd(pid):
     soft = proc.rlimits(pid)[RLIMIT_NOFILE][0]
     used = set(proc.fds(pid))
@@ -227,7 +219,7 @@ class UffdWpTracker(Tracker):
             log.warning("pid %d: its userfaultfd (fd %d) is gone, closed or lost in an exec: "
                         "copying all its memory", pid, state.uffd_fd)
             return None
-        return UffdProcess(pid, state.uffd_fd, _pidfd_dup(pid, state.uffd_fd), created=False)
+        return UffdProcess(pid, state.uffd_fd, core.dup_from(pid, state.uffd_fd), created=False)
 
     def _create(self, pid, leader):
         """Inject userfaultfd(), move it to a high fd, take a duplicate, enable WP_ASYNC."""
@@ -240,7 +232,7 @@ class UffdWpTracker(Tracker):
             finally:
                 inj.check("close", rfd)
             try:
-                uffd = UffdProcess(pid, target_fd, _pidfd_dup(pid, target_fd), created=True)
+                uffd = UffdProcess(pid, target_fd, core.dup_from(pid, target_fd), created=True)
             except BaseException:
                 inj.call("close", target_fd)
                 raise
