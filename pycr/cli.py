@@ -240,6 +240,7 @@ def main(argv=None):
         print("pycr: interrupted before it began", file=sys.stderr)
         return 130
     pycr_log.setup(args.verbose)
+    steps.begin(args.command)
     try:
         status = _run(args)
     except PycrError as exc:
@@ -249,7 +250,10 @@ def main(argv=None):
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         name = signal.Signals(signum).name
         if steps.finished:
-            print(f"pycr: {name} after the {args.command} was complete: nothing was undone", file=sys.stderr)
+            where = f"; the images in {args.images_dir} are whole" if args.command in ("dump", "pre-dump") else ""
+            left = f"; {steps.outcome}" if steps.outcome else ""
+            print(f"pycr: {name} after the {args.command} was complete: nothing was undone{where}{left}",
+                  file=sys.stderr)
         else:
             undone = _UNDONE.get(args.command)
             print(f"pycr: interrupted by {name}" + (f": {undone}" if undone else ""), file=sys.stderr)

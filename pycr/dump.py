@@ -21,7 +21,7 @@ from .log import log
 from .ptrace import xstate
 from .native.core import Copier
 from .ptrace.inject import Injector
-from .steps import finish, step
+from .steps import deferred_signals, finish, step
 from . import settings
 from .sysinfo import page_size
 
@@ -148,18 +148,28 @@ def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images
             log.info("dump failed: detaching, the tree goes on as before; removing what was written")
             frozen.thaw()
             raise
+    # The set is sealed: from here a stop signal undoes nothing. Stopped before the
+    # kill, pycr lets the tree go on (the safe side) and says so.
+    finish("dump", "the tree goes on")
+    stats.frozen_seconds = time.monotonic() - frozen_at
+    try:
+        step("the set is sealed")
+    except KeyboardInterrupt:
+        with deferred_signals():
+            frozen.thaw()
+        raise
     if leave_running:
-        frozen.thaw()
+        with deferred_signals():
+            frozen.thaw()
         log.info("detached every thread (--leave-running): the tree goes on")
     else:
+        finish("dump", "the tree was killed")
         try:
             frozen.kill(timeout=settings.freeze_timeout())
             log.info("killed the tree with SIGKILL and waited for its PIDs to be free")
         except PycrError as exc:   # the images are complete; only the PIDs are late
             log.warning("warning: %s", exc)
-    stats.frozen_seconds = time.monotonic() - frozen_at
     stats.total_seconds = time.monotonic() - started
-    finish()
     log.info("dump done: %.1f MiB of pages, frozen %.3f s, total %.3f s",
              stats.pages_bytes / (1 << 20), stats.frozen_seconds, stats.total_seconds)
     return 0

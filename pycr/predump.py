@@ -81,7 +81,7 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
         frozen = _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, stats,
                            keep_frozen)
     if not keep_frozen:
-        finish()
+        finish("pre-dump" if pre_dump else "dump")
     stats.total_seconds = time.monotonic() - started
     log.info("%s done: %.1f MiB of pages, frozen %.3f s, total %.3f s", "pre-dump" if pre_dump else "dump",
              stats.pages_bytes / (1 << 20), stats.frozen_seconds, stats.total_seconds)

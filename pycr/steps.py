@@ -20,14 +20,25 @@ _STOP_AT = os.environ.get("PYCR_STOP_AT_STEP")
 _COUNT_FILE = os.environ.get("PYCR_COUNT_STEPS")
 _WAKE = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 _count = 0
-#: Set once a command's work is complete: a stop signal after that changes nothing.
+#: Set once the running command's work is complete: a stop signal after that undoes nothing.
 finished = False
+outcome = ""            # what the complete command left, for the line a late stop signal gets
+_command = None
 
 
-def finish():
-    """The command's work is complete; stop signals no longer undo it."""
-    global finished
-    finished = True
+def begin(command):
+    """The command pycr runs ("dump", "pre-dump", "restore", "migrate")."""
+    global _command, finished
+    _command, finished = command, False
+
+
+def finish(what, left=""):
+    """The work `what` is complete (`left`: what it leaves, e.g. "the tree was killed").
+    It completes the command only if it is the command itself: a migration's
+    pre-dump passes do not complete the migration."""
+    global finished, outcome
+    if what == _command:
+        finished, outcome = True, left
 
 
 @contextlib.contextmanager

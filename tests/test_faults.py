@@ -210,3 +210,25 @@ def test_killed_migrate_leaves_the_source_running(spawn, tmp_path, cleanup_pids)
     cleanup_pids.add(*replica_pids(done.stdout))
     assert os.listdir(tmpdir) == []
     assert swept, "no SIGKILLed migrate left a work directory to sweep"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stop_signal_after_the_set_is_sealed_says_so(spawn, tmp_path, cleanup_pids, sig):
+    """A signal once the images are complete undoes nothing; stopped before the kill, the
+    dump lets the tree go on (the safe side), and pycr says both."""
+    w = spawn("counter")
+    w.wait_for(r"^count 3$")
+    steps = steps_of(tmp_path, "dump", "-t", w.pid, "-D", tmp_path / "count", "-R")
+    sealed = next(n for n, name in steps if name == "the set is sealed")
+    rc, err = stop_and_signal(tmp_path, sealed, sig, "dump", "-t", w.pid, "-D", tmp_path / "img")
+    assert rc == 128 + sig
+    assert err.splitlines()[-1] == (f"pycr: {sig.name} after the dump was complete: nothing was undone; "
+                                    f"the images in {tmp_path / 'img'} are whole; the tree goes on")
+    procutil.assert_running_untraced(w.pid)
+    w.wait_for(r"^count \d+$", start=w.mark())
+    procutil.kill(w.pid)
+    assert not procutil.wait_gone([w.pid])
+    mark = w.mark()
+    cleanup_pids.add(w.pid)
+    pycr("restore", "-D", tmp_path / "img", "-d")
+    w.wait_for(r"^count \d+$", start=mark)

@@ -13,6 +13,7 @@ from pycr.log import log
 from pycr.migrate import report
 from pycr.migrate.replica import Replica
 from pycr.restore.load import load_images
+from pycr.steps import finish
 
 
 @dataclass
@@ -50,6 +51,7 @@ def follow(transport, pidns=False, on_image_set=None, on_pass=None, trust_images
             if final:
                 replica.resume()
                 result.resumed_at = time.monotonic()
+                finish("restore")           # restore --follow is complete once the tree runs
             rep = report.for_pass(changes, path, getattr(transport, "last_seconds", 0.0),
                                   time.monotonic() - started)
             result.reports.append(rep)

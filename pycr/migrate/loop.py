@@ -32,6 +32,7 @@ from pycr.native import core
 from pycr.predump import dump_incremental
 from pycr.ptrace.inject import Injector
 from pycr.trackers import ParentPass
+from pycr.steps import finish
 
 DEFAULT_MAX_PASSES = 8
 DEFAULT_MIN_DELTA = 1 << 20
@@ -242,4 +243,5 @@ def migrate(root, work_dir=None, policy=None, tracker="auto", on_image_set=None,
     summary = Summary(passes=len(result.reports), downtime=result.resumed_at - source.frozen_at,
                       total_bytes=sum(r.bytes for r in result.reports), root_pid=root,
                       root_real=root_task.real, init_real=replica.init_real or 0)
+    finish("migrate")
     return MigrationResult(replica, result.reports, summary, work_dir if keep else None)

@@ -219,7 +219,7 @@ def restore(images_dir, detach=False, pidns=False, trust_images=False):
         raise
     finally:
         run.close()
-    finish()
+    finish("restore")
     log.info("restore done in %.3f s", time.monotonic() - started)
     if detach:
         return 0
