@@ -37,6 +37,8 @@ Vma = Struct(
     "vmflags" / String,         # smaps VmFlags, e.g. "rd wr mr mw me ac"
     "shmem_id" / U64,           # kind shmem: pages live in pages-shmem-<id>.img
     "pkey" / U32,               # memory protection key (smaps ProtectionKey), 0 = default
+    "file_size" / U64,          # kind file: the file's size at dump time (0 otherwise)
+    "file_mtime_ns" / U64,      # kind file: its modification time, ns (a restore refuses a changed file)
 )
 
 Body = Struct(

@@ -96,7 +96,8 @@ def vma(start, end, prot, path="", kind="anon", shared=False, pgoff=0, dev=(0, 0
         vmflags="rd wr mr mw me ac sd", shmem_id=0, pkey=0):
     return dict(start=start, end=end, prot=prot, shared=shared, pgoff=pgoff, dev_major=dev[0],
                 dev_minor=dev[1], inode=inode, path=path, kind=kind, vmflags=vmflags, shmem_id=shmem_id,
-                pkey=pkey)
+                pkey=pkey, file_size=0x5000 if kind == "file" else 0,
+                file_mtime_ns=1732575600123456789 if kind == "file" else 0)
 
 
 def sample_mm():

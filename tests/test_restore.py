@@ -699,3 +699,38 @@ def test_credentials_of_an_unprivileged_process(spawn_python, tmp_path, cleanup_
     w.wait_for(r"^ids", start=mark)
     after = {k: procutil.status(w.pid)[k] for k in before}
     assert after == before
+
+
+def test_mapped_file_changed_since_the_dump_is_refused(workloads, tmp_path, cleanup_pids):
+    """A program whose executable was replaced after the dump is refused by name before
+    any task exists (it would run on code it was not dumped with); the same file copied
+    back with its time (cp -p) restores."""
+    import shutil
+    import subprocess
+    exe, status = tmp_path / "counter-copy", tmp_path / "copy.status"
+    shutil.copy2(workloads["counter"], exe)
+
+    def lines():
+        return status.read_bytes().count(b"\n") if status.exists() else 0
+
+    def wait_more(than):
+        deadline = time.monotonic() + 10
+        while lines() <= than:
+            assert time.monotonic() < deadline, status.read_bytes()[-200:]
+            time.sleep(0.01)
+
+    p = subprocess.Popen([str(exe), str(status)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    cleanup_pids.add(p.pid)
+    wait_more(2)
+    pycr("dump", "-t", p.pid, "-D", tmp_path / "img")
+    p.wait()
+    shutil.copy2(workloads["counter"], tmp_path / "saved")          # the same bytes and time
+    shutil.copy(workloads["threads"], exe)                           # another program, same path
+    line = one_line_error(pycr("restore", "-D", tmp_path / "img", "-d", expect=1))
+    assert line.startswith(f"pycr: pid {p.pid}: mapped file {exe} changed since the dump")
+    assert not procutil.exists(p.pid)
+    os.replace(tmp_path / "saved", exe)                              # new inode, same content and time
+    before = lines()
+    pycr("restore", "-D", tmp_path / "img", "-d")
+    wait_more(before)

@@ -4,6 +4,8 @@ The current brk is not in any /proc file (stat has only start_brk), so it is
 read by injecting brk(0), which returns the current break without moving it.
 """
 
+import os
+
 from .. import proc
 from ..errors import PycrError, Unsupported
 from ..abi import NR, PROT_EXEC, PROT_READ, PROT_WRITE
@@ -13,7 +15,23 @@ from ..abi import NR, PROT_EXEC, PROT_READ, PROT_WRITE
 KERNEL_MADE = ("[uprobes]",)       # uprobes' execute-out-of-line page, mapped again at the next probe hit
 
 
-def vma_record(vma, vmflags, pkey=0):
+def file_identity(pid, vma):
+    """(size, mtime in ns) of the file behind a file VMA, read through
+    /proc/PID/map_files (the very file mapped, whatever its path is now)."""
+    if vma.kind != "file":
+        return 0, 0
+    try:
+        fd = proc.open_map_file(pid, vma.start, vma.end)
+    except PycrError:
+        return 0, 0
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return st.st_size, st.st_mtime_ns
+
+
+def vma_record(vma, vmflags, pkey=0, identity=(0, 0)):
     prot = (PROT_READ if vma.read else 0) | (PROT_WRITE if vma.write else 0) | (PROT_EXEC if vma.exec else 0)
     return {
         "start": vma.start, "end": vma.end, "prot": prot, "shared": vma.shared,
@@ -22,6 +40,7 @@ def vma_record(vma, vmflags, pkey=0):
         "kind": vma.kind, "vmflags": vmflags,
         "shmem_id": vma.inode if vma.kind == "shmem" else 0,
         "pkey": pkey,
+        "file_size": identity[0], "file_mtime_ns": identity[1],
     }
 
 
@@ -73,5 +92,5 @@ def collect_mm(pid, vmas, injector, src=None):
         "exe": exe,
         "mm": fields,
         "auxv": proc.auxv_bytes(src),
-        "vmas": [vma_record(vma, flags, pkey) for vma, flags, pkey in vmas],
+        "vmas": [vma_record(vma, flags, pkey, file_identity(src, vma)) for vma, flags, pkey in vmas],
     }

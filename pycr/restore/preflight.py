@@ -69,9 +69,9 @@ def check_files(images):
             st = _stat(path)
             if st is None:
                 raise RestoreError(f"pid {p.pid}: mapped file {path} no longer exists")
-            if vma.inode and st.st_ino != vma.inode:
-                log.info("pid %d: mapped file %s is not the dumped one (inode %d, was %d)",
-                         p.pid, path, st.st_ino, vma.inode)
+            if vma.file_size and (st.st_size, st.st_mtime_ns) != (vma.file_size, vma.file_mtime_ns):
+                raise RestoreError(f"pid {p.pid}: mapped file {path} changed since the dump (size "
+                                   f"{vma.file_size} -> {st.st_size} bytes or modification time differs)")
             if st.st_size <= vma.pgoff:
                 raise RestoreError(f"pid {p.pid}: mapped file {path} shrank to {st.st_size} bytes, "
                                    f"below its mapped offset {vma.pgoff}")
