@@ -14,7 +14,7 @@ from .collect.core import collect_core, collect_thread
 from .collect.files import collect_files, collect_pipes_data, number_file_descriptions, describe_fd
 from .collect.memory import dump_private_memory, dump_shmem, shmem_vmas
 from .collect.mm import check_supported, collect_mm, read_vmas
-from .collect.tree import check_sessions, collect_pstree, reader
+from .collect.tree import check_pid_namespace, check_sessions, collect_pstree, reader
 from .errors import PycrError
 from .freeze import freeze
 from .log import log
@@ -75,6 +75,7 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
     # everything per process is read through a live thread (src) instead.
     srcs = {pid: reader(pid, threads) for pid, threads in processes.items()}
     # Pass 1: read what can refuse the dump, before writing anything.
+    check_pid_namespace(processes)
     check_sessions(processes, frozen.zombies)
     pstree = collect_pstree(processes, frozen.zombies)
     vmas_by_pid, files_by_src = {}, {}

@@ -566,6 +566,12 @@ def test_cli_migrate_reports_every_pass(spawn, tmp_path, cleanup_pids, workloads
     assert downtime_ms <= gap + 1, (downtime_ms, gap)
     assert gap <= downtime_ms + STEP_MS + 500, (downtime_ms, gap)
     procutil.assert_running_untraced(root)
+    # The replica lives in a PID namespace below pycr's: dumping it from here would
+    # record the outer PIDs, and getpid would change at restore. Refused by name.
+    line = one_line_error(pycr("dump", "-t", root, "-D", tmp_path / "nested", "-R", expect=1))
+    assert line == (f"pycr: pid {root} (counter) is pid {w.pid} in a PID namespace below pycr's: dumping a "
+                    "nested PID namespace is not supported (run pycr inside it)")
+    procutil.assert_running_untraced(root)
 
 
 def _passes(stdout):

@@ -3,6 +3,7 @@ unreaped zombies, fd tables shared between processes, and the session members
 a dump of this tree would leave behind."""
 
 import functools
+import os
 
 from .. import abi, proc
 from ..errors import TaskGone, Unsupported
@@ -138,6 +139,17 @@ def _comm(pid):
 
 def _all_pids():
     return proc.pids()
+
+
+def check_pid_namespace(processes):
+    """Refuse a tree in a PID namespace below pycr's: the images would hold the PIDs
+    pycr sees, not the ones the tasks use (getpid would change at restore)."""
+    mine = len(proc.status(os.getpid()).nspid) or 1
+    for pid in processes:
+        nspid = proc.status(pid).nspid
+        if len(nspid) > mine:
+            raise Unsupported(f"pid {pid} ({proc.comm(pid)}) is pid {nspid[-1]} in a PID namespace below "
+                              f"pycr's: dumping a nested PID namespace is not supported (run pycr inside it)")
 
 
 def check_sessions(processes, zombies=()):
