@@ -2,10 +2,10 @@
 
 import os
 import signal
-import procutil
 
 import pytest
 
+import procutil
 from pycr import proc
 from pycr.errors import TaskGone
 from pycr.ptrace import binding as B
