@@ -223,21 +223,26 @@ class Workload:
         return [line.split()[n:] for line in self.lines(start)
                 if line == prefix or line.startswith(prefix + " ")]
 
-    def wait_for(self, pattern, timeout=10.0, start=0):
+    def wait_for(self, pattern, timeout=10.0, start=0, root=True):
         """Poll the status file until a line at index >= start matches the regex
-        (re.search); return the re.Match. Fails early if the root is gone."""
+        (re.search); return the re.Match. Fails early if the root is gone, unless
+        root=False: lines written by a replica (another PID outside) or by the
+        children of a root that is a zombie."""
         regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def match():
             for line in self.lines(start):
                 m = regex.search(line)
                 if m:
                     return m
-            if not self.alive():
+            if root and not self.alive():
                 self._fail(f"gone while waiting for {pattern!r}")
-            if time.monotonic() >= deadline:
-                self._fail(f"no line matching {pattern!r} within {timeout:g} s")
-            time.sleep(0.01)
+            return None
+
+        m = procutil.wait_until(match, timeout)
+        if not m:
+            self._fail(f"no line matching {pattern!r} within {timeout:g} s")
+        return m
 
     def signal_and_wait(self, sig, pattern, timeout=10.0, pid=None):
         """Send sig (to pid, default the root) and wait for a new matching line."""

@@ -7,6 +7,8 @@ import signal
 import subprocess
 import time
 
+import procutil
+
 COUNTER_C = r"""
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -120,12 +122,13 @@ class Proc:
     def report_until(self, accept, timeout=3.0):
         """Reports until accept(report) holds (a process signal may reach a
         sleeping thread a little after the report); returns the last report."""
-        deadline = time.monotonic() + timeout
-        while True:
-            r = self.report()
-            if accept(r) or time.monotonic() >= deadline:
-                return r
-            time.sleep(0.01)
+        last = []
+
+        def accepted():
+            last[:] = [self.report()]
+            return accept(last[0])
+        procutil.wait_until(accepted, timeout)
+        return last[0]
 
     def kill(self):
         pids = set(self.extra_pids)
@@ -169,13 +172,14 @@ def state_and_tracer(tid):
 
 
 def wait_state(pid, letters, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state, _ = state_and_tracer(pid)
-        if state in letters:
-            return state
-        time.sleep(0.005)
-    raise AssertionError(f"pid {pid} not in state {letters}: {state_and_tracer(pid)}")
+    seen = []
+
+    def reached():
+        seen[:] = [state_and_tracer(pid)[0]]
+        return seen[0] is not None and seen[0] in letters
+    if not procutil.wait_until(reached, timeout, 0.005):
+        raise AssertionError(f"pid {pid} not in state {letters}: {state_and_tracer(pid)}")
+    return seen[0]
 
 
 def free_pid():

@@ -164,6 +164,27 @@ def try_reap(pid):
             pass
 
 
+def wait_until(check, timeout=10.0, interval=0.01):
+    """Call check() until it returns something true or timeout seconds have passed;
+    return its last value, so a caller asserts it: `assert wait_until(...), why`.
+    The one polling loop of the tests: wait for an event with it, never with a bare sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def pending_signals(pid):
+    """Signal numbers pending for pid (its own and its thread group's queue); None if gone."""
+    st = status(pid)
+    if st is None:
+        return None
+    bits = int(st["SigPnd"], 16) | int(st["ShdPnd"], 16)
+    return {n for n in range(1, 65) if bits & (1 << (n - 1))}
+
+
 def wait_gone(pids, timeout=10.0):
     """Wait until none of pids is in /proc (reaping ours on the way); return those left."""
     left = set(pids)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import procutil
 from pycr import proc
 from pycr.errors import AccessDenied, TaskGone
 from pycr.freeze import freeze
@@ -65,6 +66,8 @@ def test_tree_of_five_processes_one_with_four_threads(start):
             assert threads[0].tid == pid
         assert tree.pids[0] == p.pid
         assert_frozen(tree, pids)
+        # Kept: nothing resuming is not an event; this gives a task wrongly let go
+        # (these tasks spin or nap 2 ms) time to show up as running.
         time.sleep(0.05)
         assert_frozen(tree, pids)        # nothing resumed by itself
     assert_running(pids)
@@ -76,7 +79,8 @@ def test_thaw_keeps_counter_correct_and_delivers_signal(start):
     tree = freeze(p.pid)
     try:
         os.kill(p.pid, signal.SIGUSR1)
-        time.sleep(0.05)
+        assert procutil.wait_until(lambda: signal.SIGUSR1 in procutil.pending_signals(p.pid)), \
+            "SIGUSR1 never became pending"
         assert state_and_tracer(p.pid) == ("t", os.getpid())
     finally:
         tree.thaw()
@@ -124,11 +128,13 @@ def test_forking_tree_is_frozen_consistently(start):
                     if state == "Z" or state is None:
                         continue
                     assert tid in tree.threads and (state, tracer) == ("t", os.getpid())
+            # Kept: no birth is not an event; unfrozen, the forker forks every ~0.2 ms.
             time.sleep(0.02)
             assert proc.descendants(p.pid) == pids          # nothing new was born
         for pid in tree.processes:
             assert state_and_tracer(pid)[1] in (0, None)
-        time.sleep(0.01)
+        # Thawed, it forks again before the next freeze.
+        assert procutil.wait_until(lambda: set(proc.descendants(p.pid)) - set(pids)), "the forker did not go on"
 
 
 def test_sigstopped_task_stays_stopped(start):
@@ -138,6 +144,8 @@ def test_sigstopped_task_stays_stopped(start):
     with freeze(p.pid) as tree:
         assert tree.job_stopped == {p.pid}
         assert state_and_tracer(p.pid)[1] == os.getpid()
+    # Kept: staying stopped is not an event; a task wrongly resumed by the thaw
+    # (the counter spins) has this long to show up as running.
     time.sleep(0.05)
     assert state_and_tracer(p.pid) == ("T", 0)
     os.kill(p.pid, signal.SIGCONT)

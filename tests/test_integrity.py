@@ -238,10 +238,11 @@ def test_dump_killed_midway_leaves_nothing_restorable(spawn, tmp_path, cleanup_p
     dumper = subprocess.Popen([sys.executable, "-m", "pycr", "dump", "-t", str(w.pid), "-D", str(img)],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while not (img.is_dir() and any(n.startswith(".pages-") for n in os.listdir(img))):
-            assert time.monotonic() < deadline and dumper.poll() is None, "the dump never wrote pages"
-            time.sleep(0.002)
+        # Killed as soon as it writes pages (polled often: 512 MiB go by quickly).
+        def pages():
+            return img.is_dir() and any(n.startswith(".pages-") for n in os.listdir(img))
+        procutil.wait_until(lambda: pages() or dumper.poll() is not None, 60, 0.002)
+        assert pages(), "the dump never wrote pages"
     finally:
         os.kill(dumper.pid, signal.SIGKILL)
         dumper.wait()
@@ -327,10 +328,7 @@ def nobody_counter(workloads, cleanup_pids):
                             cwd="/", start_new_session=True, close_fds=True)
     threading.Thread(target=proc.wait, daemon=True).start()
     cleanup_pids.add(proc.pid)
-    deadline = time.monotonic() + 10
-    while "count 5\n" not in open(status).read():
-        assert time.monotonic() < deadline, "the nobody counter did not start"
-        time.sleep(0.01)
+    assert procutil.wait_until(lambda: "count 5\n" in open(status).read()), "the nobody counter did not start"
     try:
         yield proc.pid, status
     finally:
@@ -389,9 +387,7 @@ def test_images_of_a_user_restore_only_with_that_users_rights(nobody_counter, tm
     _chown_set(img, NOBODY)
     n = _counts(status)[-1]
     pycr("restore", "-D", img, "-d", "--trust-images")
-    deadline = time.monotonic() + 10
-    while not [c for c in _counts(status) if c >= n + 5]:
-        assert time.monotonic() < deadline, "the restored counter does not count"
-        time.sleep(0.01)
+    assert procutil.wait_until(lambda: [c for c in _counts(status) if c >= n + 5]), \
+        "the restored counter does not count"
     assert procutil.status(pid)["Uid"].split() == [str(NOBODY)] * 4
     assert procutil.status(pid)["CapEff"] == "0" * 16

@@ -16,7 +16,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import zlib
 
 import pytest
@@ -50,25 +49,10 @@ def ns_tasks(init_real):
     return {pid: (outer, inner.get(procutil.ppid(outer))) for outer, pid in inner.items() if outer != init_real}
 
 
-def wait_line(w, pattern, start=0, timeout=10.0):
-    """Like Workload.wait_for, for lines a replica writes (the source's PID is gone by then)."""
-    regex = re.compile(pattern)
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in w.lines(start):
-            m = regex.search(line)
-            if m:
-                return m
-        if time.monotonic() >= deadline:
-            tail = "\n".join(w.lines()[-10:])
-            raise AssertionError(f"no line matching {pattern!r} within {timeout:g} s; tail:\n{tail}")
-        time.sleep(0.01)
-
-
 def signal_and_wait(w, pid, sig, pattern):
     start = w.mark()
     procutil.kill(pid, sig)
-    return wait_line(w, pattern, start)
+    return w.wait_for(pattern, start=start, root=False)
 
 
 def no_uffd(pid):
@@ -138,7 +122,16 @@ def test_forker_replica_has_the_final_tree(spawn, tmp_path, cleanup_pids):
     w.wait_for(r"^exit \d+ 0$")
 
     def between(rep, replica):
-        time.sleep(0.35)        # the source forks and reaps workers meanwhile
+        if rep.kind != "pre-dump":
+            return
+        # The source forks a worker and reaps one of this pass's workers before the next
+        # pass, so the passes see workers added and removed.
+        mark = w.mark()
+        reaped = {int(line.split()[1]) for line in w.lines()[:mark] if line.startswith("exit ")}
+        workers = "|".join(str(pid) for pid in replica.tasks if pid != w.pid and pid not in reaped)
+        w.wait_for(r"^fork (\d+)$", start=mark)
+        if workers:
+            w.wait_for(rf"^exit ({workers}) 0$", start=mark)
 
     def at_final(number, path):
         if path.endswith("dump") and not path.endswith("pre-dump"):
@@ -168,9 +161,9 @@ def test_forker_replica_has_the_final_tree(spawn, tmp_path, cleanup_pids):
     procutil.assert_running_untraced(res.summary.root_real)
     # Workers of the final pass go on counting, and the forker goes on forking and reaping.
     for pid in set(want) - {w.pid} - later_exits:
-        wait_line(w, rf"^(count {pid} \d+|exit {pid} 0)$", start=mark)
-    fork = int(wait_line(w, r"^fork (\d+)$", start=mark).group(1))
-    wait_line(w, rf"^exit {fork} 0$", start=mark, timeout=5)
+        w.wait_for(rf"^(count {pid} \d+|exit {pid} 0)$", start=mark, root=False)
+    fork = int(w.wait_for(r"^fork (\d+)$", start=mark, root=False).group(1))
+    w.wait_for(rf"^exit {fork} 0$", start=mark, timeout=5, root=False)
 
 
 # A small Python workload for what the C workloads do not do: a subreaper root whose
@@ -276,7 +269,7 @@ def test_reparented_task_is_recreated_under_its_new_parent(spawn, pyworker, clea
     assert sorted(got) == sorted([w.pid, grand])
     assert got[grand][1] == w.pid
     n = int(w.last(f"count {grand}").split()[2])
-    wait_line(w, rf"^count {grand} {n + 5}$", start=w.mark() - 1)
+    w.wait_for(rf"^count {grand} {n + 5}$", start=w.mark() - 1, root=False)
     counts = [int(f[0]) for f in w.fields(f"count {grand}")]
     assert counts == list(range(1, len(counts) + 1)), "the re-created task must go on, not start over"
     procutil.assert_running_untraced(got[grand][0])
@@ -332,7 +325,7 @@ def test_mapper_memory_and_layout_survive_reshaping(spawn, tmp_path, cleanup_pid
     def between(rep, replica):
         if rep.number == 1:
             seen["step1"] = int(w.last("step").split()[1])
-            time.sleep(0.3)      # ~150 reshaping steps between pass 1 and pass 2
+            w.wait_for(rf"^step {seen['step1'] + 51}$")     # many reshaping steps between pass 1 and pass 2
         elif rep.number == 2:
             seen["step2"] = int(w.signal_and_wait(signal.SIGUSR2, r"^paused (\d+)$").group(1))
             seen["regions"] = w.signal_and_wait(signal.SIGUSR1, r"^regions (.*)$").group(1)
@@ -346,11 +339,11 @@ def test_mapper_memory_and_layout_survive_reshaping(spawn, tmp_path, cleanup_pid
     assert procutil.coalesced_maps(replica) == seen["maps"]
     mark = w.mark()
     assert signal_and_wait(w, replica, signal.SIGUSR1, r"^regions (.*)$").group(1) == seen["regions"]
-    assert wait_line(w, r"^sum ([0-9a-f]+)$", start=mark).group(1) == seen["sum"]
+    assert w.wait_for(r"^sum ([0-9a-f]+)$", start=mark, root=False).group(1) == seen["sum"]
     # It is still paused where the source was, and goes on reshaping itself.
     signal_and_wait(w, replica, signal.SIGUSR2, rf"^resumed {seen['step2']}$")
     # Many more steps: each mremap/munmap/mprotect needs the replica's VMAs to be the source's.
-    wait_line(w, rf"^step {seen['step2'] + 300}$", start=mark)
+    w.wait_for(rf"^step {seen['step2'] + 300}$", start=mark, root=False)
     with open(w.log_path) as log:
         assert "error" not in log.read()
     procutil.assert_running_untraced(replica)
@@ -377,7 +370,7 @@ def test_execer_execs_between_passes(spawn, tmp_path, cleanup_pids, workloads):
     counts = [int(line.split()[1]) for line in after_exec if line.startswith("count ")]
     # The counter (the exec'd program) counts on from where the source was, without a gap.
     n = counts[-1]
-    wait_line(w, rf"^count {n + 5}$", start=w.mark() - 1)
+    w.wait_for(rf"^count {n + 5}$", start=w.mark() - 1, root=False)
     after_exec = w.lines()[max(i for i, line in enumerate(w.lines()) if line.startswith("ready")) + 1:]
     counts = [int(line.split()[1]) for line in after_exec if line.startswith("count ")]
     assert counts == list(range(1, len(counts) + 1))
@@ -400,7 +393,7 @@ def test_counter_replica_never_runs_before_the_final_pass(spawn, tmp_path, clean
         addr = symbol_address(real, workloads["counter"], "counter")
         first = procutil.read_memory(real, addr, 8)
         source_mark = w.mark()
-        time.sleep(0.2)
+        w.wait_for(r"^count \d+$", start=source_mark + 5)     # the source counts on meanwhile
         assert procutil.read_memory(real, addr, 8) == first
         assert read_memory(ImageDir(rep.path), str(w.pid), addr, 8) == first
         assert w.mark() > source_mark + 5, "the source must keep counting meanwhile"
@@ -411,7 +404,7 @@ def test_counter_replica_never_runs_before_the_final_pass(spawn, tmp_path, clean
     assert len(checked) >= 2 and checked[-1] > checked[0]
     replica = res.summary.root_real
     n = int(w.last("count").split()[1])
-    wait_line(w, rf"^count {n + 5}$", start=w.mark() - 1)
+    w.wait_for(rf"^count {n + 5}$", start=w.mark() - 1, root=False)
     counts = [int(f[0]) for f in w.fields("count")]
     assert counts == list(range(1, len(counts) + 1)), "a count was lost or repeated across the migration"
     procutil.assert_running_untraced(replica)
@@ -438,8 +431,8 @@ def test_threads_are_created_at_the_final_pass(spawn, cleanup_pids):
     assert inner == tids
     mark = w.mark()
     for tid in tids:
-        first = int(wait_line(w, rf"^count {tid} (\d+)$", start=mark).group(1))
-        wait_line(w, rf"^count {tid} {first + 2}$", start=mark)
+        first = int(w.wait_for(rf"^count {tid} (\d+)$", start=mark, root=False).group(1))
+        w.wait_for(rf"^count {tid} {first + 2}$", start=mark, root=False)
         assert first > 5, "a thread started over"
     procutil.assert_running_untraced(replica)
 
@@ -452,7 +445,12 @@ def test_shared_anonymous_memory_stays_shared(spawn_python, tmp_path, cleanup_pi
     w.wait_for(r"^seen [1-9]\d* hello$")
 
     def between(rep, replica):
-        time.sleep(0.2)
+        if rep.kind != "pre-dump":
+            return
+        # The child writes the shared page again before the next pass.
+        mark, last = w.mark(), int(w.last("seen").split()[1])
+        assert procutil.wait_until(lambda: any(int(f[0]) > last + 5 for f in w.fields("seen", mark))), \
+            "the child stopped writing the shared page"
 
     res = migrate(w.pid, policy=Policy(max_passes=4, min_delta=0),
                   on_pass=registering(cleanup_pids, then=between))
@@ -460,12 +458,8 @@ def test_shared_anonymous_memory_stays_shared(spawn_python, tmp_path, cleanup_pi
     got = ns_tasks(res.summary.init_real)
     mark = w.mark()
     # The parent sees the child's writes go on from where they were: the same object.
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        seen = [int(f[0]) for f in w.fields("seen", mark)]
-        if seen and seen[-1] >= last + 20:
-            break
-        time.sleep(0.02)
+    procutil.wait_until(lambda: [f for f in w.fields("seen", mark) if int(f[0]) >= last + 20])
+    seen = [int(f[0]) for f in w.fields("seen", mark)]
     assert seen and seen[0] >= last and seen[-1] >= last + 20, seen[-5:]
     assert all(f[1] == "hello" for f in w.fields("seen", mark))
     shared = lambda pid: {(s, e): path for s, e, p, path in procutil.maps(pid) if p[3] == "s"}
@@ -558,7 +552,7 @@ def test_cli_migrate_reports_every_pass(spawn, tmp_path, cleanup_pids, workloads
     # there: the largest gap between the counter's own timestamps around the switch is at
     # least the downtime (nothing counted meanwhile) and at most a step more (plus slack).
     final = int.from_bytes(read_memory(ImageDir(work / dirs[-1]), str(w.pid), counter_at, 8), "little")
-    wait_line(w, rf"^count {final + 5} \d+$", start=0)
+    w.wait_for(rf"^count {final + 5} \d+$", start=0, root=False)
     stamps = {int(f[0]): int(f[1]) for f in w.fields("count")}
     assert sorted(stamps) == list(range(1, max(stamps) + 1)), "a count was lost across the migration"
     gap = max(stamps[n + 1] - stamps[n] for n in range(max(1, final - 2), final + 2))
@@ -614,7 +608,7 @@ def test_cli_migrate_refuses_a_missing_process(tmp_path):
     assert "no such process" in one_line_error(proc)
 
 
-def test_restore_follow_applies_passes_as_they_come(spawn, tmp_path, cleanup_pids):
+def test_restore_follow_applies_passes_as_they_come(spawn, tmp_path, cleanup_pids, workloads):
     """pycr pre-dump twice, then pycr dump, into pass directories that a follower applies."""
     w = spawn("counter")
     w.wait_for(r"^count 3$")
@@ -626,25 +620,30 @@ def test_restore_follow_applies_passes_as_they_come(spawn, tmp_path, cleanup_pid
                                 text=True, close_fds=True)
     try:
         pycr("pre-dump", "-t", w.pid, "-D", top / "a")
-        replica = None
-        deadline = time.monotonic() + 20
-        while replica is None and time.monotonic() < deadline:
+
+        def stopped_replica():
             for outer in procutil.children(follower.pid):
                 cleanup_pids.add(outer, *procutil.descendants(outer))
                 kids = procutil.descendants(outer)
                 if kids and procutil.state(kids[0]) == "t":
-                    replica = kids[0]
-            time.sleep(0.02)
+                    return kids[0]
+            return None
+
+        replica = procutil.wait_until(stopped_replica, timeout=20)
         assert replica is not None, "no replica appeared after the first pass"
         assert procutil.status(replica)["NSpid"].split()[-1] == str(w.pid)
         pycr("pre-dump", "-t", w.pid, "-D", top / "b", "--prev-images-dir", "../a")
-        time.sleep(0.3)
+        # The follower applies the second pass: the replica's counter becomes the one in it.
+        addr = symbol_address(replica, workloads["counter"], "counter")
+        in_b = read_memory(ImageDir(top / "b"), str(w.pid), addr, 8)
+        assert procutil.wait_until(lambda: procutil.read_memory(replica, addr, 8) == in_b, timeout=20), \
+            "the follower did not apply the second pass"
         assert procutil.state(replica) == "t", "the replica must stay stopped until the dump"
         pycr("dump", "-t", w.pid, "-D", top / "c", "--prev-images-dir", "../b")
         _, err = follower.communicate(timeout=60)
         assert follower.returncode == 0, err
         n = int(w.last("count").split()[1])
-        wait_line(w, rf"^count {n + 5}$", start=w.mark() - 1)
+        w.wait_for(rf"^count {n + 5}$", start=w.mark() - 1, root=False)
         counts = [int(f[0]) for f in w.fields("count")]
         assert counts == list(range(1, len(counts) + 1))
         procutil.assert_running_untraced(replica)

@@ -13,6 +13,7 @@ from array import array
 
 import pytest
 
+import procutil
 import pycr
 from pycr import abi
 from pycr.native import core, stub_path
@@ -164,15 +165,6 @@ def free_pid():
         if not os.path.exists(f"/proc/{pid}"):
             return pid
     pytest.skip("no free PID")
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 # ---- packaging -------------------------------------------------------------
@@ -400,8 +392,8 @@ def test_clone3_exec_gets_requested_pid_and_runs_stub():
     pid = core.clone3_exec([want], 0, stub_path(), ["pycr-stub"])
     try:
         assert pid == want
-        assert wait_for(lambda: os.readlink(f"/proc/{pid}/exe") == os.path.realpath(stub_path()))
-        assert wait_for(lambda: open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "S")
+        assert procutil.wait_until(lambda: os.readlink(f"/proc/{pid}/exe") == os.path.realpath(stub_path()))
+        assert procutil.wait_until(lambda: open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "S")
         with open(f"/proc/{pid}/maps") as f:
             text = [line.split() for line in f if "pycr-stub" in line]
         assert [t for t in text if t[1] == "r-xp"], text
@@ -433,11 +425,13 @@ def test_stub_init_is_pid1_of_new_namespace_and_reaps():
         def nspid():
             with open(f"/proc/{pid}/status") as f:
                 return next(l.split()[1:] for l in f if l.startswith("NSpid:"))
-        assert wait_for(lambda: nspid() == [str(want), "1"])
-        assert wait_for(lambda: os.readlink(f"/proc/{pid}/exe") == os.path.realpath(stub_path()))
+        assert procutil.wait_until(lambda: nspid() == [str(want), "1"], 5)
+        assert procutil.wait_until(lambda: os.readlink(f"/proc/{pid}/exe") == os.path.realpath(stub_path()), 5)
         # It waits in wait4 or its short nap, never spins.
         with open(f"/proc/{pid}/stat") as f:
             utime = int(f.read().rsplit(")", 1)[1].split()[11])
+        # Kept: CPU time over a stretch of wall time is what is measured; there is no
+        # event. A spinning stub would use all 30 ticks of it, a napping one about none.
         time.sleep(0.3)
         with open(f"/proc/{pid}/stat") as f:
             assert int(f.read().rsplit(")", 1)[1].split()[11]) - utime < 10

@@ -5,7 +5,6 @@ forks, exits and exec; broken chains are refused in one line."""
 import os
 import random
 import signal
-import time
 
 import pytest
 
@@ -29,14 +28,12 @@ def private_anon(pid):
 
 def stop_tree(pids):
     """SIGSTOP the processes and, once they are stopped, any child they forked meanwhile."""
-    deadline = time.monotonic() + 5
     todo = list(pids)
     while True:
         for pid in todo:
             procutil.kill(pid, signal.SIGSTOP)
-        while any(procutil.state(p) not in ("T", None, "Z") for p in todo):
-            assert time.monotonic() < deadline, "tree did not stop"
-            time.sleep(0.01)
+        assert procutil.wait_until(lambda: all(procutil.state(p) in ("T", None, "Z") for p in todo), 5), \
+            "tree did not stop"
         todo = [c for p in pids for c in procutil.descendants(p)
                 if procutil.state(c) not in ("T", None, "Z")]
         if not todo:
@@ -84,12 +81,13 @@ def untraced(pids):
 @pytest.mark.parametrize("tracker", ["uffd-wp", "hash"])
 def test_three_level_chain_reassembles_memory(spawn, tmp_path, tracker):
     require_tracker(tracker)
-    w = spawn("bigmem", 64, "--dirty-pct-per-sec", 20)
+    w = spawn("bigmem", 64, "--dirty-pct-per-sec", 20, "--report-ms", 20)
     for n in (1, 2):
         prev = f"../d{n - 1}" if n > 1 else None
         dump_tree(w.pid, tmp_path / f"d{n}", pre_dump=True, prev_images_dir=prev, tracker=tracker)
         untraced([w.pid])
-        time.sleep(0.3)
+        # Pages written after the pass: two new reports, with a step of writes between them.
+        w.wait_for(r"^dirtied \d+$", start=w.mark() + 1)
     stop_tree([w.pid])
     try:
         dump_tree(w.pid, tmp_path / "d3", prev_images_dir="../d2", leave_running=True, tracker=tracker)
@@ -108,7 +106,7 @@ def test_mapping_changes_between_passes(spawn, tmp_path):
     for n in (1, 2, 3):
         prev = f"../d{n - 1}" if n > 1 else None
         dump_tree(w.pid, tmp_path / f"d{n}", pre_dump=True, prev_images_dir=prev)
-        time.sleep(0.2)
+        w.wait_for(r"^step \d+$", start=w.mark() + 39)        # 40 reshaping steps before the next pass
     stop_tree([w.pid])
     try:
         dump_tree(w.pid, tmp_path / "d4", prev_images_dir="../d3", leave_running=True)
@@ -125,7 +123,10 @@ def test_new_and_vanished_processes(spawn, tmp_path):
     w = spawn("forker")
     first = set(w.pids())
     dump_tree(w.pid, tmp_path / "d1", pre_dump=True)
-    time.sleep(0.7)                 # the workers of d1 exit, new ones are forked
+    # The workers of d1 exit, and a new one is forked after that.
+    for pid in {p.pid for p in ImageDir(tmp_path / "d1").read("pstree").processes} - {w.pid}:
+        w.wait_for(rf"^exit {pid} 0$")
+    w.wait_for(r"^fork \d+$", start=w.mark())
     dump_tree(w.pid, tmp_path / "d2", pre_dump=True, prev_images_dir="../d1")
     second = {p.pid for p in ImageDir(tmp_path / "d2").read("pstree").processes}
     assert second - first, "a worker forked between the passes must be in the second pass"

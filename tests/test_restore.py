@@ -247,9 +247,7 @@ def test_wait_returns_exit_status(spawn, tmp_path):
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         mark = w.mark()
-        deadline = time.monotonic() + 30
-        while len(w.lines(mark)) < 2 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.01)
+        procutil.wait_until(lambda: len(w.lines(mark)) >= 2 or proc.poll() is not None, 30)
         assert w.fields("count", mark), proc.poll()
         w.signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 128 + signal.SIGTERM
@@ -270,11 +268,8 @@ def test_pidns_wait_returns_status_and_ends_the_namespace(spawn, tmp_path, clean
     proc = subprocess.Popen([sys.executable, "-m", "pycr", "restore", "-D", str(tmp_path / "img"), "--pidns"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        twin = None
-        while twin is None and time.monotonic() < deadline and proc.poll() is None:
-            twin = _ns_twin(w.pid, w.argv[0])
-            time.sleep(0.01)
+        procutil.wait_until(lambda: _ns_twin(w.pid, w.argv[0]) or proc.poll() is not None, 30)
+        twin = _ns_twin(w.pid, w.argv[0])
         assert twin is not None, proc.poll()
         init = procutil.ppid(twin)
         cleanup_pids.add(init, twin)
@@ -351,9 +346,7 @@ def test_pidns_restore_reaps_orphans_while_pycr_waits(spawn_python, tmp_path, cl
         procutil.assert_running_untraced(init, twin)
         orphan = int(w.signal_and_wait(signal.SIGUSR1, r"^orphan (\d+) 1$", pid=twin).group(1))
         assert orphan != w.pid
-        deadline = time.monotonic() + 5
-        while _zombies_under(init) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        procutil.wait_until(lambda: not _zombies_under(init), 5)
         assert _zombies_under(init) == [], "an orphan in the namespace stays a zombie"
         assert proc.poll() is None          # still waiting for the root
         procutil.kill(twin, signal.SIGTERM)
@@ -595,12 +588,8 @@ def test_shared_anonymous_memory(spawn_python, tmp_path, cleanup_pids):
     mark = w.mark()
     restore(tmp_path / "img", cleanup_pids, [w.pid, child])
     # The parent sees the child's writes go on from where they were: same object.
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        seen = [int(f[0]) for f in w.fields("seen", mark)]
-        if seen and seen[-1] >= last + 20:
-            break
-        time.sleep(0.02)
+    procutil.wait_until(lambda: [f for f in w.fields("seen", mark) if int(f[0]) >= last + 20])
+    seen = [int(f[0]) for f in w.fields("seen", mark)]
     assert seen and seen[0] >= last and seen[-1] >= last + 20, seen[-5:]
     assert all(f[1] == "hello" for f in w.fields("seen", mark))
     shared = lambda pid: {(s, e): path for s, e, p, path in procutil.maps(pid) if p[3] == "s"}
@@ -627,9 +616,7 @@ def test_blocked_mask_and_pending_signal(spawn_python, tmp_path, cleanup_pids):
     w = spawn_python("pending", PENDING_SCRIPT)
     usr1 = 1 << (signal.SIGUSR1 - 1)
     w.signal(signal.SIGUSR1)
-    deadline = time.monotonic() + 5
-    while not int(procutil.status(w.pid)["ShdPnd"], 16) & usr1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    procutil.wait_until(lambda: signal.SIGUSR1 in procutil.pending_signals(w.pid), 5)
     assert int(procutil.status(w.pid)["SigBlk"], 16) & usr1
     dump(w, tmp_path / "img")
     mark = w.mark()

@@ -11,7 +11,6 @@ returns the data written to the pipe afterwards.
 import errno
 import os
 import signal
-import time
 
 import procutil
 from pycrcmd import pycr
@@ -21,18 +20,14 @@ SYS_READ = 0
 
 def in_syscall(pid, nr, timeout=5.0):
     """Wait until pid sleeps inside syscall nr (/proc/PID/syscall); True if it does."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def inside():
         try:
             with open(f"/proc/{pid}/syscall") as f:
                 fields = f.read().split()
         except OSError:
             fields = []
-        if fields and fields[0] == str(nr) and procutil.state(pid) == "S":
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
+        return bool(fields) and fields[0] == str(nr) and procutil.state(pid) == "S"
+    return procutil.wait_until(inside, timeout)
 
 
 def dump_and_restore_in_read(spawn, tmp_path, cleanup_pids, mode):

@@ -3,11 +3,9 @@ exited before its threads, fd tables shared by processes, and session members
 that left the tree. Each test checks what the program itself would see."""
 
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 
 import procutil
 from pycrcmd import one_line_error, pycr
@@ -22,18 +20,6 @@ def dump(w, imgdir, *extra):
 def restore(imgdir, cleanup_pids, pids, *extra, expect=0):
     cleanup_pids.add(*pids)
     return pycr("restore", "-D", imgdir, "-d", *extra, expect=expect)
-
-
-def poll(what, check, timeout=10.0):
-    """Wait until check() is true (Workload.wait_for gives up on a zombie root)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.01)
-
-
-def new_line(w, pattern, start):
-    poll(repr(pattern), lambda: any(re.search(pattern, line) for line in w.lines(start)))
 
 
 def test_zombies_come_back_unreaped_with_their_status(spawn, tmp_path, cleanup_pids):
@@ -62,7 +48,7 @@ def test_zombie_leader_threads_go_on(spawn, tmp_path, cleanup_pids):
     """The main thread left with pthread_exit: the restored process again has a
     zombie leader, its threads run, and its parent gets the group's exit status."""
     w = spawn("zleader", ready=False)
-    new_line(w, rf"^ready {w.pid}$", 0)
+    w.wait_for(rf"^ready {w.pid}$", root=False)       # the root is a zombie
     tids = w.threads()
     assert len(tids) == 3 and procutil.state(w.pid) == "Z"
     dump(w, tmp_path / "img")
@@ -72,16 +58,16 @@ def test_zombie_leader_threads_go_on(spawn, tmp_path, cleanup_pids):
     runner = subprocess.Popen([sys.executable, "-m", "pycr", "restore", "-D", tmp_path / "img"],
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        poll("restored threads", lambda: procutil.exists(w.pid) and w.threads() == tids
-             and procutil.tracer_pid(tids[1]) == 0)
+        assert procutil.wait_until(lambda: procutil.exists(w.pid) and w.threads() == tids
+                                   and procutil.tracer_pid(tids[1]) == 0), "no restored threads"
         assert procutil.state(w.pid) == "Z"
         for tid in tids[1:]:
             assert procutil.state(w.pid, tid) in ("R", "S")
             first = len(w.fields(f"count {tid}", mark))
-            new_line(w, rf"^count {tid} \d+$", mark + first)
+            w.wait_for(rf"^count {tid} \d+$", start=mark + first, root=False)
             assert int(w.fields(f"count {tid}", mark)[-1][0]) > 1, "the counter started over"
         w.signal(signal.SIGUSR1)
-        new_line(w, rf"^usr1 ({tids[1]}|{tids[2]})$", mark)
+        w.wait_for(rf"^usr1 ({tids[1]}|{tids[2]})$", start=mark, root=False)
         w.signal(signal.SIGUSR2)           # exit_group(7) in whichever thread takes it
         assert runner.wait(timeout=30) == 7
     finally:

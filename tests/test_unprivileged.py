@@ -7,7 +7,6 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-import time
 
 import pytest
 
@@ -65,10 +64,8 @@ class UserProcess:
             return []
 
     def wait_line(self, line, start=0, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while line not in self.lines()[start:]:
-            assert time.monotonic() < deadline, f"{self.proc.args[0]}: no line {line!r} within {timeout} s"
-            time.sleep(0.01)
+        assert procutil.wait_until(lambda: line in self.lines()[start:], timeout), \
+            f"{self.proc.args[0]}: no line {line!r} within {timeout} s"
 
     def count(self):
         return max(int(line.split()[-1]) for line in self.lines() if line.startswith("count "))

@@ -21,14 +21,12 @@ def counts(w, prefix="count"):
 
 def wait_count_above(w, n, key=None, timeout=5.0):
     """Wait until a "count [key] N" line with N > n appears; return N."""
-    pattern = rf"^count {key} (\d+)$" if key is not None else r"^count (\d+)$"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        m = w.wait_for(pattern, timeout=timeout, start=max(0, w.mark() - 1))
-        if int(m.group(1)) > n:
-            return int(m.group(1))
-        time.sleep(0.02)
-    raise AssertionError(f"{w}: count {key or ''} stayed at {n}")
+    prefix = "count" if key is None else f"count {key}"
+    got = procutil.wait_until(lambda: next((int(f[-1]) for f in w.fields(prefix) if int(f[-1]) > n), None),
+                              timeout)
+    if got is None:
+        raise AssertionError(f"{w}: count {key or ''} stayed at {n}")
+    return got
 
 
 def test_workloads_are_pie_executables(workloads):
@@ -162,6 +160,8 @@ def test_pipe_child_gets_the_buffered_message(spawn):
     wfd = [fd for fd, target in procutil.fds(w.pid).items() if target.startswith("pipe:")]
     assert len(rfd) == 1 and len(wfd) == 1
     assert procutil.fds(child)[rfd[0]] == procutil.fds(w.pid)[wfd[0]], "same pipe inode"
+    # Kept: not reading is not an event; the child checks for SIGUSR1 every 10 ms, so
+    # in this time one that reads on its own would have.
     time.sleep(0.1)
     assert "got" not in w.text(), "the child must not read before SIGUSR1"
     m = w.signal_and_wait(signal.SIGUSR1, r"^got ([0-9a-f]*)$", pid=child)
@@ -199,7 +199,7 @@ def test_forker_forks_and_reaps_workers(spawn):
     assert any(int(f[0]) == pid for f in w.fields("count"))
     # Workers live 500 ms and are forked every 200 ms: a few at a time.
     assert 1 <= len(procutil.children(w.pid)) <= 4
-    time.sleep(0.5)
+    w.wait_for(r"^fork \d+$", start=w.mark())
     assert len(w.fields("fork")) > len(forked)
 
 
@@ -234,7 +234,7 @@ def test_execer_execs_counter_keeping_pid_and_status(spawn, workloads):
 
 def test_execer_execs_on_usr2(spawn):
     w = spawn("execer", 0)
-    time.sleep(0.2)
+    w.wait_for(r"^count 20$")       # 20 steps of its own: with delay 0 it never execs by itself
     assert "exec" not in w.text()
     w.signal_and_wait(signal.SIGUSR2, rf"^exec {w.pid}$")
 
@@ -252,10 +252,7 @@ def test_kill_handles_stopped_tree(spawn):
     for pid in pids:
         w.signal(signal.SIGSTOP, pid)
     for pid in pids:
-        deadline = time.monotonic() + 5
-        while procutil.state(pid) != "T" and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert procutil.state(pid) == "T"
+        assert procutil.wait_until(lambda: procutil.state(pid) == "T", 5), procutil.state(pid)
     w.kill()
     assert not any(procutil.exists(p) for p in pids)
 

@@ -9,8 +9,8 @@ workload reports "ready <pid>" once set up. Reports (one line per write(2)):
   counter [STEP_MS] [clock] count N [MS]; usr1 N (SIGUSR1 handler)
   tree                     proc <pid> <ppid> <pgid>; count <pid> N (4 processes)
   threads                  thread <tid>; count <tid> N (4 threads)
-  bigmem [MIB] [--dirty-pct-per-sec P] [--seed S]
-                           region <hexaddr> <bytes>; sum <hex> (SIGUSR1); dirtied N
+  bigmem [MIB] [--dirty-pct-per-sec P] [--seed S] [--report-ms MS]
+                           region <hexaddr> <bytes>; sum <hex> (SIGUSR1); dirtied N (every MS, default 1000)
   openfile PATH [OFFSET]   fd N; offset N (SIGUSR1); read <hex> (SIGUSR2, 16 bytes)
   pipe [NBYTES]            child <pid>; sent N; got <hex> | gotsum <hex> (SIGUSR1 to the child)
   seccomp                  count N; filtered errno 42; filtered2 errno 43 (SIGUSR1)

@@ -1,10 +1,11 @@
-/* bigmem STATUS [MIB] [--dirty-pct-per-sec P] [--seed S]
+/* bigmem STATUS [MIB] [--dirty-pct-per-sec P] [--seed S] [--report-ms MS]
  * Maps MIB (default 256) MiB of private anonymous memory, fills it from a
  * seeded xorshift64 and reports "region <hexaddr> <bytes>" then "ready <pid>".
  * SIGUSR1: reports "sum <hex>" over the whole region (see wl.h for the sum).
  * With P > 0 it rewrites one word in P% of the region's pages per second
  * (pages picked by the PRNG), in 10 ms steps, and reports "dirtied <total>"
- * once a second: the load for pre-dump and migration. */
+ * every MS ms (default 1000; at most once a step): the load for pre-dump and
+ * migration. Two new reports mean pages were written after the first. */
 #include "wl.h"
 #include <sys/mman.h>
 
@@ -23,16 +24,18 @@ int main(int argc, char **argv)
     uint64_t *words;
     size_t size, nwords;
     unsigned char *region;
-    uint64_t next_report;
+    uint64_t next_report, report_ms = 1000;
     int positional = 0;
 
     if (argc < 2)
-        wl_die("usage: bigmem STATUS [MIB] [--dirty-pct-per-sec P] [--seed S]");
+        wl_die("usage: bigmem STATUS [MIB] [--dirty-pct-per-sec P] [--seed S] [--report-ms MS]");
     for (int i = 2; i < argc; i++) {
         if (strcmp(argv[i], "--dirty-pct-per-sec") == 0 && i + 1 < argc)
             pct = atof(argv[++i]);
         else if (strcmp(argv[i], "--seed") == 0 && i + 1 < argc)
             seed = strtoull(argv[++i], NULL, 0);
+        else if (strcmp(argv[i], "--report-ms") == 0 && i + 1 < argc)
+            report_ms = strtoull(argv[++i], NULL, 0);
         else if (positional++ == 0)
             mib = strtoull(argv[i], NULL, 0);
         else
@@ -61,7 +64,7 @@ int main(int argc, char **argv)
     }
     wl_ready();
 
-    next_report = wl_now_ms() + 1000;
+    next_report = wl_now_ms() + report_ms;
     for (;;) {
         if (want_sum) {
             struct wl_sum s;
@@ -84,7 +87,7 @@ int main(int argc, char **argv)
             }
             if (wl_now_ms() >= next_report) {
                 wl_report1("dirtied", dirtied);
-                next_report += 1000;
+                next_report += report_ms;
             }
         }
         wl_sleep_ms(10);
