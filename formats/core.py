@@ -72,5 +72,6 @@ Body = Struct(
     "seccomp_mode" / SeccompMode,
     "seccomp_filters" / Array32(Blob),      # sock_filter arrays, oldest first
     "xcomp_perm" / U64,         # xstate components granted by ARCH_REQ_XCOMP_PERM (AMX tile data)
+    "job_stopped" / Flag,       # stopped by SIGSTOP/SIGTSTP (State T): comes back stopped
     "threads" / Array32(Thread),            # leader first
 )

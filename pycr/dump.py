@@ -107,6 +107,7 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
             core_img = collect_core(pid, states, threads[0], injector)
             mm_img = collect_mm(pid, vmas_by_pid[pid], injector, src=src)
         step(f"write core and mm of {pid}")
+        core_img["job_stopped"] = any(t.tid in frozen.job_stopped for t in threads)
         imgdir.write("core", core_img)
         imgdir.write("mm", mm_img)
         step(f"write pages of {pid}")

@@ -76,7 +76,7 @@ def sample_core():
         shared_pending=[siginfo(10, code=0, pid=1, uid=0)],
         seccomp_mode="filter",
         seccomp_filters=[bytes.fromhex("20000000040000001500000100000000060000000000ff7f")],
-        xcomp_perm=0,
+        xcomp_perm=0, job_stopped=False,
         threads=[
             dict(tid=ROOT, comm="counter", regs=regs(0x7F3A1230D7FA, 0x7FFC8A2B1F30, rax=2**64 - 516, orig_rax=230),
                  xstate=xstate(), sigmask=0, pending=[],

@@ -721,3 +721,20 @@ def test_mapped_file_changed_since_the_dump_is_refused(workloads, tmp_path, clea
     before = lines()
     pycr("restore", "-D", tmp_path / "img", "-d")
     wait_more(before)
+
+
+def test_stopped_process_comes_back_stopped(spawn, tmp_path, cleanup_pids):
+    """A process in a job-control stop (SIGSTOP) at dump time is stopped after restore,
+    and SIGCONT lets it go on from where it was."""
+    w = spawn("counter")
+    w.wait_for(r"^count 3$")
+    os.kill(w.pid, signal.SIGSTOP)
+    assert procutil.wait_until(lambda: procutil.state(w.pid) == "T")
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img")
+    mark = w.mark()
+    cleanup_pids.add(w.pid)
+    pycr("restore", "-D", tmp_path / "img", "-d")
+    assert procutil.wait_until(lambda: procutil.state(w.pid) == "T") and procutil.tracer_pid(w.pid) == 0
+    assert w.mark() == mark          # it ran no step between the restore and the SIGCONT
+    os.kill(w.pid, signal.SIGCONT)
+    w.wait_for(r"^count \d+$", start=mark)

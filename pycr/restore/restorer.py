@@ -128,6 +128,10 @@ class Restore:
         """Detach every thread of every process: the tree runs from here on."""
         step("release the restored tree")
         for task in self.tasks.values():
+            p = self.images.by_pid(task.pid)
+            if p is not None and p.core.job_stopped:
+                # pending before the detach: the group stops before it runs an instruction
+                os.kill(task.real, signal.SIGSTOP)
             for thread in task.threads.values():
                 thread.detach(0)
         self.released = True
