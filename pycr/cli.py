@@ -56,6 +56,34 @@ def _positive_int(text):
     return value
 
 
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    return value
+
+
+def _percent(text):
+    value = _positive_float(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than 100 %")
+    return value
+
+
+def _criu_verbosity(argv):
+    """criu's -v4 style (-vN) as N times -v."""
+    out = []
+    for arg in argv:
+        if len(arg) > 2 and arg.startswith("-v") and arg[2:].isdigit():
+            out.append("-" + "v" * int(arg[2:]) if int(arg[2:]) else "-v")
+        else:
+            out.append(arg)
+    return out
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line too, like every other pycr error."""
 
@@ -100,7 +128,7 @@ def build_parser():
                    help="incremental restore: DIR receives pass directories one by one (pre-dumps, then a "
                         "dump); build the tree from the first, keep it stopped, apply each pass as it "
                         "comes, and resume it on the dump")
-    p.add_argument("--follow-timeout", type=float, default=300.0, metavar="SECONDS",
+    p.add_argument("--follow-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
                    help="with --follow: give up if no next pass appears within this time (default 300)")
     p.add_argument("--trust-images", action="store_true",
                    help="restore images that another user owns or may write (default: refuse them); "
@@ -118,7 +146,7 @@ def build_parser():
     stop.add_argument("--min-delta", type=_size, default=1 << 20, metavar="BYTES",
                       help="take the final dump once a pass copied at most this much (K, M, G suffixes; "
                            "default 1M)")
-    stop.add_argument("--threshold", type=float, metavar="PERCENT",
+    stop.add_argument("--threshold", type=_percent, metavar="PERCENT",
                       help="take the final dump once a pass copied at most PERCENT %% of the first pass")
     p.add_argument("--tracker", choices=["auto", "uffd-wp", "soft-dirty", "hash"], default="auto",
                    help="how pages written since the previous pass are found")
@@ -235,7 +263,7 @@ def _catch_stop_signals():
 def main(argv=None):
     try:
         _catch_stop_signals()
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_criu_verbosity(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:
         print("pycr: interrupted before it began", file=sys.stderr)
         return 130

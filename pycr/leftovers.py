@@ -87,7 +87,8 @@ def find(root):
     for pid in proc.descendants(root):
         try:
             for fd in pycr_uffds(pid):
-                out.append(Leftover(pid, "userfaultfd", fd, "write-protect tracking"))
+                out.append(Leftover(pid, "userfaultfd", fd, "a pre-dump's dirty-page tracking: the chain's "
+                                    "final dump takes it out, or a killed pycr left it"))
             addr = trampoline_address(pid)
             if addr is not None:
                 out.append(Leftover(pid, "trampoline", addr, ""))

@@ -47,7 +47,10 @@ def _show_dir(path, json, out):
     image_dir = images.ImageDir(path)
     first_error = None
     documents = {}
-    for image in image_dir.list():
+    found = image_dir.list()
+    if not found:
+        raise ImageError(path, "no pycr images in this directory")
+    for image in found:
         file_path = os.path.join(path, image.name)
         try:
             entry = _load_entry(file_path, image.kind)

@@ -114,4 +114,5 @@ def test_missing_and_foreign_paths_raise_image_error(tmp_path):
     with pytest.raises(ImageError, match="not a pycr image"):
         show(foreign, out=io.StringIO())
     os.makedirs(tmp_path / "empty")
-    assert run_show(tmp_path / "empty") == ""
+    with pytest.raises(ImageError, match="^" + str(tmp_path / "empty") + ": no pycr images in this directory$"):
+        show(tmp_path / "empty", out=io.StringIO())
