@@ -319,3 +319,17 @@ def assert_running_untraced(*pids):
         assert tracer_pid(pid) == 0, f"pid {pid} is still traced"
         for tid in threads(pid):
             assert state(pid, tid) not in ("t", "T", "Z", None), f"tid {tid} of pid {pid} is {state(pid, tid)}"
+
+
+def smaps_field(pid, addr, name):
+    """The text after `name:` in the smaps entry of the VMA holding addr, or None."""
+    current = None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and ":" not in head:
+                start, end = (int(x, 16) for x in head.split("-"))
+                current = start <= addr < end
+            elif line.startswith(name + ":") and current:
+                return line.split(":", 1)[1].strip()
+    return None

@@ -49,16 +49,8 @@ while True:
 
 def vmflags_at(pid, addr):
     """VmFlags of the VMA holding addr, read from smaps."""
-    current = None
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            head = line.split(None, 1)[0]
-            if "-" in head and ":" not in head:
-                start, end = (int(x, 16) for x in head.split("-"))
-                current = start <= addr < end
-            elif line.startswith("VmFlags:") and current:
-                return set(line.split()[1:])
-    return None
+    value = procutil.smaps_field(pid, addr, "VmFlags")
+    return None if value is None else set(value.split())
 
 
 def test_madvise_flags_and_droppable_come_back(spawn_python, tmp_path, cleanup_pids):
@@ -128,16 +120,8 @@ while True:
 
 
 def protection_key_at(pid, addr):
-    current = None
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            head = line.split(None, 1)[0]
-            if "-" in head and ":" not in head:
-                start, end = (int(x, 16) for x in head.split("-"))
-                current = start <= addr < end
-            elif line.startswith("ProtectionKey:") and current:
-                return int(line.split()[1])
-    return None
+    value = procutil.smaps_field(pid, addr, "ProtectionKey")
+    return None if value is None else int(value)
 
 
 def test_protection_keys_come_back(spawn_python, tmp_path, cleanup_pids):
