@@ -16,7 +16,7 @@ does every dump and pre-dump of the tree before it looks at its fds.
 import os
 from dataclasses import dataclass
 
-from pycr import proc
+from pycr import abi, proc
 from pycr.abi import O_LARGEFILE, UFFD_FEATURE_INITIALIZED, UFFD_LINK, UFFD_PYCR_FEATURES, UFFD_PYCR_FLAGS
 from pycr.errors import PycrError, TaskGone
 from pycr.log import log
@@ -101,7 +101,11 @@ def close_stray_uffds(pid, leader, keep=()):
     """Close, by injection into the frozen leader, pycr's userfaultfds in pid other
     than those in keep (the ones the current pass tracks with). -> fds closed."""
     from pycr.ptrace.inject import Injector
-    stray = [fd for fd in pycr_uffds(pid, initialized_only=True) if fd not in keep]
+    from pycr.trackers.uffd import HIGHEST_FD
+    # pycr puts its userfaultfd at the top of the fd table (below RLIMIT_NOFILE and
+    # HIGHEST_FD): one of the program's own, lower down, is never taken for it.
+    top = min(proc.rlimits(pid)[abi.RLIMIT_NOFILE][0], HIGHEST_FD + 1)
+    stray = [fd for fd in pycr_uffds(pid, initialized_only=True) if fd not in keep and fd >= top - 64]
     if stray:
         with Injector(leader) as inj:
             for fd in stray:

@@ -251,3 +251,20 @@ def test_tracer_gone_mid_injection_leaves_the_task_as_it_was(counter):
     assert blocked == mask
     assert trampoline_address(counter.pid) is not None     # what `pycr cleanup` removes
     assert wipe_trampoline(counter.pid) and trampoline_address(counter.pid) is None
+
+
+def test_injectors_in_two_threads_share_the_trampoline(counter):
+    """Threads share the [vdso]: the trampoline stays while any injector of the process
+    still runs calls through it, and goes with the last one."""
+    from pycr.leftovers import trampoline_address
+    tids = proc.tasks(counter.pid)
+    with seized(tids[0]) as a, seized(tids[1]) as b:
+        first, second = Injector(a), Injector(b)
+        assert first.call("gettid") == tids[0]
+        assert second.call("gettid") == tids[1]
+        first.restore()
+        assert trampoline_address(counter.pid) is not None
+        assert second.call("gettid") == tids[1]
+        second.restore()
+        assert trampoline_address(counter.pid) is None
+    assert counter.report()["bad"] == 0

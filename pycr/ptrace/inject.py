@@ -44,6 +44,11 @@ SCRATCH_BELOW_FRAME = 16 * 1024     # stack space for syscall arguments, when th
 # raises (Ctrl-C, SIGTERM) never runs between a syscall's entry and exit stops.
 
 
+# pid -> [injectors of that process using the trampoline now, whether pycr wrote it]:
+# threads of one process share the [vdso], so the last one out wipes it.
+_TRAMPOLINE_USERS = {}
+
+
 def _signed(value):
     return value - (1 << 64) if value & (1 << 63) else value
 
@@ -131,11 +136,14 @@ class Injector:
         if code is None or code + len(sigframe.TRAMPOLINE) > vdso.end:
             raise PycrError(f"pid {self.pid}: no padding left in [vdso] for pycr's syscall trampoline")
         found = self.read(code, len(sigframe.TRAMPOLINE))
+        users = _TRAMPOLINE_USERS.setdefault(self.pid, [0, False])
         if found == bytes(len(found)):
             self.write(code, sigframe.TRAMPOLINE)
-            self._own_code = True
+            users[1] = True
         elif found != sigframe.TRAMPOLINE:
             raise PycrError(f"pid {self.pid}: the padding of [vdso] at {code:#x} is not empty")
+        users[0] += 1
+        self._own_code = True
         self._code = code
 
         sp = regs.rsp
@@ -238,7 +246,12 @@ class Injector:
             if self._stack_lo is not None:
                 self.write(self._stack_lo, self._stack_bytes)
             if self._own_code:
-                self.write(self._code, bytes(len(sigframe.TRAMPOLINE)))
+                users = _TRAMPOLINE_USERS.get(self.pid, [1, False])
+                users[0] -= 1
+                if users[0] <= 0:      # the last of this process's injectors wipes what pycr wrote
+                    _TRAMPOLINE_USERS.pop(self.pid, None)
+                    if users[1]:
+                        self.write(self._code, bytes(len(sigframe.TRAMPOLINE)))
         except PycrError as exc:
             log.warning("tid %d: could not wipe pycr's trampoline or frame: %s", self.tid, exc)
         finally:
