@@ -20,7 +20,7 @@ def _add_common(p):
 
 
 def _add_dump_args(p):
-    p.add_argument("-t", "--tree", type=int, required=True, metavar="PID",
+    p.add_argument("-t", "--tree", type=_positive_int, required=True, metavar="PID",
                    help="root of the process tree to checkpoint")
     p.add_argument("-D", "--images-dir", required=True, metavar="DIR", help="where to write the images")
     p.add_argument("--prev-images-dir", metavar="DIR",
@@ -101,13 +101,13 @@ def build_parser():
     p = sub.add_parser("check", help="which kernel features pycr can use here; with -t, what a killed "
                                      "pycr left in a tree")
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
-    p.add_argument("-t", "--tree", type=int, metavar="PID",
+    p.add_argument("-t", "--tree", type=_positive_int, metavar="PID",
                    help="list what pycr left in the tree rooted at PID when it was killed")
     _add_common(p)
 
     p = sub.add_parser("cleanup", help="take out what a killed pycr left in a tree "
                                        "(its userfaultfd, its trampoline)")
-    p.add_argument("-t", "--tree", type=int, required=True, metavar="PID", help="root of the tree")
+    p.add_argument("-t", "--tree", type=_positive_int, required=True, metavar="PID", help="root of the tree")
     _add_common(p)
 
     p = sub.add_parser("dump", help="checkpoint a process tree into image files")
@@ -137,7 +137,7 @@ def build_parser():
 
     p = sub.add_parser("migrate", help="move a live tree into a replica on this machine with iterative "
                                        "pre-dumps and incremental restore")
-    p.add_argument("-t", "--tree", type=int, required=True, metavar="PID", help="root of the tree to move")
+    p.add_argument("-t", "--tree", type=_positive_int, required=True, metavar="PID", help="root of the tree to move")
     p.add_argument("--work-dir", metavar="DIR", help="keep the image sets of every pass here "
                                                       "(default: a temporary directory, removed at the end)")
     p.add_argument("--max-passes", type=_positive_int, default=8, metavar="N",

@@ -268,6 +268,9 @@ def freeze(root_pid, options=DEFAULT_OPTIONS, timeout=10.0):
         raise PycrError(f"pid {root_pid} is a thread of pid {st.tgid}, not a process")
     if st.state in "ZX" and len(proc.tasks(root_pid)) < 2:   # a zombie leader with live threads is fine
         raise TaskGone(root_pid, "zombie")
+    if os.getpid() in _safe_descendants(root_pid):
+        raise PycrError(f"the tree of pid {root_pid} holds pycr itself (pid {os.getpid()}): "
+                        "dump a tree pycr is not part of")
     tree = FrozenTree(root_pid)
     try:
         tree._freeze(options, timeout)

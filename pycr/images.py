@@ -166,6 +166,8 @@ def dump(obj, path, kind=None):
 def write_atomic(path, data):
     """Temp file in the same dir, fsync, rename over `path`, fsync the dir."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ImageError(path, "is a directory: name the image file to write")
     with _atomic_file(path) as f:
         f.write(data)
 

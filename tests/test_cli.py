@@ -88,3 +88,21 @@ def test_verbose_dump_explains_its_steps_in_kernel_terms(spawn, tmp_path):
     assert "pycr: detached every thread (--leave-running): the tree goes on" in lines
     assert re.fullmatch(r"pycr: dump done: [0-9.]+ MiB of pages, frozen [0-9.]+ s, total [0-9.]+ s", lines[-1])
     procutil.assert_running_untraced(w.pid)
+
+
+def test_a_tree_that_holds_pycr_and_pids_below_one_are_refused(tmp_path):
+    import os
+    line = one_line_error(pycr("dump", "-t", 0, "-D", tmp_path / "a", expect=2))
+    assert line == "pycr: argument -t/--tree: '0' must be at least 1 (see pycr dump --help)"
+    # the test's own process is an ancestor of the pycr it starts
+    line = one_line_error(pycr("dump", "-t", os.getpid(), "-D", tmp_path / "b", "-R", expect=1))
+    assert line.startswith(f"pycr: the tree of pid {os.getpid()} holds pycr itself (pid ")
+    assert not (tmp_path / "b").exists()
+
+
+def test_encode_into_a_directory_names_it(tmp_path):
+    from pycr import images
+    from test_formats import sample_inventory
+    (tmp_path / "x.json").write_text(images.to_json(sample_inventory(), kind="inventory"))
+    line = one_line_error(pycr("encode", "-i", tmp_path / "x.json", "-o", tmp_path, expect=1))
+    assert line == f"pycr: {tmp_path}: is a directory: name the image file to write"
