@@ -368,3 +368,15 @@ def cleanup_pids():
     left = kill_tree(registry.targets())
     if left:
         pytest.fail(f"cleanup: still present after SIGKILL: {_describe(left)}", pytrace=False)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MiB tmpfs: a dump or pre-dump that does not fit must fail cleanly."""
+    where = tmp_path / "small"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -183,17 +183,6 @@ def test_unsupported_socket_is_named_and_tree_untouched(tmp_path):
         p.wait()
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 4 MiB tmpfs: a dump that does not fit must fail cleanly."""
-    where = tmp_path / "small"
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], check=True)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
 
 def test_disk_full_is_one_line_and_tree_untouched(spawn, small_fs):
     w = spawn("bigmem", 32)

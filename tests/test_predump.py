@@ -230,18 +230,6 @@ def test_restore_from_a_chain(spawn, tmp_path, cleanup_pids):
     assert int(got, 16) == expected
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 4 MiB tmpfs: a pre-dump of more memory fails for want of space."""
-    import subprocess
-    where = tmp_path / "small"
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], check=True)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
 
 @pytest.mark.parametrize("tracker", ["uffd-wp", "hash"])
 def test_failed_pre_dump_leaves_nothing_behind(spawn, small_fs, tracker):
