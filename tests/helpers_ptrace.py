@@ -8,6 +8,9 @@ import subprocess
 import time
 
 import procutil
+from pycr.errors import TaskGone
+from pycr.ptrace import binding as B
+from pycr.ptrace.thread import Thread
 
 COUNTER_C = r"""
 #define _GNU_SOURCE
@@ -187,3 +190,25 @@ def free_pid():
         if not os.path.exists(f"/proc/{pid}"):
             return pid
     raise RuntimeError("no free pid")
+
+
+class seized:
+    """Seize + interrupt one thread; always detach."""
+
+    def __init__(self, tid, options=B.O_SUSPEND_SECCOMP):
+        self.thread = Thread(tid)
+        self.options = options
+
+    def __enter__(self):
+        t = self.thread
+        t.seize(self.options)
+        t.interrupt()
+        stop = t.wait(5)
+        assert stop.is_interrupt_stop, stop
+        return t
+
+    def __exit__(self, *exc):
+        try:
+            self.thread.release()
+        except TaskGone:
+            pass

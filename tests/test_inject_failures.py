@@ -15,29 +15,12 @@ import signal
 import pytest
 
 import procutil
+from helpers_ptrace import seized
 from pycrcmd import pycr
 from pycr.errors import PycrError
-from pycr.ptrace import binding as B
 from pycr.ptrace.inject import Injector
 from pycr.ptrace.thread import Thread
 
-
-class seized:
-    """Seize + interrupt one thread; always release (detach, passing held signals on)."""
-
-    def __init__(self, tid):
-        self.thread = Thread(tid)
-
-    def __enter__(self):
-        t = self.thread
-        t.seize(B.O_SUSPEND_SECCOMP)
-        t.interrupt()
-        stop = t.wait(5)
-        assert stop.is_interrupt_stop, stop
-        return t
-
-    def __exit__(self, *exc):
-        self.thread.release()
 
 
 def vdso(pid):

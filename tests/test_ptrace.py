@@ -12,7 +12,7 @@ from pycr.ptrace import binding as B
 from pycr.ptrace.inject import Injector
 from pycr.ptrace.thread import Thread
 from pycr.ptrace.xstate import local_layout
-from helpers_ptrace import COUNTER_C, Proc, build, state_and_tracer, free_pid
+from helpers_ptrace import COUNTER_C, Proc, build, seized, state_and_tracer, free_pid
 
 
 @pytest.fixture(scope="module")
@@ -29,27 +29,6 @@ def counter(counter_exe):
     finally:
         p.kill()
 
-
-class seized:
-    """Seize + interrupt one thread; always detach."""
-
-    def __init__(self, tid, options=B.O_SUSPEND_SECCOMP):
-        self.thread = Thread(tid)
-        self.options = options
-
-    def __enter__(self):
-        t = self.thread
-        t.seize(self.options)
-        t.interrupt()
-        stop = t.wait(5)
-        assert stop.is_interrupt_stop, stop
-        return t
-
-    def __exit__(self, *exc):
-        try:
-            self.thread.release()
-        except TaskGone:
-            pass
 
 
 def test_seize_regs_roundtrip_and_target_keeps_counting(counter):
