@@ -16,7 +16,7 @@ from construct import (
 )
 
 #: Version written by this pycr; readers refuse anything newer.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 #: Every image file starts with this: 4 magic bytes, then the format version.
 Header = Struct(

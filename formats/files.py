@@ -9,6 +9,9 @@ FILE_NAME = "files.img"
 
 FdType = Enum(
     Int8ul, reg=0, dir=1, pipe=2, fifo=3, chr=4, tty=5, unsupported=6,
+    # kernel objects with an image of their own (pycr/collect/kinds.py), keyed by file_id there
+    unixsk=7, inetsk=8, eventpoll=9, eventfd=10, signalfd=11, timerfd=12, inotify=13,
+    ptmx=14, pts=15, memfd=16,
 )
 
 Fd = Struct(

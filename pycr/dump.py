@@ -11,6 +11,7 @@ import time
 
 from . import __version__, leftovers, manifest, outdir, proc
 from .collect.core import collect_core, collect_thread
+from .collect.kinds import collect_objects
 from .collect.files import collect_files, collect_pipes_data, number_file_descriptions, describe_fd
 from .collect.memory import dump_private_memory, dump_shmem, shmem_vmas
 from .collect.mm import check_supported, collect_mm, read_vmas
@@ -88,6 +89,7 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
         vmas_by_pid[pid] = vmas
         files_by_src[src] = _collect_files(src, (hidden_fds or {}).get(pid))
     number_file_descriptions(files_by_src)
+    objects = collect_objects(files_by_src)
     log.info("tree of %d processes: VMAs and fds readable, nothing unsupported", len(processes))
 
     step("write pstree, files and pipes-data")
@@ -96,6 +98,8 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
     pipes = collect_pipes_data(files_by_src)
     imgdir.write("pipes-data", {"pipes": [{"pipe_id": k, "data": data, "size": size}
                                           for k, (data, size) in pipes.items()]})
+    for image, body in objects.items():
+        imgdir.write(image, body)
 
     written = 0
     for pid, threads in processes.items():

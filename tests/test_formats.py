@@ -169,6 +169,10 @@ def sample_manifest():
                 digest=b"\x01" * 16)
 
 
+def sample_eventfd():
+    return dict(eventfds=[dict(file_id=4, count=7, semaphore=False), dict(file_id=9, count=2**64 - 2, semaphore=True)])
+
+
 SAMPLES = {
     "inventory": sample_inventory,
     "pstree": sample_pstree,
@@ -179,6 +183,7 @@ SAMPLES = {
     "pipes-data": sample_pipes_data,
     "tracker": sample_tracker,
     "manifest": sample_manifest,
+    "eventfd": sample_eventfd,
 }
 
 

@@ -24,8 +24,10 @@ where = os.path.dirname(sys.argv[1])
 keep = []
 if kind == "socket":
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); keep.append(s); report("fd %d" % s.fileno())
-elif kind == "eventfd":
-    report("fd %d" % os.eventfd(0))
+elif kind == "pidfd":
+    report("fd %d" % os.pidfd_open(os.getpid()))
+elif kind == "netlink":
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0); keep.append(s); report("fd %d" % s.fileno())
 elif kind == "epoll":
     e = select.epoll(); keep.append(e); report("fd %d" % e.fileno())
 elif kind == "signalfd":
@@ -71,7 +73,8 @@ while True:
 
 CASES = {
     "socket": "pid {pid} fd {fd}: socket (AF_UNIX) is not supported",
-    "eventfd": "pid {pid} fd {fd}: [eventfd] is not supported",
+    "pidfd": "pid {pid} fd {fd}: [pidfd] is not supported",
+    "netlink": "pid {pid} fd {fd}: socket (AF_NETLINK) is not supported",
     "epoll": "pid {pid} fd {fd}: [eventpoll] is not supported",
     "signalfd": "pid {pid} fd {fd}: [signalfd] is not supported",
     "timerfd": "pid {pid} fd {fd}: [timerfd] is not supported",

@@ -14,11 +14,12 @@ import struct
 import termios
 
 from .. import abi, proc, sysinfo
+from . import kinds
 from ..abi import F_GETPIPE_SZ, F_SETPIPE_SZ, O_CLOEXEC, SPLICE_F_NONBLOCK
 from ..errors import AccessDenied, Unsupported, TaskGone
 from ..native import core
 
-FAMILY_NAMES = {getattr(socket, n): n for n in dir(socket) if n.startswith("AF_")}
+FAMILY_NAMES = {getattr(socket, n): n for n in dir(socket) if n.startswith("AF_") and n != "AF_ROUTE"}
 
 
 def _socket_family(pid, fd):
@@ -56,9 +57,12 @@ def describe_fd(pid, fd, target):
     rec = {"fd": fd, "type": "reg", "flags": info.flags & ~O_CLOEXEC, "pos": info.pos,
            "cloexec": bool(info.flags & O_CLOEXEC), "path": target, "deleted": False,
            "pipe_id": 0, "rdev": 0, "size": 0, "file_id": 0,
-           "_same_file": (s.st_dev, s.st_ino, info.flags, info.pos)}
+           "_same_file": (s.st_dev, s.st_ino, info.flags & ~O_CLOEXEC, info.pos)}   # close-on-exec is the fd's, not the description's
     mode = s.st_mode
-    if st.S_ISREG(mode):
+    kind = kinds.kind_of(pid, fd, target, s)
+    if kind is not None:
+        rec["type"] = kind.TYPE
+    elif st.S_ISREG(mode):
         rec["size"] = s.st_size
         if target.endswith(" (deleted)"):
             raise Unsupported(f"pid {pid} fd {fd}: deleted file {target[:-10]} is not supported")

@@ -18,6 +18,7 @@ from pycr.abi import (F_DUPFD_CLOEXEC, F_GETPIPE_SZ, F_SETFD, F_SETPIPE_SZ, O_AC
                       O_TRUNC, O_WRONLY)
 from pycr.errors import RestoreError
 from pycr.log import log
+from pycr.restore import kinds
 
 DELETED = " (deleted)"
 SEEKABLE = ("reg", "dir")
@@ -50,6 +51,7 @@ class Descriptions:
         self.late = {}          # description key -> record, opened once the tasks exist
         self.reals = {}         # dumped pid -> real pid, where they differ (--pidns)
         self.images = images
+        self.objects = kinds.KindObjects(images)
         tree_pids = {tid for p in images.processes for tid in p.tids}
         try:
             for p in images.processes:
@@ -85,6 +87,8 @@ class Descriptions:
 
     def _open(self, rec, images, path=None):
         kind = str(rec.type)
+        if kind in kinds.TYPES:
+            return self.objects.open(rec)
         flags = (rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_CLOEXEC | os.O_NOCTTY
         if kind == "pipe":
             path = self._pipe_path(rec, images)
@@ -135,6 +139,7 @@ class Descriptions:
                 os.close(w)
         self.fds.clear()
         self.pipes.clear()
+        self.objects.close()
 
 
 def refill(fd, pipe_id, images, what=None):
@@ -209,4 +214,5 @@ def restore_fds(remote, pid, fds, descs, pidfd):
         elif not rec.cloexec:
             remote.check("fcntl", rec.fd, F_SETFD, 0, what=f"{rec.fd}, F_SETFD")
     remote.check("close", pidfd, what=str(pidfd))
+    descs.objects.in_task(remote, pid, fds)
     log.info("pid %d: %d fds taken from pycr with pidfd_getfd", remote.pid, len(fds))

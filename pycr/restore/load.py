@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pycr import manifest
 from pycr.errors import ImageError
 from pycr.images import ImageDir, iter_page_runs, not_a_directory
-from pycr.restore import bounds, trust
+from pycr.restore import bounds, kinds, trust
 from pycr.restore.memory import PageChain
 from pycr.sysinfo import page_size
 from pycr.ptrace import xstate as X
@@ -64,6 +64,7 @@ class ImageSet:
     pages: PageChain
     pipe_sizes: dict = field(default_factory=dict)    # pipe_id -> capacity in bytes
     zombies: list = field(default_factory=list)     # [ZombieImage]
+    objects: dict = field(default_factory=dict)     # image kind -> body (sockets, event fds...: restore/kinds.py)
 
     @property
     def root(self):
@@ -220,9 +221,10 @@ def load_images(images_dir, allow_pre_dump=False, resolve_chain=True, trust_imag
     for pid_fds in fds_by_pid:
         if pid_fds not in seen or any(z.pid == pid_fds for z in zombies):
             raise ImageError(imgdir.path_of("files"), f"corrupt: fds of pid {pid_fds}, not in pstree.img")
+    objects = kinds.check_all(imgdir, fds_by_pid)
     images = ImageSet(imgdir=imgdir, inventory=inventory, processes=processes,
                       pipes_data=pipes_data, shmem=shmem, pages=chain, pipe_sizes=pipe_sizes,
-                      zombies=zombies)
+                      zombies=zombies, objects=objects)
     if owner is not None:
         trust.check_owner_bound(images, owner)
     return images

@@ -11,7 +11,7 @@ from pycr import proc
 from pycr.errors import PycrError, RestoreError, Unsupported
 from pycr.log import log
 from pycr.ptrace import xstate as X
-from pycr.restore import files, mm, process
+from pycr.restore import files, kinds, mm, process
 
 DELETED = " (deleted)"
 
@@ -48,8 +48,8 @@ def check_files(images):
             kind = str(rec.type)
             if kind == "unsupported":
                 raise Unsupported(f"pid {p.pid} fd {rec.fd}: {rec.path} is not supported")
-            if kind in ("pipe",):
-                continue
+            if kind in ("pipe",) or kind in kinds.TYPES:
+                continue            # made by pycr, checked by their kind's module at load
             if kind in files.SEEKABLE and files.tree_proc_pid(rec.path, tree_pids) is not None:
                 continue            # under /proc/PID of the tree: there again once the tasks are
             if rec.deleted or rec.path.endswith(DELETED):

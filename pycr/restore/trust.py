@@ -19,6 +19,7 @@ import stat
 from pycr.abi import O_ACCMODE, O_PATH, O_RDWR, O_WRONLY, PROT_WRITE
 from pycr.errors import ImageError, RestoreError
 from pycr.images import classify_name
+from pycr.restore import kinds
 
 ADVICE = "check them, then pass --trust-images"
 
@@ -115,7 +116,7 @@ def _wanted_access(images):
     for p in images.processes:
         for rec in p.fds:
             kind = str(rec.type)
-            if kind in ("pipe", "unsupported"):
+            if kind in ("pipe", "unsupported") or kind in kinds.TYPES:
                 continue
             acc = rec.flags & O_ACCMODE
             mode = (os.F_OK if rec.flags & O_PATH else

@@ -1,0 +1,68 @@
+"""Kernel objects behind an fd that are neither files nor pipes: which module reads each.
+
+Every such kind (a unix socket, an epoll set, an eventfd, ...) has one module
+in pycr/collect/, one in pycr/restore/ and one image format in formats/. A
+collect module has:
+
+- `TYPE`: its fd type in files.img; `IMAGE`: the image kind it writes;
+- `matches(pid, fd, target, st) -> bool`: is this fd (readlink target, fstat) one of mine?
+- `collect(objects) -> body`: the image body for every object of the tree. `objects` is a list of
+  `Held`, one per open file description (fds that share one after dup or fork are one Held);
+  it raises Unsupported naming the pid and fd for a state it cannot bring back.
+
+The dump asks `kind_of` while it describes each fd, and `collect_objects`
+once the fds are numbered, before anything is written: a refusal leaves no file.
+"""
+
+from dataclasses import dataclass, field
+
+from ..log import log
+
+#: Modules in the order their kind is asked; a module may only claim what it can restore.
+from . import eventfd
+
+MODULES = (eventfd,)
+
+
+@dataclass
+class Held:
+    """One open file description of a kind: its record, and every (pid, fd) that holds it."""
+    file_id: int
+    rec: dict
+    holders: list = field(default_factory=list)     # [(pid, fd)], the first one is `pid, fd`
+
+    @property
+    def pid(self):
+        return self.holders[0][0]
+
+    @property
+    def fd(self):
+        return self.holders[0][1]
+
+
+def kind_of(pid, fd, target, st):
+    """The collect module whose kind this fd is, or None."""
+    for module in MODULES:
+        if module.matches(pid, fd, target, st):
+            return module
+    return None
+
+
+def collect_objects(files_by_pid):
+    """{image kind: body} for every kind the tree holds, each object read once."""
+    by_type = {}
+    for pid, recs in files_by_pid.items():
+        for rec in recs:
+            if rec["type"] not in TYPES:
+                continue
+            held = by_type.setdefault(rec["type"], {}).setdefault(rec["file_id"], Held(rec["file_id"], rec))
+            held.holders.append((pid, rec["fd"]))
+    bodies = {}
+    for type_name, objects in by_type.items():
+        module = TYPES[type_name]
+        bodies[module.IMAGE] = module.collect(list(objects.values()))
+        log.info("%d %s object(s) read", len(objects), type_name)
+    return bodies
+
+
+TYPES = {m.TYPE: m for m in MODULES}
