@@ -9,7 +9,7 @@ import errno
 import signal
 import sys
 
-from . import __version__, steps
+from . import __version__, options, steps
 from .errors import Interrupted, PycrError
 from . import log as pycr_log
 
@@ -17,6 +17,18 @@ from . import log as pycr_log
 def _add_common(p):
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="explain each step (-vv: more detail, tracebacks on internal errors)")
+
+
+def _add_object_options(p, restore=False):
+    """criu's options for kernel objects that need the user's word (pycr/options.py)."""
+    if not restore:
+        p.add_argument("--tcp-established", action="store_true",
+                       help="take established TCP connections (TCP repair); without it a dump refuses them")
+    p.add_argument("--ext-unix-sk", action="store_true",
+                   help="a unix socket whose peer is outside the tree is taken and reconnected to that peer")
+    p.add_argument("-j", "--shell-job", action="store_true",
+                   help="the tree runs on the terminal it was started from (restore: on pycr's terminal)")
+    p.add_argument("--file-locks", action="store_true", help="take flock and POSIX file locks")
 
 
 def _add_dump_args(p):
@@ -29,6 +41,7 @@ def _add_dump_args(p):
                    help="how pages written since the previous pass are found")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the image set DIR holds (default: refuse a directory that holds one)")
+    _add_object_options(p)
     _add_common(p)
 
 
@@ -130,6 +143,7 @@ def build_parser():
                         "comes, and resume it on the dump")
     p.add_argument("--follow-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
                    help="with --follow: give up if no next pass appears within this time (default 300)")
+    _add_object_options(p, restore=True)
     p.add_argument("--trust-images", action="store_true",
                    help="restore images that another user owns or may write (default: refuse them); "
                         "images a non-root user owns still get no more than that user's rights")
@@ -150,6 +164,7 @@ def build_parser():
                       help="take the final dump once a pass copied at most PERCENT %% of the first pass")
     p.add_argument("--tracker", choices=["auto", "uffd-wp", "soft-dirty", "hash"], default="auto",
                    help="how pages written since the previous pass are found")
+    _add_object_options(p)
     _add_common(p)
 
     p = sub.add_parser("show", help="decode images into readable text or JSON")
@@ -270,7 +285,8 @@ def main(argv=None):
     pycr_log.setup(args.verbose)
     steps.begin(args.command)
     try:
-        status = _run(args)
+        with options.using(options.from_args(args)):
+            status = _run(args)
     except PycrError as exc:
         print(f"pycr: {exc}", file=sys.stderr)
         return 1
