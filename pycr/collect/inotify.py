@@ -51,7 +51,7 @@ def path_of(pid, fd, major, minor, ino, handle_type, handle):
     why = f"no mount of device {major}:{minor} is visible to the process"
     for m in mounts:
         try:
-            mount_fd = os.open(f"/proc/{pid}/root{m.mount_point}", os.O_PATH | os.O_CLOEXEC)
+            mount_fd = os.open(f"/proc/{pid}/root{m.mount_point}", os.O_RDONLY | os.O_CLOEXEC)   # not O_PATH: EBADF
         except OSError as exc:
             why = f"{m.mount_point}: {exc.strerror}"
             continue

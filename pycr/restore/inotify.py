@@ -10,6 +10,7 @@ event of the restore window, which falls in the downtime, like those between
 the dump and the restore).
 """
 
+import ctypes
 import fcntl
 import os
 import tempfile
@@ -44,7 +45,8 @@ def check(path, body, recs):
 
 
 def add_watch(fd, path, mask):
-    return core.syscall(NR["inotify_add_watch"], fd, os.fsencode(path), mask)
+    name = ctypes.create_string_buffer(os.fsencode(path))
+    return core.syscall(NR["inotify_add_watch"], fd, ctypes.addressof(name), mask)
 
 
 def drain(fd):
