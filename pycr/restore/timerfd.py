@@ -37,6 +37,17 @@ def check(path, body, recs):
     for pid, rec in recs:
         if rec.file_id not in have:
             raise ImageError(path, f"corrupt: pid {pid} fd {rec.fd} has no timerfd entry")
+    if any(e.ticks for e in body.timerfds):
+        probe_set_ticks()
+
+
+def probe_set_ticks():
+    """Ask the kernel for TFD_IOC_SET_TICKS on a timerfd of pycr's, before any task exists."""
+    fd = core.syscall(NR["timerfd_create"], abi.CLOCK_MONOTONIC, os.O_CLOEXEC)
+    try:
+        set_ticks(fd, 1)            # 0 is EINVAL where the ioctl exists
+    finally:
+        os.close(fd)
 
 
 def set_ticks(fd, ticks):
