@@ -15,6 +15,9 @@ fd of the set, before any task runs:
 - an edge-triggered registration that is ready is reported once after an ADD;
   if the set was idle at the dump, the program had consumed every edge, so the
   ready list is emptied with epoll_wait (level-triggered entries go back on it).
+  In a set that was not idle the kernel does not say which entries were on its
+  ready list: there a ready edge-triggered registration is reported once after
+  the restore even if the program had already taken that edge.
 """
 
 import ctypes
