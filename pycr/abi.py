@@ -127,9 +127,13 @@ NR = {
     "clock_gettime": 228,
     "clock_nanosleep": 230,
     "exit_group": 231,
+    "epoll_wait": 232,
+    "epoll_ctl": 233,
     "tgkill": 234,
     "set_mempolicy": 238,
     "get_mempolicy": 239,
+    "inotify_add_watch": 254,
+    "inotify_rm_watch": 255,
     "openat": 257,
     "mkdirat": 258,
     "fchownat": 260,
@@ -148,8 +152,11 @@ NR = {
     "epoll_create1": 291,
     "dup3": 292,
     "pipe2": 293,
+    "inotify_init1": 294,
     "rt_tgsigqueueinfo": 297,
     "prlimit64": 302,
+    "name_to_handle_at": 303,
+    "open_by_handle_at": 304,
     "process_vm_readv": 310,
     "process_vm_writev": 311,
     "kcmp": 312,
@@ -241,7 +248,24 @@ SECCOMP_MODE_FILTER = 2              # /proc/PID/status Seccomp: 0 disabled, 1 s
 SECCOMP_SET_MODE_STRICT, SECCOMP_SET_MODE_FILTER = 0, 1
 SECCOMP_FILTER_FLAG_TSYNC = 1
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
-KCMP_FILE, KCMP_VM, KCMP_FILES, KCMP_FS, KCMP_SIGHAND, KCMP_IO, KCMP_SYSVSEM = range(7)
+KCMP_FILE, KCMP_VM, KCMP_FILES, KCMP_FS, KCMP_SIGHAND, KCMP_IO, KCMP_SYSVSEM, KCMP_EPOLL_TFD = range(8)
+
+# ---- event fds: epoll, timerfd, inotify ---------------------------------------
+
+EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD = 1, 2, 3
+EPOLLERR, EPOLLHUP = 0x008, 0x010
+EPOLLEXCLUSIVE, EPOLLWAKEUP, EPOLLONESHOT, EPOLLET = 1 << 28, 1 << 29, 1 << 30, 1 << 31
+EPOLL_ANY_EVENT = 0x27DF             # IN PRI OUT ERR HUP RDNORM RDBAND WRNORM WRBAND MSG RDHUP
+EPOLL_PRIVATE_BITS = EPOLLEXCLUSIVE | EPOLLWAKEUP | EPOLLONESHOT | EPOLLET   # what a fired one-shot keeps
+EPOLL_EVENT_SIZE = 12                # struct epoll_event is packed on x86-64: u32 events, u64 data
+TFD_TIMER_ABSTIME, TFD_TIMER_CANCEL_ON_SET = 1, 2
+TFD_IOC_SET_TICKS = 0x40085400       # _IOW('T', 0, u64); only with CONFIG_CHECKPOINT_RESTORE
+CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_BOOTTIME, CLOCK_REALTIME_ALARM, CLOCK_BOOTTIME_ALARM = 0, 1, 7, 8, 9
+TIMERFD_CLOCKS = (CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_BOOTTIME, CLOCK_REALTIME_ALARM, CLOCK_BOOTTIME_ALARM)
+IN_ATTRIB, IN_IGNORED = 0x4, 0x8000
+IN_DONT_FOLLOW = 0x01000000
+IN_ALL_WATCH_BITS = 0xEF000FFF       # event bits and watch flags a watch's mask may hold
+MAX_HANDLE_SZ = 128
 
 # ---- userfaultfd (linux/userfaultfd.h) ---------------------------------------
 

@@ -173,6 +173,25 @@ def sample_eventfd():
     return dict(eventfds=[dict(file_id=4, count=7, semaphore=False), dict(file_id=9, count=2**64 - 2, semaphore=True)])
 
 
+def sample_eventpoll():
+    return dict(eventpolls=[dict(file_id=3, idle=True, targets=[
+        dict(pid=ROOT, tfd=5, events=0x80000019, data=2**64 - 1), dict(pid=ROOT, tfd=6, events=0x40000000, data=6)])])
+
+
+def sample_signalfd():
+    return dict(signalfds=[dict(file_id=5, sigmask=1 << 11)])
+
+
+def sample_timerfd():
+    return dict(timerfds=[dict(file_id=6, clockid=1, settime_flags=0, ticks=3, value_ns=5_000_000,
+                               interval_ns=10_000_000, expires_ns=123_456_789_000)])
+
+
+def sample_inotify():
+    return dict(inotifies=[dict(file_id=7, watches=[dict(wd=1, mask=0x300, dev=0xFE00, ino=42, path="/tmp"),
+                                                    dict(wd=9, mask=0x80000100, dev=0xFE00, ino=43, path="/tmp/\udcff")])])
+
+
 SAMPLES = {
     "inventory": sample_inventory,
     "pstree": sample_pstree,
@@ -184,6 +203,10 @@ SAMPLES = {
     "tracker": sample_tracker,
     "manifest": sample_manifest,
     "eventfd": sample_eventfd,
+    "eventpoll": sample_eventpoll,
+    "signalfd": sample_signalfd,
+    "timerfd": sample_timerfd,
+    "inotify": sample_inotify,
 }
 
 

@@ -28,15 +28,9 @@ elif kind == "pidfd":
     report("fd %d" % os.pidfd_open(os.getpid()))
 elif kind == "netlink":
     s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0); keep.append(s); report("fd %d" % s.fileno())
-elif kind == "epoll":
-    e = select.epoll(); keep.append(e); report("fd %d" % e.fileno())
-elif kind == "signalfd":
-    mask = ctypes.c_uint64(1 << (signal.SIGUSR2 - 1))
-    report("fd %d" % libc.signalfd(-1, ctypes.byref(mask), 0))
-elif kind == "timerfd":
-    report("fd %d" % libc.timerfd_create(1, 0))
-elif kind == "inotify":
-    report("fd %d" % libc.inotify_init1(0))
+elif kind == "io_uring":
+    params = ctypes.create_string_buffer(120)
+    report("fd %d" % libc.syscall(425, 4, params))         # io_uring_setup
 elif kind == "deleted-open":
     path = os.path.join(where, "gone-open")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600); os.write(fd, b"x" * 100); os.unlink(path)
@@ -75,10 +69,7 @@ CASES = {
     "socket": "pid {pid} fd {fd}: socket (AF_UNIX) is not supported",
     "pidfd": "pid {pid} fd {fd}: [pidfd] is not supported",
     "netlink": "pid {pid} fd {fd}: socket (AF_NETLINK) is not supported",
-    "epoll": "pid {pid} fd {fd}: [eventpoll] is not supported",
-    "signalfd": "pid {pid} fd {fd}: [signalfd] is not supported",
-    "timerfd": "pid {pid} fd {fd}: [timerfd] is not supported",
-    "inotify": "pid {pid} fd {fd}: inotify is not supported",
+    "io_uring": "pid {pid} fd {fd}: [io_uring] is not supported",
     "deleted-open": "pid {pid} fd {fd}: deleted file {path} is not supported",
     "deleted-mapped": "pid {pid}: mapping {start:#x}-{end:#x} of deleted file {path} is not supported",
     "sysv-shm": "pid {pid}: SysV shared memory at {start:#x} is not supported",

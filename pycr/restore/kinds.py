@@ -13,9 +13,9 @@ A restore module (one per kind, beside its collect module) has:
 """
 
 #: The restore modules, one per kind.
-from pycr.restore import eventfd
+from pycr.restore import eventfd, eventpoll, inotify, signalfd, timerfd
 
-MODULES = (eventfd,)
+MODULES = (eventfd, eventpoll, signalfd, timerfd, inotify)
 
 TYPES = {m.TYPE: m for m in MODULES}
 
