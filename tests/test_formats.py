@@ -173,6 +173,22 @@ def sample_eventfd():
     return dict(eventfds=[dict(file_id=4, count=7, semaphore=False), dict(file_id=9, count=2**64 - 2, semaphore=True)])
 
 
+def sample_memfd():
+    return dict(memfds=[dict(shmem_id=12708, name="pycr-test", size=12388, seals=0x0E, mode=0o777, file_ids=[3, 5]),
+                        dict(shmem_id=12710, name="mapped-only", size=8192, seals=1, mode=0o600, file_ids=[])])
+
+
+def sample_ghost():
+    return dict(ghosts=[dict(ghost_id=1, dev_major=259, dev_minor=1, inode=123456, path="/tmp/w/ghost.log",
+                             mode=0o640, uid=1000, gid=1000, size=8899, mtime_ns=1_700_000_000_123_456_789,
+                             file_ids=[4])])
+
+
+def sample_sysvshm():
+    return dict(segments=[dict(shmid=32769, key=0x7C001230, mode=0o640, size=12388, uid=0, gid=0, cuid=0, cgid=0),
+                          dict(shmid=5, key=0, mode=0o1600, size=8192, uid=1000, gid=1000, cuid=1000, cgid=1000)])
+
+
 SAMPLES = {
     "inventory": sample_inventory,
     "pstree": sample_pstree,
@@ -184,6 +200,9 @@ SAMPLES = {
     "tracker": sample_tracker,
     "manifest": sample_manifest,
     "eventfd": sample_eventfd,
+    "memfd": sample_memfd,
+    "ghost": sample_ghost,
+    "sysvshm": sample_sysvshm,
 }
 
 

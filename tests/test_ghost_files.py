@@ -85,3 +85,46 @@ def test_a_taken_path_gets_the_ghost_file_beside_it(spawn_python, tmp_path, clea
     got = w.signal_and_wait(signal.SIGUSR1, r"^log (.*)$").group(1)
     assert "log " + got == _expected(tmp_path).replace("ghost.log (deleted)", "ghost.log.pycr-ghost-1 (deleted)")
     assert (tmp_path / "ghost.log").read_text() == "someone else's\n"
+
+
+MIGRATE_SCRIPT = r"""#!{python}
+import fcntl, os, signal, sys, time
+st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+def report(line):
+    os.write(st, (line + "\n").encode())
+log_path = os.path.join(os.path.dirname(sys.argv[1]), "moving.log")
+log = os.open(log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+os.write(log, b"before\n")
+os.unlink(log_path)
+mfd = os.memfd_create("moving", os.MFD_ALLOW_SEALING)
+os.write(mfd, b"in memory only")
+fcntl.fcntl(mfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+go = []
+signal.signal(signal.SIGUSR1, lambda *a: go.append(1))
+report("ready %d" % os.getpid())
+while True:
+    while not go:
+        time.sleep(0.01)
+    go.pop()
+    os.write(log, b"after\n")
+    try:
+        os.pwrite(mfd, b"x", 100); grow = "allowed"
+    except PermissionError:
+        grow = "EPERM"
+    report("log %r link %s memfd %r grow %s" % (os.pread(log, 100, 0), os.readlink("/proc/self/fd/%d" % log),
+                                                  os.pread(mfd, 100, 0), grow))
+"""
+
+
+def test_a_deleted_file_and_a_memfd_move_with_pycr_migrate(spawn_python, tmp_path, cleanup_pids):
+    import re
+    w = spawn_python("moving", MIGRATE_SCRIPT)
+    proc = pycr("migrate", "-t", w.pid, "--max-passes", 2, "--min-delta", "0")
+    m = re.search(r"\(pid (\d+) outside its namespace, namespace init (\d+)\)", proc.stdout)
+    assert m, proc.stdout
+    root, init = int(m.group(1)), int(m.group(2))
+    cleanup_pids.add(init, root)
+    start = w.mark()
+    os.kill(root, signal.SIGUSR1)
+    got = w.wait_for(r"^log (.*)$", start=start, root=False).group(1)
+    assert got == f"b'before\\nafter\\n' link {tmp_path}/moving.log (deleted) memfd b'in memory only' grow EPERM"

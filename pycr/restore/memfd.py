@@ -57,6 +57,7 @@ class SharedMemory:
         self.memfds = {e.shmem_id: e for e in body.memfds} if body else {}
         sysv = images.objects.get("sysvshm")
         self.sysv = {s.shmid for s in sysv.segments} if sysv else set()
+        self.mapped = {v.shmem_id for p in images.processes for v in p.mm.vmas if v.shmem_id}
         self.fds = {}               # shmem_id -> fd in pycr
         self.complete = False       # every object made up front (a restore, not a replica's last pass)
 
@@ -128,7 +129,7 @@ class Objects:
     def open(self, rec):
         entry = self.by_file[rec.file_id]
         lazy = not self.shared.complete
-        if lazy and entry.shmem_id in self.images.shmem:
+        if lazy and entry.shmem_id in self.shared.mapped:
             raise RestoreError(f"fd {rec.fd}: memfd {entry.name} is both open and mapped, which an "
                                "incremental restore cannot give back as one file yet")
         mine = self.shared.fd(entry.shmem_id)
