@@ -27,9 +27,13 @@ fcntl.fcntl(sealed, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK 
 ro = mmap.mmap(sealed, 6000, prot=mmap.PROT_READ)
 only = os.memfd_create("mapped-only")
 os.ftruncate(only, 8192)
-mo = mmap.mmap(only, 8192)
+import ctypes
+libc = ctypes.CDLL(None)
+libc.mmap.restype = ctypes.c_void_p          # not Python's mmap: it would keep an fd of the memfd
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+mo_addr = libc.mmap(None, 8192, 3, 1, only, 0)
 os.close(only)
-mo[100:110] = b"no fd left"
+ctypes.memmove(mo_addr + 100, b"no fd left", 10)
 seals_before = fcntl.fcntl(sealed, fcntl.F_GET_SEALS)
 go = []
 signal.signal(signal.SIGUSR1, lambda *a: go.append(1))
@@ -57,10 +61,10 @@ while True:
         report("parent pos %d fd-sees %s map-sees %s size %d private %s %s sealed %s write %s truncate %s "
                "seals %s ro %s mo %s" % (pos, through_fd.decode(), shared[200:206].decode(), os.fstat(fd).st_size,
                bytes(private[4096:4100]).decode(), sha(private[8192:]), sha(os.pread(sealed, 6000, 0)), wr, tr,
-               seals == seals_before, sha(ro[:]), bytes(mo[100:110]).decode()))
+               seals == seals_before, sha(ro[:]), ctypes.string_at(mo_addr + 100, 10).decode()))
     else:
         report("child map-sees %s data %s mo %s" % (bytes(shared[8192:8200]).decode(), sha(shared[:8192]),
-               bytes(mo[100:110]).decode()))
+               ctypes.string_at(mo_addr + 100, 10).decode()))
 """
 
 
