@@ -8,7 +8,8 @@ that a directory listing can name it, but has no magic and no schema.
 
 from collections import namedtuple
 
-from . import common, core, eventfd, eventpoll, files, inotify, inventory, manifest, mm, pagemap, pipes_data, pstree, signalfd, timerfd, tracker
+from . import (common, core, eventfd, eventpoll, files, ghost, inotify, inventory, manifest, memfd, mm, pagemap,
+               pipes_data, pstree, signalfd, sysvshm, timerfd, tracker)
 from .common import FORMAT_VERSION, HEADER_SIZE, Header
 
 ImageKind = namedtuple("ImageKind", "name magic schema pattern")
@@ -30,6 +31,9 @@ KINDS = {
         ("signalfd", signalfd),
         ("timerfd", timerfd),
         ("inotify", inotify),
+        ("memfd", memfd),
+        ("ghost", ghost),
+        ("sysvshm", sysvshm),
         ("manifest", manifest),
     )
 }
@@ -62,5 +66,6 @@ def file_name(kind, key=None):
 __all__ = [
     "KINDS", "ImageKind", "kind_of_magic", "kind_of_file", "file_name", "FORMAT_VERSION",
     "HEADER_SIZE", "Header", "common", "core", "files", "inventory", "manifest", "mm",
-    "pagemap", "pipes_data", "eventfd", "eventpoll", "signalfd", "timerfd", "inotify", "pstree", "tracker",
+    "pagemap", "pipes_data", "eventfd", "eventpoll", "signalfd", "timerfd", "inotify", "memfd", "ghost", "sysvshm",
+    "pstree", "tracker",
 ]

@@ -45,6 +45,9 @@ NR = {
     "msync": 26,
     "mincore": 27,
     "madvise": 28,
+    "shmget": 29,
+    "shmat": 30,
+    "shmctl": 31,
     "dup": 32,
     "dup2": 33,
     "pause": 34,
@@ -206,7 +209,11 @@ F_DUPFD_CLOEXEC = 1030
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 SEEK_SET = 0
 SPLICE_F_NONBLOCK = 2
-MFD_CLOEXEC = 1
+MFD_CLOEXEC, MFD_ALLOW_SEALING = 1, 2
+F_ADD_SEALS, F_GET_SEALS = 1033, 1034
+#: F_SEAL_* bits (linux/fcntl.h): SEAL, SHRINK, GROW, WRITE, FUTURE_WRITE, EXEC
+F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE, F_SEAL_FUTURE_WRITE, F_SEAL_EXEC = 1, 2, 4, 8, 0x10, 0x20
+F_SEALS_ALL = 0x3F
 RLIMIT_NOFILE = 7
 RLIM_INFINITY = (1 << 64) - 1
 
@@ -225,6 +232,13 @@ MADV_DONTNEED = 4
 MADVISE_NAMED = {"sr": (2, "MADV_SEQUENTIAL"), "rr": (1, "MADV_RANDOM"), "dc": (10, "MADV_DONTFORK"),
                  "dd": (16, "MADV_DONTDUMP"), "mg": (12, "MADV_MERGEABLE"), "hg": (14, "MADV_HUGEPAGE"),
                  "nh": (15, "MADV_NOHUGEPAGE"), "wf": (18, "MADV_WIPEONFORK")}
+
+# ---- SysV shared memory (linux/ipc.h, linux/shm.h) ---------------------------
+
+IPC_PRIVATE, IPC_CREAT, IPC_EXCL = 0, 0o1000, 0o2000
+IPC_RMID, IPC_SET, IPC_STAT = 0, 1, 2
+SHM_RDONLY, SHM_EXEC = 0o10000, 0o100000
+SHM_DEST = 0o1000                    # in shm_perm.mode: IPC_RMID done, gone at the last detach
 
 # ---- prctl (linux/prctl.h) ---------------------------------------------------
 

@@ -192,6 +192,22 @@ def sample_inotify():
                                                     dict(wd=9, mask=0x80000100, dev=0xFE00, ino=43, path="/tmp/\udcff")])])
 
 
+def sample_memfd():
+    return dict(memfds=[dict(shmem_id=12708, name="pycr-test", size=12388, seals=0x0E, mode=0o777, file_ids=[3, 5]),
+                        dict(shmem_id=12710, name="mapped-only", size=8192, seals=1, mode=0o600, file_ids=[])])
+
+
+def sample_ghost():
+    return dict(ghosts=[dict(ghost_id=1, dev_major=259, dev_minor=1, inode=123456, path="/tmp/w/ghost.log",
+                             mode=0o640, uid=1000, gid=1000, size=8899, mtime_ns=1_700_000_000_123_456_789,
+                             file_ids=[4])])
+
+
+def sample_sysvshm():
+    return dict(segments=[dict(shmid=32769, key=0x7C001230, mode=0o640, size=12388, uid=0, gid=0, cuid=0, cgid=0),
+                          dict(shmid=5, key=0, mode=0o1600, size=8192, uid=1000, gid=1000, cuid=1000, cgid=1000)])
+
+
 SAMPLES = {
     "inventory": sample_inventory,
     "pstree": sample_pstree,
@@ -207,6 +223,9 @@ SAMPLES = {
     "signalfd": sample_signalfd,
     "timerfd": sample_timerfd,
     "inotify": sample_inotify,
+    "memfd": sample_memfd,
+    "ghost": sample_ghost,
+    "sysvshm": sample_sysvshm,
 }
 
 

@@ -31,22 +31,17 @@ elif kind == "netlink":
 elif kind == "io_uring":
     params = ctypes.create_string_buffer(120)
     report("fd %d" % libc.syscall(425, 4, params))         # io_uring_setup
-elif kind == "deleted-open":
+elif kind == "ghost-too-large":
     path = os.path.join(where, "gone-open")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600); os.write(fd, b"x" * 100); os.unlink(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600); os.ftruncate(fd, (64 << 20) + 1); os.unlink(path)
     report("fd %d %s" % (fd, path))
-elif kind == "deleted-mapped":
+elif kind == "ghost-too-large-mapped":
     path = os.path.join(where, "gone-mapped")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600); os.ftruncate(fd, 8192)
-    m = mmap.mmap(fd, 8192); keep.append(m); os.close(fd); os.unlink(path)
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600); os.ftruncate(fd, (64 << 20) + 1)
+    libc.mmap.restype = ctypes.c_void_p          # not Python's mmap: it keeps an fd of the file
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    addr = libc.mmap(None, 8192, 3, 1, fd, 0); os.close(fd); os.unlink(path)
     report("map %x %x %s" % (addr, addr + 8192, path))
-elif kind == "sysv-shm":
-    libc.shmat.restype = ctypes.c_void_p
-    shmid = libc.shmget(0, 8192, 0o1000 | 0o600)            # IPC_PRIVATE, IPC_CREAT
-    addr = libc.shmat(shmid, None, 0)
-    libc.shmctl(shmid, 0, None)                              # IPC_RMID: gone with the process
-    report("map %x %x" % (addr, addr + 8192))
 elif kind == "hugetlb":
     try:
         m = mmap.mmap(-1, 2 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x40000)   # MAP_HUGETLB
@@ -70,9 +65,10 @@ CASES = {
     "pidfd": "pid {pid} fd {fd}: [pidfd] is not supported",
     "netlink": "pid {pid} fd {fd}: socket (AF_NETLINK) is not supported",
     "io_uring": "pid {pid} fd {fd}: [io_uring] is not supported",
-    "deleted-open": "pid {pid} fd {fd}: deleted file {path} is not supported",
-    "deleted-mapped": "pid {pid}: mapping {start:#x}-{end:#x} of deleted file {path} is not supported",
-    "sysv-shm": "pid {pid}: SysV shared memory at {start:#x} is not supported",
+    "ghost-too-large": "pid {pid} fd {fd}: deleted file {path} holds 67108865 bytes, more than the 67108864 "
+                       "bytes a dump saves (PYCR_GHOST_LIMIT)",
+    "ghost-too-large-mapped": "pid {pid}: mapping {start:#x}-{end:#x}: deleted file {path} holds 67108865 bytes, "
+                              "more than the 67108864 bytes a dump saves (PYCR_GHOST_LIMIT)",
     "hugetlb": "pid {pid}: hugetlb mapping {start:#x}-{end:#x} is not supported",
 }
 
