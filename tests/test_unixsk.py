@@ -237,3 +237,34 @@ def test_socketpairs_through_migrate(spawn_python, tmp_path, cleanup_pids):
     w.signal(signal.SIGUSR1, pid=root)
     got = w.wait_for(r"^got (.*)$", start=start, root=False).group(1)
     assert got == CHAIN_EXPECTED
+
+
+PEEKER = PRELUDE + """
+d1, d2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+d1.send(b"first"); d1.send(b"second")
+report("fd %d" % d2.fileno())
+report("ready %d" % os.getpid())
+wait_signal()
+report("peek %r" % d2.recv(100, socket.MSG_PEEK))
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_peek_offset_left_by_a_killed_pycr_is_found_and_put_back(spawn_python):
+    from pycr.collect import skqueue, unixdiag
+    from pycr.native import core
+    w = spawn_python("peeker", PEEKER)
+    fd = int(w.lines()[0].split()[1])
+    # What a pycr SIGKILLed while stepping through the queue leaves: the journal entry
+    # written before SO_PEEK_OFF was changed, and the socket's offset past "first".
+    with socket.socket(fileno=core.dup_from(w.pid, fd)) as sock:
+        ino = os.fstat(sock.fileno()).st_ino
+        skqueue._record(ino, unixdiag.all_unix_sockets()[ino].cookie, -1)
+        skqueue.set_peek_off(sock, 5)
+    found = pycr("check", "-t", w.pid, expect=3).stdout
+    assert f"pid {w.pid} fd {fd}: unix socket's SO_PEEK_OFF changed by pycr (it was -1)" in found
+    assert f"pid {w.pid} fd {fd}" in pycr("cleanup", "-t", w.pid).stdout
+    assert "nothing of pycr's" in pycr("check", "-t", w.pid).stdout
+    procutil.assert_running_untraced(w.pid)
+    assert w.signal_and_wait(signal.SIGUSR1, r"^peek (.*)$").group(1) == "b'first'"
