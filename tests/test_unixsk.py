@@ -268,3 +268,20 @@ def test_peek_offset_left_by_a_killed_pycr_is_found_and_put_back(spawn_python):
     assert "nothing of pycr's" in pycr("check", "-t", w.pid).stdout
     procutil.assert_running_untraced(w.pid)
     assert w.signal_and_wait(signal.SIGUSR1, r"^peek (.*)$").group(1) == "b'first'"
+
+
+def test_a_corrupt_unixsk_image_is_refused_before_anything_runs(spawn_python, tmp_path, cleanup_pids):
+    import json
+    w = spawn_python("pairs", PAIRS)
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img")
+    cleanup_pids.add(w.pid)
+    image = tmp_path / "img" / "unixsk.img"
+    body = json.loads(pycr("show", image, "--json").stdout)
+    body["body"]["sockets"][0]["peer"] = 1          # an inode the image does not have
+    (tmp_path / "bad.json").write_text(json.dumps(body))
+    pycr("encode", "-i", tmp_path / "bad.json", "-o", image)
+    from pycr import manifest
+    manifest.reseal(tmp_path / "img")             # checksums pass: only the image's own checks stand
+    line = one_line_error(pycr("restore", "-D", tmp_path / "img", "-d", expect=1))
+    assert line.startswith(f"pycr: {image}: corrupt: socket ") and "names a socket the image does not have" in line
+    assert not procutil.exists(w.pid)
