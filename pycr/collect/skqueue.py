@@ -12,7 +12,6 @@ the file: `pycr check -t`/`pycr cleanup -t` (pycr/leftovers.py) and the next
 dump find it and put the value back.
 """
 
-import errno
 import os
 import socket
 import struct
@@ -124,7 +123,11 @@ def peek_queue(sock, sk, who):
         if not dgram and len(first[0]) == sk.rqueue:
             return [first]            # the whole queue in one peek: SO_PEEK_OFF untouched
     if recorded is None:
-        _record(sk.ino, sk.cookie, prior)
+        try:
+            _record(sk.ino, sk.cookie, prior)
+        except OSError as exc:
+            raise Unsupported(f"{who}: unix socket queue needs SO_PEEK_OFF changed, and pycr cannot record "
+                              f"its value first in {journal_dir()}: {exc.strerror} (set PYCR_RUN_DIR)") from None
     try:
         set_peek_off(sock, 0)
         out, total = [], 0

@@ -113,7 +113,7 @@ class Tree:
                 names.setdefault(sk.name, []).append(sk)
         self.by_name = names
 
-    def outside(self, who, sk, peer_ino, name):
+    def outside(self, who, peer_ino, name):
         """The address to connect to again for --ext-unix-sk, or Unsupported."""
         what = describe_name(name) if name else f"inode {peer_ino}"
         if not options.current().ext_unix_sk:
@@ -144,7 +144,7 @@ def _connection(tree, who, sk):
                                   "connected back")
             return sk.peer, False, b""
         other = tree.all.get(sk.peer)
-        return 0, False, tree.outside(who, sk, sk.peer, other.name if other else b"")
+        return 0, False, tree.outside(who, sk.peer, other.name if other else b"")
     listener = tree.listener_of.get(sk.ino)
     if listener is None:
         return 0, True, b""                 # its peer was closed
@@ -152,7 +152,7 @@ def _connection(tree, who, sk):
         raise Unsupported(f"{who}: unix socket sent {sk.wqueue} bytes on a connection not accepted yet")
     if listener in tree.held:
         return 0, False, b""
-    return 0, False, tree.outside(who, sk, listener, tree.all[listener].name)
+    return 0, False, tree.outside(who, listener, tree.all[listener].name)
 
 
 def _senders(tree, who, sk, peer, entry, messages):
