@@ -8,8 +8,8 @@ that a directory listing can name it, but has no magic and no schema.
 
 from collections import namedtuple
 
-from . import (common, core, eventfd, eventpoll, files, ghost, inotify, inventory, manifest, memfd, mm, pagemap,
-               pipes_data, pstree, signalfd, sysvshm, timerfd, tracker)
+from . import (common, core, eventfd, eventpoll, files, ghost, inotify, inventory, manifest, memfd, mm,
+               pagemap, pipes_data, pstree, signalfd, sysvshm, timerfd, tracker, unixsk)
 from .common import FORMAT_VERSION, HEADER_SIZE, Header
 
 ImageKind = namedtuple("ImageKind", "name magic schema pattern")
@@ -34,6 +34,7 @@ KINDS = {
         ("memfd", memfd),
         ("ghost", ghost),
         ("sysvshm", sysvshm),
+        ("unixsk", unixsk),
         ("manifest", manifest),
     )
 }
@@ -66,6 +67,5 @@ def file_name(kind, key=None):
 __all__ = [
     "KINDS", "ImageKind", "kind_of_magic", "kind_of_file", "file_name", "FORMAT_VERSION",
     "HEADER_SIZE", "Header", "common", "core", "files", "inventory", "manifest", "mm",
-    "pagemap", "pipes_data", "eventfd", "eventpoll", "signalfd", "timerfd", "inotify", "memfd", "ghost", "sysvshm",
-    "pstree", "tracker",
+    "pagemap", "pipes_data", "eventfd", "eventpoll", "signalfd", "timerfd", "inotify", "memfd", "ghost", "sysvshm", "pstree", "tracker", "unixsk",
 ]

@@ -169,6 +169,23 @@ def sample_manifest():
                 digest=b"\x01" * 16)
 
 
+def sample_unixsk():
+    base = dict(dir="", deleted=False, mode=0, uid=0, gid=0, peer=0, peer_gone=False, accepted_from=0, ext_peer=b"",
+                backlog=0, pending=[], shutdown=0, passcred=False, passsec=False, rcvbuf=212992, sndbuf=212992,
+                rcvlowat=1, rcvtimeo=0, sndtimeo=0, peek_off=-1, queue=[])
+    return dict(sockets=[
+        dict(base, file_id=3, ino=100, type="stream", state="listen", name=b"/run/x.sock", mode=0o640, uid=7,
+             gid=8, backlog=4, pending=[102]),
+        dict(base, file_id=4, ino=101, type="stream", state="established", name=b"", accepted_from=100, peer=103,
+             queue=[dict(sender=103, data=b"req")]),
+        dict(base, file_id=5, ino=102, type="stream", state="established", name=b""),
+        dict(base, file_id=6, ino=103, type="stream", state="established", name=b"", peer=101, shutdown=2),
+        dict(base, file_id=7, ino=104, type="dgram", state="close", name=b"\0abstract", passcred=True,
+             rcvtimeo=1500000, peek_off=3, queue=[dict(sender=0, data=b""), dict(sender=105, data=b"hi")]),
+        dict(base, file_id=8, ino=105, type="seqpacket", state="established", name=b"", ext_peer=b"/run/s"),
+    ])
+
+
 def sample_eventfd():
     return dict(eventfds=[dict(file_id=4, count=7, semaphore=False), dict(file_id=9, count=2**64 - 2, semaphore=True)])
 
@@ -226,6 +243,7 @@ SAMPLES = {
     "memfd": sample_memfd,
     "ghost": sample_ghost,
     "sysvshm": sample_sysvshm,
+    "unixsk": sample_unixsk,
 }
 
 

@@ -23,7 +23,7 @@ kind = sys.argv[2]
 where = os.path.dirname(sys.argv[1])
 keep = []
 if kind == "socket":
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); keep.append(s); report("fd %d" % s.fileno())
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0); keep.append(s); report("fd %d" % s.fileno())
 elif kind == "pidfd":
     report("fd %d" % os.pidfd_open(os.getpid()))
 elif kind == "netlink":
@@ -61,7 +61,7 @@ while True:
 """
 
 CASES = {
-    "socket": "pid {pid} fd {fd}: socket (AF_UNIX) is not supported",
+    "socket": "pid {pid} fd {fd}: socket (AF_PACKET) is not supported",
     "pidfd": "pid {pid} fd {fd}: [pidfd] is not supported",
     "netlink": "pid {pid} fd {fd}: socket (AF_NETLINK) is not supported",
     "io_uring": "pid {pid} fd {fd}: [io_uring] is not supported",

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from ..log import log
 
 #: Modules in the order their kind is asked; a module may only claim what it can restore.
-from . import eventfd, eventpoll, inotify, memfd, signalfd, timerfd
+from . import eventfd, eventpoll, inotify, memfd, signalfd, timerfd, unixsk
 
-MODULES = (eventfd, eventpoll, signalfd, timerfd, inotify, memfd)
+MODULES = (eventfd, eventpoll, signalfd, timerfd, inotify, memfd, unixsk)
 
 
 @dataclass
