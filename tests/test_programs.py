@@ -41,7 +41,7 @@ asyncio.run(main())
 @pytest.mark.parametrize("how", HOW)
 def test_asyncio_program_keeps_counting(spawn_python, tmp_path, cleanup_pids, how):
     """An event loop: an epoll set, a self-pipe socketpair woken by a signal, a timer."""
-    w = spawn_python("asyncio", ASYNCIO_SCRIPT)
+    w = spawn_python("eventloop", ASYNCIO_SCRIPT)     # not asyncio.py: it would shadow the module
     w.wait_for(r"^count 5$")
     pid = checkpoint(how, w.pid, tmp_path, cleanup_pids)
     n = int(w.last("count").split()[1])
