@@ -8,7 +8,13 @@ program does:
   features pycr creates it with (O_NONBLOCK|O_CLOEXEC; WP_ASYNC|WP_UNPOPULATED,
   or none yet when pycr died before UFFDIO_API);
 - its syscall trampoline in the zero padding of [vdso] (never executed once
-  the task has left the injection).
+  the task has left the injection);
+- TCP connections it put in repair mode to read them (a dump with
+  --tcp-established): the program can neither send nor receive on them until
+  repair mode is off. getsockopt(TCP_REPAIR) reads the flag back; cleanup turns
+  it off through pycr's own copy of the socket (SO_REUSEADDR, which repair mode
+  clears, comes back off). A program that uses repair mode itself is rare; its
+  sockets would be listed too.
 `pycr check -t PID` lists them; `pycr cleanup -t PID` takes them out, and so
 does every dump and pre-dump of the tree before it looks at its fds.
 """
@@ -27,13 +33,15 @@ from pycr.ptrace.inject import vdso_text_end
 @dataclass
 class Leftover:
     pid: int
-    what: str        # "userfaultfd" or "trampoline"
+    what: str        # "userfaultfd", "trampoline" or "tcp-repair"
     where: int       # fd number or address
     detail: str
 
     def __str__(self):
         if self.what == "userfaultfd":
             return f"pid {self.pid} fd {self.where}: pycr's userfaultfd ({self.detail})"
+        if self.what == "tcp-repair":
+            return f"pid {self.pid} fd {self.where}: TCP connection {self.detail} left in repair mode by pycr's dump"
         return f"pid {self.pid}: pycr's syscall trampoline at {self.where:#x} in [vdso] padding"
 
 
@@ -92,9 +100,53 @@ def find(root):
             addr = trampoline_address(pid)
             if addr is not None:
                 out.append(Leftover(pid, "trampoline", addr, ""))
+            out.extend(Leftover(pid, "tcp-repair", fd, name) for fd, name in tcp_in_repair(pid))
         except TaskGone:
             continue
     return out
+
+
+def _tcp_socket(pid, fd):
+    """pycr's own socket object of pid's fd if it is a TCP socket over IP, else None."""
+    import socket
+    from pycr.native import core
+    try:
+        sock = socket.socket(fileno=core.dup_from(pid, fd))
+    except OSError:
+        return None
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM \
+            and sock.proto == socket.IPPROTO_TCP:
+        return sock
+    sock.close()
+    return None
+
+
+def tcp_in_repair(pid, undo=False):
+    """[(fd, "local <-> peer")] of pid's TCP sockets in repair mode; undo: turn it off."""
+    from pycr import tcp_repair
+    out = []
+    for fd, link in proc.fds(pid).items():
+        if not link.startswith("socket:["):
+            continue
+        sock = _tcp_socket(pid, fd)
+        if sock is None:
+            continue
+        with sock:
+            try:
+                if not tcp_repair.in_repair(sock):
+                    continue
+                name = f"{_show(sock.getsockname())} <-> {_show(sock.getpeername())}"
+            except OSError:
+                continue
+            if undo:
+                tcp_repair.repair_off(sock)
+                log.info("pid %d fd %d: TCP %s: repair mode off", pid, fd, name)
+            out.append((fd, name))
+    return out
+
+
+def _show(addr):
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
 def close_stray_uffds(pid, leader, keep=()):
@@ -145,4 +197,6 @@ def cleanup(root):
                             raise PycrError(f"pid {pid}: close of fd {fd} failed ({-res})")
         for pid in frozen.processes:
             wipe_trampoline(pid)
+            if any(x.pid == pid and x.what == "tcp-repair" for x in found):
+                tcp_in_repair(pid, undo=True)
     return found

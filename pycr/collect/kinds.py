@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from ..log import log
 
 #: Modules in the order their kind is asked; a module may only claim what it can restore.
-from . import eventfd
+from . import eventfd, inetsk
 
-MODULES = (eventfd,)
+MODULES = (eventfd, inetsk)
 
 
 @dataclass

@@ -13,9 +13,9 @@ A restore module (one per kind, beside its collect module) has:
 """
 
 #: The restore modules, one per kind.
-from pycr.restore import eventfd
+from pycr.restore import eventfd, inetsk
 
-MODULES = (eventfd,)
+MODULES = (eventfd, inetsk)
 
 TYPES = {m.TYPE: m for m in MODULES}
 
