@@ -250,7 +250,7 @@ def test_established_connection_is_refused_by_name_without_the_option(spawn, tmp
 
 HTTP_SCRIPT = """#!{python}
 import os, sys
-os.write(os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND), b"ready %d\\n" % os.getpid())
+os.write(os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), b"ready %d\\n" % os.getpid())
 os.chdir({root!r})
 os.execv(sys.executable, [sys.executable, "-m", "http.server", "--protocol", "HTTP/1.1",
                           "--bind", "127.0.0.1", "{port}"])
