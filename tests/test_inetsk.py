@@ -350,3 +350,33 @@ def test_a_connection_left_in_repair_mode_is_found_and_undone(spawn, tmp_path, c
         assert read_exactly(client, len(b"reply:first\n")) == b"reply:first\n"
     finally:
         client.close()
+
+
+def test_check_refuses_a_corrupt_or_handed_over_entry(tmp_path):
+    """check() runs before any task exists: bad ports, options pycr never sets, repair records on a
+    listener, and a migration's handover entry in a plain restore are refused naming the file."""
+    from types import SimpleNamespace
+    from test_formats import sample_inetsk as inetsk_body
+    from pycr.errors import ImageError
+    from pycr.formats.inetsk import Body
+    from pycr.restore import inetsk
+    path = str(tmp_path / "inetsk.img")
+    rec = SimpleNamespace(file_id=5, fd=7)
+
+    def parsed(change):
+        body = inetsk_body()
+        body["sockets"][2]["handover"] = False      # the sample's UDP entry is a migration's
+        change(body["sockets"][1])
+        return Body.parse(Body.build(body))
+
+    inetsk.check(path, parsed(lambda s: None), [(100, rec)])
+    bad = [lambda s: s["local"].update(port=70000),
+           lambda s: s["options"].append(dict(level=1, name=16, value=b"\1\0\0\0")),    # SO_PASSCRED
+           lambda s: s.update(state=10),                                                 # a listener with repair state
+           lambda s: s["tcp"][0].update(unsent=99),
+           lambda s: s.update(handover=True)]
+    for change in bad:
+        with pytest.raises(ImageError, match="inetsk.img"):
+            inetsk.check(path, parsed(change), [(100, rec)])
+    with pytest.raises(ImageError, match="pid 100 fd 8 has no socket entry"):
+        inetsk.check(path, parsed(lambda s: None), [(100, SimpleNamespace(file_id=77, fd=8))])
