@@ -380,3 +380,19 @@ def test_check_refuses_a_corrupt_or_handed_over_entry(tmp_path):
             inetsk.check(path, parsed(change), [(100, rec)])
     with pytest.raises(ImageError, match="pid 100 fd 8 has no socket entry"):
         inetsk.check(path, parsed(lambda s: None), [(100, SimpleNamespace(file_id=77, fd=8))])
+
+
+def test_leave_running_takes_the_connection_out_of_repair_mode(spawn, tmp_path):
+    w, client, queued = established_server(spawn, tmp_path, "4")
+    try:
+        out = pycr("dump", "-v", "-R", "-t", w.pid, "-D", tmp_path / "img", "--tcp-established")
+        assert "TCP repair mode off again" in out.stdout + out.stderr
+        assert "repair mode" not in pycr("check", "-t", w.pid, expect=None).stdout
+        w.signal(signal.SIGUSR1)
+        pattern = bytes(range(256)) * 256
+        assert read_exactly(client, queued) == (pattern * (queued // len(pattern) + 1))[:queued]
+        assert read_exactly(client, len(b"reply:first\n")) == b"reply:first\n"
+        client.sendall(b"more\n")
+        assert read_exactly(client, len(b"reply:more\n")) == b"reply:more\n"
+    finally:
+        client.close()
