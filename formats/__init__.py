@@ -8,8 +8,8 @@ that a directory listing can name it, but has no magic and no schema.
 
 from collections import namedtuple
 
-from . import (common, core, eventfd, eventpoll, files, ghost, inotify, inventory, manifest, memfd, mm,
-               pagemap, pipes_data, pstree, signalfd, sysvshm, timerfd, tracker, unixsk)
+from . import (common, core, eventfd, eventpoll, files, ghost, inetsk, inotify, inventory, manifest, memfd,
+               mm, pagemap, pipes_data, pstree, signalfd, sysvshm, timerfd, tracker, unixsk)
 from .common import FORMAT_VERSION, HEADER_SIZE, Header
 
 ImageKind = namedtuple("ImageKind", "name magic schema pattern")
@@ -35,6 +35,7 @@ KINDS = {
         ("ghost", ghost),
         ("sysvshm", sysvshm),
         ("unixsk", unixsk),
+        ("inetsk", inetsk),
         ("manifest", manifest),
     )
 }
@@ -67,5 +68,5 @@ def file_name(kind, key=None):
 __all__ = [
     "KINDS", "ImageKind", "kind_of_magic", "kind_of_file", "file_name", "FORMAT_VERSION",
     "HEADER_SIZE", "Header", "common", "core", "files", "inventory", "manifest", "mm",
-    "pagemap", "pipes_data", "eventfd", "eventpoll", "signalfd", "timerfd", "inotify", "memfd", "ghost", "sysvshm", "pstree", "tracker", "unixsk",
+    "pagemap", "pipes_data", "eventfd", "eventpoll", "signalfd", "timerfd", "inotify", "memfd", "ghost", "sysvshm", "pstree", "tracker", "unixsk", "inetsk",
 ]

@@ -223,6 +223,21 @@ def sample_ghost():
 def sample_sysvshm():
     return dict(segments=[dict(shmid=32769, key=0x7C001230, mode=0o640, size=12388, uid=0, gid=0, cuid=0, cgid=0),
                           dict(shmid=5, key=0, mode=0o1600, size=8192, uid=1000, gid=1000, cuid=1000, cgid=1000)])
+def sample_inetsk():
+    addr = dict(addr=b"\x7f\x00\x00\x01", port=8000, scope_id=0)
+    peer = dict(addr=b"\x7f\x00\x00\x01", port=43210, scope_id=0)
+    none6 = dict(addr=bytes(16), port=0, scope_id=0)
+    tcp = dict(inq_seq=2**32 - 3, outq_seq=12345, recv_data=b"GET /", send_data=b"HTTP/1.1 200", unsent=4,
+               mss_clamp=65483, options=7, snd_wscale=7, rcv_wscale=7, timestamp=99, snd_wl1=1, snd_wnd=2,
+               max_window=3, rcv_wnd=4, rcv_wup=5)
+    return dict(sockets=[
+        dict(file_id=3, inode=667053, family=10, type=1, protocol=6, state=10, handover=False,
+             local=dict(addr=b"\x00" * 15 + b"\x01", port=8000, scope_id=0), peer=none6, backlog=128,
+             options=[dict(level=41, name=26, value=b"\x01\x00\x00\x00")], tcp=[]),
+        dict(file_id=5, inode=667054, family=2, type=1, protocol=6, state=1, handover=False,
+             local=addr, peer=peer, backlog=0, options=[], tcp=[tcp]),
+        dict(file_id=6, inode=667055, family=2, type=2, protocol=17, state=7, handover=True,
+             local=addr, peer=dict(addr=bytes(4), port=0, scope_id=0), backlog=0, options=[], tcp=[])])
 
 
 SAMPLES = {
@@ -244,6 +259,7 @@ SAMPLES = {
     "ghost": sample_ghost,
     "sysvshm": sample_sysvshm,
     "unixsk": sample_unixsk,
+    "inetsk": sample_inetsk,
 }
 
 
