@@ -134,6 +134,25 @@ def test_listener_with_accepted_and_pending_connections(spawn_python, tmp_path, 
     assert client == f"[b'reply-req-1', b'reply-req-2', b'reply-req-a'] peer '{path}'"
 
 
+
+def test_listener_with_accepted_and_pending_connections_through_migrate(spawn_python, tmp_path, cleanup_pids):
+    """On one host the replica takes the source's own sockets: names, backlog and queues as they are."""
+    w = spawn_python("server", SERVER)
+    path = str(tmp_path / "server.sock")
+    proc = pycr("migrate", "-t", w.pid, "--max-passes", 2, "--min-delta", "0")
+    m = re.search(r"\(pid (\d+) outside its namespace, namespace init (\d+)\)", proc.stdout)
+    assert m, proc.stdout
+    root, init = int(m.group(1)), int(m.group(2))
+    cleanup_pids.add(init, root)
+    start = w.mark()
+    w.signal(signal.SIGUSR1, pid=root)
+    server = w.wait_for(r"^server got (.*)$", start=start, root=False).group(1)
+    client = w.wait_for(r"^client got (.*)$", start=start, root=False).group(1)
+    abstract = f"\\x00pycr-test-{w.pid}"
+    assert server == (f"[b'req-1', b'req-2', b'req-a'] [b'dgram-before', b'dgram-after'] names "
+                      f"'{path}' b'{abstract}'")
+    assert client == f"[b'reply-req-1', b'reply-req-2', b'reply-req-a'] peer '{path}'"
+
 CLIENT = PRELUDE + """
 s = socket.socket(socket.AF_UNIX)
 s.connect(b"\\0" + open(os.path.join(where, "addr")).read().encode())

@@ -20,7 +20,7 @@ from pycr import abi, options, tcp_repair
 from pycr.errors import ImageError, RestoreError
 from pycr.formats.inetsk import OPTIONS
 from pycr.log import log
-from pycr.native import core
+from pycr.restore import handover
 
 TYPE = "inetsk"
 IMAGE = "inetsk"
@@ -146,21 +146,6 @@ def make(s):
         raise RestoreError(f"{kind} socket {local}{peer}: cannot be made again: {exc.strerror}") from None
 
 
-def _take_over(s, holder):
-    """The frozen source's own socket (migrate on one host), checked to be the one dumped."""
-    pid, fd = holder
-    try:
-        mine = core.dup_from(pid, fd)
-    except OSError as exc:
-        raise RestoreError(f"pid {pid} fd {fd}: cannot take the source's socket: {exc.strerror}") from None
-    if os.fstat(mine).st_ino != s.inode:
-        os.close(mine)
-        raise RestoreError(f"pid {pid} fd {fd}: the source's socket is no longer the one dumped")
-    log.info("pid %d fd %d: socket %s taken over from the source with pidfd_getfd", pid, fd,
-             show(s.family, s.local))
-    return socket.socket(fileno=mine)
-
-
 def _order(s):
     """Listeners, then other unconnected sockets, then connections."""
     return 0 if s.state == abi.TCP_LISTEN else 1 if s.state == abi.TCP_CLOSE else 2
@@ -168,14 +153,12 @@ def _order(s):
 
 class Objects:
     def __init__(self, images, body):
-        holders = {}
-        for p in images.processes:
-            for rec in p.fds:
-                holders.setdefault(rec.file_id, (p.pid, rec.fd))
+        holders = handover.holders(images)
         self.ready = {}
         try:
             for s in sorted(body.sockets, key=_order):
-                self.ready[s.file_id] = _take_over(s, holders[s.file_id]) if s.handover else make(s)
+                self.ready[s.file_id] = (handover.take_over(holders[s.file_id], s.inode, f"socket {show(s.family, s.local)}")
+                                         if s.handover else make(s))
         except BaseException:
             self.close()
             raise

@@ -20,6 +20,7 @@ from pycr.abi import SO_PASSSEC, SO_RCVBUFFORCE, SO_SNDBUFFORCE
 from pycr.collect import unixdiag
 from pycr.collect.skqueue import set_peek_off
 from pycr.errors import ImageError, RestoreError
+from pycr.restore import handover
 from pycr.log import log
 
 TYPE = "unixsk"
@@ -87,7 +88,12 @@ class Objects:
         self.partners = {}      # ino -> pycr's socket standing for a peer that was closed
         self.live_files = None
         try:
-            self._make()
+            if handover.active():
+                held = handover.holders(images)
+                for e in body.sockets:
+                    self.socks[e.ino] = handover.take_over(held[e.file_id], e.ino, f"unix socket {e.ino}")
+            else:
+                self._make()
         except BaseException:
             self.close()
             raise
