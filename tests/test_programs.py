@@ -134,6 +134,38 @@ def test_redis_keeps_its_data_and_its_clients(spawn, tmp_path, cleanup_pids, how
         b.close()
 
 
+def memcached(sock, line, payload=None):
+    """One text-protocol command; the reply's lines up to its terminator."""
+    sock.sendall(line.encode() + b"\r\n" + (payload + b"\r\n" if payload is not None else b""))
+    reply = b""
+    while not reply.endswith((b"STORED\r\n", b"END\r\n", b"ERROR\r\n")) and not \
+            (reply[:1].isdigit() and reply.endswith(b"\r\n")):
+        chunk = sock.recv(65536)
+        assert chunk, "memcached closed the connection"
+        reply += chunk
+    return reply
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_memcached_keeps_its_items_and_its_clients(spawn, tmp_path, cleanup_pids, how):
+    """memcached: worker threads, each with its own epoll set, eventfd and pipe."""
+    server = need("memcached", "memcached")
+    port = free_port()
+    w = start_program(spawn, tmp_path, [server, "-u", "root", "-l", "127.0.0.1", "-p", port, "-t", 4, "-U", 0])
+    a, b = connect(port), connect(port)
+    try:
+        value = os.urandom(1 << 15).hex().encode()
+        assert memcached(a, f"set blob 0 0 {len(value)}", value) == b"STORED\r\n"
+        assert memcached(b, "set n 0 0 1", b"7") == b"STORED\r\n"
+        checkpoint(how, w.pid, tmp_path, cleanup_pids, "--tcp-established")
+        assert memcached(a, "get blob") == b"VALUE blob 0 %d\r\n%s\r\nEND\r\n" % (len(value), value)
+        assert memcached(b, "incr n 35") == b"42\r\n"
+        with connect(port) as c:
+            assert memcached(c, "get n") == b"VALUE n 0 2\r\n42\r\nEND\r\n"
+    finally:
+        a.close()
+        b.close()
+
 def tmux(sock_path, *args, check=True):
     return subprocess.run(["tmux", "-S", str(sock_path), *args], capture_output=True, text=True, timeout=20,
                           check=check, stdin=subprocess.DEVNULL)
