@@ -12,6 +12,8 @@ import time
 from . import __version__, leftovers, manifest, outdir, proc
 from .collect.core import collect_core, collect_thread
 from .collect.kinds import collect_objects
+from .collect.file_locks import collect_file_locks
+from .collect.timers import collect_posix_timers
 from .collect.files import collect_files, collect_pipes_data, number_file_descriptions, describe_fd
 from .collect.memory import dump_private_memory, dump_shmem, shmem_vmas
 from .collect.mm import check_supported, collect_mm, read_vmas
@@ -90,6 +92,7 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
         files_by_src[src] = _collect_files(src, (hidden_fds or {}).get(pid))
     number_file_descriptions(files_by_src)
     objects = collect_objects(files_by_src)
+    locks = collect_file_locks({pid: (src, files_by_src[src]) for pid, src in srcs.items()})
     log.info("tree of %d processes: VMAs and fds readable, nothing unsupported", len(processes))
 
     step("write pstree, files and pipes-data")
@@ -100,8 +103,10 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
                                           for k, (data, size) in pipes.items()]})
     for image, body in objects.items():
         imgdir.write(image, body)
+    if locks:
+        imgdir.write("file-locks", {"locks": locks})
 
-    written = 0
+    written, posix_timers = 0, []
     for pid, threads in processes.items():
         # CPU state first: injection below borrows the registers and the signal mask.
         src = srcs[pid]
@@ -110,6 +115,9 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
             log.info("pid %d: reading sigactions and brk by injected syscalls", pid)
             core_img = collect_core(pid, states, threads[0], injector)
             mm_img = collect_mm(pid, vmas_by_pid[pid], injector, src=src)
+            timers = collect_posix_timers(pid, src, injector)
+        if timers:
+            posix_timers.append({"pid": pid, "timers": timers})
         step(f"write core and mm of {pid}")
         core_img["job_stopped"] = any(t.tid in frozen.job_stopped for t in threads)
         imgdir.write("core", core_img)
@@ -122,6 +130,8 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
             written += memory(pid, vmas, imgdir)
         for vma in shmem_vmas(vmas):
             written += dump_shmem(src, vma, imgdir)
+    if posix_timers:
+        imgdir.write("timers", {"processes": posix_timers})
     return written
 
 
