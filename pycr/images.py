@@ -302,7 +302,7 @@ def classify_name(name):
 
 def _sort_key(image):
     if image.key is None:
-        return (0, _GLOBAL_ORDER.index(image.kind) if image.kind in _GLOBAL_ORDER else 99, 0, "")
+        return (0, _GLOBAL_ORDER.index(image.kind) if image.kind in _GLOBAL_ORDER else 99, 0, image.name)
     numeric = isinstance(image.key, int)
     return (1 if numeric else 2, image.key if numeric else 0, _PER_TASK_ORDER.index(image.kind) if image.kind in _PER_TASK_ORDER else 99, str(image.key))
 

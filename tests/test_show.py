@@ -35,6 +35,7 @@ def test_text_of_a_directory_shows_every_image_in_order(dump_dir):
     text = run_show(dump_dir.path)
     headers = [line.split()[1] for line in text.splitlines() if line.startswith("== ")]
     assert headers == ["inventory.img", "pstree.img", "files.img", "pipes-data.img", "manifest.img",
+                       "eventfd.img", "file-locks.img", "timers.img",
                        f"core-{ROOT}.img", f"mm-{ROOT}.img", f"pagemap-{ROOT}.img", f"pages-{ROOT}.img",
                        f"tracker-{ROOT}.img", f"core-{CHILD}.img"]
     # inventory and pstree
