@@ -8,7 +8,8 @@ that a directory listing can name it, but has no magic and no schema.
 
 from collections import namedtuple
 
-from . import common, core, eventfd, file_locks, files, inventory, manifest, mm, pagemap, pipes_data, pstree, timers, tracker
+from . import (common, core, eventfd, eventpoll, file_locks, files, ghost, inetsk, inotify, inventory, manifest,
+               memfd, mm, pagemap, pipes_data, pstree, signalfd, sysvshm, timerfd, timers, tracker, unixsk)
 from .common import FORMAT_VERSION, HEADER_SIZE, Header
 
 ImageKind = namedtuple("ImageKind", "name magic schema pattern")
@@ -26,6 +27,15 @@ KINDS = {
         ("pipes-data", pipes_data),
         ("tracker", tracker),
         ("eventfd", eventfd),
+        ("eventpoll", eventpoll),
+        ("signalfd", signalfd),
+        ("timerfd", timerfd),
+        ("inotify", inotify),
+        ("memfd", memfd),
+        ("ghost", ghost),
+        ("sysvshm", sysvshm),
+        ("unixsk", unixsk),
+        ("inetsk", inetsk),
         ("timers", timers),
         ("file-locks", file_locks),
         ("manifest", manifest),
@@ -60,5 +70,6 @@ def file_name(kind, key=None):
 __all__ = [
     "KINDS", "ImageKind", "kind_of_magic", "kind_of_file", "file_name", "FORMAT_VERSION",
     "HEADER_SIZE", "Header", "common", "core", "files", "inventory", "manifest", "mm",
-    "pagemap", "pipes_data", "eventfd", "pstree", "tracker", "timers", "file_locks",
+    "pagemap", "pipes_data", "eventfd", "eventpoll", "signalfd", "timerfd", "inotify", "memfd", "ghost", "sysvshm", "pstree", "tracker", "unixsk", "inetsk",
+    "timers", "file_locks",
 ]

@@ -45,6 +45,9 @@ NR = {
     "msync": 26,
     "mincore": 27,
     "madvise": 28,
+    "shmget": 29,
+    "shmat": 30,
+    "shmctl": 31,
     "dup": 32,
     "dup2": 33,
     "pause": 34,
@@ -132,9 +135,13 @@ NR = {
     "clock_gettime": 228,
     "clock_nanosleep": 230,
     "exit_group": 231,
+    "epoll_wait": 232,
+    "epoll_ctl": 233,
     "tgkill": 234,
     "set_mempolicy": 238,
     "get_mempolicy": 239,
+    "inotify_add_watch": 254,
+    "inotify_rm_watch": 255,
     "openat": 257,
     "mkdirat": 258,
     "fchownat": 260,
@@ -153,8 +160,11 @@ NR = {
     "epoll_create1": 291,
     "dup3": 292,
     "pipe2": 293,
+    "inotify_init1": 294,
     "rt_tgsigqueueinfo": 297,
     "prlimit64": 302,
+    "name_to_handle_at": 303,
+    "open_by_handle_at": 304,
     "process_vm_readv": 310,
     "process_vm_writev": 311,
     "kcmp": 312,
@@ -208,7 +218,11 @@ F_OFD_GETLK, F_OFD_SETLK = 36, 37
 F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
 LOCK_SH, LOCK_EX, LOCK_NB, LOCK_UN = 1, 2, 4, 8
 SPLICE_F_NONBLOCK = 2
-MFD_CLOEXEC = 1
+MFD_CLOEXEC, MFD_ALLOW_SEALING = 1, 2
+F_ADD_SEALS, F_GET_SEALS = 1033, 1034
+#: F_SEAL_* bits (linux/fcntl.h): SEAL, SHRINK, GROW, WRITE, FUTURE_WRITE, EXEC
+F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE, F_SEAL_FUTURE_WRITE, F_SEAL_EXEC = 1, 2, 4, 8, 0x10, 0x20
+F_SEALS_ALL = 0x3F
 RLIMIT_NOFILE = 7
 RLIM_INFINITY = (1 << 64) - 1
 
@@ -227,6 +241,13 @@ MADV_DONTNEED = 4
 MADVISE_NAMED = {"sr": (2, "MADV_SEQUENTIAL"), "rr": (1, "MADV_RANDOM"), "dc": (10, "MADV_DONTFORK"),
                  "dd": (16, "MADV_DONTDUMP"), "mg": (12, "MADV_MERGEABLE"), "hg": (14, "MADV_HUGEPAGE"),
                  "nh": (15, "MADV_NOHUGEPAGE"), "wf": (18, "MADV_WIPEONFORK")}
+
+# ---- SysV shared memory (linux/ipc.h, linux/shm.h) ---------------------------
+
+IPC_PRIVATE, IPC_CREAT, IPC_EXCL = 0, 0o1000, 0o2000
+IPC_RMID, IPC_SET, IPC_STAT = 0, 1, 2
+SHM_RDONLY, SHM_EXEC = 0o10000, 0o100000
+SHM_DEST = 0o1000                    # in shm_perm.mode: IPC_RMID done, gone at the last detach
 
 # ---- prctl (linux/prctl.h) ---------------------------------------------------
 
@@ -257,7 +278,24 @@ SECCOMP_MODE_FILTER = 2              # /proc/PID/status Seccomp: 0 disabled, 1 s
 SECCOMP_SET_MODE_STRICT, SECCOMP_SET_MODE_FILTER = 0, 1
 SECCOMP_FILTER_FLAG_TSYNC = 1
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
-KCMP_FILE, KCMP_VM, KCMP_FILES, KCMP_FS, KCMP_SIGHAND, KCMP_IO, KCMP_SYSVSEM = range(7)
+KCMP_FILE, KCMP_VM, KCMP_FILES, KCMP_FS, KCMP_SIGHAND, KCMP_IO, KCMP_SYSVSEM, KCMP_EPOLL_TFD = range(8)
+
+# ---- event fds: epoll, timerfd, inotify ---------------------------------------
+
+EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD = 1, 2, 3
+EPOLLERR, EPOLLHUP = 0x008, 0x010
+EPOLLEXCLUSIVE, EPOLLWAKEUP, EPOLLONESHOT, EPOLLET = 1 << 28, 1 << 29, 1 << 30, 1 << 31
+EPOLL_ANY_EVENT = 0x27DF             # IN PRI OUT ERR HUP RDNORM RDBAND WRNORM WRBAND MSG RDHUP
+EPOLL_PRIVATE_BITS = EPOLLEXCLUSIVE | EPOLLWAKEUP | EPOLLONESHOT | EPOLLET   # what a fired one-shot keeps
+EPOLL_EVENT_SIZE = 12                # struct epoll_event is packed on x86-64: u32 events, u64 data
+TFD_TIMER_ABSTIME, TFD_TIMER_CANCEL_ON_SET = 1, 2
+TFD_IOC_SET_TICKS = 0x40085400       # _IOW('T', 0, u64); only with CONFIG_CHECKPOINT_RESTORE
+CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_BOOTTIME, CLOCK_REALTIME_ALARM, CLOCK_BOOTTIME_ALARM = 0, 1, 7, 8, 9
+TIMERFD_CLOCKS = (CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_BOOTTIME, CLOCK_REALTIME_ALARM, CLOCK_BOOTTIME_ALARM)
+IN_ATTRIB, IN_IGNORED = 0x4, 0x8000
+IN_DONT_FOLLOW = 0x01000000
+IN_ALL_WATCH_BITS = 0xEF000FFF       # event bits and watch flags a watch's mask may hold
+MAX_HANDLE_SZ = 128
 
 # ---- userfaultfd (linux/userfaultfd.h) ---------------------------------------
 
@@ -291,3 +329,34 @@ PAGE_IS_HUGE = 64
 PAGE_IS_SOFT_DIRTY = 128
 PM_SCAN_WP_MATCHING = 1
 PM_SCAN_CHECK_WPASYNC = 2
+
+# ---- sock_diag (linux/netlink.h, linux/sock_diag.h): unix and inet sockets ---
+
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+#: include/net/tcp_states.h (unix sockets use ESTABLISHED, CLOSE and LISTEN too)
+TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
+              7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING", 12: "NEW_SYN_RECV"}
+TCP_ESTABLISHED, TCP_CLOSE, TCP_LISTEN = 1, 7, 10
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+
+# ---- unix sockets (linux/unix_diag.h, asm-generic/socket.h) -----------------
+
+UDIAG_SHOW_NAME, UDIAG_SHOW_VFS, UDIAG_SHOW_PEER, UDIAG_SHOW_ICONS = 0x1, 0x2, 0x4, 0x8
+UDIAG_SHOW_RQLEN, UDIAG_SHOW_MEMINFO, UDIAG_SHOW_UID = 0x10, 0x20, 0x40
+UNIX_DIAG_NAME, UNIX_DIAG_VFS, UNIX_DIAG_PEER, UNIX_DIAG_ICONS = 0, 1, 2, 3
+UNIX_DIAG_RQLEN, UNIX_DIAG_MEMINFO, UNIX_DIAG_SHUTDOWN, UNIX_DIAG_UID = 4, 5, 6, 7
+SO_PASSSEC = 34
+SO_PEEK_OFF = 42
+SCM_RIGHTS, SCM_CREDENTIALS, SCM_SECURITY = 1, 2, 3
+
+# ---- TCP repair (linux/tcp.h), socket ioctls (linux/sockios.h) --------------
+
+TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS = 19, 20, 21, 22
+TCP_TIMESTAMP, TCP_REPAIR_WINDOW = 24, 29
+TCP_REPAIR_OFF, TCP_REPAIR_ON = 0, 1      # TCP_REPAIR_OFF sends a window probe to the peer
+TCP_NO_QUEUE, TCP_RECV_QUEUE, TCP_SEND_QUEUE = 0, 1, 2
+TCPOPT_MAXSEG, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
+TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
+SIOCOUTQ, SIOCINQ, SIOCOUTQNSD = 0x5411, 0x541B, 0x894B

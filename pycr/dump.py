@@ -11,6 +11,7 @@ import time
 
 from . import __version__, leftovers, manifest, outdir, proc
 from .collect.core import collect_core, collect_thread
+from .collect import ghost, memfd, sysvshm
 from .collect.kinds import collect_objects
 from .collect.file_locks import collect_file_locks
 from .collect.timers import collect_posix_timers
@@ -92,6 +93,14 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
         files_by_src[src] = _collect_files(src, (hidden_fds or {}).get(pid))
     number_file_descriptions(files_by_src)
     objects = collect_objects(files_by_src)
+    vmas_by_src = {srcs[pid]: vmas for pid, vmas in vmas_by_pid.items()}
+    memfd.add_mapped(objects, vmas_by_src)
+    ghosts = ghost.Ghosts()
+    ghosts.add_fds(files_by_src)
+    ghosts.add_vmas(vmas_by_src)
+    for image, body in ((ghost.IMAGE, ghosts.body()), (sysvshm.IMAGE, sysvshm.collect(vmas_by_src))):
+        if body:
+            objects[image] = body
     locks = collect_file_locks({pid: (src, files_by_src[src]) for pid, src in srcs.items()})
     log.info("tree of %d processes: VMAs and fds readable, nothing unsupported", len(processes))
 
@@ -130,6 +139,8 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
             written += memory(pid, vmas, imgdir)
         for vma in shmem_vmas(vmas):
             written += dump_shmem(src, vma, imgdir)
+    written += memfd.dump_contents(objects.get(memfd.IMAGE), files_by_src, imgdir)
+    written += ghosts.dump_contents(imgdir)
     if posix_timers:
         imgdir.write("timers", {"processes": posix_timers})
     return written

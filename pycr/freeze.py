@@ -15,7 +15,7 @@ import os
 import signal
 import time
 
-from pycr import proc
+from pycr import proc, tcp_repair
 from pycr.abi import WALL
 from pycr.errors import AccessDenied, PycrError, StopTimeout, TaskGone
 from pycr.ptrace import binding as B
@@ -186,8 +186,10 @@ class FrozenTree:
 
     # releasing
     def thaw(self):
-        """Detach every thread; held signals are passed on, job-stopped tasks stay stopped."""
+        """Detach every thread; held signals are passed on, job-stopped tasks stay stopped.
+        TCP connections a dump put in repair mode leave it first."""
         self._done = True
+        tcp_repair.leave_all()
         errors = []
         for thread in list(self.threads.values()):
             try:
@@ -201,6 +203,14 @@ class FrozenTree:
             raise PycrError("thaw: " + "; ".join(errors))
 
     def kill(self, timeout=10.0):
+        """SIGKILL every process and wait (at most timeout s) until their PIDs leave /proc.
+        Then pycr's copies of TCP connections in repair mode are closed: they go without FIN or RST."""
+        try:
+            self._kill_and_wait(timeout)
+        finally:
+            tcp_repair.close_all()
+
+    def _kill_and_wait(self, timeout):
         """SIGKILL every process and wait (at most timeout s) until their PIDs leave /proc.
 
         As tracer we collect each thread's death so the real parent can reap it;

@@ -8,7 +8,15 @@ program does:
   features pycr creates it with (O_NONBLOCK|O_CLOEXEC; WP_ASYNC|WP_UNPOPULATED,
   or none yet when pycr died before UFFDIO_API);
 - its syscall trampoline in the zero padding of [vdso] (never executed once
-  the task has left the injection).
+  the task has left the injection);
+- SO_PEEK_OFF of a unix socket it was peeking through (the value before is
+  in its journal: see pycr/collect/skqueue.py).
+- TCP connections it put in repair mode to read them (a dump with
+  --tcp-established): the program can neither send nor receive on them until
+  repair mode is off. getsockopt(TCP_REPAIR) reads the flag back; cleanup turns
+  it off through pycr's own copy of the socket (SO_REUSEADDR, which repair mode
+  clears, comes back off). A program that uses repair mode itself is rare; its
+  sockets would be listed too.
 `pycr check -t PID` lists them; `pycr cleanup -t PID` takes them out, and so
 does every dump and pre-dump of the tree before it looks at its fds.
 """
@@ -27,13 +35,17 @@ from pycr.ptrace.inject import vdso_text_end
 @dataclass
 class Leftover:
     pid: int
-    what: str        # "userfaultfd" or "trampoline"
+    what: str        # "userfaultfd", "trampoline", "peek-off" or "tcp-repair"
     where: int       # fd number or address
     detail: str
 
     def __str__(self):
         if self.what == "userfaultfd":
             return f"pid {self.pid} fd {self.where}: pycr's userfaultfd ({self.detail})"
+        if self.what == "peek-off":
+            return f"pid {self.pid} fd {self.where}: unix socket's SO_PEEK_OFF changed by pycr ({self.detail})"
+        if self.what == "tcp-repair":
+            return f"pid {self.pid} fd {self.where}: TCP connection {self.detail} left in repair mode by pycr's dump"
         return f"pid {self.pid}: pycr's syscall trampoline at {self.where:#x} in [vdso] padding"
 
 
@@ -92,9 +104,101 @@ def find(root):
             addr = trampoline_address(pid)
             if addr is not None:
                 out.append(Leftover(pid, "trampoline", addr, ""))
+            out.extend(Leftover(pid, "peek-off", fd, f"it was {value}") for fd, value in peek_offs(pid))
+            out.extend(Leftover(pid, "tcp-repair", fd, name) for fd, name in tcp_in_repair(pid))
         except TaskGone:
             continue
     return out
+
+
+def _journaled_sockets():
+    """{inode: cookie} of the unix sockets whose SO_PEEK_OFF a killed pycr left changed."""
+    from pycr.collect import skqueue
+    try:
+        names = os.listdir(skqueue.journal_dir())
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for name in names:
+        parts = name.split("-")
+        if len(parts) == 4 and name.startswith("peek-off-") and parts[2].isdigit() and parts[3].isdigit():
+            out[int(parts[2])] = int(parts[3])
+    return out
+
+
+def peek_offs(pid):
+    """[(fd, value before)] of pid's unix sockets whose SO_PEEK_OFF a killed pycr changed."""
+    journal = _journaled_sockets()
+    if not journal:
+        return []
+    from pycr.collect import skqueue, unixdiag
+    live = unixdiag.all_unix_sockets()
+    out = []
+    for fd, link in proc.fds(pid).items():
+        if not link.startswith("socket:["):
+            continue
+        ino = int(link[8:-1])
+        if ino in journal and ino in live and live[ino].cookie == journal[ino]:
+            out.append((fd, skqueue.journaled(ino, journal[ino])))
+    return out
+
+
+def put_back_peek_offs(pid):
+    """Give pid's unix sockets the SO_PEEK_OFF a killed pycr recorded. -> fds done."""
+    import socket
+    from pycr.collect import skqueue
+    from pycr.native import core
+    done = []
+    journal = _journaled_sockets()
+    for fd, _ in peek_offs(pid):
+        ino = int(proc.fds(pid)[fd][8:-1])
+        with socket.socket(fileno=core.dup_from(pid, fd)) as sock:
+            skqueue.put_back(sock, ino, journal[ino])
+        done.append(fd)
+    return done
+
+
+def _tcp_socket(pid, fd):
+    """pycr's own socket object of pid's fd if it is a TCP socket over IP, else None."""
+    import socket
+    from pycr.native import core
+    try:
+        sock = socket.socket(fileno=core.dup_from(pid, fd))
+    except OSError:
+        return None
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM \
+            and sock.proto == socket.IPPROTO_TCP:
+        return sock
+    sock.close()
+    return None
+
+
+def tcp_in_repair(pid, undo=False):
+    """[(fd, "local <-> peer")] of pid's TCP sockets in repair mode; undo: turn it off."""
+    from pycr import tcp_repair
+    out = []
+    for fd, link in proc.fds(pid).items():
+        if not link.startswith("socket:["):
+            continue
+        sock = _tcp_socket(pid, fd)
+        if sock is None:
+            continue
+        with sock:
+            try:
+                if not tcp_repair.in_repair(sock):
+                    continue
+                name = f"{_show(sock.getsockname())} <-> {_show(sock.getpeername())}"
+            except OSError:
+                continue
+            if undo:
+                tcp_repair.repair_off(sock)
+                log.info("pid %d fd %d: TCP %s: repair mode off", pid, fd, name)
+            out.append((fd, name))
+    return out
+
+
+def _show(addr):
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
 def close_stray_uffds(pid, leader, keep=()):
@@ -145,4 +249,7 @@ def cleanup(root):
                             raise PycrError(f"pid {pid}: close of fd {fd} failed ({-res})")
         for pid in frozen.processes:
             wipe_trampoline(pid)
+            put_back_peek_offs(pid)
+            if any(x.pid == pid and x.what == "tcp-repair" for x in found):
+                tcp_in_repair(pid, undo=True)
     return found

@@ -15,6 +15,7 @@ class Options:
     ext_unix_sk: bool = False       # --ext-unix-sk: a unix socket whose peer is outside the tree reconnects
     shell_job: bool = False         # -j/--shell-job: the tree runs on the terminal it was started from
     file_locks: bool = False        # --file-locks: take flock and POSIX locks
+    socket_handover: bool = False   # set by `pycr migrate` on one host: the replica takes the source's sockets
 
 
 _current = Options()

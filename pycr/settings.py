@@ -11,6 +11,9 @@ PYCR_FREEZE_TIMEOUT  seconds every thread of a tree gets to reach its ptrace
                    stop (and a killed tree to leave /proc). Default: 10 s,
                    stretched by the load average per CPU above 1 (a busy
                    machine schedules a stopping thread later).
+PYCR_GHOST_LIMIT   bytes a file deleted while open or mapped may hold for a dump
+                   to save it with the images. Default: 64 MiB; a larger one
+                   is refused by name.
 """
 
 import os
@@ -21,6 +24,7 @@ from pycr.proc.system import read_system
 COPY_BUFFER_MAX = 32 << 20
 COPY_BUFFER_MIN = 1 << 20
 FREEZE_TIMEOUT_BASE = 10.0
+GHOST_LIMIT = 64 << 20
 
 
 def _env(name, parse):
@@ -81,3 +85,9 @@ def freeze_timeout():
     """Seconds a freeze (or the kill of a frozen tree) may take (PYCR_FREEZE_TIMEOUT)."""
     value = _env("PYCR_FREEZE_TIMEOUT", float)
     return default_freeze_timeout() if value is None else value
+
+
+def ghost_limit():
+    """Largest deleted file a dump saves with the images (PYCR_GHOST_LIMIT, bytes)."""
+    value = _env("PYCR_GHOST_LIMIT", lambda t: int(t, 0))
+    return GHOST_LIMIT if value is None else value

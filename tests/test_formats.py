@@ -171,8 +171,75 @@ def sample_manifest():
                 digest=b"\x01" * 16)
 
 
+def sample_unixsk():
+    base = dict(dir="", deleted=False, mode=0, uid=0, gid=0, peer=0, peer_gone=False, accepted_from=0, ext_peer=b"",
+                backlog=0, pending=[], shutdown=0, passcred=False, passsec=False, rcvbuf=212992, sndbuf=212992,
+                rcvlowat=1, rcvtimeo=0, sndtimeo=0, peek_off=-1, queue=[])
+    return dict(sockets=[
+        dict(base, file_id=3, ino=100, type="stream", state="listen", name=b"/run/x.sock", mode=0o640, uid=7,
+             gid=8, backlog=4, pending=[102]),
+        dict(base, file_id=4, ino=101, type="stream", state="established", name=b"", accepted_from=100, peer=103,
+             queue=[dict(sender=103, data=b"req")]),
+        dict(base, file_id=5, ino=102, type="stream", state="established", name=b""),
+        dict(base, file_id=6, ino=103, type="stream", state="established", name=b"", peer=101, shutdown=2),
+        dict(base, file_id=7, ino=104, type="dgram", state="close", name=b"\0abstract", passcred=True,
+             rcvtimeo=1500000, peek_off=3, queue=[dict(sender=0, data=b""), dict(sender=105, data=b"hi")]),
+        dict(base, file_id=8, ino=105, type="seqpacket", state="established", name=b"", ext_peer=b"/run/s"),
+    ])
+
+
 def sample_eventfd():
     return dict(eventfds=[dict(file_id=4, count=7, semaphore=False), dict(file_id=9, count=2**64 - 2, semaphore=True)])
+
+
+def sample_eventpoll():
+    return dict(eventpolls=[dict(file_id=3, idle=True, targets=[
+        dict(pid=ROOT, tfd=5, events=0x80000019, data=2**64 - 1), dict(pid=ROOT, tfd=6, events=0x40000000, data=6)])])
+
+
+def sample_signalfd():
+    return dict(signalfds=[dict(file_id=5, sigmask=1 << 11)])
+
+
+def sample_timerfd():
+    return dict(timerfds=[dict(file_id=6, clockid=1, settime_flags=0, ticks=3, value_ns=5_000_000,
+                               interval_ns=10_000_000, expires_ns=123_456_789_000)])
+
+
+def sample_inotify():
+    return dict(inotifies=[dict(file_id=7, watches=[dict(wd=1, mask=0x300, dev=0xFE00, ino=42, path="/tmp"),
+                                                    dict(wd=9, mask=0x80000100, dev=0xFE00, ino=43, path="/tmp/\udcff")])])
+
+
+def sample_memfd():
+    return dict(memfds=[dict(shmem_id=12708, name="pycr-test", size=12388, seals=0x0E, mode=0o777, file_ids=[3, 5]),
+                        dict(shmem_id=12710, name="mapped-only", size=8192, seals=1, mode=0o600, file_ids=[])])
+
+
+def sample_ghost():
+    return dict(ghosts=[dict(ghost_id=1, dev_major=259, dev_minor=1, inode=123456, path="/tmp/w/ghost.log",
+                             mode=0o640, uid=1000, gid=1000, size=8899, mtime_ns=1_700_000_000_123_456_789,
+                             file_ids=[4])])
+
+
+def sample_sysvshm():
+    return dict(segments=[dict(shmid=32769, key=0x7C001230, mode=0o640, size=12388, uid=0, gid=0, cuid=0, cgid=0),
+                          dict(shmid=5, key=0, mode=0o1600, size=8192, uid=1000, gid=1000, cuid=1000, cgid=1000)])
+def sample_inetsk():
+    addr = dict(addr=b"\x7f\x00\x00\x01", port=8000, scope_id=0)
+    peer = dict(addr=b"\x7f\x00\x00\x01", port=43210, scope_id=0)
+    none6 = dict(addr=bytes(16), port=0, scope_id=0)
+    tcp = dict(inq_seq=2**32 - 3, outq_seq=12345, recv_data=b"GET /", send_data=b"HTTP/1.1 200", unsent=4,
+               mss_clamp=65483, options=7, snd_wscale=7, rcv_wscale=7, timestamp=99, snd_wl1=1, snd_wnd=2,
+               max_window=3, rcv_wnd=4, rcv_wup=5)
+    return dict(sockets=[
+        dict(file_id=3, inode=667053, family=10, type=1, protocol=6, state=10, handover=False,
+             local=dict(addr=b"\x00" * 15 + b"\x01", port=8000, scope_id=0), peer=none6, backlog=128,
+             options=[dict(level=41, name=26, value=b"\x01\x00\x00\x00")], tcp=[]),
+        dict(file_id=5, inode=667054, family=2, type=1, protocol=6, state=1, handover=False,
+             local=addr, peer=peer, backlog=0, options=[], tcp=[tcp]),
+        dict(file_id=6, inode=667055, family=2, type=2, protocol=17, state=7, handover=True,
+             local=addr, peer=dict(addr=bytes(4), port=0, scope_id=0), backlog=0, options=[], tcp=[])])
 
 
 def sample_timers():
@@ -203,6 +270,15 @@ SAMPLES = {
     "tracker": sample_tracker,
     "manifest": sample_manifest,
     "eventfd": sample_eventfd,
+    "eventpoll": sample_eventpoll,
+    "signalfd": sample_signalfd,
+    "timerfd": sample_timerfd,
+    "inotify": sample_inotify,
+    "memfd": sample_memfd,
+    "ghost": sample_ghost,
+    "sysvshm": sample_sysvshm,
+    "unixsk": sample_unixsk,
+    "inetsk": sample_inetsk,
     "timers": sample_timers,
     "file-locks": sample_file_locks,
 }

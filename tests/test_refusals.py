@@ -23,36 +23,25 @@ kind = sys.argv[2]
 where = os.path.dirname(sys.argv[1])
 keep = []
 if kind == "socket":
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); keep.append(s); report("fd %d" % s.fileno())
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0); keep.append(s); report("fd %d" % s.fileno())
 elif kind == "pidfd":
     report("fd %d" % os.pidfd_open(os.getpid()))
 elif kind == "netlink":
     s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0); keep.append(s); report("fd %d" % s.fileno())
-elif kind == "epoll":
-    e = select.epoll(); keep.append(e); report("fd %d" % e.fileno())
-elif kind == "signalfd":
-    mask = ctypes.c_uint64(1 << (signal.SIGUSR2 - 1))
-    report("fd %d" % libc.signalfd(-1, ctypes.byref(mask), 0))
-elif kind == "timerfd":
-    report("fd %d" % libc.timerfd_create(1, 0))
-elif kind == "inotify":
-    report("fd %d" % libc.inotify_init1(0))
-elif kind == "deleted-open":
+elif kind == "io_uring":
+    params = ctypes.create_string_buffer(120)
+    report("fd %d" % libc.syscall(425, 4, params))         # io_uring_setup
+elif kind == "ghost-too-large":
     path = os.path.join(where, "gone-open")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600); os.write(fd, b"x" * 100); os.unlink(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600); os.ftruncate(fd, (64 << 20) + 1); os.unlink(path)
     report("fd %d %s" % (fd, path))
-elif kind == "deleted-mapped":
+elif kind == "ghost-too-large-mapped":
     path = os.path.join(where, "gone-mapped")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600); os.ftruncate(fd, 8192)
-    m = mmap.mmap(fd, 8192); keep.append(m); os.close(fd); os.unlink(path)
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600); os.ftruncate(fd, (64 << 20) + 1)
+    libc.mmap.restype = ctypes.c_void_p          # not Python's mmap: it keeps an fd of the file
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    addr = libc.mmap(None, 8192, 3, 1, fd, 0); os.close(fd); os.unlink(path)
     report("map %x %x %s" % (addr, addr + 8192, path))
-elif kind == "sysv-shm":
-    libc.shmat.restype = ctypes.c_void_p
-    shmid = libc.shmget(0, 8192, 0o1000 | 0o600)            # IPC_PRIVATE, IPC_CREAT
-    addr = libc.shmat(shmid, None, 0)
-    libc.shmctl(shmid, 0, None)                              # IPC_RMID: gone with the process
-    report("map %x %x" % (addr, addr + 8192))
 elif kind == "hugetlb":
     try:
         m = mmap.mmap(-1, 2 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x40000)   # MAP_HUGETLB
@@ -72,16 +61,14 @@ while True:
 """
 
 CASES = {
-    "socket": "pid {pid} fd {fd}: socket (AF_UNIX) is not supported",
+    "socket": "pid {pid} fd {fd}: socket (AF_PACKET) is not supported",
     "pidfd": "pid {pid} fd {fd}: [pidfd] is not supported",
     "netlink": "pid {pid} fd {fd}: socket (AF_NETLINK) is not supported",
-    "epoll": "pid {pid} fd {fd}: [eventpoll] is not supported",
-    "signalfd": "pid {pid} fd {fd}: [signalfd] is not supported",
-    "timerfd": "pid {pid} fd {fd}: [timerfd] is not supported",
-    "inotify": "pid {pid} fd {fd}: inotify is not supported",
-    "deleted-open": "pid {pid} fd {fd}: deleted file {path} is not supported",
-    "deleted-mapped": "pid {pid}: mapping {start:#x}-{end:#x} of deleted file {path} is not supported",
-    "sysv-shm": "pid {pid}: SysV shared memory at {start:#x} is not supported",
+    "io_uring": "pid {pid} fd {fd}: [io_uring] is not supported",
+    "ghost-too-large": "pid {pid} fd {fd}: deleted file {path} holds 67108865 bytes, more than the 67108864 "
+                       "bytes a dump saves (PYCR_GHOST_LIMIT)",
+    "ghost-too-large-mapped": "pid {pid}: mapping {start:#x}-{end:#x}: deleted file {path} holds 67108865 bytes, "
+                              "more than the 67108864 bytes a dump saves (PYCR_GHOST_LIMIT)",
     "hugetlb": "pid {pid}: hugetlb mapping {start:#x}-{end:#x} is not supported",
 }
 

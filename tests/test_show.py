@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pycr import images
+from pycr import formats, images
 from pycr.errors import ImageError
 from pycr.formats import FORMAT_VERSION
 from pycr.show import show
@@ -34,8 +34,11 @@ def run_show(path, **kwargs):
 def test_text_of_a_directory_shows_every_image_in_order(dump_dir):
     text = run_show(dump_dir.path)
     headers = [line.split()[1] for line in text.splitlines() if line.startswith("== ")]
-    assert headers == ["inventory.img", "pstree.img", "files.img", "pipes-data.img", "manifest.img",
-                       "eventfd.img", "file-locks.img", "timers.img",
+    fixed = ["inventory.img", "pstree.img", "files.img", "pipes-data.img", "manifest.img"]
+    per_task = {"core", "mm", "pagemap", "tracker"}
+    objects = sorted(formats.file_name(kind) for kind in SAMPLES if kind not in per_task and
+                     formats.file_name(kind) not in fixed)       # kernel objects' images, by name
+    assert headers == fixed + objects + [
                        f"core-{ROOT}.img", f"mm-{ROOT}.img", f"pagemap-{ROOT}.img", f"pages-{ROOT}.img",
                        f"tracker-{ROOT}.img", f"core-{CHILD}.img"]
     # inventory and pstree

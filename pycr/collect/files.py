@@ -65,7 +65,8 @@ def describe_fd(pid, fd, target):
     elif st.S_ISREG(mode):
         rec["size"] = s.st_size
         if target.endswith(" (deleted)"):
-            raise Unsupported(f"pid {pid} fd {fd}: deleted file {target[:-10]} is not supported")
+            # a ghost file: its contents go with the images (collect/ghost.py)
+            rec.update(path=target[:-len(" (deleted)")], deleted=True, _ghost=(s.st_dev, s.st_ino))
     elif st.S_ISDIR(mode):
         rec["type"] = "dir"
     elif st.S_ISFIFO(mode):

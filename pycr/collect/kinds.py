@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from ..log import log
 
 #: Modules in the order their kind is asked; a module may only claim what it can restore.
-from . import eventfd
+from . import eventfd, eventpoll, inetsk, inotify, memfd, signalfd, timerfd, unixsk
 
-MODULES = (eventfd,)
+MODULES = (eventfd, eventpoll, signalfd, timerfd, inotify, memfd, unixsk, inetsk)
 
 
 @dataclass

@@ -31,10 +31,11 @@ def private_vmas(vmas):
 
 
 def shmem_vmas(vmas):
-    """One VMA record per shared anonymous object (the first that maps it)."""
+    """One VMA record per shared object it maps (the first that maps it): shared anonymous
+    memory, SysV segments and memfds, also a memfd mapped privately (its file is in memory only)."""
     seen, out = set(), []
     for v in vmas:
-        if v["kind"] == "shmem" and v["shmem_id"] not in seen:
+        if (v["kind"] == "shmem" or v["path"].startswith("/memfd:")) and v["shmem_id"] not in seen:
             seen.add(v["shmem_id"])
             out.append(v)
     return out
@@ -197,7 +198,8 @@ def dump_private_memory(pid, vmas, imgdir, runs=None, parent_runs=None, src=None
 
 
 def shmem_data_runs(fd, size):
-    """(offset, len) runs of an shmem object that hold data, by SEEK_DATA/SEEK_HOLE."""
+    """(offset, len) runs of a file that hold data, by SEEK_DATA/SEEK_HOLE, widened
+    to whole pages (the last one past the end of a file whose size is not a page multiple)."""
     runs = array("Q")
     off = 0
     while off < size:
@@ -208,13 +210,37 @@ def shmem_data_runs(fd, size):
         if data >= size:
             break
         hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
-        runs.extend((data, hole - data))
+        start, end = data & ~(PAGE - 1), (hole + PAGE - 1) & ~(PAGE - 1)
+        if runs and runs[-2] + runs[-1] >= start:
+            runs[-1] = max(runs[-2] + runs[-1], end) - runs[-2]
+        else:
+            runs.extend((start, end - start))
         off = hole
     return runs
 
 
+def dump_file_pages(fd, size, owner, imgdir):
+    """Save the data of a file (an shmem object, a memfd, a deleted file) as pages-<owner>.img
+    and pagemap-<owner>.img, offsets as addresses; the last page is padded with zeros. Returns bytes."""
+    runs = shmem_data_runs(fd, size)
+    written = 0
+    with imgdir.pages_writer(owner) as f:
+        for i in range(0, len(runs), 2):
+            off, length = runs[i], runs[i + 1]
+            while length:
+                data = os.pread(fd, min(length, MEM_CHUNK), off)
+                if not data:
+                    data = bytes(length)        # past the end of the file: the page's tail
+                f.write(data)
+                off += len(data)
+                length -= len(data)
+                written += len(data)
+    imgdir.write("pagemap", {"owner": owner, "entries": runs_to_entries(runs)}, owner)
+    return written
+
+
 def dump_shmem(pid, vma, imgdir):
-    """Save one shared anonymous object once, through /proc/PID/map_files. Returns bytes."""
+    """Save one shared object once, through /proc/PID/map_files. Returns bytes."""
     owner = f"shmem-{vma['shmem_id']}"
     if imgdir.exists("pagemap", owner):
         return 0
@@ -225,20 +251,6 @@ def dump_shmem(pid, vma, imgdir):
                            "/proc/PID/map_files needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN") from None
     try:
         size = os.fstat(fd).st_size or (vma["end"] - vma["start"] + vma["pgoff"])
-        runs = shmem_data_runs(fd, size)
-        written = 0
-        with imgdir.pages_writer(owner) as f:
-            for i in range(0, len(runs), 2):
-                off, length = runs[i], runs[i + 1]
-                while length:
-                    data = os.pread(fd, min(length, MEM_CHUNK), off)
-                    if not data:
-                        break
-                    f.write(data)
-                    off += len(data)
-                    length -= len(data)
-                    written += len(data)
+        return dump_file_pages(fd, size, owner, imgdir)
     finally:
         os.close(fd)
-    imgdir.write("pagemap", {"owner": owner, "entries": runs_to_entries(runs)}, owner)
-    return written

@@ -38,7 +38,7 @@ def vma_record(vma, vmflags, pkey=0, identity=(0, 0)):
         "pgoff": vma.offset, "dev_major": vma.dev_major, "dev_minor": vma.dev_minor,
         "inode": vma.inode, "path": vma.path + (" (deleted)" if vma.deleted else ""),
         "kind": vma.kind, "vmflags": vmflags,
-        "shmem_id": vma.inode if vma.kind == "shmem" else 0,
+        "shmem_id": vma.inode if vma.kind == "shmem" or vma.is_memfd else 0,
         "pkey": pkey,
         "file_size": identity[0], "file_mtime_ns": identity[1],
     }
@@ -64,10 +64,6 @@ def check_supported(pid, vmas):
             raise Unsupported(f"pid {pid}: shadow stack {where} is not supported")
         if vma.kind == "special":
             raise Unsupported(f"pid {pid}: kernel mapping {vma.path} at {where} is not supported")
-        if vma.kind == "shmem" and vma.is_sysv:
-            raise Unsupported(f"pid {pid}: SysV shared memory at {vma.start:#x} is not supported")
-        if vma.kind == "file" and vma.deleted:
-            raise Unsupported(f"pid {pid}: mapping {where} of deleted file {vma.path} is not supported")
         if "dp" in flags and (vma.shared or vma.kind not in ("anon", "heap", "stack")):
             raise Unsupported(f"pid {pid}: MAP_DROPPABLE mapping {where} of {vma.path or 'anonymous memory'} "
                               "is not supported")

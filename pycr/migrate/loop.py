@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from pycr import abi, proc, settings
+from pycr import abi, options, proc, settings
 from pycr.abi import UFFD_LINK
 from pycr.dump import DumpStats
 from pycr.errors import PycrError, TaskGone
@@ -233,7 +233,10 @@ def migrate(root, work_dir=None, policy=None, tracker="auto", on_image_set=None,
     lock = None if keep else _hold(work_dir)
     source = SourcePasses(root, work_dir, tracker, policy)
     try:
-        result = follow(source, pidns=True, on_image_set=on_image_set, on_pass=on_pass)
+        # On one host the replica takes the frozen source's own sockets (pycr.restore.inetsk):
+        # their ports and connections stay as they are, and a failed migration thaws them untouched.
+        with options.using(socket_handover=True):
+            result = follow(source, pidns=True, on_image_set=on_image_set, on_pass=on_pass)
     finally:
         if not keep:
             shutil.rmtree(work_dir, ignore_errors=True)

@@ -35,3 +35,18 @@ def exists(pid):
 def pids():
     """Every PID of this PID namespace, sorted."""
     return sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
+
+
+def sysv_shm():
+    """{shmid: {column: int}} of /proc/sysvipc/shm (key, shmid, perms in octal, size, nattch,
+    uid, gid, cuid, cgid, ...): every SysV segment of this IPC namespace."""
+    lines = read_system("sysvipc/shm").splitlines()
+    if not lines:
+        return {}
+    names = lines[0].split()
+    out = {}
+    for line in lines[1:]:
+        values = line.split()
+        row = {n: int(v, 8) if n == "perms" else int(v) for n, v in zip(names, values)}
+        out[row["shmid"]] = row
+    return out

@@ -18,7 +18,7 @@ from pycr.abi import (F_DUPFD_CLOEXEC, F_GETPIPE_SZ, F_SETFD, F_SETPIPE_SZ, O_AC
                       O_TRUNC, O_WRONLY)
 from pycr.errors import RestoreError
 from pycr.log import log
-from pycr.restore import kinds
+from pycr.restore import ghost, kinds
 
 DELETED = " (deleted)"
 SEEKABLE = ("reg", "dir")
@@ -95,9 +95,12 @@ class Descriptions:
         elif kind == "fifo":
             path = self._fifo_path(rec, images)
         elif path is None:
-            if rec.deleted or rec.path.endswith(DELETED):
+            if kind == "reg" and rec.deleted:
+                path = ghost.holder(images).path_for_file(rec.file_id)     # made again, unlinked
+            elif rec.deleted or rec.path.endswith(DELETED):
                 raise RestoreError(f"fd {rec.fd}: {rec.path} was deleted")
-            path = rec.path
+            else:
+                path = rec.path
         try:
             fd = os.open(path, flags)
         except OSError as exc:

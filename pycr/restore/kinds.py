@@ -13,9 +13,9 @@ A restore module (one per kind, beside its collect module) has:
 """
 
 #: The restore modules, one per kind.
-from pycr.restore import eventfd
+from pycr.restore import eventfd, eventpoll, inetsk, inotify, memfd, signalfd, timerfd, unixsk
 
-MODULES = (eventfd,)
+MODULES = (eventfd, eventpoll, signalfd, timerfd, inotify, memfd, unixsk, inetsk)
 
 TYPES = {m.TYPE: m for m in MODULES}
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pycr import manifest
 from pycr.errors import ImageError
 from pycr.images import ImageDir, iter_page_runs, not_a_directory
-from pycr.restore import bounds, file_locks, kinds, timers, trust
+from pycr.restore import bounds, file_locks, ghost, kinds, memfd, sysvshm, timers, trust
 from pycr.restore.memory import PageChain
 from pycr.sysinfo import page_size
 from pycr.ptrace import xstate as X
@@ -67,6 +67,8 @@ class ImageSet:
     pipe_sizes: dict = field(default_factory=dict)    # pipe_id -> capacity in bytes
     zombies: list = field(default_factory=list)     # [ZombieImage]
     objects: dict = field(default_factory=dict)     # image kind -> body (sockets, event fds...: restore/kinds.py)
+    made: dict = field(default_factory=dict)        # what pycr makes once for fds and mappings alike (memfds,
+                                                    # ghost files, SysV segments): module name -> its holder
 
     @property
     def root(self):
@@ -114,6 +116,31 @@ def _check_mm(path, mm, pagemap):
                 raise ImageError(path, f"corrupt: saved pages at {addr:#x} lie outside every VMA")
             addr = mm.vmas[i].end
             i += 1
+
+
+def _pages_of(size):
+    return (size + PAGE - 1) // PAGE * PAGE
+
+
+def _read_shared(imgdir, objects, fds_by_pid, processes, shmem):
+    """memfd, ghost and sysvshm images: read also when only mappings need them; every object
+    they list gets a size in `shmem` (its pages file is checked against it)."""
+    for image in ("memfd", "ghost", "sysvshm"):
+        if image not in objects and imgdir.exists(image):
+            objects[image] = imgdir.read(image)
+    if "memfd" in objects:
+        memfd.check(imgdir.path_of("memfd"), objects["memfd"], [])
+        for e in objects["memfd"].memfds:
+            shmem[e.shmem_id] = max(shmem.get(e.shmem_id, 0), e.size)
+    ghost.check(imgdir.path_of("ghost"), objects.get("ghost"), fds_by_pid, processes)
+    sysvshm.check(imgdir.path_of("sysvshm"), objects.get("sysvshm"), processes)
+    for s in objects["sysvshm"].segments if "sysvshm" in objects else ():
+        shmem[s.shmid] = max(shmem.get(s.shmid, 0), s.size)
+    mapped_memfds = {v.shmem_id for p in processes for v in p.mm.vmas if v.path.startswith("/memfd:")}
+    listed = {e.shmem_id for e in objects["memfd"].memfds} if "memfd" in objects else set()
+    if mapped_memfds - listed:
+        raise ImageError(imgdir.path_of("memfd"), f"missing or corrupt: memfd {min(mapped_memfds - listed)} "
+                                                  "is mapped but not listed")
 
 
 def _load_timers_and_locks(imgdir, processes):
@@ -214,7 +241,7 @@ def load_images(images_dir, allow_pre_dump=False, resolve_chain=True, trust_imag
         if resolve_chain:
             chain.check_resolvable(str(pid))
         for vma in mm.vmas:
-            if str(vma.kind) == "shmem":
+            if str(vma.kind) == "shmem" or vma.path.startswith("/memfd:"):
                 need = vma.pgoff + (vma.end - vma.start)
                 shmem[vma.shmem_id] = max(shmem.get(vma.shmem_id, 0), need)
         processes.append(ProcessImages(pid=pid, ppid=entry.ppid, pgid=entry.pgid, sid=entry.sid,
@@ -229,17 +256,23 @@ def load_images(images_dir, allow_pre_dump=False, resolve_chain=True, trust_imag
         seen.add(z.pid)
         zombies.append(ZombieImage(pid=z.pid, ppid=z.ppid, pgid=z.pgid, sid=z.sid, exit_code=z.exit_code,
                                   comm=z.comm))
+    objects = kinds.check_all(imgdir, fds_by_pid)
+    _read_shared(imgdir, objects, fds_by_pid, processes, shmem)
     for shmem_id, size in shmem.items():
         key = f"shmem-{shmem_id}"
         pagemap = chain.pagemap(0, key)
-        bounds.check_runs(imgdir.path_of("pagemap", key), pagemap, limit=size)
+        bounds.check_runs(imgdir.path_of("pagemap", key), pagemap, limit=_pages_of(size))
         _check_pages_file(imgdir, key, pagemap)
         if resolve_chain:
             chain.check_resolvable(key)
     for pid_fds in fds_by_pid:
         if pid_fds not in seen or any(z.pid == pid_fds for z in zombies):
             raise ImageError(imgdir.path_of("files"), f"corrupt: fds of pid {pid_fds}, not in pstree.img")
-    objects = kinds.check_all(imgdir, fds_by_pid)
+    for g in objects["ghost"].ghosts if "ghost" in objects else ():
+        key = ghost.owner(g.ghost_id)
+        pagemap = chain.pagemap(0, key)
+        bounds.check_runs(imgdir.path_of("pagemap", key), pagemap, limit=_pages_of(g.size))
+        _check_pages_file(imgdir, key, pagemap)
     _load_timers_and_locks(imgdir, processes)
     images = ImageSet(imgdir=imgdir, inventory=inventory, processes=processes,
                       pipes_data=pipes_data, shmem=shmem, pages=chain, pipe_sizes=pipe_sizes,

@@ -26,6 +26,7 @@ from pycr.abi import (AT_FDCWD, MADVISE_NAMED, MAP_ANONYMOUS, MAP_DROPPABLE, MAP
 from pycr.errors import RestoreError
 from pycr.log import log
 from pycr import sysinfo
+from pycr.restore import ghost, sysvshm
 from pycr.sysinfo import page_size
 
 PAGE = page_size()
@@ -172,7 +173,7 @@ def map_vmas(remote, mm, shmem_paths):
 
     shmem_paths: shmem_id -> a path the task can open for that shared object.
     """
-    opened = {}
+    opened, attached = {}, set()
     try:
         for vma in mm.vmas:
             kind = kind_of(vma)
@@ -181,10 +182,16 @@ def map_vmas(remote, mm, shmem_paths):
             flags = set(vma.vmflags.split())
             size = vma.end - vma.start
             extra = MAP_NORESERVE if "nr" in flags else 0
-            if not vma.shared:
+            if sysvshm.is_sysv_vma(vma):
+                target = shmem_paths.get(vma.shmem_id)
+                if not isinstance(target, tuple):
+                    raise RestoreError(f"pid {remote.pid}: SysV shared memory at {vma.start:#x}: this restore "
+                                       "made no segment for it (an incremental restore cannot attach one yet)")
+                sysvshm.attach(remote, mm, vma, target, attached)
+            elif not vma.shared:
                 prot = vma.prot | PROT_READ | PROT_WRITE
                 if kind == "file":
-                    fd = _open_for_map(remote, opened, _strip_deleted(vma.path), O_RDONLY)
+                    fd = _open_for_map(remote, opened, backing_path(vma, shmem_paths), O_RDONLY)
                     remote.check("mmap", vma.start, size, prot, MAP_PRIVATE | MAP_FIXED | extra, fd, vma.pgoff,
                                  what=f"{vma.start:#x}, {vma.path}")
                 else:
@@ -198,12 +205,9 @@ def map_vmas(remote, mm, shmem_paths):
                         raise RestoreError(f"pid {remote.pid}: mmap of {what}anonymous memory at {vma.start:#x} "
                                            f"failed: {errno_name(res) if res < 0 else hex(res)}")
             else:
-                if kind == "shmem":
-                    path = shmem_paths[vma.shmem_id]
-                    mode = O_RDWR
-                else:
-                    path = _strip_deleted(vma.path)
-                    mode = O_RDWR if (vma.prot & PROT_WRITE or "mw" in flags) else O_RDONLY
+                path = shmem_paths[vma.shmem_id] if kind == "shmem" else backing_path(vma, shmem_paths)
+                # read-only and never writable (no VM_MAYWRITE): a sealed memfd refuses F_SEAL_WRITE otherwise
+                mode = O_RDWR if (vma.prot & PROT_WRITE or "mw" in flags) else O_RDONLY
                 fd = _open_for_map(remote, opened, path, mode)
                 remote.check("mmap", vma.start, size, vma.prot, MAP_SHARED | MAP_FIXED | extra, fd, vma.pgoff,
                              what=f"{vma.start:#x}, shared {vma.path}")
@@ -212,6 +216,18 @@ def map_vmas(remote, mm, shmem_paths):
         for fd in opened.values():
             remote.call("close", fd)
     log.info("pid %d: mapped %d VMAs", remote.pid, len(mm.vmas))
+
+
+def backing_path(vma, shmem_paths):
+    """The path a task opens to map a file VMA: a memfd or a deleted file pycr made again
+    (found in shmem_paths by shmem_id or ghost.vma_key), else the file's own path."""
+    if vma.path.startswith("/memfd:") and vma.shmem_id in shmem_paths:
+        return shmem_paths[vma.shmem_id]
+    if vma.path.endswith(DELETED):
+        found = shmem_paths.get(ghost.vma_key(vma))
+        if found is not None:
+            return found
+    return _strip_deleted(vma.path)
 
 
 def _open_for_map(remote, opened, path, mode):

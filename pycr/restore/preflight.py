@@ -11,7 +11,7 @@ from pycr import proc
 from pycr.errors import PycrError, RestoreError, Unsupported
 from pycr.log import log
 from pycr.ptrace import xstate as X
-from pycr.restore import files, kinds, mm, process
+from pycr.restore import files, ghost, kinds, mm, process
 
 DELETED = " (deleted)"
 
@@ -52,6 +52,8 @@ def check_files(images):
                 continue            # made by pycr, checked by their kind's module at load
             if kind in files.SEEKABLE and files.tree_proc_pid(rec.path, tree_pids) is not None:
                 continue            # under /proc/PID of the tree: there again once the tasks are
+            if kind == "reg" and rec.deleted:
+                continue            # a ghost file: its contents are in the images (restore/ghost.py)
             if rec.deleted or rec.path.endswith(DELETED):
                 raise RestoreError(f"pid {p.pid} fd {rec.fd}: {rec.path} was deleted before the dump")
             st = _stat(rec.path)
@@ -61,8 +63,8 @@ def check_files(images):
                 raise RestoreError(f"pid {p.pid} fd {rec.fd}: {rec.path} shrank from {rec.size} "
                                    f"to {st.st_size} bytes since the dump")
         for vma in p.mm.vmas:
-            if str(vma.kind) != "file":
-                continue
+            if str(vma.kind) != "file" or vma.path.startswith("/memfd:") or ghost.is_ghost_vma(vma):
+                continue            # memfds and ghost files are made from the images
             path = vma.path
             if path.endswith(DELETED):
                 raise RestoreError(f"pid {p.pid}: mapped file {path[:-len(DELETED)]} was deleted")

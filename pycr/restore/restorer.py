@@ -15,12 +15,13 @@ import signal
 import time
 
 from pycr import proc
-from pycr.abi import MFD_CLOEXEC, PR_GET_CHILD_SUBREAPER, PR_SET_CHILD_SUBREAPER, WALL
+from pycr.abi import PR_GET_CHILD_SUBREAPER, PR_SET_CHILD_SUBREAPER, WALL
 from pycr.errors import PycrError
 from pycr.log import log
 from pycr.native.core import Copier
 from pycr.ptrace.inject import Injector
-from pycr.restore import file_locks, files, mm, pidns as pidns_mod, preflight, process, tasks, threads, timers
+from pycr.restore import file_locks, files, ghost, memfd, mm, pidns as pidns_mod, preflight, process, sysvshm, tasks, \
+    threads, timers
 from pycr.restore.load import load_images
 from pycr.steps import finish, step
 
@@ -39,31 +40,20 @@ class Restore:
         self.init = None            # the PID 1 stub with --pidns
         self.descs = None
         self.pidfd = -1
-        self.shmem_fds = {}
+        self.shared = self.segments = self.ghosts = None
+        self.shmem_paths = {}
         self.released = False
-
-    # -- shared objects owned by pycr during the restore
-    def _make_shmem(self):
-        paths = {}
-        for shmem_id, size in self.images.shmem.items():
-            name = self._shmem_name(shmem_id)
-            fd = os.memfd_create(name, MFD_CLOEXEC)
-            self.shmem_fds[shmem_id] = fd
-            os.ftruncate(fd, size)
-            self.images.pages.fill_fd(fd, f"shmem-{shmem_id}")
-            paths[shmem_id] = f"/proc/{os.getpid()}/fd/{fd}"
-        return paths
-
-    def _shmem_name(self, shmem_id):
-        for p in self.images.processes:
-            for vma in p.mm.vmas:
-                if str(vma.kind) == "shmem" and vma.shmem_id == shmem_id and vma.path.startswith("/memfd:"):
-                    return vma.path[len("/memfd:"):].removesuffix(" (deleted)")
-        return "pycr-shmem"
 
     # -- steps
     def open_files(self):
-        """Every open file description, and pycr's pidfd the stubs will inherit."""
+        """Every shared object (memfds and shared memory, ghost files, SysV segments), every open
+        file description, and pycr's pidfd the stubs will inherit."""
+        self.shared = memfd.shared(self.images)
+        self.shared.make_all()
+        self.segments = sysvshm.holder(self.images)
+        self.segments.make_all()
+        self.ghosts = ghost.holder(self.images)
+        self.shmem_paths = {**self.shared.paths, **self.segments.paths(), **self.ghosts.paths()}
         self.descs = files.Descriptions(self.images)
         self.pidfd = files.pycr_pidfd()
 
@@ -80,15 +70,17 @@ class Restore:
         self.tasks = tasks.create_tree(self.images, root_task, self.created, zombies=zombies)
 
     def rebuild(self):
-        shmem_paths = self._make_shmem()
         for p in self.images.processes:
             task = self.tasks[p.pid]
             r = task.remote
             step(f"rebuild pid {p.pid}")
             if not p.shares_files:      # its table is its parent's, already restored
                 files.close_inherited(r, self.pidfd)
-            task.workspace, _ = mm.rebuild(r, p.mm, self.images.pages, shmem_paths)
+            task.workspace, _ = mm.rebuild(r, p.mm, self.images.pages, self.shmem_paths)
             self.finish_process(task, p)
+        # Every mapping is made: seals and IPC_RMID can refuse no later step now.
+        self.shared.seal()
+        self.segments.finish()
 
     def finish_process(self, task, p):
         """Everything after the address space: fds, identity, handlers, threads, limits,
@@ -152,9 +144,9 @@ class Restore:
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
-        for fd in self.shmem_fds.values():
-            os.close(fd)
-        self.shmem_fds.clear()
+        for made in self.images.made.values():     # memfds, ghost files; segments of a failed restore
+            made.close()
+        self.images.made.clear()
         self.images.pages.close()
 
     def abort(self):

@@ -1,0 +1,148 @@
+"""memfd and shared anonymous memory: one memfd of pycr per dumped object, for fds and mappings alike.
+
+`SharedMemory` (one per restore, `shared(images)`) makes every shared object
+before any task maps it: a memfd with the dumped name, size, mode and pages
+(plain shared anonymous memory too, which the kernel cannot make again
+otherwise). Mappings open it through /proc/<pycr>/fd/N, fds reopen it there
+with their own flags and offset: an fd and a mapping of one memfd are one
+file again. Seals go on last (`seal()`), once every task has mapped what it
+had: F_SEAL_FUTURE_WRITE would refuse a writable shared mapping made after it.
+SysV segments are not memfds: restore/sysvshm.py makes them.
+"""
+
+import fcntl
+import os
+
+from pycr.abi import F_ADD_SEALS, F_SEALS_ALL, MFD_ALLOW_SEALING, MFD_CLOEXEC, O_CLOEXEC, O_CREAT, O_EXCL, O_TRUNC
+from pycr.errors import ImageError, RestoreError
+from pycr.log import log
+
+TYPE = "memfd"
+IMAGE = "memfd"
+NAME_MAX = 249                  # memfd_create: 255 bytes with the "memfd:" prefix and NUL
+SIZE_MAX = 1 << 46
+
+
+def check(path, body, recs):
+    ids, by_file = set(), {}
+    for e in body.memfds:
+        if e.shmem_id in ids:
+            raise ImageError(path, f"corrupt: memfd {e.shmem_id} is listed twice")
+        if e.seals & ~F_SEALS_ALL or e.mode > 0o7777 or e.size > SIZE_MAX or len(os.fsencode(e.name)) > NAME_MAX:
+            raise ImageError(path, f"corrupt: memfd {e.shmem_id} has seals {e.seals:#x}, mode {e.mode:o}, "
+                                   f"size {e.size} or a name longer than {NAME_MAX} bytes")
+        ids.add(e.shmem_id)
+        for file_id in e.file_ids:
+            if file_id in by_file:
+                raise ImageError(path, f"corrupt: open file {file_id} belongs to two memfds")
+            by_file[file_id] = e
+    for pid, rec in recs:
+        if rec.file_id not in by_file:
+            raise ImageError(path, f"corrupt: pid {pid} fd {rec.fd} has no memfd entry")
+
+
+def shared(images):
+    """The SharedMemory of this restore (made at the first call)."""
+    if "memfd" not in images.made:
+        images.made["memfd"] = SharedMemory(images)
+    return images.made["memfd"]
+
+
+class SharedMemory:
+    """pycr's memfd of every shared object of the tree, keyed by shmem_id."""
+
+    def __init__(self, images):
+        self.images = images
+        body = images.objects.get(IMAGE)
+        self.memfds = {e.shmem_id: e for e in body.memfds} if body else {}
+        sysv = images.objects.get("sysvshm")
+        self.sysv = {s.shmid for s in sysv.segments} if sysv else set()
+        self.mapped = {v.shmem_id for p in images.processes for v in p.mm.vmas if v.shmem_id}
+        self.fds = {}               # shmem_id -> fd in pycr
+        self.complete = False       # every object made up front (a restore, not a replica's last pass)
+
+    def make_all(self):
+        for shmem_id in set(self.images.shmem) | set(self.memfds):
+            if shmem_id not in self.sysv:
+                self.fd(shmem_id)
+        self.complete = True
+
+    @property
+    def paths(self):
+        """shmem_id -> a path a restored task can open to map the object."""
+        return {sid: f"/proc/{os.getpid()}/fd/{fd}" for sid, fd in self.fds.items()}
+
+    def fd(self, shmem_id):
+        if shmem_id not in self.fds:
+            self.fds[shmem_id] = self._make(shmem_id)
+        return self.fds[shmem_id]
+
+    def _make(self, shmem_id):
+        entry = self.memfds.get(shmem_id)
+        name = entry.name if entry else self._mapped_name(shmem_id)
+        fd = os.memfd_create(name, MFD_CLOEXEC | (MFD_ALLOW_SEALING if entry else 0))
+        try:
+            size = entry.size if entry else self.images.shmem[shmem_id]
+            os.ftruncate(fd, size)
+            self.images.pages.fill_fd(fd, f"shmem-{shmem_id}")
+            os.ftruncate(fd, size)              # the last saved page may reach past the end
+            if entry:
+                os.fchmod(fd, entry.mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        log.info("shared object %d: memfd %r of %d bytes made and filled", shmem_id, name, os.fstat(fd).st_size)
+        return fd
+
+    def _mapped_name(self, shmem_id):
+        for p in self.images.processes:
+            for vma in p.mm.vmas:
+                if str(vma.kind) == "shmem" and vma.shmem_id == shmem_id and vma.path.startswith("/memfd:"):
+                    return vma.path[len("/memfd:"):].removesuffix(" (deleted)")
+        return "pycr-shmem"
+
+    def seal(self, only=None):
+        """F_ADD_SEALS with the dumped seals, after the contents and every mapping."""
+        for shmem_id, entry in self.memfds.items():
+            if entry.seals and shmem_id in self.fds and (only is None or shmem_id == only):
+                try:
+                    fcntl.fcntl(self.fds[shmem_id], F_ADD_SEALS, entry.seals)
+                except OSError as exc:
+                    raise RestoreError(f"memfd {entry.name}: F_ADD_SEALS {entry.seals:#x} failed: "
+                                       f"{exc.strerror}") from None
+                log.info("memfd %r: seals %#x added", entry.name, entry.seals)
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+class Objects:
+    """The fds of memfds: each description reopens pycr's memfd with its own flags and offset."""
+
+    def __init__(self, images, body):
+        self.shared = shared(images)
+        self.images = images
+        self.by_file = {fid: e for e in body.memfds for fid in e.file_ids}
+
+    def open(self, rec):
+        entry = self.by_file[rec.file_id]
+        lazy = not self.shared.complete
+        if lazy and entry.shmem_id in self.shared.mapped:
+            raise RestoreError(f"fd {rec.fd}: memfd {entry.name} is both open and mapped, which an "
+                               "incremental restore cannot give back as one file yet")
+        mine = self.shared.fd(entry.shmem_id)
+        if lazy:
+            self.shared.seal(only=entry.shmem_id)       # no mapping of it can come later
+        flags = (rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_CLOEXEC
+        try:
+            fd = os.open(f"/proc/self/fd/{mine}", flags)
+        except OSError as exc:
+            raise RestoreError(f"fd {rec.fd}: cannot reopen memfd {entry.name}: {exc.strerror}") from None
+        if rec.pos:
+            os.lseek(fd, rec.pos, os.SEEK_SET)
+        return fd
+
+    def close(self):
+        pass

@@ -1,0 +1,129 @@
+"""SysV shared memory comes back: the segments' key, id, mode, size and contents, every attachment
+at its address, shared between processes again; a segment marked for removal is marked again."""
+
+import ctypes
+import hashlib
+import signal
+
+import pytest
+
+from pycrcmd import one_line_error, pycr
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+
+SHM_SCRIPT = r"""#!{python}
+import ctypes, hashlib, os, signal, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+libc.shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+def report(line):
+    os.write(st, (line + "\n").encode())
+key = int(sys.argv[2], 0)
+SIZE = 3 * 4096 + 100
+shmid = libc.shmget(key, SIZE, 0o1000 | 0o2000 | 0o640)           # IPC_CREAT | IPC_EXCL
+addr = libc.shmat(shmid, None, 0)
+ctypes.memmove(addr, bytes((i * 13) % 256 for i in range(SIZE)), SIZE)
+gone = libc.shmget(0, 8192, 0o1000 | 0o600)                       # IPC_PRIVATE
+gaddr = libc.shmat(gone, None, 0)
+ctypes.memmove(gaddr + 4096, b"marked for removal", 18)
+libc.shmctl(gone, 0, None)                                         # IPC_RMID while attached
+def sha(a, n):
+    return hashlib.sha256(ctypes.string_at(a, n)).hexdigest()[:16]
+go = []
+signal.signal(signal.SIGUSR1, lambda *a: go.append(1))
+child = os.fork()
+if child == 0:
+    mine = libc.shmat(shmid, None, 0o10000)                       # SHM_RDONLY, a second attachment
+    report("child %d" % os.getpid())
+else:
+    report("ids %d %d at %x %x" % (shmid, gone, addr, gaddr))
+    report("ready %d" % os.getpid())
+while True:
+    while not go:
+        time.sleep(0.01)
+    go.pop()
+    if child:
+        ctypes.memmove(addr + 8192, b"parent wrote", 12)
+        ds = ctypes.create_string_buffer(112)
+        ok = libc.shmctl(shmid, 2, ds) == 0                        # IPC_STAT on the id it had
+        report("parent stat %s sha %s gone %s" % (ok, sha(addr, SIZE), ctypes.string_at(gaddr + 4096, 18).decode()))
+    else:
+        report("child sees %s %s" % (ctypes.string_at(mine + 8192, 12).decode(), sha(mine, 8192)))
+"""
+
+
+def _segments():
+    with open("/proc/sysvipc/shm") as f:
+        lines = f.read().splitlines()
+    names = lines[0].split()
+    return {int(v[1]): dict(zip(names, v)) for v in (line.split() for line in lines[1:])}
+
+
+def _remove(shmid):
+    libc.shmctl(shmid, 0, None)
+
+
+@pytest.fixture
+def shm_key():
+    import os
+    key = 0x7C000000 | (os.getpid() & 0xFFFF) << 4
+    yield key
+    for shmid, row in _segments().items():
+        if int(row["key"]) & 0xFFFFFFFF == key:
+            _remove(shmid)
+
+
+def _start(spawn, tmp_path, key):
+    import sys
+    script = tmp_path / "shm.py"
+    script.write_text(SHM_SCRIPT.replace("{python}", sys.executable))
+    script.chmod(0o755)
+    w = spawn(str(script), hex(key))
+    ids = w.wait_for(r"^ids (\d+) (\d+) at").group(0).split()
+    child = int(w.wait_for(r"^child (\d+)$").group(1))
+    return w, int(ids[1]), int(ids[2]), child
+
+
+def test_sysv_segments_come_back_attached_and_shared(spawn, tmp_path, cleanup_pids, shm_key):
+    w, shmid, gone, child = _start(spawn, tmp_path, shm_key)
+    before = _segments()
+    maps_before = open(f"/proc/{w.pid}/maps").read().count("/SYSV")
+    dump_dir = tmp_path / "img"
+    pycr("dump", "-t", w.pid, "-D", dump_dir)
+    cleanup_pids.add(w.pid, child)
+    assert gone not in _segments()          # the tree is gone, so is the segment it had removed
+    pycr("restore", "-D", dump_dir, "-d")
+    segs = _segments()
+    assert int(segs[shmid]["key"]) & 0xFFFFFFFF == shm_key
+    assert segs[shmid]["nattch"] == before[shmid]["nattch"] == "3"     # parent, child's fork copy, child's own
+    assert open(f"/proc/{w.pid}/maps").read().count("/SYSV") == maps_before
+    with open("/proc/sys/kernel/shm_next_id") as f:
+        assert f.read().strip() == "-1"    # pycr left no chosen id behind for somebody else
+    # The removed one is back with its id (this kernel lets root choose it), marked for removal again.
+    assert (segs[gone]["key"], segs[gone]["perms"], segs[gone]["nattch"]) == ("0", before[gone]["perms"], "2")
+    assert int(before[gone]["perms"], 8) & 0o1000
+    size = 3 * 4096 + 100
+    data = bytearray((i * 13) % 256 for i in range(size))
+    data[8192:8204] = b"parent wrote"
+    sha = lambda b: hashlib.sha256(bytes(b)).hexdigest()[:16]  # noqa: E731
+    got = w.signal_and_wait(signal.SIGUSR1, r"^parent (.*)$").group(1)
+    assert got == f"stat True sha {sha(data)} gone marked for removal"
+    got = w.signal_and_wait(signal.SIGUSR1, r"^child sees (.*)$", pid=child).group(1)
+    assert got == f"parent wrote {sha(data[:8192])}"
+
+
+def test_a_key_held_by_another_segment_is_refused(spawn, tmp_path, cleanup_pids, shm_key):
+    w, shmid, _, child = _start(spawn, tmp_path, shm_key)
+    dump_dir = tmp_path / "img"
+    pycr("dump", "-t", w.pid, "-D", dump_dir)
+    cleanup_pids.add(w.pid, child)
+    _remove(shmid)
+    other = libc.shmget(shm_key, 4096, 0o1000 | 0o600)
+    assert other >= 0
+    proc = pycr("restore", "-D", dump_dir, "-d", expect=1)
+    assert one_line_error(proc) == (f"pycr: SysV shared memory key {shm_key:#x} is in use on this host by segment "
+                                    f"{other} (remove it with ipcrm, or restore elsewhere)")
+    assert [i for i, r in _segments().items() if int(r["key"]) & 0xFFFFFFFF == shm_key] == [other]
