@@ -8,8 +8,8 @@ that a directory listing can name it, but has no magic and no schema.
 
 from collections import namedtuple
 
-from . import (common, core, eventfd, eventpoll, files, ghost, inetsk, inotify, inventory, manifest, memfd,
-               mm, pagemap, pipes_data, pstree, signalfd, sysvshm, timerfd, tracker, unixsk)
+from . import (common, core, eventfd, eventpoll, file_locks, files, ghost, inetsk, inotify, inventory, manifest,
+               memfd, mm, pagemap, pipes_data, pstree, signalfd, sysvshm, timerfd, timers, tracker, unixsk)
 from .common import FORMAT_VERSION, HEADER_SIZE, Header
 
 ImageKind = namedtuple("ImageKind", "name magic schema pattern")
@@ -36,6 +36,8 @@ KINDS = {
         ("sysvshm", sysvshm),
         ("unixsk", unixsk),
         ("inetsk", inetsk),
+        ("timers", timers),
+        ("file-locks", file_locks),
         ("manifest", manifest),
     )
 }
@@ -69,4 +71,5 @@ __all__ = [
     "KINDS", "ImageKind", "kind_of_magic", "kind_of_file", "file_name", "FORMAT_VERSION",
     "HEADER_SIZE", "Header", "common", "core", "files", "inventory", "manifest", "mm",
     "pagemap", "pipes_data", "eventfd", "eventpoll", "signalfd", "timerfd", "inotify", "memfd", "ghost", "sysvshm", "pstree", "tracker", "unixsk", "inetsk",
+    "timers", "file_locks",
 ]

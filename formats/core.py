@@ -55,6 +55,13 @@ Thread = Struct(
     "sigaltstack" / Sigaltstack,
 )
 
+Itimer = Struct(
+    "value_us" / U64,           # time left at the dump, microseconds; 0 = disarmed
+    "interval_us" / U64,        # reload value, microseconds; 0 = one-shot
+)
+
+ITIMER_COUNT = 3                # ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF
+
 SeccompMode = Enum(Int8ul, disabled=0, strict=1, filter=2)
 
 Body = Struct(
@@ -73,5 +80,6 @@ Body = Struct(
     "seccomp_filters" / Array32(Blob),      # sock_filter arrays, oldest first
     "xcomp_perm" / U64,         # xstate components granted by ARCH_REQ_XCOMP_PERM (AMX tile data)
     "job_stopped" / Flag,       # stopped by SIGSTOP/SIGTSTP (State T): comes back stopped
+    "itimers" / Array(ITIMER_COUNT, Itimer),    # setitimer(): REAL, VIRTUAL, PROF
     "threads" / Array32(Thread),            # leader first
 )

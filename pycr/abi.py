@@ -127,6 +127,11 @@ NR = {
     "getdents64": 217,
     "set_tid_address": 218,
     "restart_syscall": 219,
+    "timer_create": 222,
+    "timer_settime": 223,
+    "timer_gettime": 224,
+    "timer_getoverrun": 225,
+    "timer_delete": 226,
     "clock_gettime": 228,
     "clock_nanosleep": 230,
     "exit_group": 231,
@@ -208,6 +213,10 @@ F_SETFD, FD_CLOEXEC = 2, 1
 F_DUPFD_CLOEXEC = 1030
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 SEEK_SET = 0
+F_GETLK, F_SETLK = 5, 6
+F_OFD_GETLK, F_OFD_SETLK = 36, 37
+F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
+LOCK_SH, LOCK_EX, LOCK_NB, LOCK_UN = 1, 2, 4, 8
 SPLICE_F_NONBLOCK = 2
 MFD_CLOEXEC, MFD_ALLOW_SEALING = 1, 2
 F_ADD_SEALS, F_GET_SEALS = 1033, 1034
@@ -255,6 +264,13 @@ PR_GET_TID_ADDRESS = 40
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 2, 4
 PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
+PR_TIMER_CREATE_RESTORE_IDS = 77     # Linux 6.17: timer_create takes the ID from *timerid
+PR_TIMER_CREATE_RESTORE_IDS_OFF, PR_TIMER_CREATE_RESTORE_IDS_ON, PR_TIMER_CREATE_RESTORE_IDS_GET = 0, 1, 2
+
+# ---- timers (linux/time.h, asm-generic/siginfo.h) ------------------------------
+
+ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF = 0, 1, 2
+SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD, SIGEV_THREAD_ID = 0, 1, 2, 4
 
 # ---- seccomp, capabilities, kcmp ---------------------------------------------
 

@@ -13,6 +13,8 @@ from . import __version__, leftovers, manifest, outdir, proc
 from .collect.core import collect_core, collect_thread
 from .collect import ghost, memfd, sysvshm
 from .collect.kinds import collect_objects
+from .collect.file_locks import collect_file_locks
+from .collect.timers import collect_posix_timers
 from .collect.files import collect_files, collect_pipes_data, number_file_descriptions, describe_fd
 from .collect.memory import dump_private_memory, dump_shmem, shmem_vmas
 from .collect.mm import check_supported, collect_mm, read_vmas
@@ -99,6 +101,7 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
     for image, body in ((ghost.IMAGE, ghosts.body()), (sysvshm.IMAGE, sysvshm.collect(vmas_by_src))):
         if body:
             objects[image] = body
+    locks = collect_file_locks({pid: (src, files_by_src[src]) for pid, src in srcs.items()})
     log.info("tree of %d processes: VMAs and fds readable, nothing unsupported", len(processes))
 
     step("write pstree, files and pipes-data")
@@ -109,8 +112,10 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
                                           for k, (data, size) in pipes.items()]})
     for image, body in objects.items():
         imgdir.write(image, body)
+    if locks:
+        imgdir.write("file-locks", {"locks": locks})
 
-    written = 0
+    written, posix_timers = 0, []
     for pid, threads in processes.items():
         # CPU state first: injection below borrows the registers and the signal mask.
         src = srcs[pid]
@@ -119,6 +124,9 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
             log.info("pid %d: reading sigactions and brk by injected syscalls", pid)
             core_img = collect_core(pid, states, threads[0], injector)
             mm_img = collect_mm(pid, vmas_by_pid[pid], injector, src=src)
+            timers = collect_posix_timers(pid, src, injector)
+        if timers:
+            posix_timers.append({"pid": pid, "timers": timers})
         step(f"write core and mm of {pid}")
         core_img["job_stopped"] = any(t.tid in frozen.job_stopped for t in threads)
         imgdir.write("core", core_img)
@@ -133,6 +141,8 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
             written += dump_shmem(src, vma, imgdir)
     written += memfd.dump_contents(objects.get(memfd.IMAGE), files_by_src, imgdir)
     written += ghosts.dump_contents(imgdir)
+    if posix_timers:
+        imgdir.write("timers", {"processes": posix_timers})
     return written
 
 

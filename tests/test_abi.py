@@ -7,6 +7,7 @@ import os
 import pathlib
 import re
 import resource
+import signal
 
 from pycr import abi
 
@@ -62,7 +63,10 @@ def test_flags_agree_with_pythons_own_modules():
             "MAP_SHARED": mmap, "MAP_PRIVATE": mmap, "MAP_ANONYMOUS": mmap, "MAP_POPULATE": mmap,
             "MADV_DONTNEED": mmap,
             "F_SETFD": fcntl, "FD_CLOEXEC": fcntl, "F_DUPFD_CLOEXEC": fcntl, "F_SETPIPE_SZ": fcntl,
-            "F_GETPIPE_SZ": fcntl, "RLIMIT_NOFILE": resource}
+            "F_GETPIPE_SZ": fcntl, "RLIMIT_NOFILE": resource, "F_GETLK": fcntl, "F_SETLK": fcntl,
+            "F_OFD_GETLK": fcntl, "F_OFD_SETLK": fcntl, "F_RDLCK": fcntl, "F_WRLCK": fcntl, "F_UNLCK": fcntl,
+            "LOCK_SH": fcntl, "LOCK_EX": fcntl, "LOCK_NB": fcntl, "LOCK_UN": fcntl,
+            "ITIMER_REAL": signal, "ITIMER_VIRTUAL": signal, "ITIMER_PROF": signal}
     for name, module in same.items():
         assert getattr(abi, name) == getattr(module, name), name
     for advice, name in abi.MADVISE_NAMED.values():

@@ -77,6 +77,8 @@ def sample_core():
         seccomp_mode="filter",
         seccomp_filters=[bytes.fromhex("20000000040000001500000100000000060000000000ff7f")],
         xcomp_perm=0, job_stopped=False,
+        itimers=[dict(value_us=37_500, interval_us=50_000), dict(value_us=0, interval_us=0),
+                 dict(value_us=2_000_000, interval_us=0)],
         threads=[
             dict(tid=ROOT, comm="counter", regs=regs(0x7F3A1230D7FA, 0x7FFC8A2B1F30, rax=2**64 - 516, orig_rax=230),
                  xstate=xstate(), sigmask=0, pending=[],
@@ -240,6 +242,23 @@ def sample_inetsk():
              local=addr, peer=dict(addr=bytes(4), port=0, scope_id=0), backlog=0, options=[], tcp=[])])
 
 
+def sample_timers():
+    return dict(processes=[dict(pid=ROOT, timers=[
+        dict(id=0, clock=1, notify=0, signo=10, sigval=0x7F3A12345000, tid=0, value_ns=12_345_678,
+             interval_ns=20_000_000, overrun=3),
+        dict(id=7, clock=-6, notify=4, signo=12, sigval=5, tid=THREAD2, value_ns=0, interval_ns=0, overrun=0),
+        dict(id=2**31 - 1, clock=0, notify=1, signo=0, sigval=0, tid=0, value_ns=2**40, interval_ns=0, overrun=0),
+    ])])
+
+
+def sample_file_locks():
+    return dict(locks=[
+        dict(kind="posix", write=True, pid=ROOT, fd=3, file_id=7, start=100, length=50),
+        dict(kind="flock", write=False, pid=CHILD, fd=4, file_id=9, start=0, length=0),
+        dict(kind="ofd", write=True, pid=ROOT, fd=5, file_id=11, start=2**62, length=0),
+    ])
+
+
 SAMPLES = {
     "inventory": sample_inventory,
     "pstree": sample_pstree,
@@ -260,6 +279,8 @@ SAMPLES = {
     "sysvshm": sample_sysvshm,
     "unixsk": sample_unixsk,
     "inetsk": sample_inetsk,
+    "timers": sample_timers,
+    "file-locks": sample_file_locks,
 }
 
 

@@ -13,6 +13,7 @@ from ..native import core as native
 from ..ptrace.inject import Injector
 from ..abi import ARCH_GET_XCOMP_PERM, NR, PR_GET_TID_ADDRESS, SECCOMP_MODE_FILTER
 from ..ptrace import xstate as X
+from .timers import collect_itimers
 
 KSIGACTION = struct.Struct("<QQQQ")      # handler, flags, restorer, mask (kernel layout)
 SECCOMP_MODES = {0: "disabled", 1: "strict", 2: "filter"}
@@ -119,5 +120,6 @@ def collect_core(pid, thread_states, leader, injector):
         "seccomp_mode": SECCOMP_MODES.get(status.seccomp, "disabled"),
         "seccomp_filters": leader.seccomp_filters() if status.seccomp == SECCOMP_MODE_FILTER else [],
         "xcomp_perm": xcomp_perm(injector),
+        "itimers": collect_itimers(injector),
         "threads": thread_states,
     }

@@ -18,9 +18,12 @@ from pycr.proc.status import Status, status
 from pycr.proc.syscall import syscall
 from pycr.proc.system import exists, pids, read_system, sysctl, sysctl_int, sysv_shm
 from pycr.proc.tree import children, descendants, tasks
+from pycr.proc.timers import PosixTimer, timers
+from pycr.proc.locks import FileLock, fd_locks, system_locks
 
 __all__ = ["auxv", "auxv_bytes", "FdInfo", "fd_link", "fdinfo", "fds", "Vma", "maps", "comm", "cwd",
            "exe", "personality", "rlimit_count", "rlimit_name", "rlimits", "root", "RLIMIT_NAMES", "SmapsEntry", "smaps",
            "Stat", "stat", "Status", "status", "children", "descendants", "tasks", "syscall",
            "clear_refs", "open_fd", "open_map_file", "open_mem", "open_pagemap", "read_mem", "stat_fd",
-           "exists", "pids", "read_system", "sysctl", "sysctl_int", "Mount", "mountinfo", "sysv_shm"]
+           "exists", "pids", "read_system", "sysctl", "sysctl_int", "Mount", "mountinfo", "sysv_shm",
+           "PosixTimer", "timers", "FileLock", "fd_locks", "system_locks"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pycr import manifest
 from pycr.errors import ImageError
 from pycr.images import ImageDir, iter_page_runs, not_a_directory
-from pycr.restore import bounds, ghost, kinds, memfd, sysvshm, trust
+from pycr.restore import bounds, file_locks, ghost, kinds, memfd, sysvshm, timers, trust
 from pycr.restore.memory import PageChain
 from pycr.sysinfo import page_size
 from pycr.ptrace import xstate as X
@@ -35,6 +35,8 @@ class ProcessImages:
     leader_exited: bool = False     # a zombie leader: tids are its live threads only
     leader_exit_code: int = 0
     shares_files: bool = False      # one fd table with its parent (CLONE_FILES)
+    posix_timers: list = field(default_factory=list)    # timers.img entries, by ID
+    file_locks: list = field(default_factory=list)      # file-locks.img entries it takes again
 
     @property
     def clone_tids(self):
@@ -141,6 +143,21 @@ def _read_shared(imgdir, objects, fds_by_pid, processes, shmem):
                                                   "is mapped but not listed")
 
 
+def _load_timers_and_locks(imgdir, processes):
+    """timers.img and file-locks.img, if the set has them, checked and handed to their processes."""
+    by_pid = {p.pid: p for p in processes}
+    if imgdir.exists("timers"):
+        body = imgdir.read("timers")
+        timers.check_posix_timers(imgdir.path_of("timers"), body, processes)
+        for entry in body.processes:
+            by_pid[entry.pid].posix_timers = sorted(entry.timers, key=lambda t: t.id)
+    if imgdir.exists("file-locks"):
+        body = imgdir.read("file-locks")
+        file_locks.check(imgdir.path_of("file-locks"), body, processes)
+        for lock in body.locks:
+            by_pid[lock.pid].file_locks.append(lock)
+
+
 def check_set(imgdir, resolve_chain=True, trust_images=False):
     """Before reading anything: who may have written the set, and is it whole and its own?
 
@@ -217,6 +234,7 @@ def load_images(images_dir, allow_pre_dump=False, resolve_chain=True, trust_imag
         if mm.pid != pid:
             raise ImageError(imgdir.path_of("mm", pid), f"corrupt: it describes pid {mm.pid}")
         bounds.check_fds(imgdir.path_of("files"), pid, fds_by_pid.get(pid, []), core)
+        timers.check_itimers(imgdir.path_of("core", pid), core)
         pagemap = chain.pagemap(0, str(pid))
         _check_pages_file(imgdir, str(pid), pagemap)
         _check_mm(imgdir.path_of("mm", pid), mm, pagemap)
@@ -255,6 +273,7 @@ def load_images(images_dir, allow_pre_dump=False, resolve_chain=True, trust_imag
         pagemap = chain.pagemap(0, key)
         bounds.check_runs(imgdir.path_of("pagemap", key), pagemap, limit=_pages_of(g.size))
         _check_pages_file(imgdir, key, pagemap)
+    _load_timers_and_locks(imgdir, processes)
     images = ImageSet(imgdir=imgdir, inventory=inventory, processes=processes,
                       pipes_data=pipes_data, shmem=shmem, pages=chain, pipe_sizes=pipe_sizes,
                       zombies=zombies, objects=objects)

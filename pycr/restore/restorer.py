@@ -20,7 +20,8 @@ from pycr.errors import PycrError
 from pycr.log import log
 from pycr.native.core import Copier
 from pycr.ptrace.inject import Injector
-from pycr.restore import files, ghost, memfd, mm, pidns as pidns_mod, preflight, process, sysvshm, tasks, threads
+from pycr.restore import file_locks, files, ghost, memfd, mm, pidns as pidns_mod, preflight, process, sysvshm, tasks, \
+    threads, timers
 from pycr.restore.load import load_images
 from pycr.steps import finish, step
 
@@ -89,6 +90,8 @@ class Restore:
         core = p.core
         if not p.shares_files:          # else its parent's fds are its own already
             files.restore_fds(r, p.pid, p.fds, self.descs, self.pidfd)
+        if p.file_locks:                # after restore_fds: its close()s would drop POSIX locks
+            file_locks.take(r, p.pid, p.file_locks, p.fds, self.descs, self.created)
         process.set_identity(r, core)
         process.set_dirs(r, core)
         process.set_sigactions(r, core)
@@ -96,6 +99,8 @@ class Restore:
         threads.create_threads(task, p)
         process.set_rlimits(r, core)
         threads.queue_signals(task, p)
+        timers.create_posix_timers(r, p.posix_timers)   # after the threads: SIGEV_THREAD_ID names one
+        timers.set_itimers(r, core)
         process.set_seccomp(r, core)
         for remote in task.remotes.values():    # credentials are per thread in the kernel
             process.set_creds(remote, core)
