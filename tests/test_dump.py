@@ -163,27 +163,6 @@ def test_unwritable_directory_leaves_tree_running(spawn, tmp_path):
     procutil.assert_running_untraced(w.pid)
 
 
-def test_unsupported_socket_is_named_and_tree_untouched(tmp_path):
-    code = ("import socket, sys, time\n"
-            "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
-            "print('ready', flush=True)\n"
-            "time.sleep(120)\n")
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL,
-                         close_fds=True)
-    try:
-        assert p.stdout.readline().strip() == b"ready"
-        proc = pycr("dump", "-t", p.pid, "-D", tmp_path / "img", expect=1)
-        line = one_line_error(proc)
-        assert "socket (AF_UNIX) is not supported" in line
-        procutil.assert_running_untraced(p.pid)
-        assert p.poll() is None
-    finally:
-        p.kill()
-        p.wait()
-
-
-
 def test_disk_full_is_one_line_and_tree_untouched(spawn, small_fs):
     w = spawn("bigmem", 32)
     before = w.signal_and_wait(signal.SIGUSR1, r"^sum (\w+)$").group(1)

@@ -712,6 +712,7 @@ def test_mapped_file_changed_since_the_dump_is_refused(workloads, tmp_path, clea
     wait_more(2)
     pycr("dump", "-t", p.pid, "-D", tmp_path / "img")
     p.wait()
+    cleanup_pids.add(p.pid)             # again, now free: the restored task has another start time
     shutil.copy2(workloads["counter"], tmp_path / "saved")          # the same bytes and time
     shutil.copy(workloads["threads"], exe)                           # another program, same path
     line = one_line_error(pycr("restore", "-D", tmp_path / "img", "-d", expect=1))

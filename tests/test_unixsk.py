@@ -153,6 +153,35 @@ def test_listener_with_accepted_and_pending_connections_through_migrate(spawn_py
                       f"'{path}' b'{abstract}'")
     assert client == f"[b'reply-req-1', b'reply-req-2', b'reply-req-a'] peer '{path}'"
 
+UNCONNECTED = PRELUDE + """
+plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+bound = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+bound.bind(os.path.join(where, "bound.sock"))
+loose = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+report("ready %d" % os.getpid())
+wait_signal()
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(os.path.join(where, "late.sock"))
+server.listen()
+plain.connect(os.path.join(where, "late.sock"))
+conn, _ = server.accept()
+plain.sendall(b"late hello")
+bound.listen()
+report("got %r bound %r" % (conn.recv(100), bound.getsockname().rpartition("/")[2]))
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_sockets_never_connected_come_back_usable(spawn_python, tmp_path, cleanup_pids):
+    """A socket made but not connected (bound or not) is restored and can still connect or listen."""
+    w = spawn_python("unconnected", UNCONNECTED)
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img")
+    cleanup_pids.add(w.pid)
+    pycr("restore", "-D", tmp_path / "img", "-d")
+    got = w.signal_and_wait(signal.SIGUSR1, r"^got (.*)$").group(1)
+    assert got == "b'late hello' bound 'bound.sock'"
+
 CLIENT = PRELUDE + """
 s = socket.socket(socket.AF_UNIX)
 s.connect(b"\\0" + open(os.path.join(where, "addr")).read().encode())

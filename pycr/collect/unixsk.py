@@ -215,7 +215,9 @@ def _entry(tree, held, sk):
         entry.update(_options(sock))
         recorded = skqueue.journaled(sk.ino, sk.cookie)
         entry["peek_off"] = recorded if recorded is not None else skqueue.get_peek_off(sock)
-        messages = [] if sk.state == abi.TCP_LISTEN else skqueue.peek_queue(sock, sk, who)
+        # A listener's queue is its backlog; a stream socket never connected has none (recv: EINVAL).
+        unqueued = sk.state == abi.TCP_LISTEN or (sk.type != socket.SOCK_DGRAM and sk.state != abi.TCP_ESTABLISHED)
+        messages = [] if unqueued else skqueue.peek_queue(sock, sk, who)
     finally:
         sock.close()
     if messages and entry["ext_peer"] and sk.type != socket.SOCK_DGRAM:
