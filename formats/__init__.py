@@ -8,7 +8,7 @@ that a directory listing can name it, but has no magic and no schema.
 
 from collections import namedtuple
 
-from . import common, core, eventfd, files, inventory, manifest, mm, pagemap, pipes_data, pstree, tracker
+from . import common, core, eventfd, files, inventory, manifest, mm, pagemap, pipes_data, pstree, tracker, tty
 from .common import FORMAT_VERSION, HEADER_SIZE, Header
 
 ImageKind = namedtuple("ImageKind", "name magic schema pattern")
@@ -26,6 +26,7 @@ KINDS = {
         ("pipes-data", pipes_data),
         ("tracker", tracker),
         ("eventfd", eventfd),
+        ("tty", tty),
         ("manifest", manifest),
     )
 }
@@ -58,5 +59,5 @@ def file_name(kind, key=None):
 __all__ = [
     "KINDS", "ImageKind", "kind_of_magic", "kind_of_file", "file_name", "FORMAT_VERSION",
     "HEADER_SIZE", "Header", "common", "core", "files", "inventory", "manifest", "mm",
-    "pagemap", "pipes_data", "eventfd", "pstree", "tracker",
+    "pagemap", "pipes_data", "eventfd", "pstree", "tracker", "tty",
 ]

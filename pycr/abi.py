@@ -275,3 +275,24 @@ PAGE_IS_HUGE = 64
 PAGE_IS_SOFT_DIRTY = 128
 PM_SCAN_WP_MATCHING = 1
 PM_SCAN_CHECK_WPASYNC = 2
+
+# -- terminals (asm-generic/ioctls.h; _IOR/_IOW numbers carry the argument size)
+TCGETS2 = 0x802C542A                  # _IOR('T', 0x2A, struct termios2)
+TCSETS2 = 0x402C542B                  # _IOW('T', 0x2B, struct termios2)
+TERMIOS2_SIZE = 44                    # iflag oflag cflag lflag (u32), line (u8), cc[19], ispeed, ospeed (u32)
+TIOCGPTN = 0x80045430                 # _IOR('T', 0x30, unsigned int): a pty master's index N (/dev/pts/N)
+TIOCSPTLCK = 0x40045431               # _IOW('T', 0x31, int): lock (1) or unlock (0) the slave
+TIOCGPKT = 0x80045438                 # _IOR('T', 0x38, int): packet mode
+TIOCGPTLCK = 0x80045439               # _IOR('T', 0x39, int)
+TIOCGEXCL = 0x80045440                # _IOR('T', 0x40, int)
+TIOCEXCL = 0x540C
+TIOCSCTTY = 0x540E
+TIOCGPGRP = 0x540F
+TIOCSPGRP = 0x5410
+TIOCOUTQ = 0x5411
+TIOCGWINSZ = 0x5413
+TIOCSWINSZ = 0x5414
+TIOCPKT = 0x5420
+FIONREAD = 0x541B                     # also TIOCINQ
+TIOCGSID = 0x5429
+TIOCGLCKTRMIOS = 0x5456

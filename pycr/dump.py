@@ -15,6 +15,7 @@ from .collect.kinds import collect_objects
 from .collect.files import collect_files, collect_pipes_data, number_file_descriptions, describe_fd
 from .collect.memory import dump_private_memory, dump_shmem, shmem_vmas
 from .collect.mm import check_supported, collect_mm, read_vmas
+from .collect.tty import check_terminals
 from .collect.tree import check_pid_namespace, check_sessions, collect_pstree, reader
 from .errors import PycrError
 from .freeze import freeze
@@ -90,6 +91,7 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
         files_by_src[src] = _collect_files(src, (hidden_fds or {}).get(pid))
     number_file_descriptions(files_by_src)
     objects = collect_objects(files_by_src)
+    check_terminals(pstree, objects)
     log.info("tree of %d processes: VMAs and fds readable, nothing unsupported", len(processes))
 
     step("write pstree, files and pipes-data")

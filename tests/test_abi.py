@@ -7,6 +7,7 @@ import os
 import pathlib
 import re
 import resource
+import termios
 
 from pycr import abi
 
@@ -62,7 +63,10 @@ def test_flags_agree_with_pythons_own_modules():
             "MAP_SHARED": mmap, "MAP_PRIVATE": mmap, "MAP_ANONYMOUS": mmap, "MAP_POPULATE": mmap,
             "MADV_DONTNEED": mmap,
             "F_SETFD": fcntl, "FD_CLOEXEC": fcntl, "F_DUPFD_CLOEXEC": fcntl, "F_SETPIPE_SZ": fcntl,
-            "F_GETPIPE_SZ": fcntl, "RLIMIT_NOFILE": resource}
+            "F_GETPIPE_SZ": fcntl, "RLIMIT_NOFILE": resource,
+            "TIOCEXCL": termios, "TIOCSCTTY": termios, "TIOCGPGRP": termios, "TIOCSPGRP": termios,
+            "TIOCOUTQ": termios, "TIOCGWINSZ": termios, "TIOCSWINSZ": termios, "TIOCPKT": termios,
+            "FIONREAD": termios, "TIOCGLCKTRMIOS": termios}
     for name, module in same.items():
         assert getattr(abi, name) == getattr(module, name), name
     for advice, name in abi.MADVISE_NAMED.values():

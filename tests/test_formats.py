@@ -173,6 +173,16 @@ def sample_eventfd():
     return dict(eventfds=[dict(file_id=4, count=7, semaphore=False), dict(file_id=9, count=2**64 - 2, semaphore=True)])
 
 
+def sample_tty():
+    termios = dict(iflag=0x500, oflag=5, cflag=0xBF, lflag=0x8A3B, line=0, cc=bytes(range(19)),
+                   ispeed=38400, ospeed=38400)
+    pty = dict(index=3, inherited=False, termios=termios, winsize=dict(rows=40, cols=132, xpixel=0, ypixel=0),
+               packet=True, locked=False, exclusive=True, other_closed=False, sid=100, pgrp=104)
+    job = dict(pty, index=0, inherited=True, packet=False, exclusive=False, sid=0, pgrp=0)
+    return dict(ptys=[job, pty], files=[dict(file_id=2, index=3, master=True), dict(file_id=5, index=3, master=False),
+                                        dict(file_id=1, index=0, master=False)])
+
+
 SAMPLES = {
     "inventory": sample_inventory,
     "pstree": sample_pstree,
@@ -184,6 +194,7 @@ SAMPLES = {
     "tracker": sample_tracker,
     "manifest": sample_manifest,
     "eventfd": sample_eventfd,
+    "tty": sample_tty,
 }
 
 

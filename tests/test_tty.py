@@ -1,0 +1,120 @@
+"""Pseudo-terminals held inside the tree, and a shell job's terminal (-j).
+
+Every terminal here is a pty the test makes itself (never the runner's). The
+test talks to a shell on the slave through its own copy of the tree's master
+(pidfd_getfd), so it can read the shell's answers before the dump (a terminal
+holding queued bytes is refused) and again after the restore.
+"""
+
+import fcntl
+import os
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+import pytest
+
+import procutil
+from pycrcmd import one_line_error, pycr
+
+from pycr.native import core
+
+#: A session on a pty: the root holds the master and sleeps; its child (pty.fork: setsid +
+#: TIOCSCTTY) is a shell that runs each line it reads.
+SHELL_ON_PTY = """#!{python}
+import os, pty, sys, time
+st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+pid, master = pty.fork()
+if pid == 0:
+    os.execvp("sh", ["sh", "-c", 'while IFS= read -r line; do eval "$line"; done'])
+os.write(st, ("master %d child %d\\n" % (master, pid)).encode())
+os.write(st, ("ready %d\\n" % os.getpid()).encode())
+while True:
+    time.sleep(1)
+"""
+
+WINSIZE = struct.Struct("HHHH")
+
+
+class Terminal:
+    """The test's end of a pty master: run a shell line, read its answer."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def read_until(self, pattern, timeout=10.0):
+        out, deadline = b"", time.monotonic() + timeout
+        while not re.search(pattern, out.decode(errors="replace")):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise AssertionError(f"no {pattern!r} from the terminal within {timeout} s; got {out!r}")
+            out += os.read(self.fd, 4096)
+        return out.decode(errors="replace")
+
+    def run(self, line, timeout=10.0):
+        """The output of one shell line (the echo of the line itself left out)."""
+        os.write(self.fd, (line + "; echo END$((40+2))\n").encode())
+        text = self.read_until(r"END42\r?\n", timeout)
+        body = text[:text.rindex("END42")]
+        return body.split("END$((40+2))", 1)[-1].replace("\r\n", "\n").strip()
+
+    def drain(self, quiet=0.2):
+        """Read until the terminal has been quiet for `quiet` s (nothing queued at the dump)."""
+        while select.select([self.fd], [], [], quiet)[0]:
+            os.read(self.fd, 4096)
+
+    def close(self):
+        os.close(self.fd)
+
+
+def tree_terminal(pid, fd):
+    return Terminal(core.dup_from(pid, fd))
+
+
+def facts(term):
+    return {"tty": term.run("tty"), "size": term.run("stty size"), "modes": term.run("stty -g"),
+            "answer": term.run("echo hello-$((6*7))")}
+
+
+def start_shell(spawn_python):
+    w = spawn_python("shell-on-pty", SHELL_ON_PTY)
+    m = w.wait_for(r"^master (\d+) child (\d+)$")
+    return w, int(m.group(1)), int(m.group(2))
+
+
+def test_a_shell_on_a_pty_comes_back_on_the_same_pts(spawn_python, tmp_path, cleanup_pids):
+    w, master_fd, child = start_shell(spawn_python)
+    term = tree_terminal(w.pid, master_fd)
+    try:
+        fcntl.ioctl(term.fd, termios.TIOCSWINSZ, WINSIZE.pack(37, 101, 0, 0))
+        term.run("stty -echoctl intr ^B")          # settings of the slave that the restore must keep
+        before = facts(term)
+        term.drain()
+    finally:
+        term.close()
+    assert before["tty"].startswith("/dev/pts/") and before["size"] == "37 101"
+    assert before["answer"] == "hello-42"
+    pts = before["tty"]
+    assert procutil.tty_dev(child) == os.stat(pts).st_rdev
+
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img")
+    assert not procutil.wait_gone([w.pid, child])
+    assert not os.path.exists(pts)
+    pycr("restore", "-D", tmp_path / "img", "-d")
+    cleanup_pids.add(w.pid, child)
+
+    term = tree_terminal(w.pid, master_fd)
+    try:
+        after = facts(term)
+    finally:
+        term.close()
+    assert after == before
+    # The shell leads its session again, with the pty as controlling terminal and its group in front.
+    assert procutil.sid(child) == child
+    assert procutil.tty_dev(child) == os.stat(pts).st_rdev
+    assert procutil.stat(child)["tpgid"] == procutil.pgid(child)
