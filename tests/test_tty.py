@@ -118,3 +118,98 @@ def test_a_shell_on_a_pty_comes_back_on_the_same_pts(spawn_python, tmp_path, cle
     assert procutil.sid(child) == child
     assert procutil.tty_dev(child) == os.stat(pts).st_rdev
     assert procutil.stat(child)["tpgid"] == procutil.pgid(child)
+
+
+#: A pty pair in packet mode with the slave exclusive, a second master left locked (its slave
+#: never opened); on SIGUSR1 it reports what the kernel says of each.
+PTY_MODES = """#!{python}
+import fcntl, os, select, signal, struct, sys, termios, time
+st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+def report(line):
+    os.write(st, (line + "\\n").encode())
+def get(fd, req):
+    return struct.unpack("i", fcntl.ioctl(fd, req, b"\\0" * 4))[0]
+TIOCGPTN, TIOCGPKT, TIOCGPTLCK, TIOCGEXCL = 0x80045430, 0x80045438, 0x80045439, 0x80045440
+master, slave = os.openpty()
+fcntl.ioctl(master, termios.TIOCPKT, struct.pack("i", 1))
+fcntl.ioctl(slave, termios.TIOCEXCL)
+fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 200, 0, 0))
+locked = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY)
+if sys.argv[2:] == ["queued"]:
+    os.write(slave, b"unread\\n")
+def facts():
+    size = struct.unpack("HHHH", fcntl.ioctl(slave, termios.TIOCGWINSZ, b"\\0" * 8))[:2]
+    return ("pts %s index %d locked-index %d packet %d excl %d lock %d size %s" % (os.ttyname(slave),
+            get(master, TIOCGPTN), get(locked, TIOCGPTN), get(master, TIOCGPKT), get(slave, TIOCGEXCL),
+            get(locked, TIOCGPTLCK), size))
+asked = []
+signal.signal(signal.SIGUSR1, lambda *a: asked.append(1))
+report("fds %d %d %d" % (master, slave, locked))
+report("facts " + facts())
+report("ready %d" % os.getpid())
+while True:
+    while not asked:
+        time.sleep(0.01)
+    asked.clear()
+    os.write(slave, b"ping\\n")
+    select.select([master], [], [], 5)
+    data = os.read(master, 100)          # packet mode: a TIOCPKT_DATA (0) byte first
+    report("facts " + facts() + " read %r" % data)
+"""
+
+
+def test_packet_mode_exclusive_lock_and_window_size_come_back(spawn_python, tmp_path, cleanup_pids):
+    w = spawn_python("pty-modes", PTY_MODES)
+    before = w.wait_for(r"^facts (.*)$").group(1)
+    assert "packet 1 excl 1 lock 1 size (24, 200)" in before
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img")
+    pycr("restore", "-D", tmp_path / "img", "-d")
+    cleanup_pids.add(w.pid)
+    after = w.signal_and_wait(signal.SIGUSR1, r"^facts (.*) read (.*)$")
+    assert after.group(1) == before
+    assert after.group(2) == repr(b"\0ping\r\n")
+
+
+def test_a_pty_whose_index_is_taken_is_refused_by_name(spawn_python, tmp_path):
+    w = spawn_python("pty-modes", PTY_MODES)
+    pts = re.search(r"pts (\S+)", w.wait_for(r"^facts (.*)$").group(1)).group(1)
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img")
+    assert not procutil.wait_gone([w.pid])
+    # Take that index: devpts hands out the lowest free one, so hold the lower ones meanwhile.
+    index, held, mine = int(pts.rsplit("/", 1)[1]), [], None
+    try:
+        while mine is None:
+            fd = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY)
+            got = struct.unpack("i", fcntl.ioctl(fd, 0x80045430, b"\0" * 4))[0]
+            if got == index:
+                mine = fd
+            else:
+                assert got < index, f"index {index} was taken by someone else"
+                held.append(fd)
+        for fd in held:
+            os.close(fd)
+        held = []
+        proc = pycr("restore", "-D", tmp_path / "img", "-d", expect=1)
+        assert one_line_error(proc) == f"pycr: {pts} is in use: the restored pty needs that name back " \
+                                       "(programs keep it)"
+        assert not procutil.exists(w.pid)
+    finally:
+        for fd in held + ([mine] if mine is not None else []):
+            os.close(fd)
+
+
+def test_bytes_queued_in_a_pty_are_refused_by_name(spawn, tmp_path):
+    script = tmp_path / "queued.py"
+    script.write_text(PTY_MODES.format(python=sys.executable))
+    script.chmod(0o755)
+    w = spawn(str(script), "queued")
+    master = int(w.wait_for(r"^fds (\d+) ").group(1))
+    pts = re.search(r"pts (\S+)", w.wait_for(r"^facts (.*)$").group(1)).group(1)
+    proc = pycr("dump", "-t", w.pid, "-D", tmp_path / "img", expect=1)
+    assert one_line_error(proc) == (f"pycr: pid {w.pid} fd {master}: {pts} holds 8 queued bytes on its master "
+                                    "side, which pycr cannot copy without consuming them: dump when it is drained")
+    procutil.assert_running_untraced(w.pid)
+    assert not os.path.exists(tmp_path / "img")
+    # Still there for the program: its next read gets them.
+    got = w.signal_and_wait(signal.SIGUSR1, r"read (.*)$").group(1)
+    assert got == repr(b"\0unread\r\n")
