@@ -213,3 +213,118 @@ def test_bytes_queued_in_a_pty_are_refused_by_name(spawn, tmp_path):
     # Still there for the program: its next read gets them.
     got = w.signal_and_wait(signal.SIGUSR1, r"read (.*)$").group(1)
     assert got == repr(b"\0unread\r\n")
+
+
+#: A job-control shell in miniature: it leads a session on the pty of its stdin, runs its
+#: command as a job in a process group of its own, in the foreground, and waits for it.
+MINI_SHELL = """#!{python}
+import fcntl, os, signal, sys, termios, time
+st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+def report(line):
+    os.write(st, (line + "\\n").encode())
+os.setsid()
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+pid = os.fork()
+if pid == 0:
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGTTOU, signal.SIG_DFL)
+    os.execv(sys.argv[2], sys.argv[2:])
+os.setpgid(pid, pid)
+os.tcsetpgrp(0, pid)
+report("job %d" % pid)
+_, status = os.waitpid(pid, 0)
+os.tcsetpgrp(0, os.getpgrp())
+report("done %d" % status)
+while True:
+    time.sleep(1)
+"""
+
+TICKER = """#!{python}
+import os, time
+n = 0
+while True:
+    n += 1
+    os.write(1, b"tick %d\\n" % n)
+    time.sleep(0.05)
+"""
+
+
+def _script(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text.format(python=sys.executable))
+    path.chmod(0o755)
+    return str(path)
+
+
+def _on_new_pty(argv, status, cleanup_pids):
+    """Start argv with a new pty as stdin, stdout and stderr -> (its master, Popen)."""
+    master, slave = os.openpty()
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    cleanup_pids.add(proc.pid)
+    return Terminal(master), proc
+
+
+def _wait_line(path, pattern, timeout=10.0):
+    def found():
+        text = open(path).read() if os.path.exists(path) else ""
+        return re.search(pattern, text, re.M)
+    m = procutil.wait_until(found, timeout)
+    assert m, f"no {pattern!r} in {path} within {timeout} s"
+    return m
+
+
+def _ticks(term, after=0, timeout=10.0):
+    """The last tick number the terminal shows once one beyond `after` came."""
+    text = term.read_until(r"tick (\d+)\r\n(?![\s\S]*tick)", timeout) if not after else ""
+    while True:
+        numbers = [int(n) for n in re.findall(r"tick (\d+)\r\n", text)]
+        if numbers and numbers[-1] > after:
+            return numbers[-1]
+        text += term.read_until(r"tick \d+\r\n", timeout)
+
+
+def test_a_shell_job_is_refused_without_j_and_moves_to_pycrs_terminal_with_it(tmp_path, cleanup_pids):
+    shell, ticker = _script(tmp_path, "mini-shell", MINI_SHELL), _script(tmp_path, "ticker", TICKER)
+    term_a, shell_a = _on_new_pty([shell, tmp_path / "a.status", ticker], tmp_path, cleanup_pids)
+    try:
+        job = int(_wait_line(tmp_path / "a.status", r"^job (\d+)$").group(1))
+        cleanup_pids.add(job)
+        first = _ticks(term_a)
+        old_pts = os.readlink(f"/proc/{job}/fd/1")
+
+        proc = pycr("dump", "-t", job, "-D", tmp_path / "img", expect=1)
+        assert one_line_error(proc) == (f"pycr: pid {job} (ticker) runs in session {shell_a.pid} (mini-shell) "
+                                        f"outside the tree, on {old_pts}: a shell job; dump it with -j (--shell-job)")
+        procutil.assert_running_untraced(job)
+
+        pycr("dump", "-j", "-t", job, "-D", tmp_path / "img")
+        assert not procutil.wait_gone([job])
+        last = _ticks(term_a, first)
+    except BaseException:
+        term_a.close()
+        raise
+
+    proc = pycr("restore", "-D", tmp_path / "img", "-d", expect=1)
+    assert one_line_error(proc) == ("pycr: pid {job} fd 0 ran on the terminal of a shell job (dumped with -j): "
+                                    "restore with -j (--shell-job) to put it on pycr's terminal").format(job=job)
+
+    # pycr restore -j, in the foreground, run as a job by a shell on another pty.
+    term_b, shell_b = _on_new_pty([shell, tmp_path / "b.status", sys.executable, "-m", "pycr", "restore", "-j",
+                                   "-D", tmp_path / "img"], tmp_path, cleanup_pids)
+    try:
+        _ticks(term_b, last)                       # the count goes on, on the new terminal
+        new_pts = os.readlink(f"/proc/{job}/fd/1")
+        assert new_pts != old_pts and new_pts.startswith("/dev/pts/")
+        assert {os.readlink(f"/proc/{job}/fd/{fd}") for fd in (0, 1, 2)} == {new_pts}
+        assert procutil.tty_dev(job) == os.stat(new_pts).st_rdev
+        assert procutil.sid(job) == shell_b.pid
+        assert procutil.pgid(job) == job and procutil.stat(job)["tpgid"] == job      # in the foreground
+        procutil.kill(job)
+        status = int(_wait_line(tmp_path / "b.status", r"^done (\d+)$").group(1))
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 128 + signal.SIGKILL  # pycr gave the job's end
+    finally:
+        procutil.kill(job)
+        term_a.close()
+        term_b.close()
