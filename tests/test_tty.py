@@ -328,3 +328,43 @@ def test_a_shell_job_is_refused_without_j_and_moves_to_pycrs_terminal_with_it(tm
         procutil.kill(job)
         term_a.close()
         term_b.close()
+
+
+def test_pycr_migrate_moves_a_shell_job_to_its_terminal(tmp_path, cleanup_pids):
+    shell, ticker = _script(tmp_path, "mini-shell", MINI_SHELL), _script(tmp_path, "ticker", TICKER)
+    term_a, _shell_a = _on_new_pty([shell, tmp_path / "a.status", ticker], tmp_path, cleanup_pids)
+    term_b = None
+    try:
+        job = int(_wait_line(tmp_path / "a.status", r"^job (\d+)$").group(1))
+        cleanup_pids.add(job)
+        first = _ticks(term_a)
+        term_b, _shell_b = _on_new_pty([shell, tmp_path / "b.status", sys.executable, "-m", "pycr", "migrate",
+                                        "-j", "-t", str(job), "--max-passes", "2", "--work-dir",
+                                        str(tmp_path / "work")], tmp_path, cleanup_pids)
+        text = term_b.read_until(r"namespace init (\d+)\)", timeout=60)
+        m = re.search(r"\(pid (\d+) outside its namespace, namespace init (\d+)\)", text)
+        root, init = int(m.group(1)), int(m.group(2))
+        cleanup_pids.add(init, root)
+        assert not procutil.wait_gone([job])              # the source is gone, the replica counts on
+        _ticks(term_b, first)
+        new_pts = os.readlink(f"/proc/{root}/fd/1")
+        assert new_pts.startswith("/dev/pts/") and new_pts != os.readlink(f"/proc/{_shell_a.pid}/fd/1")
+        assert procutil.tty_dev(root) == os.stat(new_pts).st_rdev
+        assert procutil.sid(root) == _shell_b.pid
+    finally:
+        term_a.close()
+        if term_b is not None:
+            term_b.close()
+
+
+def test_pycr_migrate_of_a_pty_in_the_tree_is_refused_by_name_while_the_source_holds_it(spawn_python, tmp_path):
+    w, master_fd, child = start_shell(spawn_python)
+    pts = os.readlink(f"/proc/{child}/fd/0")
+    proc = pycr("migrate", "-t", w.pid, "--max-passes", 2, "--work-dir", tmp_path / "work", expect=1)
+    assert one_line_error(proc) == f"pycr: {pts} is in use: the restored pty needs that name back (programs keep it)"
+    procutil.assert_running_untraced(w.pid, child)
+    term = tree_terminal(w.pid, master_fd)
+    try:
+        assert term.run("echo still-$((6*7))") == "still-42"
+    finally:
+        term.close()
