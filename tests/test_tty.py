@@ -212,7 +212,7 @@ def test_bytes_queued_in_a_pty_are_refused_by_name(spawn, tmp_path):
     assert not os.path.exists(tmp_path / "img")
     # Still there for the program: its next read gets them.
     got = w.signal_and_wait(signal.SIGUSR1, r"read (.*)$").group(1)
-    assert got == repr(b"\0unread\r\n")
+    assert got.startswith(repr(b"\0unread\r\n")[:-1])      # "ping" may follow in the same read
 
 
 #: A job-control shell in miniature: it leads a session on the pty of its stdin, runs its
@@ -359,7 +359,12 @@ def test_pycr_migrate_moves_a_shell_job_to_its_terminal(tmp_path, cleanup_pids):
 
 def test_pycr_migrate_of_a_pty_in_the_tree_is_refused_by_name_while_the_source_holds_it(spawn_python, tmp_path):
     w, master_fd, child = start_shell(spawn_python)
-    pts = os.readlink(f"/proc/{child}/fd/0")
+    term = tree_terminal(w.pid, master_fd)
+    try:
+        pts = term.run("tty")
+        term.drain()
+    finally:
+        term.close()
     proc = pycr("migrate", "-t", w.pid, "--max-passes", 2, "--work-dir", tmp_path / "work", expect=1)
     assert one_line_error(proc) == f"pycr: {pts} is in use: the restored pty needs that name back (programs keep it)"
     procutil.assert_running_untraced(w.pid, child)
