@@ -8,8 +8,9 @@ that a directory listing can name it, but has no magic and no schema.
 
 from collections import namedtuple
 
-from . import (common, core, eventfd, eventpoll, file_locks, files, ghost, inetsk, inotify, inventory, manifest,
-               memfd, mm, pagemap, pipes_data, pstree, signalfd, sysvshm, timerfd, timers, tracker, unixsk)
+from . import (common, core, eventfd, eventpoll, file_locks, files, ghost, inetsk, inotify, inventory,
+               manifest, memfd, mm, pagemap, pipes_data, pstree, signalfd, sysvshm, timerfd, timers, tracker,
+               tty, unixsk)
 from .common import FORMAT_VERSION, HEADER_SIZE, Header
 
 ImageKind = namedtuple("ImageKind", "name magic schema pattern")
@@ -38,6 +39,7 @@ KINDS = {
         ("inetsk", inetsk),
         ("timers", timers),
         ("file-locks", file_locks),
+        ("tty", tty),
         ("manifest", manifest),
     )
 }
@@ -70,6 +72,5 @@ def file_name(kind, key=None):
 __all__ = [
     "KINDS", "ImageKind", "kind_of_magic", "kind_of_file", "file_name", "FORMAT_VERSION",
     "HEADER_SIZE", "Header", "common", "core", "files", "inventory", "manifest", "mm",
-    "pagemap", "pipes_data", "eventfd", "eventpoll", "signalfd", "timerfd", "inotify", "memfd", "ghost", "sysvshm", "pstree", "tracker", "unixsk", "inetsk",
-    "timers", "file_locks",
+    "pagemap", "pipes_data", "eventfd", "eventpoll", "signalfd", "timerfd", "inotify", "memfd", "ghost", "sysvshm", "pstree", "tracker", "unixsk", "inetsk", "timers", "file_locks", "tty",
 ]

@@ -18,6 +18,7 @@ from .collect.timers import collect_posix_timers
 from .collect.files import collect_files, collect_pipes_data, number_file_descriptions, describe_fd
 from .collect.memory import dump_private_memory, dump_shmem, shmem_vmas
 from .collect.mm import check_supported, collect_mm, read_vmas
+from .collect.tty import check_terminals
 from .collect.tree import check_pid_namespace, check_sessions, collect_pstree, reader
 from .errors import PycrError
 from .freeze import freeze
@@ -102,6 +103,7 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
         if body:
             objects[image] = body
     locks = collect_file_locks({pid: (src, files_by_src[src]) for pid, src in srcs.items()})
+    check_terminals(pstree, objects)
     log.info("tree of %d processes: VMAs and fds readable, nothing unsupported", len(processes))
 
     step("write pstree, files and pipes-data")

@@ -111,6 +111,23 @@ def tty_majors():
 
 
 @functools.cache
+def pts_majors():
+    """Character majors of pty slaves (/dev/pts/N), as /proc/devices lists them."""
+    try:
+        return frozenset(parse_char_majors(read_system("devices"), ("pts",)))
+    except PycrError:
+        return frozenset()
+
+
+def ptmx_rdev():
+    """The device number of /dev/ptmx: every pty master fd has it, whatever its index."""
+    try:
+        return os.stat("/dev/ptmx").st_rdev
+    except OSError:
+        return None
+
+
+@functools.cache
 def pipe_default_size():
     """The capacity of a new pipe (16 pages on Linux, but asked: pipe-user-pages limits shrink it)."""
     import fcntl

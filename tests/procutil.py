@@ -41,6 +41,8 @@ def stat(pid, tid=None):
         "ppid": int(rest[1]),
         "pgid": int(rest[2]),
         "sid": int(rest[3]),
+        "tty_nr": int(rest[4]),         # the controlling terminal, encoded (see tty_dev)
+        "tpgid": int(rest[5]),          # its foreground process group
         "start_time": int(rest[19]),
     }
 
@@ -60,6 +62,12 @@ def pgid(pid):
 
 def sid(pid):
     return _stat_field(pid, "sid")
+
+
+def tty_dev(pid):
+    """The device number of pid's controlling terminal (0 if none), decoded from tty_nr."""
+    nr = _stat_field(pid, "tty_nr")
+    return None if nr is None else os.makedev((nr >> 8) & 0xFFF, (nr & 0xFF) | ((nr >> 12) & 0xFFF00))
 
 
 def state(pid, tid=None):

@@ -8,6 +8,7 @@ import pathlib
 import re
 import resource
 import signal
+import termios
 
 from pycr import abi
 
@@ -66,7 +67,10 @@ def test_flags_agree_with_pythons_own_modules():
             "F_GETPIPE_SZ": fcntl, "RLIMIT_NOFILE": resource, "F_GETLK": fcntl, "F_SETLK": fcntl,
             "F_OFD_GETLK": fcntl, "F_OFD_SETLK": fcntl, "F_RDLCK": fcntl, "F_WRLCK": fcntl, "F_UNLCK": fcntl,
             "LOCK_SH": fcntl, "LOCK_EX": fcntl, "LOCK_NB": fcntl, "LOCK_UN": fcntl,
-            "ITIMER_REAL": signal, "ITIMER_VIRTUAL": signal, "ITIMER_PROF": signal}
+            "ITIMER_REAL": signal, "ITIMER_VIRTUAL": signal, "ITIMER_PROF": signal,
+            "TIOCEXCL": termios, "TIOCSCTTY": termios, "TIOCGPGRP": termios, "TIOCSPGRP": termios,
+            "TIOCOUTQ": termios, "TIOCGWINSZ": termios, "TIOCSWINSZ": termios, "TIOCPKT": termios,
+            "FIONREAD": termios, "TIOCGLCKTRMIOS": termios}
     for name, module in same.items():
         assert getattr(abi, name) == getattr(module, name), name
     for advice, name in abi.MADVISE_NAMED.values():

@@ -257,6 +257,14 @@ def sample_file_locks():
         dict(kind="flock", write=False, pid=CHILD, fd=4, file_id=9, start=0, length=0),
         dict(kind="ofd", write=True, pid=ROOT, fd=5, file_id=11, start=2**62, length=0),
     ])
+def sample_tty():
+    termios = dict(iflag=0x500, oflag=5, cflag=0xBF, lflag=0x8A3B, line=0, cc=bytes(range(19)),
+                   ispeed=38400, ospeed=38400)
+    pty = dict(index=3, inherited=False, termios=termios, winsize=dict(rows=40, cols=132, xpixel=0, ypixel=0),
+               packet=True, locked=False, exclusive=True, other_closed=False, sid=100, pgrp=104)
+    job = dict(pty, index=0, inherited=True, packet=False, exclusive=False, sid=0, pgrp=0)
+    return dict(ptys=[job, pty], files=[dict(file_id=2, index=3, master=True), dict(file_id=5, index=3, master=False),
+                                        dict(file_id=1, index=0, master=False)])
 
 
 SAMPLES = {
@@ -281,6 +289,7 @@ SAMPLES = {
     "inetsk": sample_inetsk,
     "timers": sample_timers,
     "file-locks": sample_file_locks,
+    "tty": sample_tty,
 }
 
 

@@ -67,13 +67,14 @@ def test_tty_majors_from_proc_devices():
 
 
 def test_pty_is_a_tty(spawn_python, tmp_path):
-    """A pseudo-terminal fd is recorded as a tty whatever its major number."""
+    """A pseudo-terminal's slave is recorded as pts and its master as ptmx, whatever their majors."""
     from pycr.images import ImageDir
     w = spawn_python("pty", PTY_SCRIPT)
     fd = int(w.wait_for(r"^pty (\d+)$").group(1))
     pycr("dump", "-t", w.pid, "-D", tmp_path / "img", "-R")
     recs = {r.fd: r for p in ImageDir(tmp_path / "img").read("files").processes for r in p.fds}
-    assert str(recs[fd].type) == "tty"
+    assert str(recs[fd].type) == "pts"
+    assert str(recs[fd - 1].type) == "ptmx"
     assert str(recs[0].type) == "chr"      # /dev/null
 
 

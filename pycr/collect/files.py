@@ -59,9 +59,9 @@ def describe_fd(pid, fd, target):
            "pipe_id": 0, "rdev": 0, "size": 0, "file_id": 0,
            "_same_file": (s.st_dev, s.st_ino, info.flags & ~O_CLOEXEC, info.pos)}   # close-on-exec is the fd's, not the description's
     mode = s.st_mode
-    kind = kinds.kind_of(pid, fd, target, s)
+    kind, type_name = kinds.kind_of(pid, fd, target, s)
     if kind is not None:
-        rec["type"] = kind.TYPE
+        rec["type"] = type_name
     elif st.S_ISREG(mode):
         rec["size"] = s.st_size
         if target.endswith(" (deleted)"):

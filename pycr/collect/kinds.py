@@ -4,8 +4,10 @@ Every such kind (a unix socket, an epoll set, an eventfd, ...) has one module
 in pycr/collect/, one in pycr/restore/ and one image format in formats/. A
 collect module has:
 
-- `TYPE`: its fd type in files.img; `IMAGE`: the image kind it writes;
+- `TYPE`: its fd type in files.img; `IMAGE`: the image kind it writes; a module whose one image
+  holds several fd types (a pty's master and slave) lists them in `TYPES` instead;
 - `matches(pid, fd, target, st) -> bool`: is this fd (readlink target, fstat) one of mine?
+  (with TYPES, it returns the fd type, or None);
 - `collect(objects) -> body`: the image body for every object of the tree. `objects` is a list of
   `Held`, one per open file description (fds that share one after dup or fork are one Held);
   it raises Unsupported naming the pid and fd for a state it cannot bring back.
@@ -19,9 +21,9 @@ from dataclasses import dataclass, field
 from ..log import log
 
 #: Modules in the order their kind is asked; a module may only claim what it can restore.
-from . import eventfd, eventpoll, inetsk, inotify, memfd, signalfd, timerfd, unixsk
+from . import eventfd, eventpoll, inetsk, inotify, memfd, signalfd, timerfd, tty, unixsk
 
-MODULES = (eventfd, eventpoll, signalfd, timerfd, inotify, memfd, unixsk, inetsk)
+MODULES = (eventfd, eventpoll, signalfd, timerfd, inotify, memfd, unixsk, inetsk, tty)
 
 
 @dataclass
@@ -40,29 +42,35 @@ class Held:
         return self.holders[0][1]
 
 
+def types_of(module):
+    """The fd types a module reads."""
+    return getattr(module, "TYPES", None) or (module.TYPE,)
+
+
 def kind_of(pid, fd, target, st):
-    """The collect module whose kind this fd is, or None."""
+    """(collect module, fd type) of the kind this fd is, or (None, None)."""
     for module in MODULES:
-        if module.matches(pid, fd, target, st):
-            return module
-    return None
+        found = module.matches(pid, fd, target, st)
+        if found:
+            return module, (found if isinstance(found, str) else module.TYPE)
+    return None, None
 
 
 def collect_objects(files_by_pid):
     """{image kind: body} for every kind the tree holds, each object read once."""
-    by_type = {}
+    by_module = {}
     for pid, recs in files_by_pid.items():
         for rec in recs:
-            if rec["type"] not in TYPES:
+            module = TYPES.get(rec["type"])
+            if module is None:
                 continue
-            held = by_type.setdefault(rec["type"], {}).setdefault(rec["file_id"], Held(rec["file_id"], rec))
+            held = by_module.setdefault(module, {}).setdefault(rec["file_id"], Held(rec["file_id"], rec))
             held.holders.append((pid, rec["fd"]))
     bodies = {}
-    for type_name, objects in by_type.items():
-        module = TYPES[type_name]
+    for module, objects in by_module.items():
         bodies[module.IMAGE] = module.collect(list(objects.values()))
-        log.info("%d %s object(s) read", len(objects), type_name)
+        log.info("%d %s object(s) read", len(objects), module.IMAGE)
     return bodies
 
 
-TYPES = {m.TYPE: m for m in MODULES}
+TYPES = {t: m for m in MODULES for t in types_of(m)}

@@ -5,7 +5,8 @@ a dump of this tree would leave behind."""
 import functools
 import os
 
-from .. import abi, proc
+from .. import abi, options, proc
+from .tty import terminal_name
 from ..errors import TaskGone, Unsupported
 from ..native import core
 
@@ -152,13 +153,32 @@ def check_pid_namespace(processes):
                               f"pycr's: dumping a nested PID namespace is not supported (run pycr inside it)")
 
 
+def check_shell_job(processes, zombies=()):
+    """Refuse, without -j, a tree whose session is outside it and has a controlling terminal.
+
+    That is a job started from a shell on a terminal: a restore puts it in
+    pycr's session, on pycr's terminal, which only -j (--shell-job) asks for.
+    """
+    if options.current().shell_job:
+        return
+    inside = set(processes) | set(zombies)
+    for pid in processes:
+        st = proc.stat(pid)
+        if st.session in inside or not st.tty_nr:
+            continue
+        raise Unsupported(f"pid {pid} ({st.comm}) runs in session {st.session} ({_comm(st.session)}) outside the "
+                          f"tree, on {terminal_name(st.tty_nr)}: a shell job; dump it with -j (--shell-job)")
+
+
 def check_sessions(processes, zombies=()):
     """Refuse a tree whose sessions or process groups have live members outside it.
 
     A session (or group) led by a process of the tree would come back without
     them: they were re-parented away (to init or a subreaper) when their parent
-    exited, and the restored session would silently lose them.
+    exited, and the restored session would silently lose them. A shell job
+    needs -j (check_shell_job).
     """
+    check_shell_job(processes, zombies)
     led_sessions, led_groups = set(), set()
     for pid in processes:
         st = proc.stat(pid)

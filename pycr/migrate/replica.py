@@ -211,6 +211,7 @@ class Replica:
             layout.finish(run.tasks[p.pid], p.mm)
         tasks.create_zombies(images, run.tasks, run.created)   # as the final dump found them
         run.descs = files.Descriptions(images)
+        run.descs.objects.late_sessions(run.tasks, run.pidfd)
         for p in images.processes:
             run.finish_process(run.tasks[p.pid], p)
 

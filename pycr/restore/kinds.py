@@ -2,7 +2,7 @@
 
 A restore module (one per kind, beside its collect module) has:
 
-- `TYPE`, `IMAGE`: as its collect module;
+- `TYPE` (or `TYPES`), `IMAGE`: as its collect module;
 - `check(path, body, recs)`: at load, before any task exists; raises ImageError(path, why) for a
   body that is corrupt or does not match the fd records of its TYPE (recs: [(pid, rec)]);
 - `Objects(images, body)`: made once per restore, when the descriptions are opened; it has
@@ -10,14 +10,19 @@ A restore module (one per kind, beside its collect module) has:
   Descriptions owns and closes the fd it returns); `in_task(remote, pid, recs)`: optional, run in
   each process once its fds are in place (recs: its fds of this TYPE), for state that is keyed by
   the task's own fd numbers (epoll registrations); and `close()`: drop what pycr still holds.
+  Terminals add optional hooks about sessions, which the restorer calls through KindObjects:
+  `in_session(remote, pid, pidfd)` in a session leader right after its setsid (before it forks),
+  `after_groups(tasks, pidfd)` once every process group exists, `late_sessions(tasks, pidfd)`
+  when the tree was made before the descriptions (incremental restore), and
+  `before_release(tasks)` just before the tree runs.
 """
 
 #: The restore modules, one per kind.
-from pycr.restore import eventfd, eventpoll, inetsk, inotify, memfd, signalfd, timerfd, unixsk
+from pycr.restore import eventfd, eventpoll, inetsk, inotify, memfd, signalfd, timerfd, tty, unixsk
 
-MODULES = (eventfd, eventpoll, signalfd, timerfd, inotify, memfd, unixsk, inetsk)
+MODULES = (eventfd, eventpoll, signalfd, timerfd, inotify, memfd, unixsk, inetsk, tty)
 
-TYPES = {m.TYPE: m for m in MODULES}
+TYPES = {t: m for m in MODULES for t in (getattr(m, "TYPES", None) or (m.TYPE,))}
 
 
 def images_needed(fds_by_pid):
@@ -36,7 +41,7 @@ def check_all(imgdir, fds_by_pid):
     bodies = {}
     for image, module in images_needed(fds_by_pid).items():
         body = imgdir.read(image)
-        recs = [(pid, rec) for pid, fds in fds_by_pid.items() for rec in fds if str(rec.type) == module.TYPE]
+        recs = [(pid, rec) for pid, fds in fds_by_pid.items() for rec in fds if TYPES.get(str(rec.type)) is module]
         module.check(imgdir.path_of(image), body, recs)
         bodies[image] = body
     return bodies
@@ -50,20 +55,38 @@ class KindObjects:
         self.made = {}
 
     def of(self, type_name):
-        if type_name not in self.made:
-            module = TYPES[type_name]
-            self.made[type_name] = module.Objects(self.images, self.images.objects[module.IMAGE])
-        return self.made[type_name]
+        module = TYPES[type_name]
+        if module not in self.made:
+            self.made[module] = module.Objects(self.images, self.images.objects[module.IMAGE])
+        return self.made[module]
 
     def open(self, rec):
         return self.of(str(rec.type)).open(rec)
 
     def in_task(self, remote, pid, fds):
-        for type_name, objects in self.made.items():
+        for module, objects in self.made.items():
             hook = getattr(objects, "in_task", None)
-            recs = [rec for rec in fds if str(rec.type) == type_name]
+            recs = [rec for rec in fds if TYPES.get(str(rec.type)) is module]
             if hook is not None and recs:
                 hook(remote, pid, recs)
+
+    def _each(self, hook_name, *args):
+        for objects in list(self.made.values()):
+            hook = getattr(objects, hook_name, None)
+            if hook is not None:
+                hook(*args)
+
+    def in_session(self, remote, pid, pidfd):
+        self._each("in_session", remote, pid, pidfd)
+
+    def after_groups(self, tasks, pidfd):
+        self._each("after_groups", tasks, pidfd)
+
+    def late_sessions(self, tasks, pidfd):
+        self._each("late_sessions", tasks, pidfd)
+
+    def before_release(self, tasks):
+        self._each("before_release", tasks)
 
     def close(self):
         for objects in self.made.values():

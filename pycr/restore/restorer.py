@@ -67,7 +67,9 @@ class Restore:
             root_task = tasks.fork_in(self.init, root.pid, self.created)
         else:
             root_task = tasks.start_root(root.pid, self.created, need_suspend)
-        self.tasks = tasks.create_tree(self.images, root_task, self.created, zombies=zombies)
+        terminals = self.descs.objects if self.descs is not None else None
+        self.tasks = tasks.create_tree(self.images, root_task, self.created, zombies=zombies,
+                                       terminals=terminals, pidfd=self.pidfd)
 
     def rebuild(self):
         for p in self.images.processes:
@@ -123,6 +125,8 @@ class Restore:
     def release(self):
         """Detach every thread of every process: the tree runs from here on."""
         step("release the restored tree")
+        if self.descs is not None:
+            self.descs.objects.before_release(self.tasks)
         for task in self.tasks.values():
             p = self.images.by_pid(task.pid)
             if p is not None and p.core.job_stopped:

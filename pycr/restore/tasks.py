@@ -172,7 +172,7 @@ def fork_in(parent, pid, created, flags=0):
     return Task(pid, remote.real, remote)
 
 
-def create_tree(images, root_task, created, zombies=True):
+def create_tree(images, root_task, created, zombies=True, terminals=None, pidfd=-1):
     """Create every process of images under root_task (already the root stub),
     then (with zombies) its zombies. Returns {pid: Task}, parents created before
     their children.
@@ -180,18 +180,23 @@ def create_tree(images, root_task, created, zombies=True):
     A process that shared its parent's fd table is forked with CLONE_FILES:
     the kernel has no other way to make two processes share one table.
     Zombies are forked before process groups are set, since one may lead a
-    group whose members live on.
+    group whose members live on. terminals (restore.kinds.KindObjects, with
+    the descriptions already open) gives a session leader its controlling
+    terminal right after its setsid, through pycr's pidfd that every stub
+    inherited, and sets foreground groups once every group exists.
     """
     tasks = {images.root.pid: root_task}
-    _session(root_task, images.root)
+    _session(root_task, images.root, terminals, pidfd)
     for proc_img in images.processes[1:]:
         parent = tasks[proc_img.ppid]
         task = fork_in(parent, proc_img.pid, created, CLONE_FILES if proc_img.shares_files else 0)
         tasks[proc_img.pid] = task
-        _session(task, proc_img)
+        _session(task, proc_img, terminals, pidfd)
     dead = images.zombies if zombies else []
     zombie_tasks = _fork_zombies(dead, tasks, created)
     _groups({**tasks, **zombie_tasks}, images.processes + dead)
+    if terminals is not None:
+        terminals.after_groups(tasks, pidfd)
     _finish_zombies(dead, tasks, zombie_tasks)
     return tasks
 
@@ -266,11 +271,14 @@ def _take_back_sigchld(parent):
         r.call("rt_sigtimedwait", buf, 0, buf + 8, 8)
 
 
-def _session(task, proc_img):
-    """A session leader calls setsid before it forks anyone (children inherit sessions)."""
+def _session(task, proc_img, terminals=None, pidfd=-1):
+    """A session leader calls setsid before it forks anyone (children inherit sessions),
+    and takes its controlling terminal (children inherit it at fork only)."""
     if proc_img.sid == proc_img.pid:
         task.remote.check("setsid", what="")
         log.info("pid %d: setsid (leads session %d)", task.pid, task.pid)
+        if terminals is not None:
+            terminals.in_session(task.remote, task.pid, pidfd)
 
 
 def _groups(tasks, entries, known=()):
