@@ -52,6 +52,7 @@ class Client(threading.Thread):
     def __init__(self, port):
         super().__init__(daemon=True)
         self.sock = connect(port)
+        self.sock.settimeout(120)       # a reply may wait for the whole dump and restore
         self.stamps = []
         self.error = None
         self.stop = threading.Event()
@@ -105,6 +106,7 @@ def one_round(method, size, work):
             reported = float(re.search(r"downtime ([0-9.]+) s", proc.stdout).group(1))
         else:
             _, t_dump = pycr("dump", "-t", server.pid, "-D", work / "img", "--tcp-established")
+            server.wait()                 # reap it: its PID is the restored tree's
             _, t_restore = pycr("restore", "-D", work / "img", "-d")
             seconds, reported = t_dump + t_restore, None
         time.sleep(1.0)
