@@ -219,3 +219,81 @@ def test_sysv_segments_move_with_pycr_migrate(spawn, tmp_path, cleanup_pids, shm
     os.kill(replica_child, signal.SIGUSR1)
     got = w.wait_for(r"^child sees (.*)$", start=mark, root=False).group(1)
     assert got == "parent wrote gen 0003"
+
+
+FOLLOW_SCRIPT = r"""#!{python}
+import ctypes, os, signal, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+libc.shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+def report(line):
+    os.write(st, (line + "\n").encode())
+seg = libc.shmget(0, 8192, 0o1000 | 0o600)                         # IPC_PRIVATE
+addr = libc.shmat(seg, None, 0)
+libc.shmctl(seg, 0, None)                                          # IPC_RMID: it goes with its last user
+gen = [0]
+def next_gen(*a):
+    gen[0] += 1
+    ctypes.memmove(addr + 4096, b"gen %04d" % gen[0], 8)
+    report("gen %d" % gen[0])
+next_gen()
+go = []
+signal.signal(signal.SIGUSR2, next_gen)
+signal.signal(signal.SIGUSR1, lambda *a: go.append(1))
+report("at %x" % addr)
+report("ready %d" % os.getpid())
+while True:
+    while not go:
+        time.sleep(0.01)
+    go.pop()
+    report("sees %s" % ctypes.string_at(addr + 4096, 8).decode())
+"""
+
+
+def test_restore_follow_refills_a_segment_it_made_every_pass(spawn, tmp_path, cleanup_pids):
+    """From images alone (no source to take it from) the replica's segment is pycr's, and each pass refills it."""
+    import subprocess
+    import sys
+    import procutil
+
+    script = tmp_path / "shm_follow.py"
+    script.write_text(FOLLOW_SCRIPT.replace("{python}", sys.executable))
+    script.chmod(0o755)
+    w = spawn(str(script))
+    addr = int(w.wait_for(r"^at ([0-9a-f]+)$").group(1), 16)
+    top = tmp_path / "passes"
+    top.mkdir()
+    follower = subprocess.Popen([sys.executable, "-m", "pycr", "restore", "-D", top, "--follow", "--pidns",
+                                 "-d", "--follow-timeout", "60"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, close_fds=True)
+    try:
+        pycr("pre-dump", "-t", w.pid, "-D", top / "a")
+
+        def stopped_replica():
+            for outer in procutil.children(follower.pid):
+                cleanup_pids.add(outer, *procutil.descendants(outer))
+                kids = procutil.descendants(outer)
+                if kids and procutil.state(kids[0]) == "t":
+                    return kids[0]
+            return None
+
+        replica = procutil.wait_until(stopped_replica, timeout=20)
+        assert replica is not None, "no replica appeared after the first pass"
+        w.signal_and_wait(signal.SIGUSR2, r"^gen 2$")
+        pycr("pre-dump", "-t", w.pid, "-D", top / "b", "--prev-images-dir", "../a")
+        w.signal_and_wait(signal.SIGUSR2, r"^gen 3$")
+        pycr("dump", "-t", w.pid, "-D", top / "c", "--prev-images-dir", "../b")
+        _, err = follower.communicate(timeout=60)
+        assert follower.returncode == 0, err
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    with open(f"/proc/{replica}/maps") as f:
+        assert [line.split()[0].split("-")[0] for line in f if "/SYSV" in line] == [f"{addr:x}"]
+    mark = w.mark()
+    os.kill(replica, signal.SIGUSR1)
+    assert w.wait_for(r"^sees (.*)$", start=mark, root=False).group(1) == "gen 0003"
