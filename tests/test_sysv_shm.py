@@ -172,10 +172,12 @@ while True:
         ctypes.memmove(addr + 8192, b"parent wrote", 12)
         ds = ctypes.create_string_buffer(112)
         ok = libc.shmctl(shmid, 2, ds) == 0                        # IPC_STAT on the id it had
+        digest = hashlib.sha256(ctypes.string_at(addr, SIZE)).hexdigest()[:16]
         report("parent stat %s sees %s %s sha %s" % (ok, ctypes.string_at(addr + 4096, 8).decode(),
-               ctypes.string_at(gaddr + 4096, 9).decode(), hashlib.sha256(ctypes.string_at(addr, SIZE)).hexdigest()[:16]))
+               ctypes.string_at(gaddr + 4096, 9).decode(), digest))
     else:
-        report("child sees %s %s" % (ctypes.string_at(mine + 8192, 12).decode(), ctypes.string_at(mine + 4096, 8).decode()))
+        report("child sees %s %s" % (ctypes.string_at(mine + 8192, 12).decode(),
+                                     ctypes.string_at(mine + 4096, 8).decode()))
 """
 
 
