@@ -16,6 +16,7 @@ class Options:
     shell_job: bool = False         # -j/--shell-job: the tree runs on the terminal it was started from
     file_locks: bool = False        # --file-locks: take flock and POSIX locks
     socket_handover: bool = False   # set by `pycr migrate` on one host: the replica takes the source's sockets
+    sysv_handover: bool = False     # set by `pycr migrate` on one host: the replica attaches the source's SysV segments
 
 
 _current = Options()

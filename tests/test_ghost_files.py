@@ -128,3 +128,74 @@ def test_a_deleted_file_and_a_memfd_move_with_pycr_migrate(spawn_python, tmp_pat
     os.kill(root, signal.SIGUSR1)
     got = w.wait_for(r"^log (.*)$", start=start, root=False).group(1)
     assert got == f"b'before\\nafter\\n' link {tmp_path}/moving.log (deleted) memfd b'in memory only' grow EPERM"
+
+
+MAPPED_MIGRATE_SCRIPT = r"""#!{python}
+import hashlib, mmap, os, signal, sys, time
+st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+def report(line):
+    os.write(st, (line + "\n").encode())
+path = os.path.join(os.path.dirname(sys.argv[1]), "moving.map")
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+os.pwrite(fd, bytes(range(256)) * 32, 0)
+os.ftruncate(fd, 5 * 4096)
+m = mmap.mmap(fd, 5 * 4096)
+view = mmap.mmap(fd, 5 * 4096, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+os.unlink(path)
+gen = [0]
+def next_gen(*a):
+    gen[0] += 1
+    m[0:8] = b"map %04d" % gen[0]
+    os.pwrite(fd, b"fd %04d" % gen[0], 4 * 4096)
+    report("gen %d" % gen[0])
+next_gen()
+go = []
+signal.signal(signal.SIGUSR2, next_gen)
+signal.signal(signal.SIGUSR1, lambda *a: go.append(1))
+report("ready %d" % os.getpid())
+while True:
+    while not go:
+        time.sleep(0.01)
+    go.pop()
+    m[8192:8199] = b"via-map"
+    os.pwrite(fd, b"via-fd", 8300)
+    report("seen fd-sees %s map-sees %s view-sees %s %s gen %s, %s sha %s nlink %d link %s" % (
+        os.pread(fd, 7, 8192).decode(), m[8300:8306].decode(), view[8192:8199].decode(), view[8300:8306].decode(),
+        os.pread(fd, 8, 0).decode(), m[4 * 4096:4 * 4096 + 7].decode(), hashlib.sha256(m[:]).hexdigest()[:16],
+        os.fstat(fd).st_nlink, os.readlink("/proc/self/fd/%d" % fd)))
+"""
+
+
+def test_a_mapped_deleted_file_moves_with_pycr_migrate(spawn_python, tmp_path, cleanup_pids):
+    """Mapped shared and private and open: one deleted file in the replica, with the final pass's contents."""
+    from test_migrate import ns_tasks, registering
+    from pycr.migrate import migrate
+    from pycr.migrate.loop import Policy
+
+    w = spawn_python("ghost_migrate", MAPPED_MIGRATE_SCRIPT)
+    w.wait_for(r"^gen 1$")
+
+    def between(rep, replica):
+        if rep.kind == "pre-dump":
+            w.signal_and_wait(signal.SIGUSR2, rf"^gen {rep.number + 1}$")
+
+    res = migrate(w.pid, policy=Policy(max_passes=3, min_delta=0), on_pass=registering(cleanup_pids, then=between))
+    cleanup_pids.add(w.pid)
+    assert [r.kind for r in res.reports] == ["pre-dump", "pre-dump", "dump"]
+    root = ns_tasks(res.summary.init_real)[w.pid][0]
+    where = f"{tmp_path}/moving.map (deleted)"
+    with open(f"/proc/{root}/maps") as f:
+        assert sorted(line.split(None, 5)[5].strip() for line in f if "moving.map" in line) == [where, where]
+    assert not os.path.exists(tmp_path / "moving.map")
+    mark = w.mark()
+    os.kill(root, signal.SIGUSR1)
+    got = w.wait_for(r"^seen (.*)$", start=mark, root=False).group(1)
+    data = bytearray(5 * 4096)
+    data[:8192] = bytes(range(256)) * 32
+    data[0:8] = b"map 0003"
+    data[4 * 4096:4 * 4096 + 7] = b"fd 0003"
+    data[8192:8199] = b"via-map"
+    data[8300:8306] = b"via-fd"
+    sha = hashlib.sha256(bytes(data)).hexdigest()[:16]
+    assert got == (f"fd-sees via-map map-sees via-fd view-sees via-map via-fd gen map 0003, fd 0003 "
+                   f"sha {sha} nlink 0 link {where}")

@@ -1,6 +1,7 @@
 """memfds come back as one file per memfd: fds, shared and private mappings, in several
 processes, with name, size, contents, offsets and seals."""
 
+import os
 import re
 import signal
 
@@ -102,3 +103,60 @@ def test_memfd_fd_and_mappings_come_back_as_one_file(spawn_python, tmp_path, cle
     assert got == f"via-map! data {sha(bytes(expect))} mo no fd left"
     fd_link = [line for line in open(f"/proc/{w.pid}/maps") if "pycr-test" in line]
     assert all(re.search(r"/memfd:pycr-test \(deleted\)$", line.strip()) for line in fd_link)
+
+
+MIGRATE_SCRIPT = r"""#!{python}
+import mmap, os, signal, sys, time
+st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+def report(line):
+    os.write(st, (line + "\n").encode())
+SIZE = 3 * 4096
+fd = os.memfd_create("moving-map")
+os.ftruncate(fd, SIZE)
+os.lseek(fd, 1234, 0)
+m = mmap.mmap(fd, SIZE)
+gen = [0]
+def next_gen(*a):
+    gen[0] += 1
+    m[0:8] = b"map %04d" % gen[0]
+    os.pwrite(fd, b"fd %04d" % gen[0], 4096)
+    report("gen %d" % gen[0])
+next_gen()
+go = []
+signal.signal(signal.SIGUSR2, next_gen)
+signal.signal(signal.SIGUSR1, lambda *a: go.append(1))
+report("ready %d" % os.getpid())
+while True:
+    while not go:
+        time.sleep(0.01)
+    go.pop()
+    m[8192:8199] = b"via-map"
+    os.pwrite(fd, b"via-fd", 8300)
+    report("seen pos %d fd-sees %s map-sees %s gen %s, %s" % (
+        os.lseek(fd, 0, 1), os.pread(fd, 7, 8192).decode(), m[8300:8306].decode(),
+        os.pread(fd, 8, 0).decode(), m[4096:4103].decode()))
+"""
+
+
+def test_a_memfd_open_and_mapped_moves_with_pycr_migrate(spawn_python, cleanup_pids):
+    """The replica's mapping and its fd are one memfd, with the final pass's contents."""
+    from test_migrate import ns_tasks, registering
+    from pycr.migrate import migrate
+    from pycr.migrate.loop import Policy
+
+    w = spawn_python("memfd_migrate", MIGRATE_SCRIPT)
+    w.wait_for(r"^gen 1$")
+
+    def between(rep, replica):
+        if rep.kind == "pre-dump":          # new contents for the next pass, through fd and mapping
+            w.signal_and_wait(signal.SIGUSR2, rf"^gen {rep.number + 1}$")
+
+    res = migrate(w.pid, policy=Policy(max_passes=3, min_delta=0), on_pass=registering(cleanup_pids, then=between))
+    cleanup_pids.add(w.pid)
+    assert [r.kind for r in res.reports] == ["pre-dump", "pre-dump", "dump"]
+    root = ns_tasks(res.summary.init_real)[w.pid][0]
+    mark = w.mark()
+    os.kill(root, signal.SIGUSR1)
+    got = w.wait_for(r"^seen (.*)$", start=mark, root=False).group(1)
+    assert got == "pos 1234 fd-sees via-map map-sees via-fd gen map 0003, fd 0003"
+    assert _maps_names(root) == ["/memfd:moving-map (deleted)"]

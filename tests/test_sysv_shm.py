@@ -3,6 +3,7 @@ at its address, shared between processes again; a segment marked for removal is 
 
 import ctypes
 import hashlib
+import os
 import signal
 
 import pytest
@@ -127,3 +128,174 @@ def test_a_key_held_by_another_segment_is_refused(spawn, tmp_path, cleanup_pids,
     assert one_line_error(proc) == (f"pycr: SysV shared memory key {shm_key:#x} is in use on this host by segment "
                                     f"{other} (remove it with ipcrm, or restore elsewhere)")
     assert [i for i, r in _segments().items() if int(r["key"]) & 0xFFFFFFFF == shm_key] == [other]
+
+
+MIGRATE_SCRIPT = r"""#!{python}
+import ctypes, hashlib, os, signal, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+libc.shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+def report(line):
+    os.write(st, (line + "\n").encode())
+key = int(sys.argv[2], 0)
+SIZE = 3 * 4096 + 100
+shmid = libc.shmget(key, SIZE, 0o1000 | 0o2000 | 0o640)           # IPC_CREAT | IPC_EXCL
+addr = libc.shmat(shmid, None, 0)
+ctypes.memmove(addr, bytes((i * 13) % 256 for i in range(SIZE)), SIZE)
+gone = libc.shmget(0, 8192, 0o1000 | 0o600)                       # IPC_PRIVATE
+gaddr = libc.shmat(gone, None, 0)
+libc.shmctl(gone, 0, None)                                         # IPC_RMID while attached
+gen = [0]
+def next_gen(*a):
+    gen[0] += 1
+    ctypes.memmove(addr + 4096, b"gen %04d" % gen[0], 8)
+    ctypes.memmove(gaddr + 4096, b"gone %04d" % gen[0], 9)
+    report("gen %d" % gen[0])
+go = []
+signal.signal(signal.SIGUSR1, lambda *a: go.append(1))
+child = os.fork()
+if child == 0:
+    mine = libc.shmat(shmid, None, 0o10000)                       # SHM_RDONLY, a second attachment
+    report("child %d" % os.getpid())
+else:
+    next_gen()
+    signal.signal(signal.SIGUSR2, next_gen)
+    report("ids %d %d" % (shmid, gone))
+    report("ready %d" % os.getpid())
+while True:
+    while not go:
+        time.sleep(0.01)
+    go.pop()
+    if child:
+        ctypes.memmove(addr + 8192, b"parent wrote", 12)
+        ds = ctypes.create_string_buffer(112)
+        ok = libc.shmctl(shmid, 2, ds) == 0                        # IPC_STAT on the id it had
+        digest = hashlib.sha256(ctypes.string_at(addr, SIZE)).hexdigest()[:16]
+        report("parent stat %s sees %s %s sha %s" % (ok, ctypes.string_at(addr + 4096, 8).decode(),
+               ctypes.string_at(gaddr + 4096, 9).decode(), digest))
+    else:
+        report("child sees %s %s" % (ctypes.string_at(mine + 8192, 12).decode(),
+                                     ctypes.string_at(mine + 4096, 8).decode()))
+"""
+
+
+def test_sysv_segments_move_with_pycr_migrate(spawn, tmp_path, cleanup_pids, shm_key):
+    """Attached where they were, shared again, with the final pass's contents; the source's kill leaves them."""
+    import sys
+    from test_migrate import ns_tasks, registering
+    from pycr.migrate import migrate
+    from pycr.migrate.loop import Policy
+
+    script = tmp_path / "shm_migrate.py"
+    script.write_text(MIGRATE_SCRIPT.replace("{python}", sys.executable))
+    script.chmod(0o755)
+    w = spawn(str(script), hex(shm_key))
+    shmid, gone = map(int, w.wait_for(r"^ids (\d+) (\d+)$").groups())
+    child = int(w.wait_for(r"^child (\d+)$").group(1))
+    w.wait_for(r"^gen 1$")
+
+    def between(rep, replica):
+        if rep.kind == "pre-dump":          # new contents for the next pass
+            w.signal_and_wait(signal.SIGUSR2, rf"^gen {rep.number + 1}$")
+
+    res = migrate(w.pid, policy=Policy(max_passes=3, min_delta=0), on_pass=registering(cleanup_pids, then=between))
+    cleanup_pids.add(w.pid, child)
+    assert [r.kind for r in res.reports] == ["pre-dump", "pre-dump", "dump"]
+    got = ns_tasks(res.summary.init_real)
+    root, replica_child = got[w.pid][0], got[child][0]
+    segs = _segments()
+    assert [i for i, r in segs.items() if int(r["key"]) & 0xFFFFFFFF == shm_key] == [shmid]
+    assert segs[shmid]["nattch"] == "3"     # the replica's parent, child's fork copy, child's own
+    assert segs[gone]["nattch"] == "2" and int(segs[gone]["perms"], 8) & 0o1000    # still marked for removal
+    size = 3 * 4096 + 100
+    data = bytearray((i * 13) % 256 for i in range(size))
+    data[4096:4104] = b"gen 0003"
+    data[8192:8204] = b"parent wrote"
+    mark = w.mark()
+    os.kill(root, signal.SIGUSR1)
+    got = w.wait_for(r"^parent (.*)$", start=mark, root=False).group(1)
+    assert got == f"stat True sees gen 0003 gone 0003 sha {hashlib.sha256(bytes(data)).hexdigest()[:16]}"
+    mark = w.mark()
+    os.kill(replica_child, signal.SIGUSR1)
+    got = w.wait_for(r"^child sees (.*)$", start=mark, root=False).group(1)
+    assert got == "parent wrote gen 0003"
+
+
+FOLLOW_SCRIPT = r"""#!{python}
+import ctypes, os, signal, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+libc.shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+def report(line):
+    os.write(st, (line + "\n").encode())
+seg = libc.shmget(0, 8192, 0o1000 | 0o600)                         # IPC_PRIVATE
+addr = libc.shmat(seg, None, 0)
+libc.shmctl(seg, 0, None)                                          # IPC_RMID: it goes with its last user
+gen = [0]
+def next_gen(*a):
+    gen[0] += 1
+    ctypes.memmove(addr + 4096, b"gen %04d" % gen[0], 8)
+    report("gen %d" % gen[0])
+next_gen()
+go = []
+signal.signal(signal.SIGUSR2, next_gen)
+signal.signal(signal.SIGUSR1, lambda *a: go.append(1))
+report("at %x" % addr)
+report("ready %d" % os.getpid())
+while True:
+    while not go:
+        time.sleep(0.01)
+    go.pop()
+    report("sees %s" % ctypes.string_at(addr + 4096, 8).decode())
+"""
+
+
+def test_restore_follow_refills_a_segment_it_made_every_pass(spawn, tmp_path, cleanup_pids):
+    """From images alone (no source to take it from) the replica's segment is pycr's, and each pass refills it."""
+    import subprocess
+    import sys
+    import procutil
+
+    script = tmp_path / "shm_follow.py"
+    script.write_text(FOLLOW_SCRIPT.replace("{python}", sys.executable))
+    script.chmod(0o755)
+    w = spawn(str(script))
+    addr = int(w.wait_for(r"^at ([0-9a-f]+)$").group(1), 16)
+    top = tmp_path / "passes"
+    top.mkdir()
+    follower = subprocess.Popen([sys.executable, "-m", "pycr", "restore", "-D", top, "--follow", "--pidns",
+                                 "-d", "--follow-timeout", "60"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, close_fds=True)
+    try:
+        pycr("pre-dump", "-t", w.pid, "-D", top / "a")
+
+        def stopped_replica():
+            for outer in procutil.children(follower.pid):
+                cleanup_pids.add(outer, *procutil.descendants(outer))
+                kids = procutil.descendants(outer)
+                if kids and procutil.state(kids[0]) == "t":
+                    return kids[0]
+            return None
+
+        replica = procutil.wait_until(stopped_replica, timeout=20)
+        assert replica is not None, "no replica appeared after the first pass"
+        w.signal_and_wait(signal.SIGUSR2, r"^gen 2$")
+        pycr("pre-dump", "-t", w.pid, "-D", top / "b", "--prev-images-dir", "../a")
+        w.signal_and_wait(signal.SIGUSR2, r"^gen 3$")
+        pycr("dump", "-t", w.pid, "-D", top / "c", "--prev-images-dir", "../b")
+        _, err = follower.communicate(timeout=60)
+        assert follower.returncode == 0, err
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    with open(f"/proc/{replica}/maps") as f:
+        assert [line.split()[0].split("-")[0] for line in f if "/SYSV" in line] == [f"{addr:x}"]
+    mark = w.mark()
+    os.kill(replica, signal.SIGUSR1)
+    assert w.wait_for(r"^sees (.*)$", start=mark, root=False).group(1) == "gen 0003"

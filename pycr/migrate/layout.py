@@ -53,31 +53,34 @@ def _part(vma, start, end):
     return part
 
 
-def apply(task, mm_img, shared):
-    """Make the task's layout that of mm_img -> runs mapped anew (their pages all go in)."""
+def apply(task, mm_img, shmem_paths, made):
+    """Make the task's layout that of mm_img -> runs mapped anew (their pages all go in).
+
+    shmem_paths: the restorer's shared objects (as map_vmas takes them); made: their
+    mmdiff.made_backings()."""
     r = task.remote
     clear_workspace(task, mm_img.vmas)
-    plan = mmdiff.plan(live_vmas(task), mm_img.vmas, shared.inodes)
+    plan = mmdiff.plan(live_vmas(task), mm_img.vmas, made)
     for start, end in R.pairs(plan.unmap):
         r.check("munmap", start, end - start, what=f"{start:#x}, {end - start:#x}")
     restore_mm.place_specials(r, mm_img.vmas)
     if plan.map:
         parts = Container(vmas=[_part(v, s, e) for v, s, e in plan.map])
-        restore_mm.map_vmas(r, parts, shared.paths)
+        restore_mm.map_vmas(r, parts, shmem_paths)
     for start, end, prot in plan.protect:
         r.check("mprotect", start, end - start, prot, what=f"{start:#x}, shared")
     fresh = plan.fresh
     if not plan.empty:
         log.info("pid %d: layout: %d ranges unmapped, %d mapped, %d re-protected", task.pid,
                  len(plan.unmap) // 2, len(plan.map), len(plan.protect))
-    rejoined = rejoin_split(task, mm_img, shared)
+    rejoined = rejoin_split(task, mm_img, shmem_paths)
     if rejoined:
         fresh = R.union(fresh, rejoined)
     r.reset_scratch()
     return fresh
 
 
-def rejoin_split(task, mm_img, shared):
+def rejoin_split(task, mm_img, shmem_paths):
     """Map anew every image VMA that the replica holds as several VMAs -> their runs.
 
     Parts kept from different earlier mappings have different anon_vmas, and
@@ -101,7 +104,7 @@ def rejoin_split(task, mm_img, shared):
             split.append(vma)
     if not split:
         return None
-    restore_mm.map_vmas(task.remote, Container(vmas=split), shared.paths)
+    restore_mm.map_vmas(task.remote, Container(vmas=split), shmem_paths)
     log.info("pid %d: %d VMAs mapped anew to be one VMA each, as on the source", task.pid, len(split))
     return R.normalize(array("Q", [x for v in split for x in (v.start, v.end - v.start)]))
 

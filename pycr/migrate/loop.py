@@ -235,7 +235,8 @@ def migrate(root, work_dir=None, policy=None, tracker="auto", on_image_set=None,
     try:
         # On one host the replica takes the frozen source's own sockets (pycr.restore.inetsk):
         # their ports and connections stay as they are, and a failed migration thaws them untouched.
-        with options.using(socket_handover=True):
+        # It attaches the source's own SysV segments too (pycr.restore.sysvshm): their keys and ids are taken.
+        with options.using(socket_handover=True, sysv_handover=True):
             result = follow(source, pidns=True, on_image_set=on_image_set, on_pass=on_pass)
     finally:
         if not keep:

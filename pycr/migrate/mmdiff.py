@@ -3,7 +3,8 @@
 The replica's side is what is really mapped (/proc/PID/maps of the replica
 task), the wanted side is the pass's mm image. Memory survives where both map
 the same backing at the same address: private anonymous memory, the same file
-at the same file offset, the same shared object. There nothing is remapped and
+at the same file offset, the same shared object (for memfds, shared memory,
+SysV segments and deleted files: the one pycr made for them). There nothing is remapped and
 the pages already in the replica stay (the pass's pagemap marks them
 in_parent when they did not change). Everything else is planned:
 
@@ -19,10 +20,12 @@ resizes fall out by themselves.
 """
 
 import bisect
+import os
 from array import array
 from dataclasses import dataclass, field
 
 from pycr.abi import PROT_EXEC, PROT_READ, PROT_WRITE
+from pycr.restore import ghost
 from pycr.trackers import runs as R
 
 SPECIAL = ("vdso", "vvar", "vvar_vclock", "vsyscall")
@@ -33,13 +36,38 @@ def _strip(path):
     return path[: -len(DELETED)] if path.endswith(DELETED) else path
 
 
-def image_backing(vma, shmem_inodes):
-    """What backs an image VMA, comparable with live_backing()."""
+def made_key(vma):
+    """The key of the object pycr makes for an image VMA in the restorer's shmem_paths
+    (a memfd, shared memory, a SysV segment, a deleted file), or None: the file itself."""
+    if str(vma.kind) == "shmem" or vma.path.startswith("/memfd:"):
+        return vma.shmem_id
+    if ghost.is_ghost_vma(vma):
+        return ghost.vma_key(vma)
+    return None
+
+
+def made_backings(shmem_paths):
+    """key -> (path, inode) of each object pycr made, as the replica's maps show it.
+    shmem_paths is the restorer's: a path pycr's fd opens, or ("sysv", id, size) for a
+    SysV segment (whose inode number in maps is its id)."""
+    out = {}
+    for key, target in shmem_paths.items():
+        if isinstance(target, tuple):
+            out[key] = ("", target[1])
+        else:
+            out[key] = (_strip(os.readlink(target)), os.stat(target).st_ino)
+    return out
+
+
+def image_backing(vma, made):
+    """What backs an image VMA, comparable with live_backing(); made: made_backings()."""
     kind = str(vma.kind)
+    ours = made.get(made_key(vma))
     if kind == "shmem":
-        return ("shmem", shmem_inodes.get(vma.shmem_id, -1))
+        return ("shmem", ours[1] if ours else -1)
     if kind == "file":
-        return ("file", bool(vma.shared), _strip(vma.path), vma.inode, vma.pgoff - vma.start)
+        path, inode = ours if ours else (_strip(vma.path), vma.inode)
+        return ("file", bool(vma.shared), path, inode, vma.pgoff - vma.start)
     return ("anon", bool(vma.shared))
 
 
@@ -72,8 +100,9 @@ class LayoutPlan:
         return not self.unmap and not self.map and not self.protect
 
 
-def plan(live, image_vmas, shmem_inodes):
-    """LayoutPlan from the replica's live VMAs to the image's (specials left out of both)."""
+def plan(live, image_vmas, made):
+    """LayoutPlan from the replica's live VMAs to the image's (specials left out of both);
+    made: made_backings() of the objects pycr made for this pass."""
     live = sorted((v for v in live if v.kind not in SPECIAL), key=lambda v: v.start)
     want = [v for v in image_vmas if str(v.kind) not in SPECIAL]
     out = LayoutPlan()
@@ -81,7 +110,7 @@ def plan(live, image_vmas, shmem_inodes):
                            R.normalize(array("Q", [x for v in want for x in (v.start, v.end - v.start)])))
     starts = [v.start for v in live]
     for w in want:
-        backing = image_backing(w, shmem_inodes)
+        backing = image_backing(w, made)
         kept = []
         i = max(bisect.bisect_right(starts, w.start) - 1, 0)
         while i < len(live) and live[i].start < w.end:

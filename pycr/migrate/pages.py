@@ -13,8 +13,9 @@ an mmap of the pages files (no copy through Python):
   replica holds exactly the pages of the pass's pagemap, so the next pass
   can tell what to drop from the two pagemaps alone, without reading the
   replica's page tables during the downtime.
-Shared anonymous objects are memfds of pycr's, refilled whole every pass
-(pre-dumps save them whole).
+Shared objects (memfds, shared memory, deleted files, SysV segments) are
+not written here: they are the restorer's, refilled every pass
+(Restore.refresh_shared).
 """
 
 import bisect
@@ -23,7 +24,7 @@ import os
 from array import array
 
 from pycr import proc
-from pycr.abi import MADV_DONTNEED, MFD_CLOEXEC
+from pycr.abi import MADV_DONTNEED
 from pycr.errors import RestoreError
 from pycr.images import iter_page_runs
 from pycr.log import log
@@ -147,45 +148,3 @@ class PageWriter:
             if isinstance(m, mmap.mmap):
                 m.close()
         self._maps.clear()
-
-
-class SharedObjects:
-    """pycr's memfd for every shared anonymous object of the tree, kept across passes."""
-
-    def __init__(self):
-        self.fds = {}           # shmem_id -> fd in pycr
-
-    @property
-    def paths(self):
-        """shmem_id -> a path a replica task can open to map the object."""
-        return {sid: f"/proc/{os.getpid()}/fd/{fd}" for sid, fd in self.fds.items()}
-
-    @property
-    def inodes(self):
-        """shmem_id -> inode of pycr's memfd, as the replica's maps show it."""
-        return {sid: os.fstat(fd).st_ino for sid, fd in self.fds.items()}
-
-    def refresh(self, images):
-        """Create new objects and refill every object from this pass."""
-        for sid, size in images.shmem.items():
-            fd = self.fds.get(sid)
-            if fd is None:
-                fd = os.memfd_create(_shmem_name(images, sid), MFD_CLOEXEC)
-                self.fds[sid] = fd
-            else:
-                os.ftruncate(fd, 0)          # pages the object no longer has read as zeros
-            os.ftruncate(fd, size)
-            images.pages.fill_fd(fd, f"shmem-{sid}")
-
-    def close(self):
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-
-def _shmem_name(images, sid):
-    for p in images.processes:
-        for vma in p.mm.vmas:
-            if str(vma.kind) == "shmem" and vma.shmem_id == sid and vma.path.startswith("/memfd:"):
-                return vma.path[len("/memfd:"):].removesuffix(" (deleted)")
-    return "pycr-shmem"

@@ -22,9 +22,9 @@ from pycr import proc
 from pycr.abi import WALL, WNOHANG
 from pycr.errors import ImageError, PycrError, RestoreError, TaskGone
 from pycr.log import log
-from pycr.migrate import layout, treediff
+from pycr.migrate import layout, mmdiff, treediff
 from pycr.migrate import pages as pages_mod
-from pycr.migrate.pages import PageWriter, SharedObjects
+from pycr.migrate.pages import PageWriter
 from pycr.restore import files, mm as restore_mm, preflight, tasks
 from pycr.restore.restorer import Restore
 from pycr.sysinfo import page_size
@@ -66,7 +66,7 @@ class Replica:
         self.nodes = []             # [treediff.Node] as last applied
         self.passes = 0
         self.pages = PageWriter()
-        self.shared = SharedObjects()
+        self.made = {}              # mmdiff.made_backings() of the shared objects, this pass
         self.resumed = False
 
     # -- what tests and reports look at
@@ -115,14 +115,14 @@ class Replica:
         preflight.check(images, self.pidns)
         self.run = run = Restore(images, self.pidns)
         run.pidfd = files.pycr_pidfd()
+        run.make_shared()               # the restorer's: the final pass's fds open these too
         run.create(zombies=False)
-        self.shared.refresh(images)
         changes = PassChanges(added=[p.pid for p in images.processes])
         for p in images.processes:
             task = run.tasks[p.pid]
             r = task.remote
             files.close_inherited(r, run.pidfd)
-            task.workspace, written = restore_mm.rebuild(r, p.mm, images.pages, self.shared.paths, final=False)
+            task.workspace, written = restore_mm.rebuild(r, p.mm, images.pages, run.shmem_paths, final=False)
             changes.pages_written += written
             r.reset_scratch()
         log.info("replica: %d processes created, held stopped", len(run.tasks))
@@ -135,7 +135,8 @@ class Replica:
                               recreated=sorted(diff.recreated))
         for pid in diff.removed:
             self._remove(pid)
-        self.shared.refresh(images)
+        self.run.refresh_shared(images)
+        self.made = mmdiff.made_backings(self.run.shmem_paths)
         by_pid = {p.pid: p for p in images.processes}
         for pid in diff.kept:
             self._update_task(self.run.tasks[pid], by_pid[pid], images, changes)
@@ -148,7 +149,7 @@ class Replica:
     def _update_task(self, task, p, images, changes):
         """Reshape the address space, write the pass's pages, drop those gone, set the mm fields."""
         chain, owner = images.pages, str(p.pid)
-        fresh = layout.apply(task, p.mm, self.shared)
+        fresh = layout.apply(task, p.mm, self.run.shmem_paths, self.made)
         changes.pages_written += self.pages.write_delta(task.real, chain, owner)
         changes.pages_written += self.pages.write_resolved(task.real, chain, owner, fresh)
         previous = pages_mod.coverage(self.images.pages, owner)
@@ -169,7 +170,7 @@ class Replica:
         task = fork_child(parent, p.pid, self.run.created)
         self.run.tasks[p.pid] = task
         _join_session_and_group(task, p, self.run.tasks)
-        layout.apply(task, p.mm, self.shared)
+        layout.apply(task, p.mm, self.run.shmem_paths, self.made)
         changes.pages_written += images.pages.fill_task(task.real, str(p.pid))
         changes.pages_dropped += self.pages.zero_absent(task.remote, task.real, images.pages, str(p.pid), p.mm)
         self._set_mm(task, p)
@@ -214,6 +215,7 @@ class Replica:
         run.descs.objects.late_sessions(run.tasks, run.pidfd)
         for p in images.processes:
             run.finish_process(run.tasks[p.pid], p)
+        run.seal_shared()
 
     def resume(self):
         """Detach every thread: the replica runs from here on."""
@@ -232,7 +234,6 @@ class Replica:
         if self.run is not None:
             self.run.close()
         self.pages.close()
-        self.shared.close()
 
 
 def fork_child(parent, pid, created):

@@ -58,18 +58,40 @@ def holder(images):
     return images.made["ghost"]
 
 
+def entry_key(g):
+    """A ghost file's identity, the same in every pass of a chain (its ghost_id need not be)."""
+    return ("ghost", g.dev_major, g.dev_minor, g.inode)
+
+
 class GhostFiles:
     def __init__(self, images):
+        self.fds = {}           # entry_key -> fd in pycr (O_RDWR, the file unlinked)
+        self._read(images)
+
+    def _read(self, images):
         self.images = images
         body = images.objects.get(IMAGE)
         self.entries = list(body.ghosts) if body else []
         self.by_file = {fid: g for g in self.entries for fid in g.file_ids}
-        self.fds = {}           # ghost_id -> fd in pycr (O_RDWR, the file unlinked)
 
     def fd(self, g):
-        if g.ghost_id not in self.fds:
-            self.fds[g.ghost_id] = self._make(g)
-        return self.fds[g.ghost_id]
+        key = entry_key(g)
+        if key not in self.fds:
+            self.fds[key] = self._make(g)
+        return self.fds[key]
+
+    def refresh(self, images):
+        """An incremental restore's next pass: the same files, emptied and filled with its
+        contents (the replica's mappings see them at once), new ones made."""
+        self._read(images)
+        for g in self.entries:
+            fd = self.fds.get(entry_key(g))
+            if fd is None:
+                self.fd(g)
+                continue
+            os.ftruncate(fd, 0)
+            self._fill(fd, g)
+            log.info("deleted file %s: refilled from this pass, %d bytes", g.path, g.size)
 
     def _make(self, g):
         path, n = g.path, 0
@@ -84,14 +106,7 @@ class GhostFiles:
                 raise RestoreError(f"deleted file {g.path}: cannot create it again: {exc.strerror}") from None
         try:
             try:
-                self.images.pages.fill_fd(fd, owner(g.ghost_id))
-                os.ftruncate(fd, g.size)
-                try:
-                    os.fchown(fd, g.uid, g.gid)
-                except PermissionError:
-                    log.warning("deleted file %s: owner %d:%d not given back (no CAP_CHOWN)", g.path, g.uid, g.gid)
-                os.fchmod(fd, g.mode)
-                os.utime(fd, ns=(g.mtime_ns, g.mtime_ns))
+                self._fill(fd, g)
             finally:
                 os.unlink(path)
         except BaseException:
@@ -100,14 +115,23 @@ class GhostFiles:
         log.info("deleted file %s: made again as %s with %d bytes, opened, unlinked", g.path, path, g.size)
         return fd
 
+    def _fill(self, fd, g):
+        self.images.pages.fill_fd(fd, owner(g.ghost_id))
+        os.ftruncate(fd, g.size)
+        try:
+            os.fchown(fd, g.uid, g.gid)
+        except PermissionError:
+            log.warning("deleted file %s: owner %d:%d not given back (no CAP_CHOWN)", g.path, g.uid, g.gid)
+        os.fchmod(fd, g.mode)
+        os.utime(fd, ns=(g.mtime_ns, g.mtime_ns))
+
     def path_for_file(self, file_id):
         """A path to reopen the ghost file of an fd (its description's file_id)."""
         return f"/proc/{os.getpid()}/fd/{self.fd(self.by_file[file_id])}"
 
     def paths(self):
         """vma_key -> a path a task opens to map a ghost file; every ghost is made here."""
-        return {("ghost", g.dev_major, g.dev_minor, g.inode): f"/proc/{os.getpid()}/fd/{self.fd(g)}"
-                for g in self.entries}
+        return {entry_key(g): f"/proc/{os.getpid()}/fd/{self.fd(g)}" for g in self.entries}
 
     def close(self):
         for fd in self.fds.values():

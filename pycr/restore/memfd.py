@@ -52,20 +52,35 @@ class SharedMemory:
     """pycr's memfd of every shared object of the tree, keyed by shmem_id."""
 
     def __init__(self, images):
+        self.fds = {}               # shmem_id -> fd in pycr
+        self._read(images)
+
+    def _read(self, images):
         self.images = images
         body = images.objects.get(IMAGE)
         self.memfds = {e.shmem_id: e for e in body.memfds} if body else {}
         sysv = images.objects.get("sysvshm")
         self.sysv = {s.shmid for s in sysv.segments} if sysv else set()
-        self.mapped = {v.shmem_id for p in images.processes for v in p.mm.vmas if v.shmem_id}
-        self.fds = {}               # shmem_id -> fd in pycr
-        self.complete = False       # every object made up front (a restore, not a replica's last pass)
+
+    def _wanted(self):
+        return (set(self.images.shmem) | set(self.memfds)) - self.sysv
 
     def make_all(self):
-        for shmem_id in set(self.images.shmem) | set(self.memfds):
-            if shmem_id not in self.sysv:
+        for shmem_id in self._wanted():
+            self.fd(shmem_id)
+
+    def refresh(self, images):
+        """An incremental restore's next pass: the same memfds, emptied and filled with its
+        contents (the replica's mappings see them at once), new objects made."""
+        self._read(images)
+        for shmem_id in self._wanted():
+            if shmem_id in self.fds:
+                fd = self.fds[shmem_id]
+                os.ftruncate(fd, 0)             # pages the object no longer has read as zeros
+                self._fill(fd, shmem_id)
+                log.info("shared object %d: memfd refilled from this pass", shmem_id)
+            else:
                 self.fd(shmem_id)
-        self.complete = True
 
     @property
     def paths(self):
@@ -82,17 +97,21 @@ class SharedMemory:
         name = entry.name if entry else self._mapped_name(shmem_id)
         fd = os.memfd_create(name, MFD_CLOEXEC | (MFD_ALLOW_SEALING if entry else 0))
         try:
-            size = entry.size if entry else self.images.shmem[shmem_id]
-            os.ftruncate(fd, size)
-            self.images.pages.fill_fd(fd, f"shmem-{shmem_id}")
-            os.ftruncate(fd, size)              # the last saved page may reach past the end
-            if entry:
-                os.fchmod(fd, entry.mode)
+            self._fill(fd, shmem_id)
         except BaseException:
             os.close(fd)
             raise
         log.info("shared object %d: memfd %r of %d bytes made and filled", shmem_id, name, os.fstat(fd).st_size)
         return fd
+
+    def _fill(self, fd, shmem_id):
+        entry = self.memfds.get(shmem_id)
+        size = entry.size if entry else self.images.shmem[shmem_id]
+        os.ftruncate(fd, size)
+        self.images.pages.fill_fd(fd, f"shmem-{shmem_id}")
+        os.ftruncate(fd, size)              # the last saved page may reach past the end
+        if entry:
+            os.fchmod(fd, entry.mode)
 
     def _mapped_name(self, shmem_id):
         for p in self.images.processes:
@@ -101,10 +120,10 @@ class SharedMemory:
                     return vma.path[len("/memfd:"):].removesuffix(" (deleted)")
         return "pycr-shmem"
 
-    def seal(self, only=None):
+    def seal(self):
         """F_ADD_SEALS with the dumped seals, after the contents and every mapping."""
         for shmem_id, entry in self.memfds.items():
-            if entry.seals and shmem_id in self.fds and (only is None or shmem_id == only):
+            if entry.seals and shmem_id in self.fds:
                 try:
                     fcntl.fcntl(self.fds[shmem_id], F_ADD_SEALS, entry.seals)
                 except OSError as exc:
@@ -128,13 +147,7 @@ class Objects:
 
     def open(self, rec):
         entry = self.by_file[rec.file_id]
-        lazy = not self.shared.complete
-        if lazy and entry.shmem_id in self.shared.mapped:
-            raise RestoreError(f"fd {rec.fd}: memfd {entry.name} is both open and mapped, which an "
-                               "incremental restore cannot give back as one file yet")
         mine = self.shared.fd(entry.shmem_id)
-        if lazy:
-            self.shared.seal(only=entry.shmem_id)       # no mapping of it can come later
         flags = (rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_CLOEXEC
         try:
             fd = os.open(f"/proc/self/fd/{mine}", flags)

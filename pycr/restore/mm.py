@@ -186,7 +186,7 @@ def map_vmas(remote, mm, shmem_paths):
                 target = shmem_paths.get(vma.shmem_id)
                 if not isinstance(target, tuple):
                     raise RestoreError(f"pid {remote.pid}: SysV shared memory at {vma.start:#x}: this restore "
-                                       "made no segment for it (an incremental restore cannot attach one yet)")
+                                       "made no segment for it")
                 sysvshm.attach(remote, mm, vma, target, attached)
             elif not vma.shared:
                 prot = vma.prot | PROT_READ | PROT_WRITE

@@ -46,16 +46,37 @@ class Restore:
 
     # -- steps
     def open_files(self):
-        """Every shared object (memfds and shared memory, ghost files, SysV segments), every open
-        file description, and pycr's pidfd the stubs will inherit."""
+        """Every shared object, every open file description, and pycr's pidfd the stubs will inherit."""
+        self.make_shared()
+        self.descs = files.Descriptions(self.images)
+        self.pidfd = files.pycr_pidfd()
+
+    def make_shared(self):
+        """Every object that fds and mappings share (memfds and shared memory, ghost files, SysV
+        segments), made once, before any task exists; open_files and the mappings use these."""
         self.shared = memfd.shared(self.images)
         self.shared.make_all()
         self.segments = sysvshm.holder(self.images)
         self.segments.make_all()
         self.ghosts = ghost.holder(self.images)
+        self._shared_paths()
+
+    def refresh_shared(self, images):
+        """An incremental restore moves on to `images`: the same shared objects, filled with
+        its contents (what the replica maps sees them at once), new ones made."""
+        images.made = self.images.made          # one set of objects for every pass
+        self.images = images
+        for holder in (self.shared, self.segments, self.ghosts):
+            holder.refresh(images)
+        self._shared_paths()
+
+    def _shared_paths(self):
         self.shmem_paths = {**self.shared.paths, **self.segments.paths(), **self.ghosts.paths()}
-        self.descs = files.Descriptions(self.images)
-        self.pidfd = files.pycr_pidfd()
+
+    def seal_shared(self):
+        """Every mapping is made: seals and IPC_RMID can refuse no later step now."""
+        self.shared.seal()
+        self.segments.finish()
 
     def create(self, zombies=True):
         """The tree of stubs; with zombies, its zombies too (an incremental restore
@@ -80,9 +101,7 @@ class Restore:
                 files.close_inherited(r, self.pidfd)
             task.workspace, _ = mm.rebuild(r, p.mm, self.images.pages, self.shmem_paths)
             self.finish_process(task, p)
-        # Every mapping is made: seals and IPC_RMID can refuse no later step now.
-        self.shared.seal()
-        self.segments.finish()
+        self.seal_shared()
 
     def finish_process(self, task, p):
         """Everything after the address space: fds, identity, handlers, threads, limits,

@@ -9,12 +9,20 @@ dumped: it is reused and refilled. A key another segment holds on this host
 is refused by name. Each task then attaches the segment at the address it
 had (`attach`, from restore/mm.py), and once all are attached a segment
 that was marked for removal (IPC_RMID while attached) is marked again.
+
+`pycr migrate` on one host (options.current().sysv_handover) cannot make a
+segment beside the source's: the source holds its key and id until it is
+killed. The replica attaches the source's own segment instead (same id, key
+and size): it is never written by pycr, its contents are the source's at
+every instant, and once the source is killed the replica's attachments keep
+it. A replica fed from images alone (`pycr restore --follow`) makes its
+segments as a restore does and refills them every pass (`refresh`).
 """
 
 import ctypes
 import os
 
-from pycr import proc
+from pycr import options, proc
 from pycr.abi import (IPC_CREAT, IPC_EXCL, IPC_PRIVATE, IPC_RMID, IPC_SET, IPC_STAT, PROT_EXEC, PROT_WRITE,
                       SHM_DEST, SHM_EXEC, SHM_RDONLY)
 from pycr.errors import ImageError, RestoreError
@@ -78,15 +86,17 @@ class Segments:
         self.segments = list(body.segments) if body else []
         self.made = {}          # dumped shmid -> real shmid
         self.created = []       # real ids pycr created (removed again if the restore fails)
+        self.taken = set()      # dumped shmids that are the migration source's own segments
 
-    def check_host(self):
+    def check_host(self, segments=None):
         """Refuse a key that another segment holds on this host, before anything is made."""
-        table = proc.sysv_shm() if self.segments else {}
-        for s in self.segments:
+        segments = self.segments if segments is None else segments
+        table = proc.sysv_shm() if segments else {}
+        for s in segments:
             if s.key == IPC_PRIVATE:
                 continue
             for row in table.values():
-                if row["key"] & 0xFFFFFFFF == s.key and not self._is_leftover(row, s):
+                if row["key"] & 0xFFFFFFFF == s.key and not self._is_leftover(row, s) and not _is_source(row, s):
                     raise RestoreError(f"SysV shared memory key {s.key:#x} is in use on this host by segment "
                                        f"{row['shmid']} (remove it with ipcrm, or restore elsewhere)")
 
@@ -100,15 +110,41 @@ class Segments:
         self.check_host()
         table = proc.sysv_shm() if self.segments else {}
         for s in self.segments:
-            row = table.get(s.shmid)
-            if row is not None and self._is_leftover(row, s):
-                real = s.shmid
-                log.info("SysV segment %d (key %#x): still there unattached, reused", s.shmid, s.key)
-            else:
-                real = self._create(s, taken=row is not None)
-            self.made[s.shmid] = real
-            self._fill(s, real, reused=real == s.shmid and row is not None)
-            self._set_owner(s, real)
+            self._make(s, table)
+
+    def refresh(self, images):
+        """An incremental restore's next pass: segments pycr made are zeroed and filled with its
+        contents (the replica's attachments see them at once), new ones made; the source's own
+        are left alone."""
+        self.images = images
+        body = images.objects.get(IMAGE)
+        self.segments = list(body.segments) if body else []
+        new = [s for s in self.segments if s.shmid not in self.made]
+        self.check_host(new)
+        table = proc.sysv_shm() if new else {}
+        for s in self.segments:
+            if s.shmid not in self.made:
+                self._make(s, table)
+            elif s.shmid not in self.taken:
+                self._fill(s, self.made[s.shmid], reused=True)
+                self._set_owner(s, self.made[s.shmid])
+                log.info("SysV segment %d refilled from this pass", self.made[s.shmid])
+
+    def _make(self, s, table):
+        row = table.get(s.shmid)
+        if _is_source(row, s):
+            self.made[s.shmid] = s.shmid
+            self.taken.add(s.shmid)
+            log.info("SysV segment %d (key %#x): the migration source's own, attached as it is", s.shmid, s.key)
+            return
+        if row is not None and self._is_leftover(row, s):
+            real = s.shmid
+            log.info("SysV segment %d (key %#x): still there unattached, reused", s.shmid, s.key)
+        else:
+            real = self._create(s, taken=row is not None)
+        self.made[s.shmid] = real
+        self._fill(s, real, reused=real == s.shmid and row is not None)
+        self._set_owner(s, real)
 
     def _create(self, s, taken):
         chose = False
@@ -160,13 +196,12 @@ class Segments:
 
     def paths(self):
         """shmem_id -> ("sysv", real id, size) for map_vmas."""
-        sizes = {s.shmid: s.size for s in self.segments}
-        return {sid: ("sysv", real, sizes[sid]) for sid, real in self.made.items()}
+        return {s.shmid: ("sysv", self.made[s.shmid], s.size) for s in self.segments if s.shmid in self.made}
 
     def finish(self):
         """Every segment attached: IPC_RMID again those that had it (SHM_DEST)."""
         for s in self.segments:
-            if s.mode & SHM_DEST and s.shmid in self.made:
+            if s.mode & SHM_DEST and s.shmid in self.made and s.shmid not in self.taken:
                 if _libc.shmctl(self.made[s.shmid], IPC_RMID, None) < 0:
                     raise RestoreError(f"SysV segment {self.made[s.shmid]}: IPC_RMID failed: {_errno()}")
                 log.info("SysV segment %d marked for removal again (IPC_RMID)", self.made[s.shmid])
@@ -177,6 +212,12 @@ class Segments:
         for real in self.created:
             _libc.shmctl(real, IPC_RMID, None)
         self.created.clear()
+
+
+def _is_source(row, s):
+    """`pycr migrate` on one host, and row is the source's segment dumped as s: same id, key and size."""
+    return (options.current().sysv_handover and row is not None and row["shmid"] == s.shmid
+            and row["key"] & 0xFFFFFFFF == s.key and row["size"] == s.size)
 
 
 def attach(remote, mm, vma, target, attached):
