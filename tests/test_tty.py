@@ -31,7 +31,7 @@ import os, pty, sys, time
 st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
 pid, master = pty.fork()
 if pid == 0:
-    os.execvp("sh", ["sh", "-c", 'while IFS= read -r line; do eval "$line"; done'])
+    os.execvp(sys.argv[2:3] and "setpriv" or "sh", sys.argv[2:] + ["sh", "-c", 'while IFS= read -r line; do eval "$line"; done'])
 os.write(st, ("master %d child %d\\n" % (master, pid)).encode())
 os.write(st, ("ready %d\\n" % os.getpid()).encode())
 while True:
@@ -81,8 +81,12 @@ def facts(term):
             "answer": term.run("echo hello-$((6*7))")}
 
 
-def start_shell(spawn_python):
-    w = spawn_python("shell-on-pty", SHELL_ON_PTY)
+def start_shell(spawn_python, spawn=None, tmp_path=None, prefix=()):
+    """prefix: setpriv options the shell runs under (with spawn and tmp_path)."""
+    if prefix:
+        w = spawn(_script(tmp_path, "shell-on-pty", SHELL_ON_PTY), *prefix)
+    else:
+        w = spawn_python("shell-on-pty", SHELL_ON_PTY)
     m = w.wait_for(r"^master (\d+) child (\d+)$")
     return w, int(m.group(1)), int(m.group(2))
 
@@ -357,10 +361,10 @@ def test_pycr_migrate_moves_a_shell_job_to_its_terminal(tmp_path, cleanup_pids):
             term_b.close()
 
 
-def _shell_with_member(spawn_python, tmp_path):
+def _shell_with_member(spawn_python, tmp_path, spawn=None, prefix=()):
     """The shell on its pty with settings of its own and a member of its session (a background
     sleep, alive at every pass) -> (workload, master fd, shell pid, member pid, facts)."""
-    w, master_fd, child = start_shell(spawn_python)
+    w, master_fd, child = start_shell(spawn_python, spawn, tmp_path, prefix)
     term = tree_terminal(w.pid, master_fd)
     try:
         fcntl.ioctl(term.fd, termios.TIOCSWINSZ, WINSIZE.pack(37, 101, 0, 0))
@@ -428,13 +432,18 @@ def _stopped_migrate(w, tmp_path, step):
     return rest
 
 
-@pytest.mark.parametrize("when", ["before-resume", "after-resume"])
-def test_a_migration_failing_after_the_steal_gives_the_terminal_back(spawn_python, tmp_path, cleanup_pids, when):
+@pytest.mark.parametrize("when", ["before-resume", "after-resume", "leader-without-CAP_SYS_ADMIN"])
+def test_a_migration_failing_after_the_steal_gives_the_terminal_back(spawn_python, spawn, tmp_path, cleanup_pids,
+                                                                    when):
+    """Without CAP_SYS_ADMIN the source's leader cannot steal it back: the replica's leader lets go first."""
     from pycr.migrate import migrate
     from pycr.migrate.loop import Policy
-    w, master_fd, child, member, before = _shell_with_member(spawn_python, tmp_path)
+    prefix = ("--inh-caps=-sys_admin", "--bounding-set=-sys_admin") if "CAP" in when else ()
+    w, master_fd, child, member, before = _shell_with_member(spawn_python, tmp_path, spawn, prefix)
+    if prefix:
+        assert not int(procutil.status(child)["CapEff"], 16) & (1 << 21)
     pts = before["tty"]
-    if when == "before-resume":
+    if when != "after-resume":
         _stopped_migrate(w, tmp_path, "release the restored tree")        # after the steal, before the resume
     else:
         with pytest.raises(RuntimeError):
