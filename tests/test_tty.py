@@ -31,7 +31,7 @@ import os, pty, sys, time
 st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
 pid, master = pty.fork()
 if pid == 0:
-    os.execvp("sh", ["sh", "-c", 'while IFS= read -r line; do eval "$line"; done'])
+    os.execvp(sys.argv[2:3] and "setpriv" or "sh", sys.argv[2:] + ["sh", "-c", 'while IFS= read -r line; do eval "$line"; done'])
 os.write(st, ("master %d child %d\\n" % (master, pid)).encode())
 os.write(st, ("ready %d\\n" % os.getpid()).encode())
 while True:
@@ -81,8 +81,12 @@ def facts(term):
             "answer": term.run("echo hello-$((6*7))")}
 
 
-def start_shell(spawn_python):
-    w = spawn_python("shell-on-pty", SHELL_ON_PTY)
+def start_shell(spawn_python, spawn=None, tmp_path=None, prefix=()):
+    """prefix: setpriv options the shell runs under (with spawn and tmp_path)."""
+    if prefix:
+        w = spawn(_script(tmp_path, "shell-on-pty", SHELL_ON_PTY), *prefix)
+    else:
+        w = spawn_python("shell-on-pty", SHELL_ON_PTY)
     m = w.wait_for(r"^master (\d+) child (\d+)$")
     return w, int(m.group(1)), int(m.group(2))
 
@@ -357,19 +361,107 @@ def test_pycr_migrate_moves_a_shell_job_to_its_terminal(tmp_path, cleanup_pids):
             term_b.close()
 
 
-def test_pycr_migrate_of_a_pty_in_the_tree_is_refused_by_name_while_the_source_holds_it(spawn_python, tmp_path):
-    w, master_fd, child = start_shell(spawn_python)
+def _shell_with_member(spawn_python, tmp_path, spawn=None, prefix=()):
+    """The shell on its pty with settings of its own and a member of its session (a background
+    sleep, alive at every pass) -> (workload, master fd, shell pid, member pid, facts)."""
+    w, master_fd, child = start_shell(spawn_python, spawn, tmp_path, prefix)
     term = tree_terminal(w.pid, master_fd)
     try:
-        pts = term.run("tty")
+        fcntl.ioctl(term.fd, termios.TIOCSWINSZ, WINSIZE.pack(37, 101, 0, 0))
+        term.run("stty -echoctl intr ^B")
+        member = int(term.run("sleep 1000 & echo $!"))
+        before = facts(term)
         term.drain()
     finally:
         term.close()
-    proc = pycr("migrate", "-t", w.pid, "--max-passes", 2, "--work-dir", tmp_path / "work", expect=1)
-    assert one_line_error(proc) == f"pycr: {pts} is in use: the restored pty needs that name back (programs keep it)"
+    assert procutil.sid(member) == child and procutil.tty_dev(member) == os.stat(before["tty"]).st_rdev
+    return w, master_fd, child, member, before
+
+
+def _registering(cleanup_pids, fail_at_final=False):
+    def hook(rep, replica):
+        cleanup_pids.add(*replica.reals)
+        if fail_at_final and rep.kind == "dump":
+            raise RuntimeError("the migration fails after the replica took the terminal")
+    return hook
+
+
+def test_pycr_migrate_hands_a_pty_and_its_session_to_the_replica(spawn_python, tmp_path, cleanup_pids):
+    from pycr.migrate import migrate
+    from pycr.migrate.loop import Policy
+    w, master_fd, child, member, before = _shell_with_member(spawn_python, tmp_path)
+    pts = before["tty"]
+    res = migrate(w.pid, policy=Policy(max_passes=3, min_delta=0), on_pass=_registering(cleanup_pids))
+    assert not procutil.wait_gone([w.pid, child, member])
+    assert res.reports[-1].recreated >= 1              # the member was forked again under its leader
+    tasks = res.replica.tasks
+    root, shell, sleeper = tasks[w.pid].real, tasks[child].real, tasks[member].real
+    # Same pty (the source's own, never reopened): same name, size and modes; the shell answers on it.
+    term = tree_terminal(root, master_fd)
+    try:
+        assert facts(term) == before
+    finally:
+        term.close()
+    rdev = os.stat(pts).st_rdev
+    assert procutil.sid(shell) == shell and procutil.tty_dev(shell) == rdev
+    assert procutil.stat(shell)["tpgid"] == procutil.pgid(shell)           # its group in front
+    # The member has the terminal as its controlling one too: it was forked after the leader took it.
+    assert procutil.sid(sleeper) == shell and procutil.tty_dev(sleeper) == rdev
+    assert procutil.ppid(sleeper) == shell
+    # The killed source's leader sent no SIGHUP to the replica's foreground group: all alive.
+    time.sleep(0.3)
+    procutil.assert_running_untraced(root, shell)
+    assert procutil.state(sleeper) == "S"
+
+
+def _stopped_migrate(w, tmp_path, step):
+    """pycr migrate (CLI) held at `step`, then SIGINT: it fails there -> its stderr."""
+    env = dict(os.environ, PYCR_STOP_AT_STEP=step)
+    p = subprocess.Popen([sys.executable, "-m", "pycr", "migrate", "-t", str(w.pid), "--max-passes", "2",
+                          "--work-dir", str(tmp_path / "work")], env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        first = p.stderr.readline()
+        assert first.startswith("pycr: stopped at step "), first + p.stderr.read()
+        p.send_signal(signal.SIGINT)
+        rest = p.stderr.read()
+    finally:
+        if p.wait(timeout=60) is None:
+            p.kill()
+    assert p.returncode != 0, rest
+    return rest
+
+
+@pytest.mark.parametrize("when", ["before-resume", "after-resume", "leader-without-CAP_SYS_ADMIN"])
+def test_a_migration_failing_after_the_steal_gives_the_terminal_back(spawn_python, spawn, tmp_path, cleanup_pids,
+                                                                    when):
+    """Without CAP_SYS_ADMIN the source's leader cannot steal it back: the replica's leader lets go first."""
+    from pycr.migrate import migrate
+    from pycr.migrate.loop import Policy
+    prefix = ("--inh-caps=-sys_admin", "--bounding-set=-sys_admin") if "CAP" in when else ()
+    w, master_fd, child, member, before = _shell_with_member(spawn_python, tmp_path, spawn, prefix)
+    if prefix:
+        assert not int(procutil.status(child)["CapEff"], 16) & (1 << 21)
+    pts = before["tty"]
+    if when != "after-resume":
+        _stopped_migrate(w, tmp_path, "release the restored tree")        # after the steal, before the resume
+    else:
+        with pytest.raises(RuntimeError):
+            migrate(w.pid, policy=Policy(max_passes=2, min_delta=0),
+                    on_pass=_registering(cleanup_pids, fail_at_final=True))
     procutil.assert_running_untraced(w.pid, child)
+    rdev = os.stat(pts).st_rdev
+    # The leader has its terminal back, with its group in front, and the shell still answers on it.
+    assert procutil.tty_dev(child) == rdev
+    assert procutil.stat(child)["tpgid"] == procutil.pgid(child)
     term = tree_terminal(w.pid, master_fd)
     try:
         assert term.run("echo still-$((6*7))") == "still-42"
+        assert term.run("tty") == pts
+        assert term.run("stty size") == "37 101"
     finally:
         term.close()
+    # The member runs on, in its session, but the kernel took its controlling terminal for good
+    # (only a session leader or a fork gets one): what a failed migration cannot give back.
+    assert procutil.state(member) == "S" and procutil.sid(member) == child
+    assert procutil.tty_dev(member) == 0

@@ -30,6 +30,7 @@ from pycr.migrate.report import Summary
 from pycr.migrate.transport import Transport
 from pycr.native import core
 from pycr.predump import dump_incremental
+from pycr.restore import handover
 from pycr.ptrace.inject import Injector
 from pycr.trackers import ParentPass
 from pycr.steps import finish
@@ -104,12 +105,14 @@ class SourcePasses(Transport):
         frozen, self.frozen = self.frozen, None
         if frozen is not None:
             if ok:
+                handover.forget()
                 try:
                     frozen.kill(timeout=settings.freeze_timeout())
                 except PycrError as exc:
                     log.warning("warning: the source was killed but %s", exc)
                 log.info("source killed: the replica runs in its place")
             else:
+                handover.give_back(frozen)      # e.g. the controlling terminal, before it runs again
                 frozen.thaw()
                 log.info("source thawed: it goes on as before")
         if not ok and self.last_pre_dump is not None:
@@ -232,9 +235,11 @@ def migrate(root, work_dir=None, policy=None, tracker="auto", on_image_set=None,
         raise PycrError(f"{work_dir}: cannot use it as the work directory: {exc.strerror}") from None
     lock = None if keep else _hold(work_dir)
     source = SourcePasses(root, work_dir, tracker, policy)
+    handover.forget()
     try:
-        # On one host the replica takes the frozen source's own sockets (pycr.restore.inetsk):
-        # their ports and connections stay as they are, and a failed migration thaws them untouched.
+        # On one host the replica takes the frozen source's own sockets (pycr.restore.inetsk) and ptys
+        # (pycr.restore.tty): their ports, connections and terminal indexes stay as they are, and a
+        # failed migration thaws them untouched (a stolen controlling terminal is given back first).
         # It attaches the source's own SysV segments too (pycr.restore.sysvshm): their keys and ids are taken.
         with options.using(socket_handover=True, sysv_handover=True):
             result = follow(source, pidns=True, on_image_set=on_image_set, on_pass=on_pass)

@@ -101,7 +101,7 @@ class Replica:
         if old is not None:
             old.pages.close()
         if kind == "dump":
-            self._finish(images)
+            self._finish(images, changes)
         return changes
 
     def _check_same_tree(self, images):
@@ -205,17 +205,67 @@ class Replica:
         return None
 
     # -- final pass
-    def _finish(self, images):
-        """Set protections, then everything a plain restore does after memory."""
+    def _finish(self, images, changes):
+        """Set protections, then everything a plain restore does after memory.
+
+        Sessions with a controlling terminal come last: their leaders take it
+        (on one host, from the frozen source: as late as can be), then the
+        other members are forked again so that they inherit it."""
         run = self.run
         for p in images.processes:
             layout.finish(run.tasks[p.pid], p.mm)
-        tasks.create_zombies(images, run.tasks, run.created)   # as the final dump found them
         run.descs = files.Descriptions(images)
-        run.descs.objects.late_sessions(run.tasks, run.pidfd)
+        late = self._terminal_sessions(images, run.descs.objects.sessions())
+        # as the final dump found them; a parent to be forked again makes its zombies after that
+        tasks.create_zombies(images, run.tasks, run.created, [z for z in images.zombies if z.ppid not in late])
         for p in images.processes:
-            run.finish_process(run.tasks[p.pid], p)
+            if p.pid not in late:
+                run.finish_process(run.tasks[p.pid], p)
+        run.descs.objects.late_sessions(run.tasks, run.pidfd,
+                                        lambda members: self._recreate(images, members, changes))
+        tasks.create_zombies(images, run.tasks, run.created, [z for z in images.zombies if z.ppid in late])
+        for p in images.processes:
+            if p.pid in late:
+                run.finish_process(run.tasks[p.pid], p)
         run.seal_shared()
+
+    @staticmethod
+    def _terminal_sessions(images, leaders):
+        """Leaders of sessions with a controlling terminal, their members and the members'
+        descendants (forked again once the leader has it)."""
+        out, below = set(), set()           # below: members and their descendants
+        for p in images.processes:          # parents first
+            if p.pid in leaders:
+                if p.ppid in below:
+                    raise RestoreError(f"pid {p.pid} leads a session with a controlling terminal below a member "
+                                       f"of session {images.by_pid(p.ppid).sid}: not supported by an incremental "
+                                       "restore; use dump and restore")
+                out.add(p.pid)
+            elif p.sid in leaders or p.ppid in below:
+                if p.sid in leaders and p.ppid not in out:
+                    raise RestoreError(f"pid {p.pid} is in session {p.sid}, which has a controlling terminal, but "
+                                       f"its parent {p.ppid} is not: it cannot inherit the terminal")
+                out.add(p.pid)
+                below.add(p.pid)
+        return out
+
+    def _recreate(self, images, members, changes):
+        """Kill members of a session (and their descendants) in the replica, then fork them again,
+        parents first, from parents that now hold the session's controlling terminal."""
+        redo_pids = set()
+        for p in images.processes:
+            if p.pid in members or p.ppid in redo_pids:
+                redo_pids.add(p.pid)
+        redo = [p for p in images.processes if p.pid in redo_pids]
+        for p in reversed(redo):
+            if p.pid in self.run.tasks:
+                self._remove(p.pid)
+        for p in redo:
+            self._add(p, images, changes)
+            layout.finish(self.run.tasks[p.pid], p.mm)
+        changes.recreated = sorted(set(changes.recreated) | (redo_pids - set(changes.added)))
+        log.info("replica: pids %s forked again to inherit their session's controlling terminal",
+                 sorted(redo_pids))
 
     def resume(self):
         """Detach every thread: the replica runs from here on."""

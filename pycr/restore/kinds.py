@@ -12,9 +12,10 @@ A restore module (one per kind, beside its collect module) has:
   the task's own fd numbers (epoll registrations); and `close()`: drop what pycr still holds.
   Terminals add optional hooks about sessions, which the restorer calls through KindObjects:
   `in_session(remote, pid, pidfd)` in a session leader right after its setsid (before it forks),
-  `after_groups(tasks, pidfd)` once every process group exists, `late_sessions(tasks, pidfd)`
-  when the tree was made before the descriptions (incremental restore), and
-  `before_release(tasks)` just before the tree runs.
+  `after_groups(tasks, pidfd)` once every process group exists, `late_sessions(tasks, pidfd,
+  recreate)` when the tree was made before the descriptions (incremental restore; recreate(pids)
+  forks those processes again from their parents), `sessions()` the session leaders that
+  late_sessions will handle, and `before_release(tasks)` just before the tree runs.
 """
 
 #: The restore modules, one per kind.
@@ -82,8 +83,15 @@ class KindObjects:
     def after_groups(self, tasks, pidfd):
         self._each("after_groups", tasks, pidfd)
 
-    def late_sessions(self, tasks, pidfd):
-        self._each("late_sessions", tasks, pidfd)
+    def late_sessions(self, tasks, pidfd, recreate=None):
+        self._each("late_sessions", tasks, pidfd, recreate)
+
+    def sessions(self):
+        """Session leaders whose controlling terminal is one of the objects (late_sessions handles them)."""
+        out = set()
+        for objects in self.made.values():
+            out |= getattr(objects, "sessions", set)()
+        return out
 
     def before_release(self, tasks):
         self._each("before_release", tasks)

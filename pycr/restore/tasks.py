@@ -201,11 +201,13 @@ def create_tree(images, root_task, created, zombies=True, terminals=None, pidfd=
     return tasks
 
 
-def create_zombies(images, tasks, created):
-    """The zombies of images, in a tree whose processes exist already (incremental restore)."""
-    zombie_tasks = _fork_zombies(images.zombies, tasks, created)
-    _groups(zombie_tasks, images.zombies, known={p.pid for p in images.processes})
-    _finish_zombies(images.zombies, tasks, zombie_tasks)
+def create_zombies(images, tasks, created, zombies=None):
+    """The zombies of images (or those listed), in a tree whose processes exist already
+    (incremental restore)."""
+    zombies = images.zombies if zombies is None else zombies
+    zombie_tasks = _fork_zombies(zombies, tasks, created)
+    _groups(zombie_tasks, zombies, known={p.pid for p in images.processes} | {z.pid for z in images.zombies})
+    _finish_zombies(zombies, tasks, zombie_tasks)
 
 
 def _fork_zombies(zombies, tasks, created):

@@ -8,17 +8,33 @@ that the slave is unlocked only while pycr opens it. The controlling terminal
 can only be given to a session leader, by itself, and is inherited at fork:
 TIOCSCTTY is injected into the leader right after its setsid, before it forks
 the session's other members. A shell job's terminal (-j) is pycr's stdin.
+
+`pycr migrate` on one host cannot make the pty again: the frozen source holds
+its index. The replica takes the source's own descriptions instead
+(pycr.restore.handover: same index, same settings, nothing reopened). The
+source's session still owns the terminal, so the replica's session leader
+steals it (TIOCSCTTY with arg 1, CAP_SYS_ADMIN): the kernel clears it from
+every task of the source's session (session_clear_tty), so the killed
+source's leader later exits with no terminal and sends no SIGHUP (its
+disassociate_ctty finds none). If the migration fails afterwards the source's
+leader takes it back, with its foreground group, before the thaw; its other
+members cannot: a process gets a controlling terminal only at fork or as a
+session leader. Members of the replica's session are forked again once their
+leader holds it (late_sessions' recreate), for the same reason.
 """
 
 import fcntl
 import os
 import signal
 import struct
+import time
 
 from pycr import abi, options, proc
+from pycr.ptrace.inject import Injector
+from pycr.restore import handover
 from pycr.collect.tty import tty_nr_dev
 from pycr.abi import O_ACCMODE, O_CLOEXEC, O_CREAT, O_EXCL, O_TRUNC
-from pycr.errors import ImageError, RestoreError
+from pycr.errors import ImageError, RestoreError, TaskGone
 from pycr.log import log
 
 TYPES = ("ptmx", "pts")
@@ -60,6 +76,24 @@ def check(path, body, recs):
         pid, rec = next((pid, rec) for pid, rec in recs if ptys[files[rec.file_id].index].inherited)
         raise RestoreError(f"pid {pid} fd {rec.fd} ran on the terminal of a shell job (dumped with -j): "
                            "restore with -j (--shell-job) to put it on pycr's terminal")
+
+
+def _capable(pid):
+    """Has pid CAP_SYS_ADMIN in its effective set (a TIOCSCTTY steal needs it)?"""
+    return bool(proc.status(pid).cap_eff >> abi.CAP_SYS_ADMIN & 1)
+
+
+def _wait_exited(real, timeout=5.0):
+    """Until task `real` has exited (a zombie or gone): its exit has let go of its terminal."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc.stat(real).state in "ZX":
+                return
+        except TaskGone:
+            return
+        time.sleep(0.002)
+    raise RestoreError(f"pid {real} was killed but did not exit within {timeout} s")
 
 
 def _set_int(fd, request, value):
@@ -108,10 +142,15 @@ class Objects:
                 if rec.file_id in self.files:
                     self.recs.setdefault(rec.file_id, rec)
         self._check_sessions(images)
+        self.handover = handover.active()
+        if self.handover:
+            self._check_can_steal()
         try:
             for pty in self.ptys.values():
                 if pty.inherited:
                     self._inherit(pty)
+                elif self.handover:
+                    self._take_over(pty)
                 else:
                     self._make(pty)
         except BaseException:
@@ -125,6 +164,37 @@ class Objects:
             if (pty.sid and (pty.sid not in leaders or pty.inherited)) or (pty.pgrp and pty.pgrp not in groups):
                 raise ImageError(self.path, f"corrupt: pty {pty.index}'s session {pty.sid} or foreground group "
                                             f"{pty.pgrp} is not one of the tree's")
+
+    def _check_can_steal(self):
+        for pty in self.ptys.values():
+            if pty.sid and not pty.inherited and not _capable(os.getpid()):
+                raise RestoreError(f"{PTS_DIR}/{pty.index} is the controlling terminal of session {pty.sid}: "
+                                   "the replica takes it from the source with TIOCSCTTY steal, which needs "
+                                   "CAP_SYS_ADMIN")
+
+    def _take_over(self, pty):
+        """Every description of the pty from the frozen source, each checked to be this pty:
+        TIOCGPTN on the master, the device number of /dev/pts/N on a slave."""
+        name = f"{PTS_DIR}/{pty.index}"
+        holders = handover.holders(self.images)
+        try:
+            rdev = os.stat(name).st_rdev
+        except OSError as exc:
+            raise RestoreError(f"{name}: the source's pty is gone: {exc.strerror}") from None
+        for master in (True, False):
+            for fid in self._descriptions(pty.index, master):
+                fd = handover.take_fd(holders[fid], f"pty {'master' if master else 'slave'} {name}")
+                self.fds[fid] = fd
+                same = (struct.unpack("i", fcntl.ioctl(fd, abi.TIOCGPTN, b"\0" * 4))[0] == pty.index
+                        if master else os.fstat(fd).st_rdev == rdev)
+                if not same:
+                    pid, num = holders[fid]
+                    raise RestoreError(f"pid {pid} fd {num}: the source's description is no longer {name}")
+                if not master:
+                    self.slave.setdefault(pty.index, fd)
+        if pty.index not in self.slave:         # TIOCSCTTY on a master acts on its slave
+            (master_id,) = self._descriptions(pty.index, True)
+            self.slave[pty.index] = self.fds[master_id]
 
     def _descriptions(self, index, master):
         return [fid for fid, f in self.files.items() if f.index == index and f.master == master]
@@ -187,14 +257,15 @@ class Objects:
         return fcntl.fcntl(self.fds[rec.file_id], fcntl.F_DUPFD_CLOEXEC, 0)
 
     # -- sessions
-    def _in_task(self, remote, index, pidfd, what, request, arg=None):
-        """ioctl(request) injected into a task on its own copy of pycr's slave fd of pty index."""
+    def _in_task(self, remote, index, pidfd, what, request, arg=None, value=0):
+        """ioctl(request) injected into a task on its own copy of pycr's slave fd of pty index;
+        arg: an int passed by address, else value is passed as is."""
         got = remote.call("pidfd_getfd", pidfd, self.slave[index], 0)
         if got < 0:
             raise RestoreError(f"pid {remote.pid}: pidfd_getfd of {PTS_DIR}/{index} failed: {os.strerror(-got)}")
         try:
             if arg is None:
-                remote.check("ioctl", got, request, 0, what=f"{PTS_DIR}/{index}, {what}")
+                remote.check("ioctl", got, request, value, what=f"{PTS_DIR}/{index}, {what}")
             else:
                 with remote.inj.scratch(64) as buf:
                     remote.write(buf, struct.pack("i", arg))
@@ -205,9 +276,66 @@ class Objects:
     def in_session(self, remote, pid, pidfd):
         for pty in self.ptys.values():
             if pty.sid == pid and not pty.inherited:
+                if self.handover:
+                    self._steal(remote, pty, pidfd)
+                    continue
                 self._in_task(remote, pty.index, pidfd, "TIOCSCTTY", abi.TIOCSCTTY)
                 log.info("pid %d: TIOCSCTTY: %s/%d is its session's controlling terminal again", pid, PTS_DIR,
                          pty.index)
+
+    def _steal(self, remote, pty, pidfd):
+        """TIOCSCTTY 1: the source's session loses the terminal, the replica's leader gets it;
+        a failed migration gives it back (handover.give_back)."""
+        self._in_task(remote, pty.index, pidfd, "TIOCSCTTY 1 (steal)", abi.TIOCSCTTY, value=1)
+        real = remote.real
+        handover.before_thaw(lambda frozen: self._give_back(frozen, pty, real))
+        log.info("pid %d: TIOCSCTTY 1: %s/%d taken from the source's session %d (session_clear_tty: none of "
+                 "its tasks has it now)", remote.pid, PTS_DIR, pty.index, pty.sid)
+
+    def _give_back(self, frozen, pty, replica_leader):
+        """The frozen source's leader takes its terminal back, and sets its foreground group.
+
+        With CAP_SYS_ADMIN it steals it back (no signal anywhere); without, the
+        replica's leader is killed first (its exit lets go of the terminal and
+        hangs up only the replica's foreground group), then it is a plain TIOCSCTTY.
+        """
+        name = f"{PTS_DIR}/{pty.index}"
+        threads = frozen.processes.get(pty.sid)
+        if not threads:
+            raise RestoreError(f"{name}: the source's session leader {pty.sid} is not frozen")
+        steal = _capable(pty.sid)
+        if not steal:
+            os.kill(replica_leader, signal.SIGKILL)
+            _wait_exited(replica_leader)
+        own = self._leader_fd(pty)
+        with Injector(threads[0]) as inj:
+            with inj.scratch(256) as buf:
+                fd = own
+                if fd is None:
+                    inj.write(buf + 64, os.fsencode(name) + b"\0")
+                    fd = inj.check("openat", abi.AT_FDCWD, buf + 64, os.O_RDWR | os.O_NOCTTY | O_CLOEXEC, 0)
+                try:
+                    inj.check("ioctl", fd, abi.TIOCSCTTY, 1 if steal else 0)
+                    if pty.pgrp:
+                        inj.write(buf, struct.pack("i", pty.pgrp))
+                        inj.check("ioctl", fd, abi.TIOCSPGRP, buf)
+                finally:
+                    if own is None:
+                        inj.call("close", fd)
+        log.info("pid %d: %s is its controlling terminal again%s (the other tasks of its session lost it)",
+                 pty.sid, name, f", process group {pty.pgrp} in front" if pty.pgrp else "")
+
+    def _leader_fd(self, pty):
+        """An fd of the session leader on this pty (a master works too), else None."""
+        leader = self.images.by_pid(pty.sid)
+        for rec in leader.fds if leader is not None else ():
+            f = self.files.get(rec.file_id)
+            if f is not None and f.index == pty.index and str(rec.type) in TYPES:
+                return rec.fd
+        return None
+
+    def sessions(self):
+        return {pty.sid for pty in self.ptys.values() if pty.sid and not pty.inherited}
 
     def after_groups(self, tasks, pidfd):
         for pty in self.ptys.values():
@@ -217,18 +345,23 @@ class Objects:
                 log.info("pid %d: TIOCSPGRP: process group %d is the foreground of %s/%d", pty.sid, pty.pgrp,
                          PTS_DIR, pty.index)
 
-    def late_sessions(self, tasks, pidfd):
-        """The tree was forked before its ptys existed (incremental restore): only a session of
-        one process can get its controlling terminal now (members inherit it at fork only)."""
+    def late_sessions(self, tasks, pidfd, recreate=None):
+        """The tree was forked before its ptys existed (incremental restore): each session leader
+        takes its terminal now, then the other members of its session are forked again from
+        their parents (recreate(pids)): members inherit a controlling terminal at fork only."""
+        members = []
         for pty in self.ptys.values():
             if not pty.sid or pty.inherited:
                 continue
             others = sorted(p.pid for p in self.images.processes if p.sid == pty.sid and p.pid != pty.sid)
-            if others:
+            if others and recreate is None:
                 raise RestoreError(f"session {pty.sid} on {PTS_DIR}/{pty.index} has other processes than its "
                                    f"leader (pid {others[0]}): they were forked before the terminal was made "
                                    "again and cannot inherit it; use dump and restore")
             self.in_session(tasks[pty.sid].remote, pty.sid, pidfd)
+            members += others
+        if members:
+            recreate(members)
         self.after_groups(tasks, pidfd)
 
     def before_release(self, tasks):
