@@ -143,6 +143,64 @@ def test_killed_dump_leaves_the_tree_running(spawn, tmp_path, command):
             assert_goes_on(w, before, sig, where)
 
 
+OBJECTS = """#!{python}
+import os, select, socket, sys, time
+st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+def report(line):
+    os.write(st, (line + "\\n").encode())
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+report("port %d" % listener.getsockname()[1])
+conn, _ = listener.accept()
+a, b = socket.socketpair()
+a.send(b"queued in a unix pair")
+counter = os.eventfd(3)
+timer_ep = select.epoll()
+timer_ep.register(conn.fileno(), select.EPOLLIN)
+report("ready %d" % os.getpid())
+n = 0
+while True:
+    for fd, ev in timer_ep.poll(0.01):
+        data = conn.recv(100)
+        conn.sendall(b"echo " + data)
+    n += 1
+    if n % 5 == 0:
+        report("count %d" % n)
+"""
+
+
+@pytest.mark.time_limit(400)
+def test_killed_dump_of_sockets_and_event_fds_leaves_them_working(spawn, tmp_path):
+    """TCP repair mode, peeked unix queues, epoll: a killed `dump -R --tcp-established` leaves
+    the connection to a client outside the tree working (after `pycr cleanup` for a SIGKILL)."""
+    script = tmp_path / "objects.py"
+    script.write_text(OBJECTS.replace("{python}", sys.executable))
+    script.chmod(0o755)
+    w = spawn(str(script), ready=False)
+    port = int(w.wait_for(r"^port (\d+)$").group(1))
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        w.wait_for(rf"^ready {w.pid}$")
+
+        def echo(what):
+            client.sendall(what)
+            assert client.recv(100) == b"echo " + what, what
+
+        echo(b"before")
+        args = ("dump", "-R", "--tcp-established", "-t", w.pid)
+        steps = steps_of(tmp_path, *args, "-D", tmp_path / "count")
+        echo(b"after a whole dump -R")
+        before = snapshot(w.pid)
+        trial = 0
+        for n in spread(steps):
+            for sig in SIGNALS:
+                trial += 1
+                stop_and_signal(tmp_path, n, sig, *args, "-D", tmp_path / f"t{trial}")
+                where = f"dump stopped at step {n} ({dict(steps)[n]}), {sig.name}"
+                assert_goes_on(w, before, sig, where)
+                echo(f"trial {trial}".encode())
+
 @pytest.mark.time_limit(300)
 def test_killed_restore_leaves_no_task(spawn, tmp_path, cleanup_pids):
     w = spawn("tree")
