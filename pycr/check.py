@@ -238,8 +238,13 @@ CHECKS = (check_ptrace, check_injection, check_vm_rw, check_clone3_set_tid, chec
           check_soft_dirty, check_uffd_wp_async, check_pagemap_scan)
 
 
+def _object_checks():
+    from . import check_objects
+    return check_objects.CHECKS
+
+
 def run_checks():
-    return [check() for check in CHECKS]
+    return [check() for check in CHECKS + _object_checks()]
 
 
 def trackers_available(findings=None):

@@ -18,6 +18,14 @@ def test_check_reports_every_mechanism_and_trackers():
     assert ("soft-dirty" in doc["trackers"]) == names["soft-dirty"]
     text = pycr("check").stdout
     assert "auto picks" in text and "dump and restore: can work" in text
+    # The kernel objects' mechanisms, each tried: its line says what came back.
+    objects = {c["name"]: c for c in doc["checks"] if c["needed_for"] == "objects"}
+    assert {"sock_diag", "timerfd ticks", "POSIX timer IDs", "ptys", "SysV shm ids"} <= objects.keys()
+    assert objects["ptys"]["ok"] and objects["sock_diag"]["ok"], objects
+    if objects["timerfd ticks"]["ok"]:
+        assert objects["timerfd ticks"]["detail"] == "TFD_IOC_SET_TICKS 3, read 3"
+    if objects["POSIX timer IDs"]["ok"]:
+        assert objects["POSIX timer IDs"]["detail"] == "asked for timer 4242, got 4242"
 
 
 def test_usage_errors_are_one_line():
