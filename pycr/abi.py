@@ -361,6 +361,11 @@ TCP_NO_QUEUE, TCP_RECV_QUEUE, TCP_SEND_QUEUE = 0, 1, 2
 TCPOPT_MAXSEG, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
 SIOCOUTQ, SIOCINQ, SIOCOUTQNSD = 0x5411, 0x541B, 0x894B
+# -- classic BPF socket filters (asm-generic/socket.h, linux/filter.h, linux/bpf_common.h)
+SO_ATTACH_FILTER, SO_DETACH_FILTER, SO_LOCK_FILTER = 26, 27, 44
+SO_GET_FILTER = SO_ATTACH_FILTER      # getsockopt: optlen counts instructions (struct sock_filter, 8 bytes)
+BPF_LD_W_IMM = 0x00                   # BPF_LD | BPF_W | BPF_IMM: A = k
+BPF_RET_K = 0x06                      # BPF_RET | BPF_K: accept k bytes of the packet, 0 drops it
 # -- terminals (asm-generic/ioctls.h; _IOR/_IOW numbers carry the argument size)
 TCGETS2 = 0x802C542A                  # _IOR('T', 0x2A, struct termios2)
 TCSETS2 = 0x402C542B                  # _IOW('T', 0x2B, struct termios2)

@@ -12,10 +12,11 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
-from .abi import (NR, PAGE_IS_PRESENT, PM_SOFT_DIRTY, PR_SET_MM, PR_SET_MM_MAP_SIZE, UFFD_API, UFFD_PYCR_FEATURES,
-                  UFFD_PYCR_FLAGS, UFFD_USER_MODE_ONLY, UFFDIO_API)
+from .abi import (NR, PAGE_IS_PRESENT, PM_SOFT_DIRTY, PR_SET_MM, PR_SET_MM_MAP_SIZE, SIOCINQ, SIOCOUTQ, UFFD_API,
+                  UFFD_PYCR_FEATURES, UFFD_PYCR_FLAGS, UFFD_USER_MODE_ONLY, UFFDIO_API)
 from . import proc
 from .errors import PycrError
 from .native import core
@@ -29,7 +30,7 @@ class Finding:
     name: str
     ok: bool
     detail: str
-    needed_for: str    # "dump/restore", "tracker", or "optional"
+    needed_for: str    # "dump/restore", "tracker", "--tcp-established" or "optional"
 
 
 def _sleeper():
@@ -234,8 +235,89 @@ def check_pidfd_getfd():
         _reap(child)
 
 
+@contextlib.contextmanager
+def _loopback_connection():
+    """A TCP connection over 127.0.0.1 in pycr: -> (client, server). Closed on leaving."""
+    import socket
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.create_connection(listener.getsockname(), timeout=5)
+        server = None
+        try:
+            server, _ = listener.accept()
+            server.settimeout(5)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            yield client, server
+        finally:
+            client.close()
+            if server is not None:
+                server.close()
+
+
+def _queued(sock, request):
+    import fcntl
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
+
+
+def check_tcp_repair():
+    """Read a live loopback connection in repair mode as a dump does (sequence numbers,
+    queues, window), leave repair mode, and prove the connection still carries data both ways."""
+    from . import tcp_repair
+    try:
+        with _loopback_connection() as (client, server):
+            client.sendall(b"ping")
+            deadline = time.monotonic() + 5
+            while _queued(server, SIOCINQ) < 4 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            tcp_repair.repair_on(server)
+            try:
+                conn, problem = tcp_repair.read(server)
+            finally:
+                tcp_repair.repair_off(server)
+            server.sendall(b"pong")
+            ok = (problem is None and conn.recv_data == b"ping" and server.recv(4) == b"ping"
+                  and client.recv(4) == b"pong")
+    except OSError as exc:
+        return Finding("TCP repair", False, f"{exc.strerror or exc} (needs CAP_NET_ADMIN)", "--tcp-established")
+    if not ok:
+        return Finding("TCP repair", False, "the queue read in repair mode, or the connection after it, "
+                       "did not carry the bytes sent", "--tcp-established")
+    return Finding("TCP repair", True, f"TCP_REPAIR on/off; rcv_nxt {conn.inq_seq}, write_seq {conn.outq_seq}, "
+                   "queues peeked; the connection goes on", "--tcp-established")
+
+
+def check_tcp_lock():
+    """pycr's socket filter on a connection in repair mode: a segment the peer sends is not
+    acknowledged (it stays in the peer's send queue), and arrives once the filter is off."""
+    from . import tcp_lock, tcp_repair
+    try:
+        with _loopback_connection() as (client, server):
+            tcp_lock.lock(server)
+            signed = tcp_lock.is_locked(server)
+            tcp_repair.repair_on(server)
+            try:
+                client.sendall(b"x")
+                time.sleep(0.05)
+                held_back = _queued(client, SIOCOUTQ) == 1 and _queued(server, SIOCINQ) == 0
+            finally:
+                tcp_repair.repair_off(server)
+                tcp_lock.unlock(server)
+            start = time.monotonic()
+            arrived = server.recv(1) == b"x" and _queued(client, SIOCOUTQ) == 0
+            after = time.monotonic() - start
+    except OSError as exc:
+        return Finding("TCP lock (socket filter)", False, f"{exc.strerror or exc}", "--tcp-established")
+    if not (signed and held_back and arrived):
+        return Finding("TCP lock (socket filter)", False, "SO_GET_FILTER did not give pycr's filter back"
+                       if not signed else "a segment sent while locked was acknowledged" if not held_back
+                       else "the segment did not arrive after the unlock", "--tcp-established")
+    return Finding("TCP lock (socket filter)", True, "SO_ATTACH_FILTER ret #0: a segment sent while locked is not "
+                   f"acknowledged; retransmitted {after:.2f} s after the unlock", "--tcp-established")
+
+
 CHECKS = (check_ptrace, check_injection, check_vm_rw, check_clone3_set_tid, check_prctl_mm_map, check_pidfd_getfd,
-          check_soft_dirty, check_uffd_wp_async, check_pagemap_scan)
+          check_soft_dirty, check_uffd_wp_async, check_pagemap_scan, check_tcp_repair, check_tcp_lock)
 
 
 def _object_checks():

@@ -17,6 +17,9 @@ program does:
   it off through pycr's own copy of the socket (SO_REUSEADDR, which repair mode
   clears, comes back off). A program that uses repair mode itself is rare; its
   sockets would be listed too.
+- pycr's socket filter on those connections (pycr.tcp_lock): it drops every
+  segment the peer sends. It is recognised by its instructions (SO_GET_FILTER
+  gives them back) and detached.
 `pycr check -t PID` lists them; `pycr cleanup -t PID` takes them out, and so
 does every dump and pre-dump of the tree before it looks at its fds.
 """
@@ -35,7 +38,7 @@ from pycr.ptrace.inject import vdso_text_end
 @dataclass
 class Leftover:
     pid: int
-    what: str        # "userfaultfd", "trampoline", "peek-off" or "tcp-repair"
+    what: str        # "userfaultfd", "trampoline", "peek-off", "tcp-repair" or "tcp-lock"
     where: int       # fd number or address
     detail: str
 
@@ -46,6 +49,9 @@ class Leftover:
             return f"pid {self.pid} fd {self.where}: unix socket's SO_PEEK_OFF changed by pycr ({self.detail})"
         if self.what == "tcp-repair":
             return f"pid {self.pid} fd {self.where}: TCP connection {self.detail} left in repair mode by pycr's dump"
+        if self.what == "tcp-lock":
+            return (f"pid {self.pid} fd {self.where}: TCP connection {self.detail} locked by pycr's socket filter "
+                    "(it drops everything the peer sends)")
         return f"pid {self.pid}: pycr's syscall trampoline at {self.where:#x} in [vdso] padding"
 
 
@@ -106,6 +112,7 @@ def find(root):
                 out.append(Leftover(pid, "trampoline", addr, ""))
             out.extend(Leftover(pid, "peek-off", fd, f"it was {value}") for fd, value in peek_offs(pid))
             out.extend(Leftover(pid, "tcp-repair", fd, name) for fd, name in tcp_in_repair(pid))
+            out.extend(Leftover(pid, "tcp-lock", fd, name) for fd, name in tcp_locked(pid))
         except TaskGone:
             continue
     return out
@@ -173,9 +180,8 @@ def _tcp_socket(pid, fd):
     return None
 
 
-def tcp_in_repair(pid, undo=False):
-    """[(fd, "local <-> peer")] of pid's TCP sockets in repair mode; undo: turn it off."""
-    from pycr import tcp_repair
+def _tcp_sockets_where(pid, test, undo, what):
+    """[(fd, "local <-> peer")] of pid's TCP sockets for which test(sock); undo(sock) on each if given."""
     out = []
     for fd, link in proc.fds(pid).items():
         if not link.startswith("socket:["):
@@ -185,16 +191,28 @@ def tcp_in_repair(pid, undo=False):
             continue
         with sock:
             try:
-                if not tcp_repair.in_repair(sock):
+                if not test(sock):
                     continue
                 name = f"{_show(sock.getsockname())} <-> {_show(sock.getpeername())}"
             except OSError:
                 continue
             if undo:
-                tcp_repair.repair_off(sock)
-                log.info("pid %d fd %d: TCP %s: repair mode off", pid, fd, name)
+                undo(sock)
+                log.info("pid %d fd %d: TCP %s: %s", pid, fd, name, what)
             out.append((fd, name))
     return out
+
+
+def tcp_in_repair(pid, undo=False):
+    """[(fd, "local <-> peer")] of pid's TCP sockets in repair mode; undo: turn it off."""
+    from pycr import tcp_repair
+    return _tcp_sockets_where(pid, tcp_repair.in_repair, undo and tcp_repair.repair_off, "repair mode off")
+
+
+def tcp_locked(pid, undo=False):
+    """[(fd, "local <-> peer")] of pid's TCP sockets with pycr's filter on; undo: detach it."""
+    from pycr import tcp_lock
+    return _tcp_sockets_where(pid, tcp_lock.is_locked, undo and tcp_lock.unlock, "pycr's socket filter detached")
 
 
 def _show(addr):
@@ -252,4 +270,6 @@ def cleanup(root):
             put_back_peek_offs(pid)
             if any(x.pid == pid and x.what == "tcp-repair" for x in found):
                 tcp_in_repair(pid, undo=True)
+            if any(x.pid == pid and x.what == "tcp-lock" for x in found):
+                tcp_locked(pid, undo=True)
     return found

@@ -8,11 +8,13 @@ but LISTEN. Turning it on also sets the socket's sk_reuse to "force", turning
 it off clears it: SO_REUSEADDR is read before and set again after.
 
 While a dump holds connections in repair mode (from the read until the tree is
-killed or thawed), `held` keeps pycr's copies: `FrozenTree.thaw` turns repair
-off again (`leave_all`), `FrozenTree.kill` closes them once the tree is dead
+killed or thawed), `held` keeps pycr's copies, each locked against incoming
+data (pycr.tcp_lock): `FrozenTree.thaw` turns repair off again and detaches
+the lock (`leave_all`), `FrozenTree.kill` closes them once the tree is dead
 (`close_all`), so the peer sees nothing. A pycr SIGKILLed in between leaves the
-connections in repair mode: pycr.leftovers finds them (getsockopt TCP_REPAIR
-reads the flag back) and `pycr cleanup` turns it off.
+connections in repair mode and locked: pycr.leftovers finds them (getsockopt
+TCP_REPAIR reads the flag back, SO_GET_FILTER the filter) and `pycr cleanup`
+undoes both.
 """
 
 import errno
@@ -21,7 +23,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from . import abi
+from . import abi, tcp_lock
 from .log import log
 
 TCP = socket.IPPROTO_TCP
@@ -175,7 +177,7 @@ def make(sock, conn, local, peer, reuseaddr=0):
 
 # -- connections a dump holds in repair mode until the tree is killed or thawed
 
-held = []       # [(socket, SO_REUSEADDR before, name)]
+held = []       # [(socket, SO_REUSEADDR before, name)], each locked by pycr.tcp_lock
 
 
 def hold(sock, reuseaddr, name):
@@ -183,7 +185,7 @@ def hold(sock, reuseaddr, name):
 
 
 def leave_all():
-    """The tree goes on: every held connection leaves repair mode, as it was."""
+    """The tree goes on: every held connection leaves repair mode and is unlocked, as it was."""
     while held:
         sock, reuseaddr, name = held.pop()
         try:
@@ -191,12 +193,18 @@ def leave_all():
             log.info("%s: TCP repair mode off again", name)
         except OSError as exc:
             log.warning("warning: %s: could not leave TCP repair mode: %s", name, exc.strerror)
+        try:
+            tcp_lock.unlock(sock)
+            log.info("%s: pycr's filter detached: what the peer sent meanwhile comes again", name)
+        except OSError as exc:
+            log.warning("warning: %s: could not detach pycr's socket filter: %s", name, exc.strerror)
         finally:
             sock.close()
 
 
 def close_all():
-    """The tree is dead: closing pycr's copies drops the connections silently (repair mode: no FIN, no RST)."""
+    """The tree is dead: closing pycr's copies drops the connections silently (repair mode: no FIN, no RST),
+    their filters with them."""
     while held:
         sock, _reuse, name = held.pop()
         sock.close()

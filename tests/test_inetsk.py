@@ -396,3 +396,252 @@ def test_leave_running_takes_the_connection_out_of_repair_mode(spawn, tmp_path):
         assert read_exactly(client, len(b"reply:more\n")) == b"reply:more\n"
     finally:
         client.close()
+
+
+# -- the lock against incoming data (pycr.tcp_lock): a client that keeps sending
+
+ECHO_SCRIPT = """#!{python}
+import os, select, socket, struct, sys
+st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+def report(line):
+    os.write(st, (line + "\\n").encode())
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", 0))
+l.listen(4)
+report("port %d" % l.getsockname()[1])
+report("ready %d" % os.getpid())
+c, _ = l.accept()
+if sys.argv[2:] == ["own-filter"]:        # accept every packet whole: the program's own filter
+    code = struct.pack("=HBBI", 0x06, 0, 0, 0xFFFFFFFF)
+    import ctypes
+    buf = ctypes.create_string_buffer(code, len(code))
+    c.setsockopt(socket.SOL_SOCKET, 26, struct.pack("=HxxxxxxQ", 1, ctypes.addressof(buf)))
+report("fd %d" % c.fileno())
+while True:
+    select.select([c], [], [])      # not blocked in recv: see the test of a filter left by a killed pycr
+    data = c.recv(65536)
+    if not data:
+        report("eof")
+        break
+    c.sendall(data)
+"""
+
+TCPI_TOTAL_RETRANS = 100        # offset of tcpi_total_retrans in struct tcp_info
+BPF_LDB_ABS, BPF_JSET_K, BPF_RET = 0x30, 0x45, 0x06
+TCP_FLAG_RST = 0x04
+
+
+class StreamingClient:
+    """A client outside the tree that writes numbered lines without waiting for answers
+    (every 2 ms) and reads the echoes in another thread: the echoed stream must be the sent one."""
+
+    def __init__(self, port):
+        import threading
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sent, self.echoed, self.count = bytearray(), bytearray(), 0
+        self.paused, self.stopping = threading.Event(), threading.Event()
+        self.writer = threading.Thread(target=self._write, daemon=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.writer.start()
+        self.reader.start()
+
+    def _write(self):
+        while not self.stopping.is_set():
+            if not self.paused.is_set():
+                line = b"%d\n" % self.count
+                self.sock.sendall(line)
+                self.sent += line
+                self.count += 1
+            time.sleep(0.002)
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def _read(self):
+        while True:
+            data = self.sock.recv(1 << 16)
+            if not data:
+                return
+            self.echoed += data
+
+    def wait_lines(self, n, timeout=20):
+        deadline = time.monotonic() + timeout
+        start = self.count
+        while self.count < start + n:
+            assert time.monotonic() < deadline and self.writer.is_alive(), "the client could not send"
+            time.sleep(0.01)
+
+    def retransmissions(self):
+        info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_TOTAL_RETRANS + 4)
+        return struct.unpack_from("I", info, TCPI_TOTAL_RETRANS)[0]
+
+    def ignore_resets(self, on):
+        """While on, a RST reaching the client is dropped by its own socket filter."""
+        if not on:
+            self.sock.setsockopt(socket.SOL_SOCKET, 27, 0)          # SO_DETACH_FILTER
+            return
+        import ctypes
+        prog = [(BPF_LDB_ABS, 0, 0, 13), (BPF_JSET_K, 0, 1, TCP_FLAG_RST), (BPF_RET, 0, 0, 0),
+                (BPF_RET, 0, 0, 0xFFFFFFFF)]             # the TCP header's flags byte; RST: drop
+        code = b"".join(struct.pack("=HBBI", *insn) for insn in prog)
+        self._filter = ctypes.create_string_buffer(code, len(code))
+        self.sock.setsockopt(socket.SOL_SOCKET, 26,                  # SO_ATTACH_FILTER
+                             struct.pack("=HxxxxxxQ", len(prog), ctypes.addressof(self._filter)))
+
+    def finish(self, timeout=30):
+        """Stop sending, wait for every echo (the server closes after EOF) -> (sent, echoed)."""
+        self.stopping.set()
+        self.writer.join(timeout)
+        self.reader.join(timeout)
+        assert not self.reader.is_alive(), "the echoes stopped coming"
+        return bytes(self.sent), bytes(self.echoed)
+
+    def close(self):
+        self.stopping.set()
+        self.sock.close()
+
+
+def echo_server(spawn, tmp_path, *args):
+    script = tmp_path / "echo.py"
+    script.write_text(ECHO_SCRIPT.format(python=sys.executable))
+    script.chmod(0o755)
+    w = spawn(str(script), *args)
+    client = StreamingClient(int(w.fields("port")[0][0]))
+    return w, client, int(w.wait_for(r"^fd (\d+)$").group(1))
+
+
+def first_gap(sent, echoed):
+    """Where the echoed numbered lines stop matching the sent ones, said readably."""
+    a, b = sent.split(b"\n"), echoed.split(b"\n")
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return f"line {i}: sent {a[i:i + 3]}, echoed {b[i:i + 3]} ({len(a)} lines sent, {len(b)} echoed)"
+
+
+def server_filter(pid, fd):
+    from pycr import tcp_lock
+    from pycr.native import core
+    with socket.socket(fileno=core.dup_from(pid, fd)) as sock:
+        return tcp_lock.filter_of(sock)
+
+
+def test_a_client_that_keeps_sending_across_dump_leave_running_loses_nothing(spawn, tmp_path):
+    """The connection is locked while it is read (what the client sends meanwhile is not
+    acknowledged: it is sent again), and unlocked at the thaw: no gap, no duplicate."""
+    w, client, fd = echo_server(spawn, tmp_path)
+    try:
+        client.wait_lines(50)
+        before = client.retransmissions()
+        out = pycr("dump", "-v", "-R", "-t", w.pid, "-D", tmp_path / "img", "--tcp-established")
+        log = out.stdout + out.stderr
+        assert "locked: a socket filter drops what the peer sends" in log and "filter detached" in log
+        assert server_filter(w.pid, fd) == ()
+        client.wait_lines(200)
+        sent, echoed = client.finish()
+        assert echoed == sent, first_gap(sent, echoed)
+        # What the client sent while the lock was on was dropped unacknowledged, and sent again.
+        assert client.retransmissions() > before
+        w.wait_for(r"^eof$")
+    finally:
+        client.close()
+
+
+def test_a_client_that_keeps_sending_across_dump_and_restore_loses_nothing(spawn, tmp_path, cleanup_pids):
+    """The lines the client sent after the dump read the receive queue, until the kill, were
+    not acknowledged: they are sent again and reach the restored server, so its stream has no
+    gap. The client pauses between the kill and the restore; its retransmissions do not, and a
+    segment reaching the host while no socket has the port gets a RST (formats/inetsk.md): the
+    client's own filter drops those RSTs until the restore, as if they had been lost."""
+    w, client, _fd = echo_server(spawn, tmp_path)
+    try:
+        client.wait_lines(50)
+        client.ignore_resets(True)
+        dump_dir = tmp_path / "img"
+        pycr("dump", "-t", w.pid, "-D", dump_dir, "--tcp-established")
+        client.paused.set()
+        cleanup_pids.add(w.pid)
+        pycr("restore", "-D", dump_dir, "-d")
+        client.ignore_resets(False)
+        client.paused.clear()
+        client.wait_lines(200)
+        sent, echoed = client.finish()
+        assert echoed == sent, first_gap(sent, echoed)
+        assert client.retransmissions() > 0
+    finally:
+        client.close()
+    w.wait_for(r"^eof$")
+
+
+def test_a_connection_with_a_filter_of_its_own_is_refused_and_keeps_it(spawn, tmp_path):
+    w, client, fd = echo_server(spawn, tmp_path, "own-filter")
+    try:
+        client.wait_lines(20)
+        proc = pycr("dump", "-t", w.pid, "-D", tmp_path / "img", "--tcp-established", expect=1)
+        assert one_line_error(proc).startswith(f"pycr: pid {w.pid} fd {fd}: established TCP connection 127.0.0.1:")
+        assert "has a socket filter of its own (1 classic BPF instructions)" in one_line_error(proc)
+        procutil.assert_running_untraced(w.pid)
+        assert server_filter(w.pid, fd) == ((BPF_RET, 0, 0, 0xFFFFFFFF),)
+        client.wait_lines(20)
+        sent, echoed = client.finish()
+        assert echoed == sent, first_gap(sent, echoed)
+    finally:
+        client.close()
+
+
+def killed_while_locked(w, tmp_path):
+    """Run dump -R --tcp-established and SIGKILL pycr once it has written the first images."""
+    env = dict(os.environ, PYCR_STOP_AT_STEP="write pstree, files and pipes-data")
+    p = subprocess.Popen([sys.executable, "-m", "pycr", "dump", "-t", str(w.pid), "-D", str(tmp_path / "img"),
+                          "-R", "--tcp-established"], env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        first = p.stderr.readline()
+        assert first.startswith("pycr: stopped at step "), first + p.stderr.read()
+        p.kill()
+    finally:
+        p.wait(timeout=30)
+    assert procutil.wait_until(lambda: procutil.state(w.pid) != "t", timeout=10)
+
+
+@pytest.mark.parametrize("remove_by", ["cleanup", "dump"])
+def test_a_filter_left_by_a_killed_pycr_is_found_and_removed(spawn, tmp_path, remove_by):
+    """pycr SIGKILLed with its filter on: the connection drops everything the client sends;
+    check -t lists it, and cleanup -t (or the next dump) detaches it by its signature.
+    The server waits in select() with nothing queued when pycr dies: a recv() on a socket
+    left in repair mode fails (EPERM), so a program blocked in recv would see an error."""
+    from pycr import tcp_lock
+    w, client, fd = echo_server(spawn, tmp_path)
+    try:
+        client.wait_lines(20)
+        client.paused.set()
+        assert procutil.wait_until(lambda: len(client.echoed) == len(client.sent), timeout=10)
+        killed_while_locked(w, tmp_path)
+        assert server_filter(w.pid, fd) == tcp_lock.PROGRAM
+        before = client.retransmissions()
+        client.paused.clear()
+        client.wait_lines(10)
+        assert procutil.wait_until(lambda: client.retransmissions() > before, timeout=10)
+        assert len(client.echoed) < len(client.sent)        # dropped unanswered while the filter is on
+        listed = pycr("check", "-t", w.pid, expect=3).stdout
+        assert f"pid {w.pid} fd {fd}: TCP connection 127.0.0.1:" in listed
+        assert "locked by pycr's socket filter" in listed and "left in repair mode" in listed
+        if remove_by == "cleanup":
+            out = pycr("cleanup", "-t", w.pid).stdout
+            assert "locked by pycr's socket filter" in out
+        else:
+            pycr("dump", "-R", "-t", w.pid, "-D", tmp_path / "img2", "--tcp-established")
+        assert "nothing of pycr's" in pycr("check", "-t", w.pid).stdout
+        assert server_filter(w.pid, fd) == ()
+        client.wait_lines(100)
+        sent, echoed = client.finish()
+        assert echoed == sent, first_gap(sent, echoed)
+    finally:
+        client.close()
+
+
+def test_check_proves_tcp_repair_and_the_lock():
+    import json
+    doc = json.loads(pycr("check", "--json").stdout)
+    found = {c["name"]: c for c in doc["checks"]}
+    assert found["TCP repair"]["ok"], found["TCP repair"]["detail"]
+    assert found["TCP lock (socket filter)"]["ok"], found["TCP lock (socket filter)"]["detail"]
+    assert "not acknowledged" in found["TCP lock (socket filter)"]["detail"]

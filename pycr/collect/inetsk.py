@@ -5,9 +5,11 @@ found in the kernel's inet_diag listing by its inode. Only options that apply
 to the socket's family and type are asked, and only those that differ from a
 new socket's are kept. A listener with connections waiting in its accept queue
 is refused: they cannot be put back into a new listener's queue. An
-ESTABLISHED connection needs --tcp-established: it is read in TCP repair mode
-(pycr.tcp_repair) and stays in it until the tree is killed (it then closes
-without a FIN or RST) or thawed (repair mode goes off again). Datagrams
+ESTABLISHED connection needs --tcp-established: it is locked against incoming
+data (pycr.tcp_lock), read in TCP repair mode (pycr.tcp_repair) and stays so
+until the tree is killed (it then closes without a FIN or RST) or thawed
+(repair mode goes off, the lock comes off). A connection with a socket filter
+of the program's own is refused: the lock would replace it. Datagrams
 queued on a UDP socket are not carried; -v says how much was left.
 
 For `pycr migrate` on one host (options.current().socket_handover) nothing
@@ -24,7 +26,7 @@ from ..errors import Unsupported
 from ..formats.inetsk import OPTIONS
 from ..log import log
 from ..native import core
-from .. import tcp_repair
+from .. import tcp_lock, tcp_repair
 from . import inet_diag
 
 TYPE = "inetsk"
@@ -142,9 +144,17 @@ def _read_established(entry, sock, name, local, peer):
     """Put the connection in repair mode (held until kill or thaw) and read its state."""
     reuse = next((int.from_bytes(o["value"], "little") for o in entry["options"]
                   if (o["level"], o["name"]) == (socket.SOL_SOCKET, socket.SO_REUSEADDR)), 0)
+    try:
+        tcp_lock.check_lockable(sock)
+    except tcp_lock.ForeignFilter as exc:
+        raise Unsupported(f"{name}: established TCP connection {local} <-> {peer} has {exc}, which pycr's "
+                          "lock against incoming data would replace") from None
     already = tcp_repair.in_repair(sock)
-    tcp_repair.repair_on(sock)
+    tcp_lock.lock(sock)
     tcp_repair.hold(sock, min(reuse, 1), f"{name} ({local} <-> {peer})")
+    log.info("%s: TCP %s <-> %s locked: a socket filter drops what the peer sends, unacknowledged, "
+             "until the thaw or the restore", name, local, peer)
+    tcp_repair.repair_on(sock)
     if already:
         log.info("%s: was in TCP repair mode already (left by an earlier pycr?)", name)
     conn, problem = tcp_repair.read(sock)
@@ -160,12 +170,20 @@ def _read_established(entry, sock, name, local, peer):
              len(conn.recv_data), len(conn.send_data), conn.unsent, conn.mss_clamp, conn.options)
 
 
+def _unlock_leftover(sock, held):
+    """A pycr killed during an earlier dump may have left its filter: the connection drops everything."""
+    if (sock.type, sock.proto) == (socket.SOCK_STREAM, socket.IPPROTO_TCP) and tcp_lock.is_locked(sock):
+        tcp_lock.unlock(sock)
+        log.info("pid %d fd %d: pycr's socket filter, left by an earlier pycr, detached", held.pid, held.fd)
+
+
 def collect(objects):
     diag = {}
     entries = []
     for held in objects:
         sock = _socket_of(held.pid, held.fd)
         try:
+            _unlock_leftover(sock, held)
             entry, established = _describe(held, sock, diag)
             if established:
                 _read_established(entry, sock, *established)
