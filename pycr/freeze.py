@@ -204,8 +204,10 @@ class FrozenTree:
 
     def kill(self, timeout=10.0):
         """SIGKILL every process and wait (at most timeout s) until their PIDs leave /proc.
-        Then pycr's copies of TCP connections in repair mode are closed: they go without FIN or RST."""
+        TCP connections a dump read go into repair mode first; pycr's copies are closed after: they go
+        without FIN or RST."""
         try:
+            tcp_repair.repair_all()
             self._kill_and_wait(timeout)
         finally:
             tcp_repair.close_all()

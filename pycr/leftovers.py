@@ -11,9 +11,9 @@ program does:
   the task has left the injection);
 - SO_PEEK_OFF of a unix socket it was peeking through (the value before is
   in its journal: see pycr/collect/skqueue.py).
-- TCP connections it put in repair mode to read them (a dump with
-  --tcp-established): the program can neither send nor receive on them until
-  repair mode is off. getsockopt(TCP_REPAIR) reads the flag back; cleanup turns
+- TCP connections in repair mode, if it died while it read one or just before
+  a kill (a dump with --tcp-established): the program can neither send nor
+  receive on them (recv fails with EPERM) until repair mode is off. getsockopt(TCP_REPAIR) reads the flag back; cleanup turns
   it off through pycr's own copy of the socket (SO_REUSEADDR, which repair mode
   clears, comes back off). A program that uses repair mode itself is rare; its
   sockets would be listed too.

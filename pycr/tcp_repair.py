@@ -7,14 +7,17 @@ close() drops it without FIN or RST. It needs CAP_NET_ADMIN and any state
 but LISTEN. Turning it on also sets the socket's sk_reuse to "force", turning
 it off clears it: SO_REUSEADDR is read before and set again after.
 
-While a dump holds connections in repair mode (from the read until the tree is
-killed or thawed), `held` keeps pycr's copies, each locked against incoming
-data (pycr.tcp_lock): `FrozenTree.thaw` turns repair off again and detaches
-the lock (`leave_all`), `FrozenTree.kill` closes them once the tree is dead
-(`close_all`), so the peer sees nothing. A pycr SIGKILLed in between leaves the
-connections in repair mode and locked: pycr.leftovers finds them (getsockopt
-TCP_REPAIR reads the flag back, SO_GET_FILTER the filter) and `pycr cleanup`
-undoes both.
+A dump holds the connections it read (`held`: pycr's copies), each locked
+against incoming data (pycr.tcp_lock) from before the read until the tree is
+killed or thawed. Repair mode is on only while a connection is read, and again
+just before the kill (`repair_all`): a program whose pycr is SIGKILLed in
+between finds its connection locked (its peer's data waits, unacknowledged),
+not in repair mode, where recv() fails with EPERM. `FrozenTree.thaw` detaches
+the lock (`leave_all`); `FrozenTree.kill` puts every connection in repair mode,
+kills the tree, then closes pycr's copies (`close_all`), so the peer sees
+nothing. What a SIGKILLed pycr leaves (a lock, or repair mode inside those
+short windows) pycr.leftovers finds (SO_GET_FILTER gives the filter back,
+getsockopt TCP_REPAIR the flag) and `pycr cleanup` undoes.
 """
 
 import errno
@@ -74,9 +77,10 @@ def repair_on(sock):
     _set_int(sock, TCP, abi.TCP_REPAIR, abi.TCP_REPAIR_ON)
 
 
-def repair_off(sock, reuseaddr=0):
-    """Leave repair mode (the kernel sends a window probe) and give SO_REUSEADDR its value back."""
-    _set_int(sock, TCP, abi.TCP_REPAIR, abi.TCP_REPAIR_OFF)
+def repair_off(sock, reuseaddr=0, probe=True):
+    """Leave repair mode (the kernel sends a window probe unless probe=False) and give SO_REUSEADDR
+    its value back."""
+    _set_int(sock, TCP, abi.TCP_REPAIR, abi.TCP_REPAIR_OFF if probe else abi.TCP_REPAIR_OFF_NO_WP)
     if reuseaddr:
         _set_int(sock, socket.SOL_SOCKET, socket.SO_REUSEADDR, reuseaddr)
 
@@ -185,12 +189,13 @@ def hold(sock, reuseaddr, name):
 
 
 def leave_all():
-    """The tree goes on: every held connection leaves repair mode and is unlocked, as it was."""
+    """The tree goes on: every held connection is unlocked (and out of repair mode), as it was."""
     while held:
         sock, reuseaddr, name = held.pop()
         try:
-            repair_off(sock, reuseaddr)
-            log.info("%s: TCP repair mode off again", name)
+            if in_repair(sock):
+                repair_off(sock, reuseaddr)
+                log.info("%s: TCP repair mode off again", name)
         except OSError as exc:
             log.warning("warning: %s: could not leave TCP repair mode: %s", name, exc.strerror)
         try:
@@ -200,6 +205,13 @@ def leave_all():
             log.warning("warning: %s: could not detach pycr's socket filter: %s", name, exc.strerror)
         finally:
             sock.close()
+
+
+def repair_all():
+    """Just before the tree is killed: every held connection in repair mode, so its close sends nothing."""
+    for sock, _reuse, name in held:
+        repair_on(sock)
+        log.info("%s: TCP repair mode on: the kill closes it without FIN or RST", name)
 
 
 def close_all():

@@ -324,8 +324,11 @@ def test_http_server_keep_alive_connection_survives_migrate(spawn, tmp_path, cle
 
 
 def test_a_connection_left_in_repair_mode_is_found_and_undone(spawn, tmp_path, cleanup_pids):
-    """pycr killed after it put a connection in repair mode (dump -R): check -t lists it,
-    cleanup -t takes it out, and the connection works again."""
+    """pycr killed after it read a connection (dump -R): it is left locked, not in repair mode
+    (where recv fails with EPERM); repair mode left inside the short window of the read is found
+    too; check -t lists both, cleanup -t takes them out, and the connection works again."""
+    from pycr import tcp_repair
+    from pycr.native import core
     w, client, queued = established_server(spawn, tmp_path, "4")
     try:
         env = dict(os.environ, PYCR_STOP_AT_STEP="write pstree, files and pipes-data")
@@ -341,7 +344,12 @@ def test_a_connection_left_in_repair_mode_is_found_and_undone(spawn, tmp_path, c
         procutil.wait_until(lambda: procutil.state(w.pid) != "t", timeout=10)
         listed = pycr("check", "-t", w.pid, expect=3)
         fd = w.wait_for(r"^fd (\d+)$").group(1)
-        assert f"pid {w.pid} fd {fd}: TCP connection" in listed.stdout and "repair mode" in listed.stdout
+        assert f"pid {w.pid} fd {fd}: TCP connection" in listed.stdout and "socket filter" in listed.stdout
+        assert "repair mode" not in listed.stdout
+        with socket.socket(fileno=core.dup_from(w.pid, int(fd))) as sock:     # as if killed mid-read
+            tcp_repair.repair_on(sock)
+        listed = pycr("check", "-t", w.pid, expect=3)
+        assert "left in repair mode" in listed.stdout and "socket filter" in listed.stdout
         pycr("cleanup", "-t", w.pid)
         assert "repair mode" not in pycr("check", "-t", w.pid, expect=None).stdout
         w.signal(signal.SIGUSR1)
@@ -386,7 +394,7 @@ def test_leave_running_takes_the_connection_out_of_repair_mode(spawn, tmp_path):
     w, client, queued = established_server(spawn, tmp_path, "4")
     try:
         out = pycr("dump", "-v", "-R", "-t", w.pid, "-D", tmp_path / "img", "--tcp-established")
-        assert "TCP repair mode off again" in out.stdout + out.stderr
+        assert "pycr's filter detached" in out.stdout + out.stderr
         assert "repair mode" not in pycr("check", "-t", w.pid, expect=None).stdout
         w.signal(signal.SIGUSR1)
         pattern = bytes(range(256)) * 256
@@ -606,8 +614,8 @@ def killed_while_locked(w, tmp_path):
 def test_a_filter_left_by_a_killed_pycr_is_found_and_removed(spawn, tmp_path, remove_by):
     """pycr SIGKILLed with its filter on: the connection drops everything the client sends;
     check -t lists it, and cleanup -t (or the next dump) detaches it by its signature.
-    The server waits in select() with nothing queued when pycr dies: a recv() on a socket
-    left in repair mode fails (EPERM), so a program blocked in recv would see an error."""
+    The connection is not left in repair mode (where a recv() fails with EPERM): pycr leaves
+    it as soon as the connection is read, and enters it again only just before a kill."""
     from pycr import tcp_lock
     w, client, fd = echo_server(spawn, tmp_path)
     try:
@@ -623,7 +631,7 @@ def test_a_filter_left_by_a_killed_pycr_is_found_and_removed(spawn, tmp_path, re
         assert len(client.echoed) < len(client.sent)        # dropped unanswered while the filter is on
         listed = pycr("check", "-t", w.pid, expect=3).stdout
         assert f"pid {w.pid} fd {fd}: TCP connection 127.0.0.1:" in listed
-        assert "locked by pycr's socket filter" in listed and "left in repair mode" in listed
+        assert "locked by pycr's socket filter" in listed and "left in repair mode" not in listed
         if remove_by == "cleanup":
             out = pycr("cleanup", "-t", w.pid).stdout
             assert "locked by pycr's socket filter" in out

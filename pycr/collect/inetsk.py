@@ -6,9 +6,9 @@ to the socket's family and type are asked, and only those that differ from a
 new socket's are kept. A listener with connections waiting in its accept queue
 is refused: they cannot be put back into a new listener's queue. An
 ESTABLISHED connection needs --tcp-established: it is locked against incoming
-data (pycr.tcp_lock), read in TCP repair mode (pycr.tcp_repair) and stays so
-until the tree is killed (it then closes without a FIN or RST) or thawed
-(repair mode goes off, the lock comes off). A connection with a socket filter
+data (pycr.tcp_lock) until the tree is killed or thawed, and read in TCP repair
+mode (pycr.tcp_repair), which it leaves at once and enters again just before
+the kill (it then closes without a FIN or RST). A connection with a socket filter
 of the program's own is refused: the lock would replace it. Datagrams
 queued on a UDP socket are not carried; -v says how much was left.
 
@@ -141,7 +141,7 @@ def _describe(held, sock, diag):
 
 
 def _read_established(entry, sock, name, local, peer):
-    """Put the connection in repair mode (held until kill or thaw) and read its state."""
+    """Lock the connection (until kill or thaw), read its state in repair mode, leave repair mode."""
     reuse = next((int.from_bytes(o["value"], "little") for o in entry["options"]
                   if (o["level"], o["name"]) == (socket.SOL_SOCKET, socket.SO_REUSEADDR)), 0)
     try:
@@ -157,7 +157,11 @@ def _read_established(entry, sock, name, local, peer):
     tcp_repair.repair_on(sock)
     if already:
         log.info("%s: was in TCP repair mode already (left by an earlier pycr?)", name)
-    conn, problem = tcp_repair.read(sock)
+    try:
+        conn, problem = tcp_repair.read(sock)
+    finally:
+        if not already:     # locked, it waits out of repair mode (recv there fails with EPERM) until the kill
+            tcp_repair.repair_off(sock, min(reuse, 1), probe=False)
     if problem:
         raise Unsupported(f"{name}: established TCP connection {local} <-> {peer}: {problem}")
     w = conn.window
