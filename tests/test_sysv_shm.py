@@ -13,7 +13,8 @@ from pycrcmd import one_line_error, pycr
 libc = ctypes.CDLL(None, use_errno=True)
 libc.shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
 
-SHM_SCRIPT = r"""#!{python}
+# Both workloads: a segment of the test's key (filled with a known pattern) and a private one.
+SEGMENTS = r"""#!{python}
 import ctypes, hashlib, os, signal, sys, time
 libc = ctypes.CDLL(None, use_errno=True)
 libc.shmat.restype = ctypes.c_void_p
@@ -29,7 +30,9 @@ addr = libc.shmat(shmid, None, 0)
 ctypes.memmove(addr, bytes((i * 13) % 256 for i in range(SIZE)), SIZE)
 gone = libc.shmget(0, 8192, 0o1000 | 0o600)                       # IPC_PRIVATE
 gaddr = libc.shmat(gone, None, 0)
-ctypes.memmove(gaddr + 4096, b"marked for removal", 18)
+"""
+
+SHM_SCRIPT = SEGMENTS + r"""ctypes.memmove(gaddr + 4096, b"marked for removal", 18)
 libc.shmctl(gone, 0, None)                                         # IPC_RMID while attached
 def sha(a, n):
     return hashlib.sha256(ctypes.string_at(a, n)).hexdigest()[:16]
@@ -130,23 +133,7 @@ def test_a_key_held_by_another_segment_is_refused(spawn, tmp_path, cleanup_pids,
     assert [i for i, r in _segments().items() if int(r["key"]) & 0xFFFFFFFF == shm_key] == [other]
 
 
-MIGRATE_SCRIPT = r"""#!{python}
-import ctypes, hashlib, os, signal, sys, time
-libc = ctypes.CDLL(None, use_errno=True)
-libc.shmat.restype = ctypes.c_void_p
-libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-libc.shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-def report(line):
-    os.write(st, (line + "\n").encode())
-key = int(sys.argv[2], 0)
-SIZE = 3 * 4096 + 100
-shmid = libc.shmget(key, SIZE, 0o1000 | 0o2000 | 0o640)           # IPC_CREAT | IPC_EXCL
-addr = libc.shmat(shmid, None, 0)
-ctypes.memmove(addr, bytes((i * 13) % 256 for i in range(SIZE)), SIZE)
-gone = libc.shmget(0, 8192, 0o1000 | 0o600)                       # IPC_PRIVATE
-gaddr = libc.shmat(gone, None, 0)
-libc.shmctl(gone, 0, None)                                         # IPC_RMID while attached
+MIGRATE_SCRIPT = SEGMENTS + r"""libc.shmctl(gone, 0, None)                                         # IPC_RMID while attached
 gen = [0]
 def next_gen(*a):
     gen[0] += 1
