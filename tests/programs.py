@@ -8,7 +8,6 @@ the PID the program now runs as (outside a replica's PID namespace).
 """
 
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -16,6 +15,7 @@ import sys
 
 import pytest
 
+from checkpointing import MIGRATED, migrated  # noqa: F401 (MIGRATED: for the tests)
 from pycrcmd import pycr
 
 _install_failed = {}
@@ -75,9 +75,6 @@ def connect(port, timeout=10.0, family=socket.AF_INET):
             time.sleep(0.05)
 
 
-MIGRATED = re.compile(r"\(pid (\d+) outside its namespace, namespace init (\d+)\)")
-
-
 def checkpoint(how, pid, tmp_path, cleanup_pids, *options):
     """Take the tree of pid through `pycr dump` + `pycr restore -d` ("restore") or `pycr migrate`
     ("migrate"); returns the PID its root runs as now, seen from here."""
@@ -88,8 +85,4 @@ def checkpoint(how, pid, tmp_path, cleanup_pids, *options):
         restore_options = [o for o in options if o != "--tcp-established"]
         pycr("restore", "-D", images, "-d", *restore_options)
         return pid
-    proc = pycr("migrate", "-t", pid, "--max-passes", 3, *options, timeout=300)
-    m = MIGRATED.search(proc.stdout)
-    assert m, proc.stdout
-    cleanup_pids.add(int(m.group(2)), int(m.group(1)))
-    return int(m.group(1))
+    return migrated(pid, cleanup_pids, "--max-passes", 3, *options, timeout=300)[0]

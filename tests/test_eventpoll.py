@@ -14,6 +14,7 @@ import signal
 import pytest
 
 import procutil
+from checkpointing import dump_and_show
 from pycrcmd import one_line_error, pycr
 
 PRELUDE = r"""#!{python}
@@ -123,10 +124,7 @@ def test_epoll_loop_goes_on_after_restore(spawn_python, tmp_path, cleanup_pids):
     w = spawn_python("epoll", LOOP_SCRIPT)
     assert w.wait_for(r"^before (.*)$").group(0) == EXPECTED_BEFORE
     w.wait_for(r"^child \d+ ec \d+$")
-    dump_dir = tmp_path / "img"
-    pycr("dump", "-t", w.pid, "-D", dump_dir)
-    cleanup_pids.add(w.pid)
-    shown = pycr("show", dump_dir / "eventpoll.img", "--json").stdout
+    dump_dir, shown = dump_and_show(w.pid, tmp_path, cleanup_pids, "eventpoll")
     assert '"events": 1073741824' in shown          # the fired one-shot: EPOLLONESHOT alone
     pycr("restore", "-D", dump_dir, "-d")
     run_loop(w)

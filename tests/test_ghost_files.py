@@ -5,6 +5,7 @@ import hashlib
 import os
 import signal
 
+from checkpointing import migrate_with_new_contents, migrated
 from pycrcmd import pycr
 
 GHOST_SCRIPT = r"""#!{python}
@@ -117,13 +118,8 @@ while True:
 
 
 def test_a_deleted_file_and_a_memfd_move_with_pycr_migrate(spawn_python, tmp_path, cleanup_pids):
-    import re
     w = spawn_python("moving", MIGRATE_SCRIPT)
-    proc = pycr("migrate", "-t", w.pid, "--max-passes", 2, "--min-delta", "0")
-    m = re.search(r"\(pid (\d+) outside its namespace, namespace init (\d+)\)", proc.stdout)
-    assert m, proc.stdout
-    root, init = int(m.group(1)), int(m.group(2))
-    cleanup_pids.add(init, root)
+    root, _ = migrated(w.pid, cleanup_pids, "--max-passes", 2, "--min-delta", "0")
     start = w.mark()
     os.kill(root, signal.SIGUSR1)
     got = w.wait_for(r"^log (.*)$", start=start, root=False).group(1)
@@ -168,28 +164,17 @@ while True:
 
 def test_a_mapped_deleted_file_moves_with_pycr_migrate(spawn_python, tmp_path, cleanup_pids):
     """Mapped shared and private and open: one deleted file in the replica, with the final pass's contents."""
-    from test_migrate import ns_tasks, registering
-    from pycr.migrate import migrate
-    from pycr.migrate.loop import Policy
+    from test_migrate import ns_tasks, signal_and_wait
 
     w = spawn_python("ghost_migrate", MAPPED_MIGRATE_SCRIPT)
     w.wait_for(r"^gen 1$")
-
-    def between(rep, replica):
-        if rep.kind == "pre-dump":
-            w.signal_and_wait(signal.SIGUSR2, rf"^gen {rep.number + 1}$")
-
-    res = migrate(w.pid, policy=Policy(max_passes=3, min_delta=0), on_pass=registering(cleanup_pids, then=between))
-    cleanup_pids.add(w.pid)
-    assert [r.kind for r in res.reports] == ["pre-dump", "pre-dump", "dump"]
+    res = migrate_with_new_contents(w, cleanup_pids)
     root = ns_tasks(res.summary.init_real)[w.pid][0]
     where = f"{tmp_path}/moving.map (deleted)"
     with open(f"/proc/{root}/maps") as f:
         assert sorted(line.split(None, 5)[5].strip() for line in f if "moving.map" in line) == [where, where]
     assert not os.path.exists(tmp_path / "moving.map")
-    mark = w.mark()
-    os.kill(root, signal.SIGUSR1)
-    got = w.wait_for(r"^seen (.*)$", start=mark, root=False).group(1)
+    got = signal_and_wait(w, root, signal.SIGUSR1, r"^seen (.*)$").group(1)
     data = bytearray(5 * 4096)
     data[:8192] = bytes(range(256)) * 32
     data[0:8] = b"map 0003"

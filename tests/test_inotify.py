@@ -4,6 +4,7 @@ files created after the restore; queued events that cannot be brought back are r
 import re
 import signal
 
+from checkpointing import dump_and_show
 from pycrcmd import one_line_error, pycr
 
 import procutil
@@ -67,10 +68,7 @@ def test_inotify_watches_keep_their_wds(spawn, tmp_path, cleanup_pids):
     w = spawn(str(script), top)
     assert w.wait_for(r"^wds (.*)$").group(1) == "6 7 8"
     w.wait_for(r"^ready \d+$")
-    dump_dir = tmp_path / "img"
-    pycr("dump", "-t", w.pid, "-D", dump_dir)
-    cleanup_pids.add(w.pid)
-    shown = pycr("show", dump_dir / "inotify.img", "--json").stdout
+    dump_dir, shown = dump_and_show(w.pid, tmp_path, cleanup_pids, "inotify")
     assert f'"path": "{top}/d5"' in shown
     pycr("restore", "-D", dump_dir, "-d")
     got = w.signal_and_wait(signal.SIGUSR1, r"^events (.*)$").group(1)

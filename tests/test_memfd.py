@@ -1,7 +1,6 @@
 """memfds come back as one file per memfd: fds, shared and private mappings, in several
 processes, with name, size, contents, offsets and seals."""
 
-import os
 import re
 import signal
 
@@ -140,23 +139,13 @@ while True:
 
 def test_a_memfd_open_and_mapped_moves_with_pycr_migrate(spawn_python, cleanup_pids):
     """The replica's mapping and its fd are one memfd, with the final pass's contents."""
-    from test_migrate import ns_tasks, registering
-    from pycr.migrate import migrate
-    from pycr.migrate.loop import Policy
+    from checkpointing import migrate_with_new_contents
+    from test_migrate import ns_tasks, signal_and_wait
 
     w = spawn_python("memfd_migrate", MIGRATE_SCRIPT)
     w.wait_for(r"^gen 1$")
-
-    def between(rep, replica):
-        if rep.kind == "pre-dump":          # new contents for the next pass, through fd and mapping
-            w.signal_and_wait(signal.SIGUSR2, rf"^gen {rep.number + 1}$")
-
-    res = migrate(w.pid, policy=Policy(max_passes=3, min_delta=0), on_pass=registering(cleanup_pids, then=between))
-    cleanup_pids.add(w.pid)
-    assert [r.kind for r in res.reports] == ["pre-dump", "pre-dump", "dump"]
+    res = migrate_with_new_contents(w, cleanup_pids)     # new contents each pass, through fd and mapping
     root = ns_tasks(res.summary.init_real)[w.pid][0]
-    mark = w.mark()
-    os.kill(root, signal.SIGUSR1)
-    got = w.wait_for(r"^seen (.*)$", start=mark, root=False).group(1)
+    got = signal_and_wait(w, root, signal.SIGUSR1, r"^seen (.*)$").group(1)
     assert got == "pos 1234 fd-sees via-map map-sees via-fd gen map 0003, fd 0003"
     assert _maps_names(root) == ["/memfd:moving-map (deleted)"]

@@ -21,6 +21,7 @@ import zlib
 import pytest
 
 import procutil
+from checkpointing import Follower
 from kernel import require_tracker
 from pycrcmd import one_line_error, pycr
 
@@ -614,23 +615,9 @@ def test_restore_follow_applies_passes_as_they_come(spawn, tmp_path, cleanup_pid
     w.wait_for(r"^count 3$")
     top = tmp_path / "passes"
     top.mkdir()
-    follower = subprocess.Popen([sys.executable, "-m", "pycr", "restore", "-D", top, "--follow", "--pidns",
-                                 "-d", "--follow-timeout", "60"],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, close_fds=True)
-    try:
+    with Follower(top) as follower:
         pycr("pre-dump", "-t", w.pid, "-D", top / "a")
-
-        def stopped_replica():
-            for outer in procutil.children(follower.pid):
-                cleanup_pids.add(outer, *procutil.descendants(outer))
-                kids = procutil.descendants(outer)
-                if kids and procutil.state(kids[0]) == "t":
-                    return kids[0]
-            return None
-
-        replica = procutil.wait_until(stopped_replica, timeout=20)
-        assert replica is not None, "no replica appeared after the first pass"
+        replica = follower.stopped_replica(cleanup_pids)
         assert procutil.status(replica)["NSpid"].split()[-1] == str(w.pid)
         pycr("pre-dump", "-t", w.pid, "-D", top / "b", "--prev-images-dir", "../a")
         # The follower applies the second pass: the replica's counter becomes the one in it.
@@ -640,17 +627,12 @@ def test_restore_follow_applies_passes_as_they_come(spawn, tmp_path, cleanup_pid
             "the follower did not apply the second pass"
         assert procutil.state(replica) == "t", "the replica must stay stopped until the dump"
         pycr("dump", "-t", w.pid, "-D", top / "c", "--prev-images-dir", "../b")
-        _, err = follower.communicate(timeout=60)
-        assert follower.returncode == 0, err
+        follower.finish()
         n = int(w.last("count").split()[1])
         w.wait_for(rf"^count {n + 5}$", start=w.mark() - 1, root=False)
         counts = [int(f[0]) for f in w.fields("count")]
         assert counts == list(range(1, len(counts) + 1))
         procutil.assert_running_untraced(replica)
-    finally:
-        if follower.poll() is None:
-            follower.kill()
-            follower.wait()
 
 
 # ---------------------------------------------------------------- the diffs on their own

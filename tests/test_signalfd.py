@@ -4,6 +4,7 @@ import ctypes
 import os
 import signal
 
+from checkpointing import dump_and_show
 from pycrcmd import pycr
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -51,10 +52,7 @@ while True:
 def test_signalfd_reads_signals_sent_after_restore(spawn_python, tmp_path, cleanup_pids):
     w = spawn_python("signalfd", SIGNALFD_SCRIPT)
     w.wait_for(r"^ready \d+$")
-    dump_dir = tmp_path / "img"
-    pycr("dump", "-t", w.pid, "-D", dump_dir)
-    cleanup_pids.add(w.pid)
-    shown = pycr("show", dump_dir / "signalfd.img", "--json").stdout
+    dump_dir, shown = dump_and_show(w.pid, tmp_path, cleanup_pids, "signalfd")
     assert f'"sigmask": {1 << (signal.SIGUSR2 - 1)}' in shown
     pycr("restore", "-D", dump_dir, "-d")
     got = w.signal_and_wait(signal.SIGUSR1, r"^got (.*)$").group(1)

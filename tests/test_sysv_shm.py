@@ -3,17 +3,18 @@ at its address, shared between processes again; a segment marked for removal is 
 
 import ctypes
 import hashlib
-import os
 import signal
 
 import pytest
 
+from checkpointing import Follower, migrate_with_new_contents
 from pycrcmd import one_line_error, pycr
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
 
-SHM_SCRIPT = r"""#!{python}
+# Both workloads: a segment of the test's key (filled with a known pattern) and a private one.
+SEGMENTS = r"""#!{python}
 import ctypes, hashlib, os, signal, sys, time
 libc = ctypes.CDLL(None, use_errno=True)
 libc.shmat.restype = ctypes.c_void_p
@@ -29,7 +30,9 @@ addr = libc.shmat(shmid, None, 0)
 ctypes.memmove(addr, bytes((i * 13) % 256 for i in range(SIZE)), SIZE)
 gone = libc.shmget(0, 8192, 0o1000 | 0o600)                       # IPC_PRIVATE
 gaddr = libc.shmat(gone, None, 0)
-ctypes.memmove(gaddr + 4096, b"marked for removal", 18)
+"""
+
+SHM_SCRIPT = SEGMENTS + r"""ctypes.memmove(gaddr + 4096, b"marked for removal", 18)
 libc.shmctl(gone, 0, None)                                         # IPC_RMID while attached
 def sha(a, n):
     return hashlib.sha256(ctypes.string_at(a, n)).hexdigest()[:16]
@@ -130,23 +133,7 @@ def test_a_key_held_by_another_segment_is_refused(spawn, tmp_path, cleanup_pids,
     assert [i for i, r in _segments().items() if int(r["key"]) & 0xFFFFFFFF == shm_key] == [other]
 
 
-MIGRATE_SCRIPT = r"""#!{python}
-import ctypes, hashlib, os, signal, sys, time
-libc = ctypes.CDLL(None, use_errno=True)
-libc.shmat.restype = ctypes.c_void_p
-libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-libc.shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-def report(line):
-    os.write(st, (line + "\n").encode())
-key = int(sys.argv[2], 0)
-SIZE = 3 * 4096 + 100
-shmid = libc.shmget(key, SIZE, 0o1000 | 0o2000 | 0o640)           # IPC_CREAT | IPC_EXCL
-addr = libc.shmat(shmid, None, 0)
-ctypes.memmove(addr, bytes((i * 13) % 256 for i in range(SIZE)), SIZE)
-gone = libc.shmget(0, 8192, 0o1000 | 0o600)                       # IPC_PRIVATE
-gaddr = libc.shmat(gone, None, 0)
-libc.shmctl(gone, 0, None)                                         # IPC_RMID while attached
+MIGRATE_SCRIPT = SEGMENTS + r"""libc.shmctl(gone, 0, None)                                         # IPC_RMID while attached
 gen = [0]
 def next_gen(*a):
     gen[0] += 1
@@ -184,9 +171,7 @@ while True:
 def test_sysv_segments_move_with_pycr_migrate(spawn, tmp_path, cleanup_pids, shm_key):
     """Attached where they were, shared again, with the final pass's contents; the source's kill leaves them."""
     import sys
-    from test_migrate import ns_tasks, registering
-    from pycr.migrate import migrate
-    from pycr.migrate.loop import Policy
+    from test_migrate import ns_tasks, signal_and_wait
 
     script = tmp_path / "shm_migrate.py"
     script.write_text(MIGRATE_SCRIPT.replace("{python}", sys.executable))
@@ -195,14 +180,7 @@ def test_sysv_segments_move_with_pycr_migrate(spawn, tmp_path, cleanup_pids, shm
     shmid, gone = map(int, w.wait_for(r"^ids (\d+) (\d+)$").groups())
     child = int(w.wait_for(r"^child (\d+)$").group(1))
     w.wait_for(r"^gen 1$")
-
-    def between(rep, replica):
-        if rep.kind == "pre-dump":          # new contents for the next pass
-            w.signal_and_wait(signal.SIGUSR2, rf"^gen {rep.number + 1}$")
-
-    res = migrate(w.pid, policy=Policy(max_passes=3, min_delta=0), on_pass=registering(cleanup_pids, then=between))
-    cleanup_pids.add(w.pid, child)
-    assert [r.kind for r in res.reports] == ["pre-dump", "pre-dump", "dump"]
+    res = migrate_with_new_contents(w, cleanup_pids, child)
     got = ns_tasks(res.summary.init_real)
     root, replica_child = got[w.pid][0], got[child][0]
     segs = _segments()
@@ -213,13 +191,9 @@ def test_sysv_segments_move_with_pycr_migrate(spawn, tmp_path, cleanup_pids, shm
     data = bytearray((i * 13) % 256 for i in range(size))
     data[4096:4104] = b"gen 0003"
     data[8192:8204] = b"parent wrote"
-    mark = w.mark()
-    os.kill(root, signal.SIGUSR1)
-    got = w.wait_for(r"^parent (.*)$", start=mark, root=False).group(1)
+    got = signal_and_wait(w, root, signal.SIGUSR1, r"^parent (.*)$").group(1)
     assert got == f"stat True sees gen 0003 gone 0003 sha {hashlib.sha256(bytes(data)).hexdigest()[:16]}"
-    mark = w.mark()
-    os.kill(replica_child, signal.SIGUSR1)
-    got = w.wait_for(r"^child sees (.*)$", start=mark, root=False).group(1)
+    got = signal_and_wait(w, replica_child, signal.SIGUSR1, r"^child sees (.*)$").group(1)
     assert got == "parent wrote gen 0003"
 
 
@@ -256,9 +230,8 @@ while True:
 
 def test_restore_follow_refills_a_segment_it_made_every_pass(spawn, tmp_path, cleanup_pids):
     """From images alone (no source to take it from) the replica's segment is pycr's, and each pass refills it."""
-    import subprocess
     import sys
-    import procutil
+    from test_migrate import signal_and_wait
 
     script = tmp_path / "shm_follow.py"
     script.write_text(FOLLOW_SCRIPT.replace("{python}", sys.executable))
@@ -267,35 +240,14 @@ def test_restore_follow_refills_a_segment_it_made_every_pass(spawn, tmp_path, cl
     addr = int(w.wait_for(r"^at ([0-9a-f]+)$").group(1), 16)
     top = tmp_path / "passes"
     top.mkdir()
-    follower = subprocess.Popen([sys.executable, "-m", "pycr", "restore", "-D", top, "--follow", "--pidns",
-                                 "-d", "--follow-timeout", "60"],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, close_fds=True)
-    try:
+    with Follower(top) as follower:
         pycr("pre-dump", "-t", w.pid, "-D", top / "a")
-
-        def stopped_replica():
-            for outer in procutil.children(follower.pid):
-                cleanup_pids.add(outer, *procutil.descendants(outer))
-                kids = procutil.descendants(outer)
-                if kids and procutil.state(kids[0]) == "t":
-                    return kids[0]
-            return None
-
-        replica = procutil.wait_until(stopped_replica, timeout=20)
-        assert replica is not None, "no replica appeared after the first pass"
+        replica = follower.stopped_replica(cleanup_pids)
         w.signal_and_wait(signal.SIGUSR2, r"^gen 2$")
         pycr("pre-dump", "-t", w.pid, "-D", top / "b", "--prev-images-dir", "../a")
         w.signal_and_wait(signal.SIGUSR2, r"^gen 3$")
         pycr("dump", "-t", w.pid, "-D", top / "c", "--prev-images-dir", "../b")
-        _, err = follower.communicate(timeout=60)
-        assert follower.returncode == 0, err
-    finally:
-        if follower.poll() is None:
-            follower.kill()
-            follower.wait()
+        follower.finish()
     with open(f"/proc/{replica}/maps") as f:
         assert [line.split()[0].split("-")[0] for line in f if "/SYSV" in line] == [f"{addr:x}"]
-    mark = w.mark()
-    os.kill(replica, signal.SIGUSR1)
-    assert w.wait_for(r"^sees (.*)$", start=mark, root=False).group(1) == "gen 0003"
+    assert signal_and_wait(w, replica, signal.SIGUSR1, r"^sees (.*)$").group(1) == "gen 0003"

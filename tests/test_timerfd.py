@@ -2,10 +2,10 @@
 fires about when it should, an absolute one at its time, unread expirations are read."""
 
 import json
-import re
 import signal
 
 import procutil
+from checkpointing import dump_and_show, migrated
 from pycrcmd import pycr
 
 TIMER_SCRIPT = r"""#!{python}
@@ -66,10 +66,7 @@ while True:
 def test_timers_fire_after_restore(spawn_python, tmp_path, cleanup_pids):
     w = spawn_python("timerfd", TIMER_SCRIPT)
     w.wait_for(r"^ready \d+$")
-    dump_dir = tmp_path / "img"
-    pycr("dump", "-t", w.pid, "-D", dump_dir)
-    cleanup_pids.add(w.pid)
-    shown = pycr("show", dump_dir / "timerfd.img", "--json").stdout
+    dump_dir, shown = dump_and_show(w.pid, tmp_path, cleanup_pids, "timerfd")
     unread = unread_ticks(shown)
     pycr("restore", "-D", dump_dir, "-d")
     start = w.mark()
@@ -80,11 +77,7 @@ def test_timers_fire_after_restore(spawn_python, tmp_path, cleanup_pids):
 def test_timers_through_migrate(spawn_python, tmp_path, cleanup_pids):
     w = spawn_python("timerfd", TIMER_SCRIPT)
     w.wait_for(r"^ready \d+$")
-    proc = pycr("migrate", "-t", w.pid, "--max-passes", 3, "--min-delta", "0", "--work-dir", tmp_path / "work")
-    m = re.search(r"\(pid (\d+) outside its namespace, namespace init (\d+)\)", proc.stdout)
-    assert m, proc.stdout
-    root, init = int(m.group(1)), int(m.group(2))
-    cleanup_pids.add(init, root)
+    root, _ = migrated(w.pid, cleanup_pids, "--max-passes", 3, "--min-delta", "0", "--work-dir", tmp_path / "work")
     final = sorted((tmp_path / "work").iterdir())[-1]
     shown = pycr("show", final / "timerfd.img", "--json").stdout
     unread = unread_ticks(shown)

@@ -1,12 +1,12 @@
 """Unix sockets come back connected, named, listening, with their queued data and options."""
 
 import os
-import re
 import signal
 import socket
 import stat
 
 import procutil
+from checkpointing import migrated
 from pycrcmd import one_line_error, pycr
 
 PRELUDE = """#!{python}
@@ -139,11 +139,7 @@ def test_listener_with_accepted_and_pending_connections_through_migrate(spawn_py
     """On one host the replica takes the source's own sockets: names, backlog and queues as they are."""
     w = spawn_python("server", SERVER)
     path = str(tmp_path / "server.sock")
-    proc = pycr("migrate", "-t", w.pid, "--max-passes", 2, "--min-delta", "0")
-    m = re.search(r"\(pid (\d+) outside its namespace, namespace init (\d+)\)", proc.stdout)
-    assert m, proc.stdout
-    root, init = int(m.group(1)), int(m.group(2))
-    cleanup_pids.add(init, root)
+    root, _ = migrated(w.pid, cleanup_pids, "--max-passes", 2, "--min-delta", "0")
     start = w.mark()
     w.signal(signal.SIGUSR1, pid=root)
     server = w.wait_for(r"^server got (.*)$", start=start, root=False).group(1)
@@ -276,11 +272,7 @@ def test_socketpairs_through_a_pre_dump_chain(spawn_python, tmp_path, cleanup_pi
 
 def test_socketpairs_through_migrate(spawn_python, tmp_path, cleanup_pids):
     w = spawn_python("pairs", CHAIN_PAIRS)
-    proc = pycr("migrate", "-t", w.pid, "--max-passes", 2, "--min-delta", "0", "--work-dir", tmp_path / "work")
-    m = re.search(r"\(pid (\d+) outside its namespace, namespace init (\d+)\)", proc.stdout)
-    assert m, proc.stdout
-    root, init = int(m.group(1)), int(m.group(2))
-    cleanup_pids.add(init, root)
+    root, _ = migrated(w.pid, cleanup_pids, "--max-passes", 2, "--min-delta", "0", "--work-dir", tmp_path / "work")
     start = w.mark()
     w.signal(signal.SIGUSR1, pid=root)
     got = w.wait_for(r"^got (.*)$", start=start, root=False).group(1)

@@ -1,9 +1,9 @@
 """eventfd: made again by pycr with its counter, handed to the tasks like any description."""
 
-import fcntl
 import os
 
 from pycr.errors import ImageError
+from pycr.restore.kindparts import entries_by_file, ready_for_task
 
 TYPE = "eventfd"
 IMAGE = "eventfd"
@@ -11,14 +11,10 @@ COUNT_MAX = 2**64 - 2           # the kernel's ULLONG_MAX - 1
 
 
 def check(path, body, recs):
-    have = {}
+    entries_by_file(path, body.eventfds, recs, "eventfd")
     for e in body.eventfds:
-        if e.file_id in have or e.count > COUNT_MAX:
-            raise ImageError(path, f"corrupt: eventfd {e.file_id} is listed twice or counts past {COUNT_MAX}")
-        have[e.file_id] = e
-    for pid, rec in recs:
-        if rec.file_id not in have:
-            raise ImageError(path, f"corrupt: pid {pid} fd {rec.fd} has no eventfd entry")
+        if e.count > COUNT_MAX:
+            raise ImageError(path, f"corrupt: eventfd {e.file_id} counts past {COUNT_MAX}")
 
 
 class Objects:
@@ -28,15 +24,7 @@ class Objects:
     def open(self, rec):
         e = self.entries[rec.file_id]
         flags = os.EFD_CLOEXEC | os.EFD_NONBLOCK | (os.EFD_SEMAPHORE if e.semaphore else 0)
-        fd = os.eventfd(0, flags)
-        try:
-            if e.count:
-                os.eventfd_write(fd, e.count)
-            fcntl.fcntl(fd, fcntl.F_SETFL, rec.flags & os.O_NONBLOCK)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return ready_for_task(os.eventfd(0, flags), rec, lambda fd: os.eventfd_write(fd, e.count) if e.count else None)
 
     def close(self):
         pass

@@ -53,9 +53,7 @@ def vma_key(vma):
 
 def holder(images):
     """The GhostFiles of this restore (made at the first call)."""
-    if "ghost" not in images.made:
-        images.made["ghost"] = GhostFiles(images)
-    return images.made["ghost"]
+    return images.holder("ghost", GhostFiles)
 
 
 def entry_key(g):

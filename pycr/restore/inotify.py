@@ -11,7 +11,6 @@ the dump and the restore).
 """
 
 import ctypes
-import fcntl
 import os
 import tempfile
 
@@ -20,6 +19,7 @@ from pycr.abi import NR
 from pycr.errors import ImageError, RestoreError
 from pycr.log import log
 from pycr.native import core
+from pycr.restore.kindparts import entries_by_file, ready_for_task
 
 TYPE = "inotify"
 IMAGE = "inotify"
@@ -28,20 +28,14 @@ WD_MAX = 2**31 - 1
 
 
 def check(path, body, recs):
-    have = set()
+    entries_by_file(path, body.inotifies, recs, "inotify")
     for e in body.inotifies:
-        if e.file_id in have:
-            raise ImageError(path, f"corrupt: inotify {e.file_id} is listed twice")
-        have.add(e.file_id)
         wds = [w.wd for w in e.watches]
         if wds != sorted(set(wds)) or any(not 0 < wd <= WD_MAX for wd in wds):
             raise ImageError(path, f"corrupt: inotify {e.file_id} has watch descriptors {wds}")
         for w in e.watches:
             if w.mask & ~abi.IN_ALL_WATCH_BITS or not w.path.startswith("/"):
                 raise ImageError(path, f"corrupt: inotify {e.file_id} wd {w.wd}: mask {w.mask:#x}, path {w.path!r}")
-    for pid, rec in recs:
-        if rec.file_id not in have:
-            raise ImageError(path, f"corrupt: pid {pid} fd {rec.fd} has no inotify entry")
 
 
 def add_watch(fd, path, mask):
@@ -73,17 +67,11 @@ class Objects:
 
     def open(self, rec):
         e = self.entries[rec.file_id]
-        fd = core.syscall(NR["inotify_init1"], os.O_CLOEXEC | os.O_NONBLOCK)
-        try:
-            self._watch_all(fd, e)
-            drain(fd)
-            fcntl.fcntl(fd, fcntl.F_SETFL, rec.flags & os.O_NONBLOCK)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return ready_for_task(core.syscall(NR["inotify_init1"], os.O_CLOEXEC | os.O_NONBLOCK), rec,
+                              lambda fd: self._watch_all(fd, e))
 
     def _watch_all(self, fd, e):
+        """Add e's watches to pycr's instance fd at their wds, then read off the walk's events."""
         after = 0                   # the last wd handed out by this instance
         for w in e.watches:
             if w.wd - after - 1 > MAX_WALK:
@@ -107,6 +95,7 @@ class Objects:
         if e.watches:
             log.info("inotify %d: %d watch(es) added back, wds %s", e.file_id, len(e.watches),
                      [w.wd for w in e.watches])
+        drain(fd)
 
     def close(self):
         if self.spare is not None:

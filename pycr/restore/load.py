@@ -70,6 +70,13 @@ class ImageSet:
     made: dict = field(default_factory=dict)        # what pycr makes once for fds and mappings alike (memfds,
                                                     # ghost files, SysV segments): module name -> its holder
 
+    def holder(self, name, make):
+        """The one make(self) of this restore, kept in made[name]: what fds and mappings share
+        (memfds, ghost files, SysV segments) is made once, by whichever needs it first."""
+        if name not in self.made:
+            self.made[name] = make(self)
+        return self.made[name]
+
     @property
     def root(self):
         return self.processes[0]

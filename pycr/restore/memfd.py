@@ -16,6 +16,7 @@ import os
 from pycr.abi import F_ADD_SEALS, F_SEALS_ALL, MFD_ALLOW_SEALING, MFD_CLOEXEC, O_CLOEXEC, O_CREAT, O_EXCL, O_TRUNC
 from pycr.errors import ImageError, RestoreError
 from pycr.log import log
+from pycr.restore.kindparts import entries_by_file
 
 TYPE = "memfd"
 IMAGE = "memfd"
@@ -24,7 +25,7 @@ SIZE_MAX = 1 << 46
 
 
 def check(path, body, recs):
-    ids, by_file = set(), {}
+    ids = set()
     for e in body.memfds:
         if e.shmem_id in ids:
             raise ImageError(path, f"corrupt: memfd {e.shmem_id} is listed twice")
@@ -32,20 +33,12 @@ def check(path, body, recs):
             raise ImageError(path, f"corrupt: memfd {e.shmem_id} has seals {e.seals:#x}, mode {e.mode:o}, "
                                    f"size {e.size} or a name longer than {NAME_MAX} bytes")
         ids.add(e.shmem_id)
-        for file_id in e.file_ids:
-            if file_id in by_file:
-                raise ImageError(path, f"corrupt: open file {file_id} belongs to two memfds")
-            by_file[file_id] = e
-    for pid, rec in recs:
-        if rec.file_id not in by_file:
-            raise ImageError(path, f"corrupt: pid {pid} fd {rec.fd} has no memfd entry")
+    entries_by_file(path, body.memfds, recs, "memfd", file_ids=lambda e: e.file_ids)
 
 
 def shared(images):
     """The SharedMemory of this restore (made at the first call)."""
-    if "memfd" not in images.made:
-        images.made["memfd"] = SharedMemory(images)
-    return images.made["memfd"]
+    return images.holder("memfd", SharedMemory)
 
 
 class SharedMemory:

@@ -5,12 +5,12 @@ makes serves the restored task as the original did.
 """
 
 import ctypes
-import fcntl
 import os
 
 from pycr.abi import NR
 from pycr.errors import ImageError
 from pycr.native import core
+from pycr.restore.kindparts import entries_by_file, ready_for_task
 
 TYPE = "signalfd"
 IMAGE = "signalfd"
@@ -19,14 +19,10 @@ UNBLOCKABLE = (1 << (9 - 1)) | (1 << (19 - 1))        # SIGKILL, SIGSTOP: the ke
 
 
 def check(path, body, recs):
-    have = {}
+    entries_by_file(path, body.signalfds, recs, "signalfd")
     for e in body.signalfds:
-        if e.file_id in have or e.sigmask & UNBLOCKABLE:
-            raise ImageError(path, f"corrupt: signalfd {e.file_id} is listed twice or reads SIGKILL/SIGSTOP")
-        have[e.file_id] = e
-    for pid, rec in recs:
-        if rec.file_id not in have:
-            raise ImageError(path, f"corrupt: pid {pid} fd {rec.fd} has no signalfd entry")
+        if e.sigmask & UNBLOCKABLE:
+            raise ImageError(path, f"corrupt: signalfd {e.file_id} reads SIGKILL/SIGSTOP")
 
 
 class Objects:
@@ -35,13 +31,7 @@ class Objects:
 
     def open(self, rec):
         mask = ctypes.c_uint64(self.entries[rec.file_id].sigmask)
-        fd = core.syscall(NR["signalfd4"], -1, ctypes.addressof(mask), 8, SFD_CLOEXEC)
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, rec.flags & os.O_NONBLOCK)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return ready_for_task(core.syscall(NR["signalfd4"], -1, ctypes.addressof(mask), 8, SFD_CLOEXEC), rec)
 
     def close(self):
         pass

@@ -72,9 +72,8 @@ def _rounded(size):
 
 
 def holder(images):
-    if "sysvshm" not in images.made:
-        images.made["sysvshm"] = Segments(images)
-    return images.made["sysvshm"]
+    """The Segments of this restore (made at the first call)."""
+    return images.holder("sysvshm", Segments)
 
 
 class Segments:

@@ -18,6 +18,7 @@ from pycr.collect.timerfd import NS, Itimerspec
 from pycr.errors import ImageError, KernelFeatureMissing, RestoreError
 from pycr.log import log
 from pycr.native import core
+from pycr.restore.kindparts import entries_by_file, ready_for_task
 
 TYPE = "timerfd"
 IMAGE = "timerfd"
@@ -25,18 +26,12 @@ FLAGS = abi.TFD_TIMER_ABSTIME | abi.TFD_TIMER_CANCEL_ON_SET
 
 
 def check(path, body, recs):
-    have = {}
+    entries_by_file(path, body.timerfds, recs, "timerfd")
     for e in body.timerfds:
-        if e.file_id in have:
-            raise ImageError(path, f"corrupt: timerfd {e.file_id} is listed twice")
         if e.clockid not in abi.TIMERFD_CLOCKS or e.settime_flags & ~FLAGS:
             raise ImageError(path, f"corrupt: timerfd {e.file_id} has clock {e.clockid}, flags {e.settime_flags:#o}")
         if max(e.value_ns, e.interval_ns, e.expires_ns) >= 2**63:
             raise ImageError(path, f"corrupt: timerfd {e.file_id} has a time past 2^63 ns")
-        have[e.file_id] = e
-    for pid, rec in recs:
-        if rec.file_id not in have:
-            raise ImageError(path, f"corrupt: pid {pid} fd {rec.fd} has no timerfd entry")
     if any(e.ticks for e in body.timerfds):
         probe_set_ticks()
 
@@ -65,6 +60,16 @@ def _spec(ns):
     return divmod(ns, NS)
 
 
+def _arm(fd, e):
+    """Arm pycr's timerfd as the dumped one was and put back its unread expirations."""
+    if e.value_ns:
+        absolute = bool(e.settime_flags & abi.TFD_TIMER_ABSTIME)
+        its = Itimerspec(*_spec(e.interval_ns), *_spec(e.expires_ns if absolute else e.value_ns))
+        core.syscall(NR["timerfd_settime"], fd, e.settime_flags, ctypes.addressof(its), 0)
+    if e.ticks:
+        set_ticks(fd, e.ticks)
+
+
 class Objects:
     def __init__(self, images, body):
         self.entries = {e.file_id: e for e in body.timerfds}
@@ -76,17 +81,7 @@ class Objects:
         except OSError as exc:
             need = " (an alarm clock needs CAP_WAKE_ALARM)" if exc.errno == errno.EPERM else ""
             raise RestoreError(f"timerfd on clock {e.clockid}: timerfd_create failed: {exc.strerror}{need}") from None
-        try:
-            if e.value_ns:
-                absolute = bool(e.settime_flags & abi.TFD_TIMER_ABSTIME)
-                its = Itimerspec(*_spec(e.interval_ns), *_spec(e.expires_ns if absolute else e.value_ns))
-                core.syscall(NR["timerfd_settime"], fd, e.settime_flags, ctypes.addressof(its), 0)
-            if e.ticks:
-                set_ticks(fd, e.ticks)
-            fcntl.fcntl(fd, fcntl.F_SETFL, rec.flags & os.O_NONBLOCK)
-        except BaseException:
-            os.close(fd)
-            raise
+        ready_for_task(fd, rec, lambda fd: _arm(fd, e))
         log.info("timerfd %d: clock %d, %d ns left, every %d ns, %d unread", rec.file_id, e.clockid,
                  e.value_ns, e.interval_ns, e.ticks)
         return fd

@@ -11,7 +11,6 @@ that had been closed is a socket of pycr's that sends the data and is closed.
 """
 
 import errno
-import fcntl
 import os
 import socket
 import stat as st
@@ -21,6 +20,7 @@ from pycr.collect import unixdiag
 from pycr.collect.skqueue import set_peek_off
 from pycr.errors import ImageError, RestoreError
 from pycr.restore import handover
+from pycr.restore.kindparts import entries_by_file, ready_for_task
 from pycr.log import log
 
 TYPE = "unixsk"
@@ -36,11 +36,12 @@ def describe_name(name):
 
 
 def check(path, body, recs):
-    by_ino, by_file = {}, {}
+    entries_by_file(path, body.sockets, recs, "unix socket")
+    by_ino = {}
     for e in body.sockets:
-        if e.ino in by_ino or e.file_id in by_file:
-            raise ImageError(path, f"corrupt: socket {e.ino} (file {e.file_id}) is listed twice")
-        by_ino[e.ino] = by_file[e.file_id] = e
+        if e.ino in by_ino:
+            raise ImageError(path, f"corrupt: socket {e.ino} is listed twice")
+        by_ino[e.ino] = e
     for e in body.sockets:
         where = f"corrupt: socket {e.ino}"
         if len(e.name) > NAME_MAX or len(e.ext_peer) > NAME_MAX or e.shutdown > 3 or e.peek_off < -1:
@@ -67,9 +68,6 @@ def check(path, body, recs):
                 raise ImageError(path, f"{where}: queued data with no socket to send it from")
             if m.sender and str(e.type) != "dgram" and m.sender != e.peer:
                 raise ImageError(path, f"{where}: queued data sent by a socket other than its peer")
-    for pid, rec in recs:
-        if rec.file_id not in by_file:
-            raise ImageError(path, f"corrupt: pid {pid} fd {rec.fd} has no unix socket entry")
 
 
 def _address(e):
@@ -297,14 +295,7 @@ class Objects:
     # -- handing over
 
     def open(self, rec):
-        ino = self.by_file[rec.file_id]
-        fd = self.socks.pop(ino).detach()
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, rec.flags & os.O_NONBLOCK)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return ready_for_task(self.socks.pop(self.by_file[rec.file_id]).detach(), rec)
 
     def close(self):
         for sock in (*self.socks.values(), *self.partners.values()):
