@@ -104,11 +104,17 @@ def one_round(method, size, work):
             m = re.search(r"\(pid (\d+) outside its namespace, namespace init (\d+)\)", proc.stdout)
             pids = [int(m.group(2)), int(m.group(1))]
             reported = float(re.search(r"downtime ([0-9.]+) s", proc.stdout).group(1))
+            split = {"passes": len(re.findall(r"^pass \d+", proc.stdout, re.M))}
         else:
+            # Reap the server as soon as the dump kills it (a blocking wait, in a thread): pycr waits
+            # for the PID to be free, and it is the restored tree's.
+            reaper = threading.Thread(target=server.wait, daemon=True)
+            reaper.start()
             _, t_dump = pycr("dump", "-t", server.pid, "-D", work / "img", "--tcp-established")
-            server.wait()                 # reap it: its PID is the restored tree's
+            reaper.join()
             _, t_restore = pycr("restore", "-D", work / "img", "-d")
             seconds, reported = t_dump + t_restore, None
+            split = {"dump_s": t_dump, "restore_s": t_restore}
         time.sleep(1.0)
         client.stop.set()
         client.join(30)
@@ -116,7 +122,7 @@ def one_round(method, size, work):
             raise SystemExit(f"{method}: the client failed: {client.error!r}")
         return {"method": method, "used_memory": used, "client_gap_s": client.longest_gap(began),
                 "command_s": seconds, "pycr_reported_downtime_s": reported,
-                "replies": len(client.stamps)}
+                "replies": len(client.stamps), **split}
     finally:
         procs.kill_pids([p for root in pids if procs.state(root) for p in procs.tree_pids(root)])
         shutil.rmtree(work, ignore_errors=True)
