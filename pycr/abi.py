@@ -198,6 +198,8 @@ CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
 CLONE_NEWPID = 0x20000000
 
+PF_KTHREAD = 0x00200000               # task flag (linux/sched.h), field 9 of /proc/PID/stat: a kernel thread
+
 # Kernel-internal restart codes a stopped task's rax may hold (linux/errno.h).
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
 

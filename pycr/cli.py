@@ -9,14 +9,13 @@ import errno
 import signal
 import sys
 
-from . import __version__, options, steps
+from . import __version__, cliopts, options, steps
 from .errors import Interrupted, PycrError
 from . import log as pycr_log
 
 
 def _add_common(p):
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="explain each step (-vv: more detail, tracebacks on internal errors)")
+    cliopts.add_verbosity(p)
 
 
 def _add_object_options(p, restore=False):
@@ -42,6 +41,7 @@ def _add_dump_args(p):
     p.add_argument("--overwrite", action="store_true",
                    help="replace the image set DIR holds (default: refuse a directory that holds one)")
     _add_object_options(p)
+    cliopts.add_output(p)
     _add_common(p)
 
 
@@ -86,27 +86,38 @@ def _percent(text):
     return value
 
 
-def _criu_verbosity(argv):
-    """criu's -v4 style (-vN) as N times -v."""
-    out = []
-    for arg in argv:
-        if len(arg) > 2 and arg.startswith("-v") and arg[2:].isdigit():
-            out.append("-" + "v" * int(arg[2:]) if int(arg[2:]) else "-v")
-        else:
-            out.append(arg)
-    return out
-
-
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line too, like every other pycr error."""
+    """argparse, but a usage mistake is one line too, like every other pycr error,
+    and an option the subcommand does not know points at that subcommand's help."""
 
     def error(self, message):
+        message = message.replace("argument --criu-level: ", "")       # -vN's own words name it
         self.exit(2, f"pycr: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            commands = getattr(self, "commands", {})
+            where = commands.get(getattr(parsed, "command", None), self)
+            where.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+
+_EXIT_STATUS = """exit status: 0 success, 1 pycr failed (one line on stderr says why), 2 usage error;
+`pycr check -t` exits 3 when it finds something; 128 + N when signal N stopped pycr"""
+
+_RESTORE_EXIT = """exit status: with -d, 0 once the tree runs. Without -d, pycr waits for the restored
+root and exits with the root's own status (its exit code, or 128 + the signal that killed it), as a
+shell would: a root exiting 1 looks like pycr failing 1. Tell them apart by the summary line
+"restored ... runs" (printed unless -q) or by --pidfile: both appear only once the tree runs, and
+pycr's own failure comes before them, with one line "pycr: REASON" and no pidfile left.
+Otherwise: 1 pycr failed, 2 usage error."""
 
 
 def build_parser():
     parser = _Parser(
-        prog="pycr", description="Checkpoint/restore of live Linux process trees, with incremental migration.")
+        prog="pycr", description="Checkpoint/restore of live Linux process trees, with incremental migration.",
+        epilog=_EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"pycr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -131,8 +142,9 @@ def build_parser():
     p = sub.add_parser("pre-dump", help="copy memory while the tree runs; later passes copy what changed")
     _add_dump_args(p)
 
-    p = sub.add_parser("restore", help="bring a dumped tree back with its PIDs, memory and registers")
-    p.add_argument("-D", "--images-dir", required=True, metavar="DIR")
+    p = sub.add_parser("restore", help="bring a dumped tree back with its PIDs, memory and registers",
+                       epilog=_RESTORE_EXIT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-D", "--images-dir", required=True, metavar="DIR", help="the image set to restore")
     p.add_argument("-d", "--restore-detached", action="store_true",
                    help="return once the tree runs instead of waiting for its root task")
     p.add_argument("--pidns", action="store_true",
@@ -147,13 +159,18 @@ def build_parser():
     p.add_argument("--trust-images", action="store_true",
                    help="restore images that another user owns or may write (default: refuse them); "
                         "images a non-root user owns still get no more than that user's rights")
+    p.add_argument("--pidfile", metavar="FILE",
+                   help="write the restored root's PID (as pycr sees it: outside a --pidns namespace) to "
+                        "FILE, relative to the work directory, once the tree runs; FILE must not exist")
+    cliopts.add_output(p)
     _add_common(p)
 
     p = sub.add_parser("migrate", help="move a live tree into a replica on this machine with iterative "
                                        "pre-dumps and incremental restore")
     p.add_argument("-t", "--tree", type=_positive_int, required=True, metavar="PID", help="root of the tree to move")
-    p.add_argument("--work-dir", metavar="DIR", help="keep the image sets of every pass here "
-                                                      "(default: a temporary directory, removed at the end)")
+    p.add_argument("-W", "--work-dir", metavar="DIR",
+                   help="keep the image sets of every pass here, and -o's log when relative "
+                        "(default: a temporary directory, removed at the end; -o then relative to here)")
     p.add_argument("--max-passes", type=_positive_int, default=8, metavar="N",
                    help="passes at most, the final dump included (default 8)")
     stop = p.add_mutually_exclusive_group()
@@ -165,6 +182,7 @@ def build_parser():
     p.add_argument("--tracker", choices=["auto", "uffd-wp", "soft-dirty", "hash"], default="auto",
                    help="how pages written since the previous pass are found")
     _add_object_options(p)
+    cliopts.add_output(p, work_dir=False)
     _add_common(p)
 
     p = sub.add_parser("show", help="decode images into readable text or JSON")
@@ -176,6 +194,7 @@ def build_parser():
     p.add_argument("-i", "--input", required=True, metavar="JSON", help="JSON file, or - for stdin")
     p.add_argument("-o", "--output", required=True, metavar="IMG")
     _add_common(p)
+    parser.commands = sub.choices
     return parser
 
 
@@ -194,18 +213,11 @@ def _run(args):
             print(f"nothing of pycr's in the tree of pid {args.tree}")
         return 0
     if args.command in ("dump", "pre-dump"):
-        from .dump import dump_tree
-        return dump_tree(args.tree, args.images_dir,
-                         pre_dump=(args.command == "pre-dump"),
-                         leave_running=getattr(args, "leave_running", False),
-                         prev_images_dir=args.prev_images_dir,
-                         tracker=args.tracker, overwrite=args.overwrite)
+        return _dump(args)
     if args.command == "restore" and args.follow:
         return _restore_follow(args)
     if args.command == "restore":
-        from .restore import restore
-        return restore(args.images_dir, detach=args.restore_detached, pidns=args.pidns,
-                       trust_images=args.trust_images)
+        return _restore(args)
     if args.command == "migrate":
         return _migrate(args)
     if args.command == "show":
@@ -233,13 +245,61 @@ def _check_tree(root):
     return 3
 
 
+def _dump(args):
+    from .dump import DumpStats, dump_tree
+    stats = DumpStats()
+    leave_running = getattr(args, "leave_running", False)
+    dump_tree(args.tree, args.images_dir, pre_dump=(args.command == "pre-dump"), leave_running=leave_running,
+              prev_images_dir=args.prev_images_dir, tracker=args.tracker, overwrite=args.overwrite, stats=stats)
+    _summary(args, cliopts.dump_summary(args.command, stats, args.images_dir, leave_running))
+    return 0
+
+
+def _summary(args, line):
+    if not args.quiet:
+        print(line, flush=True)
+    pycr_log.to_file_only(line)
+
+
+def _pidfile(args):
+    return cliopts.PidFile(cliopts.in_work_dir(args, args.pidfile)) if args.pidfile else None
+
+
+def _restore(args):
+    from .restore import restore
+    pidfile = _pidfile(args)
+
+    def running(run, seconds):
+        if pidfile:
+            pidfile.fill(run.tasks[run.images.root.pid].real)
+        _summary(args, cliopts.restore_summary(run, args.images_dir, seconds))
+
+    try:
+        return restore(args.images_dir, detach=args.restore_detached, pidns=args.pidns,
+                       trust_images=args.trust_images, on_running=running)
+    finally:
+        if pidfile:
+            pidfile.discard()
+
+
 def _restore_follow(args):
+    import time
     from .migrate import DirectoryTransport, follow
-    result = follow(DirectoryTransport(args.images_dir, timeout=args.follow_timeout), pidns=args.pidns,
-                    trust_images=args.trust_images)
+    pidfile = _pidfile(args)
+    started = time.monotonic()
+    try:
+        result = follow(DirectoryTransport(args.images_dir, timeout=args.follow_timeout), pidns=args.pidns,
+                        trust_images=args.trust_images)
+        run = result.replica.run
+        if pidfile:
+            pidfile.fill(run.tasks[run.images.root.pid].real)
+    finally:
+        if pidfile:
+            pidfile.discard()
+    _summary(args, cliopts.restore_summary(run, args.images_dir, time.monotonic() - started))
     if args.restore_detached:
         return 0
-    return result.replica.run.wait_root()
+    return run.wait_root()
 
 
 def _migrate(args):
@@ -248,11 +308,11 @@ def _migrate(args):
     policy = Policy(max_passes=args.max_passes, min_delta=args.min_delta, threshold=args.threshold)
 
     def show(rep, _replica):
-        print(rep.line(), flush=True)
+        _summary(args, rep.line())
 
     result = migrate(args.tree, work_dir=args.work_dir, policy=policy, tracker=args.tracker, on_pass=show)
     for line in result.summary.lines():
-        print(line, flush=True)
+        _summary(args, line)
     return 0
 
 
@@ -278,17 +338,48 @@ def _catch_stop_signals():
 def main(argv=None):
     try:
         _catch_stop_signals()
-        args = build_parser().parse_args(_criu_verbosity(sys.argv[1:] if argv is None else argv))
+        args = build_parser().parse_args(cliopts.criu_levels(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:
         print("pycr: interrupted before it began", file=sys.stderr)
         return 130
-    pycr_log.setup(args.verbose)
+    verbosity = cliopts.verbosity(args)
+    try:
+        log_file = _open_log(args)
+    except PycrError as exc:
+        print(f"pycr: {exc}", file=sys.stderr)
+        return 1
+    try:
+        pycr_log.setup(verbosity, log_file, verbosity if cliopts.chosen(args) else 1)
+        return _main(args, verbosity)
+    finally:
+        if log_file is not None:
+            pycr_log.setup(verbosity)
+            log_file.close()
+
+
+def _open_log(args):
+    """-o FILE, opened (truncated, as criu does) before anything else: the whole narration goes in."""
+    path = cliopts.log_file_path(args)
+    if path is None:
+        return None
+    try:
+        return open(path, "w", buffering=1)
+    except OSError as exc:
+        raise PycrError(f"{path}: cannot write the log file: {exc.strerror}") from None
+
+
+def _fail(line):
+    print(line, file=sys.stderr)
+    pycr_log.to_file_only(line)
+
+
+def _main(args, verbosity):
     steps.begin(args.command)
     try:
         with options.using(options.from_args(args)):
             status = _run(args)
     except PycrError as exc:
-        print(f"pycr: {exc}", file=sys.stderr)
+        _fail(f"pycr: {exc}")
         return 1
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
@@ -296,27 +387,26 @@ def main(argv=None):
         if steps.finished:
             where = f"; the images in {args.images_dir} are whole" if args.command in ("dump", "pre-dump") else ""
             left = f"; {steps.outcome}" if steps.outcome else ""
-            print(f"pycr: {name} after the {args.command} was complete: nothing was undone{where}{left}",
-                  file=sys.stderr)
+            _fail(f"pycr: {name} after the {args.command} was complete: nothing was undone{where}{left}")
         else:
             undone = _UNDONE.get(args.command)
-            print(f"pycr: interrupted by {name}" + (f": {undone}" if undone else ""), file=sys.stderr)
+            _fail(f"pycr: interrupted by {name}" + (f": {undone}" if undone else ""))
         return 128 + signum
     except BrokenPipeError:
         return 1
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            print(f"pycr: no space left on device{': ' + exc.filename if exc.filename else ''}", file=sys.stderr)
+            _fail(f"pycr: no space left on device{': ' + exc.filename if exc.filename else ''}")
         else:
-            print(f"pycr: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)
-        if args.verbose >= 2:
+            _fail(f"pycr: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}")
+        if verbosity >= 2:
             raise
         return 1
-    except Exception as exc:  # a bug: still one line unless -vv asks for the traceback
-        if args.verbose >= 2:
+    except Exception as exc:  # a bug: still one line unless -vv asks for the traceback; 2 is for usage only
+        if verbosity >= 2:
             raise
-        print(f"pycr: internal error: {type(exc).__name__}: {exc} (run with -vv for the traceback)", file=sys.stderr)
-        return 2
+        _fail(f"pycr: internal error: {type(exc).__name__}: {exc} (run with -vv for the traceback)")
+        return 1
     return int(status or 0)
 
 

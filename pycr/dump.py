@@ -149,8 +149,8 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
 
 
 def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images_dir=None,
-              tracker="auto", overwrite=False):
-    """Checkpoint the tree rooted at `root` into images_dir. Returns 0.
+              tracker="auto", overwrite=False, stats=None):
+    """Checkpoint the tree rooted at `root` into images_dir. Returns 0; fills `stats` (a DumpStats).
 
     pre-dump and --prev-images-dir go through pycr.predump (incremental chains).
     images_dir must not hold another image set unless overwrite (see pycr.outdir);
@@ -159,14 +159,16 @@ def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images
     if pre_dump or prev_images_dir:
         from .predump import dump_incremental
         return dump_incremental(root, images_dir, pre_dump=pre_dump, leave_running=leave_running,
-                                prev_images_dir=prev_images_dir, tracker=tracker, overwrite=overwrite)
-    stats = DumpStats()
+                                prev_images_dir=prev_images_dir, tracker=tracker, overwrite=overwrite,
+                                stats=stats)
+    stats = stats if stats is not None else DumpStats()
     started = time.monotonic()
     with outdir.writing(images_dir, overwrite) as imgdir, Copier():
         frozen = freeze(root, timeout=settings.freeze_timeout())
         frozen_at = time.monotonic()
+        stats.processes, stats.threads = len(frozen.processes), sum(len(t) for t in frozen.processes.values())
         log.info("froze %d processes, %d threads with PTRACE_SEIZE + PTRACE_INTERRUPT",
-                 len(frozen.processes), sum(len(t) for t in frozen.processes.values()))
+                 stats.processes, stats.threads)
         try:
             stats.pages_bytes = write_tree_images(frozen, imgdir)
             step("write inventory and manifest")

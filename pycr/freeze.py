@@ -16,7 +16,7 @@ import signal
 import time
 
 from pycr import proc, tcp_repair
-from pycr.abi import WALL
+from pycr.abi import PF_KTHREAD, WALL
 from pycr.errors import AccessDenied, PycrError, StopTimeout, TaskGone
 from pycr.ptrace import binding as B
 from pycr.ptrace.thread import Thread
@@ -268,6 +268,14 @@ def _safe_descendants(pid):
         return []
 
 
+def _refuse_untouchable(root_pid):
+    """Roots no dump can take, named by the reason a user can act on."""
+    if root_pid == 1:
+        raise PycrError("pid 1 is init: pycr does not dump it")
+    if proc.stat(root_pid).flags & PF_KTHREAD:
+        raise PycrError(f"pid {root_pid} is a kernel thread: it has no user memory or registers to dump")
+
+
 def freeze(root_pid, options=DEFAULT_OPTIONS, timeout=10.0):
     """Stop every thread of the tree rooted at root_pid; -> FrozenTree.
 
@@ -275,13 +283,14 @@ def freeze(root_pid, options=DEFAULT_OPTIONS, timeout=10.0):
     someone else, PycrError if a thread does not stop within timeout seconds.
     On any failure what was seized is released and the tree keeps running.
     """
+    _refuse_untouchable(root_pid)
     st = proc.status(root_pid)
     if st.tgid != root_pid:
         raise PycrError(f"pid {root_pid} is a thread of pid {st.tgid}, not a process")
     if st.state in "ZX" and len(proc.tasks(root_pid)) < 2:   # a zombie leader with live threads is fine
         raise TaskGone(root_pid, "zombie")
     if os.getpid() in _safe_descendants(root_pid):
-        raise PycrError(f"the tree of pid {root_pid} holds pycr itself (pid {os.getpid()}): "
+        raise PycrError(f"pid {root_pid} is this pycr's own ancestor (pycr is pid {os.getpid()}): "
                         "dump a tree pycr is not part of")
     tree = FrozenTree(root_pid)
     try:

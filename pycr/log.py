@@ -10,18 +10,36 @@ import time
 log = logging.getLogger("pycr")
 
 
-def setup(verbosity):
-    """-v shows the steps (seize, inject, copy); -vv adds per-VMA and per-syscall detail."""
-    level = logging.WARNING
-    if verbosity == 1:
-        level = logging.INFO
-    elif verbosity >= 2:
-        level = logging.DEBUG
+def _level(verbosity):
+    return {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+
+
+def setup(verbosity, log_file=None, file_verbosity=None):
+    """-v shows the steps (seize, inject, copy); -vv adds per-VMA and per-syscall detail.
+
+    With log_file (criu's -o), the narration at file_verbosity goes there, with the seconds
+    since pycr started, and the terminal gets errors only.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("pycr: %(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
+    handler.setLevel(logging.ERROR if log_file else _level(verbosity))
+    handlers = [handler]
+    if log_file:
+        to_file = logging.StreamHandler(log_file)
+        to_file.setFormatter(logging.Formatter("(%(relativeCreated)10.3f ms) %(message)s"))
+        to_file.setLevel(_level(file_verbosity))
+        handlers.append(to_file)
+    log.handlers[:] = handlers
+    log.setLevel(min(h.level for h in handlers))
     log.propagate = False
+
+
+def to_file_only(message):
+    """Write a line pycr prints on the terminal itself (its error) into the -o log file too."""
+    for handler in log.handlers:
+        if handler.stream is not sys.stderr:
+            handler.stream.write(message + "\n")
+            handler.flush()
 
 
 class Progress:

@@ -218,12 +218,14 @@ def kill_and_reap(reals, timeout=10.0):
         _libc.prctl(PR_SET_CHILD_SUBREAPER, was.value, 0, 0, 0)
 
 
-def restore(images_dir, detach=False, pidns=False, trust_images=False):
+def restore(images_dir, detach=False, pidns=False, trust_images=False, on_running=None):
     """Restore the tree dumped in images_dir.
 
     With detach, return 0 once the tree runs; otherwise wait for the restored
     root task and return its exit status, or 128 + the signal that killed it.
     trust_images: accept images another user owns or may write (see restore.trust).
+    on_running(run, seconds) is called once the tree runs, before the wait (the CLI's
+    pidfile and summary).
     """
     started = time.monotonic()
     with Copier():                      # the buffer checksums are read through
@@ -244,6 +246,8 @@ def restore(images_dir, detach=False, pidns=False, trust_images=False):
         run.close()
     finish("restore")
     log.info("restore done in %.3f s", time.monotonic() - started)
+    if on_running is not None:
+        on_running(run, time.monotonic() - started)
     if detach:
         return 0
     return run.wait_root()
