@@ -104,8 +104,14 @@ def test_a_tree_that_holds_pycr_and_pids_below_one_are_refused(tmp_path):
     assert line == "pycr: argument -t/--tree: '0' must be at least 1 (see pycr dump --help)"
     # the test's own process is an ancestor of the pycr it starts
     line = one_line_error(pycr("dump", "-t", os.getpid(), "-D", tmp_path / "b", "-R", expect=1))
-    assert line.startswith(f"pycr: the tree of pid {os.getpid()} holds pycr itself (pid ")
+    assert line == (f"pycr: pid {os.getpid()} is this pycr's own ancestor (pycr is pid {pid_of_pycr(line)}): "
+                    "dump a tree pycr is not part of")
     assert not (tmp_path / "b").exists()
+
+
+def pid_of_pycr(line):
+    import re
+    return int(re.search(r"\(pycr is pid (\d+)\)", line).group(1))
 
 
 def test_encode_into_a_directory_names_it(tmp_path):
@@ -114,3 +120,147 @@ def test_encode_into_a_directory_names_it(tmp_path):
     (tmp_path / "x.json").write_text(images.to_json(sample_inventory(), kind="inventory"))
     line = one_line_error(pycr("encode", "-i", tmp_path / "x.json", "-o", tmp_path, expect=1))
     assert line == f"pycr: {tmp_path}: is a directory: name the image file to write"
+
+
+# ---- criu's options: -o, -W, -vN, --pidfile, -q, the summary, exit statuses ----
+
+EXIT_ON_USR2 = """#!{python}
+import os, signal, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+def report(line):
+    os.write(fd, (line + "\\n").encode())
+signal.signal(signal.SIGUSR2, lambda *a: os._exit(int(open(sys.argv[1] + ".code").read())))
+report("ready %d" % os.getpid())
+n = 0
+while True:
+    n += 1
+    report("count %d" % n)
+    time.sleep(0.01)
+"""
+
+
+def _summary_line(proc):
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, proc.stdout
+    return lines[0]
+
+
+def test_log_file_is_written_in_the_images_dir_with_the_narration(spawn, tmp_path, cleanup_pids):
+    import re
+    import procutil
+    w = spawn("counter")
+    w.wait_for(r"^count 3$")
+    img = tmp_path / "img"
+    proc = pycr("dump", "-t", w.pid, "-D", img, "-o", "dump.log", "-R")
+    assert proc.stderr == ""                   # the narration went to the file, not the terminal
+    assert re.fullmatch(rf"dumped 1 process, 1 thread: [0-9.]+ MiB of pages, frozen [0-9.]+ s; "
+                        rf"images in {img}; the tree goes on", _summary_line(proc))
+    log = (img / "dump.log").read_text()      # -o without -v: the -v narration
+    assert "froze 1 processes, 1 threads with PTRACE_SEIZE + PTRACE_INTERRUPT" in log
+    assert f"pid {w.pid}: reading sigactions and brk by injected syscalls" in log
+    assert log.splitlines()[-1].startswith("dumped 1 process")    # the summary closes it
+    procutil.assert_running_untraced(w.pid)
+    # The set with a log file in it restores, and the log of the restore goes to -W.
+    w.signal(9)
+    procutil.wait_gone([w.pid], timeout=10)
+    work = tmp_path / "work"
+    work.mkdir()
+    mark = w.mark()
+    proc = pycr("restore", "-D", img, "-d", "-W", work, "-o", "restore.log", "--pidfile", "root.pid")
+    cleanup_pids.add(w.pid)
+    assert proc.stderr == ""
+    assert _summary_line(proc).startswith(f"restored 1 process, 1 thread from {img} in ")
+    assert int((work / "root.pid").read_text()) == w.pid
+    assert "images of 1 processes loaded and checked" in (work / "restore.log").read_text()
+    assert not (img / "restore.log").exists()
+    w.wait_for(r"^count \d+$", start=mark)     # the restored counter goes on
+    procutil.assert_running_untraced(w.pid)
+
+
+def test_criu_verbosity_levels(spawn, tmp_path):
+    w = spawn("counter")
+    for level in ("-v0", "-v1", "-v2"):        # errors only / warnings: nothing on a good dump
+        assert pycr("dump", "-t", w.pid, "-D", tmp_path / level, "-R", "-q", level).stderr == ""
+    narrated = pycr("dump", "-t", w.pid, "-D", tmp_path / "v", "-R", "-q", "-v").stderr.splitlines()
+    assert narrated[0] == "pycr: froze 1 processes, 1 threads with PTRACE_SEIZE + PTRACE_INTERRUPT"
+    v3 = pycr("dump", "-t", w.pid, "-D", tmp_path / "v3", "-R", "-q", "-v3").stderr
+    v4 = pycr("dump", "-t", w.pid, "-D", tmp_path / "v4", "-R", "-q", "-v4").stderr
+    vv = pycr("dump", "-t", w.pid, "-D", tmp_path / "vv", "-R", "-q", "-vv").stderr
+    assert _words(v3) == _words("\n".join(narrated)) and _words(v4) == _words(vv)   # -v3 is -v, -v4 is -vv
+    # -o with a level: the file holds that level, the terminal nothing.
+    proc = pycr("dump", "-t", w.pid, "-D", tmp_path / "o", "-R", "-q", "-v0", "-o", "quiet.log")
+    assert proc.stdout == proc.stderr == "" and (tmp_path / "o" / "quiet.log").read_text() == \
+        _summary_of(tmp_path / "o")
+    assert pycr("dump", "-t", w.pid, "-D", tmp_path / "bad", "-v7", expect=2).stderr == \
+        "pycr: -v7: criu's levels are -v0 to -v4 (see pycr dump --help)\n"
+
+
+def _words(text):
+    """The narration without its numbers (times and sizes differ between two dumps)."""
+    import re
+    return re.sub(r"[0-9.]+", "N", text).splitlines()
+
+
+def _summary_of(img):
+    """The summary is the one line a -v0 log holds."""
+    text = (img / "quiet.log").read_text()
+    assert text.startswith("dumped 1 process") and text.count("\n") == 1, text
+    return text
+
+
+def test_quiet_prints_nothing_and_the_summary_says_what_was_done(spawn, tmp_path):
+    w = spawn("counter")
+    assert pycr("dump", "-t", w.pid, "-D", tmp_path / "q", "-R", "-q").stdout == ""
+    line = _summary_line(pycr("pre-dump", "-t", w.pid, "-D", tmp_path / "p"))
+    assert line.startswith("pre-dumped 1 process, 1 thread: ") and line.endswith("; the tree goes on")
+    line = _summary_line(pycr("dump", "-t", w.pid, "-D", tmp_path / "k"))
+    assert line.endswith(f"images in {tmp_path / 'k'}; the tree was killed")
+
+
+def test_foreground_restore_exit_status_is_the_roots_and_pycrs_failure_is_told_apart(spawn_python, tmp_path,
+                                                                                    cleanup_pids):
+    import signal
+    import subprocess
+    import sys
+    import procutil
+    w = spawn_python("exit_on_usr2", EXIT_ON_USR2)
+    dump_dir = tmp_path / "img"
+    pycr("dump", "-t", w.pid, "-D", dump_dir, "-q")
+    procutil.wait_gone([w.pid], timeout=10)
+    with open(w.status_path + ".code", "w") as f:
+        f.write("1")    # the root will exit 1, as pycr fails
+    mark = w.mark()
+    proc = subprocess.Popen([sys.executable, "-m", "pycr", "restore", "-D", str(dump_dir), "--pidfile",
+                             str(tmp_path / "root.pid")], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    cleanup_pids.add(w.pid)
+    try:
+        procutil.wait_until(lambda: len(w.lines(mark)) >= 2 or proc.poll() is not None, 30)
+        assert int((tmp_path / "root.pid").read_text()) == w.pid
+        w.signal(signal.SIGUSR2)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1 and err == ""                  # the root's own 1
+    assert out.startswith(f"restored 1 process, 1 thread from {dump_dir} in ")
+    # pycr's own failure: the same 1, but one "pycr:" line, no summary, no pidfile.
+    failed = pycr("restore", "-D", tmp_path / "absent", "--pidfile", tmp_path / "again.pid", expect=1)
+    assert failed.stdout == "" and one_line_error(failed) == f"pycr: {tmp_path / 'absent'}: no such image directory"
+    assert not (tmp_path / "again.pid").exists()
+    # A pidfile that exists is refused before anything is restored, as criu does.
+    line = one_line_error(pycr("restore", "-D", dump_dir, "-d", "--pidfile", tmp_path / "root.pid", expect=1))
+    assert line == f"pycr: {tmp_path / 'root.pid'}: the pidfile exists already: remove it or name another"
+    assert not procutil.exists(w.pid)
+
+
+def test_help_describes_every_option_and_the_exit_statuses():
+    for command in ("dump", "pre-dump", "restore", "migrate"):
+        text = pycr(command, "--help").stdout
+        for option in ("-o FILE, --log-file FILE", "-q, --quiet", "-v, --verbose", "-W DIR, --work-dir DIR"):
+            assert option in text, (command, option)
+        assert "--criu-level" not in text
+    assert "the root's own status" in pycr("restore", "--help").stdout
+    assert "--pidfile FILE" in pycr("restore", "--help").stdout
+    assert "2 usage error" in pycr("--help").stdout

@@ -14,10 +14,48 @@ def _fails_in_one_line(*args):
     return line
 
 
+def _kthreadd():
+    """A kernel thread's PID: kthreadd's, found by its name (2 in the initial namespace)."""
+    for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if open(f"/proc/{pid}/comm").read().strip() == "kthreadd":
+                return pid
+        except OSError:
+            continue
+    pytest.skip("no kernel thread is visible in this PID namespace")
+
+
 def test_a_kernel_thread_is_refused(tmp_path):
-    line = _fails_in_one_line("dump", "-t", 2, "-D", tmp_path / "img")
-    assert "pid 2" in line
+    pid = _kthreadd()
+    line = _fails_in_one_line("dump", "-t", pid, "-D", tmp_path / "img")
+    assert line == f"pycr: pid {pid} is a kernel thread: it has no user memory or registers to dump"
     assert not (tmp_path / "img").exists() or not os.listdir(tmp_path / "img")
+
+
+def test_init_is_refused_by_name(tmp_path):
+    for command in ("dump", "pre-dump"):
+        line = _fails_in_one_line(command, "-t", 1, "-D", tmp_path / command)
+        assert line == "pycr: pid 1 is init: pycr does not dump it"
+    assert _fails_in_one_line("migrate", "-t", 1) == "pycr: pid 1 is init: pycr does not dump it"
+
+
+def test_an_unknown_option_names_the_subcommands_help(spawn, tmp_path):
+    w = spawn("counter")
+    for command, args in (("dump", ("-t", w.pid, "-D", tmp_path / "a")), ("restore", ("-D", tmp_path)),
+                          ("pre-dump", ("-t", w.pid, "-D", tmp_path / "b")), ("migrate", ("-t", w.pid))):
+        line = one_line_error(pycr(command, *args, "--frob", expect=2))
+        assert line == f"pycr: unrecognized arguments: --frob (see pycr {command} --help)"
+    assert os.path.exists(f"/proc/{w.pid}") and not (tmp_path / "a").exists()
+
+
+def test_a_log_file_that_cannot_be_written_is_one_line(spawn, tmp_path):
+    w = spawn("counter")
+    line = _fails_in_one_line("restore", "-D", tmp_path / "none", "-o", "restore.log")
+    assert line == f"pycr: {tmp_path / 'none' / 'restore.log'}: cannot write the log file: No such file or directory"
+    line = _fails_in_one_line("dump", "-t", w.pid, "-D", tmp_path / "img", "-R", "-o", "no/such/dir/d.log",
+                              "-W", "/proc")
+    assert "cannot write the log file" in line
+    assert os.path.exists(f"/proc/{w.pid}")
 
 
 def test_a_pid_nobody_has(tmp_path):
