@@ -8,10 +8,17 @@ import argparse
 import errno
 import signal
 import sys
+import time
 
-from . import __version__, options, steps
+from . import __version__, options, stats, steps
 from .errors import Interrupted, PycrError
 from . import log as pycr_log
+
+
+def _add_display_stats(p):
+    p.add_argument("--display-stats", action="store_true",
+                   help="print where the time went (interpreter start, freeze, page copy...) and what was "
+                        "moved, as criu does")
 
 
 def _add_common(p):
@@ -41,6 +48,7 @@ def _add_dump_args(p):
                    help="how pages written since the previous pass are found")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the image set DIR holds (default: refuse a directory that holds one)")
+    _add_display_stats(p)
     _add_object_options(p)
     _add_common(p)
 
@@ -143,6 +151,7 @@ def build_parser():
                         "comes, and resume it on the dump")
     p.add_argument("--follow-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
                    help="with --follow: give up if no next pass appears within this time (default 300)")
+    _add_display_stats(p)
     _add_object_options(p, restore=True)
     p.add_argument("--trust-images", action="store_true",
                    help="restore images that another user owns or may write (default: refuse them); "
@@ -194,7 +203,8 @@ def _run(args):
             print(f"nothing of pycr's in the tree of pid {args.tree}")
         return 0
     if args.command in ("dump", "pre-dump"):
-        from .dump import dump_tree
+        with stats.phase("imports"):
+            from .dump import dump_tree
         return dump_tree(args.tree, args.images_dir,
                          pre_dump=(args.command == "pre-dump"),
                          leave_running=getattr(args, "leave_running", False),
@@ -203,7 +213,8 @@ def _run(args):
     if args.command == "restore" and args.follow:
         return _restore_follow(args)
     if args.command == "restore":
-        from .restore import restore
+        with stats.phase("imports"):
+            from .restore import restore
         return restore(args.images_dir, detach=args.restore_detached, pidns=args.pidns,
                        trust_images=args.trust_images)
     if args.command == "migrate":
@@ -276,6 +287,7 @@ def _catch_stop_signals():
 
 
 def main(argv=None):
+    entered = time.perf_counter()
     try:
         _catch_stop_signals()
         args = build_parser().parse_args(_criu_verbosity(sys.argv[1:] if argv is None else argv))
@@ -286,7 +298,12 @@ def main(argv=None):
     steps.begin(args.command)
     try:
         with options.using(options.from_args(args)):
-            status = _run(args)
+            if getattr(args, "display_stats", False):
+                with stats.collecting(args.command, started=entered, since_process_start=True) as st:
+                    status = _run(args)
+                print(st.format(), flush=True)
+            else:
+                status = _run(args)
     except PycrError as exc:
         print(f"pycr: {exc}", file=sys.stderr)
         return 1
