@@ -204,6 +204,7 @@ def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images
     if leave_running:
         with deferred_signals(), phase("release"):
             frozen.thaw()
+        stats.frozen_seconds = time.monotonic() - frozen_at      # until every thread runs again
         log.info("detached every thread (--leave-running): the tree goes on")
     else:
         finish("dump", "the tree was killed")
