@@ -66,6 +66,9 @@ def _last_error(text):
 
 class Tool:
     name = "?"
+    last_run = None         # procs.TimedRun of the latest command
+    last_stats = None       # its --display-stats breakdown (display_stats()), or None
+    log_truncated = False   # the tool rewrites its log file on each run (criu -o)
 
     def problem(self):
         """None when the tool can be used here, else one line saying why not."""
@@ -90,14 +93,18 @@ class Tool:
         raise NotImplementedError
 
     def _run(self, phase, argv, log_path, timeout=600, env=None):
+        """Run one command of the tool; its exact wall time and rusage go to self.last_run."""
+        self.last_run = self.last_stats = None
+        start = 0 if self.log_truncated else _log_size(log_path)
         with open(log_path, "ab") as log:
             try:
-                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                      close_fds=True, timeout=timeout, env=env)
+                proc = procs.run_timed(argv, log, env=env, timeout=timeout)
             except subprocess.TimeoutExpired:
                 raise ToolFailed(f"{self.name} {phase}: timed out after {timeout} s") from None
             except OSError as exc:
                 raise ToolFailed(f"{self.name} {phase}: cannot run {argv[0]}: {exc.strerror}") from None
+        self.last_run = proc
+        self.last_stats = display_stats(_log_tail(log_path, start))
         if proc.returncode != 0:
             raise ToolFailed(f"{self.name} {phase} failed (exit {proc.returncode}): "
                              f"{_last_error(Path(log_path).read_text(errors='replace'))}")
@@ -105,6 +112,7 @@ class Tool:
 
 class Criu(Tool):
     name = "criu"
+    log_truncated = True
 
     def __init__(self, binary=None):
         self.binary = binary or os.environ.get("CRIU") or shutil.which("criu") or "/opt/criu/sbin/criu"
@@ -142,7 +150,7 @@ class Criu(Tool):
 
     def restore(self, images_dir, log_path):
         self._run("restore", [self.binary, "restore", "-D", str(images_dir), "--shell-job", "-d",
-                              "-o", str(log_path)], log_path)
+                              "--display-stats", "-o", str(log_path)], log_path)
 
 
 class Pycr(Tool):
@@ -177,7 +185,7 @@ class Pycr(Tool):
 
     def dump(self, pid, images_dir, log_path, prev=None):
         start = _log_size(log_path)
-        argv = self.argv + ["dump", "-v", "-t", str(pid), "-D", str(images_dir)]
+        argv = self.argv + ["dump", "-v", "-t", str(pid), "-D", str(images_dir), "--display-stats"]
         self._run("dump", argv + (["--prev-images-dir", str(prev)] if prev else []), log_path)
         return pycr_frozen_seconds(_log_tail(log_path, start))
 
@@ -186,12 +194,12 @@ class Pycr(Tool):
 
     def pre_dump(self, pid, images_dir, log_path, prev=None):
         start = _log_size(log_path)
-        argv = self.argv + ["pre-dump", "-v", "-t", str(pid), "-D", str(images_dir)]
+        argv = self.argv + ["pre-dump", "-v", "-t", str(pid), "-D", str(images_dir), "--display-stats"]
         self._run("pre-dump", argv + (["--prev-images-dir", str(prev)] if prev else []), log_path)
         return pycr_frozen_seconds(_log_tail(log_path, start))
 
     def restore(self, images_dir, log_path):
-        self._run("restore", self.argv + ["restore", "-D", str(images_dir), "-d"], log_path)
+        self._run("restore", self.argv + ["restore", "-D", str(images_dir), "-d", "--display-stats"], log_path)
 
 
 def _log_size(path):
@@ -212,6 +220,28 @@ def criu_frozen_seconds(text):
     """criu --display-stats prints "Frozen time: N us" (from its stats-dump image); the last one counts."""
     found = re.findall(r"Frozen time:\s*(\d+)\s*us", text)
     return int(found[-1]) / 1e6 if found else None
+
+
+def display_stats(text):
+    """The last --display-stats block of either tool in text -> {"phases": {name: s},
+    "counters": {name: n}, "total_s": s or None}, or None. Both print criu's layout:
+    "Displaying dump stats:", then "<phase> time: N us" lines and "<counter>: N" lines
+    (pycr's "Total time" is the whole command, not a phase)."""
+    start = text.rfind("Displaying ")
+    if start < 0:
+        return None
+    phases, counters = {}, {}
+    for line in text[start:].splitlines()[1:]:
+        m = re.match(r"^\s*(?:\(\s*[\d.]+\)\s*)?([^:]+?) time: (\d+) us\s*$", line)
+        if m:
+            phases[m.group(1)] = int(m.group(2)) / 1e6
+            continue
+        m = re.match(r"^\s*(?:\(\s*[\d.]+\)\s*)?([^:]+): (\d+)\b", line)
+        if not m:
+            break
+        counters[m.group(1)] = int(m.group(2))
+    total = phases.pop("Total", None)
+    return {"phases": phases, "counters": counters, "total_s": total}
 
 
 def pycr_frozen_seconds(text):
@@ -264,22 +294,20 @@ def one_round(tool, mib, nproc, work_dir, pause, prefault=True):
 
         limits.settle(pause, warm)
         wl.reap_during()
-        t0 = time.perf_counter()
         dumped = False
         try:
             frozen_s = tool.dump(wl.root, images, logs / "dump.log")
             dumped = True
         finally:
-            dump_s = time.perf_counter() - t0
             left = wl.wait_dumped(timeout=10.0 if dumped else 0.0)
         if left:
             raise ToolFailed(f"{tool.name} dump left pids {left} behind; they block the restore")
+        dump_run, dump_stats = tool.last_run, tool.last_stats
         image_mib = dir_size(images) / MIB
 
         limits.settle(pause, warm)
-        t0 = time.perf_counter()
         tool.restore(images, logs / "restore.log")
-        restore_s = time.perf_counter() - t0
+        restore_run, restore_stats = tool.last_run, tool.last_stats
 
         if not wl.alive():
             raise ToolFailed(f"{tool.name} restore: not every pid of {wl.pids} is back and running")
@@ -287,13 +315,21 @@ def one_round(tool, mib, nproc, work_dir, pause, prefault=True):
         bad = [pid for pid in wl.pids if after.get(pid, (0, None))[1] != before[pid][1]]
         if bad:
             raise ToolFailed(f"{tool.name} restore: memory checksum differs (or no answer) in pids {bad}")
-        return {"dump_s": dump_s, "frozen_s": frozen_s, "image_mib": image_mib, "restore_s": restore_s}
+        return {"dump_s": dump_run.seconds, "frozen_s": frozen_s, "image_mib": image_mib,
+                "restore_s": restore_run.seconds, "dump_cpu_s": _cpu_seconds(dump_run),
+                "restore_cpu_s": _cpu_seconds(restore_run), "dump_stats": dump_stats,
+                "restore_stats": restore_stats}
     finally:
         left = wl.kill()
         wl.cleanup()
         shutil.rmtree(images, ignore_errors=True)
         if left:
             print(f"compare: warning: pids {left} did not go away", file=sys.stderr)
+
+
+def _cpu_seconds(run):
+    """User + system CPU seconds of a finished command (its reaped children included)."""
+    return run.rusage.ru_utime + run.rusage.ru_stime
 
 
 def incremental_round(tool, mib, work_dir, pause, predumps, interval=1.0, rate_pct=1.0, prefault=True):
@@ -319,37 +355,36 @@ def incremental_round(tool, mib, work_dir, pause, predumps, interval=1.0, rate_p
             limits.settle(pause, warm if n == 1 else 0)
             d = base / f"pre{n}"
             d.mkdir()
-            t0 = time.perf_counter()
             frozen = tool.pre_dump(wl.root, d, logs / "pre-dump.log", prev=f"../{prev.name}" if prev else None)
-            passes.append({"wall_s": time.perf_counter() - t0, "frozen_s": frozen, "image_mib": dir_size(d) / MIB})
+            passes.append({"wall_s": tool.last_run.seconds, "frozen_s": frozen, "image_mib": dir_size(d) / MIB,
+                           "stats": tool.last_stats})
             prev = d
             time.sleep(max(interval - pause, 0))
         final = base / "final"
         final.mkdir()
         limits.settle(pause, warm if not predumps else 0)
         wl.reap_during()
-        t0 = time.perf_counter()
         dumped = False
         try:
             frozen_s = tool.dump(wl.root, final, logs / "dump.log", prev=f"../{prev.name}" if prev else None)
             dumped = True
         finally:
-            dump_s = time.perf_counter() - t0
             left = wl.wait_dumped(timeout=10.0 if dumped else 0.0)
         if left:
             raise ToolFailed(f"{tool.name} dump left pids {left} behind; they block the restore")
+        dump_s, dump_stats = tool.last_run.seconds, tool.last_stats
         image_mib, chain_mib = dir_size(final) / MIB, dir_size(base) / MIB
         limits.settle(pause, warm)
-        t0 = time.perf_counter()
         tool.restore(final, logs / "restore.log")
-        restore_s = time.perf_counter() - t0
+        restore_s, restore_stats = tool.last_run.seconds, tool.last_stats
         first = wl.checksums(timeout=30)
         time.sleep(0.1)
         second = wl.checksums(timeout=30)
         if not wl.alive() or any(second.get(p, (0,))[0] <= first.get(p, (1 << 62,))[0] for p in wl.pids):
             raise ToolFailed(f"{tool.name} restore: not every pid of {wl.pids} is back and counting")
         return {"passes": passes, "dump_s": dump_s, "frozen_s": frozen_s, "image_mib": image_mib,
-                "chain_mib": chain_mib, "restore_s": restore_s}
+                "chain_mib": chain_mib, "restore_s": restore_s, "dump_stats": dump_stats,
+                "restore_stats": restore_stats}
     finally:
         left = wl.kill()
         wl.cleanup()
@@ -395,6 +430,23 @@ def format_results(results, tool_names):
         for n in tool_names:
             for msg in per_tool.get(n, {}).get("failed", []):
                 lines.append(f"{label:<18} {n} failed: {msg}")
+    return "\n".join(lines)
+
+
+def format_breakdown(results, tool_names):
+    """Where the time goes: each tool's --display-stats phases, medians in ms over the rounds."""
+    lines = ["where the time goes (--display-stats, median ms; criu's phases overlap, pycr's do not)"]
+    for label, per_tool in results.items():
+        for name in tool_names:
+            rounds = per_tool.get(name, {}).get("ok", [])
+            for cmd in ("dump", "restore"):
+                got = [r[f"{cmd}_stats"] for r in rounds if r.get(f"{cmd}_stats")]
+                if not got:
+                    continue
+                phases = list(dict.fromkeys(p for g in got for p in g["phases"]))
+                parts = [f"{p} {statistics.median(g['phases'].get(p, 0.0) for g in got) * 1e3:.1f}" for p in phases]
+                wall = statistics.median(r[f"{cmd}_s"] for r in rounds)
+                lines.append(f"  {label} {name} {cmd} (wall {wall * 1e3:.1f}): " + ", ".join(parts))
     return "\n".join(lines)
 
 
@@ -523,7 +575,10 @@ def main(argv=None):
                     print(f"  incremental round {r + 1} {tool.name}: {exc}", flush=True)
 
     print()
+    print(f"# {machine_line()}")
     print(format_results(results, names))
+    print()
+    print(format_breakdown(results, names))
     if incremental:
         print()
         print(format_incremental(workload_label(args.incremental, 1), incremental, notes))

@@ -7,6 +7,7 @@ instead of lingering as zombies until PID 1 gets to them.
 
 import ctypes
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -115,6 +116,121 @@ def reap(pids, timeout=10.0, stop=None, poll=0.02):
     return sorted(left)
 
 
+class TimedRun:
+    """One finished command: returncode, seconds (from just before the fork to its exit), rusage."""
+
+    def __init__(self, returncode, seconds, rusage):
+        self.returncode, self.seconds, self.rusage = returncode, seconds, rusage
+
+
+def run_timed(argv, stdout, env=None, timeout=600.0):
+    """Run argv (stdin /dev/null, stderr into stdout) to its end -> TimedRun.
+
+    The exit is waited for without polling: a pidfd becomes readable the moment the
+    process exits, and poll() wakes on it (subprocess's timed wait sleeps in steps of
+    up to 50 ms, which would round every figure up). Where the kernel has no pidfd, a
+    thread blocks in wait4 instead. Raises subprocess.TimeoutExpired after timeout s,
+    once the command is killed (by its PID) and reaped.
+    """
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.STDOUT,
+                            close_fds=True, env=env)
+    exited = _wait_exit(proc.pid, timeout)
+    ended = time.perf_counter()
+    if not exited:
+        os.kill(proc.pid, signal.SIGKILL)
+    _, status, rusage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if not exited:
+        raise subprocess.TimeoutExpired(argv, timeout)
+    return TimedRun(proc.returncode, ended - started, rusage)
+
+
+def _wait_exit(pid, timeout):
+    """True once pid (our child) has exited, False after timeout s; it is not reaped here."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return _wait_exit_thread(pid, timeout)
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(int(timeout * 1000)))
+    finally:
+        os.close(pidfd)
+
+
+def _wait_exit_thread(pid, timeout):
+    """Without pidfds: a thread blocks in waitid(WEXITED | WNOWAIT), which leaves the child unreaped."""
+    done = threading.Event()
+
+    def wait():
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        done.set()
+
+    threading.Thread(target=wait, daemon=True).start()
+    return done.wait(timeout)
+
+
+def reap_on_exit(pids, stop_fd, timeout=3600.0):
+    """Reap pids the moment each exits, until all are gone or stop_fd becomes readable.
+
+    Each pid's pidfd wakes poll() at its exit (no sleep between checks, so a tool that
+    waits for the PIDs to be free is not kept waiting by us). A zombie that is not our
+    child yet (its parent, in the same tree, is still exiting) is reaped once that
+    parent's exit has re-parented it to us, a child subreaper. Returns the pids left.
+    """
+    fds, left = {}, set(pids)
+    for pid in pids:
+        try:
+            fds[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            left.discard(pid)
+        except (AttributeError, OSError):    # no pidfds here: the polling reaper
+            for fd in fds:
+                os.close(fd)
+            return reap(pids, timeout, _FdEvent(stop_fd), poll=0.001)
+    poller = select.poll()
+    poller.register(stop_fd, select.POLLIN)
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    exited = set()
+    try:
+        while left:
+            # pending zombies and no pidfd left to wake us: their re-parenting is a matter of µs
+            wait_ms = 1 if exited and not fds else max(int((deadline - time.monotonic()) * 1000), 0)
+            ready = poller.poll(wait_ms)
+            if any(fd == stop_fd for fd, _ in ready) or time.monotonic() > deadline:
+                break
+            for fd, _ in ready:
+                poller.unregister(fd)
+                exited.add(fds.pop(fd))
+                os.close(fd)
+            for pid in list(exited):
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = 0
+                if done == pid or state(pid) is None:
+                    exited.discard(pid)
+                    left.discard(pid)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return sorted(left)
+
+
+class _FdEvent:
+    """An Event-like view of a pipe's read end (readable = set), for reap()."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def is_set(self):
+        return bool(select.select([self.fd], [], [], 0)[0])
+
+
 def kill_pids(pids, timeout=10.0):
     """SIGKILL each pid (by PID, never by name), then reap them. Returns leftovers."""
     for pid in pids:
@@ -194,11 +310,11 @@ class Workload:
         A tool that waits for the PIDs to be free before it returns (so a restore can
         follow) would otherwise wait for us, while we wait for it.
         """
-        self._stop_reaping = threading.Event()
+        self._stop_r, self._stop_w = os.pipe()
         self._left = list(self.pids)
 
         def run():
-            self._left = reap(self.pids, timeout=3600, stop=self._stop_reaping, poll=0.005)
+            self._left = reap_on_exit(self.pids, self._stop_r)
             if self.proc is not None and self.proc.pid not in self._left:
                 self.proc.returncode = self.proc.returncode or -signal.SIGKILL
 
@@ -208,8 +324,10 @@ class Workload:
     def wait_dumped(self, timeout=10.0):
         """After the dump returned: the PIDs still present after timeout (should be none)."""
         self._reaper.join(timeout)
-        self._stop_reaping.set()
+        os.write(self._stop_w, b"x")
         self._reaper.join()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
         return reap(self._left, 0.1)
 
     def kill(self):

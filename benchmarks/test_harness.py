@@ -148,3 +148,68 @@ def test_plot_and_report_from_a_comparison_json(tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
     table = report.compare_tables(json.loads(json.dumps(data)))
     assert "| 2 GiB | frozen (s) | 0.100 | 0.100 | 1.00 |" in table
+
+
+def test_run_timed_is_not_rounded_to_a_polling_step(tmp_path):
+    # subprocess's timed wait sleeps 0.5, 1, 2, ... 32 then 50 ms between checks: a 120 ms
+    # command came out as 163.5 ms at best. The pidfd wait wakes at the exit.
+    with open(tmp_path / "log", "wb") as log:
+        run = procs.run_timed(["sleep", "0.12"], log)
+    assert run.returncode == 0
+    assert 0.12 <= run.seconds < 0.1635, run.seconds
+    with open(tmp_path / "log", "wb") as log:
+        run = procs.run_timed(["sh", "-c", "exit 3"], log)
+    assert run.returncode == 3 and run.seconds < 0.05
+
+
+def test_run_timed_kills_and_reaps_on_timeout(tmp_path):
+    started = time.perf_counter()
+    with open(tmp_path / "log", "wb") as log, pytest.raises(subprocess.TimeoutExpired):
+        procs.run_timed(["sleep", "30"], log, timeout=0.2)
+    assert time.perf_counter() - started < 5
+
+
+def test_reap_on_exit_frees_a_killed_tree_at_once_and_stops_when_told():
+    import os
+    import signal
+    import threading
+    with procs.Workload(16, nproc=16) as wl:
+        r, w = os.pipe()
+        try:
+            got = []
+            reaper = threading.Thread(target=lambda: got.append(procs.reap_on_exit(wl.pids, r)))
+            reaper.start()
+            for pid in wl.pids:
+                os.kill(pid, signal.SIGKILL)
+            reaper.join(10)
+            assert got == [[]], "every pid of the tree is reaped, also those re-parented to us"
+            assert all(procs.state(p) is None for p in wl.pids)
+        finally:
+            os.close(r)
+            os.close(w)
+    with procs.Workload(1) as wl:
+        r, w = os.pipe()
+        try:
+            got = []
+            reaper = threading.Thread(target=lambda: got.append(procs.reap_on_exit(wl.pids, r)))
+            reaper.start()
+            os.write(w, b"x")
+            reaper.join(10)
+            assert got == [wl.pids] and wl.alive()
+        finally:
+            os.close(r)
+            os.close(w)
+
+
+def test_display_stats_is_read_from_either_tool_output():
+    criu = ("(00.100) noise\nDisplaying dump stats:\nFreezing time: 120 us\nFrozen time: 55675 us\n"
+            "Memory dump time: 30000 us\nPages scanned: 16463 (0x404f)\nPages written: 16400 (0x4010)\n")
+    got = compare.display_stats(criu)
+    assert got["phases"] == {"Freezing": 0.00012, "Frozen": 0.055675, "Memory dump": 0.03}
+    assert got["counters"] == {"Pages scanned": 16463, "Pages written": 16400}
+    pycr_out = "pycr: x\nDisplaying restore stats:\nPage fill time: 84000 us\nOther time: 10 us\n" \
+               "Total time: 90000 us\nPages filled: 16400\n"
+    got = compare.display_stats(pycr_out)
+    assert got == {"phases": {"Page fill": 0.084, "Other": 0.00001}, "counters": {"Pages filled": 16400},
+                   "total_s": 0.09}
+    assert compare.display_stats("no stats") is None

@@ -8,10 +8,17 @@ import argparse
 import errno
 import signal
 import sys
+import time
 
-from . import __version__, cliopts, options, steps
+from . import __version__, cliopts, options, stats, steps
 from .errors import Interrupted, PycrError
 from . import log as pycr_log
+
+
+def _add_display_stats(p):
+    p.add_argument("--display-stats", action="store_true",
+                   help="print where the time went (interpreter start, freeze, page copy...) and what was "
+                        "moved, as criu does")
 
 
 def _add_common(p):
@@ -40,6 +47,7 @@ def _add_dump_args(p):
                    help="how pages written since the previous pass are found")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the image set DIR holds (default: refuse a directory that holds one)")
+    _add_display_stats(p)
     _add_object_options(p)
     cliopts.add_output(p)
     _add_common(p)
@@ -155,6 +163,7 @@ def build_parser():
                         "comes, and resume it on the dump")
     p.add_argument("--follow-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
                    help="with --follow: give up if no next pass appears within this time (default 300)")
+    _add_display_stats(p)
     _add_object_options(p, restore=True)
     p.add_argument("--trust-images", action="store_true",
                    help="restore images that another user owns or may write (default: refuse them); "
@@ -246,12 +255,13 @@ def _check_tree(root):
 
 
 def _dump(args):
-    from .dump import DumpStats, dump_tree
-    stats = DumpStats()
+    with stats.phase("imports"):
+        from .dump import DumpStats, dump_tree
+    dumped = DumpStats()
     leave_running = getattr(args, "leave_running", False)
     dump_tree(args.tree, args.images_dir, pre_dump=(args.command == "pre-dump"), leave_running=leave_running,
-              prev_images_dir=args.prev_images_dir, tracker=args.tracker, overwrite=args.overwrite, stats=stats)
-    _summary(args, cliopts.dump_summary(args.command, stats, args.images_dir, leave_running))
+              prev_images_dir=args.prev_images_dir, tracker=args.tracker, overwrite=args.overwrite, stats=dumped)
+    _summary(args, cliopts.dump_summary(args.command, dumped, args.images_dir, leave_running))
     return 0
 
 
@@ -266,7 +276,8 @@ def _pidfile(args):
 
 
 def _restore(args):
-    from .restore import restore
+    with stats.phase("imports"):
+        from .restore import restore
     pidfile = _pidfile(args)
 
     def running(run, seconds):
@@ -336,6 +347,7 @@ def _catch_stop_signals():
 
 
 def main(argv=None):
+    entered = time.perf_counter()
     try:
         _catch_stop_signals()
         args = build_parser().parse_args(cliopts.criu_levels(sys.argv[1:] if argv is None else argv))
@@ -350,7 +362,7 @@ def main(argv=None):
         return 1
     try:
         pycr_log.setup(verbosity, log_file, verbosity if cliopts.chosen(args) else 1)
-        return _main(args, verbosity)
+        return _main(args, verbosity, entered)
     finally:
         if log_file is not None:
             pycr_log.setup(verbosity)
@@ -373,11 +385,16 @@ def _fail(line):
     pycr_log.to_file_only(line)
 
 
-def _main(args, verbosity):
+def _main(args, verbosity, entered):
     steps.begin(args.command)
     try:
         with options.using(options.from_args(args)):
-            status = _run(args)
+            if getattr(args, "display_stats", False):
+                with stats.collecting(args.command, started=entered, since_process_start=True) as st:
+                    status = _run(args)
+                print(st.format(), flush=True)
+            else:
+                status = _run(args)
     except PycrError as exc:
         _fail(f"pycr: {exc}")
         return 1

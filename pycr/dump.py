@@ -26,6 +26,7 @@ from .log import log
 from .ptrace import xstate
 from .native.core import Copier
 from .ptrace.inject import Injector
+from .stats import count, phase
 from .steps import deferred_signals, finish, step
 from . import settings
 from .sysinfo import page_size
@@ -76,6 +77,58 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
     are left out of the files image. smaps(pid) -> entries, if already read this pass.
     """
     processes = frozen.processes
+    count("processes", len(processes))
+    count("threads", sum(len(t) for t in processes.values()))
+    with phase("/proc reads"):
+        srcs, pstree, vmas_by_pid, files_by_src, objects, ghosts, locks = _read_tree(frozen, hidden_fds, smaps)
+
+    step("write pstree, files and pipes-data")
+    imgdir.write("pstree", pstree)
+    imgdir.write("files", {"processes": [{"pid": pid, "fds": files_by_src[src]} for pid, src in srcs.items()]})
+    with phase("/proc reads"):
+        pipes = collect_pipes_data(files_by_src)
+    imgdir.write("pipes-data", {"pipes": [{"pipe_id": k, "data": data, "size": size}
+                                          for k, (data, size) in pipes.items()]})
+    for image, body in objects.items():
+        imgdir.write(image, body)
+    if locks:
+        imgdir.write("file-locks", {"locks": locks})
+
+    written, posix_timers = 0, []
+    for pid, threads in processes.items():
+        # CPU state first: injection below borrows the registers and the signal mask.
+        src = srcs[pid]
+        with phase("registers"):
+            states = [collect_thread(t, pid) for t in threads]
+        with phase("injections"), Injector(threads[0]) as injector:
+            log.info("pid %d: reading sigactions and brk by injected syscalls", pid)
+            core_img = collect_core(pid, states, threads[0], injector)
+            mm_img = collect_mm(pid, vmas_by_pid[pid], injector, src=src)
+            timers = collect_posix_timers(pid, src, injector)
+        if timers:
+            posix_timers.append({"pid": pid, "timers": timers})
+        step(f"write core and mm of {pid}")
+        core_img["job_stopped"] = any(t.tid in frozen.job_stopped for t in threads)
+        imgdir.write("core", core_img)
+        imgdir.write("mm", mm_img)
+        step(f"write pages of {pid}")
+        vmas = mm_img["vmas"]
+        if memory is None:
+            written += dump_private_memory(pid, vmas, imgdir, src=src)
+        else:
+            written += memory(pid, vmas, imgdir)
+        for vma in shmem_vmas(vmas):
+            written += dump_shmem(src, vma, imgdir)
+    written += memfd.dump_contents(objects.get(memfd.IMAGE), files_by_src, imgdir)
+    written += ghosts.dump_contents(imgdir)
+    if posix_timers:
+        imgdir.write("timers", {"processes": posix_timers})
+    return written
+
+
+def _read_tree(frozen, hidden_fds, smaps):
+    """Pass 1 of write_tree_images: read (from /proc, while frozen) what can refuse the dump."""
+    processes = frozen.processes
     # /proc/PID of a process whose leader has exited has no maps, fds or cwd:
     # everything per process is read through a live thread (src) instead.
     srcs = {pid: reader(pid, threads) for pid, threads in processes.items()}
@@ -105,47 +158,7 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
     locks = collect_file_locks({pid: (src, files_by_src[src]) for pid, src in srcs.items()})
     check_terminals(pstree, objects)
     log.info("tree of %d processes: VMAs and fds readable, nothing unsupported", len(processes))
-
-    step("write pstree, files and pipes-data")
-    imgdir.write("pstree", pstree)
-    imgdir.write("files", {"processes": [{"pid": pid, "fds": files_by_src[src]} for pid, src in srcs.items()]})
-    pipes = collect_pipes_data(files_by_src)
-    imgdir.write("pipes-data", {"pipes": [{"pipe_id": k, "data": data, "size": size}
-                                          for k, (data, size) in pipes.items()]})
-    for image, body in objects.items():
-        imgdir.write(image, body)
-    if locks:
-        imgdir.write("file-locks", {"locks": locks})
-
-    written, posix_timers = 0, []
-    for pid, threads in processes.items():
-        # CPU state first: injection below borrows the registers and the signal mask.
-        src = srcs[pid]
-        states = [collect_thread(t, pid) for t in threads]
-        with Injector(threads[0]) as injector:
-            log.info("pid %d: reading sigactions and brk by injected syscalls", pid)
-            core_img = collect_core(pid, states, threads[0], injector)
-            mm_img = collect_mm(pid, vmas_by_pid[pid], injector, src=src)
-            timers = collect_posix_timers(pid, src, injector)
-        if timers:
-            posix_timers.append({"pid": pid, "timers": timers})
-        step(f"write core and mm of {pid}")
-        core_img["job_stopped"] = any(t.tid in frozen.job_stopped for t in threads)
-        imgdir.write("core", core_img)
-        imgdir.write("mm", mm_img)
-        step(f"write pages of {pid}")
-        vmas = mm_img["vmas"]
-        if memory is None:
-            written += dump_private_memory(pid, vmas, imgdir, src=src)
-        else:
-            written += memory(pid, vmas, imgdir)
-        for vma in shmem_vmas(vmas):
-            written += dump_shmem(src, vma, imgdir)
-    written += memfd.dump_contents(objects.get(memfd.IMAGE), files_by_src, imgdir)
-    written += ghosts.dump_contents(imgdir)
-    if posix_timers:
-        imgdir.write("timers", {"processes": posix_timers})
-    return written
+    return srcs, pstree, vmas_by_pid, files_by_src, objects, ghosts, locks
 
 
 def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images_dir=None,
@@ -164,7 +177,8 @@ def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images
     stats = stats if stats is not None else DumpStats()
     started = time.monotonic()
     with outdir.writing(images_dir, overwrite) as imgdir, Copier():
-        frozen = freeze(root, timeout=settings.freeze_timeout())
+        with phase("freeze"):
+            frozen = freeze(root, timeout=settings.freeze_timeout())
         frozen_at = time.monotonic()
         stats.processes, stats.threads = len(frozen.processes), sum(len(t) for t in frozen.processes.values())
         log.info("froze %d processes, %d threads with PTRACE_SEIZE + PTRACE_INTERRUPT",
@@ -190,13 +204,15 @@ def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images
             frozen.thaw()
         raise
     if leave_running:
-        with deferred_signals():
+        with deferred_signals(), phase("release"):
             frozen.thaw()
+        stats.frozen_seconds = time.monotonic() - frozen_at      # until every thread runs again
         log.info("detached every thread (--leave-running): the tree goes on")
     else:
         finish("dump", "the tree was killed")
         try:
-            frozen.kill(timeout=settings.freeze_timeout())
+            with phase("waiting for PIDs to be free"):
+                frozen.kill(timeout=settings.freeze_timeout())
             log.info("killed the tree with SIGKILL and waited for its PIDs to be free")
         except PycrError as exc:   # the images are complete; only the PIDs are late
             log.warning("warning: %s", exc)

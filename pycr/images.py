@@ -19,6 +19,7 @@ from construct.core import ConstructError, EnumIntegerString, StreamError
 
 from . import checksum, formats
 from .errors import ImageError
+from .stats import phase
 from .formats import FORMAT_VERSION, HEADER_SIZE, KINDS, Header, kind_of_magic
 from .formats.pagemap import PageRun
 from .sysinfo import page_size
@@ -184,14 +185,17 @@ def _atomic_file(path):
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
+            with phase("image write"):
+                f.flush()
+                os.fsync(f.fileno())
+        with phase("image write"):
+            os.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    with phase("image write"):
+        _fsync_dir(directory)
 
 
 def _fsync_dir(directory):
@@ -341,10 +345,11 @@ class ImageDir:
         """Write an image atomically; per-task kinds take their key from obj if name is None."""
         if name is None and "{" in KINDS[kind].pattern:
             name = obj.get("owner") if kind == "pagemap" else obj.get("pid")
-        data = build(kind, obj)
-        self._ensure()
-        path = self.path_of(kind, name)
-        write_atomic(path, data)
+        with phase("image write"):
+            data = build(kind, obj)
+            self._ensure()
+            path = self.path_of(kind, name)
+            write_atomic(path, data)
         self.written[os.path.basename(path)] = Written(len(data), checksum.digest(data), b"")
         return path
 

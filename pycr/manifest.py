@@ -11,7 +11,7 @@ ID differs from the one recorded is not the pass this one was taken after.
 import os
 import stat
 
-from . import checksum, images
+from . import checksum, images, stats
 from .errors import ImageError
 from .formats import manifest as fmt
 
@@ -32,6 +32,7 @@ def seal(imgdir, parent_set_id=NO_ID, set_id=None):
     set_id = set_id or new_set_id()
     files = [{"name": name, "size": w.size, "digest": w.digest, "sums": w.sums}
              for name, w in sorted(imgdir.written.items())]
+    stats.count("image bytes", sum(w.size for w in imgdir.written.values()))
     body = {"set_id": set_id, "parent_set_id": parent_set_id, "chunk_size": checksum.PAGES_CHUNK,
             "files": files, "digest": NO_ID}
     images.write_atomic(os.path.join(imgdir.path, NAME), _with_digest(images.build("manifest", body)))

@@ -23,6 +23,7 @@ from .freeze import freeze
 from .images import ImageDir
 from .log import log
 from .native.core import Copier
+from .stats import phase
 from .steps import deferred_signals, finish, step
 from .trackers import ParentPass, make_tracker
 from .trackers.base import check_parent_tree
@@ -101,7 +102,8 @@ def _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, s
     rel_parent = os.path.relpath(parent.imgdir.path, images_dir) if parent else ""
     pass_nr = parent.inventory.pass_nr + 1 if parent else 0
 
-    frozen = freeze(root, timeout=settings.freeze_timeout())
+    with phase("freeze"):
+        frozen = freeze(root, timeout=settings.freeze_timeout())
     frozen_at = time.monotonic()
     stats.frozen_at = frozen_at
     leaders = {pid: threads[0] for pid, threads in frozen.processes.items()}
@@ -113,7 +115,8 @@ def _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, s
 
     def memory(pid, vmas, imgdir):
         if final:
-            return trk.save_pages(pid, vmas, imgdir, live=False)
+            with phase("tracker"):
+                return trk.save_pages(pid, vmas, imgdir, live=False)
         later[pid] = vmas
         return 0
 
@@ -123,7 +126,8 @@ def _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, s
                 # Trackers inject and scan through /proc/PID, which a zombie leader no longer has.
                 raise Unsupported(f"pid {pid}: its thread-group leader has exited; incremental dumps "
                                   "of such a process are not supported (a plain dump is)")
-            trk.while_frozen(pid, leader, final)
+            with phase("tracker"):
+                trk.while_frozen(pid, leader, final)
         hidden = {pid: trk.hidden_fds(pid) for pid in leaders}
         stats.pages_bytes = write_tree_images(frozen, imgdir, memory=memory, hidden_fds=hidden,
                                               smaps=trk.smaps)
@@ -141,17 +145,20 @@ def _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, s
         if keep_frozen:
             pass
         elif pre_dump or leave_running:
-            frozen.thaw()
+            with phase("release"):
+                frozen.thaw()
             state = "thawed"
         else:
-            frozen.kill(timeout=settings.freeze_timeout())
+            with phase("waiting for PIDs to be free"):
+                frozen.kill(timeout=settings.freeze_timeout())
             state = "killed"
         stats.frozen_seconds = time.monotonic() - frozen_at
         if not keep_frozen:
             log.info("tree %s after %.3f s frozen", state, stats.frozen_seconds)
         for pid, vmas in later.items():
             try:
-                stats.pages_bytes += trk.save_pages(pid, vmas, imgdir, live=True)
+                with phase("tracker"):
+                    stats.pages_bytes += trk.save_pages(pid, vmas, imgdir, live=True)
             except (TaskGone, FileNotFoundError, ProcessLookupError):
                 if _alive(pid):
                     raise

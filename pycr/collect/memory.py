@@ -18,6 +18,7 @@ from .. import proc
 from ..errors import AccessDenied, PycrError
 from ..native import core
 from ..log import Progress, log
+from ..stats import count, phase
 from ..sysinfo import page_size
 
 PAGE = page_size()
@@ -53,20 +54,24 @@ def swap_in_use():
 
 def present_runs(pid, vmas):
     """(start, len) runs, flattened in an array('Q'), of the pages of `vmas` worth saving."""
-    swapped = swap_in_use()
-    runs = array("Q")
-    fd = proc.open_pagemap(pid)
-    try:
-        for v in vmas:
-            anon_only = v["kind"] == "file"
-            runs.extend(core.pagemap_runs(fd, v["start"], v["end"], True, swapped, anon_only))
-    finally:
-        os.close(fd)
+    with phase("/proc reads"):
+        swapped = swap_in_use()
+        runs = array("Q")
+        fd = proc.open_pagemap(pid)
+        try:
+            for v in vmas:
+                anon_only = v["kind"] == "file"
+                runs.extend(core.pagemap_runs(fd, v["start"], v["end"], True, swapped, anon_only))
+        finally:
+            os.close(fd)
+    count("pages scanned", sum((v["end"] - v["start"]) // PAGE for v in vmas))
     return runs
 
 
 def runs_to_entries(runs, in_parent=False):
     """pagemap image entries for runs (no per-page objects: one dict per run)."""
+    if in_parent:
+        count("pages skipped (in parent)", sum(runs[1::2]) // PAGE)
     return [(runs[i], runs[i + 1] // PAGE, in_parent) for i in range(0, len(runs), 2)]
 
 
@@ -132,7 +137,10 @@ def copy_runs(pid, runs, vmas, out, progress=None):
     sums = getattr(out, "sums", None)
     out_fd = out if isinstance(out, int) else out.fileno()
     try:
-        return _copy_batches(pid, runs, vmas, out_fd, sums, progress)
+        with phase("page copy"):
+            written = _copy_batches(pid, runs, vmas, out_fd, sums, progress)
+        count("pages written", written // PAGE)
+        return written
     finally:
         set_direct_io(out_fd, False)
 

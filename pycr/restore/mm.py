@@ -27,6 +27,7 @@ from pycr.errors import RestoreError
 from pycr.log import log
 from pycr import sysinfo
 from pycr.restore import ghost, sysvshm
+from pycr.stats import count, phase
 from pycr.sysinfo import page_size
 
 PAGE = page_size()
@@ -364,12 +365,15 @@ def rebuild(remote, mm, chain, shmem_paths, final=True):
     """Steps 1-6 for one process (its threads do not exist yet) -> (workspace address,
     bytes of pages written). Not final (a replica that later passes update): the
     private mappings stay writable and step 5 is left for the last pass."""
-    workspace = map_workspace(remote, mm.vmas)
-    unmap_stub(remote, workspace)
-    place_specials(remote, mm.vmas)
-    map_vmas(remote, mm, shmem_paths)
-    written = chain.fill_task(remote.real, str(remote.pid))
-    if final:
-        finish_vmas(remote, mm)
-    set_mm_map(remote, mm)
+    with phase("mappings"):
+        workspace = map_workspace(remote, mm.vmas)
+        unmap_stub(remote, workspace)
+        place_specials(remote, mm.vmas)
+        map_vmas(remote, mm, shmem_paths)
+        with phase("page fill"):
+            written = chain.fill_task(remote.real, str(remote.pid))
+        count("pages filled", written // PAGE)
+        if final:
+            finish_vmas(remote, mm)
+        set_mm_map(remote, mm)
     return workspace, written

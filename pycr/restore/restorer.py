@@ -23,6 +23,7 @@ from pycr.ptrace.inject import Injector
 from pycr.restore import file_locks, files, ghost, memfd, mm, pidns as pidns_mod, preflight, process, sysvshm, tasks, \
     threads, timers
 from pycr.restore.load import load_images
+from pycr.stats import count, done, phase
 from pycr.steps import finish, step
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -47,6 +48,10 @@ class Restore:
     # -- steps
     def open_files(self):
         """Every shared object, every open file description, and pycr's pidfd the stubs will inherit."""
+        with phase("files"):
+            self._open_files()
+
+    def _open_files(self):
         self.make_shared()
         self.descs = files.Descriptions(self.images)
         self.pidfd = files.pycr_pidfd()
@@ -81,6 +86,10 @@ class Restore:
     def create(self, zombies=True):
         """The tree of stubs; with zombies, its zombies too (an incremental restore
         makes them at its final pass: they may be reaped by then)."""
+        with phase("task creation"):
+            self._create(zombies)
+
+    def _create(self, zombies):
         root = self.images.root
         need_suspend = tasks.has_seccomp(self.images)
         if self.pidns:
@@ -98,7 +107,8 @@ class Restore:
             r = task.remote
             step(f"rebuild pid {p.pid}")
             if not p.shares_files:      # its table is its parent's, already restored
-                files.close_inherited(r, self.pidfd)
+                with phase("files"):
+                    files.close_inherited(r, self.pidfd)
             task.workspace, _ = mm.rebuild(r, p.mm, self.images.pages, self.shmem_paths)
             self.finish_process(task, p)
         self.seal_shared()
@@ -107,12 +117,17 @@ class Restore:
         """Everything after the address space: fds, identity, handlers, threads, limits,
         signals, seccomp, credentials, registers; then pycr's workspace goes.
         (Incremental restore calls this once a replica's memory is final.)"""
+        with phase("process state"):
+            self._finish_process(task, p)
+
+    def _finish_process(self, task, p):
         r = task.remote
         core = p.core
-        if not p.shares_files:          # else its parent's fds are its own already
-            files.restore_fds(r, p.pid, p.fds, self.descs, self.pidfd)
-        if p.file_locks:                # after restore_fds: its close()s would drop POSIX locks
-            file_locks.take(r, p.pid, p.file_locks, p.fds, self.descs, self.created)
+        with phase("files"):
+            if not p.shares_files:          # else its parent's fds are its own already
+                files.restore_fds(r, p.pid, p.fds, self.descs, self.pidfd)
+            if p.file_locks:                # after restore_fds: its close()s would drop POSIX locks
+                file_locks.take(r, p.pid, p.file_locks, p.fds, self.descs, self.created)
         process.set_identity(r, core)
         process.set_dirs(r, core)
         process.set_sigactions(r, core)
@@ -125,7 +140,8 @@ class Restore:
         process.set_seccomp(r, core)
         for remote in task.remotes.values():    # credentials are per thread in the kernel
             process.set_creds(remote, core)
-        threads.load_cpu_state(task, p, self.images.cpu_layout)
+        with phase("registers"):
+            threads.load_cpu_state(task, p, self.images.cpu_layout)
         self._drop_workspace(task)
 
     def _drop_workspace(self, task):
@@ -144,6 +160,10 @@ class Restore:
     def release(self):
         """Detach every thread of every process: the tree runs from here on."""
         step("release the restored tree")
+        with phase("detach"):
+            self._release()
+
+    def _release(self):
         if self.descs is not None:
             self.descs.objects.before_release(self.tasks)
         for task in self.tasks.values():
@@ -228,10 +248,12 @@ def restore(images_dir, detach=False, pidns=False, trust_images=False, on_runnin
     pidfile and summary).
     """
     started = time.monotonic()
-    with Copier():                      # the buffer checksums are read through
-        images = load_images(images_dir, trust_images=trust_images)
-    log.info("images of %d processes loaded and checked", len(images.processes))
-    preflight.check(images, pidns)
+    with phase("image load and checks"):
+        with Copier():                      # the buffer checksums are read through
+            images = load_images(images_dir, trust_images=trust_images)
+        log.info("images of %d processes loaded and checked", len(images.processes))
+        preflight.check(images, pidns)
+    count("processes", len(images.processes))
     run = Restore(images, pidns)
     try:
         run.open_files()
@@ -243,8 +265,10 @@ def restore(images_dir, detach=False, pidns=False, trust_images=False, on_runnin
         run.abort()
         raise
     finally:
-        run.close()
+        with phase("files"):
+            run.close()
     finish("restore")
+    done()
     log.info("restore done in %.3f s", time.monotonic() - started)
     if on_running is not None:
         on_running(run, time.monotonic() - started)
