@@ -161,6 +161,7 @@ NR = {
     "dup3": 292,
     "pipe2": 293,
     "inotify_init1": 294,
+    "preadv": 295,
     "rt_tgsigqueueinfo": 297,
     "prlimit64": 302,
     "name_to_handle_at": 303,

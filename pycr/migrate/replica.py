@@ -122,7 +122,9 @@ class Replica:
             task = run.tasks[p.pid]
             r = task.remote
             files.close_inherited(r, run.pidfd)
-            task.workspace, written = restore_mm.rebuild(r, p.mm, images.pages, run.shmem_paths, final=False)
+            # every stub has pycr's pidfd until the final pass: it reads its pages in itself
+            task.workspace, written = restore_mm.rebuild(r, p.mm, images.pages, run.shmem_paths, final=False,
+                                                         pidfd=run.pidfd)
             changes.pages_written += written
             r.reset_scratch()
         log.info("replica: %d processes created, held stopped", len(run.tasks))

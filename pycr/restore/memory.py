@@ -3,8 +3,14 @@
 A dump at the end of a pre-dump chain marks runs "in_parent": their bytes sit
 in the pages file of a previous image directory (which may itself point
 further back). PageChain resolves every run of an owner to (directory level,
-file offset) pieces once, then copies them in as few process_vm_writev
-batches as the layout allows, straight from an mmap of each pages file.
+file offset) pieces once, then fills the task by one of two routes:
+- in the task (the default for a restore): the stub reads each pages file
+  into place itself with injected preadv, up to IOV_MAX runs per call
+  (pycr.restore.infill); one copy, by the kernel, from the file to the task;
+- from pycr (a task without pycr's pidfd, such as one sharing its parent's
+  already restored fd table, or a replica task forked late): preads into
+  pycr's buffers overlapped with process_vm_writev (stream_pages).
+Shared objects (memfds, segments, ghost files) are written by pycr (fill_fd).
 """
 
 import bisect
@@ -20,7 +26,7 @@ from pycr.errors import ImageError, RestoreError
 from pycr.images import iter_page_runs
 from pycr.log import Progress, log
 from pycr.native import core
-from pycr.restore import bounds
+from pycr.restore import bounds, infill
 from pycr.trackers.runs import split
 from pycr.sysinfo import page_size
 
@@ -226,11 +232,11 @@ class PageChain:
             buf.close()
         self._buffers = None
 
-    def batches(self, owner):
+    def batches(self, owner, chunk=CHUNK):
         """(level, runs array, file offset): runs read back to back from that offset."""
         out = []
         for level, addr, length, offset in self.pieces(owner):
-            if out and out[-1][0] == level and out[-1][3] == offset and out[-1][4] < CHUNK:
+            if out and out[-1][0] == level and out[-1][3] == offset and out[-1][4] < chunk:
                 last = out[-1]
                 last[1].extend((addr, length))
                 last[3] = offset + length
@@ -251,8 +257,13 @@ class PageChain:
                 continue
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
-    def fill_task(self, pid, owner):
-        """Write every saved page of owner into task pid (VMAs must be writable). -> bytes."""
+    def fill_task(self, pid, owner, remote=None, pidfd=-1):
+        """Write every saved page of owner into task pid (VMAs must be writable). -> bytes.
+
+        With remote (the task, stopped, its scratch area mapped) and pidfd (its fd of
+        pycr's pidfd), the task reads the pages in itself; else pycr writes them."""
+        if remote is not None and pidfd >= 0:
+            return self._fill_in_task(remote, pidfd, owner)
         total = 0
         batches = self.batches(owner)
         size = sum(sum(runs[1::2]) for _, runs, _ in batches)
@@ -269,6 +280,24 @@ class PageChain:
                     os.close(fd)
         log.info("pid %d: wrote %d pages in %d batches: pread of the pages file overlapped "
                  "with process_vm_writev", pid, total // PAGE, len(batches))
+        return total
+
+    def _fill_in_task(self, remote, pidfd, owner):
+        """fill_task by injected preadv: one TaskReader (fd in the task) per pages file."""
+        batches = self.batches(owner, infill.BATCH_BYTES)
+        size = sum(sum(runs[1::2]) for _, runs, _ in batches)
+        readers, total = {}, 0
+        try:
+            with Progress(f"pid {remote.pid} memory", size) as progress:
+                for level, runs, offset in batches:
+                    if level not in readers:
+                        readers[level] = infill.TaskReader(remote, pidfd, self.dir(level).pages_path(owner))
+                    total += readers[level].read(runs, offset, progress.advance)
+        finally:
+            for reader in readers.values():
+                reader.close()
+        log.info("pid %d: read %d pages into place with %d injected preadv batches from %d pages "
+                 "file(s)", remote.pid, total // PAGE, len(batches), len(readers))
         return total
 
     def fill_fd(self, fd, owner):

@@ -361,17 +361,18 @@ def set_mm_map(remote, mm, exe_link=True):
     log.info("pid %d: PR_SET_MM_MAP (mm fields, %d bytes of auxv, exe %s)", remote.pid, len(mm.auxv), exe)
 
 
-def rebuild(remote, mm, chain, shmem_paths, final=True):
+def rebuild(remote, mm, chain, shmem_paths, final=True, pidfd=-1):
     """Steps 1-6 for one process (its threads do not exist yet) -> (workspace address,
     bytes of pages written). Not final (a replica that later passes update): the
-    private mappings stay writable and step 5 is left for the last pass."""
+    private mappings stay writable and step 5 is left for the last pass. pidfd: the
+    task's fd of pycr's pidfd, if it has one: then it reads its pages in itself."""
     with phase("mappings"):
         workspace = map_workspace(remote, mm.vmas)
         unmap_stub(remote, workspace)
         place_specials(remote, mm.vmas)
         map_vmas(remote, mm, shmem_paths)
         with phase("page fill"):
-            written = chain.fill_task(remote.real, str(remote.pid))
+            written = chain.fill_task(remote.real, str(remote.pid), remote, pidfd)
         count("pages filled", written // PAGE)
         if final:
             finish_vmas(remote, mm)

@@ -109,7 +109,9 @@ class Restore:
             if not p.shares_files:      # its table is its parent's, already restored
                 with phase("files"):
                     files.close_inherited(r, self.pidfd)
-            task.workspace, _ = mm.rebuild(r, p.mm, self.images.pages, self.shmem_paths)
+            # pycr's pidfd is in its table unless that table is its parent's (closed there)
+            pidfd = -1 if p.shares_files else self.pidfd
+            task.workspace, _ = mm.rebuild(r, p.mm, self.images.pages, self.shmem_paths, pidfd=pidfd)
             self.finish_process(task, p)
         self.seal_shared()
 
