@@ -170,12 +170,16 @@ def measure(size, rounds, run_pages, pause, log=None):
     runs, span = layout(size, run_pages)
     buffers = stream_buffers()
     buf = limits.warm_buffer(size)
+    cold = lambda: drop_cache(path)
+    # (prepare, route): the page cache is prepared before the settle, so that the
+    # memory settle prefaults is left for the route to allocate
     routes = {
-        "pread+vm_writev (O_DIRECT, overlapped)": lambda: (drop_cache(path), route_stream(path, runs, span, buffers))[1],
-        "in-task preadv, O_DIRECT": lambda: (drop_cache(path), route_in_task(path, runs, span, True))[1],
-        "in-task preadv, page cache warm": lambda: (warm_cache(path), route_in_task(path, runs, span, False))[1],
-        "in-task preadv, buffered, cold": lambda: (drop_cache(path), route_in_task(path, runs, span, False))[1],
-        LIMIT: lambda: route_limit(buf, size),
+        "pread+vm_writev (O_DIRECT, overlapped)": (cold, lambda: route_stream(path, runs, span, buffers)),
+        "in-task preadv, O_DIRECT": (cold, lambda: route_in_task(path, runs, span, True)),
+        "in-task preadv, page cache warm": (lambda: warm_cache(path),
+                                            lambda: route_in_task(path, runs, span, False)),
+        "in-task preadv, buffered, cold": (cold, lambda: route_in_task(path, runs, span, False)),
+        LIMIT: (lambda: None, lambda: route_limit(buf, size)),
     }
     res = {name: [] for name in routes}
     try:
@@ -184,8 +188,10 @@ def measure(size, rounds, run_pages, pause, log=None):
             if r % 2:
                 order.reverse()             # no route always runs right after the same one
             for name in order:
+                prepare, route = routes[name]
+                prepare()
                 limits.settle(pause, prefault=size)
-                secs = routes[name]()
+                secs = route()
                 res[name].append(size / GIB / secs)
                 if log:
                     log(f"round {r + 1}: {name}: {size / GIB / secs:.2f} GiB/s")
