@@ -19,6 +19,7 @@ import os
 import struct
 
 from pycr.errors import ImageError, RestoreError
+from pycr.trackers.runs import split
 
 IOV_MAX = os.sysconf("SC_IOV_MAX")   # iovecs per preadv (the kernel's UIO_MAXIOV)
 BATCH_BYTES = 256 << 20         # bytes per preadv at most, so that progress shows on big fills
@@ -41,21 +42,7 @@ def open_pages(path, direct=True):
 def batches(runs, limit=BATCH_BYTES, count=IOV_MAX):
     """Split runs (addr, length pairs, read back to back) into lists of at most
     `count` (addr, length) iovecs and `limit` bytes each (a run may be split)."""
-    out, cur, size = [], [], 0
-    for i in range(0, len(runs), 2):
-        addr, length = runs[i], runs[i + 1]
-        while length:
-            take = min(length, limit - size)
-            cur.append((addr, take))
-            size += take
-            addr += take
-            length -= take
-            if size == limit or len(cur) == count:
-                out.append(cur)
-                cur, size = [], 0
-    if cur:
-        out.append(cur)
-    return out
+    return [list(zip(piece[::2], piece[1::2])) for piece, _size in split(runs, limit, count)]
 
 
 class TaskReader:

@@ -79,9 +79,9 @@ def covers(runs, start, end):
     return total(intersect(runs, array("Q", (start, end - start)))) == end - start
 
 
-def split(runs, limit):
-    """(runs, bytes) pieces of `runs`, in order, each at most `limit` bytes
-    (a run longer than that is cut), for copies done a bounded buffer at a time."""
+def split(runs, limit, count=None):
+    """(runs, bytes) pieces of `runs`, in order, each at most `limit` bytes and `count` runs
+    (a run longer than that is cut), for copies done a bounded buffer (or iovec array) at a time."""
     piece, size = array("Q"), 0
     for i in range(0, len(runs), 2):
         addr, length = runs[i], runs[i + 1]
@@ -91,7 +91,7 @@ def split(runs, limit):
             size += take
             addr += take
             length -= take
-            if size == limit:
+            if size == limit or (count is not None and len(piece) == 2 * count):
                 yield piece, size
                 piece, size = array("Q"), 0
     if size:
