@@ -8,9 +8,11 @@ callers that must tell one failure from another (e.g. ENOENT ending a walk);
 
 import ctypes
 import errno
+import logging
 import os
 
 from pycr.errors import AccessDenied, PycrError, TaskGone
+from pycr.log import log
 
 TRACEME = 0
 PEEKDATA = 2
@@ -93,9 +95,13 @@ def ptrace_errno(req, pid, addr=0, data=0):
     ctypes.set_errno(0)
     res = _libc.ptrace(req, pid, addr, data)
     err = ctypes.get_errno()
-    if res == -1 and err:
-        return -1, err
-    return res, 0
+    if res != -1:
+        err = 0
+    if log.isEnabledFor(logging.DEBUG):       # -vv narrates each request (narrate imports this module)
+        from pycr.ptrace import narrate
+        if req not in narrate.QUIET_REQUESTS:
+            log.debug("%s", narrate.ptrace_text(req, pid, addr, data, res, err))
+    return (-1, err) if err else (res, 0)
 
 
 def error(req, pid, err):

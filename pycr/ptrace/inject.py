@@ -32,6 +32,7 @@ import struct
 from pycr.errors import PycrError, TaskGone, from_oserror
 from pycr.log import log
 from pycr.ptrace import binding as B
+from pycr.ptrace import narrate
 from pycr.ptrace import sigframe
 from pycr import abi as S
 from pycr.abi import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
@@ -298,13 +299,20 @@ class Injector:
         regs.orig_rax = _U64          # -1: no syscall-restart fixups on our return
         for name, value in zip(_ARG_REGS, args):
             setattr(regs, name, value & _U64)
+        # -vv: arguments are decoded before the call (it may change the memory they point to)
+        text = narrate.syscall_text(nr, args, self.read) if narrate.enabled() else None
         with deferred_signals():
             if self.trampoline is None:
                 regs.rip = self._code
                 regs.rsp = self._frame + 8
-                return self._run_syscall_stops(nr, regs)
-            regs.rip = self.trampoline
-            return self._run_to_int3(nr, regs)
+                res = self._run_syscall_stops(nr, regs)
+            else:
+                regs.rip = self.trampoline
+                res = self._run_to_int3(nr, regs)
+        if text is not None:
+            who = f"pid {self.pid}" if self.tid == self.pid else f"pid {self.pid} tid {self.tid}"
+            log.debug("%s: %s = %s", who, text, narrate.result_text(nr, res))
+        return res
 
     def _run_syscall_stops(self, nr, regs):
         t = self.thread
