@@ -237,6 +237,7 @@ def _reading(func):
 
 
 _str = _reading(_string)
+_mode = lambda v: f"0{v & 0o7777:o}" if v & 0o7777 else "0"     # noqa: E731
 _sig = signame
 _prot = lambda v: flags(v, _PROT, "PROT_NONE")             # noqa: E731
 _map = lambda v: flags(v, _MAP)                            # noqa: E731
@@ -250,8 +251,8 @@ _DECODERS = {
     "pkey_mprotect": _fmt(addr, num, _prot, num),
     "mremap": _fmt(addr, num, num, lambda v: flags(v, _MREMAP), addr),
     "madvise": _fmt(addr, num, lambda v: _choice(v, _MADVISE)),
-    "openat": _fmt(fd, _str, _open_flags, lambda v: f"0{v & 0o7777:o}"),
-    "open": _fmt(_str, _open_flags, lambda v: f"0{v & 0o7777:o}"),
+    "openat": _fmt(fd, _str, _open_flags, _mode),
+    "open": _fmt(_str, _open_flags, _mode),
     "close": _fmt(fd),
     "dup3": _fmt(fd, fd, _cloexec),
     "pidfd_getfd": _fmt(fd, fd, num),
@@ -315,8 +316,9 @@ def result_text(nr, value):
 
 # ---- ptrace requests ---------------------------------------------------------
 
-#: requests an injection makes at every stop: the injected syscall's own line says what they did
-QUIET_REQUESTS = frozenset((B.SYSCALL, B.GET_SYSCALL_INFO))
+#: the resume-and-look bookkeeping every stop repeats (each injected call makes several): the
+#: injected syscall's own line stands for them
+QUIET_REQUESTS = frozenset((B.SYSCALL, B.CONT, B.GET_SYSCALL_INFO, B.GETEVENTMSG))
 _PTRACE_OPTIONS = [(getattr(B, name), "PTRACE_" + name) for name in dir(B) if name.startswith("O_")]
 _REGSETS = {getattr(B, name): name for name in dir(B) if name.startswith("NT_")}
 

@@ -124,10 +124,10 @@ def start_root(pid, created, need_suspend=True):
     stub = core.stub_path()
     try:
         real = core.clone3_exec([pid], 0, stub, ["pycr-stub"])
-        log.debug("pycr: clone3({flags=0, exit_signal=SIGCHLD, set_tid=[%d], set_tid_size=1}, 88) = %d, "
+        log.debug("pycr itself: clone3({flags=0, exit_signal=SIGCHLD, set_tid=[%d], set_tid_size=1}, 88) = %d, "
                   "then execve(%r) in the child", pid, real, stub)
     except OSError as exc:
-        log.debug("pycr: clone3({flags=0, exit_signal=SIGCHLD, set_tid=[%d], set_tid_size=1}, 88) = -1 %s (%s)",
+        log.debug("pycr itself: clone3({flags=0, exit_signal=SIGCHLD, set_tid=[%d], set_tid_size=1}, 88) = -1 %s (%s)",
                   pid, errno.errorcode.get(exc.errno, exc.errno), exc.strerror)
         if exc.errno == errno.EEXIST:
             raise RestoreError(f"pid {pid} is in use; restore with --pidns") from None
