@@ -4,6 +4,8 @@ with its set_tid; -v does not. The program goes on after each restore."""
 import re
 import signal
 
+import pytest
+
 from pycrcmd import pycr
 
 FORKING_SCRIPT = """#!{python}
@@ -64,3 +66,23 @@ def test_vv_narrates_injected_syscalls_ptrace_and_clone3_and_v_does_not(spawn_py
                      rf"set_tid_size=1\}}, 88\) = {child}$", restore, re.M), restore
     assert re.search(rf"^pycr: ptrace\(PTRACE_DETACH, {pid}, NULL, 0\) = 0$", restore, re.M), restore
     w.signal_and_wait(signal.SIGUSR1, rf"^tick 3 child {child}$")
+
+
+def test_vv_narrates_each_pagemap_scan_of_a_pre_dump(spawn_python, tmp_path, cleanup_pids):
+    """A pre-dump's dirty-page tracker walks the pagemap with PAGEMAP_SCAN: each walk is one line, its
+    range, flags and categories by name and what it found."""
+    from pycr.check import check_pagemap_scan
+    if not check_pagemap_scan().ok:
+        pytest.skip("this kernel has no PAGEMAP_SCAN")
+    w = spawn_python("scanned", FORKING_SCRIPT)
+    cleanup_pids.add(w.pid)
+    first = pycr("pre-dump", "-vv", "-t", w.pid, "-D", tmp_path / "p1").stderr
+    scans = re.findall(r"^pycr: ioctl\(/proc/PID/pagemap, PAGEMAP_SCAN, \{start=(0x[0-9a-f]+), end=(0x[0-9a-f]+), "
+                       r"flags=([A-Z_|0-9x]+), category_mask=([A-Z_|0-9x]+), .*\}\) = (\d+) regions, (\d+) pages$",
+                       first, re.M)
+    assert scans, first
+    assert all(int(end, 16) > int(start, 16) for start, end, *_ in scans)
+    w.signal_and_wait(signal.SIGUSR1, r"^tick 1 child \d+$")
+    second = pycr("pre-dump", "-vv", "-t", w.pid, "-D", tmp_path / "p2", "--prev-images-dir", "../p1").stderr
+    assert re.search(r"PAGEMAP_SCAN, \{.*flags=PM_SCAN_WP_MATCHING[A-Z_|]*, category_mask=PAGE_IS_WRITTEN, .* = \d+ regions, "
+                     r"[1-9]\d* pages$", second, re.M), second

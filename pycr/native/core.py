@@ -273,6 +273,10 @@ def pagemap_scan(pagemap_fd, start, end, flags, category_mask, category_inverted
         if pos >= end or pos == prev:
             break
         prev = pos
+    from ..ptrace import narrate
+    if narrate.enabled():
+        narrate.log.debug("%s", narrate.pagemap_scan(start, end, flags, category_mask, category_inverted,
+                                                      category_anyof_mask, return_mask, result, pos))
     return result, pos
 
 

@@ -17,6 +17,7 @@ import struct
 
 from pycr import abi
 from pycr.log import log
+from pycr.sysinfo import page_size
 from pycr.ptrace import binding as B
 
 _U64 = (1 << 64) - 1
@@ -348,3 +349,21 @@ def ptrace_text(req, pid, addr_, data, res, err):
         args = [_word(addr_), _word(data)]
     result = f"-1 {errno.errorcode.get(err, str(err))} ({os.strerror(err)})" if err else str(res)
     return f"ptrace({', '.join([name, str(pid)] + args)}) = {result}"
+
+
+_PAGE_CATEGORIES = tuple((getattr(abi, n), n) for n in (
+    "PAGE_IS_WPALLOWED", "PAGE_IS_WRITTEN", "PAGE_IS_FILE", "PAGE_IS_PRESENT", "PAGE_IS_SWAPPED",
+    "PAGE_IS_PFNZERO", "PAGE_IS_HUGE", "PAGE_IS_SOFT_DIRTY"))
+_SCAN_FLAGS = tuple((getattr(abi, n), n) for n in ("PM_SCAN_WP_MATCHING", "PM_SCAN_CHECK_WPASYNC"))
+
+
+def pagemap_scan(start, end, scan_flags, category_mask, category_inverted, category_anyof_mask, return_mask,
+                 regions, walk_end):
+    """`ioctl(pagemap, PAGEMAP_SCAN, {...}) = N regions, P pages` for one walk of pycr.native.core."""
+    pages = sum((regions[i + 1] - regions[i]) for i in range(0, len(regions), 3)) // page_size()
+    return (f"ioctl(/proc/PID/pagemap, PAGEMAP_SCAN, {{start={start:#x}, end={end:#x}, "
+            f"flags={flags(scan_flags, _SCAN_FLAGS)}, category_mask={flags(category_mask, _PAGE_CATEGORIES)}, "
+            f"category_inverted={flags(category_inverted, _PAGE_CATEGORIES)}, "
+            f"category_anyof_mask={flags(category_anyof_mask, _PAGE_CATEGORIES)}, "
+            f"return_mask={flags(return_mask, _PAGE_CATEGORIES)}, walk_end={walk_end:#x}}}) = "
+            f"{len(regions) // 3} regions, {pages} pages")
