@@ -18,7 +18,7 @@ import sys
 import pytest
 
 import procutil
-from pycrcmd import pycr
+from pycrcmd import pycr, stopped_at_step
 
 SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
 
@@ -58,21 +58,12 @@ def spread(steps, most=8):
     return picked[::stride] + ([steps[-1][0]] if steps else [])
 
 
-def stop_and_signal(tmp_path, n, sig, *args, trial="", env=None):
+def stop_and_signal(n, sig, *args, trial="", env=None):
     """Run pycr ARGS until it stops at step n, send it sig; -> (returncode, stderr)."""
-    env = dict(os.environ, **(env or {}), PYCR_STOP_AT_STEP=str(n), PYCR_FAULT_TRIAL=str(trial))
-    p = subprocess.Popen([sys.executable, "-m", "pycr", *map(str, args)], env=env, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        first = p.stderr.readline()
-        assert first.startswith(f"pycr: stopped at step {n} "), first + p.stderr.read()
+    with stopped_at_step(n, *args, env=dict(env or {}, PYCR_FAULT_TRIAL=str(trial))) as (p, first):
         p.send_signal(sig)
         rest = p.stderr.read()
         rc = p.wait(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     return rc, first + rest
 
 
@@ -133,7 +124,7 @@ def test_killed_dump_leaves_the_tree_running(spawn, tmp_path, command):
             if before is None:
                 pycr("cleanup", "-t", w.pid)
                 before = snapshot(w.pid)
-            rc, err = stop_and_signal(tmp_path, n, sig, command, "-t", w.pid, "-D", tmp_path / f"t{trial}", *extra)
+            rc, err = stop_and_signal(n, sig, command, "-t", w.pid, "-D", tmp_path / f"t{trial}", *extra)
             where = f"{command} stopped at step {n} ({dict(steps)[n]}), {sig.name}"
             if sig == signal.SIGKILL:
                 assert rc == -signal.SIGKILL, where
@@ -196,7 +187,7 @@ def test_killed_dump_of_sockets_and_event_fds_leaves_them_working(spawn, tmp_pat
         for n in spread(steps):
             for sig in SIGNALS:
                 trial += 1
-                stop_and_signal(tmp_path, n, sig, *args, "-D", tmp_path / f"t{trial}")
+                stop_and_signal(n, sig, *args, "-D", tmp_path / f"t{trial}")
                 where = f"dump stopped at step {n} ({dict(steps)[n]}), {sig.name}"
                 assert_goes_on(w, before, sig, where)
                 echo(f"trial {trial}".encode())
@@ -215,7 +206,7 @@ def test_killed_restore_leaves_no_task(spawn, tmp_path, cleanup_pids):
     assert not procutil.wait_gone(pids)
     for n in spread(steps[:-1]):        # the last step is the release: the tree then runs
         for sig in SIGNALS:
-            rc, err = stop_and_signal(tmp_path, n, sig, "restore", "-D", tmp_path / "img", "-d")
+            rc, err = stop_and_signal(n, sig, "restore", "-D", tmp_path / "img", "-d")
             where = f"restore stopped at step {n} ({dict(steps)[n]}), {sig.name}"
             assert rc != 0, where
             # every task of the restore held one of the dumped PIDs (the root stub too)
@@ -248,7 +239,7 @@ def test_killed_migrate_leaves_the_source_running(spawn, tmp_path, cleanup_pids)
                 before = snapshot(w.pid)
             tmp_before = set(os.listdir(tmpdir))
             trial = f"{os.getpid()}-{n}-{sig}"
-            rc, err = stop_and_signal(tmp_path, n, sig, "migrate", "-t", w.pid, trial=trial, env=env)
+            rc, err = stop_and_signal(n, sig, "migrate", "-t", w.pid, trial=trial, env=env)
             where = f"migrate stopped at step {n} ({dict(steps)[n]}), {sig.name}"
             assert rc != 0, where
             assert_goes_on(w, before, sig, where)
@@ -279,7 +270,7 @@ def test_stop_signal_after_the_set_is_sealed_says_so(spawn, tmp_path, cleanup_pi
     w.wait_for(r"^count 3$")
     steps = steps_of(tmp_path, "dump", "-t", w.pid, "-D", tmp_path / "count", "-R")
     sealed = next(n for n, name in steps if name == "the set is sealed")
-    rc, err = stop_and_signal(tmp_path, sealed, sig, "dump", "-t", w.pid, "-D", tmp_path / "img")
+    rc, err = stop_and_signal(sealed, sig, "dump", "-t", w.pid, "-D", tmp_path / "img")
     assert rc == 128 + sig
     assert err.splitlines()[-1] == (f"pycr: {sig.name} after the dump was complete: nothing was undone; "
                                     f"the images in {tmp_path / 'img'} are whole; the tree goes on")

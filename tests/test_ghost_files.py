@@ -7,12 +7,9 @@ import signal
 
 from checkpointing import migrate_with_new_contents, migrated
 from pycrcmd import pycr
+from workload_prelude import MAP_AND_FD_WRITES, WORKLOAD_PRELUDE
 
-GHOST_SCRIPT = r"""#!{python}
-import hashlib, mmap, os, signal, sys, time
-st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-def report(line):
-    os.write(st, (line + "\n").encode())
+GHOST_SCRIPT = WORKLOAD_PRELUDE + r"""import hashlib, mmap
 where = os.path.dirname(sys.argv[1])
 log_path = os.path.join(where, "ghost.log")
 log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
@@ -27,13 +24,9 @@ m = mmap.mmap(mfd, (1 << 20) + 4)
 os.close(mfd)
 os.unlink(log_path)
 os.unlink(map_path)
-go = []
-signal.signal(signal.SIGUSR1, lambda *a: go.append(1))
 report("ready %d" % os.getpid())
 while True:
-    while not go:
-        time.sleep(0.01)
-    go.pop()
+    wait_for_sigusr1()
     os.write(log, b"appended\n")
     st_log = os.fstat(log)
     m[5:9] = b"WXYZ"
@@ -88,11 +81,7 @@ def test_a_taken_path_gets_the_ghost_file_beside_it(spawn_python, tmp_path, clea
     assert (tmp_path / "ghost.log").read_text() == "someone else's\n"
 
 
-MIGRATE_SCRIPT = r"""#!{python}
-import fcntl, os, signal, sys, time
-st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-def report(line):
-    os.write(st, (line + "\n").encode())
+MIGRATE_SCRIPT = WORKLOAD_PRELUDE + r"""import fcntl
 log_path = os.path.join(os.path.dirname(sys.argv[1]), "moving.log")
 log = os.open(log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
 os.write(log, b"before\n")
@@ -100,13 +89,9 @@ os.unlink(log_path)
 mfd = os.memfd_create("moving", os.MFD_ALLOW_SEALING)
 os.write(mfd, b"in memory only")
 fcntl.fcntl(mfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-go = []
-signal.signal(signal.SIGUSR1, lambda *a: go.append(1))
 report("ready %d" % os.getpid())
 while True:
-    while not go:
-        time.sleep(0.01)
-    go.pop()
+    wait_for_sigusr1()
     os.write(log, b"after\n")
     try:
         os.pwrite(mfd, b"x", 100); grow = "allowed"
@@ -126,11 +111,7 @@ def test_a_deleted_file_and_a_memfd_move_with_pycr_migrate(spawn_python, tmp_pat
     assert got == f"b'before\\nafter\\n' link {tmp_path}/moving.log (deleted) memfd b'in memory only' grow EPERM"
 
 
-MAPPED_MIGRATE_SCRIPT = r"""#!{python}
-import hashlib, mmap, os, signal, sys, time
-st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-def report(line):
-    os.write(st, (line + "\n").encode())
+MAPPED_MIGRATE_SCRIPT = WORKLOAD_PRELUDE + r"""import hashlib, mmap
 path = os.path.join(os.path.dirname(sys.argv[1]), "moving.map")
 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
 os.pwrite(fd, bytes(range(256)) * 32, 0)
@@ -138,23 +119,12 @@ os.ftruncate(fd, 5 * 4096)
 m = mmap.mmap(fd, 5 * 4096)
 view = mmap.mmap(fd, 5 * 4096, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
 os.unlink(path)
-gen = [0]
-def next_gen(*a):
-    gen[0] += 1
-    m[0:8] = b"map %04d" % gen[0]
-    os.pwrite(fd, b"fd %04d" % gen[0], 4 * 4096)
-    report("gen %d" % gen[0])
-next_gen()
-go = []
-signal.signal(signal.SIGUSR2, next_gen)
-signal.signal(signal.SIGUSR1, lambda *a: go.append(1))
+FD_GEN_AT = 4 * 4096
+""" + MAP_AND_FD_WRITES + r"""generations(write_gen)
 report("ready %d" % os.getpid())
 while True:
-    while not go:
-        time.sleep(0.01)
-    go.pop()
-    m[8192:8199] = b"via-map"
-    os.pwrite(fd, b"via-fd", 8300)
+    wait_for_sigusr1()
+    write_both_ways()
     report("seen fd-sees %s map-sees %s view-sees %s %s gen %s, %s sha %s nlink %d link %s" % (
         os.pread(fd, 7, 8192).decode(), m[8300:8306].decode(), view[8192:8199].decode(), view[8300:8306].decode(),
         os.pread(fd, 8, 0).decode(), m[4 * 4096:4 * 4096 + 7].decode(), hashlib.sha256(m[:]).hexdigest()[:16],

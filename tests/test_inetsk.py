@@ -7,14 +7,13 @@ import os
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 
 import pytest
 
 import procutil
-from pycrcmd import one_line_error, pycr
+from pycrcmd import one_line_error, pycr, stopped_at_step
 from pycr.migrate import migrate
 from pycr.migrate.loop import Policy
 
@@ -331,17 +330,7 @@ def test_a_connection_left_in_repair_mode_is_found_and_undone(spawn, tmp_path, c
     from pycr.native import core
     w, client, queued = established_server(spawn, tmp_path, "4")
     try:
-        env = dict(os.environ, PYCR_STOP_AT_STEP="write pstree, files and pipes-data")
-        p = subprocess.Popen([sys.executable, "-m", "pycr", "dump", "-t", str(w.pid), "-D", str(tmp_path / "img"),
-                              "-R", "--tcp-established"], env=env, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            first = p.stderr.readline()
-            assert first.startswith("pycr: stopped at step "), first + p.stderr.read()
-            p.kill()
-        finally:
-            p.wait(timeout=30)
-        procutil.wait_until(lambda: procutil.state(w.pid) != "t", timeout=10)
+        killed_while_locked(w, tmp_path)
         listed = pycr("check", "-t", w.pid, expect=3)
         fd = w.wait_for(r"^fd (\d+)$").group(1)
         assert f"pid {w.pid} fd {fd}: TCP connection" in listed.stdout and "socket filter" in listed.stdout
@@ -597,16 +586,9 @@ def test_a_connection_with_a_filter_of_its_own_is_refused_and_keeps_it(spawn, tm
 
 def killed_while_locked(w, tmp_path):
     """Run dump -R --tcp-established and SIGKILL pycr once it has written the first images."""
-    env = dict(os.environ, PYCR_STOP_AT_STEP="write pstree, files and pipes-data")
-    p = subprocess.Popen([sys.executable, "-m", "pycr", "dump", "-t", str(w.pid), "-D", str(tmp_path / "img"),
-                          "-R", "--tcp-established"], env=env, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        first = p.stderr.readline()
-        assert first.startswith("pycr: stopped at step "), first + p.stderr.read()
+    with stopped_at_step("write pstree, files and pipes-data", "dump", "-t", w.pid, "-D", tmp_path / "img",
+                         "-R", "--tcp-established") as (p, _):
         p.kill()
-    finally:
-        p.wait(timeout=30)
     assert procutil.wait_until(lambda: procutil.state(w.pid) != "t", timeout=10)
 
 

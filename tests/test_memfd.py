@@ -5,12 +5,9 @@ import re
 import signal
 
 from pycrcmd import pycr
+from workload_prelude import MAP_AND_FD_WRITES, WORKLOAD_PRELUDE
 
-MEMFD_SCRIPT = r"""#!{python}
-import fcntl, hashlib, mmap, os, signal, sys, time
-st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-def report(line):
-    os.write(st, (line + "\n").encode())
+MEMFD_SCRIPT = WORKLOAD_PRELUDE + r"""import fcntl, hashlib, mmap
 def sha(b):
     return hashlib.sha256(bytes(b)).hexdigest()[:16]
 SIZE = 3 * 4096 + 100
@@ -35,15 +32,11 @@ mo_addr = libc.mmap(None, 8192, 3, 1, only, 0)
 os.close(only)
 ctypes.memmove(mo_addr + 100, b"no fd left", 10)
 seals_before = fcntl.fcntl(sealed, fcntl.F_GET_SEALS)
-go = []
-signal.signal(signal.SIGUSR1, lambda *a: go.append(1))
 child = os.fork()
 me = "child" if child == 0 else "parent"
 report("ready %d" % os.getpid() if child else "child %d" % os.getpid())
 while True:
-    while not go:
-        time.sleep(0.01)
-    go.pop()
+    wait_for_sigusr1()
     if me == "parent":
         pos = os.lseek(fd, 0, 1)
         shared[8192:8200] = b"via-map!"          # seen through the fd and by the child
@@ -104,33 +97,18 @@ def test_memfd_fd_and_mappings_come_back_as_one_file(spawn_python, tmp_path, cle
     assert all(re.search(r"/memfd:pycr-test \(deleted\)$", line.strip()) for line in fd_link)
 
 
-MIGRATE_SCRIPT = r"""#!{python}
-import mmap, os, signal, sys, time
-st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-def report(line):
-    os.write(st, (line + "\n").encode())
+MIGRATE_SCRIPT = WORKLOAD_PRELUDE + r"""import mmap
 SIZE = 3 * 4096
 fd = os.memfd_create("moving-map")
 os.ftruncate(fd, SIZE)
 os.lseek(fd, 1234, 0)
 m = mmap.mmap(fd, SIZE)
-gen = [0]
-def next_gen(*a):
-    gen[0] += 1
-    m[0:8] = b"map %04d" % gen[0]
-    os.pwrite(fd, b"fd %04d" % gen[0], 4096)
-    report("gen %d" % gen[0])
-next_gen()
-go = []
-signal.signal(signal.SIGUSR2, next_gen)
-signal.signal(signal.SIGUSR1, lambda *a: go.append(1))
+FD_GEN_AT = 4096
+""" + MAP_AND_FD_WRITES + r"""generations(write_gen)
 report("ready %d" % os.getpid())
 while True:
-    while not go:
-        time.sleep(0.01)
-    go.pop()
-    m[8192:8199] = b"via-map"
-    os.pwrite(fd, b"via-fd", 8300)
+    wait_for_sigusr1()
+    write_both_ways()
     report("seen pos %d fd-sees %s map-sees %s gen %s, %s" % (
         os.lseek(fd, 0, 1), os.pread(fd, 7, 8192).decode(), m[8300:8306].decode(),
         os.pread(fd, 8, 0).decode(), m[4096:4103].decode()))

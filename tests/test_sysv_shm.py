@@ -9,35 +9,38 @@ import pytest
 
 from checkpointing import Follower, migrate_with_new_contents
 from pycrcmd import one_line_error, pycr
+from workload_prelude import WORKLOAD_PRELUDE
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
 
-# Both workloads: a segment of the test's key (filled with a known pattern) and a private one.
-SEGMENTS = r"""#!{python}
-import ctypes, hashlib, os, signal, sys, time
+# Every workload here: shmat and shmctl callable through ctypes.
+SHM_CALLS = WORKLOAD_PRELUDE + r"""import ctypes, hashlib
 libc = ctypes.CDLL(None, use_errno=True)
 libc.shmat.restype = ctypes.c_void_p
 libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
 libc.shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-def report(line):
-    os.write(st, (line + "\n").encode())
-key = int(sys.argv[2], 0)
+"""
+
+# Both dump workloads: a segment of the test's key (filled with a known pattern) and a private one.
+SEGMENTS = SHM_CALLS + r"""key = int(sys.argv[2], 0)
 SIZE = 3 * 4096 + 100
 shmid = libc.shmget(key, SIZE, 0o1000 | 0o2000 | 0o640)           # IPC_CREAT | IPC_EXCL
 addr = libc.shmat(shmid, None, 0)
 ctypes.memmove(addr, bytes((i * 13) % 256 for i in range(SIZE)), SIZE)
 gone = libc.shmget(0, 8192, 0o1000 | 0o600)                       # IPC_PRIVATE
 gaddr = libc.shmat(gone, None, 0)
+def write_and_stat():
+    # The parent's turn: a write its child sees, then IPC_STAT on the id it had.
+    ctypes.memmove(addr + 8192, b"parent wrote", 12)
+    ds = ctypes.create_string_buffer(112)
+    return libc.shmctl(shmid, 2, ds) == 0
 """
 
 SHM_SCRIPT = SEGMENTS + r"""ctypes.memmove(gaddr + 4096, b"marked for removal", 18)
 libc.shmctl(gone, 0, None)                                         # IPC_RMID while attached
 def sha(a, n):
     return hashlib.sha256(ctypes.string_at(a, n)).hexdigest()[:16]
-go = []
-signal.signal(signal.SIGUSR1, lambda *a: go.append(1))
 child = os.fork()
 if child == 0:
     mine = libc.shmat(shmid, None, 0o10000)                       # SHM_RDONLY, a second attachment
@@ -46,13 +49,9 @@ else:
     report("ids %d %d at %x %x" % (shmid, gone, addr, gaddr))
     report("ready %d" % os.getpid())
 while True:
-    while not go:
-        time.sleep(0.01)
-    go.pop()
+    wait_for_sigusr1()
     if child:
-        ctypes.memmove(addr + 8192, b"parent wrote", 12)
-        ds = ctypes.create_string_buffer(112)
-        ok = libc.shmctl(shmid, 2, ds) == 0                        # IPC_STAT on the id it had
+        ok = write_and_stat()
         report("parent stat %s sha %s gone %s" % (ok, sha(addr, SIZE), ctypes.string_at(gaddr + 4096, 18).decode()))
     else:
         report("child sees %s %s" % (ctypes.string_at(mine + 8192, 12).decode(), sha(mine, 8192)))
@@ -134,31 +133,21 @@ def test_a_key_held_by_another_segment_is_refused(spawn, tmp_path, cleanup_pids,
 
 
 MIGRATE_SCRIPT = SEGMENTS + r"""libc.shmctl(gone, 0, None)                                         # IPC_RMID while attached
-gen = [0]
-def next_gen(*a):
-    gen[0] += 1
-    ctypes.memmove(addr + 4096, b"gen %04d" % gen[0], 8)
-    ctypes.memmove(gaddr + 4096, b"gone %04d" % gen[0], 9)
-    report("gen %d" % gen[0])
-go = []
-signal.signal(signal.SIGUSR1, lambda *a: go.append(1))
+def write_gen(n):
+    ctypes.memmove(addr + 4096, b"gen %04d" % n, 8)
+    ctypes.memmove(gaddr + 4096, b"gone %04d" % n, 9)
 child = os.fork()
 if child == 0:
     mine = libc.shmat(shmid, None, 0o10000)                       # SHM_RDONLY, a second attachment
     report("child %d" % os.getpid())
 else:
-    next_gen()
-    signal.signal(signal.SIGUSR2, next_gen)
+    generations(write_gen)
     report("ids %d %d" % (shmid, gone))
     report("ready %d" % os.getpid())
 while True:
-    while not go:
-        time.sleep(0.01)
-    go.pop()
+    wait_for_sigusr1()
     if child:
-        ctypes.memmove(addr + 8192, b"parent wrote", 12)
-        ds = ctypes.create_string_buffer(112)
-        ok = libc.shmctl(shmid, 2, ds) == 0                        # IPC_STAT on the id it had
+        ok = write_and_stat()
         digest = hashlib.sha256(ctypes.string_at(addr, SIZE)).hexdigest()[:16]
         report("parent stat %s sees %s %s sha %s" % (ok, ctypes.string_at(addr + 4096, 8).decode(),
                ctypes.string_at(gaddr + 4096, 9).decode(), digest))
@@ -197,33 +186,14 @@ def test_sysv_segments_move_with_pycr_migrate(spawn, tmp_path, cleanup_pids, shm
     assert got == "parent wrote gen 0003"
 
 
-FOLLOW_SCRIPT = r"""#!{python}
-import ctypes, os, signal, sys, time
-libc = ctypes.CDLL(None, use_errno=True)
-libc.shmat.restype = ctypes.c_void_p
-libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-libc.shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-def report(line):
-    os.write(st, (line + "\n").encode())
-seg = libc.shmget(0, 8192, 0o1000 | 0o600)                         # IPC_PRIVATE
+FOLLOW_SCRIPT = SHM_CALLS + r"""seg = libc.shmget(0, 8192, 0o1000 | 0o600)                         # IPC_PRIVATE
 addr = libc.shmat(seg, None, 0)
 libc.shmctl(seg, 0, None)                                          # IPC_RMID: it goes with its last user
-gen = [0]
-def next_gen(*a):
-    gen[0] += 1
-    ctypes.memmove(addr + 4096, b"gen %04d" % gen[0], 8)
-    report("gen %d" % gen[0])
-next_gen()
-go = []
-signal.signal(signal.SIGUSR2, next_gen)
-signal.signal(signal.SIGUSR1, lambda *a: go.append(1))
+generations(lambda n: ctypes.memmove(addr + 4096, b"gen %04d" % n, 8))
 report("at %x" % addr)
 report("ready %d" % os.getpid())
 while True:
-    while not go:
-        time.sleep(0.01)
-    go.pop()
+    wait_for_sigusr1()
     report("sees %s" % ctypes.string_at(addr + 4096, 8).decode())
 """
 

@@ -11,13 +11,10 @@ from pycr.manifest import reseal
 
 import procutil
 from pycrcmd import one_line_error, pycr
+from workload_prelude import WORKLOAD_PRELUDE
 from test_restore import stub_tasks
 
-ADVISED_SCRIPT = """#!{python}
-import ctypes, mmap, os, signal, sys, time, zlib
-st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-def report(line):
-    os.write(st, (line + "\\n").encode())
+ADVISED_SCRIPT = WORKLOAD_PRELUDE + """import ctypes, mmap, zlib
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
