@@ -7,6 +7,7 @@ bodies) so that they can be written or converted without naming the kind.
 """
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -68,7 +69,8 @@ def check_header(data, kind=None, path="<bytes>"):
     if len(data) < HEADER_SIZE:
         raise ImageError(path, f"truncated: {len(data)} bytes, shorter than the {HEADER_SIZE}-byte image header")
     header = Header.parse(data[:HEADER_SIZE])
-    found = kind_of_magic(header.magic)
+    expected = kind is not None and KINDS.get(kind)
+    found = kind if expected and expected.magic == bytes(header.magic) else kind_of_magic(header.magic)
     if found is None:
         raise ImageError(path, f"not a pycr image (magic {bytes(header.magic)!r})")
     if kind is not None and found != kind:
@@ -288,15 +290,20 @@ def _name_regex(pattern):
     return re.compile(re.escape(head) + r"(?P<key>[^/]+?)" + re.escape(tail) + r"\Z")
 
 
-_NAME_RES = [(kind, _name_regex(k.pattern)) for kind, k in KINDS.items() if "{" in k.pattern]
-_FIXED_NAMES = {k.pattern: kind for kind, k in KINDS.items() if "{" not in k.pattern}
+@functools.cache
+def _name_patterns():
+    """({fixed file name: kind}, [(kind, regex of a per-task name)]), made on first use."""
+    fixed = {k.pattern: kind for kind, k in KINDS.items() if "{" not in k.pattern}
+    per_task = [(kind, _name_regex(k.pattern)) for kind, k in KINDS.items() if "{" in k.pattern]
+    return fixed, per_task
 
 
 def classify_name(name):
     """ImageFile for a file name of an image dir, or None if it is not one."""
-    if name in _FIXED_NAMES:
-        return ImageFile(_FIXED_NAMES[name], None, name)
-    for kind, regex in _NAME_RES:
+    fixed, per_task = _name_patterns()
+    if name in fixed:
+        return ImageFile(fixed[name], None, name)
+    for kind, regex in per_task:
         match = regex.match(name)
         if match:
             key = match.group("key")

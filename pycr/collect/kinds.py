@@ -14,16 +14,38 @@ collect module has:
 
 The dump asks `kind_of` while it describes each fd, and `collect_objects`
 once the fds are numbered, before anything is written: a refusal leaves no file.
+
+A module is imported only when the tree has an fd it could claim (see MODULES), so a
+dump pays only for the kinds its tree holds.
 """
 
+import importlib
+import stat
 from dataclasses import dataclass, field
 
 from ..log import log
 
-#: Modules in the order their kind is asked; a module may only claim what it can restore.
-from . import eventfd, eventpoll, inetsk, inotify, memfd, signalfd, timerfd, tty, unixsk
+#: Modules in the order their kind is asked, each with what an fd must be for its `matches` to be
+#: asked: an anon inode's readlink target, or a file type. A module may only claim what it can restore.
+MODULES = (
+    ("eventfd", "anon_inode:[eventfd]"),
+    ("eventpoll", "anon_inode:[eventpoll]"),
+    ("signalfd", "anon_inode:[signalfd]"),
+    ("timerfd", "anon_inode:[timerfd]"),
+    ("inotify", "anon_inode:inotify"),
+    ("memfd", stat.S_IFREG),
+    ("unixsk", stat.S_IFSOCK),
+    ("inetsk", stat.S_IFSOCK),
+    ("tty", stat.S_IFCHR),
+)
 
-MODULES = (eventfd, eventpoll, signalfd, timerfd, inotify, memfd, unixsk, inetsk, tty)
+#: {fd type in files.img: the module (of pycr/collect/ and of pycr/restore/) that reads and makes it}
+TYPES = {name: name for name, _ in MODULES if name != "tty"} | {"ptmx": "tty", "pts": "tty"}
+
+
+def module(name):
+    """The collect module of a kind, imported on first use."""
+    return importlib.import_module(f"{__package__}.{name}")
 
 
 @dataclass
@@ -49,10 +71,13 @@ def types_of(module):
 
 def kind_of(pid, fd, target, st):
     """(collect module, fd type) of the kind this fd is, or (None, None)."""
-    for module in MODULES:
-        found = module.matches(pid, fd, target, st)
+    for name, what in MODULES:
+        if what != (target if isinstance(what, str) else stat.S_IFMT(st.st_mode)):
+            continue
+        kind = module(name)
+        found = kind.matches(pid, fd, target, st)
         if found:
-            return module, (found if isinstance(found, str) else module.TYPE)
+            return kind, (found if isinstance(found, str) else kind.TYPE)
     return None, None
 
 
@@ -61,16 +86,13 @@ def collect_objects(files_by_pid):
     by_module = {}
     for pid, recs in files_by_pid.items():
         for rec in recs:
-            module = TYPES.get(rec["type"])
-            if module is None:
+            name = TYPES.get(rec["type"])
+            if name is None:
                 continue
-            held = by_module.setdefault(module, {}).setdefault(rec["file_id"], Held(rec["file_id"], rec))
+            held = by_module.setdefault(module(name), {}).setdefault(rec["file_id"], Held(rec["file_id"], rec))
             held.holders.append((pid, rec["fd"]))
     bodies = {}
-    for module, objects in by_module.items():
-        bodies[module.IMAGE] = module.collect(list(objects.values()))
-        log.info("%d %s object(s) read", len(objects), module.IMAGE)
+    for kind, objects in by_module.items():
+        bodies[kind.IMAGE] = kind.collect(list(objects.values()))
+        log.info("%d %s object(s) read", len(objects), kind.IMAGE)
     return bodies
-
-
-TYPES = {t: m for m in MODULES for t in types_of(m)}

@@ -18,12 +18,16 @@ A restore module (one per kind, beside its collect module) has:
   late_sessions will handle, and `before_release(tasks)` just before the tree runs.
 """
 
-#: The restore modules, one per kind.
-from pycr.restore import eventfd, eventpoll, inetsk, inotify, memfd, signalfd, timerfd, tty, unixsk
+import importlib
 
-MODULES = (eventfd, eventpoll, signalfd, timerfd, inotify, memfd, unixsk, inetsk, tty)
+#: {fd type: the name of its module}, the same as the collect side's; a restore module is imported
+#: only when the set holds an fd of its kind.
+from pycr.collect.kinds import TYPES
 
-TYPES = {t: m for m in MODULES for t in (getattr(m, "TYPES", None) or (m.TYPE,))}
+
+def module_of(type_name):
+    """The restore module of an fd type (in TYPES), imported on first use."""
+    return importlib.import_module(f"pycr.restore.{TYPES[type_name]}")
 
 
 def images_needed(fds_by_pid):
@@ -31,8 +35,8 @@ def images_needed(fds_by_pid):
     needed = {}
     for recs in fds_by_pid.values():
         for rec in recs:
-            module = TYPES.get(str(rec.type))
-            if module is not None:
+            if str(rec.type) in TYPES:
+                module = module_of(str(rec.type))
                 needed[module.IMAGE] = module
     return needed
 
@@ -42,7 +46,8 @@ def check_all(imgdir, fds_by_pid):
     bodies = {}
     for image, module in images_needed(fds_by_pid).items():
         body = imgdir.read(image)
-        recs = [(pid, rec) for pid, fds in fds_by_pid.items() for rec in fds if TYPES.get(str(rec.type)) is module]
+        recs = [(pid, rec) for pid, fds in fds_by_pid.items() for rec in fds
+                if str(rec.type) in TYPES and module_of(str(rec.type)) is module]
         module.check(imgdir.path_of(image), body, recs)
         bodies[image] = body
     return bodies
@@ -56,7 +61,7 @@ class KindObjects:
         self.made = {}
 
     def of(self, type_name):
-        module = TYPES[type_name]
+        module = module_of(type_name)
         if module not in self.made:
             self.made[module] = module.Objects(self.images, self.images.objects[module.IMAGE])
         return self.made[module]
@@ -67,7 +72,7 @@ class KindObjects:
     def in_task(self, remote, pid, fds):
         for module, objects in self.made.items():
             hook = getattr(objects, "in_task", None)
-            recs = [rec for rec in fds if TYPES.get(str(rec.type)) is module]
+            recs = [rec for rec in fds if str(rec.type) in TYPES and module_of(str(rec.type)) is module]
             if hook is not None and recs:
                 hook(remote, pid, recs)
 

@@ -6,7 +6,6 @@ per pycr.check.trackers_available). The interface is in trackers.base.
 """
 
 from ..errors import KernelFeatureMissing, PycrError
-from .base import ParentPass, Tracker
 
 NAMES = ("uffd-wp", "soft-dirty", "hash")
 
@@ -46,3 +45,11 @@ def make_tracker(name, parent=None):
 
 
 __all__ = ["NAMES", "ParentPass", "Tracker", "make_tracker", "resolve", "KernelFeatureMissing"]
+
+
+def __getattr__(name):
+    """ParentPass and Tracker (trackers.base), imported when first named: a restore needs only trackers.runs."""
+    if name in ("ParentPass", "Tracker"):
+        from . import base
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
