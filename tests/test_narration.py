@@ -7,17 +7,9 @@ import signal
 import pytest
 
 from pycrcmd import pycr
+from workload_prelude import SLEEPING_CHILD, WORKLOAD_PRELUDE
 
-FORKING_SCRIPT = """#!{python}
-import os, signal, sys, time
-st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-def report(line):
-    os.write(st, (line + "\\n").encode())
-child = os.fork()
-if child == 0:
-    while True:
-        time.sleep(0.1)
-ticks = []
+FORKING_SCRIPT = WORKLOAD_PRELUDE + SLEEPING_CHILD + r"""ticks = []
 signal.signal(signal.SIGUSR1, lambda *a: ticks.append(1))
 report("ready %d" % os.getpid())
 seen = 0

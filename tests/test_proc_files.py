@@ -4,17 +4,9 @@ import signal
 
 import procutil
 from pycrcmd import pycr
+from workload_prelude import SLEEPING_CHILD, WORKLOAD_PRELUDE
 
-PROC_SCRIPT = """#!{python}
-import os, signal, sys, time
-st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-def report(line):
-    os.write(st, (line + "\\n").encode())
-child = os.fork()
-if child == 0:
-    while True:
-        time.sleep(0.1)
-own = os.open("/proc/self/status", os.O_RDONLY)          # resolves to /proc/<pid>/status
+PROC_SCRIPT = WORKLOAD_PRELUDE + SLEEPING_CHILD + r"""own = os.open("/proc/self/status", os.O_RDONLY)          # resolves to /proc/<pid>/status
 kid = os.open("/proc/%d/stat" % child, os.O_RDONLY)
 os.read(own, 10)                                         # a position to keep
 want = []

@@ -35,3 +35,10 @@ def write_both_ways():
     m[8192:8199] = b"via-map"
     os.pwrite(fd, b"via-fd", 8300)
 """
+
+# A child forked at once that only sleeps (`child` is its PID in the parent): a tree of two processes.
+SLEEPING_CHILD = r"""child = os.fork()
+if child == 0:
+    while True:
+        time.sleep(0.1)
+"""
