@@ -194,9 +194,15 @@ def build_parser():
     cliopts.add_output(p, work_dir=False)
     _add_common(p)
 
-    p = sub.add_parser("show", help="decode images into readable text or JSON")
-    p.add_argument("path", help="an images directory or one image file")
+    p = sub.add_parser("show", help="decode images into readable text or JSON; --dirty-map: which pages each "
+                                    "pass of a chain saved")
+    p.add_argument("path", nargs="?", help="an images directory or one image file")
     p.add_argument("--json", action="store_true", help="print JSON that `pycr encode` turns back into the same bytes")
+    p.add_argument("--dirty-map", metavar="DIR",
+                   help="which pages of each process every pass saved: DIR is the last image set of a pre-dump "
+                        "chain or a directory of pass sets (`pycr migrate -W DIR`); a text summary, or with -o "
+                        "a picture (needs matplotlib: pip install 'pycr[plot]')")
+    p.add_argument("-o", "--output", metavar="PNG", help="with --dirty-map: draw the map into this file")
     _add_common(p)
 
     p = sub.add_parser("encode", help="turn the JSON of one image (from `pycr show FILE --json`) back into its bytes")
@@ -229,7 +235,12 @@ def _run(args):
         return _restore(args)
     if args.command == "migrate":
         return _migrate(args)
+    if args.command == "show" and args.dirty_map is not None:
+        return _dirty_map(args)
     if args.command == "show":
+        if args.path is None or args.output is not None:
+            build_parser().commands["show"].error("give an images directory or image file, or --dirty-map DIR"
+                                                  if args.path is None else "-o draws only with --dirty-map")
         from .show import show
         show(args.path, json=args.json)
         return 0
@@ -238,6 +249,23 @@ def _run(args):
         encode_json_file(args.input, args.output)
         return 0
     raise AssertionError(args.command)
+
+
+def _dirty_map(args):
+    if args.path is not None or args.json:
+        build_parser().commands["show"].error("--dirty-map takes no other path and no --json")
+    from . import dirtymap
+    if args.output is not None:
+        from .dirtymap_draw import draw, require_matplotlib
+        require_matplotlib()                # before reading the chain: fail in one line, at once
+        dmap = dirtymap.load(args.dirty_map)
+        drawn = len(draw(dmap, args.output).panels)
+        left = len(dmap.processes) - drawn
+        print(f"{args.output}: dirty map of {len(dmap.passes)} passes, {drawn} processes"
+              + (f" ({left} smaller ones left out)" if left else ""))
+        return 0
+    sys.stdout.write(dirtymap.text(dirtymap.load(args.dirty_map)))
+    return 0
 
 
 def _check_tree(root):
