@@ -6,6 +6,9 @@ pass (the first pass: every present page) as runs outside the parent, and the
 pages kept from earlier passes as in_parent runs. Laid out pass by pass, they
 show a program's write pattern and why a migration converged or did not.
 
+Shared memory (pages-shmem-<id>) is drawn in every VMA that maps it; a pass
+saves a shared object's data pages whole, so they show in every pass.
+
 This module only reads images: `load(path)` -> DirtyMap (runs per process per
 pass, on an address axis compressed to the regions that hold saved pages),
 `text(dmap)` for the terminal. Drawing is pycr/dirtymap_draw.py (matplotlib,
@@ -223,6 +226,8 @@ def _vma_label(vma):
     kind = str(vma.kind)
     if kind in ("heap", "stack"):
         return f"[{kind}]"
+    if kind == "shmem" and vma.path.startswith("/dev/zero"):
+        return "shared anon"
     if vma.path:
         return os.path.basename(vma.path) if vma.path.startswith("/") else vma.path
     return "shmem" if kind == "shmem" else "anon"
