@@ -13,6 +13,7 @@ timeout (settings.net_timeouts).
 
 import contextlib
 import errno
+import select
 import socket
 import time
 
@@ -134,15 +135,34 @@ class Channel:
                          what or f"a {ftype.name} frame")
 
     def send_data(self, data, what="data"):
-        """Send bytes as DATA frames of at most wire.DATA_CHUNK."""
+        """Send bytes as DATA frames of at most wire.DATA_CHUNK. A peer that answers
+        while it should only take (its ERROR: disk full) is heard before each frame."""
         view = memoryview(data)
         for i in range(0, len(view), wire.DATA_CHUNK):
+            self.check_incoming()
             self.send(FrameType.DATA, view[i:i + wire.DATA_CHUNK], what)
 
-    def error(self, message):
-        """Tell the peer why we give up, if it still listens (never raises)."""
+    def check_incoming(self):
+        """Raise what the peer sent unasked (PeerFailed for its ERROR, PeerLost if it closed)."""
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        if readable:
+            frame = self._read_frame(self.frame_timeout)
+            if frame.type == FrameType.ERROR:
+                raise PeerFailed(f"{self.name}: {printable(frame.body.message)}")
+            raise ProtocolError(f"{self.name}: sent a {frame.type.name} frame unasked")
+
+    def error(self, message, linger=2.0):
+        """Tell the peer why we give up, if it still listens (never raises). What it still sends
+        is read and dropped for up to `linger` s, so that closing does not reset the connection
+        (which would throw away our ERROR before the peer reads it)."""
         with contextlib.suppress(NetError, OSError, ValueError):
             self.send(FrameType.ERROR, {"message": str(message)[:4000]})
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + linger
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if not self.sock.recv(1 << 16):
+                    break
 
     def _send_parts(self, parts, what):
         views = [memoryview(p).cast("B") for p in parts if len(p)]
@@ -261,7 +281,8 @@ class Channel:
             except socket.timeout:
                 continue
             except OSError as exc:
-                raise PeerLost(f"{self.name}: {exc.strerror or exc} while pycr read {what}") from None
+                reason = "reset the connection" if exc.errno == errno.ECONNRESET else exc.strerror or exc
+                raise PeerLost(f"{self.name}: {reason} while pycr read {what}") from None
             if k == 0:
                 if got == 0 and at_start:
                     raise PeerLost(f"{self.name}: closed the connection")
