@@ -4,6 +4,7 @@ its memory intact. Wrong secrets, foreign peers, silent peers, a full disk and a
 refused in one line, in bounded time, with the tree left running as it was."""
 
 import os
+import re
 import select
 import shutil
 import signal
@@ -15,6 +16,7 @@ import time
 import pytest
 
 import procutil
+from kernel import require_tracker
 from pycrcmd import one_line_error, pycr
 from workload_prelude import WORKLOAD_PRELUDE
 
@@ -197,16 +199,19 @@ def test_a_corrupted_page_on_the_server_is_caught_by_the_restore(spawn_python, t
     assert_untouched(w, pids)
 
 
-def test_pre_dump_and_dump_chain_through_page_servers(spawn_python, tmp_path, servers, cleanup_pids):
+@pytest.mark.parametrize("tracker", ["uffd-wp", "hash"])
+def test_pre_dump_and_dump_chain_through_page_servers(spawn_python, tmp_path, servers, cleanup_pids, tracker):
+    """uffd-wp copies with the C core (staged in a memfd, then sent); hash writes page by page from Python."""
+    require_tracker(tracker)
     w = start_tree(spawn_python)
     pids = w.pids()
     before = sums(w)
     secret = secret_file(tmp_path)
     first = servers(tmp_path / "server-1", secret)
-    pycr("pre-dump", *dump_args(w, tmp_path / "img" / "1", first, secret)[1:])
+    pycr("pre-dump", *dump_args(w, tmp_path / "img" / "1", first, secret, "--tracker", tracker)[1:])
     assert first.finish()[0] == 0
     second = servers(tmp_path / "server-2", secret)
-    pycr(*dump_args(w, tmp_path / "img" / "2", second, secret, "--prev-images-dir", "../1"))
+    pycr(*dump_args(w, tmp_path / "img" / "2", second, secret, "--prev-images-dir", "../1", "--tracker", tracker))
     assert second.finish()[0] == 0
     assert not procutil.wait_gone(pids)
 
@@ -284,7 +289,6 @@ def test_a_foreign_or_silent_client_is_dropped_in_one_line(tmp_path, servers, se
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("pycr: peer 127.0.0.1:")
-    import re
     assert re.search(why, lines[0]), lines[0]
     assert files(tmp_path / "server") == []
 
@@ -350,3 +354,33 @@ def test_a_full_disk_on_the_server_fails_the_dump_in_one_line(spawn_python, tmp_
     assert [n for n in files(small_fs / "server") if not n.startswith(".")] == []
     assert files(tmp_path / "img") == []
     assert_untouched(w, pids)
+
+
+def test_daemon_mode_reports_its_pid_and_status_fd_gets_a_nul(spawn_python, tmp_path, cleanup_pids):
+    """--daemon returns once listening, naming the server's PID; --status-fd gets one NUL byte then."""
+    w = start_tree(spawn_python)
+    secret = secret_file(tmp_path)
+    r, wfd = os.pipe()
+    try:
+        started = subprocess.run([sys.executable, "-m", "pycr", "page-server", "-D", str(tmp_path / "server"),
+                                  "--port", "0", "--address", "127.0.0.1", "--secret-file", str(secret),
+                                  "--daemon", "--status-fd", str(wfd)],
+                                 stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+                                 pass_fds=(wfd,))
+        os.close(wfd)
+        wfd = -1
+        assert started.returncode == 0, started.stderr
+        m = re.match(r"pycr page-server: listening on 127\.0\.0\.1:(\d+) \(pid (\d+)\)$", started.stdout.strip())
+        assert m, started.stdout
+        port, daemon = int(m.group(1)), int(m.group(2))
+        cleanup_pids.add(daemon)
+        assert os.read(r, 16) == b"\0"
+    finally:
+        os.close(r)
+        if wfd >= 0:
+            os.close(wfd)
+    server = type("S", (), {"port": port})()
+    pycr(*dump_args(w, tmp_path / "img", server, secret, "-R"))
+    assert procutil.wait_until(lambda: not procutil.exists(daemon) or procutil.is_zombie(daemon), 20)
+    assert pages_files(tmp_path / "server") == sorted(f"pages-{p}.img" for p in w.pids())
+    assert_untouched(w, w.pids())
