@@ -162,21 +162,22 @@ def _read_tree(frozen, hidden_fds, smaps):
 
 
 def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images_dir=None,
-              tracker="auto", overwrite=False, stats=None):
+              tracker="auto", overwrite=False, stats=None, pages_sink=None):
     """Checkpoint the tree rooted at `root` into images_dir. Returns 0; fills `stats` (a DumpStats).
 
     pre-dump and --prev-images-dir go through pycr.predump (incremental chains).
     images_dir must not hold another image set unless overwrite (see pycr.outdir);
     a failed dump removes what it wrote. The manifest, written last, seals the set.
+    pages_sink: a connected net.page_client.PageServerClient: the pages files go there.
     """
     if pre_dump or prev_images_dir:
         from .predump import dump_incremental
         return dump_incremental(root, images_dir, pre_dump=pre_dump, leave_running=leave_running,
                                 prev_images_dir=prev_images_dir, tracker=tracker, overwrite=overwrite,
-                                stats=stats)
+                                stats=stats, pages_sink=pages_sink)
     stats = stats if stats is not None else DumpStats()
     started = time.monotonic()
-    with outdir.writing(images_dir, overwrite) as imgdir, Copier():
+    with outdir.writing(images_dir, overwrite, pages_sink) as imgdir, Copier():
         with phase("freeze"):
             frozen = freeze(root, timeout=settings.freeze_timeout())
         frozen_at = time.monotonic()

@@ -130,16 +130,14 @@ def copy_live(pid, save, vmas, out):
     are left out: they are then in neither this image nor the parent's, and
     the next pass sees them.
     """
-    out_fd = out.fileno()
-    start = os.lseek(out_fd, 0, os.SEEK_CUR)
+    start = out.tell()
     mark = out.sums.mark()
     try:
         return copy_runs(pid, save, vmas, out), save
     except OSError as exc:
         if exc.errno not in (errno.EFAULT, errno.EIO, errno.ENOMEM):
             raise
-    os.lseek(out_fd, start, os.SEEK_SET)
-    os.ftruncate(out_fd, start)
+    out.truncate(start)
     out.sums.rewind(mark)
     copied, total = array("Q"), 0
     try:
