@@ -211,12 +211,12 @@ class Progress:
     its own bar (label and total of that copy), shown as a step would be."""
 
     def __init__(self, label, total, unit="MiB", scale=1 << 20, stream=None):
+        # unit and scale: the old per-process bar's, still accepted; the bar picks MiB or GiB itself
         global _current
         self.step = _current
         self.own = None
         if self.step is None:
             self.own = _current = Bar(label, total, stream=stream)
-            self.own.started = time.monotonic()
 
     @property
     def enabled(self):
