@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 
-from . import __version__, cliopts, options, stats, steps
+from . import __version__, cliopts, options, progress, stats, steps
 from .errors import Interrupted, PycrError
 from . import log as pycr_log
 
@@ -501,6 +501,7 @@ def main(argv=None):
         return 1
     try:
         pycr_log.setup(verbosity, log_file, verbosity if cliopts.chosen(args) else 1)
+        progress.allow(not getattr(args, "quiet", False))
         return _main(args, verbosity, entered)
     finally:
         if log_file is not None:

@@ -16,7 +16,7 @@ program closed the userfaultfd) is copied whole with a warning.
 import os
 import time
 
-from . import manifest, outdir, proc
+from . import manifest, outdir, proc, progress
 from .dump import DumpStats, inventory, write_tree_images
 from .errors import ImageError, PycrError, TaskGone, Unsupported
 from .freeze import freeze
@@ -83,13 +83,14 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
         raise ValueError("keep_frozen is for the final dump, not a pre-dump")
     stats = stats if stats is not None else DumpStats()
     started = time.monotonic()
-    with outdir.writing(images_dir, overwrite, pages_sink) as imgdir, Copier():
+    kind = "pre-dump" if pre_dump else "dump"
+    with outdir.writing(images_dir, overwrite, pages_sink) as imgdir, Copier(), progress.step(kind):
         frozen = _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, stats,
                            keep_frozen)
     if not keep_frozen:
         finish("pre-dump" if pre_dump else "dump")
     stats.total_seconds = time.monotonic() - started
-    log.info("%s done: %.1f MiB of pages, frozen %.3f s, total %.3f s", "pre-dump" if pre_dump else "dump",
+    log.info("%s done: %.1f MiB of pages, frozen %.3f s, total %.3f s", kind,
              stats.pages_bytes / (1 << 20), stats.frozen_seconds, stats.total_seconds)
     return frozen if keep_frozen else 0
 
