@@ -13,6 +13,8 @@ is matched, each number after `pid`/`init` (or alone on a line) is paired with t
 live run printed there, and later commands get the live PIDs in place of the recorded ones.
 The directory the tutorial runs in is shown as `~/tutorial` (DISPLAY_DIR).
 A block after `<!-- include PATH -->` (PATH relative to docs/) holds that file, verbatim.
+A console block after `<!-- requires: pycr SUBCOMMAND --OPTION -->` is skipped, with a one-line
+reason, where `pycr SUBCOMMAND --help` does not list that option (a feature not merged yet).
 
     python tests/tutorial_run.py --write   # run the tutorial, rewrite its outputs and includes
 
@@ -37,6 +39,7 @@ ELLIPSIS = "..."
 COMMAND_TIMEOUT = 60
 
 _INCLUDE = re.compile(r"^<!-- include (\S+) -->$")
+_REQUIRES = re.compile(r"^<!-- requires: pycr (\S+) (--\S+) -->$")
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Step:
     command: str
     expected: list = field(default_factory=list)    # recorded output lines
     line: int = 0                                   # the command's line in the document (0-based)
+    requires: tuple = None                          # (subcommand, option) the block needs
 
 
 @dataclass
@@ -65,8 +69,14 @@ def parse(text):
     lines = text.split("\n")
     steps, includes = [], []
     i = 0
+    requires = None
     while i < len(lines):
         m = _INCLUDE.match(lines[i])
+        needs = _REQUIRES.match(lines[i])
+        if needs:
+            requires = needs.groups()
+            i += 1
+            continue
         if m:
             start = i + 1
             if start >= len(lines) or not lines[start].startswith("```"):
@@ -79,14 +89,17 @@ def parse(text):
             step = None
             for n in range(i + 1, end):
                 if lines[n].startswith(PROMPT):
-                    step = Step(lines[n][len(PROMPT):], [], n)
+                    step = Step(lines[n][len(PROMPT):], [], n, requires)
                     steps.append(step)
                 elif step is None:
                     raise ValueError(f"line {n + 1}: output before any command")
                 else:
                     step.expected.append(lines[n])
+            requires = None
             i = end + 1
         else:
+            if lines[i].strip():
+                requires = None
             i += 1
     return Tutorial(lines, steps, includes)
 
@@ -103,6 +116,7 @@ def _fence_end(lines, start):
 _HEX = re.compile(r"0x[0-9a-f]+")
 _NUMBERISH = re.compile(r"\b(?:[0-9a-f]*[0-9][0-9a-f]*|[0-9a-f]{2})\b")   # and hex bytes such as `dc`
 _UNIT = re.compile(r"# (?:B|bytes|KiB|MiB|GiB)\b")
+_STRIP = re.compile(r"\|[#.:+=\- |]*\|")     # a dirty map's ASCII strip: which pages, drawn
 _SPACES = re.compile(r"\s+")
 
 
@@ -111,10 +125,12 @@ def normalise(line):
 
     Addresses, PIDs, counts, sizes, times and hex (anything with a digit in it, and two-letter
     words such as the byte `dc`, so also VmFlags like `ac`) become `#`,
-    a size's unit is dropped, and runs of spaces are one space (columns widen with numbers)."""
+    a size's unit is dropped, a dirty map's strip of page marks is one word, and runs of spaces
+    are one space (columns widen with numbers)."""
     line = _HEX.sub("0x#", line)
     line = _NUMBERISH.sub("#", line)
     line = _UNIT.sub("# size", line)
+    line = _STRIP.sub("|strip|", line)
     return _SPACES.sub(" ", line).strip()
 
 
@@ -182,6 +198,12 @@ def substitute(command, pids):
     return re.sub(r"\b\d+\b", lambda m: pids.get(m.group(0), m.group(0)), command)
 
 
+def unknown_pids(command, pids):
+    """Numbers of 3 digits or more in a command that no earlier output printed as a PID: run as they
+    are, they could name someone else's process."""
+    return [n for n in re.findall(r"(?<![\w.-])\d{3,}\b", command) if n not in pids]
+
+
 # ---------------------------------------------------------------- running
 
 @dataclass
@@ -191,6 +213,7 @@ class Result:
     returncode: int
     output: list            # lines, the work directory shown as DISPLAY_DIR
     alignment: list         # match(step.expected, output) or None
+    skipped: str = None     # why the step was not run
 
 
 def environment():
@@ -206,12 +229,32 @@ def prepare(workdir):
     shutil.copy(os.path.join(DOCS, "tutorial", "counter.c"), workdir)
 
 
+def missing(requires, env=None):
+    """Why a block that needs (subcommand, option) cannot run here, or None if it can."""
+    if requires is None:
+        return None
+    subcommand, option = requires
+    proc = subprocess.run(["pycr", subcommand, "--help"], env=env or environment(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=COMMAND_TIMEOUT)
+    if re.search(rf"(?<![\w-]){re.escape(option)}\b", proc.stdout.decode(errors="replace")):
+        return None
+    return f"`pycr {subcommand} {option}` does not exist in this pycr"
+
+
 def run_steps(tutorial, workdir, pids, after=None):
     """Run every step in order in workdir; yield a Result each. pids (recorded -> live) grows as
     outputs are matched. after(result) is called after each step (a test's checks)."""
     env = environment()
     for step in tutorial.steps:
         command = substitute(step.command, pids)
+        why = missing(step.requires, env)
+        if why:
+            yield Result(step, command, 0, [], None, skipped=why)
+            continue
+        unknown = unknown_pids(step.command, pids)
+        if unknown:
+            raise ValueError(f"{step.command!r} names {', '.join(unknown)}, which no earlier output "
+                             "printed as a PID (pid N, init N, or alone): not run")
         proc = subprocess.run(["bash", "-c", command], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=COMMAND_TIMEOUT)
         text = proc.stdout.decode(errors="replace").replace(os.path.realpath(workdir), DISPLAY_DIR)
@@ -235,15 +278,22 @@ def include_text(include):
 
 # ---------------------------------------------------------------- writing
 
-def refreshed(result):
-    """The new recorded output of a step: its excerpt refreshed, or the whole live output."""
+def refreshed(result, named):
+    """The new recorded output of a step: its excerpt refreshed (a prefix line keeps its form, with
+    the live PIDs), or the whole live output."""
     if result.alignment is None:
         return result.output
     lines = list(result.step.expected)
     for i, j in result.alignment:
-        if not _is_prefix(lines[i]):
-            lines[i] = result.output[j]
+        lines[i] = substitute(lines[i], named) if _is_prefix(lines[i]) else result.output[j]
     return lines
+
+
+def named_pids(tutorial, pids):
+    """recorded -> live for the PIDs the tutorial's commands name (the counter, the replica): the
+    ones its prose may name too."""
+    return {recorded: live for recorded, live in pids.items()
+            if any(re.search(rf"\b{recorded}\b", step.command) for step in tutorial.steps)}
 
 
 def write(workdir, pids):
@@ -251,16 +301,22 @@ def write(workdir, pids):
     pids gets the recorded -> live PIDs seen."""
     with open(DOC) as f:
         tutorial = parse(f.read())
-    lines = list(tutorial.lines)
     replaced = {}       # first line of a step -> (lines it spanned, new lines)
     failed = []
-    for result in run_steps(tutorial, workdir, pids):
+    results = list(run_steps(tutorial, workdir, pids))
+    named = named_pids(tutorial, pids)
+    for result in results:
         step = result.step
+        if result.skipped:
+            print(f"tutorial: {step.command!r} kept as it is: {result.skipped}", file=sys.stderr)
+            continue
         if result.returncode != 0:
             failed.append(f"{step.command!r} exited {result.returncode}")
         if result.alignment is None:
             print(f"tutorial: whole output written for {step.command!r}", file=sys.stderr)
-        replaced[step.line] = (1 + len(step.expected), [PROMPT + result.command] + refreshed(result))
+        replaced[step.line] = (1 + len(step.expected), [PROMPT + result.command] + refreshed(result, named))
+    # everything else (prose, skipped steps) names the live PIDs too
+    lines = [substitute(line, named) for line in tutorial.lines]
     for include in tutorial.includes:
         replaced[include.first] = (include.end - include.first, include_text(include))
     for start in sorted(replaced, reverse=True):
