@@ -234,7 +234,8 @@ def migrate(root, work_dir=None, policy=None, tracker="auto", on_image_set=None,
     keep = work_dir is not None
     if not keep:
         sweep_work_dirs()
-    work_dir = os.fspath(work_dir) if keep else tempfile.mkdtemp(prefix=WORK_PREFIX)
+    # absolute: each pass names its parent relative to its own directory
+    work_dir = os.path.abspath(work_dir) if keep else tempfile.mkdtemp(prefix=WORK_PREFIX)
     try:
         os.makedirs(work_dir, mode=0o700, exist_ok=True)
     except OSError as exc:
