@@ -156,10 +156,14 @@ def _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, s
                 frozen.thaw()
             state = "thawed"
         else:
+            # Frozen ends with the SIGKILL, as in a plain dump: how soon the tree's parent
+            # reaps it (init can take a second) is not the tree's downtime.
+            stats.frozen_seconds = time.monotonic() - frozen_at
             with phase("waiting for PIDs to be free"):
                 frozen.kill(timeout=settings.freeze_timeout())
             state = "killed"
-        stats.frozen_seconds = time.monotonic() - frozen_at
+        if state != "killed":
+            stats.frozen_seconds = time.monotonic() - frozen_at
         if not keep_frozen:
             log.info("tree %s after %.3f s frozen", state, stats.frozen_seconds)
         for pid, vmas in later.items():

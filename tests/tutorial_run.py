@@ -25,6 +25,7 @@ output whose shape no longer matches is written out whole, to be trimmed again b
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -327,6 +328,18 @@ def write(workdir, pids):
     return failed
 
 
+def _stop_leftovers(pids, workdir):
+    """SIGKILL what the tutorial started and left running: only a PID whose cwd is still the
+    tutorial's directory (a reused PID belongs to someone else)."""
+    for pid in sorted(set(pids)):
+        try:
+            if os.readlink(f"/proc/{pid}/cwd").startswith(workdir):
+                os.kill(int(pid), signal.SIGKILL)
+                print(f"tutorial: killed pid {pid}, left running", file=sys.stderr)
+        except (OSError, ValueError):
+            pass
+
+
 def main():
     if sys.argv[1:] != ["--write"]:
         sys.exit("usage: python tests/tutorial_run.py --write")
@@ -336,8 +349,8 @@ def main():
     try:
         failed = write(workdir, pids)
     finally:
-        left = sorted(set(pids.values()))
-        print(f"tutorial: ran in {workdir}; PIDs it saw: {' '.join(left) or '-'}", file=sys.stderr)
+        _stop_leftovers(pids.values(), workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
     if failed:
         sys.exit("tutorial: " + "; ".join(failed))
 
