@@ -14,6 +14,9 @@ PYCR_FREEZE_TIMEOUT  seconds every thread of a tree gets to reach its ptrace
 PYCR_GHOST_LIMIT   bytes a file deleted while open or mapped may hold for a dump
                    to save it with the images. Default: 64 MiB; a larger one
                    is refused by name.
+PYCR_LAZY_PUSH_DELAY  seconds `pycr lazy-pages` serves faults only, after the
+                   restored tree starts, before it pushes the other pages in
+                   the background (the working set first). Default: 0.
 """
 
 import os
@@ -91,3 +94,8 @@ def ghost_limit():
     """Largest deleted file a dump saves with the images (PYCR_GHOST_LIMIT, bytes)."""
     value = _env("PYCR_GHOST_LIMIT", lambda t: int(t, 0))
     return GHOST_LIMIT if value is None else value
+
+
+def lazy_push_delay():
+    """Seconds of fault-only serving before the background push (PYCR_LAZY_PUSH_DELAY)."""
+    return _env("PYCR_LAZY_PUSH_DELAY", float) or 0.0

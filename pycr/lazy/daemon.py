@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .. import settings
 from ..errors import PycrError
 from ..log import log
 from ..native.core import FaultServer
@@ -91,6 +92,9 @@ class Daemon:
         try:
             self.dog = watchdog.start()         # before any thread or socket of ours
             self.server = FaultServer(self.source.files(), self.source.chunk)
+            self.push_delay = settings.lazy_push_delay()
+            if self.push_delay:             # fault-only until "go" + the delay
+                self.server.push_from(time.monotonic_ns() + 3600 * 10**9)
             self._listen()
             if on_listening:
                 on_listening(self.path)
@@ -178,6 +182,8 @@ class Daemon:
                      len(runs), sum(r[1] for r in runs) // PAGE)
             return op
         if op == "go":
+            if self.push_delay:
+                self.server.push_from(time.monotonic_ns() + int(self.push_delay * 1e9))
             return op
         raise PycrError(f"unknown message {op!r}")
 

@@ -89,6 +89,8 @@ struct pycr_lazy *pycr_lazy_new(const struct pycr_lazy_file *files, size_t nfile
 long pycr_lazy_add(struct pycr_lazy *s, int uffd, const struct pycr_lazy_run *runs, size_t nruns);
 void pycr_lazy_finish_input(struct pycr_lazy *s);
 void pycr_lazy_stop(struct pycr_lazy *s);
+/* No background push before this CLOCK_MONOTONIC time (ns); faults are served at once. */
+void pycr_lazy_push_from(struct pycr_lazy *s, uint64_t when_ns);
 /* The serving loop: returns 0 once input is finished and every page placed. */
 long pycr_lazy_serve(struct pycr_lazy *s);
 void pycr_lazy_stats(struct pycr_lazy *s, struct pycr_lazy_stats *out, uint64_t *left);

@@ -493,6 +493,10 @@ class FaultServer:
     def stop(self):
         lib.pycr_lazy_stop(self._s)
 
+    def push_from(self, when_ns):
+        """Push nothing in the background before time.monotonic_ns() reaches when_ns."""
+        lib.pycr_lazy_push_from(self._s, when_ns)
+
     def serve(self):
         """The loop; raises OSError naming what failed."""
         ret = lib.pycr_lazy_serve(self._s)

@@ -79,6 +79,7 @@ struct pycr_lazy {
     struct space *incoming;
     size_t nincoming;
     int input_closed, stop;
+    uint64_t push_from;             /* CLOCK_MONOTONIC ns before which nothing is pushed */
     struct pycr_lazy_stats st;
     uint64_t *times;
     size_t ntimes, times_cap;
@@ -523,8 +524,10 @@ long pycr_lazy_serve(struct pycr_lazy *s)
         take_incoming(s);
         pthread_mutex_lock(&s->lock);
         int stop = s->stop, closed = s->input_closed;
+        uint64_t push_from = s->push_from;
         pthread_mutex_unlock(&s->lock);
-        uint64_t left = pages_left(s);
+        uint64_t left = pages_left(s), now = now_ns();
+        int pushing = left && now >= push_from;
         if (stop || s->st.error)
             break;
         if (closed && !left && !s->nretries)
@@ -538,7 +541,7 @@ long pycr_lazy_serve(struct pycr_lazy *s)
         fds[0] = (struct pollfd){s->evfd, POLLIN, 0};
         for (size_t k = 0; k < s->nspaces; k++)
             fds[k + 1] = (struct pollfd){s->spaces[k].uffd, POLLIN, 0};
-        int timeout = s->nretries ? 1 : left ? 0 : -1;
+        int timeout = s->nretries ? 1 : pushing ? 0 : left ? (int)((push_from - now) / 1000000 + 1) : -1;
         int n = poll(fds, s->nspaces + 1, timeout);
         if (n < 0 && errno != EINTR) {
             fail(s, errno, "poll");
@@ -557,7 +560,7 @@ long pycr_lazy_serve(struct pycr_lazy *s)
         s->nretries = 0;
         for (size_t r = 0; r < waiting && !s->st.error; r++)
             serve_fault(s, s->retries[r].space, s->retries[r].addr, now_ns());
-        if (n == 0 && left && !s->nretries && push_some(s) < 0)
+        if (n == 0 && pushing && !s->nretries && push_some(s) < 0)
             break;
     }
     free(fds);
@@ -645,6 +648,14 @@ void pycr_lazy_finish_input(struct pycr_lazy *s)
 {
     pthread_mutex_lock(&s->lock);
     s->input_closed = 1;
+    pthread_mutex_unlock(&s->lock);
+    poke(s);
+}
+
+void pycr_lazy_push_from(struct pycr_lazy *s, uint64_t when_ns)
+{
+    pthread_mutex_lock(&s->lock);
+    s->push_from = when_ns;
     pthread_mutex_unlock(&s->lock);
     poke(s);
 }
