@@ -235,3 +235,10 @@ def test_restore_without_a_daemon_fails_before_any_task(spawn_python, tmp_path, 
     p = pycr("restore", "-D", img, "-d", "--lazy-pages", expect=1)
     assert "no lazy-pages daemon" in one_line_error(p)
     assert not procutil.exists(w.pid)
+
+
+def test_check_serves_a_fault():
+    import json
+    doc = json.loads(pycr("check", "--json").stdout)
+    found = {c["name"]: c for c in doc["checks"]}["userfaultfd MISSING"]
+    assert found["ok"] and "kernel-mode fault served" in found["detail"], found
