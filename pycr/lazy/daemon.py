@@ -67,6 +67,7 @@ class Daemon:
         self.listener = None
         self.error = None
         self.conn = None
+        self.thread = None
 
     def _listen(self):
         with contextlib.suppress(FileNotFoundError):
@@ -103,7 +104,7 @@ class Daemon:
             os.unlink(self.path)
             started = time.monotonic()
             self.conn = conn
-            thread = threading.Thread(target=self._serve, name="pycr-fault-server", daemon=True)
+            thread = self.thread = threading.Thread(target=self._serve, name="pycr-fault-server", daemon=True)
             thread.start()
             try:
                 went = self._talk(conn)
@@ -124,9 +125,12 @@ class Daemon:
             self.dog = None
             return self._summary(time.monotonic() - started)
         finally:
-            if self.dog is not None:
+            if self.dog is not None:            # not every page placed: the tree must not run on
                 self.dog.kill()
             if self.server is not None:
+                if self.thread is not None and self.thread.is_alive():     # interrupted (Ctrl-C)
+                    self.server.stop()
+                    self.thread.join()
                 self.server.close()
             if self.listener is not None:
                 self.listener.close()
