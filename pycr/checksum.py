@@ -71,5 +71,17 @@ class PagesFile:
         self._f.flush()
         return self._f.fileno()
 
+    def tell(self):
+        return os.lseek(self.fileno(), 0, os.SEEK_CUR)
+
+    def truncate(self, pos):
+        """Cut the file back to pos bytes and write on from there (a batch copied again)."""
+        fd = self.fileno()
+        os.lseek(fd, pos, os.SEEK_SET)
+        os.ftruncate(fd, pos)
+
+    def drain(self):
+        """Nothing to do: bytes written to fileno() are in the file already (see RemotePagesFile)."""
+
     def flush(self):
         self._f.flush()

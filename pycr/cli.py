@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 
-from . import __version__, cliopts, options, stats, steps
+from . import __version__, cliopts, options, progress, stats, steps
 from .errors import Interrupted, PycrError
 from . import log as pycr_log
 
@@ -47,6 +47,13 @@ def _add_dump_args(p):
                    help="how pages written since the previous pass are found")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the image set DIR holds (default: refuse a directory that holds one)")
+    g = p.add_argument_group("page server (criu's): the pages files go to `pycr page-server` at ADDR:PORT; "
+                             "the other images stay in DIR")
+    g.add_argument("--page-server", action="store_true", help="send the pages files to a page server")
+    g.add_argument("--address", metavar="ADDR", help="the page server's host name or address")
+    g.add_argument("--port", type=_port, metavar="PORT", help="the page server's port")
+    g.add_argument("--secret-file", metavar="FILE",
+                   help="the secret both sides hold (mode 0600); proves each side to the other")
     _add_display_stats(p)
     _add_object_options(p)
     cliopts.add_output(p)
@@ -74,6 +81,26 @@ def _positive_int(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _port(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return value
+
+
+def _fd(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file descriptor number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file descriptor number")
     return value
 
 
@@ -203,9 +230,33 @@ def build_parser():
     cliopts.add_output(p, work_dir=False)
     _add_common(p)
 
-    p = sub.add_parser("show", help="decode images into readable text or JSON")
-    p.add_argument("path", help="an images directory or one image file")
+    p = sub.add_parser("page-server", help="receive the pages files of one dump or pre-dump "
+                                           "(`pycr dump --page-server`) into a directory, then exit")
+    p.add_argument("-D", "--images-dir", required=True, metavar="DIR",
+                   help="where the pages files are written (made if missing; must hold none yet)")
+    p.add_argument("--port", type=_port, required=True, metavar="PORT",
+                   help="TCP port to listen on (0: any free port; the one taken is printed)")
+    p.add_argument("--address", default="", metavar="ADDR",
+                   help="address to listen on (default: every address, as criu's)")
+    p.add_argument("--secret-file", required=True, metavar="FILE",
+                   help="the secret both sides hold (mode 0600); a peer that cannot prove it holds it "
+                        "is dropped before anything it sends is written")
+    p.add_argument("--daemon", action="store_true",
+                   help="go to the background once listening (the line printed then names its PID)")
+    p.add_argument("--status-fd", type=_fd, metavar="FD",
+                   help="write one NUL byte to FD once listening, then close it (as criu does)")
+    cliopts.add_output(p)
+    _add_common(p)
+
+    p = sub.add_parser("show", help="decode images into readable text or JSON; --dirty-map: which pages each "
+                                    "pass of a chain saved")
+    p.add_argument("path", nargs="?", help="an images directory or one image file")
     p.add_argument("--json", action="store_true", help="print JSON that `pycr encode` turns back into the same bytes")
+    p.add_argument("--dirty-map", metavar="DIR",
+                   help="which pages of each process every pass saved: DIR is the last image set of a pre-dump "
+                        "chain or a directory of pass sets (`pycr migrate -W DIR`); a text summary, or with -o "
+                        "a picture (needs matplotlib: pip install 'pycr[plot]')")
+    p.add_argument("-o", "--output", metavar="PNG", help="with --dirty-map: draw the map into this file")
     _add_common(p)
 
     p = sub.add_parser("encode", help="turn the JSON of one image (from `pycr show FILE --json`) back into its bytes")
@@ -234,6 +285,8 @@ def _run(args):
         return _dump(args)
     if args.command == "restore" and args.follow and args.lazy_pages:
         raise PycrError("--lazy-pages restores one image set; it does not go with --follow")
+    if args.command == "page-server":
+        return _page_server(args)
     if args.command == "restore" and args.follow:
         return _restore_follow(args)
     if args.command == "restore":
@@ -242,7 +295,12 @@ def _run(args):
         return _lazy_pages(args)
     if args.command == "migrate":
         return _migrate(args)
+    if args.command == "show" and args.dirty_map is not None:
+        return _dirty_map(args)
     if args.command == "show":
+        if args.path is None or args.output is not None:
+            build_parser().commands["show"].error("give an images directory or image file, or --dirty-map DIR"
+                                                  if args.path is None else "-o draws only with --dirty-map")
         from .show import show
         show(args.path, json=args.json)
         return 0
@@ -251,6 +309,23 @@ def _run(args):
         encode_json_file(args.input, args.output)
         return 0
     raise AssertionError(args.command)
+
+
+def _dirty_map(args):
+    if args.path is not None or args.json:
+        build_parser().commands["show"].error("--dirty-map takes no other path and no --json")
+    from . import dirtymap
+    if args.output is not None:
+        from .dirtymap_draw import draw, require_matplotlib
+        require_matplotlib()                # before reading the chain: fail in one line, at once
+        dmap = dirtymap.load(args.dirty_map)
+        drawn = len(draw(dmap, args.output).panels)
+        left = len(dmap.processes) - drawn
+        print(f"{args.output}: dirty map of {len(dmap.passes)} passes, {drawn} processes"
+              + (f" ({left} smaller ones left out)" if left else ""))
+        return 0
+    sys.stdout.write(dirtymap.text(dirtymap.load(args.dirty_map)))
+    return 0
 
 
 def _check_tree(root):
@@ -272,10 +347,73 @@ def _dump(args):
         from .dump import DumpStats, dump_tree
     dumped = DumpStats()
     leave_running = getattr(args, "leave_running", False)
-    dump_tree(args.tree, args.images_dir, pre_dump=(args.command == "pre-dump"), leave_running=leave_running,
-              prev_images_dir=args.prev_images_dir, tracker=args.tracker, overwrite=args.overwrite, stats=dumped)
-    _summary(args, cliopts.dump_summary(args.command, dumped, args.images_dir, leave_running))
+    sink = _page_server_client(args)
+    try:
+        dump_tree(args.tree, args.images_dir, pre_dump=(args.command == "pre-dump"),
+                  leave_running=leave_running, prev_images_dir=args.prev_images_dir, tracker=args.tracker,
+                  overwrite=args.overwrite, stats=dumped, pages_sink=sink)
+    finally:
+        if sink is not None:
+            sink.abort()            # closes; asks the server to drop its files unless the dump committed
+    line = cliopts.dump_summary(args.command, dumped, args.images_dir, leave_running)
+    if sink is not None:
+        line += f"; pages files ({sink.files}) at the page server {sink.name.split()[-1]}"
+    _summary(args, line)
     return 0
+
+
+def _page_server_client(args):
+    """The connected, authenticated page server of --page-server, or None (before anything is frozen)."""
+    given = [o for o, v in (("--address", args.address), ("--port", args.port),
+                            ("--secret-file", args.secret_file)) if v is not None]
+    if not args.page_server:
+        if given:
+            raise PycrError(f"{given[0]} is for --page-server, which was not given")
+        return None
+    missing = [o for o in ("--address", "--port", "--secret-file") if o not in given]
+    if missing:
+        raise PycrError(f"--page-server needs {', '.join(missing)}")
+    from .net.page_client import PageServerClient
+    return PageServerClient.connect(args.address, args.port, args.secret_file)
+
+
+def _page_server(args):
+    import os
+    from .net import channel, page_server
+    from .net.auth import read_secret
+    secret = read_secret(args.secret_file)
+    page_server.check_directory(args.images_dir)
+    listener = channel.listen(args.address, args.port)
+    where = channel.describe(listener.getsockname())
+    pid = os.fork() if args.daemon else 0
+    if pid:
+        listener.close()
+        print(f"pycr page-server: listening on {where} (pid {pid})", flush=True)
+        return 0
+    if args.daemon:
+        os.setsid()
+        _to_dev_null()
+    else:
+        print(f"pycr page-server: listening on {where}", flush=True)
+    if args.status_fd is not None:
+        try:
+            os.write(args.status_fd, b"\0")
+            os.close(args.status_fd)
+        except OSError as exc:
+            raise PycrError(f"--status-fd {args.status_fd}: {exc.strerror}") from None
+    got = page_server.serve(listener, args.images_dir, secret)
+    _summary(args, f"page-server: {got.files} pages files, {got.bytes / (1 << 20):.1f} MiB from "
+                   f"{got.peer} in {got.directory}")
+    return 0
+
+
+def _to_dev_null():
+    """A daemon's stdio: nothing to print to (-o still logs)."""
+    import os
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
 
 
 def _summary(args, line):
@@ -353,6 +491,7 @@ _UNDONE = {
     "pre-dump": "the tree was released as it was",
     "restore": "the tasks it had created were killed",
     "migrate": "the source tree goes on; the replica was killed",
+    "page-server": "the files it had received were removed",
 }
 
 
@@ -383,6 +522,7 @@ def main(argv=None):
         return 1
     try:
         pycr_log.setup(verbosity, log_file, verbosity if cliopts.chosen(args) else 1)
+        progress.allow(not getattr(args, "quiet", False))
         return _main(args, verbosity, entered)
     finally:
         if log_file is not None:

@@ -43,7 +43,7 @@ def add_output(p, work_dir=True, summary=True):
     """-o, -W and -q, as criu takes the first two."""
     p.add_argument("-o", "--log-file", metavar="FILE",
                    help="write the narration (-v level; -v if none is given) to FILE, relative to the work "
-                        "directory; the terminal then gets only errors and the summary")
+                        "directory; the terminal then gets only errors, the summary and a progress bar")
     if work_dir:
         p.add_argument("-W", "--work-dir", metavar="DIR",
                        help="where -o and --pidfile are written when relative (default: the images directory)")

@@ -9,15 +9,15 @@ Whatever goes wrong, the tree is thawed exactly as it was.
 import platform
 import time
 
-from . import __version__, leftovers, manifest, outdir, proc
+from . import __version__, leftovers, manifest, outdir, proc, progress
 from .collect.core import collect_core, collect_thread
 from .collect import ghost, memfd, sysvshm
 from .collect.kinds import collect_objects
 from .collect.file_locks import collect_file_locks
 from .collect.timers import collect_posix_timers
 from .collect.files import collect_files, collect_pipes_data, number_file_descriptions, describe_fd
-from .collect.memory import dump_private_memory, dump_shmem, shmem_vmas
-from .collect.mm import check_supported, collect_mm, read_vmas
+from .collect.memory import dump_private_memory, dump_shmem, present_runs, private_vmas, shmem_vmas
+from .collect.mm import check_supported, collect_mm, read_vmas, vma_record
 from .collect.tty import check_terminals
 from .collect.tree import check_pid_namespace, check_sessions, collect_pstree, reader
 from .errors import PycrError
@@ -94,6 +94,12 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
     if locks:
         imgdir.write("file-locks", {"locks": locks})
 
+    runs = {}
+    if memory is None:
+        # Which pages to copy, for the whole tree before any is copied: the progress bar's total.
+        runs = {pid: present_runs(srcs[pid], private_vmas([vma_record(*v) for v in vmas_by_pid[pid]]))
+                for pid in processes}
+        progress.total(sum(sum(r[1::2]) for r in runs.values()))
     written, posix_timers = 0, []
     for pid, threads in processes.items():
         # CPU state first: injection below borrows the registers and the signal mask.
@@ -114,7 +120,7 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
         step(f"write pages of {pid}")
         vmas = mm_img["vmas"]
         if memory is None:
-            written += dump_private_memory(pid, vmas, imgdir, src=src)
+            written += dump_private_memory(pid, vmas, imgdir, runs=runs[pid], src=src)
         else:
             written += memory(pid, vmas, imgdir)
         for vma in shmem_vmas(vmas):
@@ -162,21 +168,22 @@ def _read_tree(frozen, hidden_fds, smaps):
 
 
 def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images_dir=None,
-              tracker="auto", overwrite=False, stats=None):
+              tracker="auto", overwrite=False, stats=None, pages_sink=None):
     """Checkpoint the tree rooted at `root` into images_dir. Returns 0; fills `stats` (a DumpStats).
 
     pre-dump and --prev-images-dir go through pycr.predump (incremental chains).
     images_dir must not hold another image set unless overwrite (see pycr.outdir);
     a failed dump removes what it wrote. The manifest, written last, seals the set.
+    pages_sink: a connected net.page_client.PageServerClient: the pages files go there.
     """
     if pre_dump or prev_images_dir:
         from .predump import dump_incremental
         return dump_incremental(root, images_dir, pre_dump=pre_dump, leave_running=leave_running,
                                 prev_images_dir=prev_images_dir, tracker=tracker, overwrite=overwrite,
-                                stats=stats)
+                                stats=stats, pages_sink=pages_sink)
     stats = stats if stats is not None else DumpStats()
     started = time.monotonic()
-    with outdir.writing(images_dir, overwrite) as imgdir, Copier():
+    with outdir.writing(images_dir, overwrite, pages_sink) as imgdir, Copier():
         with phase("freeze"):
             frozen = freeze(root, timeout=settings.freeze_timeout())
         frozen_at = time.monotonic()
@@ -184,7 +191,8 @@ def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images
         log.info("froze %d processes, %d threads with PTRACE_SEIZE + PTRACE_INTERRUPT",
                  stats.processes, stats.threads)
         try:
-            stats.pages_bytes = write_tree_images(frozen, imgdir)
+            with progress.step("dump"):
+                stats.pages_bytes = write_tree_images(frozen, imgdir)
             step("write inventory and manifest")
             imgdir.write("inventory", inventory(root, "dump"))
             manifest.seal(imgdir)

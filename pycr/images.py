@@ -326,9 +326,11 @@ class ImageDir:
     them again if the dump fails (discard).
     """
 
-    def __init__(self, path):
+    def __init__(self, path, pages_sink=None):
         self.path = os.fspath(path)
         self.written = {}            # file name -> Written
+        # Where pages files go instead of this directory: a net.page_client.PageServerClient.
+        self.pages_sink = pages_sink
 
     def __repr__(self):
         return f"ImageDir({self.path!r})"
@@ -376,7 +378,15 @@ class ImageDir:
         """A checksum.PagesFile for pages-<owner>.img; it appears only if the block succeeds.
 
         Everything written to it is summed per chunk on the way (see PagesFile).
+        With a pages_sink the file is written by the page server instead (a
+        RemotePagesFile); it is recorded in `written` all the same, for the manifest.
         """
+        if self.pages_sink is not None:
+            name = self.file_name("pages", owner)
+            with self.pages_sink.pages_file(name) as out:
+                yield out
+            self.written[name] = Written(out.tell(), b"", out.sums.sums().tobytes())
+            return
         self._ensure()
         path = self.pages_path(owner)
         with _atomic_file(path) as f:
@@ -388,8 +398,16 @@ class ImageDir:
                 raise AssertionError(f"{path}: {size} bytes written but {out.sums.pos} summed")
         self.written[os.path.basename(path)] = Written(size, b"", out.sums.sums().tobytes())
 
+    def commit(self):
+        """Before the manifest seals the set: a page server keeps the pages files it holds."""
+        if self.pages_sink is not None:
+            self.pages_sink.commit()
+
     def discard(self):
-        """Remove every file this object wrote (a failed dump leaves nothing of its own)."""
+        """Remove every file this object wrote (a failed dump leaves nothing of its own);
+        a page server removes those it received."""
+        if self.pages_sink is not None:
+            self.pages_sink.abort()
         for name in list(self.written):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.path, name))

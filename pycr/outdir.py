@@ -41,8 +41,10 @@ def image_files(path):
 
 
 @contextlib.contextmanager
-def writing(path, overwrite=False):
+def writing(path, overwrite=False, pages_sink=None):
     """An ImageDir for a new image set at path; on failure everything it wrote is removed.
+
+    pages_sink: a page server's client the pages files go to (ImageDir.pages_sink).
 
     Refuses a directory holding another set unless overwrite (which removes
     it first, the manifest before anything else so that it is never valid
@@ -64,7 +66,7 @@ def writing(path, overwrite=False):
             raise
         _probe(path)
         _clear(path, overwrite)
-        imgdir = ImageDir(path)
+        imgdir = ImageDir(path, pages_sink)
         try:
             yield imgdir
         except BaseException:

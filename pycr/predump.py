@@ -16,7 +16,7 @@ program closed the userfaultfd) is copied whole with a warning.
 import os
 import time
 
-from . import manifest, outdir, proc
+from . import manifest, outdir, proc, progress
 from .dump import DumpStats, inventory, write_tree_images
 from .errors import ImageError, PycrError, TaskGone, Unsupported
 from .freeze import freeze
@@ -38,8 +38,11 @@ def resolve_parent(images_dir, prev_images_dir):
     return os.path.normpath(os.path.join(images_dir, prev_images_dir))
 
 
-def open_parent(images_dir, prev_images_dir, root):
+def open_parent(images_dir, prev_images_dir, root, pages_elsewhere=False):
     """ParentPass of --prev-images-dir, checked to be a whole pre-dump of this tree.
+
+    pages_elsewhere: the chain's pages files went to a page server; the parent
+    directory here may lack them (the rest of the set must be whole).
 
     Its set ID (parent.set_id) goes into this pass's manifest, which ties the
     chain: a restore refuses a parent directory whose ID differs. Its pages
@@ -50,7 +53,7 @@ def open_parent(images_dir, prev_images_dir, root):
         raise ImageError(path, "parent image directory (--prev-images-dir) does not exist")
     if os.path.realpath(path) == os.path.realpath(images_dir):
         raise ImageError(path, "--prev-images-dir is the images directory itself")
-    set_id = bytes(manifest.verify(path, deep=False).set_id)
+    set_id = bytes(manifest.verify(path, deep=False, pages_elsewhere=pages_elsewhere).set_id)
     parent = ParentPass(ImageDir(path))
     parent.set_id = set_id
     if str(parent.inventory.kind) != "pre-dump":
@@ -62,7 +65,7 @@ def open_parent(images_dir, prev_images_dir, root):
 
 
 def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev_images_dir=None,
-                     tracker="auto", stats=None, keep_frozen=False, overwrite=False):
+                     tracker="auto", stats=None, keep_frozen=False, overwrite=False, pages_sink=None):
     """One pass of a chain rooted at `root` into images_dir. Returns 0.
 
     stats (a DumpStats) is filled in for benchmarks: frozen_seconds,
@@ -73,18 +76,21 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
     the source stopped until the replica runs). The tracker's state in the
     targets (a userfaultfd) is left in place too: after a thaw the caller
     removes it (pycr.migrate.loop.untrack).
+    pages_sink: a page server's client the pages files go to; the parent's pages are
+    then expected on the server's side too (they are not looked for here).
     """
     if keep_frozen and pre_dump:
         raise ValueError("keep_frozen is for the final dump, not a pre-dump")
     stats = stats if stats is not None else DumpStats()
     started = time.monotonic()
-    with outdir.writing(images_dir, overwrite) as imgdir, Copier():
+    kind = "pre-dump" if pre_dump else "dump"
+    with outdir.writing(images_dir, overwrite, pages_sink) as imgdir, Copier(), progress.step(kind):
         frozen = _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, stats,
                            keep_frozen)
     if not keep_frozen:
         finish("pre-dump" if pre_dump else "dump")
     stats.total_seconds = time.monotonic() - started
-    log.info("%s done: %.1f MiB of pages, frozen %.3f s, total %.3f s", "pre-dump" if pre_dump else "dump",
+    log.info("%s done: %.1f MiB of pages, frozen %.3f s, total %.3f s", kind,
              stats.pages_bytes / (1 << 20), stats.frozen_seconds, stats.total_seconds)
     return frozen if keep_frozen else 0
 
@@ -92,7 +98,8 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
 def _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, stats, keep_frozen):
     """Write and seal one pass into imgdir; -> the FrozenTree if keep_frozen."""
     images_dir = imgdir.path
-    parent = open_parent(images_dir, prev_images_dir, root) if prev_images_dir else None
+    parent = open_parent(images_dir, prev_images_dir, root, imgdir.pages_sink is not None) \
+        if prev_images_dir else None
     trk = make_tracker(tracker, parent)
     # The userfaultfd stays in the targets when they are killed right after (closing it
     # costs injected syscalls while frozen), or when the caller takes it out later.

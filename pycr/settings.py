@@ -14,6 +14,12 @@ PYCR_FREEZE_TIMEOUT  seconds every thread of a tree gets to reach its ptrace
 PYCR_GHOST_LIMIT   bytes a file deleted while open or mapped may hold for a dump
                    to save it with the images. Default: 64 MiB; a larger one
                    is refused by name.
+PYCR_NET_TIMEOUT   seconds a network peer may take to send the rest of a frame it
+                   began, or to take what pycr sends; also to send its hello and
+                   authentication. Default: 30 s. Past it the peer is dropped.
+PYCR_NET_IDLE_TIMEOUT  seconds a network peer may be silent where a frame is due
+                   while it works (a page server fsyncing a file, a dump copying
+                   memory between two files). Default: 300 s.
 PYCR_LAZY_PUSH_DELAY  seconds `pycr lazy-pages` serves faults only, after the
                    restored tree starts, before it pushes the other pages in
                    the background (the working set first). Default: 0.
@@ -28,6 +34,8 @@ COPY_BUFFER_MAX = 32 << 20
 COPY_BUFFER_MIN = 1 << 20
 FREEZE_TIMEOUT_BASE = 10.0
 GHOST_LIMIT = 64 << 20
+NET_TIMEOUT = 30.0
+NET_IDLE_TIMEOUT = 300.0
 
 
 def _env(name, parse):
@@ -94,6 +102,13 @@ def ghost_limit():
     """Largest deleted file a dump saves with the images (PYCR_GHOST_LIMIT, bytes)."""
     value = _env("PYCR_GHOST_LIMIT", lambda t: int(t, 0))
     return GHOST_LIMIT if value is None else value
+
+
+def net_timeouts():
+    """(frame, idle) seconds of the network channel (PYCR_NET_TIMEOUT, PYCR_NET_IDLE_TIMEOUT)."""
+    frame = _env("PYCR_NET_TIMEOUT", float) or NET_TIMEOUT
+    idle = _env("PYCR_NET_IDLE_TIMEOUT", float) or NET_IDLE_TIMEOUT
+    return frame, max(idle, frame)
 
 
 def lazy_push_delay():

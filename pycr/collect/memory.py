@@ -135,33 +135,47 @@ def copy_runs(pid, runs, vmas, out, progress=None):
     when the copy fails.
     """
     sums = getattr(out, "sums", None)
+    drain = getattr(out, "drain", None)
     out_fd = out if isinstance(out, int) else out.fileno()
     try:
         with phase("page copy"):
-            written = _copy_batches(pid, runs, vmas, out_fd, sums, progress)
+            written = _copy_batches(pid, runs, vmas, out_fd, sums, progress, drain)
         count("pages written", written // PAGE)
         return written
     finally:
         set_direct_io(out_fd, False)
 
 
-def _copy_batches(pid, runs, vmas, out_fd, sums, progress):
+def _chunks(batch, limit=MEM_CHUNK):
+    """The runs of batch in pieces of at most `limit` bytes (a longer run is cut)."""
+    chunk, size = array("Q"), 0
+    for i in range(0, len(batch), 2):
+        addr, length = batch[i], batch[i + 1]
+        while length:
+            take = min(length, limit - size)
+            chunk.extend((addr, take))
+            size += take
+            addr += take
+            length -= take
+            if size >= limit:
+                yield chunk, size
+                chunk, size = array("Q"), 0
+    if chunk:
+        yield chunk, size
+
+
+def _copy_batches(pid, runs, vmas, out_fd, sums, progress, drain=None):
+    """drain() (a page server's file) sends what was written to out_fd after each chunk."""
     total = 0
     for readable, batch in split_by_readability(runs, vmas):
         set_direct_io(out_fd, readable)
         if readable:
-            # Chunk so that a terminal shows progress on large copies.
-            chunk, size = array("Q"), 0
-            for i in range(0, len(batch), 2):
-                chunk.extend((batch[i], batch[i + 1]))
-                size += batch[i + 1]
-                if size >= MEM_CHUNK:
-                    total += core.vm_read_runs(pid, chunk, out_fd, sums)
-                    if progress:
-                        progress.advance(size)
-                    chunk, size = array("Q"), 0
-            if chunk:
+            # Chunk so that a terminal shows progress on large copies, and a page
+            # server's staging file holds at most one chunk.
+            for chunk, size in _chunks(batch):
                 total += core.vm_read_runs(pid, chunk, out_fd, sums)
+                if drain:
+                    drain()
                 if progress:
                     progress.advance(size)
         else:
@@ -173,6 +187,8 @@ def _copy_batches(pid, runs, vmas, out_fd, sums, progress):
                     if sums is not None:
                         sums.update(data)
                     total += len(data)
+                    if drain:
+                        drain()
             finally:
                 os.close(mem)
     return total

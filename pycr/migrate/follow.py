@@ -9,6 +9,7 @@ once) and the replica is discarded; after the resume it hears finish(True).
 import time
 from dataclasses import dataclass, field
 
+from pycr import progress
 from pycr.log import log
 from pycr.migrate import report
 from pycr.migrate.replica import Replica
@@ -44,9 +45,10 @@ def follow(transport, pidns=False, on_image_set=None, on_pass=None, trust_images
             started = time.monotonic()
             # Later sets: in_parent runs are in the replica already; following them all up
             # the chain would only add to the downtime (write_resolved follows those it needs).
-            images = load_images(path, allow_pre_dump=True, resolve_chain=replica.run is None,
-                                 trust_images=trust_images)
-            changes = replica.apply(images)
+            with progress.muted() if getattr(transport, "shows_progress", False) else progress.step(f"pass {number}"):
+                images = load_images(path, allow_pre_dump=True, resolve_chain=replica.run is None,
+                                     trust_images=trust_images)
+                changes = replica.apply(images)
             final = changes.kind == "dump"
             if final:
                 replica.resume()

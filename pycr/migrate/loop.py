@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from pycr import abi, options, proc, settings
+from pycr import abi, options, proc, progress, settings
 from pycr.abi import UFFD_LINK
 from pycr.dump import DumpStats
 from pycr.errors import PycrError, TaskGone
@@ -65,6 +65,8 @@ class Policy:
 class SourcePasses(Transport):
     """Image sets taken from a live tree on demand: pre-dumps, then a final dump kept frozen."""
 
+    shows_progress = True           # a pass's bar follows the source's copy
+
     def __init__(self, root, work_dir, tracker="auto", policy=None):
         self.root = root
         self.work_dir = work_dir
@@ -86,6 +88,16 @@ class SourcePasses(Transport):
         path = os.path.join(self.work_dir, f"{number:02d}-{'dump' if final else 'pre-dump'}")
         stats = DumpStats()
         started = time.monotonic()
+        with progress.step(f"pass {number}"):
+            self._take(path, final, stats)
+        self.last_seconds = time.monotonic() - started
+        self.deltas.append(stats.pages_bytes)
+        self.previous = path
+        if not final:
+            self.last_pre_dump = path
+        return path
+
+    def _take(self, path, final, stats):
         if final:
             self.final_taken = True
             self.frozen = dump_incremental(self.root, path, prev_images_dir=self.previous,
@@ -94,12 +106,6 @@ class SourcePasses(Transport):
         else:
             dump_incremental(self.root, path, pre_dump=True, prev_images_dir=self.previous,
                              tracker=self.tracker, stats=stats)
-        self.last_seconds = time.monotonic() - started
-        self.deltas.append(stats.pages_bytes)
-        self.previous = path
-        if not final:
-            self.last_pre_dump = path
-        return path
 
     def finish(self, ok):
         frozen, self.frozen = self.frozen, None

@@ -23,7 +23,7 @@ import mmap
 import os
 from array import array
 
-from pycr import proc
+from pycr import proc, progress
 from pycr.abi import MADV_DONTNEED
 from pycr.errors import RestoreError
 from pycr.images import iter_page_runs
@@ -81,11 +81,13 @@ class PageWriter:
 
     def _write(self, real, runs, src, offset):
         try:
-            return core.vm_write_runs(real, runs, src, offset)
+            written = core.vm_write_runs(real, runs, src, offset)
         except OSError as exc:
             raise RestoreError(f"pid {real}: writing pages into the replica: {exc.strerror}") from None
         except ValueError as exc:
             raise RestoreError(f"pid {real}: {exc}") from None
+        progress.advance(written)
+        return written
 
     def write_delta(self, real, chain, owner):
         """The pages this pass saved for owner -> bytes written."""

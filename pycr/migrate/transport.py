@@ -22,6 +22,10 @@ from pycr.log import log
 class Transport:
     """The interface: a source of image sets for one incremental restore."""
 
+    #: True if next_image_set shows the pass's progress bar itself (it copies the pages
+    #: in this process); then applying the set to the replica shows none.
+    shows_progress = False
+
     def next_image_set(self):
         """Path of the next complete image set (blocks until there is one)."""
         raise NotImplementedError

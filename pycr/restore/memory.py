@@ -182,6 +182,10 @@ class PageChain:
             self._index[key] = ([r[0] for r in rows], rows)
         return self._index[key]
 
+    def saved_bytes(self, owner):
+        """Bytes a fill of owner writes: its pagemap's runs, wherever in the chain they are."""
+        return sum(nr for _, nr, _, _ in iter_page_runs(self.pagemap(0, owner))) * PAGE
+
     # -- resolution
     def _resolve(self, level, owner, start, end, out):
         """Append (level, addr, length, file offset) pieces covering [start, end)."""

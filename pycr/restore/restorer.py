@@ -14,7 +14,7 @@ import os
 import signal
 import time
 
-from pycr import proc
+from pycr import proc, progress
 from pycr.abi import PR_GET_CHILD_SUBREAPER, PR_SET_CHILD_SUBREAPER, WALL
 from pycr.errors import PycrError
 from pycr.log import log
@@ -272,7 +272,9 @@ def restore(images_dir, detach=False, pidns=False, trust_images=False, on_runnin
     try:
         run.open_files()
         run.create()
-        run.rebuild()
+        with progress.step("restore"):
+            progress.total(sum(images.pages.saved_bytes(str(p.pid)) for p in images.processes))
+            run.rebuild()
         run.release()
     except BaseException:
         log.info("restore failed: killing the %d tasks created so far", len(run.created))

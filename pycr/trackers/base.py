@@ -121,7 +121,7 @@ def plan_copy(present, dirty, coverage):
     return save, R.subtract(present, save)
 
 
-def copy_live(pid, save, vmas, out):
+def copy_live(pid, save, vmas, out, progress=None):
     """Copy runs from a running task to a pages writer; -> (bytes, runs actually copied).
 
     The task may unmap or re-protect memory meanwhile. A batch that faults is
@@ -130,16 +130,14 @@ def copy_live(pid, save, vmas, out):
     are left out: they are then in neither this image nor the parent's, and
     the next pass sees them.
     """
-    out_fd = out.fileno()
-    start = os.lseek(out_fd, 0, os.SEEK_CUR)
+    start = out.tell()
     mark = out.sums.mark()
     try:
-        return copy_runs(pid, save, vmas, out), save
+        return copy_runs(pid, save, vmas, out, progress), save
     except OSError as exc:
         if exc.errno not in (errno.EFAULT, errno.EIO, errno.ENOMEM):
             raise
-    os.lseek(out_fd, start, os.SEEK_SET)
-    os.ftruncate(out_fd, start)
+    out.truncate(start)
     out.sums.rewind(mark)
     copied, total = array("Q"), 0
     try:
@@ -158,6 +156,8 @@ def copy_live(pid, save, vmas, out):
                 continue
             out.write_fd(data)
             total += length
+            if progress:
+                progress.advance(length)
             copied.extend((addr, length))
     finally:
         os.close(mem)
@@ -172,7 +172,7 @@ def write_pages(pid, vmas, imgdir, save, in_parent, live):
     with Progress(f"pid {pid} memory", R.total(save)) as progress, \
             imgdir.pages_writer(str(pid)) as f:
         if live:
-            written, save = copy_live(pid, save, mine, f)
+            written, save = copy_live(pid, save, mine, f, progress)
         else:
             written = copy_runs(pid, save, mine, f, progress)
     entries = runs_to_entries(save) + runs_to_entries(in_parent, in_parent=True)

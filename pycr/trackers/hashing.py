@@ -10,7 +10,7 @@ same bytes is not copied again. The bytes saved are exactly the bytes hashed
 import os
 from array import array
 
-from .. import proc
+from .. import proc, progress
 from ..errors import TaskGone
 from ..log import log
 from ..native import core
@@ -65,6 +65,7 @@ class HashTracker(Tracker):
                             if not live:
                                 raise TaskGone(pid, f"cannot read {addr:#x}")
                             continue        # unmapped meanwhile: the next pass sees it
+                        progress.advance(length)        # every present page is read and hashed
                         page_hashes = core.hash_pages(data, length // PAGE)
                         hashed.append((addr, addr + length))
                         hashes.extend(page_hashes)

@@ -1,0 +1,99 @@
+"""The wire format of pycr's network channel: a hello, then checksummed frames.
+
+Not an image kind (nothing here is a file): a connection between two pycr
+processes (a dump and its page server; later a migration source and its
+destination) begins with one Hello from each side, then carries Frames.
+A frame is a FrameHeader, `length` bytes of payload, and the CRC-32C of
+header and payload (FrameTrailer). The payload of each frame type is
+declared below (PAYLOADS); DATA carries raw bytes. See wire.md.
+"""
+
+import enum
+
+from construct import Bytes, Int8ul, Int16ul, Struct
+
+from .common import U32, U64, Blob, String
+
+MAGIC = b"PYCW"
+#: Version of the protocol this pycr speaks; a peer with another one is refused.
+PROTOCOL_VERSION = 1
+NONCE_SIZE = 32
+PROOF_SIZE = 32            # HMAC-SHA256
+#: Largest payload a reader accepts: a longer `length` is refused before anything is read.
+MAX_PAYLOAD = 4 << 20
+#: DATA frames are cut at this size by the sender.
+DATA_CHUNK = 1 << 20
+
+
+class Role(enum.IntEnum):
+    """What a peer is, said in its hello (and bound into the authentication)."""
+    PAGE_CLIENT = 1         # pycr dump / pre-dump --page-server: sends pages files
+    PAGE_SERVER = 2         # pycr page-server: writes them into its directory
+
+
+class FrameType(enum.IntEnum):
+    CHALLENGE = 1           # server -> client: its nonce
+    AUTH = 2                # client -> server: its nonce and its proof
+    PROOF = 3               # server -> client: its proof
+    ERROR = 4               # either way: why the sender gives up (then it closes)
+    FILE_BEGIN = 10         # client: a pages file starts
+    DATA = 11               # client: the next bytes of the current file
+    TRUNCATE = 12           # client: cut the current file back to `offset` (a copy redone)
+    FILE_END = 13           # client: the file is complete: its size and CRC-32C per chunk
+    FILE_OK = 14            # server: the file is durable under its name and its sums match
+    DONE = 15               # client: the dump succeeded, keep every file
+    DONE_OK = 16            # server: kept
+    ABORT = 17              # client: the dump failed, remove every file of this connection
+    FILE_CANCEL = 18        # client: drop the current file (its copy failed; the dump goes on)
+
+
+Hello = Struct(
+    "magic" / Bytes(4),
+    "version" / U32,
+    "role" / Int8ul,
+    "reserved" / Bytes(3),         # must be 0
+)
+HELLO_SIZE = Hello.sizeof()
+
+FrameHeader = Struct(
+    "type" / Int8ul,
+    "flags" / Int8ul,          # none defined yet: must be 0
+    "reserved" / Int16ul,      # must be 0
+    "seq" / U32,               # frames of one direction, counted from 0
+    "length" / U32,            # bytes of payload
+)
+FRAME_HEADER_SIZE = FrameHeader.sizeof()
+
+FrameTrailer = Struct(
+    "crc" / U32,               # CRC-32C of header and payload
+)
+FRAME_TRAILER_SIZE = FrameTrailer.sizeof()
+
+Challenge = Struct("nonce" / Bytes(NONCE_SIZE))
+Auth = Struct("nonce" / Bytes(NONCE_SIZE), "proof" / Bytes(PROOF_SIZE))
+Proof = Struct("proof" / Bytes(PROOF_SIZE))
+Error = Struct("message" / String)
+FileBegin = Struct("name" / String)
+Truncate = Struct("offset" / U64)
+FileEnd = Struct("size" / U64, "chunk_size" / U32, "sums" / Blob)
+FileOk = Struct("name" / String)
+Empty = Struct()
+DoneOk = Struct("files" / U32, "bytes" / U64)
+Abort = Struct("reason" / String)
+
+#: The payload schema of each frame type (DATA: raw bytes, no schema).
+PAYLOADS = {
+    FrameType.CHALLENGE: Challenge,
+    FrameType.AUTH: Auth,
+    FrameType.PROOF: Proof,
+    FrameType.ERROR: Error,
+    FrameType.FILE_BEGIN: FileBegin,
+    FrameType.DATA: None,
+    FrameType.TRUNCATE: Truncate,
+    FrameType.FILE_END: FileEnd,
+    FrameType.FILE_OK: FileOk,
+    FrameType.DONE: Empty,
+    FrameType.DONE_OK: DoneOk,
+    FrameType.ABORT: Abort,
+    FrameType.FILE_CANCEL: FileBegin,
+}

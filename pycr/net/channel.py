@@ -1,0 +1,337 @@
+"""Framed, checksummed messages over one TCP connection (the wire format of formats/wire.py).
+
+Both sides send a hello (magic, protocol version, role) and check the
+other's; then every message is a frame: header (type, flags, sequence
+number, payload length), payload, CRC-32C of both. Whatever a peer sends
+that is not this protocol (a foreign magic, another version, a truncated or
+corrupt frame, an unknown type, a length over the limit, a frame out of
+sequence) raises ProtocolError naming the peer, in one line. Every read has
+a deadline: a peer that stops in the middle of a frame is dropped after the
+frame timeout, one that sends nothing where a reply is due after the idle
+timeout (settings.net_timeouts).
+"""
+
+import contextlib
+import errno
+import select
+import socket
+import time
+
+from construct.core import ConstructError
+
+from .. import settings
+from ..errors import PycrError
+from ..formats import wire
+from ..formats.wire import FrameType, Role
+from ..log import log
+from ..native.core import crc32c
+
+
+class NetError(PycrError):
+    """A network failure or refusal, said in one line that names the peer."""
+
+
+class ProtocolError(NetError):
+    """The peer sent something that is not pycr's protocol, or not at this point."""
+
+
+class AuthError(NetError):
+    """The peer could not prove it holds the secret (or we could not)."""
+
+
+class PeerLost(NetError):
+    """The connection closed, broke or timed out."""
+
+
+class PeerFailed(NetError):
+    """The peer gave up and said why (an ERROR frame)."""
+
+
+def describe(address):
+    """'1.2.3.4:5' or '[::1]:5' of a socket address."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Frame:
+    """One received frame: its type, and its payload parsed (DATA: the bytes)."""
+
+    __slots__ = ("type", "body")
+
+    def __init__(self, ftype, body):
+        self.type, self.body = ftype, body
+
+    def __repr__(self):
+        return f"Frame({self.type.name})"
+
+
+class Channel:
+    """One connection, after connect() or accept(): hello(), then send()/recv() frames.
+
+    `name` says who the peer is in every error ("page server 1.2.3.4:5",
+    "peer 1.2.3.4:5"). The socket is closed by close() or the with block.
+    """
+
+    def __init__(self, sock, name, timeouts=None):
+        self.sock = sock
+        self.name = name
+        self.frame_timeout, self.idle_timeout = timeouts or settings.net_timeouts()
+        self.sent_hello = self.peer_hello = b""
+        self.peer_role = None
+        self._send_seq = 0
+        self._recv_seq = 0
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    # ------------------------------------------------------------ hello
+
+    def hello(self, role, accept):
+        """Send our hello, read and check the peer's -> its Role (one of `accept`)."""
+        self.sent_hello = wire.Hello.build(dict(magic=wire.MAGIC, version=wire.PROTOCOL_VERSION,
+                                                role=int(role), reserved=bytes(3)))
+        self._send_parts([self.sent_hello], "the hello")
+        data = self._read_exact(wire.HELLO_SIZE, self.frame_timeout, "its hello", at_start=True)
+        hello = wire.Hello.parse(data)
+        if bytes(hello.magic) != wire.MAGIC:
+            raise ProtocolError(f"{self.name}: not a pycr peer (its first bytes are {data[:8]!r})")
+        if hello.version != wire.PROTOCOL_VERSION:
+            raise ProtocolError(f"{self.name}: speaks protocol version {hello.version}, this pycr "
+                                f"speaks {wire.PROTOCOL_VERSION}")
+        try:
+            peer_role = Role(hello.role)
+        except ValueError:
+            raise ProtocolError(f"{self.name}: unknown role {hello.role} in its hello") from None
+        if bytes(hello.reserved) != bytes(3):
+            raise ProtocolError(f"{self.name}: corrupt hello: reserved bytes {bytes(hello.reserved).hex()}")
+        if peer_role not in accept:
+            raise ProtocolError(f"{self.name}: is a {_role_name(peer_role)}, expected a "
+                                + " or ".join(_role_name(r) for r in accept))
+        self.peer_hello, self.peer_role = data, peer_role
+        return peer_role
+
+    # ------------------------------------------------------------ sending
+
+    def send(self, ftype, body=None, what=None):
+        """Send one frame: body is a dict for the type's schema (DATA: bytes)."""
+        schema = wire.PAYLOADS[ftype]
+        payload = body if schema is None else schema.build(body or {})
+        if len(payload) > wire.MAX_PAYLOAD:
+            raise ValueError(f"{ftype.name} payload of {len(payload)} bytes is over the limit")
+        header = wire.FrameHeader.build(dict(type=int(ftype), flags=0, reserved=0, seq=self._send_seq,
+                                             length=len(payload)))
+        crc = crc32c(payload, crc32c(header))
+        self._send_seq += 1
+        self._send_parts([header, payload, wire.FrameTrailer.build(dict(crc=crc))],
+                         what or f"a {ftype.name} frame")
+
+    def send_data(self, data, what="data"):
+        """Send bytes as DATA frames of at most wire.DATA_CHUNK. A peer that answers
+        while it should only take (its ERROR: disk full) is heard before each frame."""
+        view = memoryview(data)
+        for i in range(0, len(view), wire.DATA_CHUNK):
+            self.check_incoming()
+            self.send(FrameType.DATA, view[i:i + wire.DATA_CHUNK], what)
+
+    def check_incoming(self):
+        """Raise what the peer sent unasked (PeerFailed for its ERROR, PeerLost if it closed)."""
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        if readable:
+            frame = self._read_frame(self.frame_timeout)
+            if frame.type == FrameType.ERROR:
+                raise PeerFailed(f"{self.name}: {printable(frame.body.message)}")
+            raise ProtocolError(f"{self.name}: sent a {frame.type.name} frame unasked")
+
+    def error(self, message, linger=2.0):
+        """Tell the peer why we give up, if it still listens (never raises). What it still sends
+        is read and dropped for up to `linger` s, so that closing does not reset the connection
+        (which would throw away our ERROR before the peer reads it)."""
+        with contextlib.suppress(NetError, OSError, ValueError):
+            self.send(FrameType.ERROR, {"message": str(message)[:4000]})
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + linger
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if not self.sock.recv(1 << 16):
+                    break
+
+    def _send_parts(self, parts, what):
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        deadline = time.monotonic() + self.frame_timeout
+        try:
+            while views:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout()
+                self.sock.settimeout(left)
+                sent = self.sock.sendmsg(views)
+                while views and sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                if sent:
+                    views[0] = views[0][sent:]
+        except socket.timeout:
+            raise PeerLost(f"{self.name}: took no data for {self.frame_timeout:g} s while pycr sent "
+                           f"{what}: dropped") from None
+        except OSError as exc:
+            raise self._lost(exc, f"while pycr sent {what}") from None
+
+    def _lost(self, exc, when):
+        """The PeerLost (or the peer's own ERROR, if it sent one before closing) for a broken send."""
+        failed = self.pending_error()
+        if failed:
+            return failed
+        reason = {errno.EPIPE: "closed the connection", errno.ECONNRESET: "reset the connection"}.get(
+            exc.errno, exc.strerror or str(exc))
+        return PeerLost(f"{self.name}: {reason} {when}")
+
+    def pending_error(self):
+        """A PeerFailed if the peer left an ERROR frame before it closed, else None."""
+        try:
+            self.sock.settimeout(0.5)
+            frame = self._read_frame(0.5)
+        except (NetError, OSError):
+            return None
+        if frame.type == FrameType.ERROR:
+            return PeerFailed(f"{self.name}: {printable(frame.body.message)}")
+        return None
+
+    # ------------------------------------------------------------ receiving
+
+    def recv(self, *expect, idle=False):
+        """The next frame, of one of the types `expect`; an ERROR frame raises PeerFailed.
+
+        idle: the peer may take the idle timeout before it begins the frame (it is
+        working: fsyncing a file, copying memory); otherwise the frame timeout.
+        """
+        frame = self._read_frame(self.idle_timeout if idle else self.frame_timeout)
+        if frame.type == FrameType.ERROR:
+            raise PeerFailed(f"{self.name}: {printable(frame.body.message)}")
+        if expect and frame.type not in expect:
+            raise ProtocolError(f"{self.name}: sent a {frame.type.name} frame where pycr expected "
+                                + " or ".join(t.name for t in expect))
+        return frame
+
+    def _read_frame(self, patience):
+        header_bytes = self._read_exact(wire.FRAME_HEADER_SIZE, patience, "a frame header", at_start=True)
+        header = wire.FrameHeader.parse(header_bytes)
+        seq = self._recv_seq
+        if header.length > wire.MAX_PAYLOAD:
+            raise ProtocolError(f"{self.name}: corrupt frame: payload of {header.length} bytes is over "
+                                f"the limit of {wire.MAX_PAYLOAD}")
+        deadline = time.monotonic() + self.frame_timeout
+        payload = self._read_exact(header.length, deadline, "a frame payload")
+        trailer = wire.FrameTrailer.parse(self._read_exact(wire.FRAME_TRAILER_SIZE, deadline,
+                                                           "a frame checksum"))
+        crc = crc32c(payload, crc32c(header_bytes))
+        if crc != trailer.crc:
+            raise ProtocolError(f"{self.name}: corrupt frame {seq}: checksum {trailer.crc:08x}, "
+                                f"computed {crc:08x}")
+        if header.seq != seq:
+            raise ProtocolError(f"{self.name}: frame {header.seq} arrived where frame {seq} was due")
+        self._recv_seq += 1
+        try:
+            ftype = FrameType(header.type)
+        except ValueError:
+            raise ProtocolError(f"{self.name}: unknown frame type {header.type}") from None
+        if header.flags or header.reserved:
+            raise ProtocolError(f"{self.name}: corrupt {ftype.name} frame: flags {header.flags:#x}, "
+                                f"reserved {header.reserved:#x} (none are defined)")
+        schema = wire.PAYLOADS[ftype]
+        if schema is None:
+            return Frame(ftype, payload)
+        try:
+            body = schema.parse(payload)
+            if len(schema.build(body)) != len(payload):
+                raise ConstructError("bytes after its end")
+        except (ConstructError, UnicodeError) as exc:
+            raise ProtocolError(f"{self.name}: corrupt {ftype.name} frame: "
+                                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}") from None
+        return Frame(ftype, body)
+
+    def _read_exact(self, n, deadline, what, at_start=False):
+        """n bytes from the peer. at_start: deadline is the patience in seconds for the first byte
+        (the rest of the item then gets the frame timeout); otherwise the monotonic deadline."""
+        patience = None
+        if at_start:
+            patience, deadline = deadline, time.monotonic() + deadline
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if got == 0 and patience is not None:
+                    raise PeerLost(f"{self.name}: sent nothing for {patience:g} s where {what} was "
+                                   "due: dropped")
+                raise PeerLost(f"{self.name}: stopped sending in the middle of {what} ({got} of {n} "
+                               f"bytes): dropped after {self.frame_timeout:g} s")
+            self.sock.settimeout(left)
+            try:
+                k = self.sock.recv_into(view[got:])
+            except socket.timeout:
+                continue
+            except OSError as exc:
+                reason = "reset the connection" if exc.errno == errno.ECONNRESET else exc.strerror or exc
+                raise PeerLost(f"{self.name}: {reason} while pycr read {what}") from None
+            if k == 0:
+                if got == 0 and at_start:
+                    raise PeerLost(f"{self.name}: closed the connection")
+                raise ProtocolError(f"{self.name}: truncated frame: the connection closed after {got} "
+                                    f"of the {n} bytes of {what}")
+            if got == 0 and patience is not None:
+                deadline = time.monotonic() + self.frame_timeout    # the item has begun
+            got += k
+        return bytes(buf)
+
+
+def printable(text, limit=300):
+    """A peer's words made safe for one terminal line: no control characters, bounded."""
+    text = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return text + ("..." if len(text) >= limit else "")
+
+
+def _role_name(role):
+    return role.name.lower().replace("_", "-")
+
+
+def connect(host, port, label="peer"):
+    """A Channel to host:port (not yet through its hello). NetError if it cannot be reached."""
+    where = f"{label} {host}:{port}"
+    frame_timeout, idle = settings.net_timeouts()
+    try:
+        sock = socket.create_connection((host, port), timeout=frame_timeout)
+    except socket.gaierror as exc:
+        raise NetError(f"{where}: cannot resolve the address: {exc.strerror}") from None
+    except socket.timeout:
+        raise PeerLost(f"{where}: no answer to the connection within {frame_timeout:g} s") from None
+    except OSError as exc:
+        raise NetError(f"{where}: cannot connect: {exc.strerror or exc}") from None
+    log.info("connected to %s from %s", where, describe(sock.getsockname()))
+    return Channel(sock, f"{label} {describe(sock.getpeername())}", (frame_timeout, idle))
+
+
+def listen(address, port):
+    """A listening TCP socket on address:port (port 0: the kernel picks one); NetError if it cannot."""
+    family = socket.AF_INET6 if ":" in (address or "") else socket.AF_INET
+    try:
+        return socket.create_server((address or "", port), family=family, backlog=1)
+    except socket.gaierror as exc:
+        raise NetError(f"{address}: cannot resolve the address: {exc.strerror}") from None
+    except OSError as exc:
+        raise NetError(f"cannot listen on {address or '*'}:{port}: {exc.strerror or exc}") from None
+
+
+def accept(server_sock):
+    """The next connection on a listening socket, as a Channel named after its peer."""
+    sock, addr = server_sock.accept()
+    return Channel(sock, f"peer {describe(addr)}")
