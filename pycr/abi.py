@@ -317,6 +317,14 @@ UFFD_LINK = "anon_inode:[userfaultfd]"
 #: The open flags and features of every userfaultfd pycr makes (its tracker, checked by pycr check and leftovers).
 UFFD_PYCR_FLAGS = O_NONBLOCK | O_CLOEXEC
 UFFD_PYCR_FEATURES = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED
+UFFDIO_REGISTER_MODE_MISSING = 1
+UFFD_FEATURE_EVENT_FORK = 1 << 1
+UFFD_FEATURE_EVENT_REMAP = 1 << 2
+UFFD_FEATURE_EVENT_REMOVE = 1 << 3
+UFFD_FEATURE_EVENT_UNMAP = 1 << 6
+#: Lazy restore (post-copy): every event that changes which pages are still to be filled.
+UFFD_LAZY_FEATURES = (UFFD_FEATURE_EVENT_FORK | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE
+                      | UFFD_FEATURE_EVENT_UNMAP)
 
 # ---- pagemap (Documentation/admin-guide/mm/pagemap.rst, linux/fs.h) ---------
 

@@ -169,6 +169,52 @@ def check_uffd_wp_async():
         os.close(fd)
 
 
+def check_lazy_pages():
+    """The round trip of `restore --lazy-pages`: a helper's page registered MISSING from pycr, and the
+    native fault server placing a verified page from a file when the kernel (uname() into it) faults."""
+    import signal
+    import tempfile
+    import threading
+    from array import array
+    from .abi import MAP_ANONYMOUS, MAP_PRIVATE, O_CLOEXEC, O_NONBLOCK, PROT_READ, PROT_WRITE
+    from .ptrace.inject import Injector
+    from .restore.lazy import enable
+    name, need = "userfaultfd MISSING", "restore --lazy-pages"
+    try:
+        with _stopped_helper() as (pid, t), tempfile.TemporaryFile() as f:
+            pattern = os.urandom(PAGE)
+            f.write(pattern)
+            f.flush()
+            server = core.FaultServer([(f.fileno(), PAGE, array("I", [core.crc32c(pattern)]))], PAGE)
+            killer = threading.Timer(10, lambda: os.kill(pid, signal.SIGKILL))   # never hang on a lost fault
+            try:
+                with Injector(t) as inj:
+                    addr = inj.check("mmap", 0, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+                    made = inj.check("userfaultfd", O_CLOEXEC | O_NONBLOCK)
+                    uffd = core.dup_from(pid, made)
+                    inj.call("close", made)
+                    enable(uffd, pid, [(addr, addr + PAGE, False)])
+                    server.add(uffd, [(addr, PAGE, 0, 0, 0)])
+                    server.finish_input()
+                    server.push_from(time.monotonic_ns() + 3600 * 10**9)      # placed on fault only
+                    thread = threading.Thread(target=server.serve, daemon=True)
+                    thread.start()
+                    killer.start()
+                    got = inj.call("uname", addr)
+                    thread.join(10)
+                    data = core.vm_read(pid, addr, PAGE)
+                stats = server.stats()
+            finally:
+                killer.cancel()
+                server.close()
+    except (PycrError, OSError) as exc:
+        return Finding(name, False, str(exc), need)
+    ok = got == 0 and data[390:] == pattern[390:] and stats["faults"] == 1 and stats["left"] == 0
+    detail = "a kernel-mode fault served by UFFDIO_COPY from a checksummed file" if ok else \
+        f"uname gave {got}, faults {stats['faults']}, the page {'is' if data[390:] == pattern[390:] else 'is not'} ours"
+    return Finding(name, ok, detail, need)
+
+
 def check_pagemap_scan():
     area = mmap.mmap(-1, 4 * PAGE)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(area))
@@ -317,7 +363,7 @@ def check_tcp_lock():
 
 
 CHECKS = (check_ptrace, check_injection, check_vm_rw, check_clone3_set_tid, check_prctl_mm_map, check_pidfd_getfd,
-          check_soft_dirty, check_uffd_wp_async, check_pagemap_scan, check_tcp_repair, check_tcp_lock)
+          check_soft_dirty, check_uffd_wp_async, check_pagemap_scan, check_lazy_pages, check_tcp_repair, check_tcp_lock)
 
 
 def _object_checks():

@@ -190,6 +190,9 @@ def build_parser():
                         "comes, and resume it on the dump")
     p.add_argument("--follow-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
                    help="with --follow: give up if no next pass appears within this time (default 300)")
+    p.add_argument("--lazy-pages", action="store_true",
+                   help="post-copy: start the tree without its anonymous memory; `pycr lazy-pages` (started "
+                        "first, same -D/-W) serves each page on first touch and pushes the rest")
     _add_display_stats(p)
     _add_object_options(p, restore=True)
     p.add_argument("--trust-images", action="store_true",
@@ -198,6 +201,12 @@ def build_parser():
     p.add_argument("--pidfile", metavar="FILE",
                    help="write the restored root's PID (as pycr sees it: outside a --pidns namespace) to "
                         "FILE, relative to the work directory, once the tree runs; FILE must not exist")
+    cliopts.add_output(p)
+    _add_common(p)
+
+    p = sub.add_parser("lazy-pages", help="serve the pages of a `restore --lazy-pages` on fault, then exit "
+                                          "once every page is placed")
+    p.add_argument("-D", "--images-dir", required=True, metavar="DIR", help="the image set being restored")
     cliopts.add_output(p)
     _add_common(p)
 
@@ -274,12 +283,16 @@ def _run(args):
         return 0
     if args.command in ("dump", "pre-dump"):
         return _dump(args)
+    if args.command == "restore" and args.follow and args.lazy_pages:
+        raise PycrError("--lazy-pages restores one image set; it does not go with --follow")
     if args.command == "page-server":
         return _page_server(args)
     if args.command == "restore" and args.follow:
         return _restore_follow(args)
     if args.command == "restore":
         return _restore(args)
+    if args.command == "lazy-pages":
+        return _lazy_pages(args)
     if args.command == "migrate":
         return _migrate(args)
     if args.command == "show" and args.dirty_map is not None:
@@ -425,10 +438,18 @@ def _restore(args):
 
     try:
         return restore(args.images_dir, detach=args.restore_detached, pidns=args.pidns,
-                       trust_images=args.trust_images, on_running=running)
+                       trust_images=args.trust_images, on_running=running,
+                       lazy_pages=cliopts.work_dir(args) if args.lazy_pages else None)
     finally:
         if pidfile:
             pidfile.discard()
+
+
+def _lazy_pages(args):
+    from .lazy.daemon import lazy_pages
+    summary = lazy_pages(args.images_dir, cliopts.work_dir(args))
+    _summary(args, summary.line())
+    return 0
 
 
 def _restore_follow(args):

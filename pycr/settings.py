@@ -20,6 +20,9 @@ PYCR_NET_TIMEOUT   seconds a network peer may take to send the rest of a frame i
 PYCR_NET_IDLE_TIMEOUT  seconds a network peer may be silent where a frame is due
                    while it works (a page server fsyncing a file, a dump copying
                    memory between two files). Default: 300 s.
+PYCR_LAZY_PUSH_DELAY  seconds `pycr lazy-pages` serves faults only, after the
+                   restored tree starts, before it pushes the other pages in
+                   the background (the working set first). Default: 0.
 """
 
 import os
@@ -106,3 +109,8 @@ def net_timeouts():
     frame = _env("PYCR_NET_TIMEOUT", float) or NET_TIMEOUT
     idle = _env("PYCR_NET_IDLE_TIMEOUT", float) or NET_IDLE_TIMEOUT
     return frame, max(idle, frame)
+
+
+def lazy_push_delay():
+    """Seconds of fault-only serving before the background push (PYCR_LAZY_PUSH_DELAY)."""
+    return _env("PYCR_LAZY_PUSH_DELAY", float) or 0.0

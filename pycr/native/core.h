@@ -61,6 +61,41 @@ long pycr_clone3_exec(const int *set_tid, size_t set_tid_size, uint64_t flags,
  * (0 = XCR0, the state components the kernel enabled). */
 void pycr_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t *out);
 uint64_t pycr_xgetbv(uint32_t idx);
+
+/* The lazy-pages fault server (faults.c). A page source file: fd (the
+ * caller's), its size, and the CRC-32C of each `chunk` bytes (the manifest's). */
+struct pycr_lazy_file {
+    int fd;
+    uint64_t size;
+    const uint32_t *sums;
+    size_t nsums;
+};
+/* One saved run of a task: [start, start+len) comes from `file` at `offset`. */
+struct pycr_lazy_run {
+    uint64_t start, len;
+    uint32_t file, flags;
+    uint64_t offset;
+};
+enum { PYCR_LAZY_WIPEONFORK = 1 };
+struct pycr_lazy_stats {
+    uint64_t faults, fault_pages, pushed_pages, zero_pages, dropped, forks, uffds;
+    int error;
+    char message[120];
+};
+struct pycr_lazy;
+struct pycr_lazy *pycr_lazy_new(const struct pycr_lazy_file *files, size_t nfiles,
+                                uint64_t chunk, uint64_t readahead);
+/* The server owns uffd from here on; runs sorted by start. Any thread. */
+long pycr_lazy_add(struct pycr_lazy *s, int uffd, const struct pycr_lazy_run *runs, size_t nruns);
+void pycr_lazy_finish_input(struct pycr_lazy *s);
+void pycr_lazy_stop(struct pycr_lazy *s);
+/* No background push before this CLOCK_MONOTONIC time (ns); faults are served at once. */
+void pycr_lazy_push_from(struct pycr_lazy *s, uint64_t when_ns);
+/* The serving loop: returns 0 once input is finished and every page placed. */
+long pycr_lazy_serve(struct pycr_lazy *s);
+void pycr_lazy_stats(struct pycr_lazy *s, struct pycr_lazy_stats *out, uint64_t *left);
+size_t pycr_lazy_fault_times(struct pycr_lazy *s, uint64_t *out, size_t cap);
+void pycr_lazy_free(struct pycr_lazy *s);
 /* CDEF-END */
 
 #endif

@@ -450,3 +450,82 @@ def cpuid(leaf, subleaf=0):
 def xgetbv(index=0):
     """XCR<index>; XCR0 names the state components the kernel enabled."""
     return lib.pycr_xgetbv(index)
+
+
+# ---- the lazy-pages fault server ---------------------------------------------
+
+class FaultServer:
+    """The C fault server of `pycr lazy-pages` (faults.c): serves userfaultfds from pages files.
+
+    files: [(fd, size, sums array('I'))], one CRC-32C per `chunk` bytes of each file (the
+    manifest's); the server reads whole chunks and places only bytes whose chunk matched.
+    add(uffd, runs) hands it a uffd (it owns the fd from then on) and the task's saved runs
+    (start, length, file index, file offset, flags), sorted; serve() runs the loop (call it
+    in a thread: the GIL is released) until finish_input() was called and every page is
+    placed, or stop().
+    """
+
+    WIPEONFORK = lib.PYCR_LAZY_WIPEONFORK
+
+    def __init__(self, files, chunk, readahead=15):
+        self._keep = [array("I", sums) for _, _, sums in files]
+        self._files = ffi.new("struct pycr_lazy_file[]", max(len(files), 1))
+        self._sums = []
+        for i, (fd, size, _) in enumerate(files):
+            sums = ffi.from_buffer("uint32_t[]", self._keep[i])
+            self._sums.append(sums)
+            self._files[i].fd, self._files[i].size = fd, size
+            self._files[i].sums, self._files[i].nsums = sums, len(self._keep[i])
+        self._s = lib.pycr_lazy_new(self._files, len(files), chunk, readahead)
+        if self._s == ffi.NULL:
+            raise OSError(_errno.ENOMEM, "cannot make the fault server")
+
+    def add(self, uffd, runs):
+        table = ffi.new("struct pycr_lazy_run[]", max(len(runs), 1))
+        for i, (start, length, file, offset, flags) in enumerate(runs):
+            table[i].start, table[i].len, table[i].file = start, length, file
+            table[i].offset, table[i].flags = offset, flags
+        _check(lib.pycr_lazy_add(self._s, uffd, table, len(runs)), "adding a userfaultfd")
+
+    def finish_input(self):
+        lib.pycr_lazy_finish_input(self._s)
+
+    def stop(self):
+        lib.pycr_lazy_stop(self._s)
+
+    def push_from(self, when_ns):
+        """Push nothing in the background before time.monotonic_ns() reaches when_ns."""
+        lib.pycr_lazy_push_from(self._s, when_ns)
+
+    def serve(self):
+        """The loop; raises OSError naming what failed."""
+        ret = lib.pycr_lazy_serve(self._s)
+        if ret < 0:
+            msg = ffi.string(self.stats_raw()[0].message).decode(errors="replace")
+            raise OSError(-ret, f"{msg}: {os.strerror(-ret)}")
+
+    def stats_raw(self):
+        out, left = ffi.new("struct pycr_lazy_stats *"), ffi.new("uint64_t *")
+        lib.pycr_lazy_stats(self._s, out, left)
+        return out, left[0]
+
+    def stats(self):
+        """Counters: faults, fault_pages, pushed_pages, zero_pages, dropped, forks, uffds, left."""
+        st, left = self.stats_raw()
+        names = ("faults", "fault_pages", "pushed_pages", "zero_pages", "dropped", "forks", "uffds")
+        out = {name: getattr(st, name) for name in names}
+        out["left"] = left
+        return out
+
+    def fault_times(self):
+        """array('Q') of the ns each fault took, from its message read to its page placed."""
+        n = lib.pycr_lazy_fault_times(self._s, ffi.NULL, 0)
+        out = array("Q", bytes(8 * n))
+        lib.pycr_lazy_fault_times(self._s, ffi.from_buffer("uint64_t[]", out), n)
+        return out
+
+    def close(self):
+        """Free the server: every uffd it holds is closed (the kernel then drops the registrations)."""
+        if self._s is not None:
+            lib.pycr_lazy_free(self._s)
+            self._s = None

@@ -25,6 +25,7 @@ thread.held_signals for re-delivery at detach, never dropped.
 """
 
 import contextlib
+import errno
 import os
 import signal
 import struct
@@ -37,6 +38,7 @@ from pycr.ptrace import sigframe
 from pycr import abi as S
 from pycr.abi import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
 from pycr import proc
+from pycr.native import core
 from pycr.steps import deferred_signals, step
 _U64 = 0xFFFFFFFFFFFFFFFF
 _ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
@@ -414,13 +416,26 @@ class Injector:
                 raise from_oserror(exc, self.pid, "mem") from None
         return self._mem
 
+    def _through_gup(self, exc, how, addr, arg):
+        """/proc/PID/mem cannot wait for a page a userfaultfd serves (a lazy restore): the kernel
+        answers EIO. process_vm_readv/writev can (their page walk may sleep until the page is
+        placed), so try once more through them; None if that fails too."""
+        if exc.errno not in (errno.EIO, errno.EFAULT):
+            return None
+        try:
+            return how(self.tid, addr, arg)
+        except OSError:
+            return None
+
     def read(self, addr, n):
         if self._outer is not None:
             return self._outer.read(addr, n)
         try:
             data = os.pread(self._memfd(), n, addr)
         except OSError as exc:
-            raise from_oserror(exc, self.pid, f"read {n} bytes at {addr:#x}") from None
+            data = self._through_gup(exc, core.vm_read, addr, n)
+            if data is None:
+                raise from_oserror(exc, self.pid, f"read {n} bytes at {addr:#x}") from None
         if len(data) != n:
             raise PycrError(f"pid {self.pid}: short read at {addr:#x}")
         return data
@@ -431,6 +446,8 @@ class Injector:
         try:
             done = os.pwrite(self._memfd(), bytes(data), addr)
         except OSError as exc:
-            raise from_oserror(exc, self.pid, f"write {len(data)} bytes at {addr:#x}") from None
+            done = self._through_gup(exc, core.vm_write, addr, bytes(data))
+            if done is None:
+                raise from_oserror(exc, self.pid, f"write {len(data)} bytes at {addr:#x}") from None
         if done != len(data):
             raise PycrError(f"pid {self.pid}: short write at {addr:#x}")

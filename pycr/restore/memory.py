@@ -120,6 +120,27 @@ def map_pages_file(path):
     return mapped
 
 
+def outside(pieces, skip):
+    """The (level, addr, length, offset) pieces clipped to what lies outside every
+    (start, end, ...) range of skip."""
+    if not skip:
+        return pieces
+    ranges = sorted((r[0], r[1]) for r in skip)
+    out = []
+    for level, addr, length, offset in pieces:
+        end = addr + length
+        for start, stop in ranges:
+            if stop <= addr or start >= end:
+                continue
+            if start > addr:
+                out.append((level, addr, start - addr, offset))
+            offset += min(stop, end) - addr
+            addr = min(stop, end)
+        if addr < end:
+            out.append((level, addr, end - addr, offset))
+    return out
+
+
 class PageChain:
     """The pages of one dump and of the image dirs it builds on (level 0 is the dump)."""
 
@@ -236,10 +257,11 @@ class PageChain:
             buf.close()
         self._buffers = None
 
-    def batches(self, owner, chunk=CHUNK):
-        """(level, runs array, file offset): runs read back to back from that offset."""
+    def batches(self, owner, chunk=CHUNK, skip=()):
+        """(level, runs array, file offset): runs read back to back from that offset;
+        nothing inside the (start, end, ...) ranges of skip (served lazily)."""
         out = []
-        for level, addr, length, offset in self.pieces(owner):
+        for level, addr, length, offset in outside(self.pieces(owner), skip):
             if out and out[-1][0] == level and out[-1][3] == offset and out[-1][4] < chunk:
                 last = out[-1]
                 last[1].extend((addr, length))
@@ -261,15 +283,16 @@ class PageChain:
                 continue
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
-    def fill_task(self, pid, owner, remote=None, pidfd=-1):
-        """Write every saved page of owner into task pid (VMAs must be writable). -> bytes.
+    def fill_task(self, pid, owner, remote=None, pidfd=-1, skip=()):
+        """Write every saved page of owner into task pid (VMAs must be writable), but those in
+        the ranges of skip. -> bytes.
 
         With remote (the task, stopped, its scratch area mapped) and pidfd (its fd of
         pycr's pidfd), the task reads the pages in itself; else pycr writes them."""
         if remote is not None and pidfd >= 0:
-            return self._fill_in_task(remote, pidfd, owner)
+            return self._fill_in_task(remote, pidfd, owner, skip)
         total = 0
-        batches = self.batches(owner)
+        batches = self.batches(owner, skip=skip)
         size = sum(sum(runs[1::2]) for _, runs, _ in batches)
         if self._buffers is None:
             self._buffers = stream_buffers()
@@ -286,9 +309,9 @@ class PageChain:
                  "with process_vm_writev", pid, total // PAGE, len(batches))
         return total
 
-    def _fill_in_task(self, remote, pidfd, owner):
+    def _fill_in_task(self, remote, pidfd, owner, skip=()):
         """fill_task by injected preadv: one TaskReader (fd in the task) per pages file."""
-        batches = self.batches(owner, infill.BATCH_BYTES)
+        batches = self.batches(owner, infill.BATCH_BYTES, skip)
         size = sum(sum(runs[1::2]) for _, runs, _ in batches)
         readers, total = {}, 0
         try:

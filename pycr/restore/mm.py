@@ -26,7 +26,7 @@ from pycr.abi import (AT_FDCWD, MADVISE_NAMED, MAP_ANONYMOUS, MAP_DROPPABLE, MAP
 from pycr.errors import RestoreError
 from pycr.log import log
 from pycr import sysinfo
-from pycr.restore import ghost, sysvshm
+from pycr.restore import ghost, lazy as lazy_mod, sysvshm
 from pycr.stats import count, phase
 from pycr.sysinfo import page_size
 
@@ -361,19 +361,24 @@ def set_mm_map(remote, mm, exe_link=True):
     log.info("pid %d: PR_SET_MM_MAP (mm fields, %d bytes of auxv, exe %s)", remote.pid, len(mm.auxv), exe)
 
 
-def rebuild(remote, mm, chain, shmem_paths, final=True, pidfd=-1):
+def rebuild(remote, mm, chain, shmem_paths, final=True, pidfd=-1, lazy=None):
     """Steps 1-6 for one process (its threads do not exist yet) -> (workspace address,
     bytes of pages written). Not final (a replica that later passes update): the
     private mappings stay writable and step 5 is left for the last pass. pidfd: the
-    task's fd of pycr's pidfd, if it has one: then it reads its pages in itself."""
+    task's fd of pycr's pidfd, if it has one: then it reads its pages in itself.
+    lazy (a restore.lazy.LazyLink): anonymous private memory is left to the lazy-pages
+    daemon, its uffd handed over before step 5 (whose mlock would touch it)."""
     with phase("mappings"):
         workspace = map_workspace(remote, mm.vmas)
         unmap_stub(remote, workspace)
         place_specials(remote, mm.vmas)
         map_vmas(remote, mm, shmem_paths)
+        skip = lazy_mod.lazy_ranges(mm, chain, str(remote.pid)) if lazy is not None else ()
         with phase("page fill"):
-            written = chain.fill_task(remote.real, str(remote.pid), remote, pidfd)
+            written = chain.fill_task(remote.real, str(remote.pid), remote, pidfd, skip=skip)
         count("pages filled", written // PAGE)
+        if skip:
+            lazy.hand_over(remote, skip)
         if final:
             finish_vmas(remote, mm)
         set_mm_map(remote, mm)

@@ -33,8 +33,9 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 class Restore:
     """One restore in progress: what was created, and how to undo it."""
 
-    def __init__(self, images, pidns=False):
+    def __init__(self, images, pidns=False, lazy=None):
         self.images = images
+        self.lazy = lazy            # restore.lazy.LazyLink with --lazy-pages
         self.pidns = pidns
         self.created = []           # real PIDs of every task made, for cleanup
         self.tasks = {}             # dumped pid -> tasks.Task
@@ -111,7 +112,8 @@ class Restore:
                     files.close_inherited(r, self.pidfd)
             # pycr's pidfd is in its table unless that table is its parent's (closed there)
             pidfd = -1 if p.shares_files else self.pidfd
-            task.workspace, _ = mm.rebuild(r, p.mm, self.images.pages, self.shmem_paths, pidfd=pidfd)
+            task.workspace, _ = mm.rebuild(r, p.mm, self.images.pages, self.shmem_paths, pidfd=pidfd,
+                                           lazy=self.lazy)
             self.finish_process(task, p)
         self.seal_shared()
 
@@ -166,6 +168,8 @@ class Restore:
             self._release()
 
     def _release(self):
+        if self.lazy is not None:
+            self.lazy.go()
         if self.descs is not None:
             self.descs.objects.before_release(self.tasks)
         for task in self.tasks.values():
@@ -184,6 +188,8 @@ class Restore:
                  len(self.tasks))
 
     def close(self):
+        if self.lazy is not None:
+            self.lazy.close()
         if self.descs is not None:
             self.descs.close()
         if self.pidfd >= 0:
@@ -240,7 +246,7 @@ def kill_and_reap(reals, timeout=10.0):
         _libc.prctl(PR_SET_CHILD_SUBREAPER, was.value, 0, 0, 0)
 
 
-def restore(images_dir, detach=False, pidns=False, trust_images=False, on_running=None):
+def restore(images_dir, detach=False, pidns=False, trust_images=False, on_running=None, lazy_pages=None):
     """Restore the tree dumped in images_dir.
 
     With detach, return 0 once the tree runs; otherwise wait for the restored
@@ -248,6 +254,8 @@ def restore(images_dir, detach=False, pidns=False, trust_images=False, on_runnin
     trust_images: accept images another user owns or may write (see restore.trust).
     on_running(run, seconds) is called once the tree runs, before the wait (the CLI's
     pidfile and summary).
+    lazy_pages: the work directory of a `pycr lazy-pages` daemon, which then serves the
+    anonymous private memory on fault (restore.lazy); None fills all memory now.
     """
     started = time.monotonic()
     with phase("image load and checks"):
@@ -256,7 +264,11 @@ def restore(images_dir, detach=False, pidns=False, trust_images=False, on_runnin
         log.info("images of %d processes loaded and checked", len(images.processes))
         preflight.check(images, pidns)
     count("processes", len(images.processes))
-    run = Restore(images, pidns)
+    lazy = None
+    if lazy_pages is not None:
+        from pycr.restore.lazy import LazyLink
+        lazy = LazyLink(images_dir, lazy_pages)
+    run = Restore(images, pidns, lazy)
     try:
         run.open_files()
         run.create()
