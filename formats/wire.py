@@ -1,7 +1,7 @@
 """The wire format of pycr's network channel: a hello, then checksummed frames.
 
 Not an image kind (nothing here is a file): a connection between two pycr
-processes (a dump and its page server; later a migration source and its
+processes (a dump and its page server; a migration source and its
 destination) begins with one Hello from each side, then carries Frames.
 A frame is a FrameHeader, `length` bytes of payload, and the CRC-32C of
 header and payload (FrameTrailer). The payload of each frame type is
@@ -16,7 +16,7 @@ from .common import U32, U64, Blob, String
 
 MAGIC = b"PYCW"
 #: Version of the protocol this pycr speaks; a peer with another one is refused.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 NONCE_SIZE = 32
 PROOF_SIZE = 32            # HMAC-SHA256
 #: Largest payload a reader accepts: a longer `length` is refused before anything is read.
@@ -29,6 +29,8 @@ class Role(enum.IntEnum):
     """What a peer is, said in its hello (and bound into the authentication)."""
     PAGE_CLIENT = 1         # pycr dump / pre-dump --page-server: sends pages files
     PAGE_SERVER = 2         # pycr page-server: writes them into its directory
+    MIGRATE_SOURCE = 3      # pycr migrate --to: sends a tree's image sets, pass by pass
+    MIGRATE_DEST = 4        # pycr serve: builds the replica from them and runs it
 
 
 class FrameType(enum.IntEnum):
@@ -45,6 +47,15 @@ class FrameType(enum.IntEnum):
     DONE_OK = 16            # server: kept
     ABORT = 17              # client: the dump failed, remove every file of this connection
     FILE_CANCEL = 18        # client: drop the current file (its copy failed; the dump goes on)
+    MIGRATION = 20          # source: a migration begins (its ID, the tree's root)
+    SET_BEGIN = 21          # source: an image set (one pass) begins
+    SET_FILE = 22           # source: one file of the set; `size` bytes of DATA frames follow
+    SET_END = 23            # source: the set is complete
+    SET_APPLIED = 24        # destination: a pre-dump set was checked and applied to the stopped replica
+    READY = 25              # destination: the final set is applied, the replica is complete and stopped
+    KILLED = 26             # source: its frozen tree is killed; the replica may run
+    RUNNING = 27            # destination: the replica runs
+    VERDICT = 28            # source, on a new connection after the link was lost: killed or thawed
 
 
 Hello = Struct(
@@ -80,6 +91,16 @@ FileOk = Struct("name" / String)
 Empty = Struct()
 DoneOk = Struct("files" / U32, "bytes" / U64)
 Abort = Struct("reason" / String)
+MIGRATION_ID_SIZE = 16
+Migration = Struct("id" / Bytes(MIGRATION_ID_SIZE), "root_pid" / U32)
+SetBegin = Struct("number" / U32, "name" / String, "final" / Int8ul)
+SetFile = Struct("name" / String, "size" / U64)
+SetEnd = Struct("files" / U32, "bytes" / U64)
+SetApplied = Struct("number" / U32, "added" / U32, "removed" / U32, "recreated" / U32,
+                    "apply_us" / U64)
+Running = Struct("number" / U32, "added" / U32, "removed" / U32, "recreated" / U32, "apply_us" / U64,
+                 "root_pid" / U32, "root_real" / U32, "init_real" / U32)
+Verdict = Struct("id" / Bytes(MIGRATION_ID_SIZE), "killed" / Int8ul)
 
 #: The payload schema of each frame type (DATA: raw bytes, no schema).
 PAYLOADS = {
@@ -96,4 +117,13 @@ PAYLOADS = {
     FrameType.DONE_OK: DoneOk,
     FrameType.ABORT: Abort,
     FrameType.FILE_CANCEL: FileBegin,
+    FrameType.MIGRATION: Migration,
+    FrameType.SET_BEGIN: SetBegin,
+    FrameType.SET_FILE: SetFile,
+    FrameType.SET_END: SetEnd,
+    FrameType.SET_APPLIED: SetApplied,
+    FrameType.READY: Empty,
+    FrameType.KILLED: Empty,
+    FrameType.RUNNING: Running,
+    FrameType.VERDICT: Verdict,
 }

@@ -226,7 +226,27 @@ def build_parser():
                       help="take the final dump once a pass copied at most PERCENT %% of the first pass")
     p.add_argument("--tracker", choices=["auto", "uffd-wp", "soft-dirty", "hash"], default="auto",
                    help="how pages written since the previous pass are found")
+    p.add_argument("--to", metavar="HOST:PORT",
+                   help="migrate to `pycr serve` on another host (default: a replica on this machine)")
+    p.add_argument("--secret-file", metavar="FILE",
+                   help="with --to: the secret both sides hold (mode 0600)")
     _add_object_options(p)
+    cliopts.add_output(p, work_dir=False)
+    _add_common(p)
+
+    p = sub.add_parser("serve", help="wait for migrations from `pycr migrate --to` and run each replica")
+    p.add_argument("--listen", required=True, metavar="ADDR:PORT",
+                   help="address and TCP port to listen on (port 0: any free port; the one taken is printed)")
+    p.add_argument("--secret-file", required=True, metavar="FILE",
+                   help="the secret both sides hold (mode 0600); a peer that cannot prove it holds it is "
+                        "dropped before anything it sends is read")
+    p.add_argument("-W", "--work-dir", metavar="DIR",
+                   help="where each pass's image set lands before it is applied (default: the temporary "
+                        "directory); removed once the migration ends")
+    p.add_argument("--host-pids", action="store_true",
+                   help="run the replica with its original PIDs on this host, not in a new PID namespace "
+                        "(they must be free here)")
+    p.add_argument("--once", action="store_true", help="serve one migration, then exit (1 if it failed)")
     cliopts.add_output(p, work_dir=False)
     _add_common(p)
 
@@ -293,8 +313,12 @@ def _run(args):
         return _restore(args)
     if args.command == "lazy-pages":
         return _lazy_pages(args)
+    if args.command == "migrate" and (args.to or args.secret_file):
+        return _migrate_to(args)
     if args.command == "migrate":
         return _migrate(args)
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "show" and args.dirty_map is not None:
         return _dirty_map(args)
     if args.command == "show":
@@ -486,12 +510,49 @@ def _migrate(args):
     return 0
 
 
+def _migrate_to(args):
+    from .migrate.loop import Policy
+    from .net.auth import read_secret
+    from .net.migrate_source import migrate_to
+    if not (args.to and args.secret_file):
+        raise PycrError("--to and --secret-file go together")
+    secret = read_secret(args.secret_file)
+    policy = Policy(max_passes=args.max_passes, min_delta=args.min_delta, threshold=args.threshold)
+    result = migrate_to(args.tree, args.to, secret, policy=policy, tracker=args.tracker, work_dir=args.work_dir,
+                        on_pass=lambda rep: _summary(args, rep.line()))
+    for line in result.lines():
+        _summary(args, line)
+    return 0
+
+
+def _serve(args):
+    from .net import channel
+    from .net.auth import read_secret
+    from .net.serve import serve
+    secret = read_secret(args.secret_file)
+    host, sep, port = args.listen.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise PycrError(f"--listen {args.listen}: give it as ADDR:PORT")
+    listener = channel.listen(host.strip("[]"), int(port))
+    print(f"pycr serve: listening on {channel.describe(listener.getsockname())}", flush=True)
+
+    def done(got):
+        if isinstance(got, PycrError):
+            _summary(args, f"serve: migration failed, the replica was discarded: {got}")
+        else:
+            _summary(args, got.line())
+
+    serve(listener, secret, args.work_dir, pidns=not args.host_pids, once=args.once, on_done=done)
+    return 0
+
+
 _UNDONE = {
     "dump": "the tree was released as it was",
     "pre-dump": "the tree was released as it was",
     "restore": "the tasks it had created were killed",
     "migrate": "the source tree goes on; the replica was killed",
     "page-server": "the files it had received were removed",
+    "serve": "the replica was discarded",
 }
 
 

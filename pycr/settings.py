@@ -20,6 +20,10 @@ PYCR_NET_TIMEOUT   seconds a network peer may take to send the rest of a frame i
 PYCR_NET_IDLE_TIMEOUT  seconds a network peer may be silent where a frame is due
                    while it works (a page server fsyncing a file, a dump copying
                    memory between two files). Default: 300 s.
+PYCR_MIGRATE_DOUBT_TIMEOUT  seconds both sides of a migration between two hosts
+                   try to settle it when the link dies at the commit point (the
+                   destination keeps the replica stopped and waits for the source
+                   to say whether it killed its tree). Default: 60 s.
 PYCR_LAZY_PUSH_DELAY  seconds `pycr lazy-pages` serves faults only, after the
                    restored tree starts, before it pushes the other pages in
                    the background (the working set first). Default: 0.
@@ -36,6 +40,7 @@ FREEZE_TIMEOUT_BASE = 10.0
 GHOST_LIMIT = 64 << 20
 NET_TIMEOUT = 30.0
 NET_IDLE_TIMEOUT = 300.0
+MIGRATE_DOUBT_TIMEOUT = 60.0
 
 
 def _env(name, parse):
@@ -109,6 +114,11 @@ def net_timeouts():
     frame = _env("PYCR_NET_TIMEOUT", float) or NET_TIMEOUT
     idle = _env("PYCR_NET_IDLE_TIMEOUT", float) or NET_IDLE_TIMEOUT
     return frame, max(idle, frame)
+
+
+def migrate_doubt_timeout():
+    """Seconds to settle a migration whose link died at the commit point (PYCR_MIGRATE_DOUBT_TIMEOUT)."""
+    return _env("PYCR_MIGRATE_DOUBT_TIMEOUT", float) or MIGRATE_DOUBT_TIMEOUT
 
 
 def lazy_push_delay():

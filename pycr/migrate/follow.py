@@ -51,6 +51,7 @@ def follow(transport, pidns=False, on_image_set=None, on_pass=None, trust_images
                 changes = replica.apply(images)
             final = changes.kind == "dump"
             if final:
+                transport.commit(replica)   # the commit point: returns once the replica may run
                 replica.resume()
                 result.resumed_at = time.monotonic()
                 finish("restore")           # restore --follow is complete once the tree runs

@@ -3,7 +3,7 @@
 The destination loop only asks `next_image_set()` for the path of the next
 complete image set and tells `finish(ok)` how it ended, so the same loop runs
 over a directory (`pycr restore --follow`), beside an in-process source
-(`pycr migrate`), or later over a socket between two machines.
+(`pycr migrate`), or over a socket between two machines (pycr.net.serve).
 
 An image set is complete once its manifest.img exists (pycr writes it last;
 load_images then checks it lists exactly what is there).
@@ -29,6 +29,10 @@ class Transport:
     def next_image_set(self):
         """Path of the next complete image set (blocks until there is one)."""
         raise NotImplementedError
+
+    def commit(self, replica):
+        """The final set is applied: the replica is complete and stopped. Return once it may
+        run (the source is gone); raise to discard it. Locally there is nothing to wait for."""
 
     def finish(self, ok):
         """The restore ended: ok=True once the replica runs, False if it was discarded."""

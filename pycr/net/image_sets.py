@@ -1,0 +1,142 @@
+"""Moving one image set (one pass of a migration) over the channel.
+
+The source sends SET_BEGIN, then for every file of the set directory a
+SET_FILE (name, size) followed by exactly `size` bytes in DATA frames, then
+SET_END (files and bytes counted). The destination writes them into a new
+directory under its work directory, named as on the source (the next pass's
+inventory names its parent by that relative name), and checks nothing but
+the framing here: the set is a set only once load_images has verified its
+manifest (every file listed, sizes and checksums, the chain's IDs), exactly
+as for a local restore. Each frame is CRC-32C checked on the way.
+
+Names are refused unless they are one plain path component (no '/', no
+leading '.'): a peer cannot write outside the set's directory.
+"""
+
+import os
+import re
+
+from ..errors import PycrError
+from ..formats import wire
+from ..formats.wire import FrameType
+from ..log import log
+from . import channel as ch
+
+_SET_NAME = re.compile(r"^[0-9]{2,4}-(pre-dump|dump)$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,200}$")
+#: A set of more files than this is not a pycr image set.
+MAX_FILES = 100000
+
+
+def set_files(path):
+    """(name, size) of every file of a set directory, in name order."""
+    out = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name.startswith(".") or not os.path.isfile(full):
+            continue
+        out.append((name, os.path.getsize(full)))
+    return out
+
+
+def send_set(channel, path, number, final, on_bytes=None):
+    """Send the set at path -> bytes of file data sent."""
+    name = os.path.basename(path.rstrip("/"))
+    channel.send(FrameType.SET_BEGIN, {"number": number, "name": name, "final": int(final)})
+    total = 0
+    files = set_files(path)
+    for fname, size in files:
+        channel.send(FrameType.SET_FILE, {"name": fname, "size": size})
+        sent = 0
+        with open(os.path.join(path, fname), "rb", buffering=0) as f:
+            while sent < size:
+                chunk = f.read(min(wire.DATA_CHUNK, size - sent))
+                if not chunk:
+                    raise PycrError(f"{path}/{fname}: shrank while it was sent")
+                channel.send_data(chunk, f"{name}/{fname}")
+                sent += len(chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
+        total += size
+    channel.send(FrameType.SET_END, {"files": len(files), "bytes": total})
+    return total
+
+
+def receive_set(channel, top, begin):
+    """Receive the set announced by the SET_BEGIN frame `begin` into top/<name> -> its path.
+
+    The directory must not exist yet. On any failure it is removed again."""
+    name = begin.body.name
+    if not _SET_NAME.match(name):
+        raise ch.ProtocolError(f"{channel.name}: {ch.printable(name)!r} is not the name of a pass's image set")
+    path = os.path.join(top, name)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        raise ch.ProtocolError(f"{channel.name}: sent the image set {name} twice") from None
+    except OSError as exc:
+        raise PycrError(f"{path}: cannot make the image set's directory: {exc.strerror}") from None
+    try:
+        _receive_files(channel, path)
+    except BaseException:
+        remove_set(path)
+        raise
+    log.info("%s: image set %s received into %s", channel.name, name, path)
+    return path
+
+
+def _receive_files(channel, path):
+    seen = set()
+    total = 0
+    while True:
+        frame = channel.recv(FrameType.SET_FILE, FrameType.SET_END, idle=True)
+        if frame.type == FrameType.SET_END:
+            if frame.body.files != len(seen) or frame.body.bytes != total:
+                raise ch.ProtocolError(f"{channel.name}: SET_END counts {frame.body.files} files, "
+                                       f"{frame.body.bytes} bytes; {len(seen)} files, {total} bytes arrived")
+            return
+        fname, size = frame.body.name, frame.body.size
+        if not _FILE_NAME.match(fname) or fname in seen:
+            raise ch.ProtocolError(f"{channel.name}: {ch.printable(fname)!r} is not a file name of an image "
+                                   "set, or came twice")
+        if len(seen) >= MAX_FILES:
+            raise ch.ProtocolError(f"{channel.name}: more than {MAX_FILES} files in one image set")
+        seen.add(fname)
+        _receive_file(channel, os.path.join(path, fname), size)
+        total += size
+
+
+def _receive_file(channel, target, size):
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        got = 0
+        while got < size:
+            frame = channel.recv(FrameType.DATA)
+            data = memoryview(frame.body)
+            if got + len(data) > size:
+                raise ch.ProtocolError(f"{channel.name}: sent more than the {size} bytes of "
+                                       f"{os.path.basename(target)}")
+            while data:
+                data = data[os.write(fd, data):]
+            got += len(frame.body)
+    except OSError as exc:
+        raise PycrError(f"{target}: cannot write it: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def remove_set(path):
+    """Remove a received set directory (its files are all plain files)."""
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return
+    for name in names:
+        try:
+            os.unlink(os.path.join(path, name))
+        except OSError:
+            pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass

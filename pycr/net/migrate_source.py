@@ -1,0 +1,245 @@
+"""`pycr migrate --to HOST:PORT`: the source side of a migration between two hosts.
+
+The passes are those of the local migration (pycr.migrate.loop.SourcePasses:
+pre-dumps while the tree runs, then the final dump with the tree kept
+frozen), each set sent over the authenticated channel (pycr.net.image_sets)
+to `pycr serve`, which applies it to its stopped replica and answers
+SET_APPLIED before the next pass is taken.
+
+The commit point: after the final set the destination says READY (replica
+complete and stopped); only then is the frozen tree killed (TCP repair
+first, as in a local migration), and KILLED tells the destination to
+resume. Any failure before READY thaws the source and takes pycr's dirty
+tracking out of it. If the link dies after the final set was sent, the
+source delivers its VERDICT (killed, or thawed) on a new connection, trying
+for PYCR_MIGRATE_DOUBT_TIMEOUT seconds: the destination never resumes
+without it.
+"""
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from .. import proc, settings
+from ..errors import PycrError, TaskGone
+from ..formats.wire import FrameType, Role
+from ..log import log
+from ..migrate import loop
+from ..migrate.report import image_set_size
+from ..restore import handover
+from . import auth, channel as ch
+from .image_sets import send_set
+
+MIB = 1 << 20
+
+
+@dataclass
+class NetPassReport:
+    number: int
+    kind: str               # pre-dump | dump
+    added: int
+    removed: int
+    recreated: int
+    pages: int              # pages the set carries
+    bytes: int              # bytes of all its files, sent
+    dump_seconds: float     # taking the set
+    send_seconds: float     # sending it
+    apply_seconds: float    # the destination applying it
+    dirty_rate: float       # bytes/s of pages written between this pass and the previous (None for pass 1)
+
+    @property
+    def seconds(self):
+        return self.dump_seconds + self.send_seconds + self.apply_seconds
+
+    @property
+    def bandwidth(self):
+        return self.bytes / self.send_seconds if self.send_seconds > 0 else 0.0
+
+    def line(self):
+        extra = f", {self.recreated} re-created" if self.recreated else ""
+        dirty = "-" if self.dirty_rate is None else f"{self.dirty_rate / MIB:.1f} MiB/s"
+        return (f"pass {self.number} {self.kind}: +{self.added} -{self.removed} tasks{extra}, "
+                f"{self.pages} pages, {self.bytes} bytes, {self.seconds:.3f} s "
+                f"(dump {self.dump_seconds:.3f} s, send {self.send_seconds:.3f} s, replica "
+                f"{self.apply_seconds:.3f} s), {self.bandwidth / MIB:.1f} MiB/s sent, dirty {dirty}")
+
+
+@dataclass
+class NetMigration:
+    destination: str
+    reports: list = field(default_factory=list)
+    downtime: float = 0.0
+    total_seconds: float = 0.0
+    root_pid: int = 0
+    root_real: int = 0
+    init_real: int = 0
+
+    def lines(self):
+        where = f", namespace init {self.init_real}" if self.init_real else ""
+        total = sum(r.bytes for r in self.reports)
+        return [f"replica on {self.destination}: root pid {self.root_pid} (pid {self.root_real} outside its "
+                f"namespace{where})",
+                f"downtime {self.downtime:.3f} s (source frozen -> replica running), {total} bytes sent in "
+                f"{len(self.reports)} passes, {self.total_seconds:.3f} s in all"]
+
+
+def _split(address):
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise PycrError(f"--to {address}: give it as HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _connect(host, port, secret):
+    chan = ch.connect(host, port, "destination")
+    try:
+        chan.hello(Role.MIGRATE_SOURCE, {Role.MIGRATE_DEST})
+        auth.client_handshake(chan, secret)
+    except BaseException:
+        chan.close()
+        raise
+    return chan
+
+
+def migrate_to(root, address, secret, policy=None, tracker="auto", work_dir=None, on_pass=None):
+    """Move the tree rooted at root to `pycr serve` at address (HOST:PORT) -> NetMigration.
+
+    Raises a PycrError with the source running as it was (thawed, untracked)
+    and the destination's replica discarded, unless the source was killed:
+    then the error says so."""
+    try:
+        if proc.status(root).tgid != root:
+            raise PycrError(f"pid {root} is a thread, not a process")
+    except TaskGone:
+        raise TaskGone(root, "no process to migrate") from None
+    host, port = _split(address)
+    started = time.monotonic()
+    chan = _connect(host, port, secret)          # before anything is frozen or tracked
+    keep = work_dir is not None
+    if not keep:
+        loop.sweep_work_dirs()
+    work_dir = os.path.abspath(work_dir) if keep else tempfile.mkdtemp(prefix=loop.WORK_PREFIX)
+    os.makedirs(work_dir, mode=0o700, exist_ok=True)
+    lock = None if keep else loop._hold(work_dir)
+    source = loop.SourcePasses(root, work_dir, tracker, policy)
+    handover.forget()
+    result = NetMigration(chan.name.split()[-1])
+    run = _Run(chan, source, result, os.urandom(16), (host, port), secret, on_pass)
+    try:
+        run.passes(root)
+    finally:
+        chan.close()
+        run.chan.close()
+        if not keep:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            os.close(lock)
+    result.total_seconds = time.monotonic() - started
+    return result
+
+
+class _Run:
+    """One migration's conversation, and what each failure leaves behind."""
+
+    def __init__(self, chan, source, result, migration_id, where, secret, on_pass):
+        self.chan, self.source, self.result = chan, source, result
+        self.id, self.where, self.secret, self.on_pass = migration_id, where, secret, on_pass
+        self.pass_started = []
+
+    def passes(self, root):
+        self.chan.send(FrameType.MIGRATION, {"id": self.id, "root_pid": root})
+        final_sent = False
+        try:
+            while True:
+                self.pass_started.append(time.monotonic())
+                path = self.source.next_image_set()
+                final = self.source.final_taken
+                dump_seconds = self.source.last_seconds
+                sent_at = time.monotonic()
+                send_set(self.chan, path, len(self.source.deltas), final)
+                send_seconds = time.monotonic() - sent_at
+                if final:
+                    final_sent = True
+                    self.chan.recv(FrameType.READY, idle=True)
+                    break
+                applied = self.chan.recv(FrameType.SET_APPLIED, idle=True).body
+                self._report(path, applied, dump_seconds, send_seconds)
+        except BaseException as exc:
+            self.source.finish(False)           # thawed, tracking taken out
+            if final_sent and isinstance(exc, (ch.PeerLost, ch.ProtocolError)):
+                self._tell(killed=False)
+            raise
+        self._commit(path, dump_seconds, send_seconds)
+
+    def _commit(self, path, dump_seconds, send_seconds):
+        """READY came: kill the frozen tree, then KILLED; the destination answers RUNNING."""
+        frozen_at = self.source.frozen_at
+        self.source.finish(True)
+        try:
+            self.chan.send(FrameType.KILLED)
+            running = self.chan.recv(FrameType.RUNNING).body
+        except ch.NetError as exc:
+            log.warning("pycr migrate: %s after the source was killed: telling the destination again", exc)
+            running = self._tell(killed=True)
+        self.result.downtime = time.monotonic() - frozen_at
+        self._report(path, running, dump_seconds, send_seconds)
+        self.result.root_pid, self.result.root_real = running.root_pid, running.root_real
+        self.result.init_real = running.init_real
+
+    def _tell(self, killed):
+        """Deliver the VERDICT on new connections until the destination takes it -> its RUNNING (killed)."""
+        wait = settings.migrate_doubt_timeout()
+        deadline = time.monotonic() + wait
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                chan = _connect(*self.where, self.secret)
+            except ch.AuthError:
+                raise
+            except PycrError as exc:
+                last = exc
+                time.sleep(0.5)
+                continue
+            self.chan.close()
+            self.chan = chan
+            try:
+                chan.send(FrameType.VERDICT, {"id": self.id, "killed": int(killed)})
+                if killed:
+                    return chan.recv(FrameType.RUNNING).body
+                chan.recv()                     # its ERROR: the replica is discarded
+            except ch.PeerFailed as exc:
+                if killed:
+                    raise PycrError(f"the source tree was killed, but the destination refused its VERDICT "
+                                    f"({exc}): its replica is left stopped or gone; see pycr serve's output") \
+                        from None
+                log.info("%s", exc)
+                return None
+            except ch.NetError as exc:
+                last = exc
+                time.sleep(0.5)
+                continue
+        if killed:
+            raise PycrError(f"the source tree was killed, but the destination could not be told within "
+                            f"{wait:g} s ({last}): its replica stays stopped there until it is given SIGCONT "
+                            "(it runs nowhere now)")
+        log.warning("pycr migrate: the destination could not be told that the source runs again (%s); its "
+                    "replica is kept stopped there, never resumed", last)
+        return None
+
+    def _report(self, path, applied, dump_seconds, send_seconds):
+        pages, size = image_set_size(path)
+        number = len(self.result.reports) + 1
+        dirty = None
+        if number > 1:
+            interval = self.pass_started[-1] - self.pass_started[-2]
+            dirty = self.source.deltas[-1] / interval if interval > 0 else None
+        rep = NetPassReport(number=number, kind="dump" if self.source.final_taken and number ==
+                            len(self.source.deltas) else "pre-dump", added=applied.added,
+                            removed=applied.removed, recreated=applied.recreated, pages=pages, bytes=size,
+                            dump_seconds=dump_seconds, send_seconds=send_seconds,
+                            apply_seconds=applied.apply_us / 1e6, dirty_rate=dirty)
+        self.result.reports.append(rep)
+        log.info("%s", rep.line())
+        if self.on_pass is not None:
+            self.on_pass(rep)

@@ -1,0 +1,239 @@
+"""`pycr serve`: the destination of a migration between two hosts.
+
+It accepts one connection at a time. Nothing a peer sends is read past its
+hello before the peer has proved it holds the secret (pycr.net.auth). An
+authenticated source announces its migration (MIGRATION: a random ID), then
+sends one image set per pass; NetworkTransport lands each set in a new
+directory of the work directory and hands it to the same destination loop
+as `pycr restore --follow` (pycr.migrate.follow): load_images checks the
+manifest as for any restore before the set touches the replica, and the
+replica is built from the first set and fixed up by each later one. After
+each pre-dump set it answers SET_APPLIED.
+
+The commit point (docs/design.md, "Migration between two hosts"): once the
+final set is applied the replica is complete and held stopped; the
+destination says READY and resumes it only on the source's KILLED. If the
+link dies there, the destination cannot know whether the source still runs:
+it keeps the replica stopped and accepts, for PYCR_MIGRATE_DOUBT_TIMEOUT
+seconds, a new authenticated connection carrying the source's VERDICT
+(killed: resume; thawed: discard). With no verdict by then the replica is
+left stopped with SIGSTOP (never resumed, never killed: the tree may exist
+nowhere else), and one line says what to do.
+"""
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+
+from .. import settings
+from ..errors import ImageError, PycrError
+from ..formats.wire import FrameType, Role
+from ..images import ImageDir
+from ..log import log
+from ..migrate.follow import follow
+from ..migrate.transport import Transport
+from . import auth, channel as ch
+from .image_sets import receive_set
+
+WORK_PREFIX = "pycr-serve-"
+
+
+class NetworkTransport(Transport):
+    """The image sets of one migration, as they arrive over an authenticated channel."""
+
+    def __init__(self, channel, listener, secret, work_dir, migration_id):
+        self.channel = channel
+        self.listener = listener        # for the source's VERDICT if the link dies at the commit point
+        self.secret = secret
+        self.work_dir = work_dir
+        self.migration_id = migration_id
+        self.sets = []
+        self.final_seen = False
+        self.kept_stopped = False
+        self.bytes = 0
+
+    def next_image_set(self):
+        if self.final_seen:
+            raise PycrError("the final image set was applied already")
+        begin = self.channel.recv(FrameType.SET_BEGIN, idle=True)
+        number = len(self.sets) + 1
+        if begin.body.number != number:
+            raise ch.ProtocolError(f"{self.channel.name}: sent pass {begin.body.number} where pass {number} "
+                                   "was due")
+        path = receive_set(self.channel, self.work_dir, begin)
+        self.sets.append(path)
+        final = bool(begin.body.final)
+        self._check_chain(path, final)
+        self.final_seen = final
+        return path
+
+    def _check_chain(self, path, final):
+        """The set's inventory names the previous set as its parent (none for the first), and its
+        kind is what the source announced."""
+        inventory = ImageDir(path).read("inventory")
+        previous = self.sets[-2] if len(self.sets) > 1 else None
+        parent = inventory.parent
+        if previous is None and parent:
+            raise ImageError(path, f"begins the migration but names a parent ({parent})")
+        if previous is not None and os.path.realpath(os.path.join(path, parent or ".")) != previous:
+            raise ImageError(path, f"names {parent or 'no parent'} as its parent, not the previous pass "
+                                   f"{os.path.basename(previous)}")
+        if (str(inventory.kind) == "dump") != final:
+            raise ImageError(path, f"is a {inventory.kind}, but the source announced "
+                                   f"{'the final dump' if final else 'a pre-dump'}")
+
+    def on_pass(self, rep, replica):
+        """Tell the source a set is applied (SET_APPLIED), or that the replica runs (RUNNING)."""
+        figures = {"number": rep.number, "added": rep.added, "removed": rep.removed,
+                   "recreated": rep.recreated, "apply_us": int(rep.apply_seconds * 1e6)}
+        self.bytes += rep.bytes
+        if rep.kind != "dump":
+            self.channel.send(FrameType.SET_APPLIED, figures)
+            return
+        root = replica.tasks[replica.images.inventory.root_pid]
+        try:
+            self.channel.send(FrameType.RUNNING, dict(figures, root_pid=root.pid, root_real=root.real,
+                                                      init_real=replica.init_real or 0))
+        except ch.NetError as exc:
+            log.warning("the replica runs, but the source was not told: %s", exc)
+
+    def commit(self, replica):
+        try:
+            self.channel.send(FrameType.READY)
+            log.info("%s: replica complete and stopped: READY sent, waiting for KILLED", self.channel.name)
+            self.channel.recv(FrameType.KILLED)
+            log.info("%s: KILLED: the source tree is gone", self.channel.name)
+            return
+        except ch.PeerFailed:
+            raise                       # the source gave up before killing its tree
+        except ch.NetError as exc:
+            lost = exc
+        self._settle(replica, lost)
+
+    def _settle(self, replica, lost):
+        """The link died between READY and KILLED: wait for the source's VERDICT, replica stopped."""
+        wait = settings.migrate_doubt_timeout()
+        log.warning("pycr serve: %s after READY: the replica is kept stopped; waiting up to %g s for the "
+                    "source to say whether it killed its tree", lost, wait)
+        self.channel.close()
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            verdict = self._next_verdict(left)
+            if verdict is None:
+                continue
+            if verdict.killed:
+                log.info("%s: VERDICT: the source tree was killed: the replica resumes", self.channel.name)
+                return
+            raise PycrError(f"{self.channel.name}: the source thawed its tree (VERDICT): the replica is discarded")
+        hold_stopped(replica)
+        self.kept_stopped = True
+
+    def _next_verdict(self, left):
+        """The VERDICT of the next authenticated connection naming this migration, or None."""
+        self.listener.settimeout(left)
+        try:
+            chan = ch.accept(self.listener)
+        except (socket.timeout, OSError):
+            return None
+        try:
+            chan.hello(Role.MIGRATE_DEST, {Role.MIGRATE_SOURCE})
+            auth.server_handshake(chan, self.secret)
+            frame = chan.recv(FrameType.VERDICT, FrameType.MIGRATION)
+            if frame.type == FrameType.MIGRATION or bytes(frame.body.id) != self.migration_id:
+                chan.error("busy: another migration is being settled here")
+                chan.close()
+                return None
+        except ch.NetError as exc:
+            log.warning("pycr serve: while settling a migration: %s", exc)
+            chan.close()
+            return None
+        self.channel = chan
+        return frame.body
+
+    def finish(self, ok):
+        pass
+
+
+def hold_stopped(replica):
+    """Leave the finished replica stopped: a SIGSTOP pending in every process, then the detach."""
+    for task in replica.tasks.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(task.real, signal.SIGSTOP)
+    root = replica.tasks[replica.images.inventory.root_pid]
+    where = f", namespace init {replica.init_real}" if replica.init_real else ""
+    log.warning("pycr serve: no word from the source: its tree may be killed or may run again; the replica "
+                "is left stopped (SIGSTOP), root pid %d (pid %d here%s): send it SIGCONT only if the source "
+                "tree is gone, else kill it", root.pid, root.real, where)
+
+
+@dataclass
+class Served:
+    peer: str
+    passes: int
+    bytes: int
+    root_pid: int
+    root_real: int
+    init_real: int
+    kept_stopped: bool
+
+    def line(self):
+        where = f", namespace init {self.init_real}" if self.init_real else ""
+        state = "left STOPPED (the source's fate is unknown)" if self.kept_stopped else "runs"
+        return (f"serve: replica from {self.peer} {state}: root pid {self.root_pid} "
+                f"(pid {self.root_real} outside its namespace{where}), {self.passes} passes, "
+                f"{self.bytes} bytes")
+
+
+def serve_one(chan, listener, secret, work_top, pidns=True):
+    """Run the migration a source opens on `chan` -> Served. PycrError (replica discarded) if it fails."""
+    chan.hello(Role.MIGRATE_DEST, {Role.MIGRATE_SOURCE})
+    auth.server_handshake(chan, secret)
+    first = chan.recv(FrameType.MIGRATION, FrameType.VERDICT)
+    if first.type == FrameType.VERDICT:
+        chan.error("no migration is being settled here")
+        raise PycrError(f"{chan.name}: sent a VERDICT, but no migration is in doubt here")
+    log.info("%s: migration of pid %d begins", chan.name, first.body.root_pid)
+    work = tempfile.mkdtemp(prefix=WORK_PREFIX, dir=work_top)
+    transport = NetworkTransport(chan, listener, secret, work, bytes(first.body.id))
+    try:
+        result = follow(transport, pidns=pidns, on_pass=transport.on_pass)
+    except PycrError as exc:
+        transport.channel.error(str(exc))
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        transport.channel.close()
+        chan.close()
+    replica = result.replica
+    root = replica.tasks[replica.images.inventory.root_pid]
+    return Served(chan.name, len(result.reports), transport.bytes, root.pid, root.real,
+                  replica.init_real or 0, transport.kept_stopped)
+
+
+def serve(listener, secret, work_top=None, pidns=True, once=False, on_done=None):
+    """Accept migrations on listener until once is done (or forever).
+
+    on_done(Served or PycrError) after each. A failed migration with once raises."""
+    if work_top is not None:
+        os.makedirs(work_top, mode=0o700, exist_ok=True)
+    while True:
+        listener.settimeout(None)
+        chan = ch.accept(listener)
+        log.info("%s: connected", chan.name)
+        try:
+            got = serve_one(chan, listener, secret, work_top, pidns)
+        except PycrError as exc:
+            if once:
+                raise
+            if on_done is not None:
+                on_done(exc)
+            continue
+        if on_done is not None:
+            on_done(got)
+        if once:
+            return got
