@@ -1,0 +1,119 @@
+"""Two hosts on one machine: two network namespaces joined by a veth pair.
+
+`two_hosts` (a fixture) gives a TwoHosts: the source namespace and the
+destination one, each with its end of the veth and an address of a private
+/30 chosen at random, names unique to this test run. Processes started with
+`source()` run in the source namespace (only the network is switched:
+nsenter --net, so the tree and pycr share this machine's mounts and PIDs);
+`destination()` runs a command in the destination namespace and also in new
+PID and mount namespaces (unshare -pmf --mount-proc) under a small shell
+that stays as their init, so a replica outlives a `pycr serve --once`.
+At the end (even on failure) every process started here is killed by PID,
+then both namespaces (and with them the veth) are deleted.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import procutil
+
+WORKTREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _ip(*args, check=True):
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+class TwoHosts:
+    def __init__(self):
+        tag = f"{os.getpid() % 10000}{random.randrange(1000):03d}"
+        self.src_ns, self.dst_ns = f"pycr-src-{tag}", f"pycr-dst-{tag}"
+        self.src_if, self.dst_if = f"pyv{tag}s", f"pyv{tag}d"
+        net = f"10.{random.randrange(64, 250)}.{random.randrange(1, 250)}"
+        base = random.randrange(0, 63) * 4
+        self.src_addr, self.dst_addr = f"{net}.{base + 1}", f"{net}.{base + 2}"
+        self.procs = []             # Popen of everything started here
+        self.made = []
+
+    def setup(self):
+        for ns in (self.src_ns, self.dst_ns):
+            _ip("netns", "add", ns)
+            self.made.append(ns)
+        _ip("link", "add", self.src_if, "netns", self.src_ns, "type", "veth", "peer", "name", self.dst_if,
+            "netns", self.dst_ns)
+        for ns, ifname, addr in ((self.src_ns, self.src_if, self.src_addr), (self.dst_ns, self.dst_if, self.dst_addr)):
+            _ip("-n", ns, "addr", "add", f"{addr}/30", "dev", ifname)
+            _ip("-n", ns, "link", "set", ifname, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+
+    def shape(self, rate):
+        """A token bucket (tbf) on the source's end: at most `rate` (tc's units, e.g. 40mbit)."""
+        subprocess.run(["tc", "-n", self.src_ns, "qdisc", "add", "dev", self.src_if, "root", "tbf", "rate", rate,
+                        "burst", "64kb", "latency", "100ms"], check=True, capture_output=True)
+
+    def cut(self):
+        """The link goes down on both ends."""
+        _ip("-n", self.src_ns, "link", "set", self.src_if, "down")
+        _ip("-n", self.dst_ns, "link", "set", self.dst_if, "down")
+
+    def _start(self, argv, env=None, **kw):
+        p = subprocess.Popen(argv, env=dict(os.environ, **(env or {})), stdin=subprocess.DEVNULL,
+                             close_fds=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def source(self, argv, env=None, **kw):
+        """argv in the source's network namespace (its PID is the Popen's)."""
+        return self._start(["nsenter", f"--net=/run/netns/{self.src_ns}", "--", *argv], env, **kw)
+
+    def destination(self, argv, env=None, **kw):
+        """argv in the destination's network, PID and mount namespaces; its shell init stays after it."""
+        script = '"$@"; echo "exit $?" >&2; exec sleep 100000'
+        return self._start(["nsenter", f"--net=/run/netns/{self.dst_ns}", "--", "unshare", "-pmf", "--mount-proc",
+                            "--", "sh", "-c", script, "sh", *argv], env, **kw)
+
+    @staticmethod
+    def dest_init(p):
+        """Host PID of the destination namespace's init (the shell, later sleep), or None."""
+        kids = procutil.children(p.pid)
+        return kids[0] if kids else None
+
+    def dest_processes(self, p):
+        """Host PIDs of every live process in the destination's PID namespace but its init."""
+        init = self.dest_init(p)
+        if init is None:
+            return []
+        return [pid for pid in procutil.descendants(init) if procutil.state(pid) not in (None, "Z", "X")]
+
+    def pycr(self, *args):
+        return [sys.executable, "-m", "pycr", *map(str, args)]
+
+    def close(self):
+        for p in self.procs:
+            pids = [p.pid, *procutil.descendants(p.pid)]
+            for pid in reversed(pids):
+                procutil.kill(pid, signal.SIGKILL)
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        for ns in self.made:
+            _ip("netns", "del", ns, check=False)
+
+
+@pytest.fixture
+def two_hosts():
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    hosts = TwoHosts()
+    try:
+        hosts.setup()
+        yield hosts
+    finally:
+        hosts.close()

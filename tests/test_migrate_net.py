@@ -1,0 +1,272 @@
+"""`pycr migrate --to` and `pycr serve` between two hosts (network namespaces, tests/netns.py).
+
+The source tree and `pycr migrate --to` run in one namespace; `pycr serve`
+runs in the other, in its own PID and mount namespaces. A migrated tree goes
+on counting on the destination with memory that checks out (each process
+prints a CRC-32 of its buffers, which the test computes independently) and
+is gone from the source. Every failure before the commit point (a wrong
+secret, the link cut during a pass, the destination killed) leaves the
+source running as it was (untraced, no userfaultfd of pycr's) and nothing of
+the replica on the destination.
+"""
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+import zlib
+
+import pytest
+
+import procutil
+from netns import two_hosts  # noqa: F401 (fixture)
+
+UFFD_LINK = "anon_inode:[userfaultfd]"
+PASS_LINE = re.compile(r"^pass (\d+) (pre-dump|dump): \+(\d+) -(\d+) tasks(?:, \d+ re-created)?, "
+                       r"(\d+) pages, (\d+) bytes, ([0-9.]+) s .*, ([0-9.]+) MiB/s sent, dirty ", re.M)
+FAST_FAIL = {"PYCR_NET_TIMEOUT": "3", "PYCR_NET_IDLE_TIMEOUT": "4", "PYCR_MIGRATE_DOUBT_TIMEOUT": "3"}
+
+# The workload's memory, shared with the test that recomputes its checksums.
+MEMORY = r'''
+import zlib
+
+PAGE = 4096
+
+def fill(idx, mib):
+    buf = bytearray(mib << 20)
+    for p in range(len(buf) // PAGE):
+        buf[p * PAGE:p * PAGE + 8] = (idx * 1000003 + p).to_bytes(8, "little")
+    return buf
+
+def touch(buf, step):
+    """Write number `step` into one page (the steps walk all pages in a fixed order)."""
+    p = (step * 7919) % (len(buf) // PAGE)
+    buf[p * PAGE + 8:p * PAGE + 16] = step.to_bytes(8, "little")
+'''
+
+WORKLOAD = MEMORY + r'''
+import os, sys, time
+
+out, nproc, mib, per_s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+idx = 0
+for i in range(1, nproc):
+    if os.fork() == 0:
+        idx = i
+        break
+buf = fill(idx, mib)
+pages = len(buf) // PAGE
+step = 0
+last = 0.0
+while True:
+    batch = int(pages * per_s * 0.05)
+    for _ in range(batch):
+        touch(buf, step)
+        step += 1
+    now = time.monotonic()
+    if now - last >= 0.2:
+        os.write(fd, f"w {idx} {os.getpid()} {step} {zlib.crc32(buf):08x}\n".encode())
+        last = now
+    time.sleep(0.05)
+'''
+
+_mem = {}
+exec(MEMORY, _mem)
+
+
+def expected_crc(idx, mib, steps):
+    buf = _mem["fill"](idx, mib)
+    for s in range(steps):
+        _mem["touch"](buf, s)
+    return f"{zlib.crc32(buf):08x}"
+
+
+class Tree:
+    """The workload in the source namespace: nproc processes of mib MiB, writing per_s of their pages per s."""
+
+    def __init__(self, hosts, tmp_path, nproc, mib, per_s):
+        self.out = tmp_path / "out.txt"
+        self.out.touch()
+        script = tmp_path / "workload.py"
+        script.write_text(WORKLOAD)
+        self.nproc, self.mib = nproc, mib
+        self.proc = hosts.source([sys.executable, str(script), str(self.out), str(nproc), str(mib), str(per_s)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert procutil.wait_until(lambda: len(self.latest()) == nproc, timeout=20), self.out.read_text()
+        self.pids = [self.proc.pid, *procutil.descendants(self.proc.pid)]
+
+    def lines(self, start=0):
+        return [line.split() for line in self.out.read_text().splitlines()[start:] if line.startswith("w ")]
+
+    def mark(self):
+        return len(self.out.read_text().splitlines())
+
+    def latest(self, start=0):
+        """idx -> (pid, step, crc) of each process's last line since line `start`."""
+        return {int(f[1]): (int(f[2]), int(f[3]), f[4]) for f in self.lines(start)}
+
+    def assert_counts_on(self, start=0, timeout=10):
+        """Every process prints new lines after `start`, whose checksums are right."""
+        assert procutil.wait_until(lambda: len(self.latest(start)) == self.nproc, timeout=timeout), \
+            f"not every process went on: {self.latest(start)}"
+        for idx, (pid, steps, crc) in self.latest(start).items():
+            assert crc == expected_crc(idx, self.mib, steps), f"process {idx} (pid {pid}): memory differs"
+        return self.latest(start)
+
+    def assert_unharmed(self):
+        """The source runs untraced, without pycr's userfaultfds, and goes on counting correctly."""
+        for pid in self.pids:
+            procutil.assert_running_untraced(pid)
+            assert UFFD_LINK not in procutil.fds(pid).values(), procutil.fds(pid)
+        self.assert_counts_on(self.mark())
+
+
+def secret(tmp_path, name="secret", content=None):
+    path = tmp_path / name
+    path.write_bytes(content or os.urandom(32).hex().encode())
+    path.chmod(0o600)
+    return path
+
+
+class Serve:
+    """`pycr serve --once` in the destination namespace."""
+
+    def __init__(self, hosts, tmp_path, secret_path, *extra, env=None):
+        self.port = random.randrange(20000, 60000)
+        self.work = tmp_path / "dst-work"
+        self.hosts = hosts
+        self.proc = hosts.destination(hosts.pycr("serve", "--listen", f"{hosts.dst_addr}:{self.port}",
+                                                 "--secret-file", secret_path, "--once", "-W", self.work, *extra),
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        assert "listening on" in line, line + self.proc.stderr.read()
+        self.address = f"{hosts.dst_addr}:{self.port}"
+
+    def pid(self):
+        """Host PID of the pycr serve process."""
+        for pid in self.hosts.dest_processes(self.proc):
+            if "serve" in (procutil._read(f"/proc/{pid}/cmdline") or b"").decode(errors="replace"):
+                return pid
+        return None
+
+    def result(self, timeout=30):
+        """(exit status, stdout lines, stderr) of pycr serve once it ended (the shell says `exit N`)."""
+        err = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if line.startswith("exit "):
+                out = []
+                return int(line.split()[1]), out, "".join(err)
+            err.append(line)
+        raise AssertionError("pycr serve did not end: " + "".join(err))
+
+    def replica(self):
+        return [pid for pid in self.hosts.dest_processes(self.proc) if pid != self.pid()]
+
+
+def migrate(hosts, tree, address, secret_path, *extra, env=None):
+    return hosts.source(hosts.pycr("migrate", "-t", tree.proc.pid, "--to", address, "--secret-file", secret_path,
+                                   *extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def assert_destination_empty(serve):
+    assert procutil.wait_until(lambda: serve.hosts.dest_processes(serve.proc) == [], timeout=10), \
+        [(pid, procutil.state(pid)) for pid in serve.hosts.dest_processes(serve.proc)]
+    assert not serve.work.exists() or os.listdir(serve.work) == []
+
+
+# ---------------------------------------------------------------- migrations
+
+def test_forking_tree_moves_to_the_other_host(two_hosts, tmp_path):
+    key = secret(tmp_path)
+    serve = Serve(two_hosts, tmp_path, key)
+    tree = Tree(two_hosts, tmp_path, nproc=4, mib=8, per_s=0)
+    before = tree.latest()
+    m = migrate(two_hosts, tree, serve.address, key)
+    out, err = m.communicate(timeout=60)
+    assert m.returncode == 0, out + err
+    passes = PASS_LINE.findall(out)
+    assert passes and passes[-1][1] == "dump" and passes[0][2] == "4", out
+    assert int(passes[0][5]) > 4 * 8 << 20, "the first pass carries every page"
+    assert re.search(r"^downtime [0-9.]+ s .* bytes sent in \d+ passes", out, re.M), out
+    # the source is gone ...
+    assert tree.proc.wait(timeout=10) == -signal.SIGKILL
+    procutil.wait_gone(tree.pids[1:])
+    # ... and goes on over there, same PIDs inside its namespace, memory intact
+    status, _, serve_err = serve.result()
+    assert status == 0, serve_err
+    after = tree.assert_counts_on(tree.mark())
+    for idx, (pid, steps, _) in after.items():
+        assert pid == before[idx][0]
+    assert len(serve.replica()) >= 4       # the replica's namespace init and the four processes
+
+
+def test_a_tree_writing_memory_converges(two_hosts, tmp_path):
+    key = secret(tmp_path)
+    serve = Serve(two_hosts, tmp_path, key)
+    tree = Tree(two_hosts, tmp_path, nproc=1, mib=32, per_s=0.03)
+    m = migrate(two_hosts, tree, serve.address, key, "--max-passes", "8")
+    out, err = m.communicate(timeout=60)
+    assert m.returncode == 0, out + err
+    passes = PASS_LINE.findall(out)
+    assert passes[-1][1] == "dump"
+    assert len(passes) < 8, out            # it stopped because the delta got small, not at the limit
+    assert int(passes[-1][5]) < int(passes[0][5]) / 4, out
+    assert serve.result()[0] == 0
+    tree.assert_counts_on(tree.mark())
+
+
+# ---------------------------------------------------------------- failures
+
+def test_a_wrong_secret_is_refused_and_nothing_runs(two_hosts, tmp_path):
+    serve = Serve(two_hosts, tmp_path, secret(tmp_path))
+    tree = Tree(two_hosts, tmp_path, nproc=2, mib=1, per_s=0)
+    m = migrate(two_hosts, tree, serve.address, secret(tmp_path, "other"))
+    out, err = m.communicate(timeout=30)
+    assert m.returncode == 1
+    assert "secret" in err and len(err.strip().splitlines()) == 1, err
+    status, _, serve_err = serve.result()
+    assert status == 1 and "failed authentication" in serve_err, serve_err
+    tree.assert_unharmed()
+    assert_destination_empty(serve)
+
+
+def test_link_cut_during_a_pass_leaves_the_source_running(two_hosts, tmp_path):
+    key = secret(tmp_path)
+    two_hosts.shape("40mbit")
+    serve = Serve(two_hosts, tmp_path, key, env=FAST_FAIL)
+    tree = Tree(two_hosts, tmp_path, nproc=2, mib=8, per_s=0.02)
+    m = migrate(two_hosts, tree, serve.address, key, env=FAST_FAIL)
+    # the first pass is on its way (about 4 s of it at 40 Mbit/s)
+    assert procutil.wait_until(lambda: any(os.scandir(d.path) for d in os.scandir(serve.work)
+                                           if d.is_dir()) if serve.work.exists() else False, timeout=20)
+    time.sleep(0.5)
+    two_hosts.cut()
+    out, err = m.communicate(timeout=30)
+    assert m.returncode == 1, out + err
+    assert "dump" not in "".join(PASS_LINE.findall(out)[-1:]), out
+    status, _, serve_err = serve.result()
+    assert status == 1, serve_err
+    tree.assert_unharmed()
+    assert_destination_empty(serve)
+
+
+def test_destination_killed_mid_migration_leaves_the_source_running(two_hosts, tmp_path):
+    key = secret(tmp_path)
+    two_hosts.shape("40mbit")
+    serve = Serve(two_hosts, tmp_path, key, env=FAST_FAIL)
+    tree = Tree(two_hosts, tmp_path, nproc=2, mib=4, per_s=0.3)   # pass 2 is large too
+    m = migrate(two_hosts, tree, serve.address, key, env=FAST_FAIL)
+    # once the replica exists (the first pass applied), the destination dies
+    assert procutil.wait_until(lambda: len(serve.replica()) >= 2, timeout=30)
+    procutil.kill(serve.pid(), signal.SIGKILL)
+    out, err = m.communicate(timeout=30)
+    assert m.returncode == 1, out + err
+    assert not re.search(r"^downtime", out, re.M), out
+    tree.assert_unharmed()
+    assert procutil.wait_until(lambda: two_hosts.dest_processes(serve.proc) == [], timeout=10), \
+        "the replica outlived its pycr serve"
