@@ -270,3 +270,27 @@ def test_destination_killed_mid_migration_leaves_the_source_running(two_hosts, t
     tree.assert_unharmed()
     assert procutil.wait_until(lambda: two_hosts.dest_processes(serve.proc) == [], timeout=10), \
         "the replica outlived its pycr serve"
+
+
+def test_link_lost_at_the_commit_point_keeps_the_replica_stopped(two_hosts, tmp_path):
+    """READY came, then the link died and the source gave up (thawed): the destination cannot know
+    whether the source still runs, so it never resumes the replica: it is left stopped."""
+    key = secret(tmp_path)
+    serve = Serve(two_hosts, tmp_path, key, env=FAST_FAIL)
+    tree = Tree(two_hosts, tmp_path, nproc=2, mib=1, per_s=0)
+    m = migrate(two_hosts, tree, serve.address, key, env=dict(FAST_FAIL, PYCR_STOP_AT_STEP="READY received"))
+    line = m.stderr.readline()
+    assert line.startswith("pycr: stopped at step") and "READY received" in line, line + m.stderr.read()
+    two_hosts.cut()
+    m.send_signal(signal.SIGTERM)
+    out, err = m.communicate(timeout=30)
+    assert m.returncode != 0, out + err
+    tree.assert_unharmed()
+    status, _, serve_err = serve.result()
+    assert status == 0 and "left stopped" in serve_err, serve_err
+    replica = serve.replica()
+    assert len(replica) >= 2
+    for _ in range(3):
+        time.sleep(0.3)
+        assert all(procutil.state(pid) == "T" for pid in replica[1:]), \
+            [(pid, procutil.state(pid)) for pid in replica]

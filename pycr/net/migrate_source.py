@@ -29,6 +29,7 @@ from ..log import log
 from ..migrate import loop
 from ..migrate.report import image_set_size
 from ..restore import handover
+from ..steps import step
 from . import auth, channel as ch
 from .image_sets import send_set
 
@@ -162,12 +163,15 @@ class _Run:
                 if final:
                     final_sent = True
                     self.chan.recv(FrameType.READY, idle=True)
+                    step("READY received")      # the source is still whole: a failure here thaws it
                     break
                 applied = self.chan.recv(FrameType.SET_APPLIED, idle=True).body
                 self._report(path, applied, dump_seconds, send_seconds)
         except BaseException as exc:
             self.source.finish(False)           # thawed, tracking taken out
-            if final_sent and isinstance(exc, (ch.PeerLost, ch.ProtocolError)):
+            if final_sent and isinstance(exc, ch.NetError) and not isinstance(exc, ch.PeerFailed):
+                # the destination may hold a complete replica, waiting for KILLED: say it will not come
+                self.chan.error(f"the source gave up and runs again ({exc})", linger=0.2)
                 self._tell(killed=False)
             raise
         self._commit(path, dump_seconds, send_seconds)
@@ -192,6 +196,7 @@ class _Run:
         wait = settings.migrate_doubt_timeout()
         deadline = time.monotonic() + wait
         last = None
+        self.chan.close()
         while time.monotonic() < deadline:
             try:
                 chan = _connect(*self.where, self.secret)
