@@ -294,3 +294,4 @@ def test_link_lost_at_the_commit_point_keeps_the_replica_stopped(two_hosts, tmp_
         time.sleep(0.3)
         assert all(procutil.state(pid) == "T" for pid in replica[1:]), \
             [(pid, procutil.state(pid)) for pid in replica]
+
