@@ -10,7 +10,7 @@ declared below (PAYLOADS); DATA carries raw bytes. See wire.md.
 
 import enum
 
-from construct import Bytes, Int8ul, Int16ul, Struct
+from construct import Bytes, Int8ul, Int16ul, PrefixedArray, Struct
 
 from .common import U32, U64, Blob, String
 
@@ -29,6 +29,9 @@ class Role(enum.IntEnum):
     """What a peer is, said in its hello (and bound into the authentication)."""
     PAGE_CLIENT = 1         # pycr dump / pre-dump --page-server: sends pages files
     PAGE_SERVER = 2         # pycr page-server: writes them into its directory
+    # 0x40-0x4f: remote lazy restore (post-copy)
+    LAZY_SOURCE = 0x40      # pycr dump --lazy-pages: holds the frozen tree, serves its pages
+    LAZY_DAEMON = 0x41      # pycr lazy-pages --page-server: fetches them for a lazy restore
 
 
 class FrameType(enum.IntEnum):
@@ -45,6 +48,19 @@ class FrameType(enum.IntEnum):
     DONE_OK = 16            # server: kept
     ABORT = 17              # client: the dump failed, remove every file of this connection
     FILE_CANCEL = 18        # client: drop the current file (its copy failed; the dump goes on)
+    # 0x40-0x4f: remote lazy restore (source = dump --lazy-pages, daemon = lazy-pages --page-server)
+    LAZY_OPEN = 0x40        # daemon: the set it restores, a reconnection or not, the chunks it wants
+    LAZY_READY = 0x41       # source: serving; whether the replica already ran (committed)
+    PAGE_REQUEST = 0x42     # daemon: a fault waits for this chunk: send it before the stream
+    PAGE_CHUNK = 0x43       # source: one chunk of a pages file, read from the frozen task, its CRC-32C
+    RESUMING = 0x44         # daemon: the replica is about to run; from the answer on, never thaw
+    RESUMING_OK = 0x45      # source: committed (the tree stays stopped until it is killed)
+    ALL_PLACED = 0x46       # daemon: every page is in the replica
+    TREE_KILLED = 0x47      # source: the source tree is killed; the end
+
+
+#: Bytes per PAGE_CHUNK (the last chunk of a file is shorter) and per checksum of a lazy source.
+LAZY_CHUNK = 256 << 10
 
 
 Hello = Struct(
@@ -81,6 +97,12 @@ Empty = Struct()
 DoneOk = Struct("files" / U32, "bytes" / U64)
 Abort = Struct("reason" / String)
 
+Wanted = Struct("pid" / U32, "bitmap" / Blob)      # bit i (LSB first): chunk i of pages-<pid>.img
+LazyOpen = Struct("set_id" / Bytes(16), "resumed" / Int8ul, "wanted" / PrefixedArray(U32, Wanted))
+LazyReady = Struct("chunk_size" / U32, "committed" / Int8ul)
+PageRequest = Struct("pid" / U32, "index" / U32)
+PageChunk = Struct("pid" / U32, "index" / U32, "crc" / U32, "data" / Blob)
+
 #: The payload schema of each frame type (DATA: raw bytes, no schema).
 PAYLOADS = {
     FrameType.CHALLENGE: Challenge,
@@ -96,4 +118,12 @@ PAYLOADS = {
     FrameType.DONE_OK: DoneOk,
     FrameType.ABORT: Abort,
     FrameType.FILE_CANCEL: FileBegin,
+    FrameType.LAZY_OPEN: LazyOpen,
+    FrameType.LAZY_READY: LazyReady,
+    FrameType.PAGE_REQUEST: PageRequest,
+    FrameType.PAGE_CHUNK: PageChunk,
+    FrameType.RESUMING: Empty,
+    FrameType.RESUMING_OK: Empty,
+    FrameType.ALL_PLACED: Empty,
+    FrameType.TREE_KILLED: Empty,
 }
