@@ -23,7 +23,7 @@ Cpu = Struct(
     "xstate_components" / Array32(XstateComponent),
 )
 
-DumpKind = Enum(Int8ul, **{"dump": 0, "pre-dump": 1})
+DumpKind = Enum(Int8ul, **{"dump": 0, "pre-dump": 1, "lazy-dump": 2})   # lazy-dump: dump --lazy-pages
 
 Body = Struct(
     "pycr_version" / String,

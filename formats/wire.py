@@ -10,7 +10,7 @@ declared below (PAYLOADS); DATA carries raw bytes. See wire.md.
 
 import enum
 
-from construct import Bytes, Int8ul, Int16ul, Struct
+from construct import Bytes, Int8ul, Int16ul, PrefixedArray, Struct
 
 from .common import U32, U64, Blob, String
 
@@ -31,6 +31,9 @@ class Role(enum.IntEnum):
     PAGE_SERVER = 2         # pycr page-server: writes them into its directory
     MIGRATE_SOURCE = 3      # pycr migrate --to: sends a tree's image sets, pass by pass
     MIGRATE_DEST = 4        # pycr serve: builds the replica from them and runs it
+    # 0x40-0x4f: remote lazy restore (post-copy)
+    LAZY_SOURCE = 0x40      # pycr dump --lazy-pages: holds the frozen tree, serves its pages
+    LAZY_DAEMON = 0x41      # pycr lazy-pages --page-server: fetches them for a lazy restore
 
 
 class FrameType(enum.IntEnum):
@@ -56,6 +59,19 @@ class FrameType(enum.IntEnum):
     KILLED = 26             # source: its frozen tree is killed; the replica may run
     RUNNING = 27            # destination: the replica runs
     VERDICT = 28            # source, on a new connection after the link was lost: killed or thawed
+    # 0x40-0x4f: remote lazy restore (source = dump --lazy-pages, daemon = lazy-pages --page-server)
+    LAZY_OPEN = 0x40        # daemon: the set it restores, a reconnection or not, the chunks it wants
+    LAZY_READY = 0x41       # source: serving; whether the replica already ran (committed)
+    PAGE_REQUEST = 0x42     # daemon: a fault waits for this chunk: send it before the stream
+    PAGE_CHUNK = 0x43       # source: one chunk of a pages file, read from the frozen task, its CRC-32C
+    RESUMING = 0x44         # daemon: the replica is about to run; from the answer on, never thaw
+    RESUMING_OK = 0x45      # source: committed (the tree stays stopped until it is killed)
+    ALL_PLACED = 0x46       # daemon: every page is in the replica
+    TREE_KILLED = 0x47      # source: the source tree is killed; the end
+
+
+#: Bytes per PAGE_CHUNK (the last chunk of a file is shorter) and per checksum of a lazy source.
+LAZY_CHUNK = 256 << 10
 
 
 Hello = Struct(
@@ -102,6 +118,12 @@ Running = Struct("number" / U32, "added" / U32, "removed" / U32, "recreated" / U
                  "root_pid" / U32, "root_real" / U32, "init_real" / U32)
 Verdict = Struct("id" / Bytes(MIGRATION_ID_SIZE), "killed" / Int8ul)
 
+Wanted = Struct("pid" / U32, "bitmap" / Blob)      # bit i (LSB first): chunk i of pages-<pid>.img
+LazyOpen = Struct("set_id" / Bytes(16), "resumed" / Int8ul, "wanted" / PrefixedArray(U32, Wanted))
+LazyReady = Struct("chunk_size" / U32, "committed" / Int8ul)
+PageRequest = Struct("pid" / U32, "index" / U32)
+PageChunk = Struct("pid" / U32, "index" / U32, "crc" / U32, "data" / Blob)
+
 #: The payload schema of each frame type (DATA: raw bytes, no schema).
 PAYLOADS = {
     FrameType.CHALLENGE: Challenge,
@@ -126,4 +148,12 @@ PAYLOADS = {
     FrameType.KILLED: Empty,
     FrameType.RUNNING: Running,
     FrameType.VERDICT: Verdict,
+    FrameType.LAZY_OPEN: LazyOpen,
+    FrameType.LAZY_READY: LazyReady,
+    FrameType.PAGE_REQUEST: PageRequest,
+    FrameType.PAGE_CHUNK: PageChunk,
+    FrameType.RESUMING: Empty,
+    FrameType.RESUMING_OK: Empty,
+    FrameType.ALL_PLACED: Empty,
+    FrameType.TREE_KILLED: Empty,
 }

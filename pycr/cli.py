@@ -173,6 +173,11 @@ def build_parser():
     _add_dump_args(p)
     p.add_argument("-R", "--leave-running", action="store_true",
                    help="let the tree go on after the dump (default: kill it, as criu does)")
+    p.add_argument("--lazy-pages", action="store_true",
+                   help="post-copy to another host (criu's): write every image but the anonymous pages, keep "
+                        "the tree frozen and serve those pages on --address/--port to `pycr lazy-pages "
+                        "--page-server`; the tree is killed once all have moved, thawed if the "
+                        "destination goes away before its replica runs")
 
     p = sub.add_parser("pre-dump", help="copy memory while the tree runs; later passes copy what changed")
     _add_dump_args(p)
@@ -207,6 +212,11 @@ def build_parser():
     p = sub.add_parser("lazy-pages", help="serve the pages of a `restore --lazy-pages` on fault, then exit "
                                           "once every page is placed")
     p.add_argument("-D", "--images-dir", required=True, metavar="DIR", help="the image set being restored")
+    g = p.add_argument_group("remote (criu's): the pages come from `pycr dump --lazy-pages` at ADDR:PORT")
+    g.add_argument("--page-server", action="store_true", help="fetch the pages from a lazy dump's source")
+    g.add_argument("--address", metavar="ADDR", help="the source's host name or address")
+    g.add_argument("--port", type=_port, metavar="PORT", help="the source's port")
+    g.add_argument("--secret-file", metavar="FILE", help="the secret both sides hold (mode 0600)")
     cliopts.add_output(p)
     _add_common(p)
 
@@ -371,6 +381,8 @@ def _dump(args):
         from .dump import DumpStats, dump_tree
     dumped = DumpStats()
     leave_running = getattr(args, "leave_running", False)
+    if getattr(args, "lazy_pages", False):
+        return _lazy_dump(args)
     sink = _page_server_client(args)
     try:
         dump_tree(args.tree, args.images_dir, pre_dump=(args.command == "pre-dump"),
@@ -383,6 +395,24 @@ def _dump(args):
     if sink is not None:
         line += f"; pages files ({sink.files}) at the page server {sink.name.split()[-1]}"
     _summary(args, line)
+    return 0
+
+
+def _lazy_dump(args):
+    missing = [o for o, v in (("--address", args.address), ("--port", args.port),
+                              ("--secret-file", args.secret_file)) if v is None]
+    if missing:
+        raise PycrError(f"--lazy-pages needs {', '.join(missing)}")
+    if args.page_server or args.leave_running or args.prev_images_dir:
+        raise PycrError("--lazy-pages serves the pages itself; it does not go with --page-server, "
+                        "--leave-running or --prev-images-dir")
+    from .lazy.remote_source import lazy_dump
+    job = lazy_dump(args.tree, args.images_dir, args.address, args.port, args.secret_file,
+                    overwrite=args.overwrite,
+                    on_listening=lambda where: print(f"pycr dump: images in {args.images_dir}; serving lazy pages on "
+                                                    f"{where}", flush=True))
+    _summary(args, f"dump: lazy, {job.sent / (1 << 20):.1f} MiB of pages sent to the replica; tree frozen "
+                   f"{job.stats.frozen_seconds:.3f} s, then killed; images in {args.images_dir}")
     return 0
 
 
@@ -471,7 +501,17 @@ def _restore(args):
 
 def _lazy_pages(args):
     from .lazy.daemon import lazy_pages
-    summary = lazy_pages(args.images_dir, cliopts.work_dir(args))
+    remote = None
+    given = [o for o, v in (("--address", args.address), ("--port", args.port),
+                            ("--secret-file", args.secret_file)) if v is not None]
+    if args.page_server:
+        missing = [o for o in ("--address", "--port", "--secret-file") if o not in given]
+        if missing:
+            raise PycrError(f"--page-server needs {', '.join(missing)}")
+        remote = (args.address, args.port, args.secret_file)
+    elif given:
+        raise PycrError(f"{given[0]} is for --page-server, which was not given")
+    summary = lazy_pages(args.images_dir, cliopts.work_dir(args), page_server=remote)
     _summary(args, summary.line())
     return 0
 

@@ -43,12 +43,13 @@ class Summary:
     seconds: float
     median_us: float
     p99_us: float
+    extra: str = ""
 
     def line(self):
         return (f"lazy-pages: {self.fault_pages + self.pushed_pages} pages placed ({self.fault_pages} on "
                 f"{self.faults} faults, {self.pushed_pages} pushed), {self.zero_pages} zero, "
                 f"{self.dropped} dropped by the program, {self.forks} forks, in {self.seconds:.2f} s; "
-                f"fault median {self.median_us:.1f} us, p99 {self.p99_us:.1f} us")
+                f"fault median {self.median_us:.1f} us, p99 {self.p99_us:.1f} us{self.extra}")
 
 
 def _percentile(times, q):
@@ -92,7 +93,8 @@ class Daemon:
         started = None
         try:
             self.dog = watchdog.start()         # before any thread or socket of ours
-            self.server = FaultServer(self.source.files(), self.source.chunk)
+            self.server = FaultServer(self.source.files(), self.source.chunk, remote=self.source.remote())
+            self.source.attach(self.server)         # a remote source connects now, before any task exists
             self.push_delay = settings.lazy_push_delay()
             if self.push_delay:             # fault-only until "go" + the delay
                 self.server.push_from(time.monotonic_ns() + 3600 * 10**9)
@@ -119,25 +121,28 @@ class Daemon:
                 raise PycrError("lazy-pages: the restore failed before its tree ran; nothing left to serve")
             self.server.finish_input()
             thread.join()
-            if self.error is not None:
-                raise PycrError(f"lazy-pages: serving pages failed: {self.error}; the restored tree was killed")
+            left = self.server.stats()["left"]
+            error = self.error or self.source.failure() or (f"stopped with {left} pages missing" if left else None)
+            if error is not None:
+                raise PycrError(f"lazy-pages: serving pages failed: {error}; the restored tree was killed")
             self.dog.release()
             self.dog = None
+            self.source.finished()
             return self._summary(time.monotonic() - started)
         finally:
             if self.dog is not None:            # not every page placed: the tree must not run on
                 self.dog.kill()
+            if self.server is not None and self.thread is not None and self.thread.is_alive():   # Ctrl-C
+                self.server.stop()
+                self.thread.join()
+            self.source.close()
             if self.server is not None:
-                if self.thread is not None and self.thread.is_alive():     # interrupted (Ctrl-C)
-                    self.server.stop()
-                    self.thread.join()
                 self.server.close()
             if self.listener is not None:
                 self.listener.close()
                 with contextlib.suppress(FileNotFoundError):
                     if started is None:
                         os.unlink(self.path)
-            self.source.close()
 
     def _serve(self):
         try:
@@ -186,6 +191,7 @@ class Daemon:
                      len(runs), sum(r[1] for r in runs) // PAGE)
             return op
         if op == "go":
+            self.source.resuming()          # a remote source commits: from here it never thaws
             if self.push_delay:
                 self.server.push_from(time.monotonic_ns() + int(self.push_delay * 1e9))
             return op
@@ -196,9 +202,14 @@ class Daemon:
         times = self.server.fault_times()
         return Summary(st["faults"], st["fault_pages"], st["pushed_pages"], st["zero_pages"], st["dropped"],
                        st["forks"], seconds, statistics.median(times) / 1000 if times else 0.0,
-                       _percentile(times, 0.99))
+                       _percentile(times, 0.99), self.source.summary())
 
 
-def lazy_pages(images_dir, work_dir=None, on_listening=None):
-    """Serve one lazy restore of images_dir -> Summary."""
-    return Daemon(images_dir, work_dir or images_dir).run(on_listening)
+def lazy_pages(images_dir, work_dir=None, on_listening=None, page_server=None):
+    """Serve one lazy restore of images_dir -> Summary. page_server: (address, port, secret file)
+    of a lazy dump's source (`dump --lazy-pages`), which then sends the pages."""
+    source = None
+    if page_server is not None:
+        from .remote import RemotePages
+        source = RemotePages(images_dir, *page_server)
+    return Daemon(images_dir, work_dir or images_dir, source).run(on_listening)

@@ -30,6 +30,27 @@ class PageSource:
         """Saved runs of pid inside ranges [(start, end, wipe_on_fork)], sorted by start."""
         raise NotImplementedError
 
+    def remote(self):
+        """(request fd, arrived eventfd) of a source whose chunks come later (faults.c), else None."""
+        return None
+
+    def attach(self, server):
+        """The fault server exists (a remote source starts fetching)."""
+
+    def resuming(self):
+        """The tree is about to run (a remote source's commit point); PycrError refuses it."""
+
+    def finished(self):
+        """Every page is placed."""
+
+    def failure(self):
+        """Why the source failed, or None."""
+        return None
+
+    def summary(self):
+        """More words for the daemon's summary line."""
+        return ""
+
     def close(self):
         pass
 
@@ -39,6 +60,9 @@ class LocalPages(PageSource):
 
     def __init__(self, images_dir):
         chain = manifest.verify_chain(images_dir, deep=False)     # sizes, the manifests' own digests
+        if str(ImageDir(images_dir).read("inventory").kind) == "lazy-dump":
+            raise ImageError(images_dir, "a lazy dump: its anonymous pages are at its source, not here; serve "
+                                         "it with `pycr lazy-pages --page-server --address A --port P`")
         self.set_id = bytes(chain[0][1].set_id).hex()
         chunks = {man.chunk_size for _, man in chain}
         if len(chunks) != 1:

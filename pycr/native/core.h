@@ -69,6 +69,7 @@ struct pycr_lazy_file {
     uint64_t size;
     const uint32_t *sums;
     size_t nsums;
+    uint8_t *ready;     /* NULL: the whole file is there; else one state per chunk (faults.c) */
 };
 /* One saved run of a task: [start, start+len) comes from `file` at `offset`. */
 struct pycr_lazy_run {
@@ -87,6 +88,9 @@ struct pycr_lazy *pycr_lazy_new(const struct pycr_lazy_file *files, size_t nfile
                                 uint64_t chunk, uint64_t readahead);
 /* The server owns uffd from here on; runs sorted by start. Any thread. */
 long pycr_lazy_add(struct pycr_lazy *s, int uffd, const struct pycr_lazy_run *runs, size_t nruns);
+/* A remote source: faults write (u32 file, u32 chunk) to request_fd for a chunk not there
+ * yet and wait; the caller pokes the eventfd arrived_fd whenever a chunk lands. Both the caller's. */
+void pycr_lazy_set_remote(struct pycr_lazy *s, int request_fd, int arrived_fd);
 void pycr_lazy_finish_input(struct pycr_lazy *s);
 void pycr_lazy_stop(struct pycr_lazy *s);
 /* No background push before this CLOCK_MONOTONIC time (ns); faults are served at once. */

@@ -467,18 +467,33 @@ class FaultServer:
 
     WIPEONFORK = lib.PYCR_LAZY_WIPEONFORK
 
-    def __init__(self, files, chunk, readahead=15):
+    def __init__(self, files, chunk, readahead=15, remote=None):
         self._keep = [array("I", sums) for _, _, sums in files]
         self._files = ffi.new("struct pycr_lazy_file[]", max(len(files), 1))
-        self._sums = []
+        self._sums, self._ready = [], []
         for i, (fd, size, _) in enumerate(files):
             sums = ffi.from_buffer("uint32_t[]", self._keep[i])
             self._sums.append(sums)
             self._files[i].fd, self._files[i].size = fd, size
             self._files[i].sums, self._files[i].nsums = sums, len(self._keep[i])
+            if remote is not None:
+                ready = ffi.new("uint8_t[]", max(len(self._keep[i]), 1))
+                self._ready.append(ready)
+                self._files[i].ready = ready
         self._s = lib.pycr_lazy_new(self._files, len(files), chunk, readahead)
         if self._s == ffi.NULL:
             raise OSError(_errno.ENOMEM, "cannot make the fault server")
+        if remote is not None:
+            lib.pycr_lazy_set_remote(self._s, *remote)
+
+    def landed(self, file, index, crc):
+        """A remote source wrote chunk `index` of `file` (its CRC-32C checked already): the
+        server may read it (it checks the sum again). Poke the arrived eventfd after this."""
+        self._keep[file][index] = crc
+        self._ready[file][index] = 2            # CHUNK_THERE, after the sum (faults.c)
+
+    def there(self, file, index):
+        return self._ready[file][index] == 2
 
     def add(self, uffd, runs):
         table = ffi.new("struct pycr_lazy_run[]", max(len(runs), 1))

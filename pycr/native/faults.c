@@ -75,6 +75,8 @@ struct pycr_lazy {
     struct retry retries[MAX_RETRY];
     size_t nretries;
     int evfd;
+    int request_fd, arrived_fd;     /* a remote source (pycr_lazy_set_remote), else -1 */
+    int starved;                    /* the push found no chunk there yet: wait for one */
     pthread_mutex_t lock;           /* guards the fields below */
     struct space *incoming;
     size_t nincoming;
@@ -102,6 +104,57 @@ static void fail(struct pycr_lazy *s, int err, const char *what)
 
 /* ---- the page source ---------------------------------------------------- */
 
+/*
+ * A remote source: a chunk lands in the file (a memfd) when another thread
+ * has received and checked it; `ready[idx]` then turns CHUNK_THERE. A fault
+ * that needs a chunk not yet there asks for it once (its (file, chunk) on
+ * request_fd, which that thread turns into a priority request to the
+ * source) and waits for it; arrived_fd is poked whenever a chunk lands.
+ */
+enum { CHUNK_MISSING, CHUNK_ASKED, CHUNK_THERE };
+
+static int chunk_there(const struct pycr_lazy_file *file, uint64_t idx)
+{
+    return !file->ready || idx >= file->nsums ||
+           __atomic_load_n(&file->ready[idx], __ATOMIC_ACQUIRE) == CHUNK_THERE;
+}
+
+static int wait_chunk(struct pycr_lazy *s, uint32_t f, uint64_t idx)
+{
+    const struct pycr_lazy_file *file = &s->files[f];
+    if (chunk_there(file, idx))
+        return 0;
+    uint8_t missing = CHUNK_MISSING;
+    if (__atomic_compare_exchange_n(&file->ready[idx], &missing, CHUNK_ASKED, 0, __ATOMIC_ACQ_REL,
+                                    __ATOMIC_ACQUIRE)) {
+        uint32_t want[2] = {f, (uint32_t)idx};
+        if (write(s->request_fd, want, sizeof(want)) != sizeof(want)) {
+            fail(s, errno ? errno : EIO, "asking the page source for a chunk");
+            return -1;
+        }
+    }
+    while (!chunk_there(file, idx)) {
+        struct pollfd p[2] = {{s->arrived_fd, POLLIN, 0}, {s->evfd, POLLIN, 0}};
+        if (poll(p, 2, 1000) < 0 && errno != EINTR) {
+            fail(s, errno, "poll");
+            return -1;
+        }
+        uint64_t v;
+        if (p[0].revents & POLLIN && read(s->arrived_fd, &v, sizeof(v)) < 0 && errno != EAGAIN) {
+            fail(s, errno, "eventfd");
+            return -1;
+        }
+        pthread_mutex_lock(&s->lock);
+        int stop = s->stop;
+        pthread_mutex_unlock(&s->lock);
+        if (stop) {
+            fail(s, ECANCELED, "stopped while a fault waited for its page from the source");
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* The cached, verified chunk `idx` of file `f`, or NULL (st.error set). */
 static unsigned char *chunk_of(struct pycr_lazy *s, uint32_t f, uint64_t idx)
 {
@@ -109,6 +162,8 @@ static unsigned char *chunk_of(struct pycr_lazy *s, uint32_t f, uint64_t idx)
         if (s->cache[i].file == f && s->cache[i].chunk == (int64_t)idx)
             return s->cache[i].buf;
     const struct pycr_lazy_file *file = &s->files[f];
+    if (file->ready && wait_chunk(s, f, idx) < 0)
+        return NULL;
     uint64_t pos = idx * s->chunk, len = file->size - pos;
     if (len > s->chunk)
         len = s->chunk;
@@ -424,33 +479,48 @@ static int serve_fault(struct pycr_lazy *s, size_t spi, uint64_t addr, uint64_t 
     return 0;
 }
 
-/* One batch of pending pages of the first space that has any: 0 when none is left. */
-static long push_some(struct pycr_lazy *s)
-{
-    for (size_t k = 0; k < s->nspaces; k++) {
-        struct space *sp = &s->spaces[k];
-        for (; sp->left && sp->cursor < sp->n; sp->cursor++) {
-            struct span *x = &sp->spans[sp->cursor];
-            for (uint64_t i = 0; i < x->npages; i++) {
-                if (x->done[i])
-                    continue;
-                uint64_t n = pending_run(s, x, i, s->chunk / s->page);
-                long r = copy_pages(s, sp, x, i, n);
-                if (r > 0)
-                    s->st.pushed_pages += (uint64_t)r;
-                return r == -EAGAIN ? 1 : r < 0 ? r : 1;
-            }
-        }
-    }
-    return 0;
-}
-
 static uint64_t pages_left(struct pycr_lazy *s)
 {
     uint64_t n = 0;
     for (size_t k = 0; k < s->nspaces; k++)
         n += s->spaces[k].left;
     return n;
+}
+
+/* One batch of pending pages of the first space that has any whose chunk is there:
+ * 1 after a batch, 0 when none can be pushed now (s->starved: none is there yet). */
+static long push_some(struct pycr_lazy *s)
+{
+    s->starved = 0;
+    for (size_t k = 0; k < s->nspaces; k++) {
+        struct space *sp = &s->spaces[k];
+        int behind = 0;         /* a span before this one still waits for a chunk */
+        for (size_t j = sp->cursor; sp->left && j < sp->n; j++) {
+            struct span *x = &sp->spans[j];
+            int pending = 0;
+            for (uint64_t i = 0; i < x->npages; i++) {
+                if (x->done[i])
+                    continue;
+                uint64_t idx = (x->offset + i * s->page) / s->chunk;
+                if (!chunk_there(&s->files[x->file], idx)) {
+                    pending = 1;        /* skip to the first page of the next chunk */
+                    uint64_t next = ((idx + 1) * s->chunk - x->offset) / s->page;
+                    i = next - 1;
+                    continue;
+                }
+                uint64_t n = pending_run(s, x, i, s->chunk / s->page);
+                long r = copy_pages(s, sp, x, i, n);
+                if (r > 0)
+                    s->st.pushed_pages += (uint64_t)r;
+                return r == -EAGAIN ? 1 : r < 0 ? r : 1;
+            }
+            if (!pending && !behind)
+                sp->cursor = j + 1;
+            behind |= pending;
+        }
+    }
+    s->starved = pages_left(s) > 0;
+    return 0;
 }
 
 static int add_space(struct pycr_lazy *s, struct space *sp)
@@ -527,12 +597,13 @@ long pycr_lazy_serve(struct pycr_lazy *s)
         uint64_t push_from = s->push_from;
         pthread_mutex_unlock(&s->lock);
         uint64_t left = pages_left(s), now = now_ns();
-        int pushing = left && now >= push_from;
+        int pushing = left && now >= push_from && !s->starved;
         if (stop || s->st.error)
             break;
         if (closed && !left && !s->nretries)
             break;
-        struct pollfd *grown = realloc(fds, (s->nspaces + 1) * sizeof(*fds));
+        size_t extra = s->arrived_fd >= 0 ? 2 : 1;
+        struct pollfd *grown = realloc(fds, (s->nspaces + extra) * sizeof(*fds));
         if (!grown) {
             fail(s, ENOMEM, "poll set");
             break;
@@ -541,8 +612,18 @@ long pycr_lazy_serve(struct pycr_lazy *s)
         fds[0] = (struct pollfd){s->evfd, POLLIN, 0};
         for (size_t k = 0; k < s->nspaces; k++)
             fds[k + 1] = (struct pollfd){s->spaces[k].uffd, POLLIN, 0};
-        int timeout = s->nretries ? 1 : pushing ? 0 : left ? (int)((push_from - now) / 1000000 + 1) : -1;
-        int n = poll(fds, s->nspaces + 1, timeout);
+        if (extra == 2)
+            fds[s->nspaces + 1] = (struct pollfd){s->arrived_fd, POLLIN, 0};
+        int timeout = s->nretries ? 1 : pushing ? 0 : left && now < push_from ?
+                      (int)((push_from - now) / 1000000 + 1) : -1;
+        int n = poll(fds, s->nspaces + extra, timeout);
+        if (n > 0 && extra == 2 && (fds[s->nspaces + 1].revents & POLLIN)) {
+            uint64_t v;
+            if (read(s->arrived_fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+                fail(s, errno, "eventfd");
+            s->starved = 0;             /* a chunk landed: try the push again */
+            n--;
+        }
         if (n < 0 && errno != EINTR) {
             fail(s, errno, "poll");
             break;
@@ -560,7 +641,7 @@ long pycr_lazy_serve(struct pycr_lazy *s)
         s->nretries = 0;
         for (size_t r = 0; r < waiting && !s->st.error; r++)
             serve_fault(s, s->retries[r].space, s->retries[r].addr, now_ns());
-        if (n == 0 && pushing && !s->nretries && push_some(s) < 0)
+        if (n == 0 && left && now >= push_from && !s->starved && !s->nretries && push_some(s) < 0)
             break;
     }
     free(fds);
@@ -581,6 +662,7 @@ struct pycr_lazy *pycr_lazy_new(const struct pycr_lazy_file *files, size_t nfile
     s->chunk = chunk;
     s->readahead = readahead;
     s->evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    s->request_fd = s->arrived_fd = -1;
     pthread_mutex_init(&s->lock, NULL);
     int ok = s->evfd >= 0 && chunk && chunk % s->page == 0;
     for (size_t i = 0; i < CACHE_SLOTS; i++) {
@@ -642,6 +724,12 @@ long pycr_lazy_add(struct pycr_lazy *s, int uffd, const struct pycr_lazy_run *ru
         return -ENOMEM;
     poke(s);
     return 0;
+}
+
+void pycr_lazy_set_remote(struct pycr_lazy *s, int request_fd, int arrived_fd)
+{
+    s->request_fd = request_fd;
+    s->arrived_fd = arrived_fd;
 }
 
 void pycr_lazy_finish_input(struct pycr_lazy *s)

@@ -38,12 +38,17 @@ def lazy_ranges(mm, chain, owner):
     saved = sorted((v, v + n * PAGE) for v, n, _, _ in iter_page_runs(chain.pagemap(0, owner)))
     out = []
     for vma in mm.vmas:
-        flags = vma.vmflags.split()
-        if vma.shared or str(vma.kind) not in LAZY_KINDS or "dp" in flags or "lo" in flags:
+        if not is_lazy_vma(vma.shared, vma.kind, vma.vmflags):
             continue
         if any(s < vma.end and vma.start < e for s, e in saved):
-            out.append((vma.start, vma.end, "wf" in flags))
+            out.append((vma.start, vma.end, "wf" in vma.vmflags.split()))
     return out
+
+
+def is_lazy_vma(shared, kind, vmflags):
+    """Whether a VMA's saved pages are served on fault (the same rule for a lazy dump's source)."""
+    flags = vmflags.split()
+    return not shared and str(kind) in LAZY_KINDS and "dp" not in flags and "lo" not in flags
 
 
 def make_uffd(remote):

@@ -180,7 +180,7 @@ def check_set(imgdir, resolve_chain=True, trust_images=False):
     return trust.owner_of(dirs)
 
 
-def load_images(images_dir, allow_pre_dump=False, resolve_chain=True, trust_images=False):
+def load_images(images_dir, allow_pre_dump=False, resolve_chain=True, trust_images=False, allow_lazy=False):
     """Load and cross-check every image of the dump in images_dir -> ImageSet.
 
     First check_set (owners and modes, manifest and checksums of the set and
@@ -192,13 +192,17 @@ def load_images(images_dir, allow_pre_dump=False, resolve_chain=True, trust_imag
     runs it does follow raise ImageError then if the chain is broken); the
     parent's set ID is still checked, its files were when it was applied.
     trust_images: accept images others own or may write (--trust-images).
+    allow_lazy: accept a lazy dump (restore --lazy-pages: its anonymous pages come from its source).
     """
     imgdir = ImageDir(images_dir)
     if not os.path.isdir(imgdir.path):
         raise ImageError(imgdir.path, not_a_directory(imgdir.path))
     owner = check_set(imgdir, resolve_chain, trust_images)
     inventory = imgdir.read("inventory")
-    if str(inventory.kind) != "dump" and not (allow_pre_dump and str(inventory.kind) == "pre-dump"):
+    if str(inventory.kind) == "lazy-dump" and not allow_lazy:
+        raise ImageError(imgdir.path_of("inventory"), "a lazy dump (dump --lazy-pages): its anonymous pages are "
+                         "at its source; restore it with --lazy-pages and `pycr lazy-pages --page-server`")
+    if str(inventory.kind) not in ("dump", "lazy-dump") and not (allow_pre_dump and str(inventory.kind) == "pre-dump"):
         raise ImageError(imgdir.path_of("inventory"),
                          f"a {inventory.kind} cannot be restored; restore the final dump of the chain")
     if inventory.page_size != PAGE:

@@ -260,7 +260,7 @@ def restore(images_dir, detach=False, pidns=False, trust_images=False, on_runnin
     started = time.monotonic()
     with phase("image load and checks"):
         with Copier():                      # the buffer checksums are read through
-            images = load_images(images_dir, trust_images=trust_images)
+            images = load_images(images_dir, trust_images=trust_images, allow_lazy=lazy_pages is not None)
         log.info("images of %d processes loaded and checked", len(images.processes))
         preflight.check(images, pidns)
     count("processes", len(images.processes))

@@ -1,0 +1,339 @@
+"""`pycr dump --lazy-pages --address A --port P --secret-file F`: the source of a remote lazy restore.
+
+criu's `dump --lazy-pages --port`: the images are written as by a dump,
+except the contents of the pages a lazy restore serves on fault (private
+anonymous VMAs, restore.lazy.is_lazy_vma): their place in pages-<pid>.img is
+a hole (reads as zeros, summed as such in the manifest) and the inventory
+says "lazy-dump", so that nothing restores the set without this source. The
+pagemap lists every page, so the destination knows what to expect.
+
+The tree stays frozen. One destination daemon at a time (after the
+authentication, and only for this image set) gets the chunks it asks for
+(PAGE_REQUEST: a fault waits) before the background stream, each chunk read
+from the frozen task with process_vm_readv and sent with its CRC-32C; the
+socket's send buffer is kept small, so a request waits behind at most about
+a megabyte of stream.
+
+The commit point is RESUMING, which the daemon sends just before the replica
+runs. Before it, a lost destination means nothing is lost: the tree is
+thawed. From it on the source's memory is the only copy of the pages the
+replica lacks: every process is sent SIGSTOP (pending while frozen), so that
+whatever happens to this pycr, even SIGKILL, the tree never runs on next to
+its replica. A lost link is then said in one line and the destination may
+reconnect for PYCR_LAZY_RECONNECT x 2 seconds (the daemon retries for
+PYCR_LAZY_RECONNECT; a replica that cannot get its pages is killed by its
+watchdog). If it never comes back, this pycr detaches and leaves the tree
+stopped: the one whole copy; `kill -CONT` brings it back once the replica is
+known to be gone. ALL_PLACED ends it: the tree is killed, as a dump kills it.
+"""
+
+import bisect
+import collections
+import contextlib
+import os
+import select
+import signal
+import socket
+import time
+
+from .. import manifest, outdir, progress, proc, settings
+from ..collect.memory import copy_runs, present_runs, private_vmas
+from ..collect.tree import reader
+from ..dump import DumpStats, inventory, write_tree_images
+from ..errors import PycrError
+from ..formats import wire
+from ..formats.wire import FrameType, Role
+from ..freeze import freeze
+from ..images import iter_page_runs
+from ..log import log
+from ..native.core import Copier, crc32c, vm_read
+from ..net import auth, channel as ch
+from ..restore.lazy import is_lazy_vma
+from ..stats import phase
+from ..steps import deferred_signals
+from ..sysinfo import page_size
+
+PAGE = page_size()
+ZEROS = bytes(1 << 20)
+SEND_BUFFER = 512 << 10     # the kernel doubles it: about 1 MiB of stream ahead of a priority chunk
+
+
+def reconnect_window():
+    """Seconds the daemon retries a lost link (the source waits twice as long)."""
+    return float(os.environ.get("PYCR_LAZY_RECONNECT", "30"))
+
+
+class LinkLost(PycrError):
+    pass
+
+
+def _split_lazy(runs, vmas):
+    """[(lazy, array('Q') runs)] in address order: runs inside lazy VMAs are served on fault."""
+    from array import array
+    lazy_spans = sorted((v["start"], v["end"]) for v in vmas if is_lazy_vma(v["shared"], v["kind"], v["vmflags"]))
+    starts = [s for s, _ in lazy_spans]
+    out = []
+    for i in range(0, len(runs), 2):
+        addr, length = runs[i], runs[i + 1]
+        j = bisect.bisect_right(starts, addr) - 1
+        lazy = j >= 0 and lazy_spans[j][0] <= addr < lazy_spans[j][1]
+        if not out or out[-1][0] != lazy:
+            out.append((lazy, array("Q")))
+        out[-1][1].extend((addr, length))
+    return out
+
+
+def _write_hole(f, length):
+    """length bytes of hole in the pages file, summed as the zeros they read as."""
+    fd = f.fileno()
+    os.lseek(fd, length, os.SEEK_CUR)
+    while length:
+        n = min(length, len(ZEROS))
+        f.sums.update(memoryview(ZEROS)[:n])
+        length -= n
+
+
+class LazyDump:
+    """The frozen tree's images (lazy pages as holes), then its pages over the network."""
+
+    def __init__(self, root, images_dir, listener, secret, overwrite=False):
+        self.root, self.images_dir, self.listener, self.secret = root, images_dir, listener, secret
+        self.overwrite = overwrite
+        self.frozen = None
+        self.srcs = {}
+        self.layout = {}            # pid -> ([file offsets], [(offset, vaddr, length)]) of every run
+        self.sizes = {}             # pid -> pages file size
+        self.committed = False
+        self.sent = 0
+        self.stats = DumpStats()
+
+    # ---------------------------------------------------------------- dump
+
+    def _memory(self, pid, vmas, imgdir):
+        src = self.srcs[pid]
+        mine = private_vmas(vmas)
+        runs = present_runs(src, mine)
+        written = 0
+        with imgdir.pages_writer(str(pid)) as f:
+            for lazy, batch in _split_lazy(runs, mine):
+                if lazy:
+                    _write_hole(f, sum(batch[1::2]))
+                else:
+                    written += copy_runs(src, batch, mine, f)
+            end = f.sums.pos
+            f.flush()
+            if os.fstat(f.fileno()).st_size < end:
+                os.ftruncate(f.fileno(), end)
+        from ..collect.memory import runs_to_entries
+        imgdir.write("pagemap", {"owner": str(pid), "entries": runs_to_entries(runs)}, str(pid))
+        table = [(off, vaddr, nr * PAGE) for vaddr, nr, _, off in iter_page_runs(runs_to_entries(runs))]
+        self.layout[pid] = ([t[0] for t in table], table)
+        self.sizes[pid] = sum(runs[1::2])
+        log.info("pid %d: %d pages left in the task for the lazy restore, %d bytes written",
+                 pid, (self.sizes[pid] - written) // PAGE, written)
+        return written
+
+    def dump(self):
+        """Freeze, write the set; the tree stays frozen (thawed if this fails)."""
+        started = time.monotonic()
+        with outdir.writing(self.images_dir, self.overwrite) as imgdir, Copier():
+            with phase("freeze"):
+                self.frozen = freeze(self.root, timeout=settings.freeze_timeout())
+            self.frozen_at = time.monotonic()
+            self.srcs = {pid: reader(pid, threads) for pid, threads in self.frozen.processes.items()}
+            self.stats.processes = len(self.frozen.processes)
+            self.stats.threads = sum(len(t) for t in self.frozen.processes.values())
+            try:
+                with progress.step("dump"):
+                    self.stats.pages_bytes = write_tree_images(self.frozen, imgdir, memory=self._memory)
+                imgdir.write("inventory", inventory(self.root, "lazy-dump"))
+                manifest.seal(imgdir)
+                self.set_id = bytes(manifest.read(self.images_dir).set_id)
+            except BaseException:
+                log.info("dump failed: detaching, the tree goes on as before; removing what was written")
+                self.frozen.thaw()
+                raise
+        self.stats.total_seconds = time.monotonic() - started
+        log.info("lazy dump written in %.3f s; the tree stays frozen while its pages are served",
+                 self.stats.total_seconds)
+
+    # ---------------------------------------------------------------- pages
+
+    def _chunk(self, pid, index):
+        """Chunk `index` of pid's pages file, read from the frozen task."""
+        size = self.sizes[pid]
+        start = index * wire.LAZY_CHUNK
+        end = min(size, start + wire.LAZY_CHUNK)
+        offsets, table = self.layout[pid]
+        out = bytearray()
+        j = max(bisect.bisect_right(offsets, start) - 1, 0)
+        pos = start
+        while pos < end:
+            off, vaddr, length = table[j]
+            take = min(end, off + length) - pos
+            addr = vaddr + (pos - off)
+            try:
+                out += vm_read(self.srcs[pid], addr, take)
+            except OSError:             # PROT_NONE and the like: /proc/PID/mem reads them for a tracer
+                fd = proc.open_mem(self.srcs[pid])
+                try:
+                    out += os.pread(fd, take, addr)
+                finally:
+                    os.close(fd)
+            pos += take
+            j += 1
+        return bytes(out)
+
+    def _nchunks(self, pid):
+        return -(-self.sizes[pid] // wire.LAZY_CHUNK)
+
+    # ---------------------------------------------------------------- serving
+
+    def serve(self):
+        """Serve daemons until one says every page is placed; -> 0. Raises after a thaw."""
+        try:
+            while True:
+                channel = self._accept()
+                try:
+                    if self._session(channel):
+                        return 0
+                except (ch.NetError, OSError) as exc:
+                    reason = str(exc) if isinstance(exc, ch.NetError) else (exc.strerror or str(exc))
+                    if not self.committed:
+                        self._thaw()
+                        raise PycrError(f"lazy dump: the destination went away before its replica ran "
+                                        f"({reason}): the tree was thawed and goes on") from None
+                    log.warning("lazy dump: lost the destination after its replica started (%s); the tree "
+                                "stays stopped; waiting up to %g s for the destination to reconnect",
+                                reason, 2 * reconnect_window())
+                finally:
+                    channel.close()
+        except KeyboardInterrupt:
+            if not self.committed:
+                self._thaw()
+            else:
+                self._leave_stopped()
+            raise
+        finally:
+            self.listener.close()
+
+    def _accept(self):
+        """The next authenticated daemon. Before the commit: as long as it takes; after: the window."""
+        deadline = time.monotonic() + 2 * reconnect_window() if self.committed else None
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                self._leave_stopped()
+                raise PycrError(f"lazy dump: the destination did not come back within {2 * reconnect_window():g} "
+                                "s: its replica cannot get its missing pages (its watchdog kills it); the "
+                                "source tree is left stopped and detached, the one whole copy: `kill -CONT` "
+                                "it once the replica is known to be gone, or kill it")
+            ready, _, _ = select.select([self.listener], [], [], left)
+            if not ready:
+                continue
+            channel = ch.accept(self.listener)
+            try:
+                channel.hello(Role.LAZY_SOURCE, {Role.LAZY_DAEMON})
+                auth.server_handshake(channel, self.secret)
+                return channel
+            except ch.NetError as exc:         # a stranger or a wrong secret: the tree is not its business
+                log.warning("lazy dump: refused %s", exc)
+                channel.close()
+
+    def _session(self, channel):
+        opened = channel.recv(FrameType.LAZY_OPEN)
+        if bytes(opened.body.set_id) != self.set_id:
+            channel.error("this source serves another image set")
+            log.warning("lazy dump: %s restores another image set: refused", channel.name)
+            return False
+        todo = collections.OrderedDict()
+        for w in opened.body.wanted:
+            if w.pid not in self.sizes:
+                raise ch.ProtocolError(f"{channel.name}: asks for pid {w.pid}, not in this tree")
+            bits = bytes(w.bitmap)
+            todo[w.pid] = collections.deque(i for i in range(self._nchunks(w.pid)) if i // 8 < len(bits)
+                                            and bits[i // 8] >> (i % 8) & 1)
+        with contextlib.suppress(OSError):
+            channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        channel.send(FrameType.LAZY_READY, {"chunk_size": wire.LAZY_CHUNK, "committed": int(self.committed)})
+        log.info("%s: serving %d chunks in the background%s", channel.name, sum(map(len, todo.values())),
+                 " (a reconnection)" if opened.body.resumed else "")
+        sent = {pid: set() for pid in todo}
+        urgent = collections.deque()
+        while True:
+            while select.select([channel.sock], [], [], 0)[0]:
+                frame = channel.recv(FrameType.PAGE_REQUEST, FrameType.RESUMING, FrameType.ALL_PLACED)
+                if frame.type == FrameType.PAGE_REQUEST:
+                    pid, index = frame.body.pid, frame.body.index
+                    if pid not in self.sizes or index >= self._nchunks(pid):
+                        raise ch.ProtocolError(f"{channel.name}: asks for chunk {index} of pid {pid}, "
+                                               "which does not exist")
+                    urgent.append((pid, index))
+                elif frame.type == FrameType.RESUMING:
+                    self._commit()
+                    channel.send(FrameType.RESUMING_OK, {})
+                else:
+                    self._kill()
+                    channel.send(FrameType.TREE_KILLED, {})
+                    return True
+            if urgent:
+                pid, index = urgent.popleft()
+            else:
+                pid = next((p for p, q in todo.items() if q), None)
+                if pid is None:             # everything sent: wait for the daemon's word
+                    if not select.select([channel.sock], [], [], settings.net_timeouts()[1])[0]:
+                        raise ch.PeerLost(f"{channel.name}: silent for {settings.net_timeouts()[1]:g} s")
+                    continue
+                index = todo[pid].popleft()
+                if index in sent[pid]:
+                    continue
+            data = self._chunk(pid, index)
+            channel.send(FrameType.PAGE_CHUNK, {"pid": pid, "index": index, "crc": crc32c(data), "data": data})
+            sent.setdefault(pid, set()).add(index)
+            self.sent += len(data)
+
+    # ---------------------------------------------------------------- the tree
+
+    def _commit(self):
+        """The replica is about to run: from here the tree must never run on (module docstring)."""
+        if not self.committed:
+            for pid in self.frozen.processes:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGSTOP)
+            self.committed = True
+            log.info("lazy dump: the replica runs: the source tree is held stopped (SIGSTOP pending) "
+                     "until its last page has moved")
+
+    def _thaw(self):
+        with deferred_signals():
+            self.frozen.thaw()
+        log.info("detached every thread: the tree goes on as before")
+
+    def _leave_stopped(self):
+        with deferred_signals():
+            self.frozen.thaw()      # detached with SIGSTOP pending: it stops before any instruction
+
+    def _kill(self):
+        with deferred_signals(), phase("waiting for PIDs to be free"):
+            try:
+                self.frozen.kill(timeout=settings.freeze_timeout())
+            except PycrError as exc:
+                log.warning("warning: %s", exc)
+        self.stats.frozen_seconds = time.monotonic() - self.frozen_at
+        log.info("every page is in the replica: killed the source tree with SIGKILL")
+
+
+def lazy_dump(root, images_dir, address, port, secret_file, overwrite=False, on_listening=None):
+    """The whole source side -> LazyDump (its stats and bytes sent)."""
+    secret = auth.read_secret(secret_file)
+    listener = ch.listen(address, port)         # refused here (port in use) before anything is frozen
+    job = LazyDump(root, images_dir, listener, secret, overwrite)
+    try:
+        job.dump()
+    except BaseException:
+        listener.close()
+        raise
+    if on_listening:                # the set is sealed: it may be copied to the destination now
+        on_listening(ch.describe(listener.getsockname()))
+    job.serve()
+    return job

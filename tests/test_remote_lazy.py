@@ -1,0 +1,266 @@
+"""Remote lazy restore over loopback: `pycr dump --lazy-pages` serves the pages of a frozen tree to
+`pycr lazy-pages --page-server`, and `pycr restore --lazy-pages --pidns` runs the replica next to
+the frozen source (which holds the original PIDs).
+
+Each test checks what a user would: the replica's memory checksums after it touched every page,
+bytes it wrote from a missing page with write(2), the source tree killed after the last page moved,
+thawed and counting on when the destination goes away before its replica ran, and a replica killed
+rather than run on zero pages when the source dies after it started.
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import procutil
+from pycrcmd import pycr
+from workload_prelude import WORKLOAD_PRELUDE
+from test_lazy_pages import DROP_SCRIPT, SLOW_SCRIPT
+
+FIGURES = re.compile(r"lazy-pages: (\d+) pages placed \((\d+) on (\d+) faults, (\d+) pushed\).*fault median "
+                     r"([\d.]+) us, p99 ([\d.]+) us; ([\d.]+) MiB from the source \((\d+) chunks asked by faults\), "
+                     r"background push ([\d.]+) MiB/s")
+
+# A parent, a child forked before the dump and a thread: 40 MiB of known content.
+TREE_SCRIPT = WORKLOAD_PRELUDE + r"""import hashlib, mmap, random, threading
+MB = 1 << 20
+def region(size, seed):
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m[:] = random.Random(seed).randbytes(size)
+    return m
+a = region(24 * MB, 1)
+want_a = hashlib.sha256(a).hexdigest()
+child = os.fork()
+who = "child" if child == 0 else "parent"
+mine = region(16 * MB if child == 0 else 8 * MB, 2 if child == 0 else 3)
+want_mine = hashlib.sha256(mine).hexdigest()
+asked = threading.Event()
+def checker():
+    while True:
+        asked.wait()
+        asked.clear()
+        report("sum %s-thread %s" % (who, "ok" if hashlib.sha256(a).hexdigest() == want_a else "bad"))
+threading.Thread(target=checker, daemon=True).start()
+report(("child ready %d" if child == 0 else "ready %d") % os.getpid())
+n = 0
+while True:
+    n += 1
+    if n % 5 == 0:
+        report("count %s %d" % (who, n))
+    if go:
+        go.pop()
+        asked.set()
+        report("sum %s %s" % (who, "ok" if hashlib.sha256(mine).hexdigest() == want_mine else "bad"))
+    time.sleep(0.01)
+"""
+
+
+@pytest.fixture
+def secret(tmp_path):
+    path = tmp_path / "secret"
+    path.write_bytes(os.urandom(32).hex().encode())
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def procs():
+    """start(*args, env=None) -> Popen of `pycr ARGS`; killed at teardown."""
+    started = []
+
+    def start(*args, env=None):
+        p = subprocess.Popen([sys.executable, "-m", "pycr", *map(str, args)], env=dict(os.environ, **(env or {})),
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.communicate(timeout=30)
+
+
+def twins(pids):
+    """{original pid: outer pid} of the processes that are `pids` inside a child PID namespace."""
+    out = {}
+    for outer in procutil.all_pids():
+        st = procutil.status(outer)
+        ns = st.get("NSpid", "").split() if st else []
+        if len(ns) == 2 and int(ns[1]) in pids and outer not in pids:
+            out[int(ns[1])] = outer
+    return out
+
+
+def replica_says(w, pattern, mark, timeout=30):
+    """The match of the first line the replica reported since mark (the original w.pid may be gone)."""
+    def find():
+        return next((m for m in map(re.compile(pattern).match, w.lines(mark)) if m), None)
+    m = procutil.wait_until(find, timeout)
+    assert m, (pattern, w.lines(mark)[-10:])
+    return m
+
+
+def lazy_source(procs, w, img, secret, env=None):
+    """`pycr dump --lazy-pages` of w's tree on a free loopback port -> (Popen, port), once the set is sealed."""
+    src = procs("dump", "-t", w.pid, "-D", img, "--lazy-pages", "--address", "127.0.0.1", "--port", 0,
+                "--secret-file", secret, env=env)
+    line = src.stdout.readline()
+    m = re.search(r"serving lazy pages on 127\.0\.0\.1:(\d+)", line)
+    assert m, (line, src.stderr.read() if src.poll() is not None else "")
+    return src, int(m.group(1))
+
+
+def destination(procs, img, copy, port, secret, env=None):
+    """The set copied (holes stay holes) and `pycr lazy-pages --page-server` started on it, listening."""
+    subprocess.run(["cp", "-a", "--sparse=always", str(img), str(copy)], check=True)
+    d = procs("lazy-pages", "-D", copy, "--page-server", "--address", "127.0.0.1", "--port", port,
+              "--secret-file", secret, env=env)
+    sock = os.path.join(copy, "lazy-pages.sock")
+    assert procutil.wait_until(lambda: os.path.exists(sock) or d.poll() is not None, 30)
+    assert d.poll() is None, d.communicate()
+    return d
+
+
+def test_a_tree_moves_lazily_and_the_source_is_killed_after_the_last_page(
+        spawn_python, tmp_path, cleanup_pids, procs, secret):
+    w = spawn_python("remotelazy", TREE_SCRIPT)
+    child = int(w.wait_for(r"^child ready (\d+)$").group(1))
+    w.wait_for(r"^count parent 10$")
+    pids = sorted([w.pid, child])
+    cleanup_pids.add(*pids)
+    src, port = lazy_source(procs, w, tmp_path / "img", secret)
+    # Only what is not anonymous memory was written: the 48 MiB stay in the frozen task.
+    written = sum(os.stat(tmp_path / "img" / f).st_blocks * 512 for f in os.listdir(tmp_path / "img"))
+    assert written < 16 << 20, written
+    assert all(procutil.state(p) in ("t", "T") for p in pids)
+    last = int(w.last("count parent").split()[-1])
+    d = destination(procs, tmp_path / "img", tmp_path / "dst", port, secret)
+    mark = w.mark()
+    pycr("restore", "-D", tmp_path / "dst", "-d", "--lazy-pages", "--pidns")
+    replica = twins(pids)
+    assert sorted(replica) == pids
+    cleanup_pids.add(*replica.values(), *(procutil.ppid(p) for p in replica.values()))
+    for outer in replica.values():          # every page checked at once, while the push goes on
+        os.kill(outer, signal.SIGUSR1)
+    for who in ("parent", "child", "parent-thread"):
+        w.wait_for(rf"^sum {who} (ok|bad)$", timeout=60, start=mark)
+    assert not [line for line in w.lines(mark) if line.endswith("bad")], w.lines(mark)
+    w.wait_for(rf"^count parent {last + 20}$", start=mark)
+    out, err = d.communicate(timeout=60)
+    assert d.returncode == 0, err
+    m = FIGURES.search(out)
+    assert m, out
+    placed, faults, on_request = int(m.group(1)), int(m.group(3)), int(m.group(8))
+    assert placed * 4096 >= 48 << 20 and faults > 0 and on_request > 0
+    print(f"\nremote lazy figures: {m.group(0)}")
+    src_out, src_err = src.communicate(timeout=60)
+    assert src.returncode == 0, src_err
+    assert "then killed" in src_out
+    assert procutil.wait_gone(pids, timeout=10) == []      # the source tree, after its last page moved
+    replica_says(w, rf"^count parent {last + 40}$", mark)   # the replica goes on without it
+
+
+def test_kernel_mode_fault_served_from_the_source(spawn_python, tmp_path, cleanup_pids, procs, secret):
+    w = spawn_python("remotedrop", DROP_SCRIPT)
+    w.wait_for(r"^ready \d+$")
+    cleanup_pids.add(w.pid)
+    src, port = lazy_source(procs, w, tmp_path / "img", secret)
+    d = destination(procs, tmp_path / "img", tmp_path / "dst", port, secret, env={"PYCR_LAZY_PUSH_DELAY": "4"})
+    mark = w.mark()
+    pycr("restore", "-D", tmp_path / "dst", "-d", "--lazy-pages", "--pidns")
+    replica = twins({w.pid})
+    cleanup_pids.add(*replica.values(), *(procutil.ppid(p) for p in replica.values()))
+    os.kill(replica[w.pid], signal.SIGUSR1)
+    w.wait_for(r"^dropped True$", start=mark)
+    # write(2) read the missing pages in the kernel: fetched from the source and served, not EFAULT.
+    assert w.fields("piped", mark) == [["65536", "ok"]]
+    assert w.fields("forked", mark) == [["ok"]]
+    out, err = d.communicate(timeout=60)
+    assert d.returncode == 0, err
+    assert src.wait(timeout=30) == 0
+    os.kill(replica[w.pid], signal.SIGUSR1)
+    assert replica_says(w, r"^zeros (\S+) (\S+) rest (\S+)$", mark).groups() == ("True", "True", "ok")
+
+
+def test_source_killed_after_the_replica_started_kills_the_replica(
+        spawn_python, tmp_path, cleanup_pids, procs, secret):
+    w = spawn_python("remoteslow", SLOW_SCRIPT)
+    w.wait_for(r"^ready \d+$")
+    cleanup_pids.add(w.pid)
+    env = {"PYCR_LAZY_RECONNECT": "2"}
+    src, port = lazy_source(procs, w, tmp_path / "img", secret, env=env)
+    d = destination(procs, tmp_path / "img", tmp_path / "dst", port, secret,
+                    env=dict(env, PYCR_LAZY_PUSH_DELAY="600"))
+    mark = w.mark()
+    pycr("restore", "-D", tmp_path / "dst", "-d", "--lazy-pages", "--pidns")
+    replica = twins({w.pid})
+    cleanup_pids.add(*replica.values(), *(procutil.ppid(p) for p in replica.values()))
+    # Running (3 reports: 300 pages touched), most of its pages still at the source.
+    assert procutil.wait_until(lambda: len(w.fields("touched", mark)) >= 3, 30), w.lines(mark)
+    src.kill()
+    src.wait(timeout=10)
+    # The daemon retries for 2 s, gives up, and its watchdog kills the replica: never zero pages.
+    assert procutil.wait_until(lambda: not procutil.exists(replica[w.pid]), 20), "the replica outlived its source"
+    assert not [line for line in w.lines(mark) if line.startswith("bad")]
+    out, err = d.communicate(timeout=30)
+    assert d.returncode == 1 and "lost the source" in err, err
+    # The source tree was held stopped from the commit on: it does not run next to a replica.
+    assert procutil.state(w.pid) == "T"
+
+
+def test_destination_gone_before_the_replica_ran_thaws_the_source(
+        spawn_python, tmp_path, cleanup_pids, procs, secret):
+    w = spawn_python("remotethaw", SLOW_SCRIPT)
+    w.wait_for(r"^touched 100$")
+    cleanup_pids.add(w.pid)
+    src, port = lazy_source(procs, w, tmp_path / "img", secret)
+    d = destination(procs, tmp_path / "img", tmp_path / "dst", port, secret)
+    d.kill()
+    d.wait(timeout=10)
+    out, err = src.communicate(timeout=30)
+    assert src.returncode == 1 and "the tree was thawed" in err, err
+    mark = w.mark()
+    last = int(w.last("touched").split()[-1])
+    w.wait_for(rf"^touched {last + 200}$", start=mark)
+    assert not [line for line in w.lines(mark) if line.startswith("bad")]
+    procutil.assert_running_untraced(w.pid)
+
+
+def test_source_killed_before_the_replica_ran_leaves_the_tree_running(
+        spawn_python, tmp_path, cleanup_pids, procs, secret):
+    w = spawn_python("remotekill", SLOW_SCRIPT)
+    w.wait_for(r"^touched 100$")
+    cleanup_pids.add(w.pid)
+    src, _port = lazy_source(procs, w, tmp_path / "img", secret)
+    src.kill()
+    src.wait(timeout=10)
+    mark = w.mark()
+    w.wait_for(r"^touched \d+$", start=mark)
+    assert not [line for line in w.lines(mark) if line.startswith("bad")]
+    procutil.assert_running_untraced(w.pid)
+
+
+def test_wrong_secret_refused(spawn_python, tmp_path, cleanup_pids, procs, secret):
+    w = spawn_python("remotesecret", SLOW_SCRIPT)
+    w.wait_for(r"^ready \d+$")
+    cleanup_pids.add(w.pid)
+    src, port = lazy_source(procs, w, tmp_path / "img", secret)
+    wrong = tmp_path / "wrong"
+    wrong.write_bytes(b"not the secret")
+    wrong.chmod(0o600)
+    shutil.copytree(tmp_path / "img", tmp_path / "dst")
+    p = pycr("lazy-pages", "-D", tmp_path / "dst", "--page-server", "--address", "127.0.0.1", "--port", port,
+             "--secret-file", wrong, expect=1)
+    assert "secret" in p.stderr, p.stderr
+    # The source refused it and goes on waiting for its destination: the tree is still frozen.
+    assert src.poll() is None
+    assert procutil.state(w.pid) in ("t", "T")
+    # A plain restore of a lazy dump is refused: its anonymous pages are not in the set.
+    p = pycr("restore", "-D", tmp_path / "dst", "-d", "--pidns", expect=1)
+    assert "--lazy-pages" in p.stderr
