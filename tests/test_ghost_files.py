@@ -154,3 +154,24 @@ def test_a_mapped_deleted_file_moves_with_pycr_migrate(spawn_python, tmp_path, c
     sha = hashlib.sha256(bytes(data)).hexdigest()[:16]
     assert got == (f"fd-sees via-map map-sees via-fd view-sees via-map via-fd gen map 0003, fd 0003 "
                    f"sha {sha} nlink 0 link {where}")
+
+
+TMPFILE_SCRIPT = WORKLOAD_PRELUDE + r"""import hashlib
+where = os.path.dirname(sys.argv[1])
+tmp = os.open(where, os.O_TMPFILE | os.O_RDWR, 0o600)     # never had a name
+os.write(tmp, b"before\n")
+report("ready %d" % os.getpid())
+while True:
+    wait_for_sigusr1()
+    os.write(tmp, b"after\n")
+    report("tmpfile %r" % os.pread(tmp, 100, 0))
+"""
+
+
+def test_an_o_tmpfile_file_comes_back_with_its_contents(spawn_python, tmp_path, cleanup_pids):
+    w = spawn_python("tmpfile", TMPFILE_SCRIPT)
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img")
+    cleanup_pids.add(w.pid)
+    pycr("restore", "-D", tmp_path / "img", "-d")
+    got = w.signal_and_wait(signal.SIGUSR1, r"^tmpfile (.*)$").group(1)
+    assert got == repr(b"before\nafter\n")

@@ -14,8 +14,8 @@ import re
 import struct
 import termios
 
-from pycr.abi import (F_DUPFD_CLOEXEC, F_GETPIPE_SZ, F_SETFD, F_SETPIPE_SZ, O_ACCMODE, O_CLOEXEC, O_CREAT, O_EXCL,
-                      O_TRUNC, O_WRONLY)
+from pycr.abi import (F_DUPFD_CLOEXEC, F_GETPIPE_SZ, F_SETFD, F_SETPIPE_SZ, O_ACCMODE, O_CLOEXEC, O_CREAT,
+                      O_EXCL, O_NOFOLLOW, O_TMPFILE, O_TRUNC, O_WRONLY)
 from pycr.errors import RestoreError
 from pycr.log import log
 from pycr.restore import ghost, kinds
@@ -97,6 +97,9 @@ class Descriptions:
         elif path is None:
             if kind == "reg" and rec.deleted:
                 path = ghost.holder(images).path_for_file(rec.file_id)     # made again, unlinked
+                # An O_TMPFILE file keeps O_TMPFILE (and O_DIRECTORY) in its flags; the holder
+                # is reached through a /proc magic link, which O_NOFOLLOW would refuse.
+                flags &= ~(O_TMPFILE | O_NOFOLLOW)
             elif rec.deleted or rec.path.endswith(DELETED):
                 raise RestoreError(f"fd {rec.fd}: {rec.path} was deleted")
             else:
