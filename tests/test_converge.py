@@ -170,18 +170,20 @@ def test_fast_dirtier_is_throttled_step_by_step_then_converges(spawn_python, cle
         if rep.kind == "pre-dump":
             seen.append((rep.throttle, groups_of(w.pid)))
 
-    res = migrate(w.pid, policy=Policy(max_passes=16, downtime_limit=0.3, bandwidth_limit=LINK),
+    res = migrate(w.pid, policy=Policy(max_passes=16, downtime_limit=0.4, bandwidth_limit=LINK),
                   on_pass=registering(cleanup_pids, then=look))
     cleanup_pids.add(w.pid)
     steps = [r.throttle for r in res.reports]
     assert 20 in steps, [r.line() for r in res.reports]
     first = steps.index(20)
-    assert first >= 3                                       # the full copy, then two fast passes
-    assert steps[first:-1] == list(range(20, 20 + 10 * (len(steps) - 1 - first), 10)), steps
+    assert first >= 4           # the full copy, two fast passes, the pass the throttle was set before
+    assert steps[first:] == [min(20 + 10 * i, 99) for i in range(len(steps) - first)], \
+        [r.line() for r in res.reports]
     # while a throttle was in force the tree sat in pycr's group
-    assert all(groups for pct, groups in seen[first + 1:]), seen
-    assert res.summary.budget_met and res.summary.downtime <= 0.3, res.summary.lines()
-    assert res.summary.throttle_max == steps[-2] or res.summary.throttle_max == max(steps)
+    assert all(groups for pct, groups in seen if pct), seen
+    assert res.summary.budget_met and res.summary.downtime <= 0.4, [r.line() for r in res.reports] + \
+        res.summary.lines()
+    assert res.summary.throttle_max == steps[-1]
     assert throttle_groups() == []
     replica_root = res.replica.tasks[w.pid].real
     assert cpu_cgroup(replica_root) == before               # the replica was never throttled

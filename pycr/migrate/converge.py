@@ -56,6 +56,7 @@ class Converger:
         self.policy = policy
         self.throttle = None                # Throttle, made when first needed
         self.percent = 0                    # % in force now
+        self.in_force = 0                   # % in force before the last decision
         self.max_percent = 0
         self.pending = None                 # the source's figures of the pass being applied
         self.cpu_mark = (time.monotonic(), tree_cpu_seconds(root))
@@ -68,6 +69,7 @@ class Converger:
 
     def decide(self):
         """-> Decision for the next pass; sets the throttle it asks for (before the pass freezes the tree)."""
+        self.in_force = self.percent        # over the dirty interval that ends with the next pass's freeze
         now = time.monotonic()
         cpu = tree_cpu_seconds(self.root)
         then, cpu_then = self.cpu_mark
@@ -109,7 +111,7 @@ class Converger:
     @contextlib.contextmanager
     def copying(self):
         """Around the source's work on one pass: -> a dict that gets its copy seconds."""
-        out = {"started": time.monotonic(), "copy0": _copy_phases()}
+        out = {"started": time.monotonic(), "copy0": _copy_phases(), "throttle": self.in_force}
         yield out
         out["copy"] = _copy_phases() - out["copy0"]
 
@@ -127,7 +129,8 @@ class Converger:
         self.last_frozen_at = frozen_at
         self.pending = PassFigures(number=number, final=final, bytes=nbytes,
                                    seconds=time.monotonic() - timing["started"], copy_seconds=copy,
-                                   frozen_at=frozen_at, dirty_seconds=dirty_seconds, throttle=self.percent,
+                                   frozen_at=frozen_at, dirty_seconds=dirty_seconds,
+                                   throttle=timing["throttle"],     # in force while these bytes were dirtied
                                    bandwidth_limit=limit)
 
     def applied(self, report):

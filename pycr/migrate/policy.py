@@ -91,6 +91,7 @@ class Policy:
     bandwidth_limit: float = None           # bytes/s the copy is paced to (and the measure capped at)
     give_up: bool = False                   # the pass limit reached over budget: fail, the source goes on
     history: list = field(default_factory=list)
+    throttle: int = 0                       # the % the last decision asked for (in force from then on)
 
     # ---------------------------------------------------------------- measures
 
@@ -131,7 +132,7 @@ class Policy:
     def decide(self, now):
         """The next pass: final or not, and the throttle for it."""
         done = len(self.history)
-        throttle = self.throttle_next(now)
+        throttle = self.throttle = self.throttle_next(now)
         expected = self.expected_downtime(now)
         if done + 1 >= self.max_passes:
             over = self.downtime_limit is not None and (expected is None or expected > self.downtime_limit)
@@ -163,7 +164,7 @@ class Policy:
         """% of the tree's CPU to take away from now on (0: none)."""
         if self.downtime_limit is None or len(self.history) < 2:
             return 0
-        current = self.history[-1].throttle
+        current = self.throttle
         expected = self.expected_downtime(now)
         if expected is not None and expected <= self.downtime_limit:
             return current

@@ -50,7 +50,8 @@ from pycr.proc.cgroup import cgroup, cgroup_mounts
 
 TAG = "pycr-throttle-"
 GROUP_NAME = re.compile(r"(?:(?P<orig>.+)\.)?pycr-throttle-(?P<root>\d+)")
-PERIOD_US = 100_000
+PERIOD_US = 20_000          # short, as QEMU's 10 ms timeslice: a throttled thread waits at most this
+                            # for its share, and so does every freeze of a pass for it to reach its stop
 FIRST_PERCENT = 20          # QEMU's cpu-throttle-initial
 STEP_PERCENT = 10           # QEMU's cpu-throttle-increment
 MAX_PERCENT = 99            # QEMU's cpu-throttle maximum
