@@ -362,8 +362,32 @@ def check_tcp_lock():
                    f"acknowledged; retransmitted {after:.2f} s after the unlock", "--tcp-established")
 
 
+def check_throttle():
+    """Throttle a throw-away child as a migration's auto-converge would: into the group, quota, back."""
+    from .migrate.throttle import Throttle, groups_of
+    child = _sleeper()
+    try:
+        th = Throttle(child.pid, 1.0)
+        if not th.available:
+            return Finding("auto-converge throttle", False, f"none: {th.mechanism.detail}", "optional")
+        try:
+            if not th.set(20) or not groups_of(child.pid):
+                return Finding("auto-converge throttle", False, th.mechanism.detail, "optional")
+        finally:
+            th.lift()
+        if groups_of(child.pid):
+            return Finding("auto-converge throttle", False, "the helper stayed in the throttle group", "optional")
+        return Finding("auto-converge throttle", True, th.mechanism.detail.replace(str(child.pid), "ROOT"),
+                       "optional")
+    except (OSError, PycrError) as exc:
+        return Finding("auto-converge throttle", False, str(exc), "optional")
+    finally:
+        _reap(child)
+
+
 CHECKS = (check_ptrace, check_injection, check_vm_rw, check_clone3_set_tid, check_prctl_mm_map, check_pidfd_getfd,
-          check_soft_dirty, check_uffd_wp_async, check_pagemap_scan, check_lazy_pages, check_tcp_repair, check_tcp_lock)
+          check_soft_dirty, check_uffd_wp_async, check_pagemap_scan, check_lazy_pages, check_tcp_repair, check_tcp_lock,
+          check_throttle)
 
 
 def _object_checks():

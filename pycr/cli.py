@@ -240,6 +240,16 @@ def build_parser():
                    help="migrate to `pycr serve` on another host (default: a replica on this machine)")
     p.add_argument("--secret-file", metavar="FILE",
                    help="with --to: the secret both sides hold (mode 0600)")
+    p.add_argument("--downtime-limit", type=_positive_float, metavar="MS",
+                   help="switch over once the expected downtime (the final pass's fixed cost, measured on the "
+                        "pre-dumps, plus what remains over the measured bandwidth) is at most MS milliseconds; "
+                        "throttle the tree's CPU if it dirties memory too fast (default: the --min-delta rules)")
+    p.add_argument("--bandwidth-limit", type=_size, metavar="RATE",
+                   help="pace every pass's copy to at most RATE bytes per second (K, M, G suffixes), "
+                        "as a slower link would")
+    p.add_argument("--abort-over-budget", action="store_true",
+                   help="with --downtime-limit: if the budget cannot be met by --max-passes, stop and leave "
+                        "the tree running (default: take the final dump anyway and say by how much it missed)")
     _add_object_options(p)
     cliopts.add_output(p, work_dir=False)
     _add_common(p)
@@ -539,7 +549,13 @@ def _restore_follow(args):
 def _migrate(args):
     from .migrate import migrate
     from .migrate.loop import Policy
-    policy = Policy(max_passes=args.max_passes, min_delta=args.min_delta, threshold=args.threshold)
+    if args.abort_over_budget and args.downtime_limit is None:
+        raise PycrError("--abort-over-budget needs --downtime-limit")
+    if args.bandwidth_limit == 0:
+        raise PycrError("--bandwidth-limit must be more than 0")
+    policy = Policy(max_passes=args.max_passes, min_delta=args.min_delta, threshold=args.threshold,
+                    downtime_limit=None if args.downtime_limit is None else args.downtime_limit / 1000,
+                    bandwidth_limit=args.bandwidth_limit, give_up=args.abort_over_budget)
 
     def show(rep, _replica):
         _summary(args, rep.line())

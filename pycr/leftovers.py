@@ -20,6 +20,9 @@ program does:
 - pycr's socket filter on those connections (pycr.tcp_lock): it drops every
   segment the peer sends. It is recognised by its instructions (SO_GET_FILTER
   gives them back) and detached.
+- the CPU throttle of a migration's auto-converge (pycr.migrate.throttle): the
+  tree in a cgroup named pycr-throttle-ROOT with a CPU quota. The name says
+  where its tasks came from; cleanup moves every task back and removes it.
 `pycr check -t PID` lists them; `pycr cleanup -t PID` takes them out, and so
 does every dump and pre-dump of the tree before it looks at its fds.
 """
@@ -38,8 +41,8 @@ from pycr.ptrace.inject import vdso_text_end
 @dataclass
 class Leftover:
     pid: int
-    what: str        # "userfaultfd", "trampoline", "peek-off", "tcp-repair" or "tcp-lock"
-    where: int       # fd number or address
+    what: str        # "userfaultfd", "trampoline", "peek-off", "tcp-repair", "tcp-lock" or "throttle"
+    where: int       # fd number or address (the cgroup directory for "throttle")
     detail: str
 
     def __str__(self):
@@ -52,6 +55,8 @@ class Leftover:
         if self.what == "tcp-lock":
             return (f"pid {self.pid} fd {self.where}: TCP connection {self.detail} locked by pycr's socket filter "
                     "(it drops everything the peer sends)")
+        if self.what == "throttle":
+            return f"pid {self.pid}: in pycr's CPU throttle cgroup {self.where} ({self.detail})"
         return f"pid {self.pid}: pycr's syscall trampoline at {self.where:#x} in [vdso] padding"
 
 
@@ -101,6 +106,7 @@ def trampoline_address(pid):
 
 def find(root):
     """Every Leftover in the tree rooted at root."""
+    from pycr.migrate import throttle
     out = []
     for pid in proc.descendants(root):
         try:
@@ -113,6 +119,7 @@ def find(root):
             out.extend(Leftover(pid, "peek-off", fd, f"it was {value}") for fd, value in peek_offs(pid))
             out.extend(Leftover(pid, "tcp-repair", fd, name) for fd, name in tcp_in_repair(pid))
             out.extend(Leftover(pid, "tcp-lock", fd, name) for fd, name in tcp_locked(pid))
+            out.extend(Leftover(pid, "throttle", group, _quota(group)) for group in sorted(throttle.groups_of(pid)))
         except TaskGone:
             continue
     return out
@@ -249,12 +256,30 @@ def wipe_trampoline(pid):
     return True
 
 
+def _quota(group):
+    """A throttle group's quota, in words."""
+    for name in ("cpu.cfs_quota_us", "cpu.max"):
+        try:
+            with open(os.path.join(group, name)) as f:
+                return f"{name} {f.read().strip()}"
+        except OSError:
+            continue
+    return "quota unknown"
+
+
 def cleanup(root):
     """`pycr cleanup -t PID`: freeze the tree, take out every leftover, thaw. -> [Leftover]."""
     from pycr.freeze import freeze
     found = find(root)
     if not found:
         return []
+    from pycr.migrate import throttle
+    # The throttle first, without a freeze: a throttled tree is slow to reach its stops.
+    for group in sorted({x.where for x in found if x.what == "throttle"}):
+        if not throttle.release(group):
+            raise PycrError(f"{group}: cannot move the tree out of pycr's throttle cgroup")
+    if all(x.what == "throttle" for x in found):
+        return found
     with freeze(root) as frozen:
         for pid, threads in frozen.processes.items():
             fds = [x.where for x in found if x.pid == pid and x.what == "userfaultfd"]

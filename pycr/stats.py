@@ -146,6 +146,11 @@ def active():
     return _current is not None
 
 
+def current():
+    """The Stats being collected, or None (a caller that reads phases as they grow: pycr.migrate.converge)."""
+    return _current
+
+
 @contextlib.contextmanager
 def collecting(command, started=None, since_process_start=False):
     """Collect the phases and counters of the block -> Stats.

@@ -12,7 +12,10 @@ which the replica is finished and resumed. Modules:
   pages      writing a pass's pages and shared objects into the replica
   replica    the replica itself: create, update pass by pass, finish, resume
   follow     the destination loop: ask the transport, apply, resume on the dump
-  loop       the source loop: pre-dump passes, the final frozen dump, the policy
+  loop       the source loop: pre-dump passes, the final frozen dump
+  policy     when to switch over (downtime budget, bandwidth, dirty rate) and how hard to throttle
+  converge   the source's per-pass measures, --bandwidth-limit pacing, driving policy and throttle
+  throttle   auto-converge: the source tree's CPU quota in a cgroup, and undoing it
   report     the per-pass report and its text
 """
 

@@ -57,6 +57,8 @@ def follow(transport, pidns=False, on_image_set=None, on_pass=None, trust_images
                 finish("restore")           # restore --follow is complete once the tree runs
             rep = report.for_pass(changes, path, getattr(transport, "last_seconds", 0.0),
                                   time.monotonic() - started)
+            if hasattr(transport, "applied"):
+                transport.applied(rep)      # a source that measures its passes adds its figures
             result.reports.append(rep)
             log.info("%s", rep.line())
             if on_pass is not None:

@@ -11,6 +11,8 @@ The replica lives in a new PID namespace (the original PIDs are still taken
 by the source), with the same PIDs inside it.
 """
 
+import contextlib
+import dataclasses
 import fcntl
 import os
 import shutil
@@ -18,14 +20,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from pycr import abi, options, proc, progress, settings
+from pycr import abi, options, proc, progress, settings, stats
 from pycr.abi import UFFD_LINK
 from pycr.dump import DumpStats
 from pycr.errors import PycrError, TaskGone
 from pycr.freeze import freeze
 from pycr.images import ImageDir
 from pycr.log import log
+from pycr.migrate.converge import Converger
 from pycr.migrate.follow import follow
+from pycr.migrate.policy import DEFAULT_MAX_PASSES, DEFAULT_MIN_DELTA, Policy
 from pycr.migrate.report import Summary
 from pycr.migrate.transport import Transport
 from pycr.native import core
@@ -35,31 +39,7 @@ from pycr.ptrace.inject import Injector
 from pycr.trackers import ParentPass
 from pycr.steps import finish
 
-DEFAULT_MAX_PASSES = 8
-DEFAULT_MIN_DELTA = 1 << 20
-
-
-@dataclass
-class Policy:
-    """When to stop pre-dumping and take the final dump."""
-    max_passes: int = DEFAULT_MAX_PASSES    # every pass, the final dump included
-    min_delta: int = DEFAULT_MIN_DELTA      # a pass that copied at most this many bytes is enough
-    threshold: float = None                 # ... or at most this % of the first (full) pass
-
-    def final_next(self, deltas):
-        """True if the next pass should be the final dump, given the bytes each pass copied."""
-        done = len(deltas)
-        if done + 1 >= self.max_passes:
-            return True
-        if done < 2:
-            return False            # the full copy, then at least one pass of what changed meanwhile
-        last = deltas[-1]
-        if self.threshold is not None:
-            if last <= deltas[0] * self.threshold / 100:
-                return True
-        elif last <= self.min_delta:
-            return True
-        return last >= deltas[-2]   # not shrinking any more: more passes would not help
+__all__ = ["DEFAULT_MAX_PASSES", "DEFAULT_MIN_DELTA", "Policy", "SourcePasses", "migrate"]
 
 
 class SourcePasses(Transport):
@@ -71,7 +51,9 @@ class SourcePasses(Transport):
         self.root = root
         self.work_dir = work_dir
         self.tracker = tracker
-        self.policy = policy or Policy()
+        # a copy: the policy keeps this migration's pass history
+        self.policy = dataclasses.replace(policy, history=[], throttle=0) if policy is not None else Policy()
+        self.converge = Converger(root, self.policy)    # measures, paces, throttles (converge.py)
         self.deltas = []            # bytes of pages each pass copied
         self.previous = None        # the last image set taken
         self.last_pre_dump = None   # the last pre-dump (its tracker images name pycr's uffds)
@@ -84,18 +66,24 @@ class SourcePasses(Transport):
         if self.final_taken:
             raise PycrError("the final dump was taken already")
         number = len(self.deltas) + 1
-        final = self.policy.final_next(self.deltas)
+        final = self.converge.decide().final
         path = os.path.join(self.work_dir, f"{number:02d}-{'dump' if final else 'pre-dump'}")
-        stats = DumpStats()
+        dstats = DumpStats()
         started = time.monotonic()
-        with progress.step(f"pass {number}"):
-            self._take(path, final, stats)
+        with progress.step(f"pass {number}"), self.converge.copying() as timing:
+            self._take(path, final, dstats)
+        self.converge.taken(number, final, dstats.pages_bytes, dstats.frozen_at, timing)
         self.last_seconds = time.monotonic() - started
-        self.deltas.append(stats.pages_bytes)
+        self.deltas.append(dstats.pages_bytes)
         self.previous = path
         if not final:
             self.last_pre_dump = path
+        self.converge.handed_over()
         return path
+
+    def applied(self, report):
+        """follow() applied the last set: its figures complete the pass's measures and its report."""
+        self.converge.applied(report)
 
     def _take(self, path, final, stats):
         if final:
@@ -103,11 +91,13 @@ class SourcePasses(Transport):
             self.frozen = dump_incremental(self.root, path, prev_images_dir=self.previous,
                                            tracker=self.tracker, stats=stats, keep_frozen=True)
             self.frozen_at = stats.frozen_at
+            self.converge.frozen()          # frozen now: the throttle goes at once
         else:
             dump_incremental(self.root, path, pre_dump=True, prev_images_dir=self.previous,
                              tracker=self.tracker, stats=stats)
 
     def finish(self, ok):
+        self.converge.close()               # never leave the tree throttled, whatever happened
         frozen, self.frozen = self.frozen, None
         if frozen is not None:
             if ok:
@@ -248,7 +238,9 @@ def migrate(root, work_dir=None, policy=None, tracker="auto", on_image_set=None,
         # (pycr.restore.tty): their ports, connections and terminal indexes stay as they are, and a
         # failed migration thaws them untouched (a stolen controlling terminal is given back first).
         # It attaches the source's own SysV segments too (pycr.restore.sysvshm): their keys and ids are taken.
-        with options.using(socket_handover=True, sysv_handover=True):
+        # The copy's share of each pass is read from pycr.stats' phases (converge.py).
+        timing = contextlib.nullcontext() if stats.active() else stats.collecting("migrate")
+        with options.using(socket_handover=True, sysv_handover=True), timing:
             result = follow(source, pidns=True, on_image_set=on_image_set, on_pass=on_pass)
     finally:
         if not keep:
@@ -258,6 +250,8 @@ def migrate(root, work_dir=None, policy=None, tracker="auto", on_image_set=None,
     root_task = replica.tasks[root]
     summary = Summary(passes=len(result.reports), downtime=result.resumed_at - source.frozen_at,
                       total_bytes=sum(r.bytes for r in result.reports), root_pid=root,
-                      root_real=root_task.real, init_real=replica.init_real or 0)
+                      root_real=root_task.real, init_real=replica.init_real or 0,
+                      downtime_limit=source.policy.downtime_limit, expected=source.converge.last_expected,
+                      throttle_max=source.converge.max_percent, throttle_kind=source.converge.mechanism)
     finish("migrate")
     return MigrationResult(replica, result.reports, summary, work_dir if keep else None)

@@ -30,6 +30,7 @@ from pycr.images import iter_page_runs
 from pycr.log import log
 from pycr.native import core
 from pycr.restore.memory import map_pages_file
+from pycr.stats import phase
 from pycr.trackers import runs as R
 from pycr.sysinfo import page_size
 
@@ -81,7 +82,8 @@ class PageWriter:
 
     def _write(self, real, runs, src, offset):
         try:
-            written = core.vm_write_runs(real, runs, src, offset)
+            with phase("page fill"):
+                written = core.vm_write_runs(real, runs, src, offset)
         except OSError as exc:
             raise RestoreError(f"pid {real}: writing pages into the replica: {exc.strerror}") from None
         except ValueError as exc:

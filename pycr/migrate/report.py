@@ -38,6 +38,11 @@ class PassReport:
     bytes: int              # bytes of all its files
     source_seconds: float   # taking the image set (0 when another process did)
     apply_seconds: float    # loading it and applying it to the replica
+    # filled in by a source that measures its passes (pycr.migrate.converge):
+    bandwidth: float = None         # bytes/s of the pass's copy
+    dirty_rate: float = None        # bytes/s the tree dirtied since the previous pass
+    expected_downtime: float = None  # s, of a final pass taken after this one
+    throttle: int = None            # % of the tree's CPU taken away while these bytes were dirtied
 
     @property
     def seconds(self):
@@ -47,7 +52,19 @@ class PassReport:
         extra = f", {self.recreated} re-created" if self.recreated else ""
         return (f"pass {self.number} {self.kind}: +{self.added} -{self.removed} tasks{extra}, "
                 f"{self.pages} pages, {self.bytes} bytes, {self.seconds:.3f} s "
-                f"(source {self.source_seconds:.3f} s, replica {self.apply_seconds:.3f} s)")
+                f"(source {self.source_seconds:.3f} s, replica {self.apply_seconds:.3f} s)" + self.rates())
+
+    def rates(self):
+        """", bandwidth B MiB/s, dirty D MiB/s, expected downtime E ms, throttle T %" (what is known)."""
+        if self.throttle is None:
+            return ""
+        mib = 1 << 20
+        bw = "-" if self.bandwidth is None else f"{self.bandwidth / mib:.1f} MiB/s"
+        dirty = "-" if self.dirty_rate is None else f"{self.dirty_rate / mib:.1f} MiB/s"
+        out = f", bandwidth {bw}, dirty {dirty}"
+        if self.expected_downtime is not None:
+            out += f", expected downtime {self.expected_downtime * 1000:.0f} ms"
+        return out + f", throttle {self.throttle} %"
 
 
 def for_pass(changes, path, source_seconds, apply_seconds):
@@ -65,9 +82,27 @@ class Summary:
     root_pid: int           # in the replica's namespace
     root_real: int          # as seen from outside it
     init_real: int          # the namespace's init, as seen from outside (0 without one)
+    downtime_limit: float = None    # s, the budget asked for
+    expected: float = None          # s, the policy's estimate when it chose the final pass
+    throttle_max: int = 0           # highest throttle, %
+    throttle_kind: str = ""         # its mechanism
+
+    @property
+    def budget_met(self):
+        return None if self.downtime_limit is None else self.downtime <= self.downtime_limit
 
     def lines(self):
         where = f", namespace init {self.init_real}" if self.init_real else ""
-        return [f"replica: root pid {self.root_pid} (pid {self.root_real} outside its namespace{where})",
-                f"downtime {self.downtime:.3f} s (source frozen -> replica running), "
-                f"{self.total_bytes} bytes moved in {self.passes} passes"]
+        out = [f"replica: root pid {self.root_pid} (pid {self.root_real} outside its namespace{where})",
+               f"downtime {self.downtime:.3f} s (source frozen -> replica running), "
+               f"{self.total_bytes} bytes moved in {self.passes} passes"]
+        if self.downtime_limit is not None:
+            expected = "" if self.expected is None else f" (expected {self.expected * 1000:.0f} ms)"
+            if self.budget_met:
+                out.append(f"downtime budget {self.downtime_limit * 1000:.0f} ms met{expected}")
+            else:
+                out.append(f"downtime budget {self.downtime_limit * 1000:.0f} ms missed by "
+                           f"{(self.downtime - self.downtime_limit) * 1000:.0f} ms{expected}")
+        if self.throttle_max:
+            out.append(f"auto-converge: the source was throttled up to {self.throttle_max} % ({self.throttle_kind})")
+        return out
