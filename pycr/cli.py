@@ -546,16 +546,21 @@ def _restore_follow(args):
     return run.wait_root()
 
 
-def _migrate(args):
-    from .migrate import migrate
+def _policy(args):
+    """When a migration takes its final dump, and how it paces and throttles (local or --to)."""
     from .migrate.loop import Policy
     if args.abort_over_budget and args.downtime_limit is None:
         raise PycrError("--abort-over-budget needs --downtime-limit")
     if args.bandwidth_limit == 0:
         raise PycrError("--bandwidth-limit must be more than 0")
-    policy = Policy(max_passes=args.max_passes, min_delta=args.min_delta, threshold=args.threshold,
-                    downtime_limit=None if args.downtime_limit is None else args.downtime_limit / 1000,
-                    bandwidth_limit=args.bandwidth_limit, give_up=args.abort_over_budget)
+    return Policy(max_passes=args.max_passes, min_delta=args.min_delta, threshold=args.threshold,
+                  downtime_limit=None if args.downtime_limit is None else args.downtime_limit / 1000,
+                  bandwidth_limit=args.bandwidth_limit, give_up=args.abort_over_budget)
+
+
+def _migrate(args):
+    from .migrate import migrate
+    policy = _policy(args)
 
     def show(rep, _replica):
         _summary(args, rep.line())
@@ -567,13 +572,12 @@ def _migrate(args):
 
 
 def _migrate_to(args):
-    from .migrate.loop import Policy
     from .net.auth import read_secret
     from .net.migrate_source import migrate_to
     if not (args.to and args.secret_file):
         raise PycrError("--to and --secret-file go together")
+    policy = _policy(args)
     secret = read_secret(args.secret_file)
-    policy = Policy(max_passes=args.max_passes, min_delta=args.min_delta, threshold=args.threshold)
     result = migrate_to(args.tree, args.to, secret, policy=policy, tracker=args.tracker, work_dir=args.work_dir,
                         on_pass=lambda rep: _summary(args, rep.line()))
     for line in result.lines():

@@ -295,3 +295,25 @@ def test_link_lost_at_the_commit_point_keeps_the_replica_stopped(two_hosts, tmp_
         assert all(procutil.state(pid) == "T" for pid in replica[1:]), \
             [(pid, procutil.state(pid)) for pid in replica]
 
+
+
+def test_a_downtime_budget_is_kept_over_the_link(two_hosts, tmp_path):
+    """The convergence policy runs on the link's figures: each pass line gives the expected
+    downtime and the throttle, the final dump comes on the budget, and the summary says how it went."""
+    key = secret(tmp_path)
+    serve = Serve(two_hosts, tmp_path, key)
+    tree = Tree(two_hosts, tmp_path, nproc=1, mib=32, per_s=0.03)
+    m = migrate(two_hosts, tree, serve.address, key, "--max-passes", "8", "--downtime-limit", "2000",
+                "--bandwidth-limit", "16M")
+    out, err = m.communicate(timeout=90)
+    assert m.returncode == 0, out + err
+    passes = PASS_LINE.findall(out)
+    assert passes[-1][1] == "dump" and len(passes) < 8, out
+    pre_dumps = [line for line in out.splitlines() if re.match(r"pass \d+ pre-dump", line)]
+    assert pre_dumps and all("throttle 0 %" in line for line in pre_dumps), out
+    assert all("expected downtime" in line for line in pre_dumps[1:]), out
+    rates = [float(x) for x in re.findall(r"([0-9.]+) MiB/s sent", out)]
+    assert max(rates) <= 16.05, rates                       # paced to --bandwidth-limit
+    assert re.search(r"^downtime budget 2000 ms (met|missed by \d+ ms)", out, re.M), out
+    assert serve.result()[0] == 0
+    tree.assert_counts_on(tree.mark())

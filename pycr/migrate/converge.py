@@ -133,14 +133,16 @@ class Converger:
                                    throttle=timing["throttle"],     # in force while these bytes were dirtied
                                    bandwidth_limit=limit)
 
-    def applied(self, report):
-        """The destination applied the pass: complete its figures, record them, put them in its report."""
+    def applied(self, report, link_seconds=0.0):
+        """The destination applied the pass: complete its figures, record them, put them in its report.
+
+        link_seconds: the time the pass took on the wire (between two hosts), part of its copy."""
         figures, self.pending = self.pending, None
         if figures is None:
             return
         fill = _copy_phases() - self._fill_mark if hasattr(self, "_fill_mark") else 0.0
-        figures.seconds += report.apply_seconds
-        figures.copy_seconds += max(fill, 0.0)
+        figures.seconds += report.apply_seconds + link_seconds
+        figures.copy_seconds += max(fill, 0.0) + link_seconds
         self.policy.record(figures)
         report.bandwidth = figures.bandwidth
         report.dirty_rate = figures.dirty_rate

@@ -81,9 +81,10 @@ class SourcePasses(Transport):
         self.converge.handed_over()
         return path
 
-    def applied(self, report):
-        """follow() applied the last set: its figures complete the pass's measures and its report."""
-        self.converge.applied(report)
+    def applied(self, report, link_seconds=0.0):
+        """follow() (or the destination host) applied the last set: its figures complete the pass's
+        measures and its report."""
+        self.converge.applied(report, link_seconds)
 
     def _take(self, path, final, stats):
         if final:

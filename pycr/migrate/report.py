@@ -96,13 +96,20 @@ class Summary:
         out = [f"replica: root pid {self.root_pid} (pid {self.root_real} outside its namespace{where})",
                f"downtime {self.downtime:.3f} s (source frozen -> replica running), "
                f"{self.total_bytes} bytes moved in {self.passes} passes"]
-        if self.downtime_limit is not None:
-            expected = "" if self.expected is None else f" (expected {self.expected * 1000:.0f} ms)"
-            if self.budget_met:
-                out.append(f"downtime budget {self.downtime_limit * 1000:.0f} ms met{expected}")
-            else:
-                out.append(f"downtime budget {self.downtime_limit * 1000:.0f} ms missed by "
-                           f"{(self.downtime - self.downtime_limit) * 1000:.0f} ms{expected}")
-        if self.throttle_max:
-            out.append(f"auto-converge: the source was throttled up to {self.throttle_max} % ({self.throttle_kind})")
+        out += budget_lines(self.downtime, self.downtime_limit, self.expected, self.throttle_max,
+                            self.throttle_kind)
         return out
+
+
+def budget_lines(downtime, limit, expected, throttle_max, throttle_kind):
+    """The summary's lines on the downtime budget and auto-converge (local or between hosts)."""
+    out = []
+    if limit is not None:
+        guess = "" if expected is None else f" (expected {expected * 1000:.0f} ms)"
+        if downtime <= limit:
+            out.append(f"downtime budget {limit * 1000:.0f} ms met{guess}")
+        else:
+            out.append(f"downtime budget {limit * 1000:.0f} ms missed by {(downtime - limit) * 1000:.0f} ms{guess}")
+    if throttle_max:
+        out.append(f"auto-converge: the source was throttled up to {throttle_max} % ({throttle_kind})")
+    return out

@@ -27,7 +27,7 @@ from ..errors import PycrError, TaskGone
 from ..formats.wire import FrameType, Role
 from ..log import log
 from ..migrate import loop
-from ..migrate.report import image_set_size
+from ..migrate.report import budget_lines, image_set_size
 from ..restore import handover
 from ..steps import step
 from . import auth, channel as ch
@@ -49,22 +49,27 @@ class NetPassReport:
     send_seconds: float     # sending it
     apply_seconds: float    # the destination applying it
     dirty_rate: float       # bytes/s of pages written between this pass and the previous (None for pass 1)
+    bandwidth: float = 0.0  # bytes/s: what was sent over the send time, then the policy's measure
+    # filled in by the convergence policy (pycr.migrate.converge), as in a local PassReport:
+    expected_downtime: float = None
+    throttle: int = None
 
     @property
     def seconds(self):
         return self.dump_seconds + self.send_seconds + self.apply_seconds
 
-    @property
-    def bandwidth(self):
-        return self.bytes / self.send_seconds if self.send_seconds > 0 else 0.0
-
     def line(self):
         extra = f", {self.recreated} re-created" if self.recreated else ""
         dirty = "-" if self.dirty_rate is None else f"{self.dirty_rate / MIB:.1f} MiB/s"
-        return (f"pass {self.number} {self.kind}: +{self.added} -{self.removed} tasks{extra}, "
-                f"{self.pages} pages, {self.bytes} bytes, {self.seconds:.3f} s "
-                f"(dump {self.dump_seconds:.3f} s, send {self.send_seconds:.3f} s, replica "
-                f"{self.apply_seconds:.3f} s), {self.bandwidth / MIB:.1f} MiB/s sent, dirty {dirty}")
+        out = (f"pass {self.number} {self.kind}: +{self.added} -{self.removed} tasks{extra}, "
+               f"{self.pages} pages, {self.bytes} bytes, {self.seconds:.3f} s "
+               f"(dump {self.dump_seconds:.3f} s, send {self.send_seconds:.3f} s, replica "
+               f"{self.apply_seconds:.3f} s), {self.bandwidth / MIB:.1f} MiB/s sent, dirty {dirty}")
+        if self.expected_downtime is not None:
+            out += f", expected downtime {self.expected_downtime * 1000:.0f} ms"
+        if self.throttle is not None:
+            out += f", throttle {self.throttle} %"
+        return out
 
 
 @dataclass
@@ -77,13 +82,19 @@ class NetMigration:
     root_real: int = 0
     init_real: int = 0
 
+    downtime_limit: float = None    # s, the budget asked for
+    expected: float = None          # s, the policy's estimate when it chose the final pass
+    throttle_max: int = 0
+    throttle_kind: str = ""
+
     def lines(self):
         where = f", namespace init {self.init_real}" if self.init_real else ""
         total = sum(r.bytes for r in self.reports)
         return [f"replica on {self.destination}: root pid {self.root_pid} (pid {self.root_real} outside its "
                 f"namespace{where})",
                 f"downtime {self.downtime:.3f} s (source frozen -> replica running), {total} bytes sent in "
-                f"{len(self.reports)} passes, {self.total_seconds:.3f} s in all"]
+                f"{len(self.reports)} passes, {self.total_seconds:.3f} s in all"] + \
+            budget_lines(self.downtime, self.downtime_limit, self.expected, self.throttle_max, self.throttle_kind)
 
 
 def _split(address):
@@ -137,6 +148,9 @@ def migrate_to(root, address, secret, policy=None, tracker="auto", work_dir=None
             shutil.rmtree(work_dir, ignore_errors=True)
             os.close(lock)
     result.total_seconds = time.monotonic() - started
+    result.downtime_limit = source.policy.downtime_limit
+    result.expected = source.converge.last_expected
+    result.throttle_max, result.throttle_kind = source.converge.max_percent, source.converge.mechanism
     return result
 
 
@@ -243,7 +257,10 @@ class _Run:
                             len(self.source.deltas) else "pre-dump", added=applied.added,
                             removed=applied.removed, recreated=applied.recreated, pages=pages, bytes=size,
                             dump_seconds=dump_seconds, send_seconds=send_seconds,
-                            apply_seconds=applied.apply_us / 1e6, dirty_rate=dirty)
+                            apply_seconds=applied.apply_us / 1e6, dirty_rate=dirty,
+                            bandwidth=size / send_seconds if send_seconds > 0 else 0.0)
+        # The link's time is the pass's copy time: the policy measures the bandwidth over it.
+        self.source.applied(rep, link_seconds=send_seconds)
         self.result.reports.append(rep)
         log.info("%s", rep.line())
         if self.on_pass is not None:
