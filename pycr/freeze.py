@@ -206,26 +206,36 @@ class FrozenTree:
         """SIGKILL every process and wait (at most timeout s) until their PIDs leave /proc.
         TCP connections a dump read go into repair mode first; pycr's copies are closed after: they go
         without FIN or RST."""
+        self.send_kill()
+        self.wait_gone(timeout)
+
+    def send_kill(self):
+        """SIGKILL every process (TCP connections into repair mode first): from here no task of
+        the tree runs another instruction of its own, though its PIDs may stay taken a while."""
         try:
             tcp_repair.repair_all()
-            self._kill_and_wait(timeout)
+        finally:
+            self._done = True
+            for pid in self.processes:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def wait_gone(self, timeout=10.0):
+        """After send_kill: wait (at most timeout s) until the PIDs leave /proc; pycr's copies of
+        the TCP connections are closed after: they go without FIN or RST."""
+        try:
+            self._wait_gone(timeout)
         finally:
             tcp_repair.close_all()
 
-    def _kill_and_wait(self, timeout):
-        """SIGKILL every process and wait (at most timeout s) until their PIDs leave /proc.
-
-        As tracer we collect each thread's death so the real parent can reap it;
+    def _wait_gone(self, timeout):
+        """As tracer we collect each thread's death so the real parent can reap it;
         processes whose parent is this process are reaped here. A process whose
         parent outside the tree does not reap it stays a zombie: PycrError names it.
         """
-        self._done = True
         pids = list(self.processes)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + timeout
         waiting = set(self.threads)
         me = os.getpid()

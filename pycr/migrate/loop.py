@@ -58,6 +58,7 @@ class SourcePasses(Transport):
         self.previous = None        # the last image set taken
         self.last_pre_dump = None   # the last pre-dump (its tracker images name pycr's uffds)
         self.frozen = None          # FrozenTree of the final dump, until finish()
+        self.killed = None          # that tree once SIGKILLed, until its PIDs are free (wait_killed)
         self.frozen_at = None       # time.monotonic() of the final freeze
         self.last_seconds = 0.0
         self.final_taken = False
@@ -97,16 +98,18 @@ class SourcePasses(Transport):
             dump_incremental(self.root, path, pre_dump=True, prev_images_dir=self.previous,
                              tracker=self.tracker, stats=stats)
 
-    def finish(self, ok):
+    def finish(self, ok, wait=True):
+        """ok: kill the frozen source (wait=False: only SIGKILL it now, wait_killed() later, so that
+        its parent's reaping is not in the downtime); else thaw it and take the tracking out."""
         self.converge.close()               # never leave the tree throttled, whatever happened
         frozen, self.frozen = self.frozen, None
         if frozen is not None:
             if ok:
                 handover.forget()
-                try:
-                    frozen.kill(timeout=settings.freeze_timeout())
-                except PycrError as exc:
-                    log.warning("warning: the source was killed but %s", exc)
+                frozen.send_kill()
+                self.killed = frozen
+                if wait:
+                    self.wait_killed()
                 log.info("source killed: the replica runs in its place")
             else:
                 handover.give_back(frozen)      # e.g. the controlling terminal, before it runs again
@@ -114,6 +117,15 @@ class SourcePasses(Transport):
                 log.info("source thawed: it goes on as before")
         if not ok and self.last_pre_dump is not None:
             untrack(self.root, self.last_pre_dump)
+
+    def wait_killed(self):
+        """Wait until the killed source's PIDs are free (its parent reaped it)."""
+        killed, self.killed = self.killed, None
+        if killed is not None:
+            try:
+                killed.wait_gone(timeout=settings.freeze_timeout())
+            except PycrError as exc:
+                log.warning("warning: the source was killed but %s", exc)
 
 
 def untrack(root, last_pass):

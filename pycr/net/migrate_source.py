@@ -193,7 +193,7 @@ class _Run:
     def _commit(self, path, dump_seconds, send_seconds):
         """READY came: kill the frozen tree, then KILLED; the destination answers RUNNING."""
         frozen_at = self.source.frozen_at
-        self.source.finish(True)
+        self.source.finish(True, wait=False)    # SIGKILLed: it never runs again; its reaping can wait
         try:
             self.chan.send(FrameType.KILLED)
             running = self.chan.recv(FrameType.RUNNING).body
@@ -201,6 +201,7 @@ class _Run:
             log.warning("pycr migrate: %s after the source was killed: telling the destination again", exc)
             running = self._tell(killed=True)
         self.result.downtime = time.monotonic() - frozen_at
+        self.source.wait_killed()
         self._report(path, running, dump_seconds, send_seconds)
         self.result.root_pid, self.result.root_real = running.root_pid, running.root_real
         self.result.init_real = running.init_real
