@@ -240,6 +240,10 @@ def build_parser():
                    help="migrate to `pycr serve` on another host (default: a replica on this machine)")
     p.add_argument("--secret-file", metavar="FILE",
                    help="with --to: the secret both sides hold (mode 0600)")
+    p.add_argument("--mode", choices=["pre-copy", "post-copy", "hybrid"], default="pre-copy",
+                   help="with --to: pre-copy (passes while the tree runs, then a final dump; default), post-copy "
+                        "(one short freeze without the anonymous memory, which the running replica gets on "
+                        "fault), or hybrid (pre-copy passes, then the pages dirtied since the last one on fault)")
     _add_object_options(p)
     cliopts.add_output(p, work_dir=False)
     _add_common(p)
@@ -323,6 +327,8 @@ def _run(args):
         return _restore(args)
     if args.command == "lazy-pages":
         return _lazy_pages(args)
+    if args.command == "migrate" and args.mode != "pre-copy" and not args.to:
+        raise PycrError("--mode post-copy and hybrid migrate to another host: give --to and --secret-file")
     if args.command == "migrate" and (args.to or args.secret_file):
         return _migrate_to(args)
     if args.command == "migrate":
@@ -559,7 +565,7 @@ def _migrate_to(args):
     secret = read_secret(args.secret_file)
     policy = Policy(max_passes=args.max_passes, min_delta=args.min_delta, threshold=args.threshold)
     result = migrate_to(args.tree, args.to, secret, policy=policy, tracker=args.tracker, work_dir=args.work_dir,
-                        on_pass=lambda rep: _summary(args, rep.line()))
+                        on_pass=lambda rep: _summary(args, rep.line()), mode=args.mode)
     for line in result.lines():
         _summary(args, line)
     return 0
