@@ -59,6 +59,9 @@ class FrameType(enum.IntEnum):
     KILLED = 26             # source: its frozen tree is killed; the replica may run
     RUNNING = 27            # destination: the replica runs
     VERDICT = 28            # source, on a new connection after the link was lost: killed or thawed
+    LAZY_SOURCE = 29        # source: the final set's private anonymous pages are served lazily at this port
+    LAZY_DONE = 30          # destination: every lazy page is placed (the fault server's figures)
+    SET_HOLE = 31           # source: the current file's next `size` bytes are a hole (read as zeros)
     # 0x40-0x4f: remote lazy restore (source = dump --lazy-pages, daemon = lazy-pages --page-server)
     LAZY_OPEN = 0x40        # daemon: the set it restores, a reconnection or not, the chunks it wants
     LAZY_READY = 0x41       # source: serving; whether the replica already ran (committed)
@@ -117,6 +120,11 @@ SetApplied = Struct("number" / U32, "added" / U32, "removed" / U32, "recreated" 
 Running = Struct("number" / U32, "added" / U32, "removed" / U32, "recreated" / U32, "apply_us" / U64,
                  "root_pid" / U32, "root_real" / U32, "init_real" / U32)
 Verdict = Struct("id" / Bytes(MIGRATION_ID_SIZE), "killed" / Int8ul)
+SetHole = Struct("size" / U64)
+LazySource = Struct("port" / Int16ul)
+LazyDone = Struct("ok" / Int8ul, "faults" / U32, "fault_pages" / U64, "pushed_pages" / U64,
+                  "zero_pages" / U64, "seconds_us" / U64, "median_ns" / U64, "p99_ns" / U64,
+                  "bytes" / U64, "message" / String)
 
 Wanted = Struct("pid" / U32, "bitmap" / Blob)      # bit i (LSB first): chunk i of pages-<pid>.img
 LazyOpen = Struct("set_id" / Bytes(16), "resumed" / Int8ul, "wanted" / PrefixedArray(U32, Wanted))
@@ -148,6 +156,9 @@ PAYLOADS = {
     FrameType.KILLED: Empty,
     FrameType.RUNNING: Running,
     FrameType.VERDICT: Verdict,
+    FrameType.LAZY_SOURCE: LazySource,
+    FrameType.LAZY_DONE: LazyDone,
+    FrameType.SET_HOLE: SetHole,
     FrameType.LAZY_OPEN: LazyOpen,
     FrameType.LAZY_READY: LazyReady,
     FrameType.PAGE_REQUEST: PageRequest,

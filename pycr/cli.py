@@ -250,6 +250,10 @@ def build_parser():
     p.add_argument("--abort-over-budget", action="store_true",
                    help="with --downtime-limit: if the budget cannot be met by --max-passes, stop and leave "
                         "the tree running (default: take the final dump anyway and say by how much it missed)")
+    p.add_argument("--mode", choices=["pre-copy", "post-copy", "hybrid"], default="pre-copy",
+                   help="with --to: pre-copy (passes while the tree runs, then a final dump; default), post-copy "
+                        "(one short freeze without the anonymous memory, which the running replica gets on "
+                        "fault), or hybrid (pre-copy passes, then the pages dirtied since the last one on fault)")
     _add_object_options(p)
     cliopts.add_output(p, work_dir=False)
     _add_common(p)
@@ -333,6 +337,8 @@ def _run(args):
         return _restore(args)
     if args.command == "lazy-pages":
         return _lazy_pages(args)
+    if args.command == "migrate" and args.mode != "pre-copy" and not args.to:
+        raise PycrError("--mode post-copy and hybrid migrate to another host: give --to and --secret-file")
     if args.command == "migrate" and (args.to or args.secret_file):
         return _migrate_to(args)
     if args.command == "migrate":
@@ -579,7 +585,7 @@ def _migrate_to(args):
     policy = _policy(args)
     secret = read_secret(args.secret_file)
     result = migrate_to(args.tree, args.to, secret, policy=policy, tracker=args.tracker, work_dir=args.work_dir,
-                        on_pass=lambda rep: _summary(args, rep.line()))
+                        on_pass=lambda rep: _summary(args, rep.line()), mode=args.mode)
     for line in result.lines():
         _summary(args, line)
     return 0

@@ -16,7 +16,7 @@ program closed the userfaultfd) is copied whole with a warning.
 import os
 import time
 
-from . import manifest, outdir, proc, progress
+from . import manifest, options, outdir, proc, progress
 from .dump import DumpStats, inventory, write_tree_images
 from .errors import ImageError, PycrError, TaskGone, Unsupported
 from .freeze import freeze
@@ -138,7 +138,9 @@ def _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, s
         hidden = {pid: trk.hidden_fds(pid) for pid in leaders}
         stats.pages_bytes = write_tree_images(frozen, imgdir, memory=memory, hidden_fds=hidden,
                                               smaps=trk.smaps)
-        inv = inventory(root, kind, tracker=trk.name, parent=rel_parent, pass_nr=pass_nr)
+        # a final dump leaving its private anonymous pages in the tree is restored only with them served
+        lazy = final and options.current().lazy_anon
+        inv = inventory(root, "lazy-dump" if lazy else kind, tracker=trk.name, parent=rel_parent, pass_nr=pass_nr)
     except BaseException:
         log.info("%s failed: detaching, the tree goes on as before", kind)
         try:

@@ -14,7 +14,7 @@ import fcntl
 import os
 from array import array
 
-from .. import proc
+from .. import options, proc
 from ..errors import AccessDenied, PycrError
 from ..native import core
 from ..log import Progress, log
@@ -139,11 +139,58 @@ def copy_runs(pid, runs, vmas, out, progress=None):
     out_fd = out if isinstance(out, int) else out.fileno()
     try:
         with phase("page copy"):
-            written = _copy_batches(pid, runs, vmas, out_fd, sums, progress, drain)
+            if options.current().lazy_anon and sums is not None:
+                written = _copy_leaving_lazy(pid, runs, vmas, out_fd, sums, progress)
+            else:
+                written = _copy_batches(pid, runs, vmas, out_fd, sums, progress, drain)
         count("pages written", written // PAGE)
         return written
     finally:
         set_direct_io(out_fd, False)
+
+
+def split_lazy(runs, vmas):
+    """[(lazy, array('Q') runs)] in address order: runs inside the VMAs a lazy restore serves on
+    fault (private anonymous: restore.lazy.is_lazy_vma) are lazy."""
+    from ..restore.lazy import is_lazy_vma
+    spans = sorted((v["start"], v["end"]) for v in vmas if is_lazy_vma(v["shared"], v["kind"], v["vmflags"]))
+    starts = [s for s, _ in spans]
+    out = []
+    for i in range(0, len(runs), 2):
+        addr, length = runs[i], runs[i + 1]
+        j = bisect.bisect_right(starts, addr) - 1
+        lazy = j >= 0 and spans[j][0] <= addr < spans[j][1]
+        if not out or out[-1][0] != lazy:
+            out.append((lazy, array("Q")))
+        out[-1][1].extend((addr, length))
+    return out
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def write_hole(fd, sums, length):
+    """length bytes of hole in a pages file (reads as zeros), summed as the zeros they read as."""
+    os.lseek(fd, length, os.SEEK_CUR)
+    while length:
+        n = min(length, len(_ZEROS))
+        sums.update(memoryview(_ZEROS)[:n])
+        length -= n
+
+
+def _copy_leaving_lazy(pid, runs, vmas, out_fd, sums, progress):
+    """As _copy_batches, but the pages of lazy runs stay in the (frozen) task: a hole in the file,
+    which the lazy source fills from the task on request (pycr.lazy.remote_source)."""
+    written = 0
+    for lazy, batch in split_lazy(runs, vmas):
+        if lazy:
+            write_hole(out_fd, sums, sum(batch[1::2]))
+        else:
+            written += _copy_batches(pid, batch, vmas, out_fd, sums, progress)
+    end = os.lseek(out_fd, 0, os.SEEK_CUR)
+    if os.fstat(out_fd).st_size < end:
+        os.ftruncate(out_fd, end)
+    return written
 
 
 def _chunks(batch, limit=MEM_CHUNK):

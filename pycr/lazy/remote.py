@@ -48,12 +48,14 @@ class RemotePages(PageSource):
 
     chunk = wire.LAZY_CHUNK
 
-    def __init__(self, images_dir, address, port, secret_file):
-        self.secret = auth.read_secret(secret_file)
+    def __init__(self, images_dir, address, port, secret_file=None, secret=None, chain_ok=False):
+        self.secret = secret if secret is not None else auth.read_secret(secret_file)
         self.address, self.port = address, port
         chain = manifest.verify_chain(images_dir, deep=False)
-        if len(chain) != 1:
+        if len(chain) != 1 and not chain_ok:
             raise ImageError(images_dir, "a lazy dump with a parent set: not supported")
+        # Of a chain (the final set of `migrate --mode hybrid`) only this set's own runs are
+        # served: the parents' pages are in the replica already and are never asked for.
         imgdir = ImageDir(images_dir)
         if str(imgdir.read("inventory").kind) != "lazy-dump":
             raise ImageError(images_dir, "not a lazy dump (dump --lazy-pages): its pages are here; serve it "
@@ -96,7 +98,9 @@ class RemotePages(PageSource):
         """The chunks of pid's pages file that its lazy ranges need, as a bitmap."""
         bits = bytearray(-(-nchunks // 8))
         for start, end, _ in lazy_ranges(imgdir.read("mm", str(pid)), self.pages, str(pid)):
-            for _level, _addr, length, offset in self.pages.pieces(str(pid), start, end):
+            for level, _addr, length, offset in self.pages.pieces(str(pid), start, end):
+                if level:
+                    continue
                 for i in range(offset // self.chunk, (offset + length - 1) // self.chunk + 1):
                     bits[i // 8] |= 1 << (i % 8)
         return bits
@@ -112,7 +116,9 @@ class RemotePages(PageSource):
         out = []
         for start, end, wipe in ranges:
             flags = FaultServer.WIPEONFORK if wipe else 0
-            for _level, addr, length, offset in self.pages.pieces(str(pid), start, end):
+            for level, addr, length, offset in self.pages.pieces(str(pid), start, end):
+                if level:
+                    continue
                 out.append((addr, length, self._index[pid], offset, flags))
         out.sort()
         return out

@@ -37,7 +37,7 @@ import socket
 import time
 
 from .. import manifest, outdir, progress, proc, settings
-from ..collect.memory import copy_runs, present_runs, private_vmas
+from ..collect.memory import copy_runs, present_runs, private_vmas, split_lazy, write_hole
 from ..collect.tree import reader
 from ..dump import DumpStats, inventory, write_tree_images
 from ..errors import PycrError
@@ -48,13 +48,11 @@ from ..images import iter_page_runs
 from ..log import log
 from ..native.core import Copier, crc32c, vm_read
 from ..net import auth, channel as ch
-from ..restore.lazy import is_lazy_vma
 from ..stats import phase
 from ..steps import deferred_signals
 from ..sysinfo import page_size
 
 PAGE = page_size()
-ZEROS = bytes(1 << 20)
 SEND_BUFFER = 512 << 10     # the kernel doubles it: about 1 MiB of stream ahead of a priority chunk
 
 
@@ -67,38 +65,15 @@ class LinkLost(PycrError):
     pass
 
 
-def _split_lazy(runs, vmas):
-    """[(lazy, array('Q') runs)] in address order: runs inside lazy VMAs are served on fault."""
-    from array import array
-    lazy_spans = sorted((v["start"], v["end"]) for v in vmas if is_lazy_vma(v["shared"], v["kind"], v["vmflags"]))
-    starts = [s for s, _ in lazy_spans]
-    out = []
-    for i in range(0, len(runs), 2):
-        addr, length = runs[i], runs[i + 1]
-        j = bisect.bisect_right(starts, addr) - 1
-        lazy = j >= 0 and lazy_spans[j][0] <= addr < lazy_spans[j][1]
-        if not out or out[-1][0] != lazy:
-            out.append((lazy, array("Q")))
-        out[-1][1].extend((addr, length))
-    return out
-
-
-def _write_hole(f, length):
-    """length bytes of hole in the pages file, summed as the zeros they read as."""
-    fd = f.fileno()
-    os.lseek(fd, length, os.SEEK_CUR)
-    while length:
-        n = min(length, len(ZEROS))
-        f.sums.update(memoryview(ZEROS)[:n])
-        length -= n
-
-
 class LazyDump:
     """The frozen tree's images (lazy pages as holes), then its pages over the network."""
 
-    def __init__(self, root, images_dir, listener, secret, overwrite=False):
+    def __init__(self, root, images_dir, listener, secret, overwrite=False, watch=None):
         self.root, self.images_dir, self.listener, self.secret = root, images_dir, listener, secret
         self.overwrite = overwrite
+        self.watch = watch          # a migration's channel: before the commit, a word on it ends the wait
+        self.committed_at = None
+        self.thaw = None
         self.frozen = None
         self.srcs = {}
         self.layout = {}            # pid -> ([file offsets], [(offset, vaddr, length)]) of every run
@@ -115,9 +90,9 @@ class LazyDump:
         runs = present_runs(src, mine)
         written = 0
         with imgdir.pages_writer(str(pid)) as f:
-            for lazy, batch in _split_lazy(runs, mine):
+            for lazy, batch in split_lazy(runs, mine):
                 if lazy:
-                    _write_hole(f, sum(batch[1::2]))
+                    write_hole(f.fileno(), f.sums, sum(batch[1::2]))
                 else:
                     written += copy_runs(src, batch, mine, f)
             end = f.sums.pos
@@ -157,6 +132,25 @@ class LazyDump:
         log.info("lazy dump written in %.3f s; the tree stays frozen while its pages are served",
                  self.stats.total_seconds)
 
+    @classmethod
+    def of_frozen(cls, root, frozen, images_dir, listener, secret, watch=None):
+        """Serve the lazy pages of a set already written with the tree still frozen (the final dump
+        of `migrate --mode hybrid`, options.lazy_anon): the pages file's layout comes from its pagemap
+        (the runs this set holds itself, back to back); the parent's pages are in the replica already."""
+        from ..images import ImageDir
+        job = cls(root, images_dir, listener, secret, watch=watch)
+        job.frozen = frozen
+        job.frozen_at = time.monotonic()
+        job.srcs = {pid: reader(pid, threads) for pid, threads in frozen.processes.items()}
+        imgdir = ImageDir(images_dir)
+        for pid in frozen.processes:
+            table = [(off, vaddr, nr * PAGE) for vaddr, nr, in_parent, off in
+                     iter_page_runs(imgdir.read("pagemap", str(pid))) if not in_parent]
+            job.layout[pid] = ([t[0] for t in table], table)
+            job.sizes[pid] = sum(t[2] for t in table)
+        job.set_id = bytes(manifest.read(images_dir).set_id)
+        return job
+
     # ---------------------------------------------------------------- pages
 
     def _chunk(self, pid, index):
@@ -193,7 +187,12 @@ class LazyDump:
         """Serve daemons until one says every page is placed; -> 0. Raises after a thaw."""
         try:
             while True:
-                channel = self._accept()
+                try:
+                    channel = self._accept()
+                except ch.NetError as exc:          # the migration's channel: the destination gave up
+                    self._thaw()
+                    raise PycrError(f"the destination gave up before its replica ran ({exc}): the tree was "
+                                    "thawed and goes on") from None
                 try:
                     if self._session(channel):
                         return 0
@@ -228,9 +227,13 @@ class LazyDump:
                                 "s: its replica cannot get its missing pages (its watchdog kills it); the "
                                 "source tree is left stopped and detached, the one whole copy: `kill -CONT` "
                                 "it once the replica is known to be gone, or kill it")
-            ready, _, _ = select.select([self.listener], [], [], left)
+            watched = [self.listener] + ([self.watch.sock] if self.watch is not None and not self.committed else [])
+            ready, _, _ = select.select(watched, [], [], left)
             if not ready:
                 continue
+            if self.watch is not None and self.watch.sock in ready:
+                self.watch.recv()       # the destination's ERROR (PeerFailed), or the link's end
+                raise ch.ProtocolError(f"{self.watch.name}: spoke before its lazy-pages daemon connected")
             channel = ch.accept(self.listener)
             try:
                 channel.hello(Role.LAZY_SOURCE, {Role.LAZY_DAEMON})
@@ -301,12 +304,16 @@ class LazyDump:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGSTOP)
             self.committed = True
+            self.committed_at = time.monotonic()
             log.info("lazy dump: the replica runs: the source tree is held stopped (SIGSTOP pending) "
                      "until its last page has moved")
 
     def _thaw(self):
         with deferred_signals():
-            self.frozen.thaw()
+            if self.thaw is not None:
+                self.thaw()             # a migration's: also takes its dirty tracking out of the tree
+            else:
+                self.frozen.thaw()
         log.info("detached every thread: the tree goes on as before")
 
     def _leave_stopped(self):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pycr import progress
 from pycr.log import log
 from pycr.migrate import report
-from pycr.migrate.replica import Replica
+from pycr.migrate.replica import FINAL_KINDS, Replica
 from pycr.restore.load import load_images
 from pycr.steps import finish
 
@@ -47,9 +47,9 @@ def follow(transport, pidns=False, on_image_set=None, on_pass=None, trust_images
             # the chain would only add to the downtime (write_resolved follows those it needs).
             with progress.muted() if getattr(transport, "shows_progress", False) else progress.step(f"pass {number}"):
                 images = load_images(path, allow_pre_dump=True, resolve_chain=replica.run is None,
-                                     trust_images=trust_images)
-                changes = replica.apply(images)
-            final = changes.kind == "dump"
+                                     trust_images=trust_images, allow_lazy=transport.lazy_link is not None)
+                changes = replica.apply(images, lazy=transport.lazy_link)
+            final = changes.kind in FINAL_KINDS
             if final:
                 transport.commit(replica)   # the commit point: returns once the replica may run
                 replica.resume()

@@ -62,6 +62,7 @@ class SourcePasses(Transport):
         self.frozen_at = None       # time.monotonic() of the final freeze
         self.last_seconds = 0.0
         self.final_taken = False
+        self.lazy_final = False     # hybrid migration: the final dump leaves private anonymous pages in the tree
 
     def next_image_set(self):
         if self.final_taken:
@@ -90,8 +91,9 @@ class SourcePasses(Transport):
     def _take(self, path, final, stats):
         if final:
             self.final_taken = True
-            self.frozen = dump_incremental(self.root, path, prev_images_dir=self.previous,
-                                           tracker=self.tracker, stats=stats, keep_frozen=True)
+            with options.using(lazy_anon=self.lazy_final):
+                self.frozen = dump_incremental(self.root, path, prev_images_dir=self.previous,
+                                               tracker=self.tracker, stats=stats, keep_frozen=True)
             self.frozen_at = stats.frozen_at
             self.converge.frozen()          # frozen now: the throttle goes at once
         else:

@@ -19,18 +19,20 @@ import time
 from dataclasses import dataclass, field
 
 from pycr import proc
-from pycr.abi import WALL, WNOHANG
+from pycr.abi import MADV_DONTNEED, WALL, WNOHANG
 from pycr.errors import ImageError, PycrError, RestoreError, TaskGone
 from pycr.log import log
 from pycr.migrate import layout, mmdiff, treediff
 from pycr.migrate import pages as pages_mod
 from pycr.migrate.pages import PageWriter
-from pycr.restore import files, mm as restore_mm, preflight, tasks
+from pycr.restore import files, lazy as lazy_mod, mm as restore_mm, preflight, tasks
+from pycr.trackers import runs as R
 from pycr.restore.restorer import Restore
 from pycr.sysinfo import page_size
 
 PAGE = page_size()
 REAP_TIMEOUT = 5.0
+FINAL_KINDS = ("dump", "lazy-dump")     # a lazy dump: the final set of a post-copy or hybrid migration
 
 
 @dataclass
@@ -86,21 +88,27 @@ class Replica:
         return list(self.run.created) if self.run else []
 
     # -- passes
-    def apply(self, images):
-        """Bring the replica to the state of image set `images` -> PassChanges."""
+    def apply(self, images, lazy=None):
+        """Bring the replica to the state of image set `images` -> PassChanges.
+
+        lazy (a restore.lazy.LazyLink, for a lazy final set: post-copy or hybrid migration): the
+        pages this set holds in private anonymous memory are served on fault by the lazy-pages
+        daemon instead of written."""
         kind = str(images.inventory.kind)
         nodes = treediff.nodes_of(images.imgdir.read("pstree"))
         if self.run is None:
-            changes = self._create(images, nodes)
+            changes = self._create(images, nodes, lazy)
         else:
             self._check_same_tree(images)
             changes = self._update(images, nodes)
+            if lazy is not None:
+                self._hand_over(images, lazy)
         changes.number = self.passes = self.passes + 1
         changes.kind = kind
         old, self.images, self.nodes = self.images, images, nodes
         if old is not None:
             old.pages.close()
-        if kind == "dump":
+        if kind in FINAL_KINDS:
             self._finish(images, changes)
         return changes
 
@@ -111,9 +119,9 @@ class Replica:
             raise ImageError(images.imgdir.path, f"is an image set of another tree (root {root}), "
                              f"not of the replica's root {self.images.inventory.root_pid}")
 
-    def _create(self, images, nodes):
+    def _create(self, images, nodes, lazy=None):
         preflight.check(images, self.pidns)
-        self.run = run = Restore(images, self.pidns)
+        self.run = run = Restore(images, self.pidns, lazy)
         run.pidfd = files.pycr_pidfd()
         run.make_shared()               # the restorer's: the final pass's fds open these too
         run.create(zombies=False)
@@ -124,7 +132,7 @@ class Replica:
             files.close_inherited(r, run.pidfd)
             # every stub has pycr's pidfd until the final pass: it reads its pages in itself
             task.workspace, written = restore_mm.rebuild(r, p.mm, images.pages, run.shmem_paths, final=False,
-                                                         pidfd=run.pidfd)
+                                                         pidfd=run.pidfd, lazy=lazy)
             changes.pages_written += written
             r.reset_scratch()
         log.info("replica: %d processes created, held stopped", len(run.tasks))
@@ -146,6 +154,26 @@ class Replica:
             self._add(by_pid[pid], images, changes)
         self.run.images = images
         return changes
+
+    def _hand_over(self, images, lazy):
+        """The final set of a hybrid migration: the pages it holds itself in private anonymous memory
+        are stale in the replica (written on the source since the pass that brought them). Drop exactly
+        those (MADV_DONTNEED, the task stopped), then register the task's uffd MISSING on its lazy
+        ranges: a touch of a dropped page faults and is served the new contents; every other page is
+        present and never asked for."""
+        self.run.lazy = lazy
+        for p in images.processes:
+            task, owner = self.run.tasks[p.pid], str(p.pid)
+            ranges = lazy_mod.lazy_ranges(p.mm, images.pages, owner)
+            spans = R.from_pairs(sorted((s, e) for s, e, _ in ranges))
+            stale = R.intersect(R.normalize(pages_mod.delta_runs(images.pages, owner)), spans)
+            if not stale:
+                continue
+            for start, end in R.pairs(stale):
+                task.remote.check("madvise", start, end - start, MADV_DONTNEED, what=f"{start:#x}, DONTNEED")
+            log.info("pid %d: dropped %d stale pages, to be served on fault", p.pid, R.total(stale) // PAGE)
+            lazy.hand_over(task.remote, ranges)
+            task.remote.reset_scratch()
 
     # -- one task
     def _update_task(self, task, p, images, changes):

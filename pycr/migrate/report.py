@@ -13,13 +13,14 @@ PAGE = page_size()
 
 
 def image_set_size(path):
-    """(pages, bytes) of one image set: pages in its own pages files, bytes of all its files."""
+    """(pages, bytes) of one image set: pages in its own pages files, bytes of all its files (holes left out)."""
     pages = total = 0
     with os.scandir(path) as entries:
         for entry in entries:
             if not entry.is_file() or entry.name.startswith("."):
                 continue
-            size = entry.stat().st_size
+            st = entry.stat()
+            size = min(st.st_size, st.st_blocks * 512)    # a lazy set's holes are not sent
             total += size
             if entry.name.startswith("pages-"):
                 pages += size // PAGE

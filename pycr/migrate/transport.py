@@ -26,6 +26,10 @@ class Transport:
     #: in this process); then applying the set to the replica shows none.
     shows_progress = False
 
+    #: The restore.lazy.LazyLink of the set next_image_set just gave, if its private anonymous pages
+    #: are served on fault (the final set of a post-copy or hybrid migration), else None.
+    lazy_link = None
+
     def next_image_set(self):
         """Path of the next complete image set (blocks until there is one)."""
         raise NotImplementedError

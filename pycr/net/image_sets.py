@@ -40,26 +40,55 @@ def set_files(path):
 
 
 def send_set(channel, path, number, final, on_bytes=None):
-    """Send the set at path -> bytes of file data sent."""
+    """Send the set at path -> bytes of file data sent (holes are sent as their length, SET_HOLE)."""
     name = os.path.basename(path.rstrip("/"))
     channel.send(FrameType.SET_BEGIN, {"number": number, "name": name, "final": int(final)})
-    total = 0
+    total = sizes = 0
     files = set_files(path)
     for fname, size in files:
         channel.send(FrameType.SET_FILE, {"name": fname, "size": size})
         sent = 0
         with open(os.path.join(path, fname), "rb", buffering=0) as f:
             while sent < size:
-                chunk = f.read(min(wire.DATA_CHUNK, size - sent))
+                data_end = _data_end(f, sent, size)
+                if data_end == sent:            # a hole (a lazy set's pages left in the tree)
+                    hole = _hole_end(f, sent, size) - sent
+                    channel.send(FrameType.SET_HOLE, {"size": hole})
+                    sent += hole
+                    continue
+                f.seek(sent)
+                chunk = f.read(min(wire.DATA_CHUNK, size - sent, data_end - sent))
                 if not chunk:
                     raise PycrError(f"{path}/{fname}: shrank while it was sent")
                 channel.send_data(chunk, f"{name}/{fname}")
                 sent += len(chunk)
+                total += len(chunk)
                 if on_bytes is not None:
                     on_bytes(len(chunk))
-        total += size
-    channel.send(FrameType.SET_END, {"files": len(files), "bytes": total})
+        sizes += size
+    channel.send(FrameType.SET_END, {"files": len(files), "bytes": sizes})
     return total
+
+
+def _data_end(f, pos, size):
+    """End of the data at pos (pos itself if a hole starts there)."""
+    try:
+        data = os.lseek(f.fileno(), pos, os.SEEK_DATA)
+    except OSError:                     # ENXIO: only a hole up to the end
+        return pos
+    if data > pos:
+        return pos
+    try:
+        return min(os.lseek(f.fileno(), pos, os.SEEK_HOLE), size)
+    except OSError:
+        return size
+
+
+def _hole_end(f, pos, size):
+    try:
+        return min(os.lseek(f.fileno(), pos, os.SEEK_DATA), size)
+    except OSError:
+        return size
 
 
 def receive_set(channel, top, begin):
@@ -111,7 +140,15 @@ def _receive_file(channel, target, size):
     try:
         got = 0
         while got < size:
-            frame = channel.recv(FrameType.DATA)
+            frame = channel.recv(FrameType.DATA, FrameType.SET_HOLE)
+            if frame.type == FrameType.SET_HOLE:
+                if got + frame.body.size > size:
+                    raise ch.ProtocolError(f"{channel.name}: a hole past the {size} bytes of "
+                                           f"{os.path.basename(target)}")
+                got += frame.body.size
+                os.lseek(fd, got, os.SEEK_SET)
+                os.ftruncate(fd, max(os.fstat(fd).st_size, got))
+                continue
             data = memoryview(frame.body)
             if got + len(data) > size:
                 raise ch.ProtocolError(f"{channel.name}: sent more than the {size} bytes of "

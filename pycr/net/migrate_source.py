@@ -28,6 +28,7 @@ from ..formats.wire import FrameType, Role
 from ..log import log
 from ..migrate import loop
 from ..migrate.report import budget_lines, image_set_size
+from ..lazy.remote_source import LazyDump
 from ..restore import handover
 from ..steps import step
 from . import auth, channel as ch
@@ -82,6 +83,8 @@ class NetMigration:
     root_real: int = 0
     init_real: int = 0
 
+    mode: str = "pre-copy"
+    lazy: object = None             # LazyPhase of post-copy and hybrid
     downtime_limit: float = None    # s, the budget asked for
     expected: float = None          # s, the policy's estimate when it chose the final pass
     throttle_max: int = 0
@@ -89,12 +92,38 @@ class NetMigration:
 
     def lines(self):
         where = f", namespace init {self.init_real}" if self.init_real else ""
-        total = sum(r.bytes for r in self.reports)
-        return [f"replica on {self.destination}: root pid {self.root_pid} (pid {self.root_real} outside its "
-                f"namespace{where})",
-                f"downtime {self.downtime:.3f} s (source frozen -> replica running), {total} bytes sent in "
-                f"{len(self.reports)} passes, {self.total_seconds:.3f} s in all"] + \
-            budget_lines(self.downtime, self.downtime_limit, self.expected, self.throttle_max, self.throttle_kind)
+        total = sum(r.bytes for r in self.reports) + (self.lazy.bytes if self.lazy else 0)
+        out = [f"replica on {self.destination}: root pid {self.root_pid} (pid {self.root_real} outside its "
+               f"namespace{where})"]
+        if self.lazy is not None:
+            out.append(self.lazy.line())
+        out.append(f"downtime {self.downtime:.3f} s (source frozen -> replica running), {total} bytes sent in "
+                   f"{len(self.reports)} passes{' and the post-copy phase' if self.lazy else ''} ({self.mode}), "
+                   f"{self.total_seconds:.3f} s in all")
+        return out + budget_lines(self.downtime, self.downtime_limit, self.expected, self.throttle_max,
+                                  self.throttle_kind)
+
+
+@dataclass
+class LazyPhase:
+    """The post-copy phase: the final set's private anonymous pages moved after the replica ran."""
+    faults: int
+    fault_pages: int
+    pushed_pages: int
+    zero_pages: int
+    median_us: float
+    p99_us: float
+    seconds: float          # replica running -> last page placed
+    bytes: int              # bytes of pages sent by the source
+
+    def line(self):
+        rate = self.bytes / self.seconds / MIB if self.seconds > 0 else 0.0
+        return (f"post-copy: {self.fault_pages} pages served on {self.faults} faults, {self.pushed_pages} pushed, "
+                f"{self.zero_pages} zero; fault median {self.median_us:.1f} us, p99 {self.p99_us:.1f} us; "
+                f"last page after {self.seconds:.3f} s; {self.bytes} bytes ({rate:.1f} MiB/s)")
+
+
+MODES = ("pre-copy", "post-copy", "hybrid")
 
 
 def _split(address):
@@ -115,7 +144,7 @@ def _connect(host, port, secret):
     return chan
 
 
-def migrate_to(root, address, secret, policy=None, tracker="auto", work_dir=None, on_pass=None):
+def migrate_to(root, address, secret, policy=None, tracker="auto", work_dir=None, on_pass=None, mode="pre-copy"):
     """Move the tree rooted at root to `pycr serve` at address (HOST:PORT) -> NetMigration.
 
     Raises a PycrError with the source running as it was (thawed, untracked)
@@ -126,6 +155,8 @@ def migrate_to(root, address, secret, policy=None, tracker="auto", work_dir=None
             raise PycrError(f"pid {root} is a thread, not a process")
     except TaskGone:
         raise TaskGone(root, "no process to migrate") from None
+    if mode not in MODES:
+        raise PycrError(f"--mode {mode}: one of {', '.join(MODES)}")
     host, port = _split(address)
     started = time.monotonic()
     chan = _connect(host, port, secret)          # before anything is frozen or tracked
@@ -137,10 +168,14 @@ def migrate_to(root, address, secret, policy=None, tracker="auto", work_dir=None
     lock = None if keep else loop._hold(work_dir)
     source = loop.SourcePasses(root, work_dir, tracker, policy)
     handover.forget()
-    result = NetMigration(chan.name.split()[-1])
+    source.lazy_final = mode == "hybrid"
+    result = NetMigration(chan.name.split()[-1], mode=mode)
     run = _Run(chan, source, result, os.urandom(16), (host, port), secret, on_pass)
     try:
-        run.passes(root)
+        if mode == "post-copy":
+            run.post_copy(root, work_dir)
+        else:
+            run.passes(root)
     finally:
         chan.close()
         run.chan.close()
@@ -174,6 +209,8 @@ class _Run:
                 sent_at = time.monotonic()
                 send_set(self.chan, path, len(self.source.deltas), final)
                 send_seconds = time.monotonic() - sent_at
+                if final and self.source.lazy_final:
+                    break
                 if final:
                     final_sent = True
                     self.chan.recv(FrameType.READY, idle=True)
@@ -188,7 +225,71 @@ class _Run:
                 self.chan.error(f"the source gave up and runs again ({exc})", linger=0.2)
                 self._tell(killed=False)
             raise
+        if self.source.lazy_final:
+            self._hybrid_final(path, dump_seconds, send_seconds)
+            return
         self._commit(path, dump_seconds, send_seconds)
+
+    # -- post-copy and hybrid: the final set's private anonymous pages stay in the frozen tree
+
+    def _lazy_listener(self):
+        """Where the destination's lazy-pages daemon fetches the pages: this host's address on the
+        migration's link, any free port (told by LAZY_SOURCE)."""
+        return ch.listen(self.chan.sock.getsockname()[0], 0)
+
+    def post_copy(self, root, work_dir):
+        """One short freeze: the tree without its private anonymous pages (a lazy dump), sent; the
+        replica runs at once and those pages move on fault and in the background."""
+        self.chan.send(FrameType.MIGRATION, {"id": self.id, "root_pid": root})
+        path = os.path.join(work_dir, "01-dump")
+        listener = self._lazy_listener()
+        job = LazyDump(root, path, listener, self.secret, watch=self.chan)
+        self.pass_started.append(time.monotonic())
+        try:
+            job.dump()                          # frozen from here (thawed if the dump fails)
+        except BaseException:
+            listener.close()
+            raise
+        self.source.deltas.append(job.stats.pages_bytes)
+        self.source.final_taken = True
+        self._lazy_serve(job, path, job.stats.total_seconds)
+
+    def _hybrid_final(self, path, dump_seconds, send_seconds):
+        """The final set was sent without the pages dirtied since the previous pass: serve them."""
+        source = self.source
+        job = LazyDump.of_frozen(source.root, source.frozen, path, self._lazy_listener(), self.secret,
+                                 watch=self.chan)
+        job.frozen_at = source.frozen_at
+        job.thaw = lambda: source.finish(False)     # thawed, its dirty tracking taken out
+        self._lazy_serve(job, path, dump_seconds, sent=(send_seconds,))
+
+    def _lazy_serve(self, job, path, dump_seconds, sent=None):
+        listener = job.listener
+        try:
+            if sent is None:
+                at = time.monotonic()
+                send_set(self.chan, path, len(self.source.deltas), True)
+                sent = (time.monotonic() - at,)
+            self.chan.send(FrameType.LAZY_SOURCE, {"port": listener.getsockname()[1]})
+            step("lazy set sent")
+        except BaseException:
+            listener.close()
+            job._thaw()
+            raise
+        job.serve()             # until every page is placed: the tree is killed; raises after a thaw
+        self.source.frozen = None
+        handover.forget()
+        running = self.chan.recv(FrameType.RUNNING).body
+        self.result.downtime = job.committed_at - job.frozen_at
+        self._report(path, running, dump_seconds, sent[0])
+        self.result.root_pid, self.result.root_real = running.root_pid, running.root_real
+        self.result.init_real = running.init_real
+        done = self.chan.recv(FrameType.LAZY_DONE, idle=True).body
+        if not done.ok:
+            raise PycrError(f"the replica could not get its pages: {done.message}")
+        self.result.lazy = LazyPhase(done.faults, done.fault_pages, done.pushed_pages, done.zero_pages,
+                                     done.median_ns / 1000, done.p99_ns / 1000, done.seconds_us / 1e6, job.sent)
+        log.info("%s", self.result.lazy.line())
 
     def _commit(self, path, dump_seconds, send_seconds):
         """READY came: kill the frozen tree, then KILLED; the destination answers RUNNING."""

@@ -36,8 +36,10 @@ from ..formats.wire import FrameType, Role
 from ..images import ImageDir
 from ..log import log
 from ..migrate.follow import follow
+from ..migrate.replica import FINAL_KINDS
 from ..migrate.transport import Transport
 from . import auth, channel as ch
+from ..lazy.child import DaemonChild
 from .image_sets import receive_set
 
 WORK_PREFIX = "pycr-serve-"
@@ -56,6 +58,8 @@ class NetworkTransport(Transport):
         self.final_seen = False
         self.kept_stopped = False
         self.bytes = 0
+        self.daemon = None              # lazy.child.DaemonChild of a lazy final set
+        self.lazy_link = None
 
     def next_image_set(self):
         if self.final_seen:
@@ -70,7 +74,20 @@ class NetworkTransport(Transport):
         final = bool(begin.body.final)
         self._check_chain(path, final)
         self.final_seen = final
+        if str(ImageDir(path).read("inventory").kind) == "lazy-dump":
+            self._start_daemon(path)
         return path
+
+    def _start_daemon(self, path):
+        """A lazy final set (post-copy, hybrid): its private anonymous pages are at the source, served at
+        the port LAZY_SOURCE names; a lazy-pages daemon fetches them for the replica."""
+        port = self.channel.recv(FrameType.LAZY_SOURCE).body.port
+        host = self.channel.sock.getpeername()[0]
+        log.info("%s: the final set's anonymous pages are served at %s port %d: starting the lazy-pages "
+                 "daemon", self.channel.name, host, port)
+        self.daemon = DaemonChild(path, self.work_dir, host, port, self.secret,
+                                  close_fds=(self.channel.sock.fileno(), self.listener.fileno()))
+        self.lazy_link = self.daemon.link
 
     def _check_chain(self, path, final):
         """The set's inventory names the previous set as its parent (none for the first), and its
@@ -83,7 +100,7 @@ class NetworkTransport(Transport):
         if previous is not None and os.path.realpath(os.path.join(path, parent or ".")) != previous:
             raise ImageError(path, f"names {parent or 'no parent'} as its parent, not the previous pass "
                                    f"{os.path.basename(previous)}")
-        if (str(inventory.kind) == "dump") != final:
+        if (str(inventory.kind) in ("dump", "lazy-dump")) != final:
             raise ImageError(path, f"is a {inventory.kind}, but the source announced "
                                    f"{'the final dump' if final else 'a pre-dump'}")
 
@@ -92,7 +109,7 @@ class NetworkTransport(Transport):
         figures = {"number": rep.number, "added": rep.added, "removed": rep.removed,
                    "recreated": rep.recreated, "apply_us": int(rep.apply_seconds * 1e6)}
         self.bytes += rep.bytes
-        if rep.kind != "dump":
+        if rep.kind not in FINAL_KINDS:
             self.channel.send(FrameType.SET_APPLIED, figures)
             return
         root = replica.tasks[replica.images.inventory.root_pid]
@@ -103,6 +120,10 @@ class NetworkTransport(Transport):
             log.warning("the replica runs, but the source was not told: %s", exc)
 
     def commit(self, replica):
+        if self.daemon is not None:
+            # post-copy: the commit point is the daemon's RESUMING to the source (the restore's "go",
+            # just before the release); the source stays frozen until the last page has moved
+            return
         try:
             self.channel.send(FrameType.READY)
             log.info("%s: replica complete and stopped: READY sent, waiting for KILLED", self.channel.name)
@@ -156,7 +177,24 @@ class NetworkTransport(Transport):
         return frame.body
 
     def finish(self, ok):
-        pass
+        if not ok and self.daemon is not None:
+            self.daemon.kill()
+
+    def lazy_done(self):
+        """The replica runs; wait for the daemon to place its last page (or fail: its watchdog killed
+        the replica), then tell the source (LAZY_DONE) -> the daemon's figures."""
+        got = self.daemon.wait()
+        error = got.get("error", "")
+        body = {"ok": int(not error), "faults": got.get("faults", 0), "fault_pages": got.get("fault_pages", 0),
+                "pushed_pages": got.get("pushed_pages", 0), "zero_pages": got.get("zero_pages", 0),
+                "seconds_us": int(got.get("seconds", 0) * 1e6), "median_ns": int(got.get("median_us", 0) * 1000),
+                "p99_ns": int(got.get("p99_us", 0) * 1000), "bytes": got.get("bytes", 0), "message": error}
+        with contextlib.suppress(ch.NetError):
+            self.channel.send(FrameType.LAZY_DONE, body)
+        if error:
+            raise PycrError(f"the replica could not get its pages and was killed: {error}")
+        log.info("%s", got.get("line", ""))
+        return got
 
 
 def hold_stopped(replica):
@@ -202,6 +240,8 @@ def serve_one(chan, listener, secret, work_top, pidns=True):
     transport = NetworkTransport(chan, listener, secret, work, bytes(first.body.id))
     try:
         result = follow(transport, pidns=pidns, on_pass=transport.on_pass)
+        if transport.daemon is not None:
+            transport.lazy_done()
     except PycrError as exc:
         transport.channel.error(str(exc))
         raise

@@ -1,0 +1,89 @@
+"""The lazy-pages daemon of a migration's destination, in a child process of `pycr serve`.
+
+`pycr migrate --mode post-copy|hybrid` ends with a final set whose private
+anonymous pages stay in the frozen source tree. `pycr serve` then runs what a
+user of `pycr lazy-pages --page-server` + `pycr restore --lazy-pages` runs:
+the same Daemon with the same RemotePages, forked before the replica is
+finished (a process of its own, as the daemon's watchdog needs: forked while
+it has no threads), and restores through the same LazyLink. The child says
+on a pipe when it listens, and at the end its figures (one JSON line).
+"""
+
+import contextlib
+import json
+import os
+import signal
+
+from ..log import log
+from ..restore.lazy import LazyLink
+
+
+class DaemonChild:
+    def __init__(self, images_dir, work_dir, address, port, secret, close_fds=()):
+        r, w = os.pipe2(os.O_CLOEXEC)
+        self.pid = os.fork()
+        if self.pid == 0:               # the daemon
+            code = 1
+            try:
+                os.close(r)
+                for fd in close_fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                code = _run(images_dir, work_dir, address, port, secret, w)
+            finally:
+                os._exit(code)
+        os.close(w)
+        self.pipe = os.fdopen(r, "r")
+        self.link = None
+        self.result = None
+        if self.pipe.readline().strip() != "listening":
+            self.wait()
+            raise_from = self.result.get("error", "it exited") if self.result else "it exited"
+            from ..errors import PycrError
+            raise PycrError(f"the lazy-pages daemon did not start: {raise_from}")
+        self.link = LazyLink(images_dir, work_dir)
+
+    def wait(self):
+        """The daemon's figures once it is done (every page placed, or it failed) -> dict."""
+        if self.result is None:
+            line = self.pipe.readline()
+            self.pipe.close()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            try:
+                self.result = json.loads(line) if line.strip() else {"error": "the daemon died"}
+            except ValueError:
+                self.result = {"error": "the daemon died"}
+        return self.result
+
+    def kill(self):
+        """A failed restore: the daemon (and its watchdog, which kills what it holds) end."""
+        if self.link is not None:
+            self.link.close()
+        if self.result is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self.wait()
+
+
+def _run(images_dir, work_dir, address, port, secret, w):
+    from ..errors import PycrError
+    from .daemon import Daemon
+    from .remote import RemotePages
+    out = os.fdopen(w, "w")
+    try:
+        source = RemotePages(images_dir, address, port, secret=secret, chain_ok=True)
+        daemon = Daemon(images_dir, work_dir, source)
+        summary = daemon.run(on_listening=lambda _path: (out.write("listening\n"), out.flush()))
+    except (PycrError, OSError) as exc:
+        log.warning("%s", exc)
+        out.write(json.dumps({"error": str(exc)}) + "\n")
+        out.flush()
+        return 1
+    out.write(json.dumps({"faults": summary.faults, "fault_pages": summary.fault_pages,
+                          "pushed_pages": summary.pushed_pages, "zero_pages": summary.zero_pages,
+                          "seconds": summary.seconds, "median_us": summary.median_us,
+                          "p99_us": summary.p99_us, "bytes": source.received,
+                          "pushed_bytes": source.pushed_bytes, "line": summary.line()}) + "\n")
+    out.flush()
+    return 0

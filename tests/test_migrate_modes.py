@@ -1,0 +1,199 @@
+"""`pycr migrate --to --mode post-copy|hybrid` between two hosts (network namespaces, tests/netns.py).
+
+The tree: a parent and a forked child, each with a thread that writes a known
+pattern into tens of MiB (the main thread only reports a CRC-32 of the memory,
+which the test recomputes). Post-copy moves it with one short freeze and no
+anonymous pages; hybrid copies it in pre-copy passes and sends the pages
+written since the last one on fault: the stale copies the replica holds must be
+dropped first, or the checksums differ. A source killed once the replica ran
+gets the replica killed by the watchdog (it never runs on pages it lacks); a
+link cut before the switch leaves the source running untouched and nothing on
+the destination.
+"""
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import procutil
+from netns import two_hosts  # noqa: F401 (fixture)
+from test_migrate_net import MEMORY, PASS_LINE, Serve, assert_destination_empty, expected_crc, secret
+
+WORKLOAD = MEMORY + r'''
+import os, sys, threading, time, zlib
+
+out, nproc, mib, per_s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+idx = 0
+for i in range(1, nproc):
+    if os.fork() == 0:
+        idx = i
+        break
+buf = fill(idx, mib)
+pages = len(buf) // PAGE
+state = {"step": 0}
+lock = threading.Lock()
+
+def writer():
+    while True:
+        with lock:
+            for _ in range(int(pages * per_s * 0.05)):
+                touch(buf, state["step"])
+                state["step"] += 1
+        time.sleep(0.05)
+
+threading.Thread(target=writer, daemon=True).start()
+while True:
+    with lock:
+        line = f"w {idx} {os.getpid()} {state['step']} {zlib.crc32(buf):08x}\n"
+    os.write(fd, line.encode())
+    time.sleep(0.2)
+'''
+
+LAZY_LINE = re.compile(r"^post-copy: (\d+) pages served on (\d+) faults, (\d+) pushed, (\d+) zero; fault median "
+                       r"([0-9.]+) us, p99 ([0-9.]+) us; last page after ([0-9.]+) s; (\d+) bytes", re.M)
+DOWNTIME = re.compile(r"^downtime ([0-9.]+) s .*\((post-copy|hybrid|pre-copy)\)", re.M)
+FAST = {"PYCR_NET_TIMEOUT": "3", "PYCR_NET_IDLE_TIMEOUT": "4", "PYCR_LAZY_RECONNECT": "2"}
+
+
+class Tree:
+    def __init__(self, hosts, tmp_path, nproc, mib, per_s):
+        self.out = tmp_path / "out.txt"
+        self.out.touch()
+        script = tmp_path / "workload.py"
+        script.write_text(WORKLOAD)
+        self.nproc, self.mib = nproc, mib
+        # under a shell that reaps it (and then exits with 128 + the signal that killed it)
+        self.proc = hosts.source(["sh", "-c", '"$@"; exit $?', "sh", sys.executable, str(script), str(self.out),
+                                  str(nproc), str(mib), str(per_s)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert procutil.wait_until(lambda: len(self.latest()) == nproc, timeout=30), self.out.read_text()
+        self.root = procutil.children(self.proc.pid)[0]
+        self.pids = [self.root, *procutil.descendants(self.root)]
+
+    def mark(self):
+        return len(self.out.read_text().splitlines())
+
+    def latest(self, start=0):
+        lines = [f.split() for f in self.out.read_text().splitlines()[start:] if f.startswith("w ")]
+        return {int(f[1]): (int(f[2]), int(f[3]), f[4]) for f in lines}
+
+    def assert_counts_on(self, start=0, timeout=15):
+        assert procutil.wait_until(lambda: len(self.latest(start)) == self.nproc, timeout=timeout), \
+            f"not every process went on: {self.latest(start)}"
+        got = self.latest(start)
+        for idx, (pid, steps, crc) in got.items():
+            assert crc == expected_crc(idx, self.mib, steps), f"process {idx} (pid {pid}): memory differs"
+        return got
+
+
+def _untraced(pid):
+    status = procutil._read(f"/proc/{pid}/status") or b""
+    return b"\nTracerPid:\t0\n" in status
+
+
+def migrate(hosts, tree, serve, key, *extra, env=None):
+    return hosts.source(hosts.pycr("migrate", "-t", tree.root, "--to", serve.address, "--secret-file", key,
+                                   *extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_post_copy_moves_the_tree_and_kills_the_source_after_the_last_page(two_hosts, tmp_path):
+    key = secret(tmp_path)
+    serve = Serve(two_hosts, tmp_path, key)
+    tree = Tree(two_hosts, tmp_path, nproc=2, mib=24, per_s=0.02)
+    before = tree.latest()
+    m = migrate(two_hosts, tree, serve, key, "--mode", "post-copy")
+    out, err = m.communicate(timeout=60)
+    assert m.returncode == 0, out + err
+    passes = PASS_LINE.findall(out)
+    assert len(passes) == 1 and passes[0][1] == "dump", out
+    assert int(passes[0][5]) < 4 << 20, "the one set carries no anonymous memory"
+    lazy = LAZY_LINE.search(out)
+    assert lazy, out
+    served, pushed = int(lazy.group(1)), int(lazy.group(3))
+    assert (served + pushed) * 4096 >= 2 * 24 << 20 and int(lazy.group(8)) >= 2 * 24 << 20, out
+    assert DOWNTIME.search(out).group(2) == "post-copy"
+    print(out)
+    assert tree.proc.wait(timeout=10) == 128 + signal.SIGKILL
+    procutil.wait_gone(tree.pids[1:])
+    status, _, serve_err = serve.result()
+    assert status == 0, serve_err
+    after = tree.assert_counts_on(tree.mark())
+    for idx, (pid, steps, _) in after.items():
+        assert pid == before[idx][0] and steps >= before[idx][1]
+
+
+def test_hybrid_serves_the_pages_written_since_the_last_pass(two_hosts, tmp_path):
+    key = secret(tmp_path)
+    serve = Serve(two_hosts, tmp_path, key)
+    # 10 % of the pages a second: each pass finds pages written since the previous one
+    tree = Tree(two_hosts, tmp_path, nproc=2, mib=24, per_s=0.10)
+    m = migrate(two_hosts, tree, serve, key, "--mode", "hybrid", "--max-passes", "3")
+    out, err = m.communicate(timeout=60)
+    assert m.returncode == 0, out + err
+    passes = PASS_LINE.findall(out)
+    assert len(passes) == 3 and passes[-1][1] == "dump", out
+    lazy = LAZY_LINE.search(out)
+    assert lazy, out
+    moved = int(lazy.group(1)) + int(lazy.group(3))
+    # the pages written since pass 2 moved lazily, and only those: never the whole memory again
+    assert 0 < moved * 4096 < 2 * 24 << 20, out
+    assert int(passes[-1][5]) < 4 << 20, "the final set carries no anonymous memory"
+    print(out)
+    assert tree.proc.wait(timeout=10) == 128 + signal.SIGKILL
+    status, _, serve_err = serve.result()
+    assert status == 0, serve_err
+    # stale pages left in the replica (not dropped before the uffd was registered) fail these sums
+    tree.assert_counts_on(tree.mark())
+
+
+def test_source_killed_after_the_replica_started_gets_the_replica_killed(two_hosts, tmp_path):
+    key = secret(tmp_path)
+    serve = Serve(two_hosts, tmp_path, key, env=FAST)
+    two_hosts.shape("40mbit")           # 48 MiB take about 10 s: the source dies with most still there
+    tree = Tree(two_hosts, tmp_path, nproc=2, mib=24, per_s=0)
+    start = tree.mark()
+    m = migrate(two_hosts, tree, serve, key, "--mode", "post-copy", env=FAST)
+    # the replica was released (the source committed): no process of it is traced any more
+    assert procutil.wait_until(lambda: len(serve.replica()) >= 3 and all(_untraced(p) for p in serve.replica()),
+                               timeout=30), m.stderr.read() if m.poll() is not None else ""
+    procutil.kill(m.pid, signal.SIGKILL)
+    m.wait(timeout=10)
+    status, _, serve_err = serve.result(timeout=40)
+    assert status == 1, serve_err
+    assert "killed" in serve_err
+    assert_destination_empty(serve)
+    # whatever the replica printed before it was killed, it printed from the right memory
+    for line in tree.out.read_text().splitlines()[start:]:
+        _, idx, _, steps, crc = line.split()
+        assert crc == expected_crc(int(idx), tree.mib, int(steps)), line
+    # the source tree was left stopped: the one whole copy
+    assert procutil.state(tree.root) == "T"
+    for pid in tree.pids:
+        procutil.kill(pid, signal.SIGKILL)
+
+
+def test_link_cut_before_the_switch_leaves_the_source_running(two_hosts, tmp_path):
+    key = secret(tmp_path)
+    # the destination stops just before its replica would run (before the commit point)
+    serve = Serve(two_hosts, tmp_path, key, env=dict(FAST, PYCR_STOP_AT_STEP="release the restored tree"))
+    tree = Tree(two_hosts, tmp_path, nproc=2, mib=8, per_s=0.02)
+    m = migrate(two_hosts, tree, serve, key, "--mode", "post-copy", env=FAST)
+    seen = []
+    while not any("stopped at step" in line for line in seen):
+        line = serve.proc.stderr.readline()
+        assert line, "".join(seen)
+        seen.append(line)
+    two_hosts.cut()
+    procutil.kill(serve.pid(), signal.SIGTERM)      # it gives up; the source hears nothing of it
+    out, err = m.communicate(timeout=60)
+    assert m.returncode == 1, out + err
+    assert "thawed" in err, err
+    status, _, serve_err = serve.result(timeout=30)
+    assert status != 0, serve_err
+    assert_destination_empty(serve)
+    for pid in tree.pids:
+        procutil.assert_running_untraced(pid)
+    tree.assert_counts_on(tree.mark())
