@@ -140,9 +140,13 @@ static int wait_chunk(struct pycr_lazy *s, uint32_t f, uint64_t idx)
             return -1;
         }
         uint64_t v;
-        if (p[0].revents & POLLIN && read(s->arrived_fd, &v, sizeof(v)) < 0 && errno != EAGAIN) {
-            fail(s, errno, "eventfd");
-            return -1;
+        if (p[0].revents & POLLIN) {
+            if (read(s->arrived_fd, &v, sizeof(v)) < 0 && errno != EAGAIN) {
+                fail(s, errno, "eventfd");
+                return -1;
+            }
+            /* The serve loop will not see this poke again: a starved push must retry. */
+            s->starved = 0;
         }
         pthread_mutex_lock(&s->lock);
         int stop = s->stop;
