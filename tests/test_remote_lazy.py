@@ -148,10 +148,12 @@ def test_a_tree_moves_lazily_and_the_source_is_killed_after_the_last_page(
     cleanup_pids.add(*replica.values(), *(procutil.ppid(p) for p in replica.values()))
     for outer in replica.values():          # every page checked at once, while the push goes on
         os.kill(outer, signal.SIGUSR1)
+    # The source is killed once the last page moved, which may come before these lines:
+    # wait on the replica's output, not on the source's PID.
     for who in ("parent", "child", "parent-thread"):
-        w.wait_for(rf"^sum {who} (ok|bad)$", timeout=60, start=mark)
+        replica_says(w, rf"^sum {who} (ok|bad)$", mark, timeout=60)
     assert not [line for line in w.lines(mark) if line.endswith("bad")], w.lines(mark)
-    w.wait_for(rf"^count parent {last + 20}$", start=mark)
+    replica_says(w, rf"^count parent {last + 20}$", mark)
     out, err = d.communicate(timeout=60)
     assert d.returncode == 0, err
     m = FIGURES.search(out)
