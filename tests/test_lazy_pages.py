@@ -23,8 +23,12 @@ from workload_prelude import WORKLOAD_PRELUDE
 SUMMARY = re.compile(r"lazy-pages: (\d+) pages placed \((\d+) on (\d+) faults, (\d+) pushed\), (\d+) zero, "
                      r"(\d+) dropped by the program, (\d+) forks")
 
-# Two processes (the child forked before the dump) and a thread, 176 MiB of known content.
-TREE_SCRIPT = WORKLOAD_PRELUDE + r"""import hashlib, mmap, random, threading
+
+def tree_script(a_mib, child_mib, parent_mib):
+    """Two processes (the child forked before the dump) and a thread, with known content: a region of
+    a_mib shared by fork, then child_mib in the child and parent_mib in the parent. SIGUSR1 makes
+    each check its sums ("sum WHO ok|bad", the thread too); "count WHO N" every 5 steps."""
+    return (WORKLOAD_PRELUDE + r"""import hashlib, mmap, random, threading
 MB = 1 << 20
 def region(size, seed):
     m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -32,15 +36,15 @@ def region(size, seed):
     return m
 def digest(m):
     return hashlib.sha256(m).hexdigest()
-a = region(48 * MB, 1)
+a = region(A_MIB * MB, 1)
 want_a = digest(a)
 child = os.fork()
 who = "child" if child == 0 else "parent"
 if child == 0:
-    mine = region(48 * MB, 2)
+    mine = region(CHILD_MIB * MB, 2)
     report("child ready %d" % os.getpid())
 else:
-    mine = region(32 * MB, 3)
+    mine = region(PARENT_MIB * MB, 3)
 want_mine = digest(mine)
 asked = threading.Event()
 def checker():
@@ -61,7 +65,11 @@ while True:
         asked.set()
         report("sum %s %s" % (who, "ok" if digest(mine) == want_mine else "bad"))
     time.sleep(0.01)
-"""
+""").replace("A_MIB", str(a_mib)).replace(
+        "CHILD_MIB", str(child_mib)).replace("PARENT_MIB", str(parent_mib))
+
+
+TREE_SCRIPT = tree_script(48, 48, 32)       # 176 MiB
 
 # A kernel-mode fault (write(2) from a missing page), then a fork, madvise(DONTNEED) and munmap at
 # SIGUSR1; at the next SIGUSR1 (once every page is placed) what it dropped must still read as zeros.

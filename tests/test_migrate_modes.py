@@ -19,20 +19,9 @@ import time
 
 import procutil
 from netns import two_hosts  # noqa: F401 (fixture)
-from test_migrate_net import MEMORY, PASS_LINE, Serve, assert_destination_empty, expected_crc, secret
+from test_migrate_net import PASS_LINE, TREE_START, Serve, assert_destination_empty, expected_crc, secret
 
-WORKLOAD = MEMORY + r'''
-import os, sys, threading, time, zlib
-
-out, nproc, mib, per_s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-idx = 0
-for i in range(1, nproc):
-    if os.fork() == 0:
-        idx = i
-        break
-buf = fill(idx, mib)
-pages = len(buf) // PAGE
+WORKLOAD = TREE_START + r'''
 state = {"step": 0}
 lock = threading.Lock()
 

@@ -47,8 +47,10 @@ def touch(buf, step):
     buf[p * PAGE + 8:p * PAGE + 16] = step.to_bytes(8, "little")
 '''
 
-WORKLOAD = MEMORY + r'''
-import os, sys, time
+# A tree of nproc processes (argv: out file, nproc, MiB each, share of pages written per second),
+# each with its buffer filled; what each then does follows.
+TREE_START = MEMORY + r'''
+import os, sys, threading, time
 
 out, nproc, mib, per_s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -59,6 +61,9 @@ for i in range(1, nproc):
         break
 buf = fill(idx, mib)
 pages = len(buf) // PAGE
+'''
+
+WORKLOAD = TREE_START + r'''
 step = 0
 last = 0.0
 while True:

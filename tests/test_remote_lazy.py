@@ -20,44 +20,13 @@ import pytest
 import procutil
 from pycrcmd import pycr
 from workload_prelude import WORKLOAD_PRELUDE
-from test_lazy_pages import DROP_SCRIPT, SLOW_SCRIPT
+from test_lazy_pages import DROP_SCRIPT, SLOW_SCRIPT, tree_script
 
 FIGURES = re.compile(r"lazy-pages: (\d+) pages placed \((\d+) on (\d+) faults, (\d+) pushed\).*fault median "
                      r"([\d.]+) us, p99 ([\d.]+) us; ([\d.]+) MiB from the source \((\d+) chunks asked by faults\), "
                      r"background push ([\d.]+) MiB/s")
 
-# A parent, a child forked before the dump and a thread: 40 MiB of known content.
-TREE_SCRIPT = WORKLOAD_PRELUDE + r"""import hashlib, mmap, random, threading
-MB = 1 << 20
-def region(size, seed):
-    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    m[:] = random.Random(seed).randbytes(size)
-    return m
-a = region(24 * MB, 1)
-want_a = hashlib.sha256(a).hexdigest()
-child = os.fork()
-who = "child" if child == 0 else "parent"
-mine = region(16 * MB if child == 0 else 8 * MB, 2 if child == 0 else 3)
-want_mine = hashlib.sha256(mine).hexdigest()
-asked = threading.Event()
-def checker():
-    while True:
-        asked.wait()
-        asked.clear()
-        report("sum %s-thread %s" % (who, "ok" if hashlib.sha256(a).hexdigest() == want_a else "bad"))
-threading.Thread(target=checker, daemon=True).start()
-report(("child ready %d" if child == 0 else "ready %d") % os.getpid())
-n = 0
-while True:
-    n += 1
-    if n % 5 == 0:
-        report("count %s %d" % (who, n))
-    if go:
-        go.pop()
-        asked.set()
-        report("sum %s %s" % (who, "ok" if hashlib.sha256(mine).hexdigest() == want_mine else "bad"))
-    time.sleep(0.01)
-"""
+TREE_SCRIPT = tree_script(24, 16, 8)        # a parent, a child forked before the dump and a thread: 48 MiB
 
 
 @pytest.fixture
