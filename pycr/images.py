@@ -197,10 +197,11 @@ def _atomic_file(path):
             os.unlink(tmp)
         raise
     with phase("image write"):
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
 
-def _fsync_dir(directory):
+def fsync_dir(directory):
+    """Make a directory's entries (a file made, renamed or removed in it) durable."""
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dfd)
@@ -413,7 +414,7 @@ class ImageDir:
                 os.unlink(os.path.join(self.path, name))
             del self.written[name]
         with contextlib.suppress(OSError):
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
 
     def list(self):
         """ImageFile for every image here, sorted: globals, then per pid, then shmem."""

@@ -17,7 +17,7 @@ import re
 
 from . import manifest
 from .errors import PycrError
-from .images import ImageDir, classify_name
+from .images import ImageDir, classify_name, fsync_dir
 from .log import log
 
 #: Temporary names of images.write_atomic: "." + image name + "." + mkstemp's letters + ".tmp".
@@ -109,13 +109,6 @@ def _clear(path, overwrite):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(path, name))
         if name == manifest.NAME:
-            _fsync(path)
-    _fsync(path)
+            fsync_dir(path)
+    fsync_dir(path)
 
-
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -20,6 +20,7 @@ from ..native import core
 from ..log import Progress, log
 from ..stats import count, phase
 from ..sysinfo import page_size
+from ..trackers.runs import split
 
 PAGE = page_size()
 SKIPPED_KINDS = {"vdso", "vvar", "vvar_vclock", "vsyscall"}
@@ -193,24 +194,6 @@ def _copy_leaving_lazy(pid, runs, vmas, out_fd, sums, progress):
     return written
 
 
-def _chunks(batch, limit=MEM_CHUNK):
-    """The runs of batch in pieces of at most `limit` bytes (a longer run is cut)."""
-    chunk, size = array("Q"), 0
-    for i in range(0, len(batch), 2):
-        addr, length = batch[i], batch[i + 1]
-        while length:
-            take = min(length, limit - size)
-            chunk.extend((addr, take))
-            size += take
-            addr += take
-            length -= take
-            if size >= limit:
-                yield chunk, size
-                chunk, size = array("Q"), 0
-    if chunk:
-        yield chunk, size
-
-
 def _copy_batches(pid, runs, vmas, out_fd, sums, progress, drain=None):
     """drain() (a page server's file) sends what was written to out_fd after each chunk."""
     total = 0
@@ -219,7 +202,7 @@ def _copy_batches(pid, runs, vmas, out_fd, sums, progress, drain=None):
         if readable:
             # Chunk so that a terminal shows progress on large copies, and a page
             # server's staging file holds at most one chunk.
-            for chunk, size in _chunks(batch):
+            for chunk, size in split(batch, MEM_CHUNK):
                 total += core.vm_read_runs(pid, chunk, out_fd, sums)
                 if drain:
                     drain()

@@ -19,7 +19,7 @@ from collections import namedtuple
 from .. import checksum
 from ..errors import PycrError
 from ..formats.wire import FrameType, Role
-from ..images import classify_name
+from ..images import classify_name, fsync_dir
 from ..log import log
 from ..steps import step
 from . import auth, channel as ch
@@ -99,7 +99,7 @@ class Receiver:
         os.close(fd)
         self.current = None
         os.rename(tmp, os.path.join(self.directory, name))
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self.kept.append(name)
         self.bytes += size
         log.info("%s: %d bytes, fsynced, CRC-32C sums match the dump's", name, size)
@@ -121,20 +121,13 @@ class Receiver:
                 os.unlink(os.path.join(self.directory, name))
         self.kept = []
         with contextlib.suppress(OSError):
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     def _now(self, what):
         if self.current is None:
             raise ch.ProtocolError(f"{what} frame outside a file")
         return self.current
 
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def serve(listener, directory, secret):
