@@ -20,10 +20,12 @@ from ..native import core
 from ..log import Progress, log
 from ..stats import count, phase
 from ..sysinfo import page_size
+from ..trackers.runs import ramp, split
 
 PAGE = page_size()
 SKIPPED_KINDS = {"vdso", "vvar", "vvar_vclock", "vsyscall"}
-MEM_CHUNK = 64 << 20
+MEM_CHUNK = 64 << 20     # bytes per native copy call at most (the first ones are smaller: ramp)
+FIRST_CHUNK = 4 << 20    # the first call's, so that the progress bar moves soon on a small copy
 
 
 def private_vmas(vmas):
@@ -194,21 +196,9 @@ def _copy_leaving_lazy(pid, runs, vmas, out_fd, sums, progress):
 
 
 def _chunks(batch, limit=MEM_CHUNK):
-    """The runs of batch in pieces of at most `limit` bytes (a longer run is cut)."""
-    chunk, size = array("Q"), 0
-    for i in range(0, len(batch), 2):
-        addr, length = batch[i], batch[i + 1]
-        while length:
-            take = min(length, limit - size)
-            chunk.extend((addr, take))
-            size += take
-            addr += take
-            length -= take
-            if size >= limit:
-                yield chunk, size
-                chunk, size = array("Q"), 0
-    if chunk:
-        yield chunk, size
+    """The runs of batch in pieces of at most `limit` bytes (a longer run is cut), the first
+    ones smaller (FIRST_CHUNK, doubling), so that the progress bar moves soon on a small copy."""
+    return split(batch, ramp(min(FIRST_CHUNK, limit), limit))
 
 
 def _copy_batches(pid, runs, vmas, out_fd, sums, progress, drain=None):
