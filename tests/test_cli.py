@@ -292,3 +292,26 @@ def test_criu_habits_are_accepted(spawn, tmp_path, cleanup_pids):
     procutil.assert_running_untraced(w.pid)
     text = pycr("restore", "--help").stdout
     assert "--tcp-established" in text and "take established" not in text
+
+
+def test_a_pipe_to_outside_the_tree_is_told_at_dump_and_restore(tmp_path, cleanup_pids):
+    """The writer of a pipe whose reader stays outside: warned at the dump (the user can still act)
+    and at the restore, in terms of SIGPIPE, which kills by default."""
+    import subprocess
+    import sys
+    import procutil
+    p = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(0.1)"],
+                         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    cleanup_pids.add(p.pid)
+    try:
+        dumped = pycr("dump", "-t", p.pid, "-D", tmp_path / "img")
+        ino = __import__("os").fstat(p.stdout.fileno()).st_ino
+        assert f"pycr: pipe:[{ino}] has no reader in the tree; after a restore, its writer gets SIGPIPE at its next " \
+               f"write (which kills it unless SIGPIPE is ignored or handled: then EPIPE)" in dumped.stderr, dumped.stderr
+        p.wait(timeout=10)
+        restored = pycr("restore", "-d", "-D", tmp_path / "img")
+        assert f"pycr: pipe:[{ino}] has no reader in the restored tree; once pycr exits its writer gets SIGPIPE" \
+            in restored.stderr, restored.stderr
+        procutil.assert_running_untraced(p.pid)
+    finally:
+        p.stdout.close()
