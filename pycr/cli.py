@@ -27,9 +27,22 @@ def _add_common(p):
 
 def _add_object_options(p, restore=False):
     """criu's options for kernel objects that need the user's word (pycr/options.py)."""
-    if not restore:
+    if restore:
         p.add_argument("--tcp-established", action="store_true",
-                       help="take established TCP connections (TCP repair); without it a dump refuses them")
+                       help="accepted as criu needs it on restore too; pycr brings back the established TCP "
+                            "connections the images hold (a dump takes them only with --tcp-established)")
+        p.add_argument("--ext-unix-sk", action="store_true",
+                       help="accepted as criu takes it; pycr reconnects the unix sockets whose peer was outside "
+                            "the tree that the images hold (taken by a dump with --ext-unix-sk)")
+        p.add_argument("-j", "--shell-job", action="store_true",
+                       help="a tree dumped with -j: its terminal becomes pycr's (without it such images are "
+                            "refused)")
+        p.add_argument("--file-locks", action="store_true",
+                       help="accepted as criu takes it; pycr sets again the file locks the images hold "
+                            "(taken by a dump with --file-locks)")
+        return
+    p.add_argument("--tcp-established", action="store_true",
+                   help="take established TCP connections (TCP repair); without it a dump refuses them")
     p.add_argument("--ext-unix-sk", action="store_true",
                    help="a unix socket whose peer is outside the tree is taken and reconnected to that peer")
     p.add_argument("-j", "--shell-job", action="store_true",
@@ -138,7 +151,10 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
-_EXIT_STATUS = """exit status: 0 success, 1 pycr failed (one line on stderr says why), 2 usage error;
+_EXIT_STATUS = """-v (-vN), -q, -o, -D, -W and --display-stats may also come before COMMAND, as criu takes them:
+`pycr -v4 -o dump.log dump -t PID -D DIR` is `pycr dump -v4 -o dump.log -t PID -D DIR`.
+
+exit status: 0 success, 1 pycr failed (one line on stderr says why), 2 usage error;
 `pycr check -t` exits 3 when it finds something; 128 + N when signal N stopped pycr"""
 
 _RESTORE_EXIT = """exit status: with -d, 0 once the tree runs. Without -d, pycr waits for the restored
@@ -181,6 +197,8 @@ def build_parser():
 
     p = sub.add_parser("pre-dump", help="copy memory while the tree runs; later passes copy what changed")
     _add_dump_args(p)
+    p.add_argument("-R", "--leave-running", action="store_true",
+                   help="accepted as criu takes it; changes nothing: a pre-dump always leaves the tree running")
 
     p = sub.add_parser("restore", help="bring a dumped tree back with its PIDs, memory and registers",
                        epilog=_RESTORE_EXIT, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -206,7 +224,7 @@ def build_parser():
     p.add_argument("--pidfile", metavar="FILE",
                    help="write the restored root's PID (as pycr sees it: outside a --pidns namespace) to "
                         "FILE, relative to the work directory, once the tree runs; FILE must not exist")
-    cliopts.add_output(p)
+    cliopts.add_output(p, written="-o, --pidfile and the socket of --lazy-pages are")
     _add_common(p)
 
     p = sub.add_parser("lazy-pages", help="serve the pages of a `restore --lazy-pages` on fault, then exit "
@@ -217,11 +235,12 @@ def build_parser():
     g.add_argument("--address", metavar="ADDR", help="the source's host name or address")
     g.add_argument("--port", type=_port, metavar="PORT", help="the source's port")
     g.add_argument("--secret-file", metavar="FILE", help="the secret both sides hold (mode 0600)")
-    cliopts.add_output(p)
+    cliopts.add_output(p, written="-o and the socket `restore --lazy-pages` connects to are")
     _add_common(p)
 
-    p = sub.add_parser("migrate", help="move a live tree into a replica on this machine with iterative "
-                                       "pre-dumps and incremental restore")
+    p = sub.add_parser("migrate", help="move a live tree into a replica (on this machine, or with --to on "
+                                       "another host's `pycr serve`) with iterative pre-dumps and incremental "
+                                       "restore")
     p.add_argument("-t", "--tree", type=_positive_int, required=True, metavar="PID", help="root of the tree to move")
     p.add_argument("-W", "--work-dir", metavar="DIR",
                    help="keep the image sets of every pass here, and -o's log when relative "
@@ -311,6 +330,62 @@ def build_parser():
     return parser
 
 
+def _usage_mistake(args):
+    """What is wrong with this combination of options (a usage error: exit 2, as argparse's own), or
+    None. Checked before anything is opened, frozen or made."""
+    cmd = args.command
+    if cmd in ("dump", "pre-dump", "lazy-pages"):
+        given = [o for o, v in (("--address", args.address), ("--port", args.port),
+                                ("--secret-file", args.secret_file)) if v is not None]
+        if getattr(args, "lazy_pages", False):
+            missing = [o for o in ("--address", "--port", "--secret-file") if o not in given]
+            if missing:
+                return f"--lazy-pages needs {', '.join(missing)}"
+            if args.page_server or args.leave_running or args.prev_images_dir:
+                return ("--lazy-pages serves the pages itself; it does not go with --page-server, "
+                        "--leave-running or --prev-images-dir")
+        elif args.page_server:
+            missing = [o for o in ("--address", "--port", "--secret-file") if o not in given]
+            if missing:
+                return f"--page-server needs {', '.join(missing)}"
+        elif given:
+            return f"{given[0]} is for --page-server, which was not given"
+    if cmd == "restore" and args.follow and args.lazy_pages:
+        return "--lazy-pages restores one image set; it does not go with --follow"
+    if cmd == "migrate":
+        if args.mode != "pre-copy" and not args.to:
+            return "--mode post-copy and hybrid migrate to another host: give --to and --secret-file"
+        if bool(args.to) != bool(args.secret_file):
+            return "--to and --secret-file go together"
+        if args.to and (_host_port(args.to) is None or not _host_port(args.to)[0]):
+            return f"--to {args.to}: give it as HOST:PORT"
+        if args.abort_over_budget and args.downtime_limit is None:
+            return "--abort-over-budget needs --downtime-limit"
+        if args.bandwidth_limit == 0:
+            return "--bandwidth-limit must be more than 0"
+    if cmd == "serve" and _host_port(args.listen, port_zero=True) is None:
+        return f"--listen {args.listen}: give it as ADDR:PORT"
+    if cmd == "show":
+        if args.dirty_map is not None and (args.path is not None or args.json):
+            return "--dirty-map takes no other path and no --json"
+        if args.dirty_map is None and args.path is None:
+            return "give an images directory or image file, or --dirty-map DIR"
+        if args.dirty_map is None and args.output is not None:
+            return "-o draws only with --dirty-map"
+        if args.output is not None:
+            from .dirtymap_draw import format_mistake
+            return format_mistake(args.output)
+    return None
+
+
+def _host_port(text, port_zero=False):
+    """(host, port) of HOST:PORT ([v6]:PORT too), or None when it is not one."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not (0 if port_zero else 1) <= int(port) <= 65535:
+        return None
+    return host.strip("[]"), int(port)
+
+
 def _run(args):
     if args.command == "check" and args.tree is not None:
         return _check_tree(args.tree)
@@ -327,8 +402,6 @@ def _run(args):
         return 0
     if args.command in ("dump", "pre-dump"):
         return _dump(args)
-    if args.command == "restore" and args.follow and args.lazy_pages:
-        raise PycrError("--lazy-pages restores one image set; it does not go with --follow")
     if args.command == "page-server":
         return _page_server(args)
     if args.command == "restore" and args.follow:
@@ -337,8 +410,6 @@ def _run(args):
         return _restore(args)
     if args.command == "lazy-pages":
         return _lazy_pages(args)
-    if args.command == "migrate" and args.mode != "pre-copy" and not args.to:
-        raise PycrError("--mode post-copy and hybrid migrate to another host: give --to and --secret-file")
     if args.command == "migrate" and (args.to or args.secret_file):
         return _migrate_to(args)
     if args.command == "migrate":
@@ -348,9 +419,6 @@ def _run(args):
     if args.command == "show" and args.dirty_map is not None:
         return _dirty_map(args)
     if args.command == "show":
-        if args.path is None or args.output is not None:
-            build_parser().commands["show"].error("give an images directory or image file, or --dirty-map DIR"
-                                                  if args.path is None else "-o draws only with --dirty-map")
         from .show import show
         show(args.path, json=args.json)
         return 0
@@ -362,8 +430,6 @@ def _run(args):
 
 
 def _dirty_map(args):
-    if args.path is not None or args.json:
-        build_parser().commands["show"].error("--dirty-map takes no other path and no --json")
     from . import dirtymap
     if args.output is not None:
         from .dirtymap_draw import draw, require_matplotlib
@@ -415,13 +481,6 @@ def _dump(args):
 
 
 def _lazy_dump(args):
-    missing = [o for o, v in (("--address", args.address), ("--port", args.port),
-                              ("--secret-file", args.secret_file)) if v is None]
-    if missing:
-        raise PycrError(f"--lazy-pages needs {', '.join(missing)}")
-    if args.page_server or args.leave_running or args.prev_images_dir:
-        raise PycrError("--lazy-pages serves the pages itself; it does not go with --page-server, "
-                        "--leave-running or --prev-images-dir")
     from .lazy.remote_source import lazy_dump
     job = lazy_dump(args.tree, args.images_dir, args.address, args.port, args.secret_file,
                     overwrite=args.overwrite,
@@ -434,15 +493,8 @@ def _lazy_dump(args):
 
 def _page_server_client(args):
     """The connected, authenticated page server of --page-server, or None (before anything is frozen)."""
-    given = [o for o, v in (("--address", args.address), ("--port", args.port),
-                            ("--secret-file", args.secret_file)) if v is not None]
     if not args.page_server:
-        if given:
-            raise PycrError(f"{given[0]} is for --page-server, which was not given")
         return None
-    missing = [o for o in ("--address", "--port", "--secret-file") if o not in given]
-    if missing:
-        raise PycrError(f"--page-server needs {', '.join(missing)}")
     from .net.page_client import PageServerClient
     return PageServerClient.connect(args.address, args.port, args.secret_file)
 
@@ -517,16 +569,7 @@ def _restore(args):
 
 def _lazy_pages(args):
     from .lazy.daemon import lazy_pages
-    remote = None
-    given = [o for o, v in (("--address", args.address), ("--port", args.port),
-                            ("--secret-file", args.secret_file)) if v is not None]
-    if args.page_server:
-        missing = [o for o in ("--address", "--port", "--secret-file") if o not in given]
-        if missing:
-            raise PycrError(f"--page-server needs {', '.join(missing)}")
-        remote = (args.address, args.port, args.secret_file)
-    elif given:
-        raise PycrError(f"{given[0]} is for --page-server, which was not given")
+    remote = (args.address, args.port, args.secret_file) if args.page_server else None
     summary = lazy_pages(args.images_dir, cliopts.work_dir(args), page_server=remote)
     _summary(args, summary.line())
     return 0
@@ -555,10 +598,6 @@ def _restore_follow(args):
 def _policy(args):
     """When a migration takes its final dump, and how it paces and throttles (local or --to)."""
     from .migrate.loop import Policy
-    if args.abort_over_budget and args.downtime_limit is None:
-        raise PycrError("--abort-over-budget needs --downtime-limit")
-    if args.bandwidth_limit == 0:
-        raise PycrError("--bandwidth-limit must be more than 0")
     return Policy(max_passes=args.max_passes, min_delta=args.min_delta, threshold=args.threshold,
                   downtime_limit=None if args.downtime_limit is None else args.downtime_limit / 1000,
                   bandwidth_limit=args.bandwidth_limit, give_up=args.abort_over_budget)
@@ -580,8 +619,6 @@ def _migrate(args):
 def _migrate_to(args):
     from .net.auth import read_secret
     from .net.migrate_source import migrate_to
-    if not (args.to and args.secret_file):
-        raise PycrError("--to and --secret-file go together")
     policy = _policy(args)
     secret = read_secret(args.secret_file)
     result = migrate_to(args.tree, args.to, secret, policy=policy, tracker=args.tracker, work_dir=args.work_dir,
@@ -596,10 +633,8 @@ def _serve(args):
     from .net.auth import read_secret
     from .net.serve import serve
     secret = read_secret(args.secret_file)
-    host, sep, port = args.listen.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise PycrError(f"--listen {args.listen}: give it as ADDR:PORT")
-    listener = channel.listen(host.strip("[]"), int(port))
+    host, port = _host_port(args.listen, port_zero=True)
+    listener = channel.listen(host, port)
     print(f"pycr serve: listening on {channel.describe(listener.getsockname())}", flush=True)
 
     def done(got):
@@ -637,7 +672,12 @@ def main(argv=None):
     entered = time.perf_counter()
     try:
         _catch_stop_signals()
-        args = build_parser().parse_args(cliopts.criu_levels(sys.argv[1:] if argv is None else argv))
+        parser = build_parser()
+        args = parser.parse_args(cliopts.global_options(cliopts.criu_levels(sys.argv[1:] if argv is None else argv),
+                                                        parser.commands))
+        mistake = _usage_mistake(args)
+        if mistake:
+            parser.commands[args.command].error(mistake)
     except KeyboardInterrupt:
         print("pycr: interrupted before it began", file=sys.stderr)
         return 130

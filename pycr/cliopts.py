@@ -25,6 +25,36 @@ def criu_levels(argv):
     return [f"--criu-level={arg[2:]}" if re.fullmatch(r"-v\d+", arg) else arg for arg in argv]
 
 
+#: options criu takes before the command too (`criu -v4 -o d.log dump ...`): moved after the command
+#: name, where that command's parser takes them (or says it has no such option); True: takes a value
+_GLOBAL = {"-v": False, "--verbose": False, "-q": False, "--quiet": False, "--display-stats": False,
+           "-o": True, "--log-file": True, "-D": True, "--images-dir": True, "-W": True, "--work-dir": True}
+
+
+def global_options(argv, commands):
+    """argv with the options given before the command name moved just after it: `pycr -v dump`
+    is `pycr dump -v`. Anything else before the command is left where the top-level parser refuses it."""
+    moved, i = [], 0
+    while i < len(argv) and argv[i] not in commands:
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        if re.fullmatch(r"-v+", arg) or name == "--criu-level" or (name in _GLOBAL and not _GLOBAL[name]):
+            moved.append(arg)
+        elif name in _GLOBAL and "=" in arg:
+            moved.append(arg)
+        elif name in _GLOBAL and i + 1 < len(argv):
+            moved += argv[i:i + 2]
+            i += 1
+        elif re.fullmatch(r"-[oDW].+", arg):
+            moved.append(arg)
+        else:
+            return argv                     # not ours to move: the parser says what is wrong
+        i += 1
+    if not moved or i == len(argv):
+        return argv
+    return [argv[i], *moved, *argv[i + 1:]]
+
+
 def add_verbosity(p):
     p.add_argument("-v", "--verbose", action="count", default=None,
                    help="-v narrates each step in kernel terms, -vv adds detail and tracebacks of internal "
@@ -39,14 +69,14 @@ def _criu_level(text):
     return int(text)
 
 
-def add_output(p, work_dir=True, summary=True):
-    """-o, -W and -q, as criu takes the first two."""
+def add_output(p, work_dir=True, summary=True, written="-o is"):
+    """-o, -W and -q, as criu takes the first two (written: what -W's help says goes there)."""
     p.add_argument("-o", "--log-file", metavar="FILE",
                    help="write the narration (-v level; -v if none is given) to FILE, relative to the work "
                         "directory; the terminal then gets only errors, the summary and a progress bar")
     if work_dir:
         p.add_argument("-W", "--work-dir", metavar="DIR",
-                       help="where -o and --pidfile are written when relative (default: the images directory)")
+                       help=f"where {written} written when relative (default: the images directory)")
     if summary:
         p.add_argument("-q", "--quiet", action="store_true",
                        help="print nothing on success (default: one line saying what was done)")

@@ -3,10 +3,15 @@
 One panel per process (the largest few), pass on the vertical axis (first
 pass at the top), address across: the regions that hold saved pages placed
 end to end, each at least a few pixels wide, with the gaps between them cut
-out and marked by an orange line. A cell is blue where the pass saved pages
-(darker: more of the cell's pages), light grey where pages were present but
-kept from an earlier pass. One image column is one bin of pages, so no page
-written is lost to resampling.
+out and marked by an orange line. The width is not all in proportion to
+size: a region with pages saved after the first pass (the heap, the stack,
+where a program keeps writing) gets at least ACTIVE_SHARE of it, so that its
+later passes can be seen next to a large region written once; the busiest
+regions are named under the axis. A cell is blue where the pass saved pages
+(darker: more of the cell's pages; a single page is still clearly blue),
+light grey where pages were present but kept from an earlier pass. One image
+column is one bin of pages, so no saved run is lost to resampling: each is
+at least one pixel column wide.
 """
 
 from .errors import PycrError
@@ -17,12 +22,16 @@ LEFT, RIGHT = 0.07, 0.99
 ROW_IN = 0.28                   # inches per pass in a panel
 GAP_BINS = 1                    # the orange line where address space was cut out
 MIN_REGION_BINS = 4
+ACTIVE_SHARE = 0.08             # of the width, at least, for a region with pages saved after pass 1...
+ACTIVE_TOTAL = 0.6              # ...all such regions together at most
+LABELS = 6                      # regions named under the axis, the busiest first
+LABEL_APART = 110               # bins between two named regions' centres, at least (no overlap)
 WHITE = (1.0, 1.0, 1.0)
 KEPT = (0.83, 0.83, 0.83)
 WRITTEN = (0.10, 0.30, 0.75)
 ABSENT = (0.97, 0.88, 0.88)
 CUT = (0.95, 0.55, 0.05)
-MIN_SHADE = 0.4                 # a bin with a single page written is still clearly blue
+MIN_SHADE = 0.75                # a bin with a single page written is still clearly blue
 
 
 def require_matplotlib():
@@ -36,12 +45,32 @@ def require_matplotlib():
                         "(without -o, pycr show --dirty-map prints it as text)") from None
 
 
+def format_mistake(out):
+    """Why matplotlib cannot write the picture named out (its suffix names the format), or None
+    (also when matplotlib is missing: require_matplotlib says so)."""
+    import os
+    suffix = os.path.splitext(str(out))[1][1:].lower()
+    if not suffix:
+        return None                         # matplotlib writes its default format, PNG
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return None
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if suffix in kinds:
+        return None
+    others = [f".{k}" for k in ("svg", "pdf", "jpg") if k in kinds]
+    return f"-o {out}: matplotlib cannot write .{suffix} files; name it .png (or {', '.join(others)}...)"
+
+
 class Layout:
     """Where a process's pass and address landed in the picture (pixels from the top left)."""
 
     def __init__(self, height):
         self.height = height
         self.panels = {}            # pid -> (ax, page size, [(region, first bin, bins)])
+        self.named = {}             # pid -> [the regions named under its axis]
+        self.label_spans = []       # (left, right) pixels of every label under an axis
 
     def pixel(self, pid, index, addr):
         """(x, y) of the centre of the cell of addr's page in pass `index` (0 = first) of pid."""
@@ -55,14 +84,29 @@ class Layout:
         raise KeyError(f"{addr:#x} is in no region drawn for pid {pid}")
 
 
-def _bins_per_region(pm, total_bins):
-    """Bins of each region: in proportion to its pages, at least MIN_REGION_BINS (or its pages)."""
+def _later_pages(pm):
+    """Pages of each region saved after the first pass: where the program keeps writing."""
+    counts = [0] * len(pm.regions)
+    for index in range(1, len(pm.written)):
+        for c0, c1 in pm.column_runs(index, "written"):
+            for r, reg in enumerate(pm.regions):
+                n = (reg.end - reg.start) // pm.page_size
+                counts[r] += max(0, min(c1, reg.column + n) - max(c0, reg.column))
+    return counts
+
+
+def _bins_per_region(pm, total_bins, later):
+    """Bins of each region: a floor (MIN_REGION_BINS, or ACTIVE_SHARE of the width for a region
+    with pages saved after pass 1) plus the rest of the width in proportion to its pages; never
+    more than total_bins in all, so that one bin stays one pixel column."""
     room = total_bins - GAP_BINS * (len(pm.regions) - 1)
     columns = pm.columns or 1
     sizes = [(r.end - r.start) // pm.page_size for r in pm.regions]
-    small = [min(n, MIN_REGION_BINS) for n in sizes]
-    spare = max(room - sum(small), 0)
-    return [max(s, round(spare * n / columns)) for s, n in zip(small, sizes)]
+    active = sum(1 for n in later if n)
+    share = int(room * min(ACTIVE_SHARE, ACTIVE_TOTAL / active)) if active else 0
+    floors = [max(MIN_REGION_BINS, share) if busy else min(n, MIN_REGION_BINS) for n, busy in zip(sizes, later)]
+    spare = max(room - sum(floors), 0)
+    return [f + spare * n // columns for f, n in zip(floors, sizes)]
 
 
 def _row(pm, index, widths, bins_of):
@@ -90,13 +134,28 @@ def _row(pm, index, widths, bins_of):
     return cells
 
 
-def _ticks(placed, most=8, apart=90):
-    """The largest regions' starts to label, no two closer than `apart` bins."""
+def _ticks(placed, later, most=LABELS, apart=LABEL_APART):
+    """The regions to name, busiest first (pages saved after pass 1, then size), no two centres
+    closer than `apart` bins: [(region, centre bin)] in address order."""
     chosen = []
-    for item in sorted(placed, key=lambda p: -p[2]):
-        if len(chosen) < most and all(abs(item[1] - c[1]) >= apart for c in chosen):
-            chosen.append(item)
-    return sorted(chosen, key=lambda p: p[1])
+    order = sorted(range(len(placed)), key=lambda r: (-later[r], -placed[r][2]))
+    for r in order:
+        reg, first, n = placed[r]
+        centre = first + n / 2
+        if len(chosen) < most and all(abs(centre - c) >= apart for _, c in chosen):
+            chosen.append((reg, centre))
+    return sorted(chosen, key=lambda t: t[1])
+
+
+def _label_ticks(ax, ticks, width):
+    """Name the chosen regions under the axis; a label near an edge is aligned to stay inside."""
+    ax.set_xticks([centre for _, centre in ticks])
+    labels = ax.set_xticklabels([f"{reg.label[:20]}\n{reg.start:#x}" for reg, _ in ticks], fontsize=6)
+    for label, (_, centre) in zip(labels, ticks):
+        if centre < LABEL_APART / 2:
+            label.set_horizontalalignment("left")
+        elif centre > width - LABEL_APART / 2:
+            label.set_horizontalalignment("right")
 
 
 def draw(dmap, out):
@@ -118,7 +177,8 @@ def draw(dmap, out):
     total_bins = int(WIDTH_IN * DPI * (RIGHT - LEFT))
     layout = Layout(int(fig_h * DPI))
     for ax, pm in zip(axes[:, 0], shown):
-        widths = _bins_per_region(pm, total_bins)
+        later = _later_pages(pm)
+        widths = _bins_per_region(pm, total_bins, later)
         rows = [_row(pm, i, widths, bins) for i in range(npass)]
         width = len(rows[0])
         ax.imshow(rows, aspect="auto", interpolation="nearest", extent=(0, width, npass + 0.5, 0.5))
@@ -129,21 +189,23 @@ def draw(dmap, out):
         for reg, w in zip(pm.regions, widths):
             placed.append((reg, x, w))
             x += w + GAP_BINS
-        ticks = _ticks(placed)
-        ax.set_xticks([first for _, first, _ in ticks])
-        ax.set_xticklabels([f"{reg.start:#x}\n{reg.label[:18]}" for reg, _, _ in ticks], fontsize=6)
+        ticks = _ticks(placed, later)
+        _label_ticks(ax, ticks, width)
+        layout.named[pm.pid] = [reg for reg, _ in ticks]
         per_pass = ", ".join("-" if pm.written[i] is None else str(pm.pages(i)) for i in range(npass))
         ax.set_title(f"pid {pm.pid} ({pm.comm}): pages saved per pass {per_pass}  "
                      f"[{len(pm.regions)} regions, {_size(pm.columns * pm.page_size)}, gaps cut out]",
                      fontsize=8, loc="left")
         layout.panels[pm.pid] = (ax, pm.page_size, placed)
     note = ("blue: saved in that pass (darker: more of the cell); grey: present, kept from an earlier pass; "
-            "orange: address space cut out")
+            "orange: address space cut out; regions written after pass 1 widened")
     if omitted:
         note += f"; {omitted} smaller processes not drawn"
     fig.suptitle(f"dirty map of {dmap.path} ({npass} passes)\n{note}", fontsize=8, x=LEFT, ha="left",
                  y=1 - 0.05 / fig_h, va="top")
     fig.canvas.draw()
+    for ax in axes[:, 0]:
+        layout.label_spans += [(b.x0, b.x1) for b in (t.get_window_extent() for t in ax.get_xticklabels())]
     try:
         fig.savefig(out, dpi=DPI)
     except OSError as exc:

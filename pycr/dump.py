@@ -68,19 +68,32 @@ def _collect_files(pid, hidden):
     return [describe_fd(pid, fd, target) for fd, target in proc.fds(pid).items() if fd not in hidden]
 
 
-def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None):
+def _warn_lonely_pipes(files_by_src):
+    """A pipe whose other end is outside the tree has nothing there after a restore: say so
+    now, while the user can still give the tree both ends (or a file) before restoring it."""
+    from .restore.preflight import PIPE_OUTLOOK, lonely_pipe_ends
+    fds = ((rec["type"], rec["flags"], rec["pipe_id"]) for recs in files_by_src.values() for rec in recs)
+    for pipe_id, missing in lonely_pipe_ends(fds).items():
+        log.warning("pipe:[%d] has no %s in the tree; after a restore, %s once the restoring pycr exits",
+                    pipe_id, missing, PIPE_OUTLOOK[missing])
+
+
+def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None, warn_pipes=False):
     """Collect and write every image of a frozen tree except the inventory.
 
     memory(pid, vmas, imgdir) -> bytes writes the pages of one process; the
     default saves every present page. Returns bytes of pages written.
     hidden_fds: {pid: fds} that are pycr's own (a tracker's userfaultfd) and
     are left out of the files image. smaps(pid) -> entries, if already read this pass.
+    warn_pipes: warn of pipes with an end outside the tree (a dump's; not every pass of a migration).
     """
     processes = frozen.processes
     count("processes", len(processes))
     count("threads", sum(len(t) for t in processes.values()))
     with phase("/proc reads"):
         srcs, pstree, vmas_by_pid, files_by_src, objects, ghosts, locks = _read_tree(frozen, hidden_fds, smaps)
+    if warn_pipes:
+        _warn_lonely_pipes(files_by_src)
 
     step("write pstree, files and pipes-data")
     imgdir.write("pstree", pstree)
@@ -192,7 +205,7 @@ def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images
                  stats.processes, stats.threads)
         try:
             with progress.step("dump"):
-                stats.pages_bytes = write_tree_images(frozen, imgdir)
+                stats.pages_bytes = write_tree_images(frozen, imgdir, warn_pipes=True)
             step("write inventory and manifest")
             imgdir.write("inventory", inventory(root, "dump"))
             manifest.seal(imgdir)

@@ -23,7 +23,7 @@ import time
 from contextlib import contextmanager
 
 THRESHOLD = 32 << 20        # bytes: a step moving less is over before a bar would help
-REDRAW = 0.1                # seconds between redraws, at most
+REDRAW = 0.1                # seconds between redraws, at most (but a newly filled cell is drawn at once)
 BAR_WIDTH = 24
 ERASE = "\r\x1b[K"          # carriage return, erase to the end of the line
 
@@ -71,6 +71,7 @@ class Bar:
         self.drawn = False          # the bar's text is on the current line
         self.shown = False          # the bar was drawn at least once
         self._last = 0.0
+        self._drawn_cells = None
 
     # -- what the step's copiers call
     def set_total(self, n):
@@ -84,9 +85,16 @@ class Bar:
         if not self.visible():
             return
         now = time.monotonic()
-        if now - self._last >= REDRAW or not self.drawn:
+        if now - self._last >= REDRAW or not self.drawn or self._cells() != self._drawn_cells:
             self._last = now
             self.draw(now)
+
+    def _cells(self):
+        """The '#' of the bar (None without a total): a change is drawn at once, so that a short
+        step's bar still moves (at most BAR_WIDTH extra redraws)."""
+        if not self.total:
+            return None
+        return int(min(self.done / self.total, 1.0) * BAR_WIDTH)
 
     def visible(self):
         if not self.tty:
@@ -121,6 +129,7 @@ class Bar:
         self.stream.write(ERASE + text)
         self.stream.flush()
         self.drawn = self.shown = True
+        self._drawn_cells = self._cells()
 
     def clear(self):
         if self.drawn:

@@ -264,3 +264,54 @@ def test_help_describes_every_option_and_the_exit_statuses():
     assert "the root's own status" in pycr("restore", "--help").stdout
     assert "--pidfile FILE" in pycr("restore", "--help").stdout
     assert "2 usage error" in pycr("--help").stdout
+
+
+def test_criu_habits_are_accepted(spawn, tmp_path, cleanup_pids):
+    """What a criu user types: options before the command, `pre-dump -R`, `restore --tcp-established`."""
+    import procutil
+    w = spawn("counter")
+    # -v before the command narrates as -v after it; -o and -q too
+    lines = pycr("-v", "dump", "-t", w.pid, "-D", tmp_path / "v", "-R").stderr.splitlines()
+    assert lines[0] == "pycr: froze 1 processes, 1 threads with PTRACE_SEIZE + PTRACE_INTERRUPT", lines
+    quiet = pycr("-v4", "-q", "-o", "d.log", "dump", "-t", w.pid, "-D", tmp_path / "o", "-R")
+    assert quiet.stdout == quiet.stderr == ""
+    assert "copying" in (tmp_path / "o" / "d.log").read_text()
+    # an option no subcommand takes that way is still refused, by the subcommand's parser
+    assert one_line_error(pycr("-q", "show", tmp_path / "v", expect=2)) == \
+        "pycr: unrecognized arguments: -q (see pycr show --help)"
+    # pre-dump -R: a pre-dump always leaves the tree running
+    line = pycr("pre-dump", "-R", "-t", w.pid, "-D", tmp_path / "pre").stdout
+    assert line.startswith("pre-dumped 1 process") and line.rstrip().endswith("the tree goes on")
+    procutil.assert_running_untraced(w.pid)
+    # restore --tcp-established (criu needs it on restore too), with -vv before the command
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "k", "-q")
+    procutil.wait_gone([w.pid], timeout=10)
+    restored = pycr("-vv", "restore", "--tcp-established", "-d", "-D", tmp_path / "k")
+    cleanup_pids.add(w.pid)
+    assert restored.stdout.startswith("restored 1 process") and "ptrace(PTRACE_SEIZE, " in restored.stderr
+    procutil.assert_running_untraced(w.pid)
+    text = pycr("restore", "--help").stdout
+    assert "--tcp-established" in text and "take established" not in text
+
+
+def test_a_pipe_to_outside_the_tree_is_told_at_dump_and_restore(tmp_path, cleanup_pids):
+    """The writer of a pipe whose reader stays outside: warned at the dump (the user can still act)
+    and at the restore, in terms of SIGPIPE, which kills by default."""
+    import subprocess
+    import sys
+    import procutil
+    p = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(0.1)"],
+                         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    cleanup_pids.add(p.pid)
+    try:
+        dumped = pycr("dump", "-t", p.pid, "-D", tmp_path / "img")
+        ino = __import__("os").fstat(p.stdout.fileno()).st_ino
+        assert f"pycr: pipe:[{ino}] has no reader in the tree; after a restore, its writer gets SIGPIPE at its next " \
+               f"write (which kills it unless SIGPIPE is ignored or handled: then EPIPE)" in dumped.stderr, dumped.stderr
+        p.wait(timeout=10)
+        restored = pycr("restore", "-d", "-D", tmp_path / "img")
+        assert f"pycr: pipe:[{ino}] has no reader in the restored tree; once pycr exits its writer gets SIGPIPE" \
+            in restored.stderr, restored.stderr
+        procutil.assert_running_untraced(p.pid)
+    finally:
+        p.stdout.close()

@@ -5,6 +5,7 @@ import subprocess
 
 import pytest
 
+import procutil
 from pycrcmd import one_line_error, pycr
 
 
@@ -95,3 +96,37 @@ def test_an_image_into_a_missing_directory(tmp_path):
     good.write_text('{"kind": "pstree", "version": 2, "body": {"processes": [], "zombies": []}}')
     line = _fails_in_one_line("encode", "-i", good, "-o", tmp_path / "missing" / "pstree.img")
     assert "missing/pstree.img" in line and ".tmp" not in line
+
+
+def test_a_wrong_combination_of_options_is_a_usage_error(spawn, tmp_path):
+    """Exit 2 and a pointer to the subcommand's help, as argparse's own errors, before anything is made
+    or frozen (-o would make the images directory of a dump)."""
+    w = spawn("counter")
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret")
+    secret.chmod(0o600)
+    img = tmp_path / "img"
+    cases = [
+        (("dump", "-t", w.pid, "-D", img, "-R", "-o", "d.log", "--port", 4000),
+         "dump", "--port is for --page-server, which was not given"),
+        (("dump", "-t", w.pid, "-D", img, "-o", "d.log", "--page-server", "--address", "localhost"),
+         "dump", "--page-server needs --port, --secret-file"),
+        (("dump", "-t", w.pid, "-D", img, "--lazy-pages", "-R", "--address", "localhost", "--port", 1,
+          "--secret-file", secret), "dump", "--lazy-pages serves the pages itself"),
+        (("pre-dump", "-t", w.pid, "-D", img, "--secret-file", secret),
+         "pre-dump", "--secret-file is for --page-server, which was not given"),
+        (("lazy-pages", "-D", img, "--address", "localhost"),
+         "lazy-pages", "--address is for --page-server, which was not given"),
+        (("restore", "-D", img, "--follow", "--lazy-pages"), "restore", "--lazy-pages restores one image set"),
+        (("migrate", "-t", w.pid, "--to", "localhost", "--secret-file", secret),
+         "migrate", "--to localhost: give it as HOST:PORT"),
+        (("migrate", "-t", w.pid, "--to", "localhost:4000"), "migrate", "--to and --secret-file go together"),
+        (("migrate", "-t", w.pid, "--abort-over-budget"), "migrate", "--abort-over-budget needs --downtime-limit"),
+        (("migrate", "-t", w.pid, "--mode", "hybrid"), "migrate", "--mode post-copy and hybrid migrate to another"),
+        (("serve", "--listen", "localhost", "--secret-file", secret), "serve", "--listen localhost: give it as"),
+    ]
+    for args, command, words in cases:
+        line = one_line_error(pycr(*args, expect=2))
+        assert line.startswith(f"pycr: {words}") and line.endswith(f" (see pycr {command} --help)"), line
+    assert not img.exists()
+    procutil.assert_running_untraced(w.pid)

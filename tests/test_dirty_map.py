@@ -128,6 +128,14 @@ def test_chain_map_has_the_pattern_as_data_text_and_pixels(spawn_python, tmp_pat
     assert not is_blue(at(1, 16)), at(1, 16)             # written in pass 1, kept in pass 2
     assert is_blue(at(0, 16)) and not is_blue(at(0, 144))
     assert not is_blue(at(2, 144))
+    # Readable: the region written after pass 1 is widened and named, and so is the stack
+    # (the Python program's own writes between passes); no label runs off the picture.
+    _, _, placed = layout.panels[w.pid]
+    mine = next(p for p in placed if p[0].start <= region < p[0].end)
+    assert mine[2] >= 0.05 * sum(n for _, _, n in placed), placed
+    named = [reg.label for reg in layout.named[w.pid]]
+    assert mine[0] in layout.named[w.pid] and "[stack]" in named, named
+    assert layout.label_spans and all(0 <= x0 and x1 <= width for x0, x1 in layout.label_spans), layout.label_spans
 
 
 def test_migration_work_dir(spawn_python, tmp_path, cleanup_pids):
@@ -165,6 +173,15 @@ def test_without_matplotlib_one_line_and_exit_1(spawn_python, tmp_path):
     assert not png.exists()
     text = run()
     assert text.returncode == 0 and f"pid {w.pid} (" in text.stdout
+
+
+def test_a_format_matplotlib_cannot_write_is_a_usage_error(spawn_python, tmp_path):
+    w, region, last = make_chain(spawn_python, tmp_path)
+    line = one_line_error(pycr("show", "--dirty-map", last, "-o", tmp_path / "m.txt", expect=2))
+    assert line.startswith(f"pycr: -o {tmp_path / 'm.txt'}: matplotlib cannot write .txt files; name it .png")
+    assert line.endswith("(see pycr show --help)") and not (tmp_path / "m.txt").exists()
+    assert "dirty map of 3 passes" in pycr("show", "--dirty-map", last, "-o", tmp_path / "m.svg").stdout
+    assert (tmp_path / "m.svg").read_text().lstrip().startswith("<?xml")
 
 
 def test_not_a_chain(spawn_python, tmp_path):

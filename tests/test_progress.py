@@ -193,3 +193,27 @@ def test_migrate_shows_one_bar_per_pass(spawn_python, tmp_path, cleanup_pids):
         after = out.split(seen[-1].group(0), 1)[1]
         assert re.match(rf"\npass {number} (pre-dump|dump): ", after), repr(after[:200])
     assert not bars(out, KNOWN, "pass 1") and "pid " not in re.sub(r"replica: root pid.*", "", out)
+
+
+SMALL_SCRIPT = WORKLOAD_PRELUDE + r"""data = bytearray(os.urandom(1 << 20)) * 48
+report("ready %d" % os.getpid())
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_a_small_dump_and_restore_move_the_bar(spawn_python, tmp_path, cleanup_pids):
+    """~48 MiB in one process: the bar moves during the copy (the first pieces are a few MiB), not
+    once at the end; it is drawn at least twice below the total before its final state."""
+    w = spawn_python("small48", SMALL_SCRIPT)
+    cleanup_pids.add(w.pid)
+    status, out = on_terminal("dump", "-t", w.pid, "-D", tmp_path / "img")
+    assert status == 0, out
+    seen = bars(out, KNOWN, "dump")
+    states = sorted({float(m["done"]) for m in seen if m["done"] != m["total"]})
+    assert len(states) >= 2 and 48 <= float(seen[-1]["total"]) < 64, [m.group(0) for m in seen]
+    assert seen[-1]["done"] == seen[-1]["total"]
+    status, out = on_terminal("restore", "-d", "-D", tmp_path / "img")
+    assert status == 0, out
+    seen = bars(out, KNOWN, "restore")
+    assert len({m["done"] for m in seen if m["done"] != m["total"]}) >= 2, [m.group(0) for m in seen]

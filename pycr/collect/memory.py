@@ -20,11 +20,12 @@ from ..native import core
 from ..log import Progress, log
 from ..stats import count, phase
 from ..sysinfo import page_size
-from ..trackers.runs import split
+from ..trackers.runs import ramp, split
 
 PAGE = page_size()
 SKIPPED_KINDS = {"vdso", "vvar", "vvar_vclock", "vsyscall"}
-MEM_CHUNK = 64 << 20
+MEM_CHUNK = 64 << 20     # bytes per native copy call at most (the first ones are smaller: ramp)
+FIRST_CHUNK = 4 << 20    # the first call's, so that the progress bar moves soon on a small copy
 
 
 def private_vmas(vmas):
@@ -194,6 +195,12 @@ def _copy_leaving_lazy(pid, runs, vmas, out_fd, sums, progress):
     return written
 
 
+def _chunks(batch, limit=MEM_CHUNK):
+    """The runs of batch in pieces of at most `limit` bytes (a longer run is cut), the first
+    ones smaller (FIRST_CHUNK, doubling), so that the progress bar moves soon on a small copy."""
+    return split(batch, ramp(min(FIRST_CHUNK, limit), limit))
+
+
 def _copy_batches(pid, runs, vmas, out_fd, sums, progress, drain=None):
     """drain() (a page server's file) sends what was written to out_fd after each chunk."""
     total = 0
@@ -202,7 +209,7 @@ def _copy_batches(pid, runs, vmas, out_fd, sums, progress, drain=None):
         if readable:
             # Chunk so that a terminal shows progress on large copies, and a page
             # server's staging file holds at most one chunk.
-            for chunk, size in split(batch, MEM_CHUNK):
+            for chunk, size in _chunks(batch):
                 total += core.vm_read_runs(pid, chunk, out_fd, sums)
                 if drain:
                     drain()

@@ -19,10 +19,13 @@ import os
 import struct
 
 from pycr.errors import ImageError, RestoreError
-from pycr.trackers.runs import split
+from pycr.trackers.runs import ramp, split
 
 IOV_MAX = os.sysconf("SC_IOV_MAX")   # iovecs per preadv (the kernel's UIO_MAXIOV)
 BATCH_BYTES = 256 << 20         # bytes per preadv at most, so that progress shows on big fills
+FIRST_BATCH = 8 << 20           # the first preadv's, doubling up to BATCH_BYTES: the bar moves soon on a
+                                # small fill, and a large one still gets large reads (each is a synchronous
+                                # disk round trip: 16 MiB batches made a 1 GiB fill 25 % slower)
 IOVEC = struct.Struct("<QQ")
 
 
@@ -42,7 +45,8 @@ def open_pages(path, direct=True):
 def batches(runs, limit=BATCH_BYTES, count=IOV_MAX):
     """Split runs (addr, length pairs, read back to back) into lists of at most
     `count` (addr, length) iovecs and `limit` bytes each (a run may be split)."""
-    return [list(zip(piece[::2], piece[1::2])) for piece, _size in split(runs, limit, count)]
+    sizes = ramp(min(FIRST_BATCH, limit), limit)
+    return [list(zip(piece[::2], piece[1::2])) for piece, _size in split(runs, sizes, count)]
 
 
 class TaskReader:

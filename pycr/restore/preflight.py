@@ -85,20 +85,31 @@ def check_files(images):
                 raise RestoreError(f"pid {p.pid}: {what} {path} no longer exists")
 
 
+#: what a pipe's remaining end meets once its other end is gone (pipe(7))
+PIPE_OUTLOOK = {"reader": "its writer gets SIGPIPE at its next write (which kills it unless SIGPIPE is "
+                          "ignored or handled: then EPIPE)",
+                "writer": "its reader gets EOF once the pipe is drained"}
+
+
+def lonely_pipe_ends(fds):
+    """{pipe_id: "reader" or "writer"}: the end missing from pipes of which fds (type, flags,
+    pipe_id of every fd of the tree) hold only the other end."""
+    ends = {}
+    for kind, flags, pipe_id in fds:
+        if kind == "pipe":
+            mode = flags & 3
+            ends.setdefault(pipe_id, set()).add("w" if mode == 1 else "r" if mode == 0 else "rw")
+    return {pipe_id: "reader" if modes == {"w"} else "writer"
+            for pipe_id, modes in ends.items() if "rw" not in modes and len(modes) == 1}
+
+
 def check_pipes(images):
     """A pipe with one end outside the tree comes back with pycr holding that end,
-    until pycr exits: readers then see EOF, writers EPIPE. Say so."""
-    ends = {}
-    for p in images.processes:
-        for rec in p.fds:
-            if str(rec.type) == "pipe":
-                mode = rec.flags & 3
-                ends.setdefault(rec.pipe_id, set()).add("w" if mode == 1 else "r" if mode == 0 else "rw")
-    for pipe_id, modes in ends.items():
-        if "rw" not in modes and len(modes) == 1:
-            missing = "reader" if modes == {"w"} else "writer"
-            log.warning("pipe:[%d] has no %s in the restored tree; it will see %s once pycr exits",
-                        pipe_id, missing, "EPIPE" if missing == "reader" else "EOF")
+    until pycr exits. Say what the tree then meets."""
+    fds = ((str(rec.type), rec.flags, rec.pipe_id) for p in images.processes for rec in p.fds)
+    for pipe_id, missing in lonely_pipe_ends(fds).items():
+        log.warning("pipe:[%d] has no %s in the restored tree; once pycr exits %s",
+                    pipe_id, missing, PIPE_OUTLOOK[missing])
 
 
 def check_cpu(images):

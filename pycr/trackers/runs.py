@@ -79,9 +79,25 @@ def covers(runs, start, end):
     return total(intersect(runs, array("Q", (start, end - start)))) == end - start
 
 
+def ramp(first, largest):
+    """Piece sizes for split: first, twice that, ... up to largest, then largest on. A copy
+    that reports progress after each piece shows it soon on a small step, while a large step
+    is still copied in large pieces (each call, or each injected syscall, has a fixed cost)."""
+    size = first
+    while size < largest:
+        yield size
+        size *= 2
+    while True:
+        yield largest
+
+
 def split(runs, limit, count=None):
     """(runs, bytes) pieces of `runs`, in order, each at most `limit` bytes and `count` runs
-    (a run longer than that is cut), for copies done a bounded buffer (or iovec array) at a time."""
+    (a run longer than that is cut), for copies done a bounded buffer (or iovec array) at a time.
+    limit may also be an iterator of sizes (ramp), one per piece."""
+    limits = None if isinstance(limit, int) else iter(limit)
+    if limits is not None:
+        limit = next(limits)
     piece, size = array("Q"), 0
     for i in range(0, len(runs), 2):
         addr, length = runs[i], runs[i + 1]
@@ -94,5 +110,7 @@ def split(runs, limit, count=None):
             if size == limit or (count is not None and len(piece) == 2 * count):
                 yield piece, size
                 piece, size = array("Q"), 0
+                if limits is not None:
+                    limit = next(limits)
     if size:
         yield piece, size
