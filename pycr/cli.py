@@ -404,6 +404,10 @@ def _dump(args):
         dump_tree(args.tree, args.images_dir, pre_dump=(args.command == "pre-dump"),
                   leave_running=leave_running, prev_images_dir=args.prev_images_dir, tracker=args.tracker,
                   overwrite=args.overwrite, stats=dumped, pages_sink=sink)
+    except PycrError as exc:
+        if sink is not None and sink.lost(exc):     # the tree was thawed before the dump gave up
+            raise type(exc)(f"{exc}; the {args.command} failed, the tree goes on as it was") from None
+        raise
     finally:
         if sink is not None:
             sink.abort()            # closes; asks the server to drop its files unless the dump committed

@@ -384,3 +384,49 @@ def test_daemon_mode_reports_its_pid_and_status_fd_gets_a_nul(spawn_python, tmp_
     assert procutil.wait_until(lambda: not procutil.exists(daemon) or procutil.is_zombie(daemon), 20)
     assert pages_files(tmp_path / "server") == sorted(f"pages-{p}.img" for p in w.pids())
     assert_untouched(w, w.pids())
+
+
+STALL_TIMEOUT = 3.0
+
+
+@pytest.mark.parametrize("leave_running", [True, False], ids=["-R", "kill"])
+def test_a_stalled_page_server_holds_the_tree_frozen_no_longer_than_the_timeout(
+        spawn_python, tmp_path, servers, leave_running):
+    """The server is SIGSTOPped in the middle of a pages file, its socket buffer full: the dump gives up
+    after PYCR_NET_TIMEOUT and thaws the tree at once (not after a second wait to say goodbye), then
+    exits without waiting for the stopped server again."""
+    w = start_tree(spawn_python)
+    pids = w.pids()
+    before = sums(w)
+    secret = secret_file(tmp_path)
+    server = servers(tmp_path / "server", secret, env={"PYCR_STOP_AT_STEP": "2"})
+    extra = ("-R",) if leave_running else ()
+    dump = subprocess.Popen([sys.executable, "-m", "pycr", *map(str, dump_args(w, tmp_path / "img", server,
+                                                                             secret, *extra))],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYCR_NET_TIMEOUT=str(STALL_TIMEOUT)))
+    try:
+        line = server.proc.stderr.readline()
+        assert line.startswith("pycr: stopped at step 2 (receive pages-"), line
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        stalled = time.monotonic()
+        assert all(procutil.tracer_pid(pid) == dump.pid for pid in pids), "the tree is not frozen mid-copy"
+        while any(procutil.tracer_pid(pid) for pid in pids) and time.monotonic() - stalled < 4 * STALL_TIMEOUT:
+            time.sleep(0.05)
+        frozen_after_stall = time.monotonic() - stalled
+        _, err = dump.communicate(timeout=4 * STALL_TIMEOUT)
+        exited_after_stall = time.monotonic() - stalled
+    finally:
+        if dump.poll() is None:
+            dump.kill()
+        os.kill(server.proc.pid, signal.SIGCONT)
+    # Within the timeout and a margin for a loaded machine; twice the timeout would be the old behaviour.
+    assert frozen_after_stall < STALL_TIMEOUT + 1.5, f"frozen {frozen_after_stall:.2f} s after the stall"
+    assert exited_after_stall < STALL_TIMEOUT + 3.0, f"exited {exited_after_stall:.2f} s after the stall"
+    assert dump.returncode == 1
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"pycr: page server 127.0.0.1:{server.port}: took no data for {STALL_TIMEOUT:g} s" in err, err
+    assert "the dump failed, the tree goes on as it was" in err, err
+    assert files(tmp_path / "img") == []
+    assert_untouched(w, pids)
+    assert sums(w) == before

@@ -196,7 +196,9 @@ def _receive(channel, receiver):
             return
         elif kind == FrameType.ABORT:
             n = len(receiver.kept)
-            raise ch.PeerFailed(f"{channel.name}: the dump failed ({ch.printable(frame.body.reason)}); the "
-                                f"{n} pages file{'s' if n != 1 else ''} received were removed")
+            reason = ch.printable(frame.body.reason)
+            why = f" ({reason})" if reason and reason != "the dump failed" else ""
+            raise ch.PeerFailed(f"{channel.name}: the dump failed{why}; the {n} pages "
+                                f"file{'s' if n != 1 else ''} received were removed")
         else:
             raise ch.ProtocolError(f"{channel.name}: sent a {kind.name} frame to a page server")
