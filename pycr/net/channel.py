@@ -17,6 +17,7 @@ holding a frozen tree must never wait twice for a dead peer).
 
 import contextlib
 import errno
+import os
 import select
 import socket
 import time
@@ -347,7 +348,8 @@ def listen(address, port):
     except socket.gaierror as exc:
         raise NetError(f"{address}: cannot resolve the address: {exc.strerror}") from None
     except OSError as exc:
-        raise NetError(f"cannot listen on {address or '*'}:{port}: {exc.strerror or exc}") from None
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)   # not create_server's own words
+        raise NetError(f"cannot listen on {address or '*'}:{port}: {reason}") from None
 
 
 def accept(server_sock):
