@@ -607,8 +607,11 @@ def _serve(args):
     print(f"pycr serve: listening on {channel.describe(listener.getsockname())}", flush=True)
 
     def done(got):
-        if isinstance(got, PycrError):
-            _summary(args, f"serve: migration failed, the replica was discarded: {got}")
+        from .net.serve import Refused
+        if isinstance(got, Refused):
+            _fail(f"pycr: serve: refused {got}; still listening")
+        elif isinstance(got, PycrError):
+            _fail(f"pycr: serve: migration failed, the replica was discarded: {got}; still listening")
         else:
             _summary(args, got.line())
 
@@ -622,7 +625,7 @@ _UNDONE = {
     "restore": "the tasks it had created were killed",
     "migrate": "the source tree goes on; the replica was killed",
     "page-server": "the files it had received were removed",
-    "serve": "the replica was discarded",
+    "serve": "the migration in progress was abandoned and its replica discarded",
 }
 
 
