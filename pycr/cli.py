@@ -470,6 +470,10 @@ def _dump(args):
         dump_tree(args.tree, args.images_dir, pre_dump=(args.command == "pre-dump"),
                   leave_running=leave_running, prev_images_dir=args.prev_images_dir, tracker=args.tracker,
                   overwrite=args.overwrite, stats=dumped, pages_sink=sink)
+    except PycrError as exc:
+        if sink is not None and sink.lost(exc):     # the tree was thawed before the dump gave up
+            raise type(exc)(f"{exc}; the {args.command} failed, the tree goes on as it was") from None
+        raise
     finally:
         if sink is not None:
             sink.abort()            # closes; asks the server to drop its files unless the dump committed
@@ -638,8 +642,11 @@ def _serve(args):
     print(f"pycr serve: listening on {channel.describe(listener.getsockname())}", flush=True)
 
     def done(got):
-        if isinstance(got, PycrError):
-            _summary(args, f"serve: migration failed, the replica was discarded: {got}")
+        from .net.serve import Refused
+        if isinstance(got, Refused):
+            _fail(f"pycr: serve: refused {got}; still listening")
+        elif isinstance(got, PycrError):
+            _fail(f"pycr: serve: migration failed, the replica was discarded: {got}; still listening")
         else:
             _summary(args, got.line())
 
@@ -653,7 +660,7 @@ _UNDONE = {
     "restore": "the tasks it had created were killed",
     "migrate": "the source tree goes on; the replica was killed",
     "page-server": "the files it had received were removed",
-    "serve": "the replica was discarded",
+    "serve": "the migration in progress was abandoned and its replica discarded",
 }
 
 

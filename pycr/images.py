@@ -404,11 +404,11 @@ class ImageDir:
         if self.pages_sink is not None:
             self.pages_sink.commit()
 
-    def discard(self):
+    def discard(self, reason=""):
         """Remove every file this object wrote (a failed dump leaves nothing of its own);
-        a page server removes those it received."""
+        a page server removes those it received (told `reason`, why the dump failed)."""
         if self.pages_sink is not None:
-            self.pages_sink.abort()
+            self.pages_sink.abort(reason)
         for name in list(self.written):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.path, name))

@@ -69,8 +69,8 @@ def writing(path, overwrite=False, pages_sink=None):
         imgdir = ImageDir(path, pages_sink)
         try:
             yield imgdir
-        except BaseException:
-            imgdir.discard()
+        except BaseException as exc:
+            imgdir.discard("interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc))
             if created:
                 with contextlib.suppress(OSError):
                     os.rmdir(path)

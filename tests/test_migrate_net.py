@@ -322,3 +322,38 @@ def test_a_downtime_budget_is_kept_over_the_link(two_hosts, tmp_path):
     assert re.search(r"^downtime budget 2000 ms (met|missed by \d+ ms)", out, re.M), out
     assert serve.result()[0] == 0
     tree.assert_counts_on(tree.mark())
+
+
+def test_serve_with_a_relative_work_dir_keeps_serving_and_reaps_a_finished_replica(two_hosts, tmp_path):
+    """-W given relative (the pass chain is checked by real paths); a wrong-secret peer is refused on stderr
+    without ending serve; when the replica ends, serve (still running) reaps it: no zombie under it."""
+    key = secret(tmp_path)
+    port = random.randrange(20000, 60000)
+    work = os.path.relpath(tmp_path / "dst-work")
+    proc = two_hosts.destination(two_hosts.pycr("serve", "--listen", f"{two_hosts.dst_addr}:{port}",
+                                                "--secret-file", key, "-W", work),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "listening on" in proc.stdout.readline()
+    address = f"{two_hosts.dst_addr}:{port}"
+    tree = Tree(two_hosts, tmp_path, nproc=2, mib=4, per_s=0)
+    wrong = migrate(two_hosts, tree, address, secret(tmp_path, "other"))
+    wrong.communicate(timeout=60)
+    assert wrong.returncode == 1
+    line = proc.stderr.readline()
+    assert line.startswith("pycr: serve: refused peer ") and "failed authentication" in line, line
+    assert line.rstrip().endswith("; still listening"), line
+    m = migrate(two_hosts, tree, address, key)
+    out, err = m.communicate(timeout=60)
+    assert m.returncode == 0, out + err
+    assert len(PASS_LINE.findall(out)) >= 2, out
+    assert "serve: replica from" in proc.stdout.readline()
+    tree.assert_counts_on(tree.mark())
+    serve_pid = next(pid for pid in two_hosts.dest_processes(proc)
+                     if b"serve" in (procutil._read(f"/proc/{pid}/cmdline") or b""))
+    replica = [pid for pid in two_hosts.dest_processes(proc) if pid != serve_pid]
+    assert replica
+    for pid in replica:
+        procutil.kill(pid, signal.SIGKILL)
+    assert procutil.wait_until(lambda: procutil.children(serve_pid) == [], timeout=10), \
+        [(pid, procutil.state(pid)) for pid in procutil.children(serve_pid)]
+    assert procutil.state(serve_pid) not in (None, "Z", "X"), "serve ended"

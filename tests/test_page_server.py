@@ -236,11 +236,25 @@ def test_a_wrong_secret_is_refused_on_both_sides(spawn_python, tmp_path, servers
     line = one_line_error(failed)
     assert f"page server 127.0.0.1:{server.port}: authentication failed" in line
     assert "are the secret files the same?" in line
-    rc, _, serr = server.finish()
-    assert rc == 1
-    assert serr.count("\n") == 1 and "failed authentication: its proof does not match this secret" in serr
-    assert files(tmp_path / "server") == [] and files(tmp_path / "img") == []
+    serr = server_line(server)
+    assert "failed authentication: its proof does not match this secret" in serr
+    assert serr.endswith("; still waiting for the dump")
+    assert not (tmp_path / "server").exists() and files(tmp_path / "img") == []
     assert_untouched(w, pids)
+    # The refused peer did not end the server: the dump with the right secret goes through.
+    pycr(*dump_args(w, tmp_path / "img", server, tmp_path / "secret", "-R"))
+    rc, _, _ = server.finish()
+    assert rc == 0 and len(pages_files(tmp_path / "server")) == 3
+    assert_untouched(w, pids)
+
+
+def server_line(server, timeout=20):
+    """The next line the running server writes to stderr (it must still run after it)."""
+    ready, _, _ = select.select([server.proc.stderr], [], [], timeout)
+    assert ready, "the server said nothing"
+    line = server.proc.stderr.readline().strip()
+    assert server.proc.poll() is None, f"the server exited: {line}"
+    return line
 
 
 def test_a_secret_file_others_can_read_is_refused(spawn_python, tmp_path):
@@ -283,14 +297,12 @@ def test_a_foreign_or_silent_client_is_dropped_in_one_line(tmp_path, servers, se
             sock.sendall(hello() + bytes(5))
         else:
             sock.sendall(send)
-        rc, _, err = server.finish(timeout=20)
+        line = server_line(server)
     assert time.monotonic() - began < 15
-    assert rc == 1
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("pycr: peer 127.0.0.1:")
-    assert re.search(why, lines[0]), lines[0]
-    assert files(tmp_path / "server") == []
+    assert "Traceback" not in line
+    assert line.startswith("pycr: page-server: refused peer 127.0.0.1:"), line
+    assert re.search(why, line), line
+    assert not (tmp_path / "server").exists()
 
 
 def test_the_dump_refuses_a_server_that_is_not_a_page_server(spawn_python, tmp_path):
@@ -384,3 +396,58 @@ def test_daemon_mode_reports_its_pid_and_status_fd_gets_a_nul(spawn_python, tmp_
     assert procutil.wait_until(lambda: not procutil.exists(daemon) or procutil.is_zombie(daemon), 20)
     assert pages_files(tmp_path / "server") == sorted(f"pages-{p}.img" for p in w.pids())
     assert_untouched(w, w.pids())
+
+
+STALL_TIMEOUT = 3.0
+
+
+@pytest.mark.parametrize("leave_running", [True, False], ids=["-R", "kill"])
+def test_a_stalled_page_server_holds_the_tree_frozen_no_longer_than_the_timeout(
+        spawn_python, tmp_path, servers, leave_running):
+    """The server is SIGSTOPped in the middle of a pages file, its socket buffer full: the dump gives up
+    after PYCR_NET_TIMEOUT and thaws the tree at once (not after a second wait to say goodbye), then
+    exits without waiting for the stopped server again."""
+    w = start_tree(spawn_python)
+    pids = w.pids()
+    before = sums(w)
+    secret = secret_file(tmp_path)
+    server = servers(tmp_path / "server", secret, env={"PYCR_STOP_AT_STEP": "2"})
+    extra = ("-R",) if leave_running else ()
+    dump = subprocess.Popen([sys.executable, "-m", "pycr", *map(str, dump_args(w, tmp_path / "img", server,
+                                                                             secret, *extra))],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYCR_NET_TIMEOUT=str(STALL_TIMEOUT)))
+    try:
+        line = server.proc.stderr.readline()
+        assert line.startswith("pycr: stopped at step 2 (receive pages-"), line
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        stalled = time.monotonic()
+        assert all(procutil.tracer_pid(pid) == dump.pid for pid in pids), "the tree is not frozen mid-copy"
+        while any(procutil.tracer_pid(pid) for pid in pids) and time.monotonic() - stalled < 4 * STALL_TIMEOUT:
+            time.sleep(0.05)
+        frozen_after_stall = time.monotonic() - stalled
+        _, err = dump.communicate(timeout=4 * STALL_TIMEOUT)
+        exited_after_stall = time.monotonic() - stalled
+    finally:
+        if dump.poll() is None:
+            dump.kill()
+        os.kill(server.proc.pid, signal.SIGCONT)
+    # Within the timeout and a margin for a loaded machine; twice the timeout would be the old behaviour.
+    assert frozen_after_stall < STALL_TIMEOUT + 1.5, f"frozen {frozen_after_stall:.2f} s after the stall"
+    assert exited_after_stall < STALL_TIMEOUT + 3.0, f"exited {exited_after_stall:.2f} s after the stall"
+    assert dump.returncode == 1
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"pycr: page server 127.0.0.1:{server.port}: took no data for {STALL_TIMEOUT:g} s" in err, err
+    assert "the dump failed, the tree goes on as it was" in err, err
+    assert files(tmp_path / "img") == []
+    assert_untouched(w, pids)
+    assert sums(w) == before
+
+
+def test_a_port_in_use_is_refused_in_one_line_and_leaves_no_directory(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        refused = pycr("page-server", "-D", tmp_path / "server", "--address", "127.0.0.1", "--port", port,
+                       "--secret-file", secret_file(tmp_path), expect=1)
+    assert one_line_error(refused) == f"pycr: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert not (tmp_path / "server").exists()

@@ -151,7 +151,9 @@ class RemotePages(PageSource):
     def summary(self):
         span = (self._last - self._first) if self._first is not None and self._last else 0.0
         rate = self.pushed_bytes / span / (1 << 20) if span > 0 else 0.0
-        return (f"; {self.received / (1 << 20):.1f} MiB from the source ({self.requested} chunks asked by faults), "
+        asked = (f"{self.requested} chunk{'s' if self.requested != 1 else ''} fetched ahead of the push "
+                 "for faults" if self.requested else "every fault found its chunk already pushed")
+        return (f"; {self.received / (1 << 20):.1f} MiB from the source ({asked}), "
                 f"background push {rate:.1f} MiB/s")
 
     # ------------------------------------------------------------ the channel

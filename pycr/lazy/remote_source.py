@@ -36,7 +36,7 @@ import signal
 import socket
 import time
 
-from .. import manifest, outdir, progress, proc, settings
+from .. import manifest, outdir, progress, proc, settings, steps
 from ..collect.memory import copy_runs, present_runs, private_vmas, split_lazy, write_hole
 from ..collect.tree import reader
 from ..dump import DumpStats, inventory, write_tree_images
@@ -305,6 +305,10 @@ class LazyDump:
                     os.kill(pid, signal.SIGSTOP)
             self.committed = True
             self.committed_at = time.monotonic()
+            # A stop signal from here on must not claim the tree was released: it is left stopped.
+            steps.finish("dump", "the replica runs at the destination; the source tree is left stopped "
+                                 "(SIGSTOP) and detached, the one whole copy until every page has moved: "
+                                 "`kill -CONT` it only once the replica is known to be gone, else kill it")
             log.info("lazy dump: the replica runs: the source tree is held stopped (SIGSTOP pending) "
                      "until its last page has moved")
 

@@ -8,11 +8,16 @@ corrupt frame, an unknown type, a length over the limit, a frame out of
 sequence) raises ProtocolError naming the peer, in one line. Every read has
 a deadline: a peer that stops in the middle of a frame is dropped after the
 frame timeout, one that sends nothing where a reply is due after the idle
-timeout (settings.net_timeouts).
+timeout (settings.net_timeouts). A send has the same deadline (a peer that
+takes no bytes while the socket buffer is full). Once a send has failed
+the channel is broken: the stream may stop in the middle of a frame, so
+nothing more is sent on it and every later send fails at once (a caller
+holding a frozen tree must never wait twice for a dead peer).
 """
 
 import contextlib
 import errno
+import os
 import select
 import socket
 import time
@@ -80,6 +85,7 @@ class Channel:
         self.peer_role = None
         self._send_seq = 0
         self._recv_seq = 0
+        self.broken = None          # the PeerLost of the first failed send or read
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -121,8 +127,11 @@ class Channel:
 
     # ------------------------------------------------------------ sending
 
-    def send(self, ftype, body=None, what=None):
-        """Send one frame: body is a dict for the type's schema (DATA: bytes)."""
+    def send(self, ftype, body=None, what=None, patience=None):
+        """Send one frame: body is a dict for the type's schema (DATA: bytes).
+        patience: seconds the peer may take to accept it (default: the frame timeout)."""
+        if self.broken is not None:
+            raise type(self.broken)(str(self.broken))
         schema = wire.PAYLOADS[ftype]
         payload = body if schema is None else schema.build(body or {})
         if len(payload) > wire.MAX_PAYLOAD:
@@ -132,7 +141,7 @@ class Channel:
         crc = crc32c(payload, crc32c(header))
         self._send_seq += 1
         self._send_parts([header, payload, wire.FrameTrailer.build(dict(crc=crc))],
-                         what or f"a {ftype.name} frame")
+                         what or f"a {ftype.name} frame", patience)
 
     def send_data(self, data, what="data"):
         """Send bytes as DATA frames of at most wire.DATA_CHUNK. A peer that answers
@@ -152,11 +161,16 @@ class Channel:
             raise ProtocolError(f"{self.name}: sent a {frame.type.name} frame unasked")
 
     def error(self, message, linger=2.0):
-        """Tell the peer why we give up, if it still listens (never raises). What it still sends
-        is read and dropped for up to `linger` s, so that closing does not reset the connection
-        (which would throw away our ERROR before the peer reads it)."""
+        """Tell the peer why we give up, if it still listens (never raises). The ERROR frame
+        gets at most `linger` s to leave (the peer may be the one that stalls); what the peer
+        still sends is then read and dropped for up to `linger` s, so that closing does not
+        reset the connection (which would throw away our ERROR before the peer reads it).
+        Nothing is sent on a broken channel."""
+        if self.broken is not None:
+            return
         with contextlib.suppress(NetError, OSError, ValueError):
-            self.send(FrameType.ERROR, {"message": str(message)[:4000]})
+            self.send(FrameType.ERROR, {"message": str(message)[:4000]},
+                      patience=min(linger, self.frame_timeout))
             self.sock.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + linger
             while (left := deadline - time.monotonic()) > 0:
@@ -164,26 +178,32 @@ class Channel:
                 if not self.sock.recv(1 << 16):
                     break
 
-    def _send_parts(self, parts, what):
+    def _send_parts(self, parts, what, patience=None):
         views = [memoryview(p).cast("B") for p in parts if len(p)]
-        deadline = time.monotonic() + self.frame_timeout
+        patience = self.frame_timeout if patience is None else patience
+        deadline = time.monotonic() + patience
         try:
-            while views:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise socket.timeout()
-                self.sock.settimeout(left)
-                sent = self.sock.sendmsg(views)
-                while views and sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                if sent:
-                    views[0] = views[0][sent:]
+            return self._send_until(views, deadline)
         except socket.timeout:
-            raise PeerLost(f"{self.name}: took no data for {self.frame_timeout:g} s while pycr sent "
-                           f"{what}: dropped") from None
+            self.broken = PeerLost(f"{self.name}: took no data for {patience:g} s while pycr sent "
+                                   f"{what}: dropped")
         except OSError as exc:
-            raise self._lost(exc, f"while pycr sent {what}") from None
+            self.broken = self._lost(exc, f"while pycr sent {what}")
+        raise self.broken
+
+    def _send_until(self, views, deadline):
+        """Send every view by the monotonic deadline (socket.timeout if not)."""
+        while views:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout()
+            self.sock.settimeout(left)
+            sent = self.sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if sent:
+                views[0] = views[0][sent:]
 
     def _lost(self, exc, when):
         """The PeerLost (or the peer's own ERROR, if it sent one before closing) for a broken send."""
@@ -328,7 +348,8 @@ def listen(address, port):
     except socket.gaierror as exc:
         raise NetError(f"{address}: cannot resolve the address: {exc.strerror}") from None
     except OSError as exc:
-        raise NetError(f"cannot listen on {address or '*'}:{port}: {exc.strerror or exc}") from None
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)   # not create_server's own words
+        raise NetError(f"cannot listen on {address or '*'}:{port}: {reason}") from None
 
 
 def accept(server_sock):

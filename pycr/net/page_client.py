@@ -11,6 +11,13 @@ local file, and those sums go into this dump's manifest: once the server's
 files are copied next to the rest of the set, restore checks them exactly
 as for a local dump. The server checks them too before it acknowledges a
 file (FILE_OK), and keeps the files only once the dump says DONE.
+
+All of this happens while the tree is frozen, so no wait here is longer than
+the frame timeout (PYCR_NET_TIMEOUT), not even for FILE_OK or DONE_OK (a
+server whose disk takes longer to fsync one file fails the dump: the tree
+then goes on, the safe side). After a failure nothing more is said to the
+server until the dump has thawed the tree: abort() comes after the thaw and
+has a short deadline of its own.
 """
 
 import contextlib
@@ -22,6 +29,9 @@ from ..log import log
 from ..native.core import ChunkSums
 from ..stats import count, phase
 from . import auth, channel as ch
+
+#: Seconds a FILE_CANCEL or ABORT may take to leave: the server may be the one that stalls.
+GOODBYE_PATIENCE = 2.0
 
 #: Bytes staged by Python writes (hash tracker, shared memory) before they are sent.
 STAGE_LIMIT = 4 << 20
@@ -138,10 +148,11 @@ class PageServerClient:
                 raise AssertionError(f"{name}: {size} bytes sent but {out.sums.pos} summed")
             self.channel.send(FrameType.FILE_END, {"size": size, "chunk_size": PAGES_CHUNK,
                                                    "sums": out.sums.sums().tobytes()})
-            self.channel.recv(FrameType.FILE_OK, idle=True)
-        except BaseException:
-            with contextlib.suppress(ch.NetError, OSError):
-                self.channel.send(FrameType.FILE_CANCEL, {"name": name})
+            self.channel.recv(FrameType.FILE_OK)
+        except BaseException as exc:
+            if not isinstance(exc, (ch.NetError, OSError, KeyboardInterrupt)):
+                with contextlib.suppress(ch.NetError, OSError):
+                    self.channel.send(FrameType.FILE_CANCEL, {"name": name}, patience=GOODBYE_PATIENCE)
             raise
         finally:
             out.close()
@@ -152,16 +163,21 @@ class PageServerClient:
     def commit(self):
         """Every pages file is sent: the server keeps them (before this dump seals its set)."""
         self.channel.send(FrameType.DONE, {})
-        self.channel.recv(FrameType.DONE_OK, idle=True)
+        self.channel.recv(FrameType.DONE_OK)
         self.done = True
         log.info("%s: keeps the %d pages files (%d bytes) of this dump", self.name, self.files, self.bytes)
 
-    def abort(self, reason="the dump failed"):
-        """The dump failed: the server removes what it wrote for it. Never raises."""
+    def abort(self, reason=""):
+        """The dump failed: the server removes what it wrote for it. Never raises, never waits
+        more than GOODBYE_PATIENCE (nothing is sent on a broken channel)."""
         if not self.done:
             with contextlib.suppress(ch.NetError, OSError, ValueError):
-                self.channel.send(FrameType.ABORT, {"reason": reason})
+                self.channel.send(FrameType.ABORT, {"reason": reason}, patience=GOODBYE_PATIENCE)
         self.close()
+
+    def lost(self, exc):
+        """True if exc is this server failing or going away (not another failure of the dump)."""
+        return isinstance(exc, ch.NetError) and str(exc).startswith(self.name)
 
     def close(self):
         self.channel.close()

@@ -1,8 +1,9 @@
 """`pycr page-server`: receive the pages files of one dump or pre-dump into a directory.
 
-As criu's page server: it serves one connection and exits. The peer must
-first prove it holds the secret (auth.server_handshake); until then nothing
-it sends is written. Each file arrives as FILE_BEGIN, DATA..., FILE_END and
+As criu's page server: it serves one dump and exits. The peer must first
+prove it holds the secret (auth.server_handshake); until then nothing it
+sends is written, and a peer that fails to is refused without ending the
+server (the dump may still come). Each file arrives as FILE_BEGIN, DATA..., FILE_END and
 is written under a temporary name, fsynced, checked against the CRC-32C
 sums the dump computed while reading the task (the sums its manifest will
 hold), then renamed into place and acknowledged. The files are kept only
@@ -28,10 +29,16 @@ Received = namedtuple("Received", "peer files bytes directory")
 
 
 def check_directory(path):
-    """Make the directory (0700) if missing; refuse one that already holds pages files."""
+    """Refuse a directory that holds pages files already, or one that cannot be made. A missing
+    directory is made (0700) only when the first file arrives: a server that fails before (port
+    in use, a refused peer, Ctrl-C) leaves nothing behind."""
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
         names = os.listdir(path)
+    except FileNotFoundError:
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            raise PycrError(f"{path}: cannot write pages files there: cannot create it in {parent}") from None
+        return
     except OSError as exc:
         raise PycrError(f"{path}: cannot write pages files there: {exc.strerror}") from None
     held = sorted(n for n in names if (classify_name(n) or (None,))[0] == "pages")
@@ -48,6 +55,7 @@ class Receiver:
         self.kept = []
         self.bytes = 0
         self.current = None         # (name, fd, temp path)
+        self.created = False        # the directory was made for this connection
 
     def begin(self, name):
         image = classify_name(name) if isinstance(name, str) and "\0" not in name else None
@@ -58,6 +66,9 @@ class Receiver:
         if name in self.kept or os.path.exists(os.path.join(self.directory, name)):
             raise PycrError(f"{self.directory}: holds {name} already")
         try:
+            if not os.path.isdir(self.directory):
+                os.makedirs(self.directory, mode=0o700)
+                self.created = True
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.", suffix=".tmp")
             os.fchmod(fd, 0o600)
         except OSError as exc:
@@ -121,7 +132,10 @@ class Receiver:
                 os.unlink(os.path.join(self.directory, name))
         self.kept = []
         with contextlib.suppress(OSError):
-            fsync_dir(self.directory)
+            if self.created:
+                os.rmdir(self.directory)
+            else:
+                fsync_dir(self.directory)
 
     def _now(self, what):
         if self.current is None:
@@ -129,21 +143,20 @@ class Receiver:
         return self.current
 
 
-
 def serve(listener, directory, secret):
-    """Accept one connection on listener, authenticate it, receive its files -> Received.
+    """Accept connections on listener until one authenticates; receive its files -> Received.
 
-    Raises a PycrError (one line, naming the peer) for anything but a dump that
-    ends with DONE; the directory then holds nothing of this connection.
+    A peer that fails before it has proved it holds the secret (a foreign
+    client, a wrong secret, silence) is refused in one line on stderr and the
+    server goes on waiting for the dump. Raises a PycrError (one line, naming
+    the peer) for anything but a dump that ends with DONE; the directory then
+    holds nothing of this connection.
     """
     try:
-        channel = ch.accept(listener)
+        channel = _authenticated(listener, secret)
     finally:
-        listener.close()            # one connection, as criu's page server
+        listener.close()            # one dump, as criu's page server
     with channel:
-        log.info("%s: connected", channel.name)
-        channel.hello(Role.PAGE_SERVER, {Role.PAGE_CLIENT})
-        auth.server_handshake(channel, secret)
         step("authenticated")
         receiver = Receiver(directory)
         try:
@@ -159,6 +172,23 @@ def serve(listener, directory, secret):
                 raise
             raise type(exc)(f"{channel.name}: {text}") from None
         return Received(channel.name, len(receiver.kept), receiver.bytes, directory)
+
+
+def _authenticated(listener, secret):
+    """The first connection that passes the hello and the handshake; the others are refused."""
+    while True:
+        channel = ch.accept(listener)
+        try:
+            log.info("%s: connected", channel.name)
+            channel.hello(Role.PAGE_SERVER, {Role.PAGE_CLIENT})
+            auth.server_handshake(channel, secret)
+            return channel
+        except ch.NetError as exc:
+            channel.close()
+            log.warning("page-server: refused %s; still waiting for the dump", exc)
+        except BaseException:
+            channel.close()
+            raise
 
 
 def _receive(channel, receiver):
@@ -189,7 +219,9 @@ def _receive(channel, receiver):
             return
         elif kind == FrameType.ABORT:
             n = len(receiver.kept)
-            raise ch.PeerFailed(f"{channel.name}: the dump failed ({ch.printable(frame.body.reason)}); the "
-                                f"{n} pages file{'s' if n != 1 else ''} received were removed")
+            reason = ch.printable(frame.body.reason)
+            why = f" ({reason})" if reason and reason != "the dump failed" else ""
+            raise ch.PeerFailed(f"{channel.name}: the dump failed{why}; the {n} pages "
+                                f"file{'s' if n != 1 else ''} received were removed")
         else:
             raise ch.ProtocolError(f"{channel.name}: sent a {kind.name} frame to a page server")

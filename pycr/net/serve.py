@@ -23,14 +23,16 @@ nowhere else), and one line says what to do.
 
 import contextlib
 import os
+import select
 import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
-from .. import settings
+from .. import settings, steps
 from ..errors import ImageError, PycrError
 from ..formats.wire import FrameType, Role
 from ..images import ImageDir
@@ -97,7 +99,8 @@ class NetworkTransport(Transport):
         parent = inventory.parent
         if previous is None and parent:
             raise ImageError(path, f"begins the migration but names a parent ({parent})")
-        if previous is not None and os.path.realpath(os.path.join(path, parent or ".")) != previous:
+        if previous is not None and (os.path.realpath(os.path.join(path, parent or "."))
+                                     != os.path.realpath(previous)):
             raise ImageError(path, f"names {parent or 'no parent'} as its parent, not the previous pass "
                                    f"{os.path.basename(previous)}")
         if (str(inventory.kind) in ("dump", "lazy-dump")) != final:
@@ -227,15 +230,26 @@ class Served:
                 f"{self.bytes} bytes")
 
 
+class Refused(PycrError):
+    """A peer refused before any migration began (foreign, wrong secret, silent): no replica existed."""
+
+
 def serve_one(chan, listener, secret, work_top, pidns=True):
-    """Run the migration a source opens on `chan` -> Served. PycrError (replica discarded) if it fails."""
-    chan.hello(Role.MIGRATE_DEST, {Role.MIGRATE_SOURCE})
-    auth.server_handshake(chan, secret)
-    first = chan.recv(FrameType.MIGRATION, FrameType.VERDICT)
+    """Run the migration a source opens on `chan` -> Served. Refused if the peer fails before its
+    migration begins; another PycrError (the replica discarded) if the migration fails."""
+    try:
+        chan.hello(Role.MIGRATE_DEST, {Role.MIGRATE_SOURCE})
+        auth.server_handshake(chan, secret)
+        first = chan.recv(FrameType.MIGRATION, FrameType.VERDICT)
+    except PycrError as exc:
+        chan.close()
+        raise Refused(str(exc)) from None
     if first.type == FrameType.VERDICT:
         chan.error("no migration is being settled here")
-        raise PycrError(f"{chan.name}: sent a VERDICT, but no migration is in doubt here")
+        chan.close()
+        raise Refused(f"{chan.name}: sent a VERDICT, but no migration is in doubt here")
     log.info("%s: migration of pid %d begins", chan.name, first.body.root_pid)
+    steps.begin("serve")            # a stop signal from here on discards the replica
     work = tempfile.mkdtemp(prefix=WORK_PREFIX, dir=work_top)
     transport = NetworkTransport(chan, listener, secret, work, bytes(first.body.id))
     try:
@@ -255,13 +269,69 @@ def serve_one(chan, listener, secret, work_top, pidns=True):
                   replica.init_real or 0, transport.kept_stopped)
 
 
+class Reaper:
+    """Reaps the replicas serve started (their namespace init, or their root) when they exit, not
+    when serve exits: a thread polls one pidfd per child and waits for exactly that pid, so no
+    other wait of pycr's (a lazy-pages daemon, a restore's helper) is ever stolen."""
+
+    def __init__(self):
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
+        self._new = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, name="pycr-reaper", daemon=True).start()
+
+    def add(self, pid):
+        """Reap pid when it exits, if it is serve's own child."""
+        if not pid or _parent_of(pid) != os.getpid():
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return
+        with self._lock:
+            self._new.append((pid, fd))
+        os.write(self._wake_w, b"+")
+
+    def _run(self):
+        watched = {}
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            for fd, _ in poller.poll():
+                if fd == self._wake_r:
+                    os.read(self._wake_r, 512)
+                    with self._lock:
+                        new, self._new = self._new, []
+                    for pid, pidfd in new:
+                        watched[pidfd] = pid
+                        poller.register(pidfd, select.POLLIN)
+                    continue
+                pid = watched.pop(fd)
+                poller.unregister(fd)
+                os.close(fd)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+                log.info("reaped pid %d, the end of a replica serve had started", pid)
+
+
+def _parent_of(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def serve(listener, secret, work_top=None, pidns=True, once=False, on_done=None):
     """Accept migrations on listener until once is done (or forever).
 
     on_done(Served or PycrError) after each. A failed migration with once raises."""
     if work_top is not None:
+        work_top = os.path.abspath(work_top)    # a set names its parent by a relative path
         os.makedirs(work_top, mode=0o700, exist_ok=True)
+    reaper = None if once else Reaper()
     while True:
+        steps.finish("serve", "no migration was in progress; the replicas it made go on")
         listener.settimeout(None)
         chan = ch.accept(listener)
         log.info("%s: connected", chan.name)
@@ -273,6 +343,8 @@ def serve(listener, secret, work_top=None, pidns=True, once=False, on_done=None)
             if on_done is not None:
                 on_done(exc)
             continue
+        if reaper is not None:
+            reaper.add(got.init_real or got.root_real)
         if on_done is not None:
             on_done(got)
         if once:
