@@ -122,8 +122,8 @@ def sums(w):
 
 def counting(w, pids):
     """Every pid reports new counts, higher than before."""
-    start = w.mark()
     last = {pid: max([int(f[1]) for f in w.fields("count") if int(f[0]) == pid] or [0]) for pid in pids}
+    start = w.mark()        # after `last`: a line written in between would be both, and not higher
     for pid in pids:
         m = w.wait_for(rf"^count {pid} (\d+)$", start=start, timeout=10, root=False)
         assert int(m.group(1)) > last[pid]
