@@ -50,6 +50,9 @@ WORK_PREFIX = "pycr-serve-"
 class NetworkTransport(Transport):
     """The image sets of one migration, as they arrive over an authenticated channel."""
 
+    # serve --host-pids: the replica's PIDs must be free on this host, checked before any task exists
+    pids_advice = "serve without --host-pids (the replica then gets a PID namespace of its own)"
+
     def __init__(self, channel, listener, secret, work_dir, migration_id):
         self.channel = channel
         self.listener = listener        # for the source's VERDICT if the link dies at the commit point
