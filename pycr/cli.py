@@ -538,9 +538,10 @@ def _go_background(args, name):
         return None
     os.close(ready_w)
     os.close(err_w)
+    # a line on ready_r: listening (a helper the child forked may hold the pipe open: no EOF to wait for)
     where, watched = b"", [ready_r, err_r]
     try:
-        while ready_r in watched or (not where and err_r in watched):
+        while not where.endswith(b"\n") and (ready_r in watched or err_r in watched):
             for fd in select.select(watched, [], [])[0]:
                 data = os.read(fd, 65536)
                 if fd == err_r and data:
@@ -550,8 +551,8 @@ def _go_background(args, name):
                     where += data
                 else:
                     watched.remove(fd)
-        if where:
-            print(f"pycr {name}: listening on {where.decode(errors='replace')} (pid {pid})", flush=True)
+        if where.endswith(b"\n"):
+            print(f"pycr {name}: listening on {where[:-1].decode(errors='replace')} (pid {pid})", flush=True)
             return 0
         _, status = os.waitpid(pid, 0)
     except BaseException:
@@ -571,7 +572,7 @@ def _listening(args, name, where):
     import os
     ready = getattr(args, "ready_fd", None)
     if ready is not None:
-        os.write(ready, where.encode())
+        os.write(ready, where.encode() + b"\n")
         os.close(ready)
         args.ready_fd = None
         _to_dev_null()

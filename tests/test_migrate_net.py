@@ -376,7 +376,7 @@ def test_host_pids_keeps_both_pids_on_the_destination(two_hosts, tmp_path):
     m = migrate(two_hosts, tree, serve.address, key)
     out, err = m.communicate(timeout=60)
     assert m.returncode == 0, out + err
-    assert "namespace init" not in out, out
+    assert "(its original PIDs on that host)" in out, out
     downtime = float(re.search(r"^downtime ([0-9.]+) s", out, re.M).group(1))
     assert downtime < 10, out
     assert tree.proc.wait(timeout=10) == -signal.SIGKILL
