@@ -71,6 +71,8 @@ class FrameType(enum.IntEnum):
     RESUMING_OK = 0x45      # source: committed (the tree stays stopped until it is killed)
     ALL_PLACED = 0x46       # daemon: every page is in the replica
     TREE_KILLED = 0x47      # source: the source tree is killed; the end
+    REPLICA_GONE = 0x48     # daemon: its watchdog killed the replica and saw every task exit: run the tree
+    SOURCE_THAWED = 0x49    # source: the tree runs again (it is the one copy); the end
 
 
 #: Bytes per PAGE_CHUNK (the last chunk of a file is shorter) and per checksum of a lazy source.
@@ -167,4 +169,6 @@ PAYLOADS = {
     FrameType.RESUMING_OK: Empty,
     FrameType.ALL_PLACED: Empty,
     FrameType.TREE_KILLED: Empty,
+    FrameType.REPLICA_GONE: Empty,
+    FrameType.SOURCE_THAWED: Empty,
 }

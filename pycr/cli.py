@@ -5,6 +5,7 @@ status 1; pycr never shows a traceback unless asked with -vv.
 """
 
 import argparse
+import contextlib
 import errno
 import signal
 import sys
@@ -235,6 +236,7 @@ def build_parser():
     g.add_argument("--address", metavar="ADDR", help="the source's host name or address")
     g.add_argument("--port", type=_port, metavar="PORT", help="the source's port")
     g.add_argument("--secret-file", metavar="FILE", help="the secret both sides hold (mode 0600)")
+    _add_daemon_options(p)
     cliopts.add_output(p, written="-o and the socket `restore --lazy-pages` connects to are")
     _add_common(p)
 
@@ -304,10 +306,7 @@ def build_parser():
     p.add_argument("--secret-file", required=True, metavar="FILE",
                    help="the secret both sides hold (mode 0600); a peer that cannot prove it holds it "
                         "is dropped before anything it sends is written")
-    p.add_argument("--daemon", action="store_true",
-                   help="go to the background once listening (the line printed then names its PID)")
-    p.add_argument("--status-fd", type=_fd, metavar="FD",
-                   help="write one NUL byte to FD once listening, then close it (as criu does)")
+    _add_daemon_options(p)
     cliopts.add_output(p)
     _add_common(p)
 
@@ -503,30 +502,100 @@ def _page_server_client(args):
     return PageServerClient.connect(args.address, args.port, args.secret_file)
 
 
-def _page_server(args):
+def _add_daemon_options(p):
+    """criu's options of a server that listens (page-server, lazy-pages)."""
+    p.add_argument("--daemon", action="store_true",
+                   help="go to the background once listening (the line printed then names its PID)")
+    p.add_argument("--status-fd", type=_fd, metavar="FD",
+                   help="write one NUL byte to FD once listening, then close it (as criu does)")
+
+
+def _go_background(args, name):
+    """--daemon, before the server makes anything (a socket, a thread, the lazy-pages watchdog): fork.
+    The child serves in a session of its own, stdin and stdout on /dev/null and stderr on a pipe to
+    the parent (a helper it forks must not hold the caller's stdio open). The parent passes on what
+    the child says on stderr until it listens (_listening), then prints the line naming its PID and
+    exits 0; if the child fails before, it exits with the child's status.
+    -> that status in the parent, None in the server."""
     import os
-    from .net import channel, page_server
-    from .net.auth import read_secret
-    secret = read_secret(args.secret_file)
-    page_server.check_directory(args.images_dir)
-    listener = channel.listen(args.address, args.port)
-    where = channel.describe(listener.getsockname())
-    pid = os.fork() if args.daemon else 0
-    if pid:
-        listener.close()
-        print(f"pycr page-server: listening on {where} (pid {pid})", flush=True)
-        return 0
-    if args.daemon:
+    import select
+    if not args.daemon:
+        return None
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        os.close(err_r)
         os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(err_w, 2)
+        os.close(null)
+        os.close(err_w)
+        args.ready_fd = ready_w
+        return None
+    os.close(ready_w)
+    os.close(err_w)
+    # a line on ready_r: listening (a helper the child forked may hold the pipe open: no EOF to wait for)
+    where, watched = b"", [ready_r, err_r]
+    try:
+        while not where.endswith(b"\n") and (ready_r in watched or err_r in watched):
+            for fd in select.select(watched, [], [])[0]:
+                data = os.read(fd, 65536)
+                if fd == err_r and data:
+                    sys.stderr.buffer.write(data)
+                    sys.stderr.flush()
+                elif data:
+                    where += data
+                else:
+                    watched.remove(fd)
+        if where.endswith(b"\n"):
+            print(f"pycr {name}: listening on {where[:-1].decode(errors='replace')} (pid {pid})", flush=True)
+            return 0
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        raise
+    finally:
+        os.close(ready_r)
+        os.close(err_r)
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code or 1
+
+
+def _listening(args, name, where):
+    """The server listens at `where`: one line on stdout (with --daemon the parent prints it, naming
+    this PID, and stdio goes to /dev/null), then --status-fd's NUL byte."""
+    import os
+    ready = getattr(args, "ready_fd", None)
+    if ready is not None:
+        os.write(ready, where.encode() + b"\n")
+        os.close(ready)
+        args.ready_fd = None
         _to_dev_null()
     else:
-        print(f"pycr page-server: listening on {where}", flush=True)
+        print(f"pycr {name}: listening on {where}", flush=True)
     if args.status_fd is not None:
         try:
             os.write(args.status_fd, b"\0")
             os.close(args.status_fd)
         except OSError as exc:
             raise PycrError(f"--status-fd {args.status_fd}: {exc.strerror}") from None
+
+
+def _page_server(args):
+    from .net import channel, page_server
+    from .net.auth import read_secret
+    secret = read_secret(args.secret_file)
+    page_server.check_directory(args.images_dir)
+    status = _go_background(args, "page-server")
+    if status is not None:
+        return status
+    listener = channel.listen(args.address, args.port)
+    _listening(args, "page-server", channel.describe(listener.getsockname()))
     got = page_server.serve(listener, args.images_dir, secret)
     _summary(args, f"page-server: {got.files} pages files, {got.bytes / (1 << 20):.1f} MiB from "
                    f"{got.peer} in {got.directory}")
@@ -574,7 +643,11 @@ def _restore(args):
 def _lazy_pages(args):
     from .lazy.daemon import lazy_pages
     remote = (args.address, args.port, args.secret_file) if args.page_server else None
-    summary = lazy_pages(args.images_dir, cliopts.work_dir(args), page_server=remote)
+    status = _go_background(args, "lazy-pages")
+    if status is not None:
+        return status
+    summary = lazy_pages(args.images_dir, cliopts.work_dir(args), page_server=remote,
+                         on_listening=lambda path: _listening(args, "lazy-pages", path))
     _summary(args, summary.line())
     return 0
 

@@ -144,8 +144,9 @@ def daemon(tmp_path):
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         started.append(p)
         sock = os.path.join(imgdir, "lazy-pages.sock")
-        assert procutil.wait_until(lambda: os.path.exists(sock) or p.poll() is not None, 30)
-        assert p.poll() is None, p.stderr.read()
+        line = p.stdout.readline()          # one line once it listens, as page-server and serve say it
+        assert line == f"pycr lazy-pages: listening on {sock}\n", line + (p.stderr.read() if p.poll() else "")
+        assert os.path.exists(sock) and p.poll() is None
         return p
 
     yield start
@@ -250,3 +251,46 @@ def test_check_serves_a_fault():
     doc = json.loads(pycr("check", "--json").stdout)
     found = {c["name"]: c for c in doc["checks"]}["userfaultfd MISSING"]
     assert found["ok"] and "kernel-mode fault served" in found["detail"], found
+
+
+def test_daemon_mode_reports_its_pid_and_status_fd_gets_a_nul(spawn_python, tmp_path, cleanup_pids):
+    """--daemon returns once listening, naming the daemon's PID (criu's --daemon, as page-server takes it);
+    --status-fd gets one NUL byte then; the daemon in the background serves the restore and exits."""
+    w = spawn_python("lazybg", SLOW_SCRIPT)
+    w.wait_for(r"^touched 100$")
+    img = tmp_path / "img"
+    pycr("dump", "-t", w.pid, "-D", img)
+    cleanup_pids.add(w.pid)
+    r, wfd = os.pipe()
+    try:
+        started = subprocess.run([sys.executable, "-m", "pycr", "lazy-pages", "-D", str(img), "--daemon",
+                                  "--status-fd", str(wfd)], stdin=subprocess.DEVNULL, capture_output=True,
+                                 text=True, timeout=30, pass_fds=(wfd,))
+        os.close(wfd)
+        wfd = -1
+        assert started.returncode == 0, started.stderr
+        sock = os.path.join(img, "lazy-pages.sock")
+        m = re.fullmatch(rf"pycr lazy-pages: listening on {re.escape(sock)} \(pid (\d+)\)", started.stdout.strip())
+        assert m, started.stdout
+        daemon = int(m.group(1))
+        cleanup_pids.add(daemon)
+        assert os.read(r, 16) == b"\0"
+    finally:
+        os.close(r)
+        if wfd >= 0:
+            os.close(wfd)
+    assert procutil.exists(daemon) and os.path.exists(sock)
+    mark = w.mark()
+    pycr("restore", "-D", img, "-d", "--lazy-pages")
+    assert procutil.wait_until(lambda: len(w.fields("touched", mark)) >= 3, 30), w.lines(mark)
+    # every page placed: the daemon exits (reparented, so it may stay a zombie until reaped)
+    assert procutil.wait_until(lambda: not procutil.exists(daemon) or procutil.is_zombie(daemon), 60)
+    assert not [line for line in w.lines(mark) if line.startswith("bad")]
+    procutil.assert_running_untraced(w.pid)
+
+
+def test_daemon_mode_failing_before_it_listens_exits_with_its_error(tmp_path):
+    """--daemon: a daemon that cannot start (no image set) fails in the foreground, exit 1 and one line."""
+    p = pycr("lazy-pages", "-D", tmp_path / "missing", "--daemon", expect=1)
+    assert p.stdout == "", p.stdout
+    assert one_line_error(p).startswith("pycr: ")

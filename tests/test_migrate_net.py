@@ -357,3 +357,59 @@ def test_serve_with_a_relative_work_dir_keeps_serving_and_reaps_a_finished_repli
     assert procutil.wait_until(lambda: procutil.children(serve_pid) == [], timeout=10), \
         [(pid, procutil.state(pid)) for pid in procutil.children(serve_pid)]
     assert procutil.state(serve_pid) not in (None, "Z", "X"), "serve ended"
+
+
+# ---------------------------------------------------------------- --host-pids
+
+def inner_pid(pid):
+    """The PID a process has inside its own (innermost) PID namespace."""
+    return int(procutil.status(pid)["NSpid"].split()[-1])
+
+
+def test_host_pids_keeps_both_pids_on_the_destination(two_hosts, tmp_path):
+    """serve --host-pids: no PID namespace of the replica's own; its processes take their PIDs in the
+    destination's (this test's destination namespace stands for the other host's) and go on counting."""
+    key = secret(tmp_path)
+    serve = Serve(two_hosts, tmp_path, key, "--host-pids")
+    tree = Tree(two_hosts, tmp_path, nproc=2, mib=4, per_s=0.02)
+    before = tree.latest()
+    m = migrate(two_hosts, tree, serve.address, key)
+    out, err = m.communicate(timeout=60)
+    assert m.returncode == 0, out + err
+    assert "(its original PIDs on that host)" in out, out
+    downtime = float(re.search(r"^downtime ([0-9.]+) s", out, re.M).group(1))
+    assert downtime < 10, out
+    assert tree.proc.wait(timeout=10) == -signal.SIGKILL
+    status, _, serve_err = serve.result()
+    assert status == 0, serve_err
+    after = tree.assert_counts_on(tree.mark())
+    assert {idx: pid for idx, (pid, _, _) in after.items()} == {idx: pid for idx, (pid, _, _) in before.items()}
+    replica = serve.replica()
+    assert sorted(inner_pid(pid) for pid in replica) == sorted(pid for pid, _, _ in before.values()), replica
+    for pid in replica:
+        procutil.assert_running_untraced(pid)
+
+
+def test_host_pids_refuses_a_pid_taken_on_the_destination(two_hosts, tmp_path):
+    """A PID of the tree already in use over there: one line, nothing created, the source untouched."""
+    key = secret(tmp_path)
+    serve = Serve(two_hosts, tmp_path, key, "--host-pids")
+    tree = Tree(two_hosts, tmp_path, nproc=2, mib=2, per_s=0)
+    taken = tree.pids[1]
+    # a process with that PID in the destination's PID namespace (ns_last_pid: the next fork there gets it)
+    init = two_hosts.dest_init(serve.proc)
+    blocker = two_hosts._start(["nsenter", f"--target={init}", "--pid", "--mount", "--", "sh", "-c",
+                                f"echo {taken - 1} > /proc/sys/kernel/ns_last_pid; sleep 1000 & wait"])
+    assert procutil.wait_until(lambda: any(inner_pid(p) == taken for p in procutil.descendants(blocker.pid)
+                                           if procutil.status(p)), timeout=10)
+    m = migrate(two_hosts, tree, serve.address, key)
+    out, err = m.communicate(timeout=60)
+    assert m.returncode == 1, out + err
+    line = err.strip()
+    assert len(line.splitlines()) == 1 and f"pid {taken} " in line and "in use" in line, err
+    assert "--host-pids" in line, err
+    status, _, serve_err = serve.result()
+    assert status == 1 and f"pid {taken} " in serve_err, serve_err
+    tree.assert_unharmed()
+    assert serve.replica() == []           # the blocker entered the namespace from outside: not below its init
+    assert not serve.work.exists() or os.listdir(serve.work) == []

@@ -236,3 +236,36 @@ def test_wrong_secret_refused(spawn_python, tmp_path, cleanup_pids, procs, secre
     # A plain restore of a lazy dump is refused: its anonymous pages are not in the set.
     p = pycr("restore", "-D", tmp_path / "dst", "-d", "--pidns", expect=1)
     assert "--lazy-pages" in p.stderr
+
+
+def test_destination_interrupted_after_the_replica_started_gives_the_tree_back(
+        spawn_python, tmp_path, cleanup_pids, procs, secret):
+    """Ctrl-C of `lazy-pages --page-server` once the replica runs: its watchdog kills the replica and sees
+    every task exit, then the daemon tells the source (REPLICA_GONE), which runs its tree again (the one
+    copy, whole) instead of leaving it stopped."""
+    w = spawn_python("remotegiveback", SLOW_SCRIPT)
+    w.wait_for(r"^ready \d+$")
+    cleanup_pids.add(w.pid)
+    src, port = lazy_source(procs, w, tmp_path / "img", secret)
+    d = destination(procs, tmp_path / "img", tmp_path / "dst", port, secret, env={"PYCR_LAZY_PUSH_DELAY": "600"})
+    mark = w.mark()
+    pycr("restore", "-D", tmp_path / "dst", "-d", "--lazy-pages", "--pidns")
+    replica = twins({w.pid})
+    cleanup_pids.add(*replica.values(), *(procutil.ppid(p) for p in replica.values()))
+    # The replica runs (300 pages touched), most of its pages still at the source; the source is held stopped.
+    assert procutil.wait_until(lambda: len(w.fields("touched", mark)) >= 3, 30), w.lines(mark)
+    assert procutil.state(w.pid) in ("t", "T")
+    d.send_signal(signal.SIGINT)
+    out, err = d.communicate(timeout=30)
+    assert d.returncode == 128 + signal.SIGINT, err
+    assert "the source runs its tree again" in err, err
+    assert not procutil.exists(replica[w.pid]) or procutil.is_zombie(replica[w.pid])
+    src_out, src_err = src.communicate(timeout=30)
+    assert src.returncode == 1 and "the source tree runs again" in src_err, src_err
+    assert len(src_err.strip().splitlines()) == 1, src_err
+    # Running again, untraced, not stopped, its memory right: it goes on walking and checking its pages.
+    procutil.assert_running_untraced(w.pid)
+    mark = w.mark()
+    assert procutil.wait_until(lambda: len(w.fields("touched", mark)) >= 3, 30), w.lines(mark)
+    assert procutil.state(w.pid) not in ("t", "T")
+    assert not [line for line in w.lines() if line.startswith("bad")], w.lines()

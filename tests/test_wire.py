@@ -28,6 +28,8 @@ SAMPLES = {
     FrameType.DONE_OK: {"files": 3, "bytes": 123456789},
     FrameType.ABORT: {"reason": "pid 12: no such process"},
     FrameType.FILE_CANCEL: {"name": "pages-1.img"},
+    FrameType.REPLICA_GONE: {},
+    FrameType.SOURCE_THAWED: {},
 }
 
 

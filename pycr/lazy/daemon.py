@@ -131,7 +131,8 @@ class Daemon:
             return self._summary(time.monotonic() - started)
         finally:
             if self.dog is not None:            # not every page placed: the tree must not run on
-                self.dog.kill()
+                if self.dog.kill():             # every task's exit seen: the source is the one copy
+                    self.source.replica_gone()
             if self.server is not None and self.thread is not None and self.thread.is_alive():   # Ctrl-C
                 self.server.stop()
                 self.thread.join()

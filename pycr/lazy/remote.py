@@ -41,6 +41,7 @@ from .remote_source import reconnect_window
 from .source import PageSource
 
 REQUEST = struct.Struct("<II")
+REPLICA_GONE_PATIENCE = 10.0     # s for the source to thaw its tree once told the replica is gone
 
 
 class RemotePages(PageSource):
@@ -71,7 +72,8 @@ class RemotePages(PageSource):
         self.error = None
         self.committed = self.killed = False
         self._send_lock = threading.Lock()
-        self._answers = {FrameType.RESUMING_OK: threading.Event(), FrameType.TREE_KILLED: threading.Event()}
+        self._answers = {FrameType.RESUMING_OK: threading.Event(), FrameType.TREE_KILLED: threading.Event(),
+                         FrameType.SOURCE_THAWED: threading.Event()}
         self._asked = set()
         self.received = self.pushed_bytes = self.requested = 0
         self._first = self._last = None
@@ -144,6 +146,17 @@ class RemotePages(PageSource):
             self._call(FrameType.ALL_PLACED, FrameType.TREE_KILLED, patience=2 * reconnect_window() + 10)
             return
         log.warning("lazy-pages: the source did not confirm it killed its tree; it leaves it stopped")
+
+    def replica_gone(self):
+        """The watchdog killed the replica and saw every task exit: tell the source (REPLICA_GONE),
+        which runs its tree again: it is the one whole copy (docs/design.md, "Lazy restore")."""
+        try:
+            self._call(FrameType.REPLICA_GONE, FrameType.SOURCE_THAWED, patience=REPLICA_GONE_PATIENCE)
+        except PycrError as exc:
+            log.warning("lazy-pages: the replica is dead, but the source could not be told to run its tree "
+                        "again (%s): it is left stopped there; `kill -CONT` it", exc)
+            return
+        log.warning("lazy-pages: the replica was killed; the source runs its tree again")
 
     def failure(self):
         return self.error
@@ -261,12 +274,13 @@ class RemotePages(PageSource):
                     with self._send_lock:
                         channel.send(FrameType.PAGE_REQUEST, {"pid": pid, "index": index})
             if channel.sock in ready:
-                frame = channel.recv(FrameType.PAGE_CHUNK, FrameType.RESUMING_OK, FrameType.TREE_KILLED)
+                frame = channel.recv(FrameType.PAGE_CHUNK, FrameType.RESUMING_OK, FrameType.TREE_KILLED,
+                                     FrameType.SOURCE_THAWED)
                 if frame.type == FrameType.PAGE_CHUNK:
                     self._landed(channel, frame.body)
                 else:
-                    if frame.type == FrameType.TREE_KILLED:
-                        self.killed = True
+                    if frame.type in (FrameType.TREE_KILLED, FrameType.SOURCE_THAWED):
+                        self.killed = True      # the source's tree is settled: the link's end is expected
                     self._answers[frame.type].set()
                     if self.killed:
                         return

@@ -65,6 +65,10 @@ class LinkLost(PycrError):
     pass
 
 
+class ReplicaGone(PycrError):
+    """The destination's replica is dead for sure and the source tree runs again."""
+
+
 class LazyDump:
     """The frozen tree's images (lazy pages as holes), then its pages over the network."""
 
@@ -265,7 +269,8 @@ class LazyDump:
         urgent = collections.deque()
         while True:
             while select.select([channel.sock], [], [], 0)[0]:
-                frame = channel.recv(FrameType.PAGE_REQUEST, FrameType.RESUMING, FrameType.ALL_PLACED)
+                frame = channel.recv(FrameType.PAGE_REQUEST, FrameType.RESUMING, FrameType.ALL_PLACED,
+                                     FrameType.REPLICA_GONE)
                 if frame.type == FrameType.PAGE_REQUEST:
                     pid, index = frame.body.pid, frame.body.index
                     if pid not in self.sizes or index >= self._nchunks(pid):
@@ -275,6 +280,12 @@ class LazyDump:
                 elif frame.type == FrameType.RESUMING:
                     self._commit()
                     channel.send(FrameType.RESUMING_OK, {})
+                elif frame.type == FrameType.REPLICA_GONE:
+                    self._run_again()
+                    with contextlib.suppress(ch.NetError):
+                        channel.send(FrameType.SOURCE_THAWED, {})
+                    raise ReplicaGone("lazy dump: the destination's watchdog killed its replica and saw every "
+                                      "task of it exit (REPLICA_GONE): the source tree runs again, whole")
                 else:
                     self._kill()
                     channel.send(FrameType.TREE_KILLED, {})
@@ -319,6 +330,22 @@ class LazyDump:
             else:
                 self.frozen.thaw()
         log.info("detached every thread: the tree goes on as before")
+
+    def _run_again(self):
+        """REPLICA_GONE: no task of the replica can run any more, so the frozen tree is the one copy
+        and is whole: thawed; after the commit its pending SIGSTOP is cancelled first (a SIGCONT
+        discards a pending stop signal; the tree, still held, sees it as after `kill -CONT`)."""
+        with deferred_signals():
+            if self.committed:
+                for pid in self.frozen.processes:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGCONT)
+                steps.finish("dump", "the destination's replica was killed; the source tree runs again")
+            if self.thaw is not None:
+                self.thaw()             # a migration's: also takes its dirty tracking out of the tree
+            else:
+                self.frozen.thaw()
+        log.info("lazy dump: REPLICA_GONE: detached every thread: the tree goes on as before")
 
     def _leave_stopped(self):
         with deferred_signals():

@@ -43,6 +43,10 @@ class PageSource:
     def finished(self):
         """Every page is placed."""
 
+    def replica_gone(self):
+        """The restored tree is surely dead (killed by the watchdog, every task's exit seen): a
+        remote source may run its own tree again."""
+
     def failure(self):
         """Why the source failed, or None."""
         return None

@@ -40,15 +40,19 @@ class Watchdog:
         self._end("release")
 
     def kill(self):
-        """Kill the tree (a failed restore or serve) and wait for the helper."""
-        self._end("kill")
+        """Kill the tree (a failed restore or serve) and wait for the helper -> True only if the
+        helper saw every task it held exit (a pidfd poll) and every descendant it found gone:
+        then no task of the tree can run again."""
+        return self._end("kill").get("gone", False)
 
     def _end(self, op):
+        reply = {}
         with contextlib.suppress(OSError, protocol.ProtocolError):
-            protocol.call(self.sock, {"op": op})
+            reply = protocol.call(self.sock, {"op": op})
         self.sock.close()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
+        return reply
 
 
 def start():
@@ -87,13 +91,13 @@ def _run(sock, daemon):
             _close(held)
             protocol.send(sock, {"ok": True})
             return 0
-    killed = kill_tree([pidfd for pidfd, _ in held])
+    killed, gone = kill_tree([pidfd for pidfd, _ in held])
     if killed:
         log.warning("lazy-pages watchdog: the page server stopped before every page was placed: "
                     "killed %d task(s) of the restored tree", killed)
     _close(held)
     with contextlib.suppress(OSError):
-        protocol.send(sock, {"ok": True})
+        protocol.send(sock, {"ok": True, "gone": gone})
     return 0
 
 
@@ -121,7 +125,8 @@ def _children(pid):
 
 def kill_tree(pidfds, timeout=10.0):
     """SIGSTOP the processes and all their descendants until no new one appears, then SIGKILL
-    them all and wait until they are gone. -> number of processes killed."""
+    them all and wait until they are gone. -> (number of processes killed, whether every one is
+    known to have exited: each pidfd polls readable, each descendant is a zombie or gone)."""
     roots = [p for p in (_pid_of(fd) for fd in pidfds) if p > 0]
     for fd in pidfds:
         with contextlib.suppress(OSError):
@@ -148,7 +153,9 @@ def kill_tree(pidfds, timeout=10.0):
     for pid in found - set(roots):
         while proc.exists(pid) and time.monotonic() < deadline and _state(pid) not in ("Z", "X", ""):
             time.sleep(0.005)
-    return len(found)
+    exited = all(select.select([fd], [], [], 0)[0] for fd in pidfds)
+    gone = exited and all(_state(pid) in ("Z", "X", "") for pid in found - set(roots))
+    return len(found), gone
 
 
 def _state(pid):

@@ -14,6 +14,7 @@ from pycr.log import log
 from pycr.migrate import report
 from pycr.migrate.replica import FINAL_KINDS, Replica
 from pycr.restore.load import load_images
+from pycr.restore.preflight import PIDS_TAKEN
 from pycr.steps import finish
 
 
@@ -33,7 +34,7 @@ def follow(transport, pidns=False, on_image_set=None, on_pass=None, trust_images
     caller can still collect the root's exit status (Restore.wait_root).
     trust_images: accept sets another user owns or may write (see restore.trust).
     """
-    replica = Replica(pidns)
+    replica = Replica(pidns, getattr(transport, "pids_advice", PIDS_TAKEN))
     result = FollowResult(replica)
     ok = False
     try:

@@ -61,8 +61,9 @@ def _strip_deleted(path):
 class Replica:
     """A tree restored from a pre-dump chain, kept stopped until resume()."""
 
-    def __init__(self, pidns=False):
+    def __init__(self, pidns=False, pids_advice=preflight.PIDS_TAKEN):
         self.pidns = pidns
+        self.pids_advice = pids_advice  # what a refusal of a PID in use tells the user to do
         self.run = None             # the Restore that made it (tasks, init, created, pidfd)
         self.images = None          # the image set last applied
         self.nodes = []             # [treediff.Node] as last applied
@@ -120,7 +121,7 @@ class Replica:
                              f"not of the replica's root {self.images.inventory.root_pid}")
 
     def _create(self, images, nodes, lazy=None):
-        preflight.check(images, self.pidns)
+        preflight.check(images, self.pidns, self.pids_advice)
         self.run = run = Restore(images, self.pidns, lazy)
         run.pidfd = files.pycr_pidfd()
         run.make_shared()               # the restorer's: the final pass's fds open these too

@@ -91,10 +91,10 @@ class NetMigration:
     throttle_kind: str = ""
 
     def lines(self):
-        where = f", namespace init {self.init_real}" if self.init_real else ""
+        where = (f"pid {self.root_real} outside its namespace, namespace init {self.init_real}" if self.init_real
+                 else "its original PIDs on that host")
         total = sum(r.bytes for r in self.reports) + (self.lazy.bytes if self.lazy else 0)
-        out = [f"replica on {self.destination}: root pid {self.root_pid} (pid {self.root_real} outside its "
-               f"namespace{where})"]
+        out = [f"replica on {self.destination}: root pid {self.root_pid} ({where})"]
         if self.lazy is not None:
             out.append(self.lazy.line())
         out.append(f"downtime {self.downtime:.3f} s (source frozen -> replica running), {total} bytes sent in "

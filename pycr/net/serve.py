@@ -50,6 +50,9 @@ WORK_PREFIX = "pycr-serve-"
 class NetworkTransport(Transport):
     """The image sets of one migration, as they arrive over an authenticated channel."""
 
+    # serve --host-pids: the replica's PIDs must be free on this host, checked before any task exists
+    pids_advice = "serve without --host-pids (the replica then gets a PID namespace of its own)"
+
     def __init__(self, channel, listener, secret, work_dir, migration_id):
         self.channel = channel
         self.listener = listener        # for the source's VERDICT if the link dies at the commit point
@@ -223,11 +226,11 @@ class Served:
     kept_stopped: bool
 
     def line(self):
-        where = f", namespace init {self.init_real}" if self.init_real else ""
         state = "left STOPPED (the source's fate is unknown)" if self.kept_stopped else "runs"
-        return (f"serve: replica from {self.peer} {state}: root pid {self.root_pid} "
-                f"(pid {self.root_real} outside its namespace{where}), {self.passes} passes, "
-                f"{self.bytes} bytes")
+        where = (f"pid {self.root_real} outside its namespace, namespace init {self.init_real}" if self.init_real
+                 else "its original PIDs on this host")
+        return (f"serve: replica from {self.peer} {state}: root pid {self.root_pid} ({where}), "
+                f"{self.passes} passes, {self.bytes} bytes")
 
 
 class Refused(PycrError):

@@ -21,7 +21,11 @@ def pid_max():
         return int(f.read())
 
 
-def check_pids(images):
+PIDS_TAKEN = "restore with --pidns"
+
+
+def check_pids(images, advice=PIDS_TAKEN):
+    """Every PID (and TID) of the tree free in pycr's PID namespace; advice ends the refusal."""
     limit = pid_max()
     # A zombie leader's pid is not among its tids, and a zombie child needs its pid too.
     needed = [tid for p in images.processes for tid in dict.fromkeys([p.pid, *p.tids])]
@@ -29,7 +33,7 @@ def check_pids(images):
         if tid >= limit:
             raise RestoreError(f"pid {tid} is not below pid_max {limit}")
         if os.path.exists(f"/proc/{tid}"):
-            raise RestoreError(f"pid {tid} is in use; restore with --pidns")
+            raise RestoreError(f"pid {tid} is in use; {advice}")
 
 
 def _stat(path):
@@ -145,11 +149,11 @@ def check_vdso(images):
                                    f"match this kernel's vdso layout: restore on a kernel with the same vdso")
 
 
-def check(images, pidns):
+def check(images, pidns, pids_advice=PIDS_TAKEN):
     check_cpu(images)
     check_vdso(images)
     if not pidns:
-        check_pids(images)
+        check_pids(images, pids_advice)
     for p in images.processes:
         process.check_rlimits(p.pid, p.core)
         mm.check_vmas(p.pid, p.mm)
