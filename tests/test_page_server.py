@@ -437,7 +437,10 @@ def test_a_stalled_page_server_holds_the_tree_frozen_no_longer_than_the_timeout(
     assert exited_after_stall < STALL_TIMEOUT + 3.0, f"exited {exited_after_stall:.2f} s after the stall"
     assert dump.returncode == 1
     assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert f"pycr: page server 127.0.0.1:{server.port}: took no data for {STALL_TIMEOUT:g} s" in err, err
+    # Stalled while pycr sends (its socket buffer full) or, if the rest fitted in the buffers, while it
+    # waits for the file's acknowledgement: either way the same deadline.
+    assert re.search(rf"^pycr: page server 127\.0\.0\.1:{server.port}: (took no data|sent nothing) for "
+                     rf"{STALL_TIMEOUT:g} s", err), err
     assert "the dump failed, the tree goes on as it was" in err, err
     assert files(tmp_path / "img") == []
     assert_untouched(w, pids)
