@@ -413,3 +413,12 @@ def test_host_pids_refuses_a_pid_taken_on_the_destination(two_hosts, tmp_path):
     tree.assert_unharmed()
     assert serve.replica() == []           # the blocker entered the namespace from outside: not below its init
     assert not serve.work.exists() or os.listdir(serve.work) == []
+
+
+def test_a_pass_line_without_a_measured_bandwidth():
+    """A final pass that copied too little for the policy to measure (hybrid's, whose dirtied pages
+    move later) still gets its line."""
+    from pycr.net.migrate_source import NetPassReport
+    rep = NetPassReport(number=3, kind="dump", added=0, removed=0, recreated=0, pages=0, bytes=4096,
+                        dump_seconds=0.1, send_seconds=0.0, apply_seconds=0.05, dirty_rate=None, bandwidth=None)
+    assert rep.line().endswith(", - MiB/s sent, dirty -"), rep.line()

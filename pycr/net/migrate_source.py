@@ -62,10 +62,12 @@ class NetPassReport:
     def line(self):
         extra = f", {self.recreated} re-created" if self.recreated else ""
         dirty = "-" if self.dirty_rate is None else f"{self.dirty_rate / MIB:.1f} MiB/s"
+        # the policy's measure is None for a pass that copied too little to tell
+        sent = "-" if self.bandwidth is None else f"{self.bandwidth / MIB:.1f}"
         out = (f"pass {self.number} {self.kind}: +{self.added} -{self.removed} tasks{extra}, "
                f"{self.pages} pages, {self.bytes} bytes, {self.seconds:.3f} s "
                f"(dump {self.dump_seconds:.3f} s, send {self.send_seconds:.3f} s, replica "
-               f"{self.apply_seconds:.3f} s), {self.bandwidth / MIB:.1f} MiB/s sent, dirty {dirty}")
+               f"{self.apply_seconds:.3f} s), {sent} MiB/s sent, dirty {dirty}")
         if self.expected_downtime is not None:
             out += f", expected downtime {self.expected_downtime * 1000:.0f} ms"
         if self.throttle is not None:
