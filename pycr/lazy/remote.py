@@ -31,7 +31,7 @@ from .. import manifest
 from ..errors import ImageError, PycrError
 from ..formats import wire
 from ..formats.wire import FrameType, Role
-from ..images import ImageDir, iter_page_runs
+from ..images import ImageDir
 from ..log import log
 from ..native.core import FaultServer, crc32c
 from ..net import auth, channel as ch
@@ -172,10 +172,9 @@ class RemotePages(PageSource):
     # ------------------------------------------------------------ the channel
 
     def _connect(self, resumed):
-        channel = ch.connect(self.address, self.port, "lazy source")
+        channel = auth.connect(self.address, self.port, "lazy source", Role.LAZY_DAEMON, {Role.LAZY_SOURCE},
+                               self.secret)
         try:
-            channel.hello(Role.LAZY_DAEMON, {Role.LAZY_SOURCE})
-            auth.client_handshake(channel, self.secret)
             wanted = [{"pid": pid, "bitmap": self._still_wanted(pid)} for pid in self.wanted]
             channel.send(FrameType.LAZY_OPEN, {"set_id": bytes.fromhex(self.set_id), "resumed": int(resumed),
                                                "wanted": wanted})

@@ -21,6 +21,7 @@ from ..errors import PycrError
 from ..formats import wire
 from ..formats.wire import FrameType
 from ..log import log
+from . import channel as ch
 from .channel import AuthError, PeerFailed
 
 #: A secret file larger than this is not a secret but a mistake (a wrong path).
@@ -82,6 +83,19 @@ def client_handshake(channel, secret):
         raise AuthError(f"{channel.name}: failed to prove it holds the secret (the secret files differ, "
                         "or it is not the peer you meant)")
     log.info("%s: authenticated (HMAC-SHA256 challenge-response both ways)", channel.name)
+
+
+def connect(host, port, what, role, peer_roles, secret):
+    """Connect to a pycr peer (`what` names it in messages), exchange hellos and authenticate
+    -> the channel; on any failure it is closed again."""
+    channel = ch.connect(host, port, what)
+    try:
+        channel.hello(role, peer_roles)
+        client_handshake(channel, secret)
+    except BaseException:
+        channel.close()
+        raise
+    return channel
 
 
 def server_handshake(channel, secret):

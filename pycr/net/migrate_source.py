@@ -136,14 +136,7 @@ def _split(address):
 
 
 def _connect(host, port, secret):
-    chan = ch.connect(host, port, "destination")
-    try:
-        chan.hello(Role.MIGRATE_SOURCE, {Role.MIGRATE_DEST})
-        auth.client_handshake(chan, secret)
-    except BaseException:
-        chan.close()
-        raise
-    return chan
+    return auth.connect(host, port, "destination", Role.MIGRATE_SOURCE, {Role.MIGRATE_DEST}, secret)
 
 
 def migrate_to(root, address, secret, policy=None, tracker="auto", work_dir=None, on_pass=None, mode="pre-copy"):

@@ -121,14 +121,7 @@ class PageServerClient:
     def connect(cls, host, port, secret_file):
         """Read the secret (refused before any connection), connect, hello, authenticate."""
         secret = auth.read_secret(secret_file)
-        channel = ch.connect(host, port, "page server")
-        try:
-            channel.hello(Role.PAGE_CLIENT, {Role.PAGE_SERVER})
-            auth.client_handshake(channel, secret)
-        except BaseException:
-            channel.close()
-            raise
-        return cls(channel)
+        return cls(auth.connect(host, port, "page server", Role.PAGE_CLIENT, {Role.PAGE_SERVER}, secret))
 
     @property
     def name(self):
