@@ -64,12 +64,17 @@ def nr_open():
 
 
 def check_tree(path, pstree):
-    """PIDs, TIDs, groups and sessions of pstree.img in (0, pid_max)."""
+    """PIDs and TIDs of pstree.img in (0, pid_max); groups and sessions in [0, pid_max),
+    0 being a group or session whose leader lies outside the dumper's PID namespace
+    (what /proc/PID/stat shows then; the restored task keeps the restorer's)."""
     limit = pid_max()
     for p in pstree.processes:
-        for what, value in [("pid", p.pid), ("pgid", p.pgid), ("sid", p.sid)] + [("tid", t) for t in p.threads]:
+        for what, value in [("pid", p.pid)] + [("tid", t) for t in p.threads]:
             if not 0 < value < limit:
                 raise ImageError(path, f"corrupt: pid {p.pid}: {what} {value} is not in (0, pid_max {limit})")
+        for what, value in [("pgid", p.pgid), ("sid", p.sid)]:
+            if not 0 <= value < limit:
+                raise ImageError(path, f"corrupt: pid {p.pid}: {what} {value} is not below pid_max {limit}")
         if not 0 <= p.ppid < limit:
             raise ImageError(path, f"corrupt: pid {p.pid}: ppid {p.ppid} is not below pid_max {limit}")
 
