@@ -739,3 +739,44 @@ def test_stopped_process_comes_back_stopped(spawn, tmp_path, cleanup_pids):
     assert w.mark() == mark          # it ran no step between the restore and the SIGCONT
     os.kill(w.pid, signal.SIGCONT)
     w.wait_for(r"^count \d+$", start=mark)
+
+
+_FOREIGN_SESSION_DRIVER = r"""
+import os, subprocess, sys, time
+counter, img = sys.argv[1], sys.argv[2]
+status = os.path.join(img + ".status")
+w = subprocess.Popen([counter, status, "10"])          # no setsid: the session stays the caller's
+def count():
+    if not os.path.exists(status): return 0
+    with open(status) as f:
+        lines = [l.split() for l in f.read().splitlines() if l.startswith("count ")]
+    return int(lines[-1][1]) if lines else 0
+while count() < 3: time.sleep(0.02)
+sid_before = open(f"/proc/{w.pid}/stat").read().rsplit(")", 1)[1].split()[3]
+pycr = [sys.executable, "-m", "pycr"]
+dump = subprocess.Popen(pycr + ["dump", "-t", str(w.pid), "-D", img])
+w.wait()                                               # reaped here, so the dump sees its PID free
+assert dump.wait() == 0
+n = count()
+subprocess.run(pycr + ["restore", "-D", img, "-d"], check=True)
+deadline = time.time() + 10
+while count() <= n + 5 and time.time() < deadline: time.sleep(0.02)
+print(sid_before, n, count(), flush=True)
+os.kill(w.pid, 9)
+"""
+
+
+def test_a_session_whose_leader_is_outside_the_pid_namespace(workloads, tmp_path):
+    """A program started in a PID namespace without setsid (a container's first
+    shell, a CI runner) is in a session whose leader the namespace cannot see:
+    /proc shows session 0. pycr dumps and restores it there, and it counts on."""
+    import subprocess
+    import sys
+    p = subprocess.run(["unshare", "-pmf", "--mount-proc", "--kill-child", "--",
+                        sys.executable, "-c", _FOREIGN_SESSION_DRIVER, workloads["counter"],
+                        str(tmp_path / "img")],
+                       capture_output=True, text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert p.returncode == 0, p.stdout + p.stderr
+    sid_before, n, after = p.stdout.splitlines()[-1].split()
+    assert sid_before == "0"
+    assert int(after) > int(n) + 5
