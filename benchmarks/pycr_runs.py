@@ -16,13 +16,8 @@ import sys
 import time
 from contextlib import contextmanager
 
-import pycr.dump
-import pycr.predump
-from pycr.dump import DumpStats, dump_tree
-from pycr.freeze import FrozenTree
-from pycr.log import log
-from pycr.predump import dump_incremental
-from pycr.restore.restorer import restore
+# pycr's modules are imported where they are used: `cli` times the pycr command, whose
+# start-up would otherwise include every module a dump, a pre-dump and a restore need.
 
 
 class _DoneRecord(logging.Handler):
@@ -53,13 +48,13 @@ class FreezeClock:
 @contextmanager
 def freeze_clock():
     """Stamp pycr's freeze and the following thaw or kill (by wrapping them) -> FreezeClock."""
+    from pycr.freeze import FrozenTree
     clock = FreezeClock()
-    real_freeze, real_thaw, real_kill = pycr.dump.freeze, FrozenTree.thaw, FrozenTree.kill
+    real_freeze, real_thaw, real_kill = FrozenTree._freeze, FrozenTree.thaw, FrozenTree.kill
 
-    def freeze(*args, **kwargs):
-        tree = real_freeze(*args, **kwargs)
+    def freeze(self, *args, **kwargs):
+        real_freeze(self, *args, **kwargs)
         clock.frozen_at, clock.released_at = time.monotonic(), None
-        return tree
 
     def stamped(real):
         def release(self, *args, **kwargs):
@@ -68,18 +63,19 @@ def freeze_clock():
             return real(self, *args, **kwargs)
         return release
 
-    pycr.dump.freeze = pycr.predump.freeze = freeze
+    FrozenTree._freeze = freeze
     FrozenTree.thaw, FrozenTree.kill = stamped(real_thaw), stamped(real_kill)
     try:
         yield clock
     finally:
-        pycr.dump.freeze = pycr.predump.freeze = real_freeze
-        FrozenTree.thaw, FrozenTree.kill = real_thaw, real_kill
+        FrozenTree._freeze, FrozenTree.thaw, FrozenTree.kill = real_freeze, real_thaw, real_kill
 
 
 def full_dump(root, images_dir, leave_running=False):
     """`pycr dump` of the tree at root -> DumpStats (frozen_seconds, until_release_seconds,
     total_seconds, pages_bytes)."""
+    from pycr.dump import DumpStats, dump_tree
+    from pycr.log import log
     handler = _DoneRecord()
     level = log.level
     log.addHandler(handler)
@@ -104,6 +100,8 @@ def full_dump(root, images_dir, leave_running=False):
 
 def incremental_pass(root, images_dir, prev=None, pre_dump=True, tracker="uffd-wp"):
     """One pass of a chain (pre-dump, or the final dump when pre_dump is False) -> DumpStats."""
+    from pycr.dump import DumpStats
+    from pycr.predump import dump_incremental
     stats = DumpStats()
     with freeze_clock() as clock:
         dump_incremental(root, str(images_dir), pre_dump=pre_dump,
@@ -114,6 +112,7 @@ def incremental_pass(root, images_dir, prev=None, pre_dump=True, tracker="uffd-w
 
 def timed_restore(images_dir):
     """Restore detached (the tree keeps its PIDs, no new namespace); -> seconds."""
+    from pycr.restore.restorer import restore
     started = time.perf_counter()
     restore(str(images_dir), detach=True)
     return time.perf_counter() - started
@@ -126,6 +125,8 @@ def cli(argv=None):
     the same CLI, with the frozen time measured as criu measures its own.
     """
     from pycr.cli import main
+    if not {"dump", "pre-dump", "migrate"} & set(sys.argv[1:] if argv is None else argv):
+        return main(argv)                     # nothing is frozen: no clock to import
     with freeze_clock() as clock:
         try:
             status = main(argv)
