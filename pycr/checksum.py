@@ -6,8 +6,10 @@ read the task into, so their checksum is computed there, a chunk at a time
 whole in Python from the bytes being written.
 """
 
+import array
 import hashlib
 import os
+import threading
 
 from .native.core import ChunkSums
 
@@ -22,16 +24,60 @@ def digest(data):
     return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
 
 
-def pages_sums(path, chunk=PAGES_CHUNK):
+#: Verification reads: several preads in flight, each of a few MiB. One O_DIRECT pread at
+#: a time leaves the device idle while pycr sums, and the virtual disks pycr runs on serve
+#: a queue of reads faster than one large read (benchmarks/verify_reads.py).
+VERIFY_THREADS = 4
+VERIFY_READ = 2 << 20
+VERIFY_PIECE = 32 << 20
+
+
+def pages_sums(path, chunk=PAGES_CHUNK, threads=VERIFY_THREADS):
     """array('I') of the CRC-32C of every chunk of the file at path, read in C."""
-    fd = _open_direct(path)
+    return sums_of_files([path], chunk, threads)[0]
+
+
+def sums_of_files(paths, chunk=PAGES_CHUNK, threads=VERIFY_THREADS):
+    """[pages_sums(path) for path in paths], every file cut into pieces of whole chunks
+    and the pieces of all files summed by `threads` threads at once (the C core releases
+    the GIL), each thread through its own small buffer."""
+    piece = max(chunk, VERIFY_PIECE // chunk * chunk)
+    fds = []
     try:
-        size = os.fstat(fd).st_size
-        sums = ChunkSums(chunk)
-        sums.update_from_fd(fd, 0, size)
-        return sums.sums()
+        work = []                       # (file index, fd, offset, length), in file order
+        for i, path in enumerate(paths):
+            fd = _open_direct(path)
+            fds.append(fd)
+            size = os.fstat(fd).st_size
+            work += [(i, fd, at, min(piece, size - at)) for at in range(0, size, piece)] or [(i, fd, 0, 0)]
+        if threads <= 1 or len(work) <= 1:
+            parts = [_sum_piece(fd, chunk, at, n) for _, fd, at, n in work]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(min(threads, len(work))) as pool:
+                parts = list(pool.map(lambda w: _sum_piece(w[1], chunk, w[2], w[3]), work))
+        out = [array.array("I") for _ in paths]
+        for (i, _fd, _at, _n), part in zip(work, parts):
+            out[i].extend(part)
+        return out
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
+
+
+_buffers = threading.local()
+
+
+def _sum_piece(fd, chunk, offset, length):
+    """CRC-32C sums of `length` bytes of fd from offset (a multiple of chunk), through
+    this thread's verification buffer (made once per thread: a cold buffer is slow)."""
+    from .native.core import Copier
+    copier = getattr(_buffers, "copier", None)
+    if copier is None:
+        copier = _buffers.copier = Copier(VERIFY_READ)
+    sums = ChunkSums(chunk)
+    copier.sum_fd(sums, fd, offset, length)
+    return sums.sums()
 
 
 def _open_direct(path):

@@ -86,15 +86,31 @@ def verify(path, deep=True, pages_elsewhere=False):
         if name != NAME and images.classify_name(name) is not None and name not in listed:
             raise ImageError(os.path.join(path, name),
                              "not listed in manifest.img: a file of another dump, not of this set")
+    pages = []
     for name, entry in listed.items():
         where = os.path.join(path, name)
         if pages_elsewhere and images.classify_name(name).kind == "pages" and not os.path.lexists(where):
             continue
-        _verify_file(where, entry, man.chunk_size, deep)
+        if _verify_file(where, entry, man.chunk_size) and deep:
+            pages.append((where, entry))
+    # every pages file at once: their reads overlap (checksum.sums_of_files)
+    sums = checksum.sums_of_files([where for where, _ in pages], man.chunk_size)
+    for (where, entry), have in zip(pages, sums):
+        _compare_sums(where, entry, have.tobytes(), man.chunk_size)
     return man
 
 
-def _verify_file(where, entry, chunk, deep):
+def _compare_sums(where, entry, have, chunk):
+    if have != bytes(entry.sums):
+        want = len(entry.sums) // 4
+        bad = next((i for i in range(want) if have[4 * i:4 * i + 4] != entry.sums[4 * i:4 * i + 4]), want)
+        raise ImageError(where, f"checksum mismatch in bytes {bad * chunk}-"
+                                f"{min((bad + 1) * chunk, entry.size) - 1}: the pages are corrupt")
+
+
+def _verify_file(where, entry, chunk):
+    """Check one listed file but a pages file's sums -> True for a pages file (whose
+    sums verify() then reads, all files at once)."""
     try:
         st = os.lstat(where)
     except FileNotFoundError:
@@ -108,17 +124,12 @@ def _verify_file(where, entry, chunk, deep):
         want = len(entry.sums) // 4
         if len(entry.sums) % 4 or want != -(-entry.size // chunk):
             raise ImageError(where, "corrupt entry in manifest.img: wrong number of checksums")
-        if deep:
-            have = checksum.pages_sums(where, chunk).tobytes()
-            if have != bytes(entry.sums):
-                bad = next(i for i in range(want) if have[4 * i:4 * i + 4] != entry.sums[4 * i:4 * i + 4])
-                raise ImageError(where, f"checksum mismatch in bytes {bad * chunk}-"
-                                        f"{min((bad + 1) * chunk, entry.size) - 1}: the pages are corrupt")
-        return
+        return True
     with open(where, "rb") as f:
         data = f.read()
     if checksum.digest(data) != bytes(entry.digest):
         raise ImageError(where, "checksum mismatch: corrupt, or edited after the dump")
+    return False
 
 
 def verify_chain(path, deep=True, parents=True):

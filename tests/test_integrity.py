@@ -391,3 +391,32 @@ def test_images_of_a_user_restore_only_with_that_users_rights(nobody_counter, tm
         "the restored counter does not count"
     assert procutil.status(pid)["Uid"].split() == [str(NOBODY)] * 4
     assert procutil.status(pid)["CapEff"] == "0" * 16
+
+
+def test_pages_sums_read_in_pieces_and_threads_are_the_sums_of_the_chunks(tmp_path, monkeypatch):
+    """The restore's check cuts pages files into pieces read by several threads: the sums
+    must be those of the file's chunks in order, the short last chunk and files of one
+    piece, several pieces and none included, and a byte changed must change its chunk's."""
+    from pycr import checksum
+    from pycr.native.core import crc32c
+    monkeypatch.setattr(checksum, "VERIFY_PIECE", 3 * 8192)        # pieces of 3 chunks of 8 KiB
+    monkeypatch.setattr(checksum, "VERIFY_READ", 4096)
+    checksum._buffers.__dict__.clear()
+    chunk = 8192
+    sizes = [0, 4096, 8192 * 7 + 4096, 8192 * 6]
+    paths, datas = [], []
+    for i, size in enumerate(sizes):
+        data = os.urandom(size)
+        (tmp_path / f"p{i}").write_bytes(data)
+        paths.append(str(tmp_path / f"p{i}"))
+        datas.append(data)
+    want = [[crc32c(d[at:at + chunk]) for at in range(0, len(d), chunk)] for d in datas]
+    for threads in (1, 2, 4):
+        assert [list(s) for s in checksum.sums_of_files(paths, chunk, threads)] == want
+    assert list(checksum.pages_sums(paths[2], chunk)) == want[2]
+    bad = bytearray(datas[2])
+    bad[8192 * 4 + 5] ^= 1
+    (tmp_path / "p2").write_bytes(bad)
+    got = list(checksum.pages_sums(paths[2], chunk))
+    assert [i for i in range(len(got)) if got[i] != want[2][i]] == [4]
+    checksum._buffers.__dict__.clear()
