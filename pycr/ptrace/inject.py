@@ -101,6 +101,7 @@ class Injector:
         self._stack_lo = None     # lowest stack address in use, with its original bytes
         self._stack_bytes = b""
         self._scratch_top = None  # next free byte (downwards) of the stack scratch area
+        self._started = None      # (nr, trampoline, narration) of a call start() began
 
     # save / restore
     def save(self):
@@ -316,6 +317,39 @@ class Injector:
             log.debug("%s: %s = %s", who, text, narrate.result_text(nr, res))
         return res
 
+    def start(self, nr, *args):
+        """Begin syscall nr in the task and return at once, the task running it meanwhile;
+        finish() waits for it and returns its raw result. Only through a trampoline (the
+        restore stub), so that pycr can have calls run in several tasks at the same time.
+        Nothing else may be done with this thread in between."""
+        if isinstance(nr, str):
+            nr = S.NR[nr]
+        if self.trampoline is None:
+            raise PycrError(f"tid {self.tid}: an overlapped injected call needs a trampoline")
+        if len(args) > 6:
+            raise ValueError("a syscall takes at most 6 arguments")
+        self.save()
+        regs = self._saved[0].copy()
+        regs.rax = nr
+        regs.orig_rax = _U64
+        for name, value in zip(_ARG_REGS, args):
+            setattr(regs, name, value & _U64)
+        regs.rip = self.trampoline
+        text = narrate.syscall_text(nr, args, self.read) if narrate.enabled() else None
+        self.thread.set_regs(regs)
+        self.thread.cont()
+        self._started = (nr, regs.rip, text)
+
+    def finish(self):
+        """The raw result of the call start() began (negative = -errno)."""
+        nr, addr, text = self._started
+        self._started = None
+        with deferred_signals():
+            res = self._await_int3(nr, addr, resumed=True)
+        if text is not None:
+            log.debug("pid %d: %s = %s (overlapped)", self.pid, text, narrate.result_text(nr, res))
+        return res
+
     def _run_syscall_stops(self, nr, regs):
         t = self.thread
         t.set_regs(regs)            # registers first: from here on, a detach ends in rt_sigreturn
@@ -341,12 +375,15 @@ class Injector:
                     continue
             t.hold_signal(stop)   # passed on at detach, never dropped
 
-    def _next_stop(self, nr, resume):
-        """Resume the thread and wait for a stop that says something about the call:
-        fork and clone events are recorded, interrupt and group stops passed over."""
+    def _next_stop(self, nr, resume, resumed=False):
+        """Resume the thread (unless resumed: it already runs) and wait for a stop that says
+        something about the call: fork and clone events are recorded, interrupt and group
+        stops passed over."""
         t = self.thread
         while True:
-            resume()
+            if not resumed:
+                resume()
+            resumed = False
             stop = t.wait()
             if stop.gone:
                 raise TaskGone(self.tid, f"died during injected syscall {S.NAMES.get(nr, nr)}")
@@ -356,11 +393,15 @@ class Injector:
                 return stop
 
     def _run_to_int3(self, nr, regs):
+        self.thread.set_regs(regs)
+        return self._await_int3(nr, regs.rip)
+
+    def _await_int3(self, nr, addr, resumed=False):
         t = self.thread
-        addr, end = regs.rip, regs.rip + 3
-        t.set_regs(regs)
+        end = addr + 3
         while True:
-            stop = self._next_stop(nr, t.cont)
+            stop = self._next_stop(nr, t.cont, resumed)
+            resumed = False
             if stop.signal == signal.SIGTRAP:
                 now = t.get_regs()
                 if now.rip == end:

@@ -79,10 +79,16 @@ class TaskReader:
     def read(self, runs, offset, advance=None):
         """Fill runs (array of addr, length pairs) from the file, consecutively from offset.
         -> bytes read."""
+        return run(self.remote, self.steps(runs, offset, advance))
+
+    def steps(self, runs, offset, advance=None):
+        """read() as a generator: it yields each preadv as (syscall name, args) and is sent
+        its raw result, so that a driver (run, run_overlapped) may run the reads of several
+        tasks at the same time. Returns the bytes read."""
         total = 0
         for iovs in batches(runs):
             want = sum(n for _, n in iovs)
-            self._read_batch(iovs, offset + total)
+            yield from self._read_batch(iovs, offset + total)
             total += want
             if advance:
                 advance(want)
@@ -94,7 +100,7 @@ class TaskReader:
         while iovs:
             r.reset_scratch()
             addr = r.put(b"".join(IOVEC.pack(a, n) for a, n in iovs))
-            got = r.call("preadv", self.task_fd, addr, len(iovs), pos, 0)
+            got = yield ("preadv", self.task_fd, addr, len(iovs), pos, 0)
             r.reset_scratch()
             if got == -errno.EINVAL and direct_ok:
                 direct_ok = False
@@ -113,9 +119,57 @@ class TaskReader:
         if self.task_fd >= 0:
             self.remote.call("close", self.task_fd)
             self.task_fd = -1
+        self.close_mine()
+
+    def close_mine(self):
+        """Close pycr's own fd of the file (the task's stays: a failed restore kills the task)."""
         if self.mine >= 0:
             os.close(self.mine)
             self.mine = -1
+
+
+def run(remote, steps):
+    """Drive a steps() generator in one task, one call after the other -> its result."""
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(remote.call(*request))
+    except StopIteration as done:
+        return done.value
+
+
+def run_overlapped(work):
+    """Drive steps() generators of different tasks at the same time: [(remote, steps)] ->
+    [result], in order. Every task gets its next call started as soon as pycr has its
+    last result, so that their reads (each waiting on the disk) overlap; the results
+    are collected in turn. A failure lets the calls still running end before it is raised."""
+    results = [None] * len(work)
+    running = {}                            # index -> (remote, steps), a call started
+    try:
+        for i, (remote, steps) in enumerate(work):
+            _advance(i, remote, steps, None, running, results, first=True)
+        while running:
+            for i in list(running):
+                remote, steps = running.pop(i)
+                _advance(i, remote, steps, remote.finish_call(), running, results)
+    except BaseException:
+        for remote, _steps in running.values():
+            try:
+                remote.finish_call()
+            except Exception:
+                pass
+        raise
+    return results
+
+
+def _advance(i, remote, steps, result, running, results, first=False):
+    try:
+        request = next(steps) if first else steps.send(result)
+    except StopIteration as done:
+        results[i] = done.value
+        return
+    remote.start(*request)
+    running[i] = (remote, steps)
 
 
 def _skip(iovs, done):

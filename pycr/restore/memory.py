@@ -327,6 +327,43 @@ class PageChain:
                  "file(s)", remote.pid, total // PAGE, len(batches), len(readers))
         return total
 
+    def fill_tasks(self, work):
+        """fill_task for several tasks, their reads overlapped: work is [(remote, pidfd, owner,
+        skip)], each task stopped with its scratch area mapped and its own fd of pycr's
+        pidfd. While one task's preadv waits on the disk, the others' run (the wait is
+        the task's, not pycr's) -> [bytes] in order."""
+        if len(work) == 1:
+            remote, pidfd, owner, skip = work[0]
+            return [self.fill_task(remote.real, owner, remote, pidfd, skip)]
+        plans = [(remote, pidfd, owner, self.batches(owner, infill.BATCH_BYTES, skip))
+                 for remote, pidfd, owner, skip in work]
+        size = sum(sum(runs[1::2]) for *_, batches in plans for _, runs, _ in batches)
+        with Progress(f"memory of {len(plans)} processes", size) as progress:
+            done = infill.run_overlapped([(remote, self._fill_steps(remote, pidfd, owner, batches, progress.advance))
+                                          for remote, pidfd, owner, batches in plans])
+        for (remote, _pidfd, _owner, batches), total in zip(plans, done):
+            log.info("pid %d: read %d pages into place with %d injected preadv batches from %d pages "
+                     "file(s), overlapped with %d other processes' reads", remote.pid, total // PAGE,
+                     len(batches), len({level for level, _, _ in batches}), len(plans) - 1)
+        return done
+
+    def _fill_steps(self, remote, pidfd, owner, batches, advance):
+        """The in-task fill of one task as a generator of injected calls (infill.TaskReader.steps)."""
+        readers, total, ended = {}, 0, False
+        try:
+            for level, runs, offset in batches:
+                if level not in readers:
+                    readers[level] = infill.TaskReader(remote, pidfd, self.dir(level).pages_path(owner))
+                total += yield from readers[level].steps(runs, offset, advance)
+            ended = True
+        finally:
+            for reader in readers.values():
+                if ended:
+                    reader.close()
+                else:
+                    reader.close_mine()      # the task may be mid-call: its fd goes with it
+        return total
+
     def fill_fd(self, fd, owner):
         """Write every saved page of a shared object into fd (its offset = the run's vaddr)."""
         total = 0

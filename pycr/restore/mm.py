@@ -368,18 +368,32 @@ def rebuild(remote, mm, chain, shmem_paths, final=True, pidfd=-1, lazy=None):
     task's fd of pycr's pidfd, if it has one: then it reads its pages in itself.
     lazy (a restore.lazy.LazyLink): anonymous private memory is left to the lazy-pages
     daemon, its uffd handed over before step 5 (whose mlock would touch it)."""
+    workspace, skip = prepare(remote, mm, chain, shmem_paths, lazy)
+    with phase("mappings"):
+        with phase("page fill"):
+            written = chain.fill_task(remote.real, str(remote.pid), remote, pidfd, skip=skip)
+        count("pages filled", written // PAGE)
+    complete(remote, mm, skip, final, lazy)
+    return workspace, written
+
+
+def prepare(remote, mm, chain, shmem_paths, lazy=None):
+    """Steps 1-3 of rebuild: the address space laid out, ready to be filled ->
+    (workspace address, the ranges left to the lazy-pages daemon)."""
     with phase("mappings"):
         workspace = map_workspace(remote, mm.vmas)
         unmap_stub(remote, workspace)
         place_specials(remote, mm.vmas)
         map_vmas(remote, mm, shmem_paths)
         skip = lazy_mod.lazy_ranges(mm, chain, str(remote.pid)) if lazy is not None else ()
-        with phase("page fill"):
-            written = chain.fill_task(remote.real, str(remote.pid), remote, pidfd, skip=skip)
-        count("pages filled", written // PAGE)
+    return workspace, skip
+
+
+def complete(remote, mm, skip=(), final=True, lazy=None):
+    """Steps 5-6 of rebuild, once the pages are in."""
+    with phase("mappings"):
         if skip:
             lazy.hand_over(remote, skip)
         if final:
             finish_vmas(remote, mm)
         set_mm_map(remote, mm)
-    return workspace, written

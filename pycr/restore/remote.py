@@ -96,6 +96,14 @@ class Remote:
         """Raw result of syscall `name` in the task (negative errno on failure)."""
         return self.inj.call(NR[name] if isinstance(name, str) else name, *args)
 
+    def start(self, name, *args):
+        """Begin syscall `name` and return while the task runs it (see Injector.start)."""
+        self.inj.start(NR[name] if isinstance(name, str) else name, *args)
+
+    def finish_call(self):
+        """Raw result of the call start() began."""
+        return self.inj.finish()
+
     def check(self, name, *args, what=""):
         """call() raising RestoreError("pid N: name(what): strerror") on failure."""
         res = self.call(name, *args)

@@ -103,6 +103,10 @@ class Restore:
                                        terminals=terminals, pidfd=self.pidfd)
 
     def rebuild(self):
+        """Every process's address space laid out, then all filled at once (the tasks
+        read their pages in themselves, overlapped), then each process finished."""
+        pages = self.images.pages
+        laid_out, in_task = [], []
         for p in self.images.processes:
             task = self.tasks[p.pid]
             r = task.remote
@@ -110,10 +114,20 @@ class Restore:
             if not p.shares_files:      # its table is its parent's, already restored
                 with phase("files"):
                     files.close_inherited(r, self.pidfd)
-            # pycr's pidfd is in its table unless that table is its parent's (closed there)
-            pidfd = -1 if p.shares_files else self.pidfd
-            task.workspace, _ = mm.rebuild(r, p.mm, self.images.pages, self.shmem_paths, pidfd=pidfd,
-                                           lazy=self.lazy)
+            task.workspace, skip = mm.prepare(r, p.mm, pages, self.shmem_paths, lazy=self.lazy)
+            laid_out.append((task, p, skip))
+            if p.shares_files:
+                # pycr's pidfd is in its table (its parent's) only until the parent's files are
+                # restored: pycr writes its pages itself
+                with phase("page fill"):
+                    count("pages filled", pages.fill_task(r.real, str(r.pid), skip=skip) // mm.PAGE)
+            else:
+                in_task.append((r, self.pidfd, str(p.pid), skip))
+        step("fill memory")
+        with phase("page fill"):
+            count("pages filled", sum(pages.fill_tasks(in_task)) // mm.PAGE if in_task else 0)
+        for task, p, skip in laid_out:
+            mm.complete(task.remote, p.mm, skip, lazy=self.lazy)
             self.finish_process(task, p)
         self.seal_shared()
 
