@@ -272,7 +272,11 @@ def bad_cases(pki, tmp_path):
     loose = tmp_path / "loose.key"
     shutil.copy(good_key, loose)
     loose.chmod(0o644)
+    locked = tmp_path / "locked.key"
+    openssl("pkey", "-in", good_key, "-aes256", "-passout", "pass:x", "-out", locked)
+    locked.chmod(0o600)
     return [
+        ((good_cert, locked, pki.ca), "locked.key: the TLS key is encrypted with a passphrase (--tls-key)"),
         ((tmp_path / "missing.pem", good_key, pki.ca), "missing.pem: cannot read the TLS certificate (--tls-cert): "
                                                        "No such file or directory"),
         ((good_cert, other_key, pki.ca), f"{other_key}: the TLS key does not match the certificate {good_cert}"),

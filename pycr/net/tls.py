@@ -94,9 +94,6 @@ class TlsConfig:
             ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         return ctx
 
-    def describe(self):
-        return f"certificate {self.cert}, peers checked against {self.cacert}"
-
 
 def load(cert=None, key=None, cacert=None, cacrl=None, no_cn_verify=False):
     """A TlsConfig from the options, criu's paths for those not given (criu's revocation list only
