@@ -83,7 +83,8 @@ def _tls_paths():
 
 
 _TLS_OPTIONS = (("--tls", "tls"), ("--tls-cert", "tls_cert"), ("--tls-key", "tls_key"),
-                ("--tls-cacert", "tls_cacert"), ("--tls-cacrl", "tls_cacrl"), ("--tls-no-cn-verify", "tls_no_cn_verify"))
+                ("--tls-cacert", "tls_cacert"), ("--tls-cacrl", "tls_cacrl"),
+                ("--tls-no-cn-verify", "tls_no_cn_verify"))
 
 
 def _tls_given(args):
