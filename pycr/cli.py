@@ -51,6 +51,57 @@ def _add_object_options(p, restore=False):
     p.add_argument("--file-locks", action="store_true", help="take flock and POSIX file locks")
 
 
+def _add_tls_options(p):
+    """criu's TLS options, for a command that opens or accepts a pycr connection (pycr/net/tls.py)."""
+    p.add_argument("--tls", action="store_true",
+                   help="mutual TLS (1.3 at least) around the whole connection: each side presents its "
+                        "certificate and checks the peer's against the CA; the --secret-file challenge still "
+                        "runs inside it. Both sides need it. Files not given are criu's: "
+                        f"{_tls_paths()}")
+    p.add_argument("--tls-cert", metavar="FILE", help="this side's certificate (PEM); implies --tls")
+    p.add_argument("--tls-key", metavar="FILE",
+                   help="its private key (PEM, unencrypted, mode 0600); implies --tls")
+    p.add_argument("--tls-cacert", "--tls-ca", dest="tls_cacert", metavar="FILE",
+                   help="the CA certificate (PEM) that must have signed the peer's certificate; only it is "
+                        "trusted, never the system's CAs; implies --tls")
+    p.add_argument("--tls-cacrl", metavar="FILE",
+                   help="that CA's certificate revocation list (PEM): a revoked peer certificate is refused "
+                        f"(without it, criu's {_criu_crl()} if present, with criu's CA file only); implies --tls")
+    p.add_argument("--tls-no-cn-verify", action="store_true",
+                   help="the side that connects does not check that the listener's certificate names the host "
+                        "it connected to (the CA check stays); implies --tls")
+
+
+def _criu_crl():
+    from . import net
+    return net.CRIU_TLS_CACRL
+
+
+def _tls_paths():
+    from . import net
+    return f"--tls-cert {net.CRIU_TLS_CERT}, --tls-key {net.CRIU_TLS_KEY}, --tls-cacert {net.CRIU_TLS_CACERT}"
+
+
+_TLS_OPTIONS = (("--tls", "tls"), ("--tls-cert", "tls_cert"), ("--tls-key", "tls_key"),
+                ("--tls-cacert", "tls_cacert"), ("--tls-cacrl", "tls_cacrl"),
+                ("--tls-no-cn-verify", "tls_no_cn_verify"))
+
+
+def _tls_given(args):
+    """The TLS options given on the command line, by name."""
+    return [name for name, attr in _TLS_OPTIONS if getattr(args, attr, None) not in (None, False)]
+
+
+def _credentials(args):
+    """The secret file's bytes and, if any TLS option was given, the certificates: read and checked
+    now, before anything is connected or frozen (auth.Credentials)."""
+    from .net import auth, tls
+    config = None
+    if _tls_given(args):
+        config = tls.load(args.tls_cert, args.tls_key, args.tls_cacert, args.tls_cacrl, args.tls_no_cn_verify)
+    return auth.credentials(args.secret_file, config)
+
+
 def _add_dump_args(p):
     p.add_argument("-t", "--tree", type=_positive_int, required=True, metavar="PID",
                    help="root of the process tree to checkpoint")
@@ -68,6 +119,7 @@ def _add_dump_args(p):
     g.add_argument("--port", type=_port, metavar="PORT", help="the page server's port")
     g.add_argument("--secret-file", metavar="FILE",
                    help="the secret both sides hold (mode 0600); proves each side to the other")
+    _add_tls_options(g)
     _add_display_stats(p)
     _add_object_options(p)
     cliopts.add_output(p)
@@ -236,6 +288,7 @@ def build_parser():
     g.add_argument("--address", metavar="ADDR", help="the source's host name or address")
     g.add_argument("--port", type=_port, metavar="PORT", help="the source's port")
     g.add_argument("--secret-file", metavar="FILE", help="the secret both sides hold (mode 0600)")
+    _add_tls_options(g)
     _add_daemon_options(p)
     cliopts.add_output(p, written="-o and the socket `restore --lazy-pages` connects to are")
     _add_common(p)
@@ -261,6 +314,7 @@ def build_parser():
                    help="migrate to `pycr serve` on another host (default: a replica on this machine)")
     p.add_argument("--secret-file", metavar="FILE",
                    help="with --to: the secret both sides hold (mode 0600)")
+    _add_tls_options(p.add_argument_group("TLS, with --to (criu's options)"))
     p.add_argument("--downtime-limit", type=_positive_float, metavar="MS",
                    help="switch over once the expected downtime (the final pass's fixed cost, measured on the "
                         "pre-dumps, plus what remains over the measured bandwidth) is at most MS milliseconds; "
@@ -285,6 +339,7 @@ def build_parser():
     p.add_argument("--secret-file", required=True, metavar="FILE",
                    help="the secret both sides hold (mode 0600); a peer that cannot prove it holds it is "
                         "dropped before anything it sends is read")
+    _add_tls_options(p.add_argument_group("TLS (criu's options)"))
     p.add_argument("-W", "--work-dir", metavar="DIR",
                    help="where each pass's image set lands before it is applied (default: the temporary "
                         "directory); removed once the migration ends")
@@ -306,6 +361,7 @@ def build_parser():
     p.add_argument("--secret-file", required=True, metavar="FILE",
                    help="the secret both sides hold (mode 0600); a peer that cannot prove it holds it "
                         "is dropped before anything it sends is written")
+    _add_tls_options(p.add_argument_group("TLS (criu's options)"))
     _add_daemon_options(p)
     cliopts.add_output(p)
     _add_common(p)
@@ -335,7 +391,7 @@ def _usage_mistake(args):
     cmd = args.command
     if cmd in ("dump", "pre-dump", "lazy-pages"):
         given = [o for o, v in (("--address", args.address), ("--port", args.port),
-                                ("--secret-file", args.secret_file)) if v is not None]
+                                ("--secret-file", args.secret_file)) if v is not None] + _tls_given(args)
         if getattr(args, "lazy_pages", False):
             missing = [o for o in ("--address", "--port", "--secret-file") if o not in given]
             if missing:
@@ -356,6 +412,8 @@ def _usage_mistake(args):
             return "--mode post-copy and hybrid migrate to another host: give --to and --secret-file"
         if bool(args.to) != bool(args.secret_file):
             return "--to and --secret-file go together"
+        if _tls_given(args) and not args.to:
+            return f"{_tls_given(args)[0]} is for --to, which was not given"
         if args.to and (_host_port(args.to) is None or not _host_port(args.to)[0]):
             return f"--to {args.to}: give it as HOST:PORT"
         if args.abort_over_budget and args.downtime_limit is None:
@@ -485,7 +543,7 @@ def _dump(args):
 
 def _lazy_dump(args):
     from .lazy.remote_source import lazy_dump
-    job = lazy_dump(args.tree, args.images_dir, args.address, args.port, args.secret_file,
+    job = lazy_dump(args.tree, args.images_dir, args.address, args.port, _credentials(args),
                     overwrite=args.overwrite,
                     on_listening=lambda where: print(f"pycr dump: images in {args.images_dir}; serving lazy pages on "
                                                     f"{where}", flush=True))
@@ -499,7 +557,7 @@ def _page_server_client(args):
     if not args.page_server:
         return None
     from .net.page_client import PageServerClient
-    return PageServerClient.connect(args.address, args.port, args.secret_file)
+    return PageServerClient.connect(args.address, args.port, _credentials(args))
 
 
 def _add_daemon_options(p):
@@ -588,15 +646,14 @@ def _listening(args, name, where):
 
 def _page_server(args):
     from .net import channel, page_server
-    from .net.auth import read_secret
-    secret = read_secret(args.secret_file)
+    creds = _credentials(args)
     page_server.check_directory(args.images_dir)
     status = _go_background(args, "page-server")
     if status is not None:
         return status
     listener = channel.listen(args.address, args.port)
     _listening(args, "page-server", channel.describe(listener.getsockname()))
-    got = page_server.serve(listener, args.images_dir, secret)
+    got = page_server.serve(listener, args.images_dir, creds)
     _summary(args, f"page-server: {got.files} pages files, {got.bytes / (1 << 20):.1f} MiB from "
                    f"{got.peer} in {got.directory}")
     return 0
@@ -642,7 +699,7 @@ def _restore(args):
 
 def _lazy_pages(args):
     from .lazy.daemon import lazy_pages
-    remote = (args.address, args.port, args.secret_file) if args.page_server else None
+    remote = (args.address, args.port, _credentials(args)) if args.page_server else None
     status = _go_background(args, "lazy-pages")
     if status is not None:
         return status
@@ -694,11 +751,10 @@ def _migrate(args):
 
 
 def _migrate_to(args):
-    from .net.auth import read_secret
     from .net.migrate_source import migrate_to
     policy = _policy(args)
-    secret = read_secret(args.secret_file)
-    result = migrate_to(args.tree, args.to, secret, policy=policy, tracker=args.tracker, work_dir=args.work_dir,
+    creds = _credentials(args)
+    result = migrate_to(args.tree, args.to, creds, policy=policy, tracker=args.tracker, work_dir=args.work_dir,
                         on_pass=lambda rep: _summary(args, rep.line()), mode=args.mode)
     for line in result.lines():
         _summary(args, line)
@@ -707,9 +763,8 @@ def _migrate_to(args):
 
 def _serve(args):
     from .net import channel
-    from .net.auth import read_secret
     from .net.serve import serve
-    secret = read_secret(args.secret_file)
+    creds = _credentials(args)
     host, port = _host_port(args.listen, port_zero=True)
     listener = channel.listen(host, port)
     print(f"pycr serve: listening on {channel.describe(listener.getsockname())}", flush=True)
@@ -723,7 +778,7 @@ def _serve(args):
         else:
             _summary(args, got.line())
 
-    serve(listener, secret, args.work_dir, pidns=not args.host_pids, once=args.once, on_done=done)
+    serve(listener, creds, args.work_dir, pidns=not args.host_pids, once=args.once, on_done=done)
     return 0
 
 

@@ -19,7 +19,7 @@ from ..restore.lazy import LazyLink
 
 
 class DaemonChild:
-    def __init__(self, images_dir, work_dir, address, port, secret, close_fds=()):
+    def __init__(self, images_dir, work_dir, address, port, creds, close_fds=()):
         r, w = os.pipe2(os.O_CLOEXEC)
         self.pid = os.fork()
         if self.pid == 0:               # the daemon
@@ -29,7 +29,7 @@ class DaemonChild:
                 for fd in close_fds:
                     with contextlib.suppress(OSError):
                         os.close(fd)
-                code = _run(images_dir, work_dir, address, port, secret, w)
+                code = _run(images_dir, work_dir, address, port, creds, w)
             finally:
                 os._exit(code)
         os.close(w)
@@ -66,13 +66,13 @@ class DaemonChild:
             self.wait()
 
 
-def _run(images_dir, work_dir, address, port, secret, w):
+def _run(images_dir, work_dir, address, port, creds, w):
     from ..errors import PycrError
     from .daemon import Daemon
     from .remote import RemotePages
     out = os.fdopen(w, "w")
     try:
-        source = RemotePages(images_dir, address, port, secret=secret, chain_ok=True)
+        source = RemotePages(images_dir, address, port, creds, chain_ok=True)
         daemon = Daemon(images_dir, work_dir, source)
         summary = daemon.run(on_listening=lambda _path: (out.write("listening\n"), out.flush()))
     except (PycrError, OSError) as exc:

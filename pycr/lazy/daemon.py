@@ -207,7 +207,7 @@ class Daemon:
 
 
 def lazy_pages(images_dir, work_dir=None, on_listening=None, page_server=None):
-    """Serve one lazy restore of images_dir -> Summary. page_server: (address, port, secret file)
+    """Serve one lazy restore of images_dir -> Summary. page_server: (address, port, auth.Credentials)
     of a lazy dump's source (`dump --lazy-pages`), which then sends the pages."""
     source = None
     if page_server is not None:

@@ -21,7 +21,6 @@ never runs on pages it does not have.
 
 import contextlib
 import os
-import select
 import struct
 import threading
 import time
@@ -49,8 +48,8 @@ class RemotePages(PageSource):
 
     chunk = wire.LAZY_CHUNK
 
-    def __init__(self, images_dir, address, port, secret_file=None, secret=None, chain_ok=False):
-        self.secret = secret if secret is not None else auth.read_secret(secret_file)
+    def __init__(self, images_dir, address, port, creds, chain_ok=False):
+        self.creds = creds              # auth.Credentials: the secret, and the certificates under --tls
         self.address, self.port = address, port
         chain = manifest.verify_chain(images_dir, deep=False)
         if len(chain) != 1 and not chain_ok:
@@ -173,7 +172,7 @@ class RemotePages(PageSource):
 
     def _connect(self, resumed):
         channel = auth.connect(self.address, self.port, "lazy source", Role.LAZY_DAEMON, {Role.LAZY_SOURCE},
-                               self.secret)
+                               self.creds)
         try:
             wanted = [{"pid": pid, "bitmap": self._still_wanted(pid)} for pid in self.wanted]
             channel.send(FrameType.LAZY_OPEN, {"set_id": bytes.fromhex(self.set_id), "resumed": int(resumed),
@@ -261,7 +260,7 @@ class RemotePages(PageSource):
     def _pump(self):
         channel = self.channel
         while not self._stop:
-            ready, _, _ = select.select([channel.sock, self._req_r, self._wake_r], [], [])
+            ready = ch.ready([channel, self._req_r, self._wake_r])
             if self._wake_r in ready:
                 return
             if self._req_r in ready:
@@ -272,7 +271,7 @@ class RemotePages(PageSource):
                     self.requested += 1
                     with self._send_lock:
                         channel.send(FrameType.PAGE_REQUEST, {"pid": pid, "index": index})
-            if channel.sock in ready:
+            if channel in ready:
                 frame = channel.recv(FrameType.PAGE_CHUNK, FrameType.RESUMING_OK, FrameType.TREE_KILLED,
                                      FrameType.SOURCE_THAWED)
                 if frame.type == FrameType.PAGE_CHUNK:

@@ -31,7 +31,6 @@ import bisect
 import collections
 import contextlib
 import os
-import select
 import signal
 import socket
 import time
@@ -72,8 +71,8 @@ class ReplicaGone(PycrError):
 class LazyDump:
     """The frozen tree's images (lazy pages as holes), then its pages over the network."""
 
-    def __init__(self, root, images_dir, listener, secret, overwrite=False, watch=None):
-        self.root, self.images_dir, self.listener, self.secret = root, images_dir, listener, secret
+    def __init__(self, root, images_dir, listener, creds, overwrite=False, watch=None):
+        self.root, self.images_dir, self.listener, self.creds = root, images_dir, listener, creds
         self.overwrite = overwrite
         self.watch = watch          # a migration's channel: before the commit, a word on it ends the wait
         self.committed_at = None
@@ -137,12 +136,12 @@ class LazyDump:
                  self.stats.total_seconds)
 
     @classmethod
-    def of_frozen(cls, root, frozen, images_dir, listener, secret, watch=None):
+    def of_frozen(cls, root, frozen, images_dir, listener, creds, watch=None):
         """Serve the lazy pages of a set already written with the tree still frozen (the final dump
         of `migrate --mode hybrid`, options.lazy_anon): the pages file's layout comes from its pagemap
         (the runs this set holds itself, back to back); the parent's pages are in the replica already."""
         from ..images import ImageDir
-        job = cls(root, images_dir, listener, secret, watch=watch)
+        job = cls(root, images_dir, listener, creds, watch=watch)
         job.frozen = frozen
         job.frozen_at = time.monotonic()
         job.srcs = {pid: reader(pid, threads) for pid, threads in frozen.processes.items()}
@@ -231,19 +230,19 @@ class LazyDump:
                                 "s: its replica cannot get its missing pages (its watchdog kills it); the "
                                 "source tree is left stopped and detached, the one whole copy: `kill -CONT` "
                                 "it once the replica is known to be gone, or kill it")
-            watched = [self.listener] + ([self.watch.sock] if self.watch is not None and not self.committed else [])
-            ready, _, _ = select.select(watched, [], [], left)
+            watched = [self.listener] + ([self.watch] if self.watch is not None and not self.committed else [])
+            ready = ch.ready(watched, left)
             if not ready:
                 continue
-            if self.watch is not None and self.watch.sock in ready:
+            if self.watch is not None and self.watch in ready:
                 self.watch.recv()       # the destination's ERROR (PeerFailed), or the link's end
                 raise ch.ProtocolError(f"{self.watch.name}: spoke before its lazy-pages daemon connected")
-            channel = ch.accept(self.listener)
+            channel = auth.accept(self.listener, self.creds)
             try:
                 channel.hello(Role.LAZY_SOURCE, {Role.LAZY_DAEMON})
-                auth.server_handshake(channel, self.secret)
+                auth.server_handshake(channel, self.creds.secret)
                 return channel
-            except ch.NetError as exc:         # a stranger or a wrong secret: the tree is not its business
+            except ch.NetError as exc:         # a stranger, a wrong secret or certificate: not its business
                 log.warning("lazy dump: refused %s", exc)
                 channel.close()
 
@@ -268,7 +267,7 @@ class LazyDump:
         sent = {pid: set() for pid in todo}
         urgent = collections.deque()
         while True:
-            while select.select([channel.sock], [], [], 0)[0]:
+            while channel.readable(0):
                 frame = channel.recv(FrameType.PAGE_REQUEST, FrameType.RESUMING, FrameType.ALL_PLACED,
                                      FrameType.REPLICA_GONE)
                 if frame.type == FrameType.PAGE_REQUEST:
@@ -295,7 +294,7 @@ class LazyDump:
             else:
                 pid = next((p for p, q in todo.items() if q), None)
                 if pid is None:             # everything sent: wait for the daemon's word
-                    if not select.select([channel.sock], [], [], settings.net_timeouts()[1])[0]:
+                    if not channel.readable(settings.net_timeouts()[1]):
                         raise ch.PeerLost(f"{channel.name}: silent for {settings.net_timeouts()[1]:g} s")
                     continue
                 index = todo[pid].popleft()
@@ -361,11 +360,10 @@ class LazyDump:
         log.info("every page is in the replica: killed the source tree with SIGKILL")
 
 
-def lazy_dump(root, images_dir, address, port, secret_file, overwrite=False, on_listening=None):
-    """The whole source side -> LazyDump (its stats and bytes sent)."""
-    secret = auth.read_secret(secret_file)
+def lazy_dump(root, images_dir, address, port, creds, overwrite=False, on_listening=None):
+    """The whole source side -> LazyDump (its stats and bytes sent). creds: auth.Credentials."""
     listener = ch.listen(address, port)         # refused here (port in use) before anything is frozen
-    job = LazyDump(root, images_dir, listener, secret, overwrite)
+    job = LazyDump(root, images_dir, listener, creds, overwrite)
     try:
         job.dump()
     except BaseException:

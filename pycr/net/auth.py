@@ -9,13 +9,16 @@ other side's fresh nonce, both roles and the protocol version (in the
 hellos), and a label that tells the two directions apart (no reflection).
 Nothing else is read from a peer before its proof checked out.
 This authenticates the peers; it does not hide or seal what follows
-(docs/trust.md, "Network").
+(docs/trust.md, "Network"). With --tls the whole connection runs inside TLS
+(pycr/net/tls.py: the certificates are checked first) and this challenge
+still runs inside it: a peer must pass both.
 """
 
 import hashlib
 import hmac
 import os
 import stat
+from dataclasses import dataclass
 
 from ..errors import PycrError
 from ..formats import wire
@@ -27,6 +30,19 @@ from .channel import AuthError, PeerFailed
 #: A secret file larger than this is not a secret but a mistake (a wrong path).
 SECRET_MAX = 64 << 10
 LABEL = b"pycr-auth"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What this side proves itself with and checks its peers by: the secret file's bytes, and
+    the TLS certificates (a tls.TlsConfig) or None for a connection in clear."""
+    secret: bytes
+    tls: object = None
+
+
+def credentials(secret_file, tls=None):
+    """Credentials of the secret file (refused as read_secret says) and a tls.TlsConfig or None."""
+    return Credentials(read_secret(secret_file), tls)
 
 
 def read_secret(path):
@@ -85,17 +101,22 @@ def client_handshake(channel, secret):
     log.info("%s: authenticated (HMAC-SHA256 challenge-response both ways)", channel.name)
 
 
-def connect(host, port, what, role, peer_roles, secret):
-    """Connect to a pycr peer (`what` names it in messages), exchange hellos and authenticate
-    -> the channel; on any failure it is closed again."""
-    channel = ch.connect(host, port, what)
+def connect(host, port, what, role, peer_roles, creds):
+    """Connect to a pycr peer (`what` names it in messages), run TLS if creds ask for it, exchange
+    hellos and authenticate -> the channel; on any failure it is closed again."""
+    channel = ch.connect(host, port, what, tls=creds.tls)
     try:
         channel.hello(role, peer_roles)
-        client_handshake(channel, secret)
+        client_handshake(channel, creds.secret)
     except BaseException:
         channel.close()
         raise
     return channel
+
+
+def accept(listener, creds):
+    """The next connection on listener, as a Channel whose hello() runs TLS first if creds ask."""
+    return ch.accept(listener, tls=creds.tls)
 
 
 def server_handshake(channel, secret):

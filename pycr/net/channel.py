@@ -13,6 +13,17 @@ takes no bytes while the socket buffer is full). Once a send has failed
 the channel is broken: the stream may stop in the middle of a frame, so
 nothing more is sent on it and every later send fails at once (a caller
 holding a frozen tree must never wait twice for a dead peer).
+
+With TLS (connect()/accept() given a tls.TlsConfig), hello() first runs the
+TLS handshake, so that everything (the hellos, the authentication, every
+frame) travels inside it. The TLS socket is non-blocking: every SSL call is
+made under a lock and never waits, and the waiting is done with select
+outside it, so that one thread may read while another sends (the lazy-pages
+fetcher does), which OpenSSL does not allow on one SSL object at once. An SSL
+socket has no sendmsg (a frame's parts are joined into one write: encryption
+copies them anyway), and select does not see bytes OpenSSL has decrypted
+already: ready() and readable() look at both. pycr/net has no sendfile or
+MSG_ZEROCOPY path that TLS would have to give up.
 """
 
 import contextlib
@@ -20,6 +31,8 @@ import errno
 import os
 import select
 import socket
+import ssl
+import threading
 import time
 
 from construct.core import ConstructError
@@ -30,6 +43,7 @@ from ..formats import wire
 from ..formats.wire import FrameType, Role
 from ..log import log
 from ..native.core import crc32c
+from . import tls as tlsmod
 
 
 class NetError(PycrError):
@@ -46,6 +60,10 @@ class AuthError(NetError):
 
 class PeerLost(NetError):
     """The connection closed, broke or timed out."""
+
+
+class PeerClosed(PeerLost):
+    """The peer closed or reset the connection."""
 
 
 class PeerFailed(NetError):
@@ -75,10 +93,14 @@ class Channel:
 
     `name` says who the peer is in every error ("page server 1.2.3.4:5",
     "peer 1.2.3.4:5"). The socket is closed by close() or the with block.
+    tls: (TlsConfig, server_side, host dialled): the TLS handshake hello() runs first.
     """
 
-    def __init__(self, sock, name, timeouts=None):
+    def __init__(self, sock, name, timeouts=None, tls=None):
         self.sock = sock
+        self._tls = tls
+        self.encrypted = False
+        self._ssl_lock = threading.Lock()      # one SSL call at a time (module docstring)
         self.name = name
         self.frame_timeout, self.idle_timeout = timeouts or settings.net_timeouts()
         self.sent_hello = self.peer_hello = b""
@@ -102,11 +124,22 @@ class Channel:
     # ------------------------------------------------------------ hello
 
     def hello(self, role, accept):
-        """Send our hello, read and check the peer's -> its Role (one of `accept`)."""
+        """(TLS first, if asked) Send our hello, read and check the peer's -> its Role (one of `accept`)."""
         self.sent_hello = wire.Hello.build(dict(magic=wire.MAGIC, version=wire.PROTOCOL_VERSION,
                                                 role=int(role), reserved=bytes(3)))
-        self._send_parts([self.sent_hello], "the hello")
-        data = self._read_exact(wire.HELLO_SIZE, self.frame_timeout, "its hello", at_start=True)
+        if self._tls is not None:
+            self._start_tls()
+        try:
+            self._send_parts([self.sent_hello], "the hello")
+            data = self._read_exact(wire.HELLO_SIZE, self.frame_timeout, "its hello", at_start=True)
+        except PeerClosed as exc:
+            if self.encrypted:      # in TLS 1.3 a client hears of its refused certificate only now
+                raise AuthError(f"{exc}, right after the TLS handshake: did it refuse this side's "
+                                "certificate (revoked, or another name)?") from None
+            raise
+        if data[:1] in (b"\x15", b"\x16") and data[1:2] == b"\x03":     # a TLS record: handshake, alert
+            raise ProtocolError(f"{self.name}: speaks TLS (it runs with --tls), this side does not: give "
+                                "both sides --tls, or neither")
         hello = wire.Hello.parse(data)
         if bytes(hello.magic) != wire.MAGIC:
             raise ProtocolError(f"{self.name}: not a pycr peer (its first bytes are {data[:8]!r})")
@@ -124,6 +157,101 @@ class Channel:
                                 + " or ".join(_role_name(r) for r in accept))
         self.peer_hello, self.peer_role = data, peer_role
         return peer_role
+
+    def _start_tls(self):
+        """The TLS handshake, before the hellos. A plain pycr client of a TLS listener is answered in
+        clear (a hello and an ERROR) so that it too says in one line what is wrong."""
+        config, server_side, host = self._tls
+        self._tls = None
+        deadline = time.monotonic() + self.frame_timeout
+        sock = self.sock
+        try:
+            self.sock = tlsmod.handshake(sock, config, server_side, host, deadline)
+        except tlsmod.TlsError as exc:
+            if exc.kind == "plain" and server_side:
+                with contextlib.suppress(NetError):
+                    self._send_parts([self.sent_hello], "the hello", patience=2.0)
+                self.error("takes only TLS connections (it runs with --tls): give this side --tls and its "
+                           "certificates too, or run both without")
+                raise ProtocolError(f"{self.name}: {exc}; this side runs with --tls: refused") from None
+            self.broken = (AuthError if exc.kind == "refused" else
+                           ProtocolError if exc.kind == "plain" else PeerLost)(f"{self.name}: {exc}")
+            raise self.broken from None
+        except OSError as exc:
+            self.broken = PeerLost(f"{self.name}: {exc.strerror or exc} during the TLS handshake")
+            raise self.broken from None
+        self.encrypted = True
+        cert = self.sock.getpeercert() or {}
+        subject = ", ".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
+        log.info("%s: %s, %s; its certificate (%s) checked against %s", self.name, self.sock.version(),
+                 self.sock.cipher()[0], subject or "no subject", config.cacert)
+
+    # ------------------------------------------------------------ the socket, plain or TLS
+
+    def buffered(self):
+        """True if bytes are waiting that select does not see (decrypted by TLS already)."""
+        if not self.encrypted:
+            return False
+        with self._ssl_lock:
+            return self.sock.pending() > 0
+
+    def readable(self, timeout=0):
+        """True if something (a frame, the end) can be read within timeout seconds (None: wait)."""
+        return self.buffered() or bool(select.select([self.sock], [], [], timeout)[0])
+
+    def _wait(self, readable, deadline):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout()
+        ready = select.select([self.sock], [], [], left) if readable else select.select([], [self.sock], [], left)
+        if not (ready[0] or ready[1]):
+            raise socket.timeout()
+
+    def _recv_some(self, view, deadline):
+        """Some bytes into view by the monotonic deadline -> how many (0: the peer closed);
+        socket.timeout if none came."""
+        if not self.encrypted:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout()
+            self.sock.settimeout(left)
+            return self.sock.recv_into(view)
+        while True:
+            with self._ssl_lock:
+                try:
+                    return self.sock.recv_into(view)
+                except ssl.SSLWantReadError:
+                    readable = True
+                except ssl.SSLWantWriteError:
+                    readable = False
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    return 0        # close_notify, or a close without it: framing tells a truncation
+            self._wait(readable, deadline)
+
+    def _send_some(self, views, deadline):
+        """Some of views sent by the monotonic deadline -> bytes sent; socket.timeout if none could be."""
+        if not self.encrypted:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout()
+            self.sock.settimeout(left)
+            return self.sock.sendmsg(views)
+        while True:
+            with self._ssl_lock:
+                try:
+                    # after a want, OpenSSL takes the same bytes again (Python allows a moved buffer)
+                    return self.sock.send(views[0])
+                except ssl.SSLWantWriteError:
+                    readable = False
+                except ssl.SSLWantReadError:
+                    readable = True
+            self._wait(readable, deadline)
+
+    def _shutdown_write(self):
+        """No more bytes from us (the peer reads the end after what was sent). Under TLS the plain
+        socket's shutdown: SSLSocket.shutdown would drop the SSL object, and the peer's last
+        frames with it."""
+        socket.socket.shutdown(self.sock, socket.SHUT_WR)
 
     # ------------------------------------------------------------ sending
 
@@ -153,8 +281,7 @@ class Channel:
 
     def check_incoming(self):
         """Raise what the peer sent unasked (PeerFailed for its ERROR, PeerLost if it closed)."""
-        readable, _, _ = select.select([self.sock], [], [], 0)
-        if readable:
+        if self.readable(0):
             frame = self._read_frame(self.frame_timeout)
             if frame.type == FrameType.ERROR:
                 raise PeerFailed(f"{self.name}: {printable(frame.body.message)}")
@@ -171,15 +298,16 @@ class Channel:
         with contextlib.suppress(NetError, OSError, ValueError):
             self.send(FrameType.ERROR, {"message": str(message)[:4000]},
                       patience=min(linger, self.frame_timeout))
-            self.sock.shutdown(socket.SHUT_WR)
+            self._shutdown_write()
             deadline = time.monotonic() + linger
-            while (left := deadline - time.monotonic()) > 0:
-                self.sock.settimeout(left)
-                if not self.sock.recv(1 << 16):
-                    break
+            scratch = memoryview(bytearray(1 << 16))
+            while self._recv_some(scratch, deadline):
+                pass
 
     def _send_parts(self, parts, what, patience=None):
         views = [memoryview(p).cast("B") for p in parts if len(p)]
+        if self.encrypted and len(views) > 1:
+            views = [memoryview(b"".join(views))]      # no sendmsg on an SSL socket
         patience = self.frame_timeout if patience is None else patience
         deadline = time.monotonic() + patience
         try:
@@ -194,11 +322,7 @@ class Channel:
     def _send_until(self, views, deadline):
         """Send every view by the monotonic deadline (socket.timeout if not)."""
         while views:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise socket.timeout()
-            self.sock.settimeout(left)
-            sent = self.sock.sendmsg(views)
+            sent = self._send_some(views, deadline)
             while views and sent >= len(views[0]):
                 sent -= len(views[0])
                 views.pop(0)
@@ -210,14 +334,16 @@ class Channel:
         failed = self.pending_error()
         if failed:
             return failed
-        reason = {errno.EPIPE: "closed the connection", errno.ECONNRESET: "reset the connection"}.get(
-            exc.errno, exc.strerror or str(exc))
-        return PeerLost(f"{self.name}: {reason} {when}")
+        if isinstance(exc, ssl.SSLError):
+            return _tls_failure(self.name, exc, when)
+        reason = {errno.EPIPE: "closed the connection", errno.ECONNRESET: "reset the connection"}.get(exc.errno)
+        if reason:
+            return PeerClosed(f"{self.name}: {reason} {when}")
+        return PeerLost(f"{self.name}: {exc.strerror or exc} {when}")
 
     def pending_error(self):
         """A PeerFailed if the peer left an ERROR frame before it closed, else None."""
         try:
-            self.sock.settimeout(0.5)
             frame = self._read_frame(0.5)
         except (NetError, OSError):
             return None
@@ -295,17 +421,19 @@ class Channel:
                                    "due: dropped")
                 raise PeerLost(f"{self.name}: stopped sending in the middle of {what} ({got} of {n} "
                                f"bytes): dropped after {self.frame_timeout:g} s")
-            self.sock.settimeout(left)
             try:
-                k = self.sock.recv_into(view[got:])
+                k = self._recv_some(view[got:], deadline)
             except socket.timeout:
                 continue
+            except ssl.SSLError as exc:
+                raise _tls_failure(self.name, exc, f"while pycr read {what}") from None
             except OSError as exc:
-                reason = "reset the connection" if exc.errno == errno.ECONNRESET else exc.strerror or exc
-                raise PeerLost(f"{self.name}: {reason} while pycr read {what}") from None
+                if exc.errno == errno.ECONNRESET:
+                    raise PeerClosed(f"{self.name}: reset the connection while pycr read {what}") from None
+                raise PeerLost(f"{self.name}: {exc.strerror or exc} while pycr read {what}") from None
             if k == 0:
                 if got == 0 and at_start:
-                    raise PeerLost(f"{self.name}: closed the connection")
+                    raise PeerClosed(f"{self.name}: closed the connection")
                 raise ProtocolError(f"{self.name}: truncated frame: the connection closed after {got} "
                                     f"of the {n} bytes of {what}")
             if got == 0 and patience is not None:
@@ -320,12 +448,30 @@ def printable(text, limit=300):
     return text + ("..." if len(text) >= limit else "")
 
 
+def _tls_failure(name, exc, when):
+    """The NetError of an SSLError on an established channel: AuthError if the peer refused this
+    side's certificate (a TLS 1.3 client learns it at its first read), else PeerLost."""
+    if tlsmod.is_refusal(exc):
+        return AuthError(f"{name}: {tlsmod.explain(exc)}")
+    return PeerLost(f"{name}: {tlsmod.explain(exc)} {when}")
+
+
 def _role_name(role):
     return role.name.lower().replace("_", "-")
 
 
-def connect(host, port, label="peer"):
-    """A Channel to host:port (not yet through its hello). NetError if it cannot be reached."""
+def ready(watched, timeout=None):
+    """Which of watched (Channels, sockets, fds) can be read within timeout seconds (None: wait),
+    as select.select's first list; a Channel holding decrypted bytes counts at once."""
+    now = [w for w in watched if isinstance(w, Channel) and w.buffered()]
+    fds = [w.sock if isinstance(w, Channel) else w for w in watched]
+    got = select.select(fds, [], [], 0 if now else timeout)[0]
+    return now + [w for w, fd in zip(watched, fds) if fd in got and w not in now]
+
+
+def connect(host, port, label="peer", tls=None):
+    """A Channel to host:port (not yet through its hello, which runs the TLS handshake if tls,
+    a tls.TlsConfig, is given). NetError if it cannot be reached."""
     where = f"{label} {host}:{port}"
     frame_timeout, idle = settings.net_timeouts()
     try:
@@ -337,7 +483,8 @@ def connect(host, port, label="peer"):
     except OSError as exc:
         raise NetError(f"{where}: cannot connect: {exc.strerror or exc}") from None
     log.info("connected to %s from %s", where, describe(sock.getsockname()))
-    return Channel(sock, f"{label} {describe(sock.getpeername())}", (frame_timeout, idle))
+    return Channel(sock, f"{label} {describe(sock.getpeername())}", (frame_timeout, idle),
+                   tls=None if tls is None else (tls, False, host))
 
 
 def listen(address, port):
@@ -352,7 +499,8 @@ def listen(address, port):
         raise NetError(f"cannot listen on {address or '*'}:{port}: {reason}") from None
 
 
-def accept(server_sock):
-    """The next connection on a listening socket, as a Channel named after its peer."""
+def accept(server_sock, tls=None):
+    """The next connection on a listening socket, as a Channel named after its peer (its hello
+    runs the TLS handshake first if tls, a tls.TlsConfig, is given)."""
     sock, addr = server_sock.accept()
-    return Channel(sock, f"peer {describe(addr)}")
+    return Channel(sock, f"peer {describe(addr)}", tls=None if tls is None else (tls, True, None))

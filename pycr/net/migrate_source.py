@@ -135,12 +135,13 @@ def _split(address):
     return host.strip("[]"), int(port)
 
 
-def _connect(host, port, secret):
-    return auth.connect(host, port, "destination", Role.MIGRATE_SOURCE, {Role.MIGRATE_DEST}, secret)
+def _connect(host, port, creds):
+    return auth.connect(host, port, "destination", Role.MIGRATE_SOURCE, {Role.MIGRATE_DEST}, creds)
 
 
-def migrate_to(root, address, secret, policy=None, tracker="auto", work_dir=None, on_pass=None, mode="pre-copy"):
+def migrate_to(root, address, creds, policy=None, tracker="auto", work_dir=None, on_pass=None, mode="pre-copy"):
     """Move the tree rooted at root to `pycr serve` at address (HOST:PORT) -> NetMigration.
+    creds: auth.Credentials (the secret; the certificates under --tls).
 
     Raises a PycrError with the source running as it was (thawed, untracked)
     and the destination's replica discarded, unless the source was killed:
@@ -154,7 +155,7 @@ def migrate_to(root, address, secret, policy=None, tracker="auto", work_dir=None
         raise PycrError(f"--mode {mode}: one of {', '.join(MODES)}")
     host, port = _split(address)
     started = time.monotonic()
-    chan = _connect(host, port, secret)          # before anything is frozen or tracked
+    chan = _connect(host, port, creds)           # before anything is frozen or tracked
     keep = work_dir is not None
     if not keep:
         loop.sweep_work_dirs()
@@ -165,7 +166,7 @@ def migrate_to(root, address, secret, policy=None, tracker="auto", work_dir=None
     handover.forget()
     source.lazy_final = mode == "hybrid"
     result = NetMigration(chan.name.split()[-1], mode=mode)
-    run = _Run(chan, source, result, os.urandom(16), (host, port), secret, on_pass)
+    run = _Run(chan, source, result, os.urandom(16), (host, port), creds, on_pass)
     try:
         if mode == "post-copy":
             run.post_copy(root, work_dir)
@@ -187,9 +188,9 @@ def migrate_to(root, address, secret, policy=None, tracker="auto", work_dir=None
 class _Run:
     """One migration's conversation, and what each failure leaves behind."""
 
-    def __init__(self, chan, source, result, migration_id, where, secret, on_pass):
+    def __init__(self, chan, source, result, migration_id, where, creds, on_pass):
         self.chan, self.source, self.result = chan, source, result
-        self.id, self.where, self.secret, self.on_pass = migration_id, where, secret, on_pass
+        self.id, self.where, self.creds, self.on_pass = migration_id, where, creds, on_pass
         self.pass_started = []
 
     def passes(self, root):
@@ -238,7 +239,7 @@ class _Run:
         self.chan.send(FrameType.MIGRATION, {"id": self.id, "root_pid": root})
         path = os.path.join(work_dir, "01-dump")
         listener = self._lazy_listener()
-        job = LazyDump(root, path, listener, self.secret, watch=self.chan)
+        job = LazyDump(root, path, listener, self.creds, watch=self.chan)
         self.pass_started.append(time.monotonic())
         try:
             job.dump()                          # frozen from here (thawed if the dump fails)
@@ -252,7 +253,7 @@ class _Run:
     def _hybrid_final(self, path, dump_seconds, send_seconds):
         """The final set was sent without the pages dirtied since the previous pass: serve them."""
         source = self.source
-        job = LazyDump.of_frozen(source.root, source.frozen, path, self._lazy_listener(), self.secret,
+        job = LazyDump.of_frozen(source.root, source.frozen, path, self._lazy_listener(), self.creds,
                                  watch=self.chan)
         job.frozen_at = source.frozen_at
         job.thaw = lambda: source.finish(False)     # thawed, its dirty tracking taken out
@@ -310,7 +311,7 @@ class _Run:
         self.chan.close()
         while time.monotonic() < deadline:
             try:
-                chan = _connect(*self.where, self.secret)
+                chan = _connect(*self.where, self.creds)
             except ch.AuthError:
                 raise
             except PycrError as exc:

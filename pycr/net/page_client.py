@@ -1,6 +1,6 @@
 """The dump's side of criu's page server: pages files go over the channel instead of to disk.
 
-`PageServerClient.connect()` reads the secret, connects and authenticates
+`PageServerClient.connect()` connects (TLS if asked) and authenticates
 before the dump freezes anything. The dump's ImageDir then hands out a
 RemotePagesFile for every pages-<owner>.img (ImageDir.pages_sink): the same
 interface as checksum.PagesFile, so the copy paths (collect/memory.py,
@@ -118,10 +118,9 @@ class PageServerClient:
         self.done = False
 
     @classmethod
-    def connect(cls, host, port, secret_file):
-        """Read the secret (refused before any connection), connect, hello, authenticate."""
-        secret = auth.read_secret(secret_file)
-        return cls(auth.connect(host, port, "page server", Role.PAGE_CLIENT, {Role.PAGE_SERVER}, secret))
+    def connect(cls, host, port, creds):
+        """Connect (TLS if creds.tls), hello, authenticate with creds (auth.Credentials, read first)."""
+        return cls(auth.connect(host, port, "page server", Role.PAGE_CLIENT, {Role.PAGE_SERVER}, creds))
 
     @property
     def name(self):

@@ -143,17 +143,18 @@ class Receiver:
         return self.current
 
 
-def serve(listener, directory, secret):
-    """Accept connections on listener until one authenticates; receive its files -> Received.
+def serve(listener, directory, creds):
+    """Accept connections on listener until one authenticates (auth.Credentials: the secret, and
+    the certificates under --tls); receive its files -> Received.
 
     A peer that fails before it has proved it holds the secret (a foreign
-    client, a wrong secret, silence) is refused in one line on stderr and the
-    server goes on waiting for the dump. Raises a PycrError (one line, naming
-    the peer) for anything but a dump that ends with DONE; the directory then
-    holds nothing of this connection.
+    client, a wrong secret or certificate, TLS on one side only, silence) is
+    refused in one line on stderr and the server goes on waiting for the dump.
+    Raises a PycrError (one line, naming the peer) for anything but a dump that
+    ends with DONE; the directory then holds nothing of this connection.
     """
     try:
-        channel = _authenticated(listener, secret)
+        channel = _authenticated(listener, creds)
     finally:
         listener.close()            # one dump, as criu's page server
     with channel:
@@ -174,14 +175,14 @@ def serve(listener, directory, secret):
         return Received(channel.name, len(receiver.kept), receiver.bytes, directory)
 
 
-def _authenticated(listener, secret):
-    """The first connection that passes the hello and the handshake; the others are refused."""
+def _authenticated(listener, creds):
+    """The first connection that passes TLS (if on), the hello and the handshake; the others are refused."""
     while True:
-        channel = ch.accept(listener)
+        channel = auth.accept(listener, creds)
         try:
             log.info("%s: connected", channel.name)
             channel.hello(Role.PAGE_SERVER, {Role.PAGE_CLIENT})
-            auth.server_handshake(channel, secret)
+            auth.server_handshake(channel, creds.secret)
             return channel
         except ch.NetError as exc:
             channel.close()

@@ -53,10 +53,10 @@ class NetworkTransport(Transport):
     # serve --host-pids: the replica's PIDs must be free on this host, checked before any task exists
     pids_advice = "serve without --host-pids (the replica then gets a PID namespace of its own)"
 
-    def __init__(self, channel, listener, secret, work_dir, migration_id):
+    def __init__(self, channel, listener, creds, work_dir, migration_id):
         self.channel = channel
         self.listener = listener        # for the source's VERDICT if the link dies at the commit point
-        self.secret = secret
+        self.creds = creds
         self.work_dir = work_dir
         self.migration_id = migration_id
         self.sets = []
@@ -90,7 +90,7 @@ class NetworkTransport(Transport):
         host = self.channel.sock.getpeername()[0]
         log.info("%s: the final set's anonymous pages are served at %s port %d: starting the lazy-pages "
                  "daemon", self.channel.name, host, port)
-        self.daemon = DaemonChild(path, self.work_dir, host, port, self.secret,
+        self.daemon = DaemonChild(path, self.work_dir, host, port, self.creds,
                                   close_fds=(self.channel.sock.fileno(), self.listener.fileno()))
         self.lazy_link = self.daemon.link
 
@@ -164,12 +164,12 @@ class NetworkTransport(Transport):
         """The VERDICT of the next authenticated connection naming this migration, or None."""
         self.listener.settimeout(left)
         try:
-            chan = ch.accept(self.listener)
+            chan = auth.accept(self.listener, self.creds)
         except (socket.timeout, OSError):
             return None
         try:
             chan.hello(Role.MIGRATE_DEST, {Role.MIGRATE_SOURCE})
-            auth.server_handshake(chan, self.secret)
+            auth.server_handshake(chan, self.creds.secret)
             frame = chan.recv(FrameType.VERDICT, FrameType.MIGRATION)
             if frame.type == FrameType.MIGRATION or bytes(frame.body.id) != self.migration_id:
                 chan.error("busy: another migration is being settled here")
@@ -237,12 +237,12 @@ class Refused(PycrError):
     """A peer refused before any migration began (foreign, wrong secret, silent): no replica existed."""
 
 
-def serve_one(chan, listener, secret, work_top, pidns=True):
+def serve_one(chan, listener, creds, work_top, pidns=True):
     """Run the migration a source opens on `chan` -> Served. Refused if the peer fails before its
     migration begins; another PycrError (the replica discarded) if the migration fails."""
     try:
         chan.hello(Role.MIGRATE_DEST, {Role.MIGRATE_SOURCE})
-        auth.server_handshake(chan, secret)
+        auth.server_handshake(chan, creds.secret)
         first = chan.recv(FrameType.MIGRATION, FrameType.VERDICT)
     except PycrError as exc:
         chan.close()
@@ -254,7 +254,7 @@ def serve_one(chan, listener, secret, work_top, pidns=True):
     log.info("%s: migration of pid %d begins", chan.name, first.body.root_pid)
     steps.begin("serve")            # a stop signal from here on discards the replica
     work = tempfile.mkdtemp(prefix=WORK_PREFIX, dir=work_top)
-    transport = NetworkTransport(chan, listener, secret, work, bytes(first.body.id))
+    transport = NetworkTransport(chan, listener, creds, work, bytes(first.body.id))
     try:
         result = follow(transport, pidns=pidns, on_pass=transport.on_pass)
         if transport.daemon is not None:
@@ -325,8 +325,9 @@ def _parent_of(pid):
         return None
 
 
-def serve(listener, secret, work_top=None, pidns=True, once=False, on_done=None):
-    """Accept migrations on listener until once is done (or forever).
+def serve(listener, creds, work_top=None, pidns=True, once=False, on_done=None):
+    """Accept migrations on listener until once is done (or forever), from peers that prove
+    themselves with creds (auth.Credentials: the secret, and the certificates under --tls).
 
     on_done(Served or PycrError) after each. A failed migration with once raises."""
     if work_top is not None:
@@ -336,10 +337,10 @@ def serve(listener, secret, work_top=None, pidns=True, once=False, on_done=None)
     while True:
         steps.finish("serve", "no migration was in progress; the replicas it made go on")
         listener.settimeout(None)
-        chan = ch.accept(listener)
+        chan = auth.accept(listener, creds)
         log.info("%s: connected", chan.name)
         try:
-            got = serve_one(chan, listener, secret, work_top, pidns)
+            got = serve_one(chan, listener, creds, work_top, pidns)
         except PycrError as exc:
             if once:
                 raise
