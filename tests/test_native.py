@@ -204,6 +204,24 @@ def test_vm_read_runs_copies_exactly_the_runs(spawn, tmp_path):
             assert f.read(PAGE) == pattern(i), f"page {i}"
 
 
+@pytest.mark.parametrize("buffer_pages", [1, 2, 3, 64])
+def test_vm_read_runs_through_a_small_buffer_in_halves_keeps_order_and_sums(spawn, tmp_path, buffer_pages):
+    """The copy loop reads one half of its buffer while the other is written: with a
+    buffer of 1 page (no halves), 2, 3 (odd) and 64 pages, the file holds the runs in
+    order and the sums are those of the file."""
+    child = spawn(17000, BIG_SPECS)
+    pages = touched_pages(child.specs)
+    runs = as_runs(child.base, pages)
+    out = tmp_path / "pages.img"
+    sums = core.ChunkSums(5 * PAGE)
+    with open(out, "wb") as f, core.Copier(buffer_pages * PAGE):
+        written = core.vm_read_runs(child.pid, runs, f.fileno(), sums)
+    data = out.read_bytes()
+    assert written == len(pages) * PAGE == len(data)
+    assert all(data[k * PAGE:(k + 1) * PAGE] == pattern(i) for k, i in enumerate(pages))
+    assert list(sums.sums()) == [core.crc32c(data[at:at + 5 * PAGE]) for at in range(0, len(data), 5 * PAGE)]
+
+
 def test_vm_read_runs_names_unreadable_address(spawn, tmp_path):
     child = spawn(4, [(0, 4, 1)])
     hole = 0x10000  # below mmap_min_addr: never mapped
