@@ -455,3 +455,26 @@ def test_stub_init_is_pid1_of_new_namespace_and_reaps():
             assert int(f.read().rsplit(")", 1)[1].split()[11]) - utime < 10
     finally:
         reap_pid(pid)
+
+
+def test_copier_is_sized_by_what_a_dump_will_copy_before_its_first_use(spawn, tmp_path):
+    """A small dump prefaults a small buffer: expect() sizes the buffer before it is mapped
+    (a quarter of the bytes, at least 1 MiB, never above the configured size), not after;
+    and the copy through it is whole."""
+    child = spawn(64, [(0, 64, 1)])
+    runs = as_runs(child.base, list(range(64)))
+    with core.Copier(32 << 20) as copier:
+        copier.expect(2 << 20)
+        assert copier.size == 1 << 20
+        copier.expect(1 << 30)
+        assert copier.size == 1 << 20
+        with open(tmp_path / "p", "wb") as f:
+            assert core.vm_read_runs(child.pid, runs, f.fileno()) == 64 * PAGE
+        copier.expect(1 << 30)                          # mapped now: stays as it is
+        assert copier.size == 1 << 20
+    with core.Copier(32 << 20) as big:
+        big.expect(1 << 34)
+        assert big.size == 32 << 20
+    with pytest.raises(ValueError):
+        big.sum_fd(core.ChunkSums(PAGE), os.open(tmp_path / "p", os.O_RDONLY), 0, PAGE)
+    assert (tmp_path / "p").read_bytes() == b"".join(pattern(i) for i in range(64))

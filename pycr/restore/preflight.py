@@ -12,6 +12,7 @@ from pycr.errors import PycrError, RestoreError, Unsupported
 from pycr.log import log
 from pycr.ptrace import xstate as X
 from pycr.restore import files, ghost, kinds, mm, process
+from pycr.restore.pipe_ends import PIPE_OUTLOOK, lonely_pipe_ends
 
 DELETED = " (deleted)"
 
@@ -87,24 +88,6 @@ def check_files(images):
         for what, path in (("cwd", p.core.cwd), ("root", p.core.root)):
             if path.endswith(DELETED) or _stat(path) is None:
                 raise RestoreError(f"pid {p.pid}: {what} {path} no longer exists")
-
-
-#: what a pipe's remaining end meets once its other end is gone (pipe(7))
-PIPE_OUTLOOK = {"reader": "its writer gets SIGPIPE at its next write (which kills it unless SIGPIPE is "
-                          "ignored or handled: then EPIPE)",
-                "writer": "its reader gets EOF once the pipe is drained"}
-
-
-def lonely_pipe_ends(fds):
-    """{pipe_id: "reader" or "writer"}: the end missing from pipes of which fds (type, flags,
-    pipe_id of every fd of the tree) hold only the other end."""
-    ends = {}
-    for kind, flags, pipe_id in fds:
-        if kind == "pipe":
-            mode = flags & 3
-            ends.setdefault(pipe_id, set()).add("w" if mode == 1 else "r" if mode == 0 else "rw")
-    return {pipe_id: "reader" if modes == {"w"} else "writer"
-            for pipe_id, modes in ends.items() if "rw" not in modes and len(modes) == 1}
 
 
 def check_pipes(images):
