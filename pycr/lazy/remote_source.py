@@ -291,6 +291,10 @@ class LazyDump:
                     return True
             if urgent:
                 pid, index = urgent.popleft()
+                if index in sent.get(pid, ()):
+                    # on its way already (in the socket buffers or on the link): a fault on it
+                    # while it travels must not put it on the link a second time
+                    continue
             else:
                 pid = next((p for p, q in todo.items() if q), None)
                 if pid is None:             # everything sent: wait for the daemon's word
