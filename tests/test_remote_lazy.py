@@ -76,6 +76,16 @@ def replica_says(w, pattern, mark, timeout=30):
     return m
 
 
+def start_tree(spawn_python, cleanup_pids):
+    """TREE_SCRIPT running and counting -> (workload, sorted pids of its two processes)."""
+    w = spawn_python("remotelazy", TREE_SCRIPT)
+    child = int(w.wait_for(r"^child ready (\d+)$").group(1))
+    w.wait_for(r"^count parent 10$")
+    pids = sorted([w.pid, child])
+    cleanup_pids.add(*pids)
+    return w, pids
+
+
 def lazy_source(procs, w, img, secret, env=None):
     """`pycr dump --lazy-pages` of w's tree on a free loopback port -> (Popen, port), once the set is sealed."""
     src = procs("dump", "-t", w.pid, "-D", img, "--lazy-pages", "--address", "127.0.0.1", "--port", 0,
@@ -99,11 +109,7 @@ def destination(procs, img, copy, port, secret, env=None):
 
 def test_a_tree_moves_lazily_and_the_source_is_killed_after_the_last_page(
         spawn_python, tmp_path, cleanup_pids, procs, secret):
-    w = spawn_python("remotelazy", TREE_SCRIPT)
-    child = int(w.wait_for(r"^child ready (\d+)$").group(1))
-    w.wait_for(r"^count parent 10$")
-    pids = sorted([w.pid, child])
-    cleanup_pids.add(*pids)
+    w, pids = start_tree(spawn_python, cleanup_pids)
     src, port = lazy_source(procs, w, tmp_path / "img", secret)
     # Only what is not anonymous memory was written: the 48 MiB stay in the frozen task.
     written = sum(os.stat(tmp_path / "img" / f).st_blocks * 512 for f in os.listdir(tmp_path / "img"))
@@ -280,11 +286,7 @@ def test_a_fault_on_a_chunk_already_sent_gets_no_second_copy(spawn_python, tmp_p
     from pycr import manifest
     from pycr.formats.wire import FrameType, Role
     from pycr.net import auth
-    w = spawn_python("remotelazy", TREE_SCRIPT)
-    child = int(w.wait_for(r"^child ready (\d+)$").group(1))
-    w.wait_for(r"^count parent 10$")
-    pids = sorted([w.pid, child])
-    cleanup_pids.add(*pids)
+    w, pids = start_tree(spawn_python, cleanup_pids)
     src, port = lazy_source(procs, w, tmp_path / "img", secret)
     set_id = bytes(manifest.read(tmp_path / "img").set_id)
     channel = auth.connect("127.0.0.1", port, "lazy source", Role.LAZY_DAEMON, {Role.LAZY_SOURCE},
