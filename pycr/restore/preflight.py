@@ -1,8 +1,9 @@
 """What the running system must offer before any task is created.
 
-PIDs free, every file that fds, mappings, cwd and exe name still there, and
-no mapped file shrunk below its mapped offset. Checking now means a failed
-restore usually leaves nothing to clean up.
+PIDs free, every file that fds, mappings, cwd and exe name still there, no
+mapped file shrunk below its mapped offset, and every address a socket was
+bound to on this host. Checking now means a failed restore usually leaves
+nothing to clean up.
 """
 
 import os
@@ -99,6 +100,14 @@ def check_pipes(images):
                     pipe_id, missing, PIPE_OUTLOOK[missing])
 
 
+def check_addresses(images):
+    """A TCP or UDP socket bound to one address needs that address here (another host may lack it)."""
+    body = images.objects.get("inetsk")
+    if body is not None:
+        from pycr.restore import inetsk     # imported only for a set that has sockets
+        inetsk.check_here(body)
+
+
 def check_cpu(images):
     """Every thread's extended state fits this CPU, and every permission the
     process had (AMX) can be granted here; one line naming what differs."""
@@ -141,4 +150,5 @@ def check(images, pidns, pids_advice=PIDS_TAKEN):
         process.check_rlimits(p.pid, p.core)
         mm.check_vmas(p.pid, p.mm)
     check_files(images)
+    check_addresses(images)
     check_pipes(images)
