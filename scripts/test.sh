@@ -18,5 +18,5 @@ cd "$scratch"
 "$venv/bin/python" -c 'import pycr, pycr.native, pycr.formats; print("== pycr from", pycr.__path__[0])'
 
 export PYCR_EXPECT_INSTALLED="$venv"
-exec "$venv/bin/python" -m pytest -v -ra -p no:cacheprovider \
+exec "$venv/bin/python" -m pytest -v -ra --durations=30 -p no:cacheprovider \
     --rootdir "$repo" -c "$repo/pyproject.toml" "$@" "$repo/tests"
