@@ -93,11 +93,10 @@ class ArrivingPages:
         if size != check.entry.size:
             raise ImageError(where, f"announced with {size} bytes, manifest.img says {check.entry.size}")
         owner = str(classify_name(name).key)
-        task = self.staged.targets.get(owner)
-        if task is None:
+        if owner not in self.staged.targets:
             raise ImageError(where, f"corrupt: pages of pid {owner}, which is not a process of this set")
         runs = pages_mod.delta_runs(self.staged.images.pages, owner)
-        return ArrivingFile(self, owner, task, runs, where, check)
+        return ArrivingFile(self, owner, runs, where, check)
 
     def close(self):
         """Every pages file the manifest lists has arrived whole."""
@@ -111,16 +110,16 @@ class ArrivingPages:
 class ArrivingFile:
     """One pages file: bytes in file order -> checked chunks -> the task, and the file on disk."""
 
-    def __init__(self, parent, owner, task, runs, where, check):
-        self.parent, self.owner, self.task, self.where, self.check = parent, owner, task, where, check
-        self.runs = runs
+    def __init__(self, parent, owner, runs, where, check):
+        self.parent, self.owner, self.where, self.check = parent, owner, where, check
+        self.runs = runs                # the pagemap's level-0 runs, back to back in the file
         self.offsets = []               # file offset of each run
         at = 0
         for i in range(0, len(runs), 2):
             self.offsets.append(at)
             at += runs[i + 1]
-        self.chunk = bytearray()
-        self.at = 0                     # file offset of self.chunk's first byte
+        self.partial = bytearray()      # a chunk begun in one frame, to be ended in the next
+        self.at = 0                     # file offset of the next chunk
         self.fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
     def write(self, data):
@@ -128,16 +127,16 @@ class ArrivingFile:
         view = memoryview(data)
         size = self.check.chunk
         while view:
-            if not self.chunk and len(view) >= size:
+            if not self.partial and len(view) >= size:
                 self._chunk(view[:size])            # a whole chunk in one frame: no copy
                 view = view[size:]
                 continue
-            take = min(size - len(self.chunk), len(view))
-            self.chunk += view[:take]
+            take = min(size - len(self.partial), len(view))
+            self.partial += view[:take]
             view = view[take:]
-            if len(self.chunk) == size:
-                self._chunk(memoryview(self.chunk))
-                self.chunk = bytearray()
+            if len(self.partial) == size:
+                self._chunk(memoryview(self.partial))
+                self.partial = bytearray()
 
     def zeros(self, n):
         """n bytes of zeros (a hole in the file as sent)."""
@@ -149,9 +148,9 @@ class ArrivingFile:
     def close(self):
         """The last bytes are in: check and write the short last chunk; the file is whole."""
         try:
-            if self.chunk:
-                self._chunk(memoryview(self.chunk))
-                self.chunk = bytearray()
+            if self.partial:
+                self._chunk(memoryview(self.partial))
+                self.partial = bytearray()
             if not self.check.done():
                 raise ImageError(self.where, f"truncated: {self.check.size} bytes arrived, manifest.img "
                                              f"says {self.check.entry.size}")
