@@ -37,6 +37,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -512,6 +513,10 @@ def main(argv=None):
         print("compare: both tools need root (ptrace of any process, PIDs restored as they were)")
         return 1
     procs.become_subreaper()
+    # SIGTERM and SIGHUP end the run as Ctrl-C does, through the finally blocks that kill
+    # the workload by PID (their default action would leave it running)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.default_int_handler)
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine_line()}")

@@ -198,7 +198,7 @@ WNOHANG = 1
 SIGRTMIN_KERNEL, NSIG = 32, 64       # the kernel's first real-time signal (glibc keeps 32-33) and _NSIG
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
-CLONE_NEWPID = 0x20000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 
 PF_KTHREAD = 0x00200000               # task flag (linux/sched.h), field 9 of /proc/PID/stat: a kernel thread
 

@@ -71,7 +71,7 @@ def _collect_files(pid, hidden):
 def _warn_lonely_pipes(files_by_src):
     """A pipe whose other end is outside the tree has nothing there after a restore: say so
     now, while the user can still give the tree both ends (or a file) before restoring it."""
-    from .restore.preflight import PIPE_OUTLOOK, lonely_pipe_ends
+    from .restore.pipe_ends import PIPE_OUTLOOK, lonely_pipe_ends
     fds = ((rec["type"], rec["flags"], rec["pipe_id"]) for recs in files_by_src.values() for rec in recs)
     for pipe_id, missing in lonely_pipe_ends(fds).items():
         log.warning("pipe:[%d] has no %s in the tree; after a restore, %s once the restoring pycr exits",
@@ -112,7 +112,10 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None, 
         # Which pages to copy, for the whole tree before any is copied: the progress bar's total.
         runs = {pid: present_runs(srcs[pid], private_vmas([vma_record(*v) for v in vmas_by_pid[pid]]))
                 for pid in processes}
-        progress.total(sum(sum(r[1::2]) for r in runs.values()))
+        total = sum(sum(r[1::2]) for r in runs.values())
+        progress.total(total)
+        if Copier.current() is not None:
+            Copier.current().expect(total)
     written, posix_timers = 0, []
     for pid, threads in processes.items():
         # CPU state first: injection below borrows the registers and the signal mask.

@@ -166,18 +166,22 @@ def dump(obj, path, kind=None):
     write_atomic(path, data)
 
 
-def write_atomic(path, data):
-    """Temp file in the same dir, fsync, rename over `path`, fsync the dir."""
+def write_atomic(path, data, unsynced=None):
+    """Temp file in the same dir, fsync, rename over `path`, fsync the dir (see _atomic_file
+    for `unsynced`)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ImageError(path, "is a directory: name the image file to write")
-    with _atomic_file(path) as f:
+    with _atomic_file(path, unsynced) as f:
         f.write(data)
 
 
 @contextlib.contextmanager
-def _atomic_file(path):
-    """A binary file that appears at `path` only if the block succeeds."""
+def _atomic_file(path, unsynced=None):
+    """A binary file that appears at `path` only if the block succeeds.
+
+    unsynced (a list): the fsyncs are left to whoever holds the list (ImageDir.make_durable,
+    before the manifest that makes a set valid is written), and path is appended to it."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
@@ -189,15 +193,37 @@ def _atomic_file(path):
             yield f
             with phase("image write"):
                 f.flush()
-                os.fsync(f.fileno())
+                if unsynced is None:
+                    os.fsync(f.fileno())
         with phase("image write"):
             os.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if unsynced is not None:
+        unsynced.append(path)
+        return
     with phase("image write"):
         fsync_dir(directory)
+
+
+def fsync_files(paths, directory, threads=4):
+    """fsync every file of paths (several at once: each waits on the device), then the directory."""
+    def sync(path):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if len(paths) > 1 and threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(min(threads, len(paths))) as pool:
+            list(pool.map(sync, paths))
+    else:
+        for path in paths:
+            sync(path)
+    fsync_dir(directory)
 
 
 def fsync_dir(directory):
@@ -336,6 +362,9 @@ class ImageDir:
     def __init__(self, path, pages_sink=None):
         self.path = os.fspath(path)
         self.written = {}            # file name -> Written
+        # Files written but not yet fsynced: a set is valid only once its manifest is written,
+        # so their fsyncs wait for make_durable, all at once, just before it.
+        self.unsynced = []
         # Where pages files go instead of this directory: a net.page_client.PageServerClient.
         self.pages_sink = pages_sink
 
@@ -365,7 +394,7 @@ class ImageDir:
             data = build(kind, obj)
             self._ensure()
             path = self.path_of(kind, name)
-            write_atomic(path, data)
+            write_atomic(path, data, self.unsynced)
         self.written[os.path.basename(path)] = Written(len(data), checksum.digest(data), b"")
         return path
 
@@ -396,7 +425,7 @@ class ImageDir:
             return
         self._ensure()
         path = self.pages_path(owner)
-        with _atomic_file(path) as f:
+        with _atomic_file(path, self.unsynced) as f:
             out = checksum.PagesFile(f)
             yield out
             out.flush()
@@ -404,6 +433,12 @@ class ImageDir:
             if size != out.sums.pos:
                 raise AssertionError(f"{path}: {size} bytes written but {out.sums.pos} summed")
         self.written[os.path.basename(path)] = Written(size, b"", out.sums.sums().tobytes())
+
+    def make_durable(self):
+        """fsync every file written so far and the directory (manifest.seal, before the manifest)."""
+        with phase("image write"):
+            paths, self.unsynced = self.unsynced, []
+            fsync_files([p for p in paths if os.path.exists(p)], self.path)
 
     def commit(self):
         """Before the manifest seals the set: a page server keeps the pages files it holds."""

@@ -33,6 +33,7 @@ def seal(imgdir, parent_set_id=NO_ID, set_id=None):
     """
     set_id = set_id or new_set_id()
     imgdir.commit()
+    imgdir.make_durable()
     files = [{"name": name, "size": w.size, "digest": w.digest, "sums": w.sums}
              for name, w in sorted(imgdir.written.items())]
     stats.count("image bytes", sum(w.size for w in imgdir.written.values()))

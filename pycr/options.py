@@ -17,6 +17,7 @@ class Options:
     file_locks: bool = False        # --file-locks: take flock and POSIX locks
     socket_handover: bool = False   # set by `pycr migrate` on one host: the replica takes the source's sockets
     sysv_handover: bool = False     # set by `pycr migrate` on one host: the replica attaches the source's SysV segments
+    other_host: bool = False        # set by `pycr migrate --to`: the tree moves to another host
     lazy_anon: bool = False         # set by `pycr migrate --mode hybrid` for its final dump: private anonymous
                                     # pages are left in the frozen tree (holes), served to the replica on fault
 

@@ -50,6 +50,25 @@ def _drop(uid, gid, caps):
     libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)   # a credential change cleared it
 
 
+def _imported_inside_functions(top):
+    """Every module pycr's sources import by an absolute name (those imported where they are
+    used, e.g. concurrent.futures, would otherwise be loaded after the drop, from where the
+    user may not read)."""
+    import ast
+    names = set()
+    for directory, _dirs, files in os.walk(top):
+        for file in files:
+            if file.endswith(".py"):
+                with open(os.path.join(directory, file)) as f:
+                    tree = ast.parse(f.read())
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.Import):
+                        names.update(alias.name for alias in node.names)
+                    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                        names.add(node.module)
+    return sorted(n for n in names if not n.startswith("pycr"))
+
+
 def main():
     import importlib
     import pkgutil
@@ -58,6 +77,12 @@ def main():
     for mod in pkgutil.walk_packages(pycr.__path__, "pycr."):
         if not mod.name.endswith("__main__"):
             importlib.import_module(mod.name)
+    for name in _imported_inside_functions(os.path.dirname(pycr.__file__)):
+        try:
+            importlib.import_module(name)
+        except ImportError:          # an optional module (matplotlib...) this machine lacks
+            pass
+    import concurrent.futures.thread  # noqa: F401  (ThreadPoolExecutor is loaded on first use)
     uid, gid, caps = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     _drop(uid, gid, [] if caps == "-" else [int(c) for c in caps.split(",")])
     sys.argv = ["pycr", *sys.argv[4:]]

@@ -6,23 +6,48 @@ destination one, each with its end of the veth and an address of a private
 `source()` run in the source namespace (only the network is switched:
 nsenter --net, so the tree and pycr share this machine's mounts and PIDs);
 `destination()` runs a command in the destination namespace and also in new
-PID and mount namespaces (unshare -pmf --mount-proc) under a small shell
-that stays as their init, so a replica outlives a `pycr serve --once`.
+PID and mount namespaces (unshare -pmf --mount-proc, with a devpts instance
+of its own) under a small shell that stays as their init, so a replica
+outlives a `pycr serve --once`.
+`connect(ns, addr, port)` is a client socket of this process made in either
+namespace (a socket stays in the network namespace it was made in);
+`service_addr` is an address that can move from the source to the
+destination with the service bound to it (share_service_address,
+move_service_address).
 At the end (even on failure) every process started here is killed by PID,
 then both namespaces (and with them the veth) are deleted.
 """
 
+import contextlib
+import ctypes
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 import procutil
+from pycr.abi import CLONE_NEWNET
 
 WORKTREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def in_netns(name):
+    """This thread in network namespace `name` for the block (sockets made there stay there)."""
+    setns = ctypes.CDLL(None, use_errno=True).setns
+    with open(f"/run/netns/{name}") as there, open("/proc/thread-self/ns/net") as here:
+        if setns(there.fileno(), CLONE_NEWNET):
+            raise OSError(ctypes.get_errno(), f"setns {name}")
+        try:
+            yield
+        finally:
+            if setns(here.fileno(), CLONE_NEWNET):
+                raise OSError(ctypes.get_errno(), "setns back")
 
 
 def _ip(*args, check=True):
@@ -37,6 +62,7 @@ class TwoHosts:
         net = f"10.{random.randrange(64, 250)}.{random.randrange(1, 250)}"
         base = random.randrange(0, 63) * 4
         self.src_addr, self.dst_addr = f"{net}.{base + 1}", f"{net}.{base + 2}"
+        self.service_addr = f"{net}.{(base + 128) % 256 + 1}"     # see share_service_address
         self.procs = []             # Popen of everything started here
         self.made = []
 
@@ -50,6 +76,17 @@ class TwoHosts:
             _ip("-n", ns, "addr", "add", f"{addr}/30", "dev", ifname)
             _ip("-n", ns, "link", "set", ifname, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
+
+    def share_service_address(self):
+        """service_addr on both hosts' loopback (the source's is the one its peers reach), as a service
+        address that is about to move: the destination has it before the migration."""
+        for ns in (self.src_ns, self.dst_ns):
+            _ip("-n", ns, "addr", "add", f"{self.service_addr}/32", "dev", "lo")
+
+    def move_service_address(self):
+        """service_addr leaves the source, which now reaches it at the destination."""
+        _ip("-n", self.src_ns, "addr", "del", f"{self.service_addr}/32", "dev", "lo")
+        _ip("-n", self.src_ns, "route", "add", f"{self.service_addr}/32", "via", self.dst_addr)
 
     def shape(self, rate):
         """A token bucket (tbf) on the source's end: at most `rate` (tc's units, e.g. 40mbit)."""
@@ -69,11 +106,18 @@ class TwoHosts:
 
     def source(self, argv, env=None, **kw):
         """argv in the source's network namespace (its PID is the Popen's)."""
-        return self._start(["nsenter", f"--net=/run/netns/{self.src_ns}", "--", *argv], env, **kw)
+        return self._start(self.in_source(argv), env, **kw)
+
+    def in_source(self, argv):
+        """argv run in the source's network namespace (nsenter execs it: the same PID)."""
+        return ["nsenter", f"--net=/run/netns/{self.src_ns}", "--", *map(str, argv)]
 
     def destination(self, argv, env=None, **kw):
-        """argv in the destination's network, PID and mount namespaces; its shell init stays after it."""
-        script = '"$@"; echo "exit $?" >&2; exec sleep 100000'
+        """argv in the destination's network, PID and mount namespaces (its own /dev/pts); its shell init
+        stays after it."""
+        # a devpts instance of its own, as another host has: its /dev/pts/N are not the source's
+        script = ('mount -t devpts -o newinstance,ptmxmode=0666,mode=620 devpts /dev/pts && '
+                  'mount --bind /dev/pts/ptmx /dev/ptmx || exit 1; "$@"; echo "exit $?" >&2; exec sleep 100000')
         return self._start(["nsenter", f"--net=/run/netns/{self.dst_ns}", "--", "unshare", "-pmf", "--mount-proc",
                             "--", "sh", "-c", script, "sh", *argv], env, **kw)
 
@@ -89,6 +133,29 @@ class TwoHosts:
         if init is None:
             return []
         return [pid for pid in procutil.descendants(init) if procutil.state(pid) not in (None, "Z", "X")]
+
+    @staticmethod
+    def connect(ns, addr, port, timeout=10.0, source=None):
+        """A TCP connection from namespace ns to addr:port (from the address `source`, if given); a refused
+        connect is tried again until timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with in_netns(ns):
+                sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                if source:
+                    sock.bind((source, 0))
+                sock.connect((addr, port))
+                return sock
+            except ConnectionRefusedError:          # a server still starting
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+            except BaseException:
+                sock.close()
+                raise
 
     def pycr(self, *args):
         return [sys.executable, "-m", "pycr", *map(str, args)]

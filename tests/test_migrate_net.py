@@ -123,10 +123,15 @@ class Tree:
 
     def assert_unharmed(self):
         """The source runs untraced, without pycr's userfaultfds, and goes on counting correctly."""
-        for pid in self.pids:
-            procutil.assert_running_untraced(pid)
-            assert UFFD_LINK not in procutil.fds(pid).values(), procutil.fds(pid)
+        assert_untouched(self.pids)
         self.assert_counts_on(self.mark())
+
+
+def assert_untouched(pids):
+    """Each process runs untraced and without pycr's userfaultfds (a migration that failed left it so)."""
+    for pid in pids:
+        procutil.assert_running_untraced(pid)
+        assert UFFD_LINK not in procutil.fds(pid).values(), procutil.fds(pid)
 
 
 def secret(tmp_path, name="secret", content=None):

@@ -204,6 +204,24 @@ def test_vm_read_runs_copies_exactly_the_runs(spawn, tmp_path):
             assert f.read(PAGE) == pattern(i), f"page {i}"
 
 
+@pytest.mark.parametrize("buffer_pages", [1, 2, 3, 64])
+def test_vm_read_runs_through_a_small_buffer_in_halves_keeps_order_and_sums(spawn, tmp_path, buffer_pages):
+    """The copy loop reads one half of its buffer while the other is written: with a
+    buffer of 1 page (no halves), 2, 3 (odd) and 64 pages, the file holds the runs in
+    order and the sums are those of the file."""
+    child = spawn(17000, BIG_SPECS)
+    pages = touched_pages(child.specs)
+    runs = as_runs(child.base, pages)
+    out = tmp_path / "pages.img"
+    sums = core.ChunkSums(5 * PAGE)
+    with open(out, "wb") as f, core.Copier(buffer_pages * PAGE):
+        written = core.vm_read_runs(child.pid, runs, f.fileno(), sums)
+    data = out.read_bytes()
+    assert written == len(pages) * PAGE == len(data)
+    assert all(data[k * PAGE:(k + 1) * PAGE] == pattern(i) for k, i in enumerate(pages))
+    assert list(sums.sums()) == [core.crc32c(data[at:at + 5 * PAGE]) for at in range(0, len(data), 5 * PAGE)]
+
+
 def test_vm_read_runs_names_unreadable_address(spawn, tmp_path):
     child = spawn(4, [(0, 4, 1)])
     hole = 0x10000  # below mmap_min_addr: never mapped
@@ -437,3 +455,26 @@ def test_stub_init_is_pid1_of_new_namespace_and_reaps():
             assert int(f.read().rsplit(")", 1)[1].split()[11]) - utime < 10
     finally:
         reap_pid(pid)
+
+
+def test_copier_is_sized_by_what_a_dump_will_copy_before_its_first_use(spawn, tmp_path):
+    """A small dump prefaults a small buffer: expect() sizes the buffer before it is mapped
+    (a quarter of the bytes, at least 1 MiB, never above the configured size), not after;
+    and the copy through it is whole."""
+    child = spawn(64, [(0, 64, 1)])
+    runs = as_runs(child.base, list(range(64)))
+    with core.Copier(32 << 20) as copier:
+        copier.expect(2 << 20)
+        assert copier.size == 1 << 20
+        copier.expect(1 << 30)
+        assert copier.size == 1 << 20
+        with open(tmp_path / "p", "wb") as f:
+            assert core.vm_read_runs(child.pid, runs, f.fileno()) == 64 * PAGE
+        copier.expect(1 << 30)                          # mapped now: stays as it is
+        assert copier.size == 1 << 20
+    with core.Copier(32 << 20) as big:
+        big.expect(1 << 34)
+        assert big.size == 32 << 20
+    with pytest.raises(ValueError):
+        big.sum_fd(core.ChunkSums(PAGE), os.open(tmp_path / "p", os.O_RDONLY), 0, PAGE)
+    assert (tmp_path / "p").read_bytes() == b"".join(pattern(i) for i in range(64))

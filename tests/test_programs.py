@@ -171,22 +171,36 @@ def tmux(sock_path, *args, check=True):
                           check=check, stdin=subprocess.DEVNULL)
 
 
+def start_tmux(sock_path, tick, cleanup_pids, prefix=()):
+    """A tmux server with session "work", whose pane's loop writes a growing count to tick -> its PID
+    (registered for cleanup). prefix: what runs tmux (nsenter into another network namespace)."""
+    subprocess.run([*prefix, "tmux", "-S", str(sock_path), "-f", "/dev/null", "new-session", "-d", "-s", "work",
+                    "-x", "100", "-y", "30", f"sh -c 'n=0; while :; do n=$((n+1)); echo $n > {tick}; sleep 0.1; done'"],
+                   capture_output=True, text=True, timeout=20, check=True, stdin=subprocess.DEVNULL)
+    server = int(tmux(sock_path, "display-message", "-p", "#{pid}").stdout)
+    cleanup_pids.add(server)
+    assert procutil.wait_until(lambda: tick.exists() and tick.read_text().strip(), 10)
+    return server
+
+
+def assert_tmux_session_goes_on(sock_path, tick):
+    """The pane's loop counts on, the session is listed, and a new window runs a command."""
+    before = int(tick.read_text())
+    assert procutil.wait_until(lambda: int(tick.read_text() or 0) > before + 3, 10), "the pane's loop stopped"
+    assert tmux(sock_path, "list-sessions", "-F", "#{session_name}").stdout.split() == ["work"]
+    tmux(sock_path, "new-window", "-t", "work", "sh")
+    tmux(sock_path, "send-keys", "-t", "work:1", "echo restored-$((6*7))", "Enter")
+    assert procutil.wait_until(lambda: "restored-42" in tmux(sock_path, "capture-pane", "-p", "-t", "work:1").stdout,
+                               10)
+
+
 @pytest.mark.parametrize("how", HOW)
 def test_tmux_server_keeps_its_session(tmp_path, cleanup_pids, how):
     need("tmux", "tmux")
     sock = tmp_path / "tmux.sock"
     tick = tmp_path / "ticks"
-    tmux(sock, "-f", "/dev/null", "new-session", "-d", "-s", "work", "-x", "100", "-y", "30",
-         f"sh -c 'n=0; while :; do n=$((n+1)); echo $n > {tick}; sleep 0.1; done'")
-    server = int(tmux(sock, "display-message", "-p", "#{pid}").stdout)
-    cleanup_pids.add(server)
-    assert procutil.wait_until(lambda: tick.exists() and tick.read_text().strip(), 10)
+    server = start_tmux(sock, tick, cleanup_pids)
     new = checkpoint(how, server, tmp_path, cleanup_pids)
     cleanup_pids.add(new)
-    before = int(tick.read_text())
-    assert procutil.wait_until(lambda: int(tick.read_text() or 0) > before + 3, 10), "the pane's loop stopped"
-    assert tmux(sock, "list-sessions", "-F", "#{session_name}").stdout.split() == ["work"]
-    tmux(sock, "new-window", "-t", "work", "sh")
-    tmux(sock, "send-keys", "-t", "work:1", "echo restored-$((6*7))", "Enter")
-    assert procutil.wait_until(lambda: "restored-42" in tmux(sock, "capture-pane", "-p", "-t", "work:1").stdout, 10)
+    assert_tmux_session_goes_on(sock, tick)
     tmux(sock, "kill-server", check=False)

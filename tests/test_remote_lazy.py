@@ -76,6 +76,16 @@ def replica_says(w, pattern, mark, timeout=30):
     return m
 
 
+def start_tree(spawn_python, cleanup_pids):
+    """TREE_SCRIPT running and counting -> (workload, sorted pids of its two processes)."""
+    w = spawn_python("remotelazy", TREE_SCRIPT)
+    child = int(w.wait_for(r"^child ready (\d+)$").group(1))
+    w.wait_for(r"^count parent 10$")
+    pids = sorted([w.pid, child])
+    cleanup_pids.add(*pids)
+    return w, pids
+
+
 def lazy_source(procs, w, img, secret, env=None):
     """`pycr dump --lazy-pages` of w's tree on a free loopback port -> (Popen, port), once the set is sealed."""
     src = procs("dump", "-t", w.pid, "-D", img, "--lazy-pages", "--address", "127.0.0.1", "--port", 0,
@@ -99,11 +109,7 @@ def destination(procs, img, copy, port, secret, env=None):
 
 def test_a_tree_moves_lazily_and_the_source_is_killed_after_the_last_page(
         spawn_python, tmp_path, cleanup_pids, procs, secret):
-    w = spawn_python("remotelazy", TREE_SCRIPT)
-    child = int(w.wait_for(r"^child ready (\d+)$").group(1))
-    w.wait_for(r"^count parent 10$")
-    pids = sorted([w.pid, child])
-    cleanup_pids.add(*pids)
+    w, pids = start_tree(spawn_python, cleanup_pids)
     src, port = lazy_source(procs, w, tmp_path / "img", secret)
     # Only what is not anonymous memory was written: the 48 MiB stay in the frozen task.
     written = sum(os.stat(tmp_path / "img" / f).st_blocks * 512 for f in os.listdir(tmp_path / "img"))
@@ -269,3 +275,40 @@ def test_destination_interrupted_after_the_replica_started_gives_the_tree_back(
     assert procutil.wait_until(lambda: len(w.fields("touched", mark)) >= 3, 30), w.lines(mark)
     assert procutil.state(w.pid) not in ("t", "T")
     assert not [line for line in w.lines() if line.startswith("bad")], w.lines()
+
+
+def test_a_fault_on_a_chunk_already_sent_gets_no_second_copy(spawn_python, tmp_path, cleanup_pids, procs, secret):
+    """A replica that faults on a page whose chunk is on its way (in the socket buffers or on
+    the link) asks for it: the source must not send it again. Sending it again put every chunk
+    on the link twice while a replica touched its memory in order (1.8x the memory, half the
+    link's rate). Here the daemon's side is spoken by the test: it asks three times for the
+    first chunk it received, reads every chunk, and counts each."""
+    from pycr import manifest
+    from pycr.formats.wire import FrameType, Role
+    from pycr.net import auth
+    w, pids = start_tree(spawn_python, cleanup_pids)
+    src, port = lazy_source(procs, w, tmp_path / "img", secret)
+    set_id = bytes(manifest.read(tmp_path / "img").set_id)
+    channel = auth.connect("127.0.0.1", port, "lazy source", Role.LAZY_DAEMON, {Role.LAZY_SOURCE},
+                           auth.credentials(secret))
+    try:
+        channel.send(FrameType.LAZY_OPEN, {"set_id": set_id, "resumed": 0,
+                                           "wanted": [{"pid": pid, "bitmap": b"\xff" * 64} for pid in pids]})
+        channel.recv(FrameType.LAZY_READY, idle=True)
+        seen = {}
+        first = channel.recv(FrameType.PAGE_CHUNK).body
+        seen[(first.pid, first.index)] = 1
+        for _ in range(3):
+            channel.send(FrameType.PAGE_REQUEST, {"pid": first.pid, "index": first.index})
+        while channel.readable(3):
+            got = channel.recv(FrameType.PAGE_CHUNK).body
+            seen[(got.pid, got.index)] = seen.get((got.pid, got.index), 0) + 1
+        assert len(seen) * (256 << 10) >= 48 << 20          # every chunk of the 48 MiB came
+        assert {k: n for k, n in seen.items() if n > 1} == {}
+        channel.send(FrameType.ALL_PLACED, {})
+        channel.recv(FrameType.TREE_KILLED)
+    finally:
+        channel.close()
+    _out, err = src.communicate(timeout=60)
+    assert src.returncode == 0, err
+    assert procutil.wait_gone(pids, timeout=10) == []

@@ -746,6 +746,7 @@ import os, subprocess, sys, time
 counter, img = sys.argv[1], sys.argv[2]
 status = os.path.join(img + ".status")
 w = subprocess.Popen([counter, status, "10"])          # no setsid: the session stays the caller's
+sys.excepthook = lambda *exc: (sys.__excepthook__(*exc), os.kill(w.pid, 9), os._exit(1))
 def count():
     if not os.path.exists(status): return 0
     with open(status) as f:
@@ -775,7 +776,7 @@ def test_a_session_whose_leader_is_outside_the_pid_namespace(workloads, tmp_path
     p = subprocess.run(["unshare", "-pmf", "--mount-proc", "--kill-child", "--",
                         sys.executable, "-c", _FOREIGN_SESSION_DRIVER, workloads["counter"],
                         str(tmp_path / "img")],
-                       capture_output=True, text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     sid_before, n, after = p.stdout.splitlines()[-1].split()
     assert sid_before == "0"

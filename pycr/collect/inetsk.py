@@ -14,8 +14,12 @@ queued on a UDP socket are not carried; -v says how much was left.
 
 For `pycr migrate` on one host (options.current().socket_handover) nothing
 is read but the socket's identity: the replica takes the source's very socket.
+For `pycr migrate --to` (options.current().other_host) a connection over
+loopback whose other end is outside the tree is refused before any is locked:
+that end stays on this host, where the moved connection could never reach it.
 """
 
+import ipaddress
 import os
 import socket
 import stat as st
@@ -181,19 +185,45 @@ def _unlock_leftover(sock, held):
         log.info("pid %d fd %d: pycr's socket filter, left by an earlier pycr, detached", held.pid, held.fd)
 
 
+def _ends(entry):
+    return tuple((bytes(entry[side]["addr"]), entry[side]["port"]) for side in ("local", "peer"))
+
+
+def _loopback(addr):
+    ip = ipaddress.ip_address(addr)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+def _refuse_stranded(described):
+    """Moving to another host: a loopback connection needs its other end in the tree too."""
+    ends = {_ends(entry) for _sock, entry, _established in described}
+    for _sock, entry, established in described:
+        if not established or not _loopback(bytes(entry["peer"]["addr"])):
+            continue
+        local, peer = _ends(entry)
+        if (peer, local) not in ends:
+            name, here, there = established
+            raise Unsupported(f"{name}: established TCP connection {here} <-> {there}: its other end is a "
+                              "process outside the tree on this host's loopback, which stays here: it cannot "
+                              "follow the tree to another host")
+
+
 def collect(objects):
     diag = {}
-    entries = []
-    for held in objects:
-        sock = _socket_of(held.pid, held.fd)
-        try:
+    socks, described = [], []
+    try:
+        for held in objects:
+            sock = _socket_of(held.pid, held.fd)
+            socks.append(sock)
             _unlock_leftover(sock, held)
-            entry, established = _describe(held, sock, diag)
+            described.append((sock, *_describe(held, sock, diag)))
+        if options.current().other_host:
+            _refuse_stranded(described)
+        for sock, entry, established in described:      # every socket is described before any is locked
             if established:
                 _read_established(entry, sock, *established)
-                sock = None         # tcp_repair holds it until the tree is killed or thawed
-        finally:
-            if sock is not None:
-                sock.close()
-        entries.append(entry)
-    return {"sockets": entries}
+                socks.remove(sock)      # tcp_repair holds it until the tree is killed or thawed
+    finally:
+        for sock in socks:
+            sock.close()
+    return {"sockets": [entry for _sock, entry, _established in described]}

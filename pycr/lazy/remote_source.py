@@ -53,6 +53,7 @@ from ..sysinfo import page_size
 
 PAGE = page_size()
 SEND_BUFFER = 512 << 10     # the kernel doubles it: about 1 MiB of stream ahead of a priority chunk
+WHY_WAIT = 2.0              # s a migration's destination gets to say why its daemon went away
 
 
 def reconnect_window():
@@ -202,7 +203,10 @@ class LazyDump:
                 except (ch.NetError, OSError) as exc:
                     reason = str(exc) if isinstance(exc, ch.NetError) else (exc.strerror or str(exc))
                     if not self.committed:
+                        said = self._destination_said()
                         self._thaw()
+                        if said:
+                            raise PycrError(f"{said}: the tree was thawed and goes on") from None
                         raise PycrError(f"lazy dump: the destination went away before its replica ran "
                                         f"({reason}): the tree was thawed and goes on") from None
                     log.warning("lazy dump: lost the destination after its replica started (%s); the tree "
@@ -218,6 +222,20 @@ class LazyDump:
             raise
         finally:
             self.listener.close()
+
+    def _destination_said(self):
+        """Why the destination gave up, if it says so on the migration's channel soon (its restore
+        failed: the daemon's link ends first, the ERROR follows) -> that line, or None."""
+        if self.watch is None:
+            return None
+        try:
+            if ch.ready([self.watch], WHY_WAIT):
+                self.watch.recv()
+        except ch.PeerFailed as exc:
+            return str(exc)
+        except ch.NetError:
+            pass
+        return None
 
     def _accept(self):
         """The next authenticated daemon. Before the commit: as long as it takes; after: the window."""
@@ -291,6 +309,10 @@ class LazyDump:
                     return True
             if urgent:
                 pid, index = urgent.popleft()
+                if index in sent.get(pid, ()):
+                    # on its way already (in the socket buffers or on the link): a fault on it
+                    # while it travels must not put it on the link a second time
+                    continue
             else:
                 pid = next((p for p, q in todo.items() if q), None)
                 if pid is None:             # everything sent: wait for the daemon's word

@@ -30,6 +30,8 @@ long pycr_sums_update(struct pycr_sums *s, const unsigned char *buf, size_t len)
 long pycr_sums_fd(int fd, uint64_t offset, uint64_t len, unsigned char *buf,
                   size_t buflen, struct pycr_sums *s);
 
+/* 0: read and write one batch after the other (for benchmarks/copy_loop.py). */
+void pycr_set_copy_overlap(int on);
 /* buf (the caller's, buflen bytes) carries each batch from the task to fd;
  * sums may be NULL, otherwise every byte written to fd is summed too. */
 long pycr_vm_read_runs(int pid, const uint64_t *runs, size_t nruns, int fd,

@@ -66,10 +66,26 @@ class Copier:
         size -= size % PAGE_SIZE
         if size <= 0:
             raise ValueError(f"copy buffer of {size} bytes: at least one page is needed")
-        self._buf = mmap.mmap(-1, size, flags=MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE)
-        self._view = ffi.from_buffer("unsigned char[]", self._buf)
+        self._buf = self._view = None       # mapped at first use (see expect)
         self.size = size
         self._token = None
+        self._closed = False
+
+    def expect(self, nbytes):
+        """Only about nbytes will be copied through this buffer: if it is not mapped yet, make
+        it no larger than a quarter of that (at least 1 MiB), since prefaulting a buffer costs a
+        first touch per page and a small dump's copy does not need a large one."""
+        if self._buf is None and not self._closed:
+            want = max(1 << 20, nbytes // 4)
+            self.size = max(2 * PAGE_SIZE, min(self.size, want - want % PAGE_SIZE))
+
+    def _mapped(self):
+        if self._closed:
+            raise ValueError("the copier is closed")
+        if self._buf is None:
+            self._buf = mmap.mmap(-1, self.size, flags=MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE)
+            self._view = ffi.from_buffer("unsigned char[]", self._buf)
+        return self._view
 
     def __enter__(self):
         self._token = _copier.set(self)
@@ -80,10 +96,11 @@ class Copier:
         self.close()
 
     def close(self):
+        self._closed = True
         if self._view is not None:
             ffi.release(self._view)
             self._buf.close()
-            self._view = None
+            self._view = self._buf = None
 
     @staticmethod
     def current():
@@ -92,23 +109,21 @@ class Copier:
 
     def read_runs(self, pid, runs, fd, sums=None):
         """See vm_read_runs."""
-        if self._view is None:
-            raise ValueError("the copier is closed")
+        view = self._mapped()
         cruns, n, runs = _runs_view(runs)
         state = ffi.NULL
         if sums is not None:
             state = sums.reserve(sum(runs[1::2]))
         fail = ffi.new("uint64_t *")
-        ret = lib.pycr_vm_read_runs(pid, cruns, n, _fileno(fd), self._view, self.size, fail, state)
+        ret = lib.pycr_vm_read_runs(pid, cruns, n, _fileno(fd), view, self.size, fail, state)
         if ret == -_errno.EFAULT:
             raise OSError(_errno.EFAULT, f"pid {pid}: cannot read at {fail[0]:#x}")
         return _check(ret, f"pid {pid}: vm_read_runs")
 
     def sum_fd(self, sums, fd, offset, length):
         """Feed ChunkSums `sums` with `length` bytes of fd from offset, read into this buffer."""
-        if self._view is None:
-            raise ValueError("the copier is closed")
-        _check(lib.pycr_sums_fd(_fileno(fd), offset, length, self._view, self.size, sums.reserve(length)),
+        view = self._mapped()
+        _check(lib.pycr_sums_fd(_fileno(fd), offset, length, view, self.size, sums.reserve(length)),
                "checksum read")
 
 

@@ -210,41 +210,39 @@ class Channel:
     def _recv_some(self, view, deadline):
         """Some bytes into view by the monotonic deadline -> how many (0: the peer closed);
         socket.timeout if none came."""
+        return self._io(lambda: self.sock.recv_into(view), deadline, at_end=0)
+
+    def _send_some(self, views, deadline):
+        """Some of views sent by the monotonic deadline -> bytes sent; socket.timeout if none could be."""
+        if not self.encrypted:
+            return self._io(lambda: self.sock.sendmsg(views), deadline)
+        # after a want, OpenSSL takes the same bytes again (Python allows a moved buffer)
+        return self._io(lambda: self.sock.send(views[0]), deadline)
+
+    def _io(self, op, deadline, at_end=None):
+        """op() (one recv or send) by the monotonic deadline. In clear, a socket timeout does
+        the waiting; under TLS the socket is non-blocking and each SSL call is made under the
+        lock (one SSL object, two threads), the waiting outside it. at_end: what a receive
+        returns when the TLS stream ended (close_notify, or a close without it: framing tells
+        a truncation); None for a send, where that is an error."""
         if not self.encrypted:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise socket.timeout()
             self.sock.settimeout(left)
-            return self.sock.recv_into(view)
+            return op()
         while True:
             with self._ssl_lock:
                 try:
-                    return self.sock.recv_into(view)
+                    return op()
                 except ssl.SSLWantReadError:
                     readable = True
                 except ssl.SSLWantWriteError:
                     readable = False
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    return 0        # close_notify, or a close without it: framing tells a truncation
-            self._wait(readable, deadline)
-
-    def _send_some(self, views, deadline):
-        """Some of views sent by the monotonic deadline -> bytes sent; socket.timeout if none could be."""
-        if not self.encrypted:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise socket.timeout()
-            self.sock.settimeout(left)
-            return self.sock.sendmsg(views)
-        while True:
-            with self._ssl_lock:
-                try:
-                    # after a want, OpenSSL takes the same bytes again (Python allows a moved buffer)
-                    return self.sock.send(views[0])
-                except ssl.SSLWantWriteError:
-                    readable = False
-                except ssl.SSLWantReadError:
-                    readable = True
+                    if at_end is None:
+                        raise
+                    return at_end
             self._wait(readable, deadline)
 
     def _shutdown_write(self):

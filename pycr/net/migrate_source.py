@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from .. import proc, settings
+from .. import options, proc, settings
 from ..errors import PycrError, TaskGone
 from ..formats.wire import FrameType, Role
 from ..log import log
@@ -168,10 +168,11 @@ def migrate_to(root, address, creds, policy=None, tracker="auto", work_dir=None,
     result = NetMigration(chan.name.split()[-1], mode=mode)
     run = _Run(chan, source, result, os.urandom(16), (host, port), creds, on_pass)
     try:
-        if mode == "post-copy":
-            run.post_copy(root, work_dir)
-        else:
-            run.passes(root)
+        with options.using(other_host=True):
+            if mode == "post-copy":
+                run.post_copy(root, work_dir)
+            else:
+                run.passes(root)
     finally:
         chan.close()
         run.chan.close()

@@ -5,6 +5,13 @@ Modules, one job each: load (images, checked), preflight (the system), tasks
 state), threads (threads and CPU state), pidns, restorer (orchestration).
 """
 
-from pycr.restore.restorer import restore
-
 __all__ = ["restore"]
+
+
+def __getattr__(name):
+    """`pycr.restore.restore` loads the restorer on first use: a dump that needs one small
+    module of this package (pipe_ends) does not pay for importing all of it."""
+    if name == "restore":
+        from pycr.restore.restorer import restore
+        return restore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,8 +10,14 @@ sent until repair mode goes off, then a window probe tells the peer.
 A socket handed over (`pycr migrate` on one host) is not made at all: pycr
 takes the frozen source's own socket with pidfd_getfd, so the replica gets the
 very same open file description (accept queue, connections and all).
+
+A socket bound to one address (not 0.0.0.0 or ::) comes back only where that
+address is: on another host (`pycr migrate --to`) it must have moved there
+first. `check_here` asks this host before any task is created (bind of a probe
+socket to the address, port 0), so a migration is refused at its first set.
 """
 
+import errno
 import fcntl
 import os
 import socket
@@ -81,6 +87,44 @@ def check(path, body, recs):
             raise ImageError(path, f"corrupt: pid {pid} fd {rec.fd} has no socket entry")
 
 
+def _what(s):
+    """listening TCP socket 10.0.0.1:80, established TCP connection A <-> B, UDP socket A"""
+    kind = KINDS[(s.type, s.protocol)]
+    local = show(s.family, s.local)
+    if kind == "TCP" and s.state == abi.TCP_LISTEN:
+        return f"listening TCP socket {local}"
+    if kind == "TCP" and s.state == abi.TCP_ESTABLISHED:
+        return f"established TCP connection {local} <-> {show(s.family, s.peer)}"
+    return f"{kind} socket {local}"
+
+
+NOT_HERE = (errno.EADDRNOTAVAIL, errno.ENODEV)
+
+
+def _not_here(s):
+    host = socket.inet_ntop(s.family, bytes(s.local.addr))
+    follow = ("a connection follows its tree to another host only with its address" if s.tcp else
+              "a socket bound to one address comes back only where that address is")
+    return RestoreError(f"{_what(s)}: address {host} is not on this host ({follow})")
+
+
+def check_here(body):
+    """Every socket bound to one address finds that address on this host: RestoreError if not."""
+    for s in body.sockets:
+        if s.handover or not s.local.port or not any(bytes(s.local.addr)):
+            continue
+        probe = socket.socket(s.family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        host, _port, *rest = sockaddr(s.family, s.local)
+        try:
+            probe.bind((host, 0, *rest))
+            log.info("%s: address %s is this host's (a probe socket bound to it)", _what(s), host)
+        except OSError as exc:
+            if exc.errno in NOT_HERE:
+                raise _not_here(s) from None
+        finally:
+            probe.close()
+
+
 def sockaddr(family, a):
     host = socket.inet_ntop(family, bytes(a.addr))
     return (host, a.port) if family == socket.AF_INET else (host, a.port, 0, a.scope_id)
@@ -142,6 +186,8 @@ def make(s):
         return sock
     except OSError as exc:
         sock.close()
+        if exc.errno in NOT_HERE and any(bytes(s.local.addr)):
+            raise _not_here(s) from None
         peer = f" <-> {show(s.family, s.peer)}" if s.peer.port else ""
         raise RestoreError(f"{kind} socket {local}{peer}: cannot be made again: {exc.strerror}") from None
 

@@ -1,8 +1,9 @@
 """What the running system must offer before any task is created.
 
-PIDs free, every file that fds, mappings, cwd and exe name still there, and
-no mapped file shrunk below its mapped offset. Checking now means a failed
-restore usually leaves nothing to clean up.
+PIDs free, every file that fds, mappings, cwd and exe name still there, no
+mapped file shrunk below its mapped offset, and every address a socket was
+bound to on this host. Checking now means a failed restore usually leaves
+nothing to clean up.
 """
 
 import os
@@ -12,6 +13,7 @@ from pycr.errors import PycrError, RestoreError, Unsupported
 from pycr.log import log
 from pycr.ptrace import xstate as X
 from pycr.restore import files, ghost, kinds, mm, process
+from pycr.restore.pipe_ends import PIPE_OUTLOOK, lonely_pipe_ends
 
 DELETED = " (deleted)"
 
@@ -89,24 +91,6 @@ def check_files(images):
                 raise RestoreError(f"pid {p.pid}: {what} {path} no longer exists")
 
 
-#: what a pipe's remaining end meets once its other end is gone (pipe(7))
-PIPE_OUTLOOK = {"reader": "its writer gets SIGPIPE at its next write (which kills it unless SIGPIPE is "
-                          "ignored or handled: then EPIPE)",
-                "writer": "its reader gets EOF once the pipe is drained"}
-
-
-def lonely_pipe_ends(fds):
-    """{pipe_id: "reader" or "writer"}: the end missing from pipes of which fds (type, flags,
-    pipe_id of every fd of the tree) hold only the other end."""
-    ends = {}
-    for kind, flags, pipe_id in fds:
-        if kind == "pipe":
-            mode = flags & 3
-            ends.setdefault(pipe_id, set()).add("w" if mode == 1 else "r" if mode == 0 else "rw")
-    return {pipe_id: "reader" if modes == {"w"} else "writer"
-            for pipe_id, modes in ends.items() if "rw" not in modes and len(modes) == 1}
-
-
 def check_pipes(images):
     """A pipe with one end outside the tree comes back with pycr holding that end,
     until pycr exits. Say what the tree then meets."""
@@ -114,6 +98,14 @@ def check_pipes(images):
     for pipe_id, missing in lonely_pipe_ends(fds).items():
         log.warning("pipe:[%d] has no %s in the restored tree; once pycr exits %s",
                     pipe_id, missing, PIPE_OUTLOOK[missing])
+
+
+def check_addresses(images):
+    """A TCP or UDP socket bound to one address needs that address here (another host may lack it)."""
+    body = images.objects.get("inetsk")
+    if body is not None:
+        from pycr.restore import inetsk     # imported only for a set that has sockets
+        inetsk.check_here(body)
 
 
 def check_cpu(images):
@@ -158,4 +150,5 @@ def check(images, pidns, pids_advice=PIDS_TAKEN):
         process.check_rlimits(p.pid, p.core)
         mm.check_vmas(p.pid, p.mm)
     check_files(images)
+    check_addresses(images)
     check_pipes(images)
