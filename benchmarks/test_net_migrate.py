@@ -47,6 +47,17 @@ def test_pycr_figures_from_its_reports():
     assert nm.pycr_figures(lazy) == {"fault_median_us": 25.3, "fault_p99_us": 11247.0}
 
 
+def test_switch_phases_cuts_the_final_pass_at_pycr_lines():
+    from benchmarks import switch_phases as sp
+    src = sp.stamped_lines("pass 1 pre-dump: ...\n10.000000 froze 1 processes, 1 threads; tracker uffd-wp, pass 0\n"
+                           "10.100000 pre-dump done: 1.0 MiB\n20.000000 froze 1 processes, 1 threads; tracker "
+                           "uffd-wp, pass 1\n20.050000 dump done: 0.2 MiB of pages\n")
+    dst = sp.stamped_lines("10.500000 peer x: replica complete and stopped: READY sent, waiting for KILLED\n"
+                           "20.070000 peer x: replica complete and stopped: READY sent, waiting for KILLED\n"
+                           "20.072000 detached 1 threads of 1 processes\n")
+    assert sp.final_pass(src, dst) == (20.0, 20.05, 20.07, 20.072)     # the last freeze, not the first
+
+
 def test_last_error_names_the_cause_and_skips_criu_rlimit_noise():
     log = ("(00.05) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self\n"
            "(00.9) Error (criu/page-pipe.c:424): page-pipe: splice: -1: Bad file descriptor\n"

@@ -341,8 +341,9 @@ def build_parser():
                         "dropped before anything it sends is read")
     _add_tls_options(p.add_argument_group("TLS (criu's options)"))
     p.add_argument("-W", "--work-dir", metavar="DIR",
-                   help="where each pass's image set lands before it is applied (default: the temporary "
-                        "directory); removed once the migration ends")
+                   help="where each pass's image set is received (its processes' pages go into the replica as "
+                        "they arrive, a copy here; default: the temporary directory); removed once the "
+                        "migration ends")
     p.add_argument("--host-pids", action="store_true",
                    help="run the replica with its original PIDs on this host, not in a new PID namespace "
                         "(they must be free here)")

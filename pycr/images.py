@@ -338,6 +338,12 @@ def classify_name(name):
     return None
 
 
+def is_process_pages(name):
+    """True for pages-<pid>.img, a process's pages file (not a shared object's)."""
+    kind = classify_name(name)
+    return kind is not None and kind.kind == "pages" and isinstance(kind.key, int)
+
+
 def _sort_key(image):
     if image.key is None:
         return (0, _GLOBAL_ORDER.index(image.kind) if image.kind in _GLOBAL_ORDER else 99, 0, image.name)

@@ -8,12 +8,14 @@ file the manifest does not list comes from another dump, and a parent whose
 ID differs from the one recorded is not the pass this one was taken after.
 """
 
+import array
 import os
 import stat
 
 from . import checksum, images, stats
 from .errors import ImageError
 from .formats import manifest as fmt
+from .native.core import crc32c
 
 NAME = fmt.FILE_NAME
 NO_ID = bytes(fmt.ID_SIZE)
@@ -64,13 +66,16 @@ def read(path):
     return obj
 
 
-def verify(path, deep=True, pages_elsewhere=False):
+def verify(path, deep=True, pages_elsewhere=False, arriving=()):
     """Check that the image dir at path is exactly the set its manifest lists -> manifest.
 
     deep: also check every pages file chunk by chunk (reads them whole);
     otherwise their sizes only. Raises ImageError naming the first bad file.
     pages_elsewhere: a listed pages file may be missing (a dump's own check of its
     parent, whose pages went to a page server); one that is here is checked.
+    arriving: names of pages files that are still on their way (pycr serve writes them into
+    the replica as they come, each chunk checked by an ArrivingCheck of this manifest): each
+    must be listed and not here yet; everything else is checked as usual.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -88,8 +93,18 @@ def verify(path, deep=True, pages_elsewhere=False):
             raise ImageError(os.path.join(path, name),
                              "not listed in manifest.img: a file of another dump, not of this set")
     pages = []
+    for name in arriving:
+        kind = images.classify_name(name)
+        if name not in listed or kind is None or kind.kind != "pages":
+            raise ImageError(os.path.join(path, NAME), f"does not list the pages file {name}")
+        if os.path.lexists(os.path.join(path, name)):
+            raise ImageError(os.path.join(path, name), "is here already, but was to arrive after the rest of the set")
+        if len(listed[name].sums) != 4 * -(-listed[name].size // man.chunk_size):
+            raise ImageError(os.path.join(path, name), "corrupt entry in manifest.img: wrong number of checksums")
     for name, entry in listed.items():
         where = os.path.join(path, name)
+        if name in arriving:
+            continue
         if pages_elsewhere and images.classify_name(name).kind == "pages" and not os.path.lexists(where):
             continue
         if _verify_file(where, entry, man.chunk_size) and deep:
@@ -105,8 +120,42 @@ def _compare_sums(where, entry, have, chunk):
     if have != bytes(entry.sums):
         want = len(entry.sums) // 4
         bad = next((i for i in range(want) if have[4 * i:4 * i + 4] != entry.sums[4 * i:4 * i + 4]), want)
-        raise ImageError(where, f"checksum mismatch in bytes {bad * chunk}-"
-                                f"{min((bad + 1) * chunk, entry.size) - 1}: the pages are corrupt")
+        _bad_chunk(where, entry, bad, chunk)
+
+
+def _bad_chunk(where, entry, index, chunk):
+    raise ImageError(where, f"checksum mismatch in bytes {index * chunk}-"
+                            f"{min((index + 1) * chunk, entry.size) - 1}: the pages are corrupt")
+
+
+class ArrivingCheck:
+    """The checks of one pages file that arrives a chunk at a time (verify()'s `arriving`):
+    each chunk's CRC-32C against the manifest's before the chunk is used, and the size.
+
+    Chunks come in order: check(data) takes the next one (chunk_size bytes, the last one
+    shorter); done() says whether the file is complete."""
+
+    def __init__(self, where, man, name):
+        self.where = where
+        self.entry = next(e for e in man.files if e.name == name)
+        self.chunk = man.chunk_size
+        self.index = 0
+        self.size = 0
+
+    def check(self, data):
+        n = len(data)
+        if self.size + n > self.entry.size:
+            raise ImageError(self.where, f"corrupt: more than the {self.entry.size} bytes manifest.img lists")
+        if n != min(self.chunk, self.entry.size - self.size):
+            raise ValueError(f"{self.where}: chunk {self.index} checked with {n} bytes")
+        want = bytes(self.entry.sums[4 * self.index:4 * self.index + 4])
+        if array.array("I", [crc32c(data)]).tobytes() != want:
+            _bad_chunk(self.where, self.entry, self.index, self.chunk)
+        self.index += 1
+        self.size += n
+
+    def done(self):
+        return self.size == self.entry.size
 
 
 def _verify_file(where, entry, chunk):
@@ -133,14 +182,15 @@ def _verify_file(where, entry, chunk):
     return False
 
 
-def verify_chain(path, deep=True, parents=True):
+def verify_chain(path, deep=True, parents=True, arriving=()):
     """verify() the set at path and every set up its pre-dump chain -> [(dir, manifest)], newest first.
 
     Each parent must carry the set ID its child recorded. parents=False checks
     only the parent's ID (its files were checked when it was first read).
+    arriving: pages files of the set at path still on their way (verify()).
     """
     here = os.path.normpath(os.fspath(path))
-    man = verify(here, deep)
+    man = verify(here, deep, arriving=arriving)
     chain = [(here, man)]
     seen = {os.path.realpath(here)}
     while True:

@@ -230,6 +230,136 @@ def test_a_tree_writing_memory_converges(two_hosts, tmp_path):
     tree.assert_counts_on(tree.mark())
 
 
+def readable_ranges(pid):
+    """[start, end, perms, path] of every readable range but the kernel's own ([vdso], [vvar]...),
+    neighbouring mappings of one file and protection taken as one (the kernel merges them or not)."""
+    ranges = []
+    for start, end, perms, path in procutil.maps(pid):
+        if perms[0] != "r" or path in ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]"):
+            continue
+        if ranges and ranges[-1][1] == start and ranges[-1][2:] == [perms, path]:
+            ranges[-1][1] = end
+        else:
+            ranges.append([start, end, perms, path])
+    return ranges
+
+
+def assert_same_memory(source, copy):
+    """Every readable byte of process `copy` is that of `source` -> bytes compared. The one thing
+    allowed to differ is what the kernel writes into a thread's rseq area on each return to user
+    space (pycr's injected calls are such returns): cpu_id_start and cpu_id, the first two u32 of a
+    32-byte aligned struct rseq, each a CPU number."""
+    ranges = readable_ranges(source)
+    assert ranges == readable_ranges(copy)
+    for start, end, _, path in ranges:
+        a, b = procutil.read_memory(source, start, end - start), procutil.read_memory(copy, start, end - start)
+        if a == b:
+            continue
+        words = sorted({i & ~3 for i in range(len(a)) if a[i] != b[i]})
+        cpus = [int.from_bytes(m[w:w + 4], "little") for w in words for m in (a, b)]
+        assert all((start + w) % 32 in (0, 4) for w in words) and max(cpus) < os.cpu_count(), \
+            f"pid {copy}: {path or 'anonymous'} at {start:#x}: bytes at {[hex(start + w) for w in words][:8]} differ"
+    return sum(end - start for start, end, _, _ in ranges)
+
+
+def test_streamed_pages_make_the_source_memory_at_the_switch(two_hosts, tmp_path):
+    """Every pass's pages go into the replica as they arrive: held at the commit point (READY, the
+    source frozen, the replica complete and stopped), every mapping of each replica process reads
+    exactly as the source's. Then the source gives up there and runs on; the replica, never resumed
+    without the source's word, is left stopped."""
+    key = secret(tmp_path)
+    serve = Serve(two_hosts, tmp_path, key, "-v", env=FAST_FAIL)
+    tree = Tree(two_hosts, tmp_path, nproc=2, mib=4, per_s=0.2)
+    m = migrate(two_hosts, tree, serve.address, key, "--max-passes", "3", "--min-delta", "0",
+                env=dict(FAST_FAIL, PYCR_STOP_AT_STEP="READY received"))
+    line = m.stderr.readline()
+    assert "READY received" in line, line + m.stderr.read()
+    replica = {inner_pid(pid): pid for pid in serve.replica()}
+    assert sum(assert_same_memory(pid, replica[pid]) for pid in tree.pids) > 2 * 4 << 20
+    m.send_signal(signal.SIGTERM)
+    out, err = m.communicate(timeout=30)
+    assert m.returncode != 0, out + err
+    tree.assert_unharmed()
+    status, _, serve_err = serve.result()
+    assert status == 0 and "left stopped" in serve_err, serve_err
+    streamed = re.findall(r"pass (\d+-(?:pre-dump|dump)): \d+ pages files \(\d+ pages\) written into the replica "
+                          r"as they arrived", serve_err)
+    assert streamed == ["01-pre-dump", "02-pre-dump", "03-dump"], serve_err
+
+
+# A man in the middle that flips one bit of the first page of a process in the set of pass 2 and
+# fixes up the frame's CRC-32C (possible without --tls: docs/trust.md). argv: port, destination, its port.
+TAMPER = r'''
+import socket, struct, sys, threading
+from pycr.native.core import crc32c
+
+listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+print("listening", flush=True)
+src, _ = listener.accept()
+dst = socket.create_connection((sys.argv[2], int(sys.argv[3])))
+
+def back():
+    while data := dst.recv(1 << 16):
+        src.sendall(data)
+    src.shutdown(socket.SHUT_WR)
+threading.Thread(target=back, daemon=True).start()
+
+def exact(n):
+    buf = b""
+    while len(buf) < n:
+        got = src.recv(n - len(buf))
+        if not got:
+            raise SystemExit(0)
+        buf += got
+    return buf
+
+dst.sendall(exact(12))                          # the hello
+number, name, done = 0, "", False
+while True:
+    header = exact(12)
+    ftype, length = header[0], struct.unpack_from("<I", header, 8)[0]
+    payload = bytearray(exact(length))
+    crc = exact(4)
+    if ftype == 21:                             # SET_BEGIN: number u32, name, final u8
+        number = struct.unpack_from("<I", payload)[0]
+    elif ftype == 22:                           # SET_FILE: name (u32 length, bytes), size u64
+        name = payload[4:4 + struct.unpack_from("<I", payload)[0]].decode()
+    elif ftype == 11 and number == 2 and not done and name.startswith("pages-") and name[6:-4].isdigit():
+        payload[100] ^= 1
+        crc = struct.pack("<I", crc32c(bytes(payload), crc32c(header)))
+        done = True
+        print(f"flipped a bit of {name} in pass {number}", flush=True)
+    dst.sendall(header + payload + crc)
+'''
+
+
+def test_a_tampered_page_in_a_later_pass_kills_the_replica_and_the_source_runs_on(two_hosts, tmp_path):
+    """Streamed pages are checked against the manifest's CRC-32C per MiB before they enter the replica:
+    a page changed on the way (frame checksum fixed up) fails pass 2, the replica is killed, the source
+    thaws and runs on as it was."""
+    key = secret(tmp_path)
+    serve = Serve(two_hosts, tmp_path, key, env=FAST_FAIL)
+    tree = Tree(two_hosts, tmp_path, nproc=2, mib=4, per_s=0.2)
+    script = tmp_path / "tamper.py"
+    script.write_text(TAMPER)
+    port = random.randrange(20000, 60000)
+    proxy = two_hosts.source([sys.executable, str(script), str(port), two_hosts.dst_addr, str(serve.port)],
+                             stdout=subprocess.PIPE, text=True)
+    assert proxy.stdout.readline().strip() == "listening"
+    m = migrate(two_hosts, tree, f"127.0.0.1:{port}", key, "--max-passes", "4", "--min-delta", "0",
+                env=FAST_FAIL)
+    out, err = m.communicate(timeout=60)
+    assert m.returncode == 1, out + err
+    assert proxy.stdout.readline().startswith("flipped a bit of pages-"), out + err
+    assert len(PASS_LINE.findall(out)) == 1, out        # pass 1 was applied, pass 2 was not
+    status, _, serve_err = serve.result()
+    assert status == 1, serve_err
+    assert re.search(r"02-pre-dump/pages-\d+\.img: checksum mismatch in bytes 0-\d+: the pages are corrupt",
+                     serve_err), serve_err
+    tree.assert_unharmed()
+    assert_destination_empty(serve)
+
+
 # ---------------------------------------------------------------- failures
 
 def test_a_wrong_secret_is_refused_and_nothing_runs(two_hosts, tmp_path):

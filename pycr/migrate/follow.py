@@ -13,6 +13,7 @@ from pycr import progress
 from pycr.log import log
 from pycr.migrate import report
 from pycr.migrate.replica import FINAL_KINDS, Replica
+from pycr.migrate.stream import PassStream
 from pycr.restore.load import load_images
 from pycr.restore.preflight import PIDS_TAKEN
 from pycr.steps import finish
@@ -39,7 +40,8 @@ def follow(transport, pidns=False, on_image_set=None, on_pass=None, trust_images
     ok = False
     try:
         while True:
-            path = transport.next_image_set()
+            stream = PassStream(replica, trust_images)
+            path = transport.next_image_set(stream)
             number = len(result.reports) + 1
             if on_image_set is not None:
                 on_image_set(number, path)
@@ -47,9 +49,12 @@ def follow(transport, pidns=False, on_image_set=None, on_pass=None, trust_images
             # Later sets: in_parent runs are in the replica already; following them all up
             # the chain would only add to the downtime (write_resolved follows those it needs).
             with progress.muted() if getattr(transport, "shows_progress", False) else progress.step(f"pass {number}"):
-                images = load_images(path, allow_pre_dump=True, resolve_chain=replica.run is None,
-                                     trust_images=trust_images, allow_lazy=transport.lazy_link is not None)
-                changes = replica.apply(images, lazy=transport.lazy_link)
+                if stream.staged is not None:   # its pages went into the replica as they arrived
+                    changes = replica.complete(stream.staged)
+                else:
+                    images = load_images(path, allow_pre_dump=True, resolve_chain=replica.run is None,
+                                         trust_images=trust_images, allow_lazy=transport.lazy_link is not None)
+                    changes = replica.apply(images, lazy=transport.lazy_link)
             final = changes.kind in FINAL_KINDS
             if final:
                 transport.commit(replica)   # the commit point: returns once the replica may run

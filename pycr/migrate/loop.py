@@ -64,7 +64,7 @@ class SourcePasses(Transport):
         self.final_taken = False
         self.lazy_final = False     # hybrid migration: the final dump leaves private anonymous pages in the tree
 
-    def next_image_set(self):
+    def next_image_set(self, stream=None):
         if self.final_taken:
             raise PycrError("the final dump was taken already")
         number = len(self.deltas) + 1

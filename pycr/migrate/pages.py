@@ -98,6 +98,10 @@ class PageWriter:
             return 0
         return self._write(real, runs, self._source(chain.dir(0).pages_path(owner)), 0)
 
+    def write_runs(self, real, runs, data):
+        """Pages that arrive over the network: `data` holds the runs back to back -> bytes written."""
+        return self._write(real, runs, data, 0)
+
     def write_resolved(self, real, chain, owner, ranges, skip_level0=True):
         """Every saved page of owner inside ranges, following in_parent runs up the chain."""
         if not ranges:

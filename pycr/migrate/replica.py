@@ -10,8 +10,16 @@ ptrace stop. The final pass (a dump) also drops the pages the source no
 longer has, sets the real protections, and finishes each process as a plain
 restore does (fds, credentials, threads, registers). resume() detaches it all.
 discard() kills and reaps every task made so far.
+
+A pass is applied in three steps so that its pages can go in as they arrive
+(pycr.migrate.stream): begin() does everything that comes before the pages
+the set holds itself (tree, layouts, shared objects), those pages are then
+written (fill() from the set's files, or write_pages() from a network
+buffer), and complete() does the rest (pages up the chain for ranges mapped
+anew, pages dropped, mm fields, the final pass's finish).
 """
 
+import functools
 import os
 import signal
 import struct
@@ -28,6 +36,7 @@ from pycr.migrate.pages import PageWriter
 from pycr.restore import files, lazy as lazy_mod, mm as restore_mm, preflight, tasks
 from pycr.trackers import runs as R
 from pycr.restore.restorer import Restore
+from pycr.stats import phase
 from pycr.sysinfo import page_size
 
 PAGE = page_size()
@@ -45,6 +54,19 @@ class PassChanges:
     recreated: list = field(default_factory=list)
     pages_written: int = 0          # bytes written into the replica
     pages_dropped: int = 0          # bytes the source no longer had, dropped from the replica
+
+
+@dataclass
+class Staged:
+    """A pass applied up to the pages its set holds itself (Replica.begin): what completes it."""
+    images: object
+    nodes: list
+    lazy: object
+    changes: PassChanges
+    first: bool = False             # the set that created the replica
+    targets: dict = field(default_factory=dict)     # owner (str(pid)) -> tasks.Task its own pages go to
+    in_task: list = field(default_factory=list)     # first set: (remote, pidfd, owner, skip) read in by the tasks
+    after: list = field(default_factory=list)       # what runs once every page is in, in order
 
 
 def _exe(real):
@@ -95,18 +117,52 @@ class Replica:
         lazy (a restore.lazy.LazyLink, for a lazy final set: post-copy or hybrid migration): the
         pages this set holds in private anonymous memory are served on fault by the lazy-pages
         daemon instead of written."""
-        kind = str(images.inventory.kind)
+        staged = self.begin(images, lazy)
+        self.fill(staged)
+        return self.complete(staged)
+
+    def begin(self, images, lazy=None):
+        """The first part of apply: the tree and every address space of `images`, but not the
+        pages the set holds itself (level 0 of its chain) -> Staged. Those then come from the
+        set's files (fill) or, as they arrive over the network, through write_pages;
+        complete() does the rest."""
         nodes = treediff.nodes_of(images.imgdir.read("pstree"))
         if self.run is None:
-            changes = self._create(images, nodes, lazy)
-        else:
-            self._check_same_tree(images)
-            changes = self._update(images, nodes)
-            if lazy is not None:
-                self._hand_over(images, lazy)
+            return self._create(images, nodes, lazy)
+        self._check_same_tree(images)
+        return self._update(images, nodes, lazy)
+
+    def fill(self, staged):
+        """The set's own pages, from its pages files: the first set's read in by the tasks
+        themselves (injected preadv, overlapped), a later set's written from pycr."""
+        chain = staged.images.pages
+        if staged.first:
+            if staged.in_task:
+                with phase("page fill"):
+                    staged.changes.pages_written += sum(chain.fill_tasks(staged.in_task))
+            return
+        for owner, task in staged.targets.items():
+            staged.changes.pages_written += self.pages.write_delta(task.real, chain, owner)
+
+    def write_pages(self, staged, owner, runs, data):
+        """Write `data` (bytes of owner's pages file, back to back over `runs`) into its task."""
+        written = self.pages.write_runs(staged.targets[owner].real, runs, data)
+        staged.changes.pages_written += written
+        return written
+
+    def complete(self, staged):
+        """The rest of apply, once the set's own pages are in -> PassChanges."""
+        images, changes = staged.images, staged.changes
+        for step_done in staged.after:
+            step_done()
+        if staged.first:
+            log.info("replica: %d processes created, held stopped", len(self.run.tasks))
+        elif staged.lazy is not None:
+            self._hand_over(images, staged.lazy)
+        kind = str(images.inventory.kind)
         changes.number = self.passes = self.passes + 1
         changes.kind = kind
-        old, self.images, self.nodes = self.images, images, nodes
+        old, self.images, self.nodes = self.images, images, staged.nodes
         if old is not None:
             old.pages.close()
         if kind in FINAL_KINDS:
@@ -126,35 +182,46 @@ class Replica:
         run.pidfd = files.pycr_pidfd()
         run.make_shared()               # the restorer's: the final pass's fds open these too
         run.create(zombies=False)
-        changes = PassChanges(added=[p.pid for p in images.processes])
+        staged = Staged(images, nodes, lazy, PassChanges(added=[p.pid for p in images.processes]), first=True)
         for p in images.processes:
             task = run.tasks[p.pid]
             r = task.remote
             files.close_inherited(r, run.pidfd)
             # every stub has pycr's pidfd until the final pass: it reads its pages in itself
-            task.workspace, written = restore_mm.rebuild(r, p.mm, images.pages, run.shmem_paths, final=False,
-                                                         pidfd=run.pidfd, lazy=lazy)
-            changes.pages_written += written
-            r.reset_scratch()
-        log.info("replica: %d processes created, held stopped", len(run.tasks))
-        return changes
+            task.workspace, skip = restore_mm.prepare(r, p.mm, images.pages, run.shmem_paths, lazy)
+            staged.targets[str(p.pid)] = task
+            staged.in_task.append((r, run.pidfd, str(p.pid), skip))
+            staged.after.append(functools.partial(self._created, task, p, skip, lazy))
+        return staged
 
-    def _update(self, images, nodes):
+    @staticmethod
+    def _created(task, p, skip, lazy):
+        restore_mm.complete(task.remote, p.mm, skip, final=False, lazy=lazy)
+        task.remote.reset_scratch()
+
+    def _update(self, images, nodes, lazy=None):
         diff = treediff.diff(self.nodes, nodes)
         changes = PassChanges(added=[p for p in diff.added if p not in diff.recreated],
                               removed=[p for p in diff.removed if p not in diff.recreated],
                               recreated=sorted(diff.recreated))
+        staged = Staged(images, nodes, lazy, changes)
         for pid in diff.removed:
             self._remove(pid)
         self.run.refresh_shared(images)
         self.made = mmdiff.made_backings(self.run.shmem_paths)
         by_pid = {p.pid: p for p in images.processes}
         for pid in diff.kept:
-            self._update_task(self.run.tasks[pid], by_pid[pid], images, changes)
+            task, p = self.run.tasks[pid], by_pid[pid]
+            fresh = layout.apply(task, p.mm, self.run.shmem_paths, self.made)
+            staged.targets[str(pid)] = task
+            staged.after.append(functools.partial(self._update_task, task, p, images, changes, fresh))
         for pid in diff.added:
-            self._add(by_pid[pid], images, changes)
+            p = by_pid[pid]
+            task = self._fork(p)
+            staged.targets[str(pid)] = task
+            staged.after.append(functools.partial(self._settle_new, task, p, images, changes, resolve=True))
         self.run.images = images
-        return changes
+        return staged
 
     def _hand_over(self, images, lazy):
         """The final set of a hybrid migration: the pages it holds itself in private anonymous memory
@@ -177,11 +244,10 @@ class Replica:
             task.remote.reset_scratch()
 
     # -- one task
-    def _update_task(self, task, p, images, changes):
-        """Reshape the address space, write the pass's pages, drop those gone, set the mm fields."""
+    def _update_task(self, task, p, images, changes, fresh):
+        """A kept task, its layout applied and the pass's own pages in: the pages up the chain for
+        ranges mapped anew, drop those gone, set the mm fields."""
         chain, owner = images.pages, str(p.pid)
-        fresh = layout.apply(task, p.mm, self.run.shmem_paths, self.made)
-        changes.pages_written += self.pages.write_delta(task.real, chain, owner)
         changes.pages_written += self.pages.write_resolved(task.real, chain, owner, fresh)
         previous = pages_mod.coverage(self.images.pages, owner)
         changes.pages_dropped += self.pages.zero_absent(task.remote, task.real, chain, owner, p.mm, previous)
@@ -193,8 +259,8 @@ class Replica:
         restore_mm.set_mm_map(task.remote, p.mm, exe_link=relink)
         task.remote.reset_scratch()
 
-    def _add(self, p, images, changes):
-        """Fork p from its replica parent with its PID, then rebuild its memory whole."""
+    def _fork(self, p):
+        """Fork p from its replica parent with its PID and give it its layout (no pages yet)."""
         parent = self.run.tasks.get(p.ppid)
         if parent is None:
             raise RestoreError(f"pid {p.pid}: its parent {p.ppid} is not in the replica")
@@ -202,10 +268,24 @@ class Replica:
         self.run.tasks[p.pid] = task
         _join_session_and_group(task, p, self.run.tasks)
         layout.apply(task, p.mm, self.run.shmem_paths, self.made)
-        changes.pages_written += images.pages.fill_task(task.real, str(p.pid))
-        changes.pages_dropped += self.pages.zero_absent(task.remote, task.real, images.pages, str(p.pid), p.mm)
+        return task
+
+    def _settle_new(self, task, p, images, changes, resolve=False):
+        """A forked task holding the set's own pages: (resolve) the rest of its chain, then drop
+        what it inherited but the source process does not have, and set the mm fields."""
+        chain, owner = images.pages, str(p.pid)
+        if resolve:
+            changes.pages_written += self.pages.write_resolved(task.real, chain, owner,
+                                                               pages_mod.coverage(chain, owner))
+        changes.pages_dropped += self.pages.zero_absent(task.remote, task.real, chain, owner, p.mm)
         self._set_mm(task, p)
         log.info("pid %d: forked in the replica from pid %d and rebuilt", p.pid, p.ppid)
+
+    def _add(self, p, images, changes):
+        """Fork p from its replica parent with its PID, then rebuild its memory whole."""
+        task = self._fork(p)
+        changes.pages_written += images.pages.fill_task(task.real, str(p.pid))
+        self._settle_new(task, p, images, changes)
 
     def _remove(self, pid):
         """Kill a replica task and reap it in its replica parent (it must leave no zombie)."""

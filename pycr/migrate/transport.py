@@ -30,8 +30,13 @@ class Transport:
     #: are served on fault (the final set of a post-copy or hybrid migration), else None.
     lazy_link = None
 
-    def next_image_set(self):
-        """Path of the next complete image set (blocks until there is one)."""
+    def next_image_set(self, stream=None):
+        """Path of the next complete image set (blocks until there is one).
+
+        stream: a migrate.stream.PassStream. A transport that receives the set piece by piece
+        may call stream.begin(path) once everything but the processes' pages files is in, and
+        send those through what it returns (into the replica as they arrive); follow() then
+        completes the pass from stream.staged. Others ignore it: the set lands whole."""
         raise NotImplementedError
 
     def commit(self, replica):
@@ -73,7 +78,7 @@ class DirectoryTransport(Transport):
             if os.path.isfile(os.path.join(path, "manifest.img")):
                 yield path
 
-    def next_image_set(self):
+    def next_image_set(self, stream=None):
         want = self.previous or ""
         deadline = time.monotonic() + self.timeout
         while True:

@@ -2,12 +2,21 @@
 
 The source sends SET_BEGIN, then for every file of the set directory a
 SET_FILE (name, size) followed by exactly `size` bytes in DATA frames, then
-SET_END (files and bytes counted). The destination writes them into a new
+SET_END (files and bytes counted). The files go in this order: the small
+images (manifest included), then the pages files of shared objects, then
+those of the processes, so that the destination has everything but the
+processes' pages when those begin. The destination writes them into a new
 directory under its work directory, named as on the source (the next pass's
 inventory names its parent by that relative name), and checks nothing but
 the framing here: the set is a set only once load_images has verified its
 manifest (every file listed, sizes and checksums, the chain's IDs), exactly
 as for a local restore. Each frame is CRC-32C checked on the way.
+
+Given `stream` (pycr.migrate.stream.PassStream's begin), the destination
+hands it the set when the first process's pages file begins: from there each
+pages file goes through the ArrivingPages it returns (into the replica as
+it arrives, each chunk checked against the manifest first, and into the
+file); None, or a set sent in another order, lands whole as before.
 
 Names are refused unless they are one plain path component (no '/', no
 leading '.'): a peer cannot write outside the set's directory.
@@ -19,6 +28,7 @@ import re
 from ..errors import PycrError
 from ..formats import wire
 from ..formats.wire import FrameType
+from ..images import classify_name, is_process_pages
 from ..log import log
 from . import channel as ch
 
@@ -29,14 +39,22 @@ MAX_FILES = 100000
 
 
 def set_files(path):
-    """(name, size) of every file of a set directory, in name order."""
+    """(name, size) of every file of a set directory, in sending order: the small images
+    in name order, then the pages files of shared objects, then those of the processes."""
     out = []
-    for name in sorted(os.listdir(path)):
+    for name in sorted(os.listdir(path), key=_sending_order):
         full = os.path.join(path, name)
         if name.startswith(".") or not os.path.isfile(full):
             continue
         out.append((name, os.path.getsize(full)))
     return out
+
+
+def _sending_order(name):
+    kind = classify_name(name)
+    if kind is None or kind.kind != "pages":
+        return (0, name)
+    return (2 if is_process_pages(name) else 1, name)
 
 
 def send_set(channel, path, number, final, on_bytes=None):
@@ -91,10 +109,12 @@ def _hole_end(f, pos, size):
         return size
 
 
-def receive_set(channel, top, begin):
+def receive_set(channel, top, begin, stream=None):
     """Receive the set announced by the SET_BEGIN frame `begin` into top/<name> -> its path.
 
-    The directory must not exist yet. On any failure it is removed again."""
+    stream(path) -> an ArrivingPages or None, called once, when the first pages file of a
+    process begins (pycr.migrate.stream). The directory must not exist yet. On any failure
+    it is removed again."""
     name = begin.body.name
     if not _SET_NAME.match(name):
         raise ch.ProtocolError(f"{channel.name}: {ch.printable(name)!r} is not the name of a pass's image set")
@@ -106,7 +126,7 @@ def receive_set(channel, top, begin):
     except OSError as exc:
         raise PycrError(f"{path}: cannot make the image set's directory: {exc.strerror}") from None
     try:
-        _receive_files(channel, path)
+        _receive_files(channel, path, stream)
     except BaseException:
         remove_set(path)
         raise
@@ -114,15 +134,18 @@ def receive_set(channel, top, begin):
     return path
 
 
-def _receive_files(channel, path):
+def _receive_files(channel, path, stream):
     seen = set()
     total = 0
+    arriving = None
     while True:
         frame = channel.recv(FrameType.SET_FILE, FrameType.SET_END, idle=True)
         if frame.type == FrameType.SET_END:
             if frame.body.files != len(seen) or frame.body.bytes != total:
                 raise ch.ProtocolError(f"{channel.name}: SET_END counts {frame.body.files} files, "
                                        f"{frame.body.bytes} bytes; {len(seen)} files, {total} bytes arrived")
+            if arriving is not None:
+                arriving.close()
             return
         fname, size = frame.body.name, frame.body.size
         if not _FILE_NAME.match(fname) or fname in seen:
@@ -131,7 +154,12 @@ def _receive_files(channel, path):
         if len(seen) >= MAX_FILES:
             raise ch.ProtocolError(f"{channel.name}: more than {MAX_FILES} files in one image set")
         seen.add(fname)
-        _receive_file(channel, os.path.join(path, fname), size)
+        if stream is not None and is_process_pages(fname):
+            arriving, stream = stream(path), None      # asked once: the rest of the set is here
+        if arriving is not None:
+            _stream_file(channel, arriving.file(fname, size), size)
+        else:
+            _receive_file(channel, os.path.join(path, fname), size)
         total += size
 
 
@@ -160,6 +188,26 @@ def _receive_file(channel, target, size):
         raise PycrError(f"{target}: cannot write it: {exc.strerror}") from None
     finally:
         os.close(fd)
+
+
+def _stream_file(channel, target, size):
+    """The bytes of one pages file into target (an ArrivingFile), as they come."""
+    try:
+        got = 0
+        while got < size:
+            frame = channel.recv(FrameType.DATA, FrameType.SET_HOLE)
+            n = frame.body.size if frame.type == FrameType.SET_HOLE else len(frame.body)
+            if got + n > size:
+                raise ch.ProtocolError(f"{channel.name}: sent more than the {size} bytes of "
+                                       f"{os.path.basename(target.where)}")
+            if frame.type == FrameType.SET_HOLE:
+                target.zeros(n)
+            else:
+                target.write(frame.body)
+            got += n
+        target.close()
+    finally:
+        target.abort()
 
 
 def remove_set(path):

@@ -66,7 +66,7 @@ class NetworkTransport(Transport):
         self.daemon = None              # lazy.child.DaemonChild of a lazy final set
         self.lazy_link = None
 
-    def next_image_set(self):
+    def next_image_set(self, stream=None):
         if self.final_seen:
             raise PycrError("the final image set was applied already")
         begin = self.channel.recv(FrameType.SET_BEGIN, idle=True)
@@ -74,10 +74,21 @@ class NetworkTransport(Transport):
         if begin.body.number != number:
             raise ch.ProtocolError(f"{self.channel.name}: sent pass {begin.body.number} where pass {number} "
                                    "was due")
-        path = receive_set(self.channel, self.work_dir, begin)
-        self.sets.append(path)
         final = bool(begin.body.final)
-        self._check_chain(path, final)
+        previous = self.sets[-1] if self.sets else None
+        checked = []
+
+        def streaming(path):
+            """The set's small images are in: check its place in the chain before the replica
+            hears of it, then let its pages go into the replica as they arrive."""
+            self._check_chain(path, previous, final)
+            checked.append(path)
+            return stream.begin(path)
+
+        path = receive_set(self.channel, self.work_dir, begin, streaming if stream is not None else None)
+        self.sets.append(path)
+        if not checked:
+            self._check_chain(path, previous, final)
         self.final_seen = final
         if str(ImageDir(path).read("inventory").kind) == "lazy-dump":
             self._start_daemon(path)
@@ -94,11 +105,10 @@ class NetworkTransport(Transport):
                                   close_fds=(self.channel.sock.fileno(), self.listener.fileno()))
         self.lazy_link = self.daemon.link
 
-    def _check_chain(self, path, final):
+    def _check_chain(self, path, previous, final):
         """The set's inventory names the previous set as its parent (none for the first), and its
         kind is what the source announced."""
         inventory = ImageDir(path).read("inventory")
-        previous = self.sets[-2] if len(self.sets) > 1 else None
         parent = inventory.parent
         if previous is None and parent:
             raise ImageError(path, f"begins the migration but names a parent ({parent})")

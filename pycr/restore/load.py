@@ -93,12 +93,14 @@ class ImageSet:
         return None
 
 
-def _check_pages_file(imgdir, owner, pagemap):
-    """pages-<owner>.img must hold exactly the pages its pagemap puts there."""
+def _check_pages_file(imgdir, owner, pagemap, arriving=None):
+    """pages-<owner>.img must hold exactly the pages its pagemap puts there (arriving: name ->
+    size manifest.img lists, of pages files still on their way)."""
     need = sum(n for _, n, in_parent, _ in iter_page_runs(pagemap) if not in_parent) * PAGE
     path = imgdir.pages_path(owner)
     try:
-        have = os.stat(path).st_size
+        name = os.path.basename(path)
+        have = arriving[name] if arriving and name in arriving else os.stat(path).st_size
     except FileNotFoundError:
         if need == 0:
             return
@@ -165,22 +167,24 @@ def _load_timers_and_locks(imgdir, processes):
             by_pid[lock.pid].file_locks.append(lock)
 
 
-def check_set(imgdir, resolve_chain=True, trust_images=False):
+def check_set(imgdir, resolve_chain=True, trust_images=False, arriving=()):
     """Before reading anything: who may have written the set, and is it whole and its own?
 
-    Returns the non-root user who owns the images (the tree is then bounded
-    by what that user could have), or None. See pycr.manifest and
-    pycr.restore.trust.
+    Returns (the non-root user who owns the images, or None: the tree is then
+    bounded by what that user could have; the set's manifest). See pycr.manifest
+    and pycr.restore.trust. arriving: pages files still on their way (manifest.verify).
     """
     if not trust_images:
         trust.check_modes([imgdir.path])
-    dirs = [d for d, _ in manifest.verify_chain(imgdir.path, deep=True, parents=resolve_chain)]
+    chain = manifest.verify_chain(imgdir.path, deep=True, parents=resolve_chain, arriving=arriving)
+    dirs = [d for d, _ in chain]
     if not trust_images:
         trust.check_modes(dirs[1:])
-    return trust.owner_of(dirs)
+    return trust.owner_of(dirs), chain[0][1]
 
 
-def load_images(images_dir, allow_pre_dump=False, resolve_chain=True, trust_images=False, allow_lazy=False):
+def load_images(images_dir, allow_pre_dump=False, resolve_chain=True, trust_images=False, allow_lazy=False,
+                arriving=()):
     """Load and cross-check every image of the dump in images_dir -> ImageSet.
 
     First check_set (owners and modes, manifest and checksums of the set and
@@ -193,11 +197,15 @@ def load_images(images_dir, allow_pre_dump=False, resolve_chain=True, trust_imag
     parent's set ID is still checked, its files were when it was applied.
     trust_images: accept images others own or may write (--trust-images).
     allow_lazy: accept a lazy dump (restore --lazy-pages: its anonymous pages come from its source).
+    arriving: names of the set's pages files still on their way (pycr serve writes them into the
+    replica as they come, each chunk checked against the manifest: pycr.migrate.stream); every
+    other file is checked here, and these files' sizes are taken from the manifest.
     """
     imgdir = ImageDir(images_dir)
     if not os.path.isdir(imgdir.path):
         raise ImageError(imgdir.path, not_a_directory(imgdir.path))
-    owner = check_set(imgdir, resolve_chain, trust_images)
+    owner, man = check_set(imgdir, resolve_chain, trust_images, arriving)
+    sizes = {e.name: e.size for e in man.files if e.name in arriving}
     inventory = imgdir.read("inventory")
     if str(inventory.kind) == "lazy-dump" and not allow_lazy:
         raise ImageError(imgdir.path_of("inventory"), "a lazy dump (dump --lazy-pages): its anonymous pages are "
@@ -247,7 +255,7 @@ def load_images(images_dir, allow_pre_dump=False, resolve_chain=True, trust_imag
         bounds.check_fds(imgdir.path_of("files"), pid, fds_by_pid.get(pid, []), core)
         timers.check_itimers(imgdir.path_of("core", pid), core)
         pagemap = chain.pagemap(0, str(pid))
-        _check_pages_file(imgdir, str(pid), pagemap)
+        _check_pages_file(imgdir, str(pid), pagemap, sizes)
         _check_mm(imgdir.path_of("mm", pid), mm, pagemap)
         if resolve_chain:
             chain.check_resolvable(str(pid))
