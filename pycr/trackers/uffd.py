@@ -263,8 +263,10 @@ class UffdWpTracker(Tracker):
         uffd, tracked = self.procs.get(pid), self.tracked.get(pid)
         if uffd is None or not tracked or self.dirty.get(pid) is None:
             return
+        areas = _rseq_pages(pid)
+        where = tracked if areas is None else R.intersect(tracked, areas)
         late = array("Q")
-        for start, end in contiguous(R.pairs(tracked)):
+        for start, end in contiguous(R.pairs(where)):
             late.extend(uffd.scan_written(start, end, check=False))
         self.dirty[pid] = R.union(self.dirty[pid], R.normalize(late))
 
@@ -317,3 +319,21 @@ class UffdWpTracker(Tracker):
                 except (PycrError, OSError) as exc:
                     log.warning("pid %d: could not close its userfaultfd: %s", pid, exc)
         self.finish()
+
+
+def _rseq_pages(pid):
+    """The pages holding the rseq areas of pid's threads (normalized runs), the only memory the
+    kernel writes in a frozen task (on each return from an injected call); None where the
+    kernel cannot say (no PTRACE_GET_RSEQ_CONFIGURATION): then all tracked memory is scanned."""
+    from ..ptrace.thread import Thread
+    page = core.PAGE_SIZE
+    out = array("Q")
+    try:
+        for tid in proc.tasks(pid):
+            ptr, size, _sig = Thread(tid).rseq_config()
+            if ptr and size:
+                start = ptr - ptr % page
+                out.extend((start, -(-(ptr + size - start) // page) * page))
+    except (OSError, PycrError):
+        return None
+    return R.normalize(out)
