@@ -399,6 +399,9 @@ def run_criu_lazy(lab, wl, timeout):
 
 METHODS = [
     Method("pycr-precopy", run_pycr_migrate),
+    # the same with a downtime budget: the policy switches when the rest fits, and throttles a
+    # tree that dirties faster than the link carries (auto-converge)
+    Method("pycr-precopy-300ms", run_pycr_migrate, ("--downtime-limit", "300"), needs="--downtime-limit"),
     Method("pycr-postcopy", run_pycr_migrate, ("--mode", "post-copy"), lazy=True, needs="--mode"),
     Method("pycr-hybrid", run_pycr_migrate, ("--mode", "hybrid"), lazy=True, needs="--mode"),
     Method("pycr-lazy", run_pycr_lazy, lazy=True),
