@@ -183,6 +183,26 @@ def migrate(hosts, tree, address, secret_path, *extra, env=None):
                                    *extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def held_at_ready(two_hosts, tree, serve, key, *args):
+    """`pycr migrate` held at its step "READY received" (the replica ready, the source frozen) -> Popen."""
+    m = migrate(two_hosts, tree, serve.address, key, *args, env=dict(FAST_FAIL, PYCR_STOP_AT_STEP="READY received"))
+    line = m.stderr.readline()
+    assert line.startswith("pycr: stopped at step") and "READY received" in line, line + m.stderr.read()
+    return m
+
+
+def stop_held(m, tree, serve):
+    """SIGTERM to a migration held at the commit point: it fails, the source runs on unharmed, and
+    serve leaves the replica stopped -> serve's stderr."""
+    m.send_signal(signal.SIGTERM)
+    out, err = m.communicate(timeout=30)
+    assert m.returncode != 0, out + err
+    tree.assert_unharmed()
+    status, _, serve_err = serve.result()
+    assert status == 0 and "left stopped" in serve_err, serve_err
+    return serve_err
+
+
 def assert_destination_empty(serve):
     assert procutil.wait_until(lambda: serve.hosts.dest_processes(serve.proc) == [], timeout=10), \
         [(pid, procutil.state(pid)) for pid in serve.hosts.dest_processes(serve.proc)]
@@ -270,18 +290,10 @@ def test_streamed_pages_make_the_source_memory_at_the_switch(two_hosts, tmp_path
     key = secret(tmp_path)
     serve = Serve(two_hosts, tmp_path, key, "-v", env=FAST_FAIL)
     tree = Tree(two_hosts, tmp_path, nproc=2, mib=4, per_s=0.2)
-    m = migrate(two_hosts, tree, serve.address, key, "--max-passes", "3", "--min-delta", "0",
-                env=dict(FAST_FAIL, PYCR_STOP_AT_STEP="READY received"))
-    line = m.stderr.readline()
-    assert "READY received" in line, line + m.stderr.read()
+    m = held_at_ready(two_hosts, tree, serve, key, "--max-passes", "3", "--min-delta", "0")
     replica = {inner_pid(pid): pid for pid in serve.replica()}
     assert sum(assert_same_memory(pid, replica[pid]) for pid in tree.pids) > 2 * 4 << 20
-    m.send_signal(signal.SIGTERM)
-    out, err = m.communicate(timeout=30)
-    assert m.returncode != 0, out + err
-    tree.assert_unharmed()
-    status, _, serve_err = serve.result()
-    assert status == 0 and "left stopped" in serve_err, serve_err
+    serve_err = stop_held(m, tree, serve)
     streamed = re.findall(r"pass (\d+-(?:pre-dump|dump)): \d+ pages files \(\d+ pages\) written into the replica "
                           r"as they arrived", serve_err)
     assert streamed == ["01-pre-dump", "02-pre-dump", "03-dump"], serve_err
@@ -418,16 +430,9 @@ def test_link_lost_at_the_commit_point_keeps_the_replica_stopped(two_hosts, tmp_
     key = secret(tmp_path)
     serve = Serve(two_hosts, tmp_path, key, env=FAST_FAIL)
     tree = Tree(two_hosts, tmp_path, nproc=2, mib=1, per_s=0)
-    m = migrate(two_hosts, tree, serve.address, key, env=dict(FAST_FAIL, PYCR_STOP_AT_STEP="READY received"))
-    line = m.stderr.readline()
-    assert line.startswith("pycr: stopped at step") and "READY received" in line, line + m.stderr.read()
+    m = held_at_ready(two_hosts, tree, serve, key)
     two_hosts.cut()
-    m.send_signal(signal.SIGTERM)
-    out, err = m.communicate(timeout=30)
-    assert m.returncode != 0, out + err
-    tree.assert_unharmed()
-    status, _, serve_err = serve.result()
-    assert status == 0 and "left stopped" in serve_err, serve_err
+    serve_err = stop_held(m, tree, serve)
     replica = serve.replica()
     assert len(replica) >= 2
     for _ in range(3):
