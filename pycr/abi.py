@@ -201,6 +201,7 @@ CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 
 PF_KTHREAD = 0x00200000               # task flag (linux/sched.h), field 9 of /proc/PID/stat: a kernel thread
+PF_EXITING = 0x00000004               # task flag: the task is in do_exit (its memory may be gone already)
 
 # Kernel-internal restart codes a stopped task's rax may hold (linux/errno.h).
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516

@@ -17,6 +17,7 @@ import os
 import time
 
 from . import manifest, options, outdir, proc, progress
+from .abi import PF_EXITING
 from .dump import DumpStats, inventory, write_tree_images
 from .errors import ImageError, PycrError, TaskGone, Unsupported
 from .freeze import freeze
@@ -172,7 +173,9 @@ def _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, s
             try:
                 with phase("tracker"):
                     stats.pages_bytes += trk.save_pages(pid, vmas, imgdir, live=True)
-            except (TaskGone, FileNotFoundError, ProcessLookupError):
+            except (TaskGone, OSError):
+                # a process of the running tree exits while its pages are read: its /proc files
+                # then fail with ENOENT, ESRCH or (pagemap, once its memory is gone) EIO
                 if _alive(pid):
                     raise
                 log.warning("pid %d exited during the pre-dump; its pages are left out", pid)
@@ -210,8 +213,9 @@ def _undo_pass(root, frozen, trk, state):
 
 
 def _alive(pid):
-    """True while pid is a live process (not gone, not a zombie)."""
+    """True while pid is a live process (not gone, not a zombie, not exiting)."""
     try:
-        return proc.stat(pid).state not in ("Z", "X")
+        st = proc.stat(pid)
     except TaskGone:
         return False
+    return st.state not in ("Z", "X") and not st.flags & PF_EXITING
