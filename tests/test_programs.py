@@ -183,10 +183,18 @@ def start_tmux(sock_path, tick, cleanup_pids, prefix=()):
     return server
 
 
+def _ticks(tick):
+    """The pane loop's count, or None while the file is being rewritten."""
+    text = tick.read_text().strip()
+    return int(text) if text else None
+
+
 def assert_tmux_session_goes_on(sock_path, tick):
     """The pane's loop counts on, the session is listed, and a new window runs a command."""
-    before = int(tick.read_text())
-    assert procutil.wait_until(lambda: int(tick.read_text() or 0) > before + 3, 10), "the pane's loop stopped"
+    seen = []          # the loop rewrites the file: a read may find it empty, between truncate and write
+    assert procutil.wait_until(lambda: seen.append(_ticks(tick)) or seen[-1] is not None, 10), "no tick read"
+    before = seen[-1]
+    assert procutil.wait_until(lambda: (_ticks(tick) or 0) > before + 3, 10), "the pane's loop stopped"
     assert tmux(sock_path, "list-sessions", "-F", "#{session_name}").stdout.split() == ["work"]
     tmux(sock_path, "new-window", "-t", "work", "sh")
     tmux(sock_path, "send-keys", "-t", "work:1", "echo restored-$((6*7))", "Enter")
