@@ -478,3 +478,70 @@ def test_copier_is_sized_by_what_a_dump_will_copy_before_its_first_use(spawn, tm
     with pytest.raises(ValueError):
         big.sum_fd(core.ChunkSums(PAGE), os.open(tmp_path / "p", os.O_RDONLY), 0, PAGE)
     assert (tmp_path / "p").read_bytes() == b"".join(pattern(i) for i in range(64))
+
+
+MIXED_PAGES = """import ctypes, mmap, os, sys, tempfile, time
+P = mmap.PAGESIZE
+anon = mmap.mmap(-1, 64 * P, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for i in (0, 1, 2, 10, 11, 40):
+    anon[i * P] = 1                      # written: anonymous pages
+for i in (20, 21, 30):
+    anon[i * P]                          # read only: the shared zero page
+shared = mmap.mmap(-1, 16 * P, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+for i in (0, 3, 4):
+    shared[i * P] = 1                    # shmem: a file page, not anonymous
+f = tempfile.TemporaryFile()
+f.write(bytes(16 * P)); f.flush()
+private = mmap.mmap(f.fileno(), 16 * P, flags=mmap.MAP_PRIVATE)
+for i in (0, 1, 5):
+    private[i * P]                       # read: the page cache's pages
+for i in (1, 8):
+    private[i * P] = 2                   # written: private (COW) copies
+addr = lambda m: ctypes.addressof(ctypes.c_char.from_buffer(m))
+print("%x %x %x" % (addr(anon), addr(shared), addr(private)), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_pagemap_runs_by_scan_and_by_entries_agree(monkeypatch):
+    """PAGEMAP_SCAN and the pagemap entries answer the same question the same way: written
+    and zero-page anonymous pages, shmem and page-cache pages (left out with anon_only), and
+    a private file mapping's COW copies (kept)."""
+    import sys
+    child = subprocess.Popen([sys.executable, "-c", MIXED_PAGES], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        anon, shared, private = (int(x, 16) for x in child.stdout.readline().split())
+        _compare_routes(child.pid, anon, shared, private, monkeypatch)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _compare_routes(pid, anon, shared, private, monkeypatch):
+    page = core.PAGE_SIZE
+
+    def runs_of(pages, base):
+        return as_runs(base, sorted(pages))
+
+    cases = [
+        (anon, 64, False, runs_of({0, 1, 2, 10, 11, 40, 20, 21, 30}, anon)),
+        (anon, 64, True, runs_of({0, 1, 2, 10, 11, 40, 20, 21, 30}, anon)),
+        (shared, 16, False, runs_of({0, 3, 4}, shared)),
+        (shared, 16, True, array("Q")),
+        (private, 16, False, None),      # the page cache's pages: fault-around maps more than was read
+        (private, 16, True, runs_of({1, 8}, private)),
+    ]
+    with open(f"/proc/{pid}/pagemap", "rb") as pm:
+        for base, npages, anon_only, expected in cases:
+            got = {}
+            for route in ("scan", "entries"):
+                monkeypatch.setattr(core, "_scan_for_runs", route == "scan")
+                got[route] = core.pagemap_runs(pm.fileno(), base, base + npages * page, anon_only=anon_only)
+            assert got["scan"] == got["entries"], (hex(base), anon_only)
+            if expected is not None:
+                assert got["scan"] == expected, (hex(base), anon_only)
+            else:
+                pages = {(a - base) // page + k for a, n in zip(got["scan"][::2], got["scan"][1::2])
+                         for k in range(n // page)}
+                assert {0, 1, 5, 8} <= pages

