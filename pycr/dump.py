@@ -20,6 +20,7 @@ from .collect.memory import dump_private_memory, dump_shmem, present_runs, priva
 from .collect.mm import check_supported, collect_mm, read_vmas, vma_record
 from .collect.tty import check_terminals
 from .collect.tree import check_pid_namespace, check_sessions, collect_pstree, reader
+from .abi import NR
 from .errors import PycrError
 from .freeze import freeze
 from .log import log
@@ -90,8 +91,14 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None, 
     processes = frozen.processes
     count("processes", len(processes))
     count("threads", sum(len(t) for t in processes.values()))
+    # /proc/PID of a process whose leader has exited has no maps, fds or cwd:
+    # everything per process is read through a live thread (src) instead.
+    srcs = {pid: reader(pid, threads) for pid, threads in processes.items()}
+    # CPU state and injected reads first: they need no VmFlags, so they run while a
+    # prefetched smaps (a page-table walk) is still being read.
+    cpu = {pid: _collect_cpu(pid, threads, srcs[pid]) for pid, threads in processes.items()}
     with phase("/proc reads"):
-        srcs, pstree, vmas_by_pid, files_by_src, objects, ghosts, locks = _read_tree(frozen, hidden_fds, smaps)
+        pstree, vmas_by_pid, files_by_src, objects, ghosts, locks = _read_tree(frozen, srcs, hidden_fds, smaps)
     if warn_pipes:
         _warn_lonely_pipes(files_by_src)
 
@@ -118,15 +125,9 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None, 
             Copier.current().expect(total)
     written, posix_timers = 0, []
     for pid, threads in processes.items():
-        # CPU state first: injection below borrows the registers and the signal mask.
         src = srcs[pid]
-        with phase("registers"):
-            states = [collect_thread(t, pid) for t in threads]
-        with phase("injections"), Injector(threads[0]) as injector:
-            log.info("pid %d: reading sigactions and brk by injected syscalls", pid)
-            core_img = collect_core(pid, states, threads[0], injector)
-            mm_img = collect_mm(pid, vmas_by_pid[pid], injector, src=src)
-            timers = collect_posix_timers(pid, src, injector)
+        core_img, brk, timers = cpu[pid]
+        mm_img = collect_mm(pid, vmas_by_pid[pid], brk, src=src)
         if timers:
             posix_timers.append({"pid": pid, "timers": timers})
         step(f"write core and mm of {pid}")
@@ -148,21 +149,34 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None, 
     return written
 
 
-def _read_tree(frozen, hidden_fds, smaps):
+def _collect_cpu(pid, threads, src):
+    """(core image body, brk, POSIX timers) of one frozen process: its threads' registers,
+    then what only the task can say, by injected syscalls (sigactions, itimers, brk, timers)."""
+    leftovers.wipe_trampoline(src)        # a killed pycr's trampoline would block the injector
+    # Registers before any injection: an injection borrows the registers and the signal mask.
+    with phase("registers"):
+        states = [collect_thread(t, pid) for t in threads]
+    with phase("injections"), Injector(threads[0]) as injector:
+        log.info("pid %d: reading sigactions and brk by injected syscalls", pid)
+        core_img = collect_core(pid, states, threads[0], injector)
+        timers = collect_posix_timers(pid, src, injector)
+        # Last: brk takes the mm's lock for writing, so it waits for a smaps read in flight.
+        brk = injector.check(NR["brk"], 0)
+    return core_img, brk, timers
+
+
+def _read_tree(frozen, srcs, hidden_fds, smaps):
     """Pass 1 of write_tree_images: read (from /proc, while frozen) what can refuse the dump."""
     processes = frozen.processes
-    # /proc/PID of a process whose leader has exited has no maps, fds or cwd:
-    # everything per process is read through a live thread (src) instead.
-    srcs = {pid: reader(pid, threads) for pid, threads in processes.items()}
     # Pass 1: read what can refuse the dump, before writing anything.
     check_pid_namespace(processes)
     check_sessions(processes, frozen.zombies)
     pstree = collect_pstree(processes, frozen.zombies)
     vmas_by_pid, files_by_src = {}, {}
     for pid, src in srcs.items():
-        # What a pycr killed earlier left (its userfaultfd, its trampoline) goes first.
+        # What a pycr killed earlier left goes first: its userfaultfd here (its trampoline went
+        # before the injected reads).
         leftovers.close_stray_uffds(src, processes[pid][0], keep=(hidden_fds or {}).get(pid, ()))
-        leftovers.wipe_trampoline(src)
         vmas = read_vmas(src, smaps(pid) if smaps else None)
         check_supported(pid, vmas)
         vmas_by_pid[pid] = vmas
@@ -180,7 +194,7 @@ def _read_tree(frozen, hidden_fds, smaps):
     locks = collect_file_locks({pid: (src, files_by_src[src]) for pid, src in srcs.items()})
     check_terminals(pstree, objects)
     log.info("tree of %d processes: VMAs and fds readable, nothing unsupported", len(processes))
-    return srcs, pstree, vmas_by_pid, files_by_src, objects, ghosts, locks
+    return pstree, vmas_by_pid, files_by_src, objects, ghosts, locks
 
 
 def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images_dir=None,

@@ -115,6 +115,7 @@ def _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, s
     frozen_at = time.monotonic()
     stats.frozen_at = frozen_at
     leaders = {pid: threads[0] for pid, threads in frozen.processes.items()}
+    trk.prefetch_smaps(leaders)
     stats.processes = len(frozen.processes)
     stats.threads = sum(len(t) for t in frozen.processes.values())
     log.info("froze %d processes, %d threads; tracker %s, pass %d", stats.processes,

@@ -8,7 +8,7 @@ import os
 
 from .. import proc
 from ..errors import PycrError, Unsupported
-from ..abi import NR, PROT_EXEC, PROT_READ, PROT_WRITE
+from ..abi import PROT_EXEC, PROT_READ, PROT_WRITE
 
 
 #: "[...]" mappings the kernel re-creates by itself: left out of the image.
@@ -69,12 +69,12 @@ def check_supported(pid, vmas):
                               "is not supported")
 
 
-def collect_mm(pid, vmas, injector, src=None):
-    """The mm image body of process pid, given its VMAs read while frozen.
+def collect_mm(pid, vmas, brk, src=None):
+    """The mm image body of process pid, given its VMAs read while frozen and its brk
+    (injected brk(0): the current break is in no /proc file).
     src: the task to read /proc from (a live thread when the leader has exited)."""
     src = src or pid
     st = proc.stat(src)
-    brk = injector.check(NR["brk"], 0)
     fields = {name: getattr(st, name) for name in (
         "start_code", "end_code", "start_data", "end_data", "start_brk",
         "start_stack", "arg_start", "arg_end", "env_start", "env_end")}

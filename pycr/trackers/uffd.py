@@ -8,9 +8,13 @@ the pages written since the last scan and write-protects them again in the
 same walk. The target's copy keeps the tracking alive between pycr runs; the
 final dump closes it, and the kernel then drops every registration.
 
-A VMA counts as tracked only if smaps shows its `uw` flag and it lies inside
-the ranges this tracker registered: mremap, munmap+mmap and exec all leave
-VMAs without it, and those are copied whole and registered anew.
+A VMA counts as tracked only if it lies inside the ranges this tracker
+registered and the kernel still has it registered for asynchronous
+write-protection: each VMA is scanned on its own with PM_SCAN_CHECK_WPASYNC,
+which refuses (EPERM) a VMA that is not, before touching any of its pages.
+mremap, munmap+mmap and exec all leave VMAs unregistered; those are copied
+whole and registered anew. The VMAs come from maps, not smaps: smaps walks
+every page table, which the pass reads in the background meanwhile.
 """
 
 import fcntl
@@ -33,17 +37,10 @@ from .base import Tracker, plan_copy, present_pages, write_pages
 HIGHEST_FD = 1023                    # keeps the target's fd table small
 
 
-def candidate_vmas(entries):
-    """(start, end, prot_none, tracked_flag) of the private VMAs whose pages a dump saves,
-    from a task's smaps entries."""
-    out = []
-    for entry in entries:
-        vma = entry.vma
-        if vma.shared or vma.kind in SKIPPED_KINDS:
-            continue
-        out.append((vma.start, vma.end, not (vma.read or vma.write or vma.exec),
-                    "uw" in entry.vmflags.split()))
-    return out
+def candidate_vmas(vmas):
+    """(start, end, prot_none) of the private VMAs whose pages a dump saves, from a task's maps."""
+    return [(vma.start, vma.end, not (vma.read or vma.write or vma.exec))
+            for vma in vmas if not (vma.shared or vma.kind in SKIPPED_KINDS)]
 
 
 def contiguous(spans):
@@ -123,27 +120,29 @@ class UffdWpTracker(Tracker):
         super().while_frozen(pid, leader, final)
         self.final = final
         self._close_inherited(pid, leader)
-        vmas = candidate_vmas(self.smaps(pid))
+        vmas = candidate_vmas(proc.maps(pid))
         uffd = self._adopt(pid)
         tracked, dirty = array("Q"), array("Q")
         if uffd is not None:
             state = self.parent_of(pid).state(pid)
             registered = array("Q", state.registered)
-            spans = [(s, e) for s, e, _, uw in vmas if uw and R.covers(registered, s, e)]
-            for start, end in contiguous(spans):
+            for start, end, _ in vmas:
+                if not R.covers(registered, start, end):
+                    continue
                 try:
                     dirty.extend(uffd.scan_written(start, end))
                     tracked.extend((start, end - start))
                 except OSError as exc:
+                    # EPERM: no longer registered (replaced, moved); the walk stopped before its pages
                     log.info("pid %d: scan %#x-%#x: %s; copying it whole", pid, start, end, exc.strerror)
             dirty = R.normalize(dirty)
             tracked = R.normalize(tracked)
         elif not final:
             uffd = self._create(pid, leader)
-        untracked = R.subtract(R.from_pairs((s, e) for s, e, _, _ in vmas), tracked)
+        untracked = R.subtract(R.from_pairs((s, e) for s, e, _ in vmas), tracked)
         self.tracked[pid] = tracked
         self.dirty[pid] = R.union(dirty, untracked) if tracked else None
-        self.to_register[pid] = [(s, e) for s, e, prot_none, _ in vmas
+        self.to_register[pid] = [(s, e) for s, e, prot_none in vmas
                                  if not prot_none and not R.covers(tracked, s, e)]
         if final and uffd is not None and not self.keep_in_target:
             self._close_in_target(uffd, leader)
