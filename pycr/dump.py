@@ -27,6 +27,7 @@ from .log import log
 from .ptrace import xstate
 from .native.core import Copier
 from .ptrace.inject import Injector
+from .proc.smaps import SmapsReader
 from .stats import count, phase
 from .steps import deferred_signals, finish, step
 from . import settings
@@ -220,9 +221,12 @@ def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images
         stats.processes, stats.threads = len(frozen.processes), sum(len(t) for t in frozen.processes.values())
         log.info("froze %d processes, %d threads with PTRACE_SEIZE + PTRACE_INTERRUPT",
                  stats.processes, stats.threads)
+        smaps = {pid: SmapsReader(reader(pid, threads))       # the walks run meanwhile
+                 for pid, threads in frozen.processes.items()}
         try:
             with progress.step("dump"):
-                stats.pages_bytes = write_tree_images(frozen, imgdir, warn_pipes=True)
+                stats.pages_bytes = write_tree_images(frozen, imgdir, warn_pipes=True,
+                                                      smaps=lambda pid: smaps[pid].result())
             step("write inventory and manifest")
             imgdir.write("inventory", inventory(root, "dump"))
             manifest.seal(imgdir)

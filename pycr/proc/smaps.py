@@ -52,3 +52,28 @@ def parse(text):
 def smaps(pid):
     """One SmapsEntry per VMA of process pid, in address order."""
     return parse(read_text(pid, "smaps"))
+
+
+class SmapsReader:
+    """One process's smaps, read in a thread of its own: the read() releases the GIL,
+    so the kernel's walk runs on another CPU. result() gives the entries or raises
+    what the read raised (TaskGone, AccessDenied), in the caller's thread."""
+
+    def __init__(self, pid):
+        import threading
+        self.pid = pid
+        self.entries = self.error = None
+        self.thread = threading.Thread(target=self._read, name=f"smaps-{pid}", daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        try:
+            self.entries = smaps(self.pid)
+        except BaseException as exc:       # handed to the caller by result()
+            self.error = exc
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.entries

@@ -23,36 +23,12 @@ import os
 from array import array
 
 from .. import proc
+from ..proc.smaps import SmapsReader
 from ..collect.memory import copy_runs, present_runs, private_vmas, runs_to_entries
 from ..errors import ImageError, TaskGone
 from ..log import Progress, log
 from . import runs as R
 from ..sysinfo import page_size
-
-
-class SmapsReader:
-    """One process's smaps, read in a thread of its own: the read() releases the GIL,
-    so the kernel's walk runs on another CPU. result() gives the entries or raises
-    what the read raised (TaskGone, AccessDenied), in the caller's thread."""
-
-    def __init__(self, pid):
-        import threading
-        self.pid = pid
-        self.entries = self.error = None
-        self.thread = threading.Thread(target=self._read, name=f"smaps-{pid}", daemon=True)
-        self.thread.start()
-
-    def _read(self):
-        try:
-            self.entries = proc.smaps(self.pid)
-        except BaseException as exc:       # handed to the caller by result()
-            self.error = exc
-
-    def result(self):
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.entries
 
 PAGE = page_size()
 
