@@ -60,11 +60,18 @@ class SmapsReader:
     what the read raised (TaskGone, AccessDenied), in the caller's thread."""
 
     def __init__(self, pid):
+        import signal
         import threading
         self.pid = pid
         self.entries = self.error = None
         self.thread = threading.Thread(target=self._read, name=f"smaps-{pid}", daemon=True)
-        self.thread.start()
+        # The thread starts with every signal blocked (a new thread inherits its creator's
+        # mask): a SIGCHLD or SIGINT meant for pycr's waits and handlers goes to the main thread.
+        was = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            self.thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, was)
 
     def _read(self):
         try:
