@@ -1,0 +1,87 @@
+"""Waiting for tasks to exit and for their PIDs to be freed, on pidfds: blocking, with a timeout.
+
+A pidfd polls readable (POLLIN) once its task has exited (for a process pidfd: once
+the whole thread group has), and reports POLLHUP once the pid has no task left, i.e.
+the task was reaped and its PID (or TID) is free. Waiters are woken for POLLIN at the
+exit; whether they are also woken at the reap (release_task detaching the pid) depends
+on the kernel: reap_wakes() finds out once, by experiment. Where it does not, callers
+keep their old loop.
+"""
+
+import errno
+import os
+import select
+
+from pycr.abi import PIDFD_THREAD
+from pycr.log import log
+from pycr.native import core
+
+_reap_wakes = None
+
+
+def reap_wakes():
+    """True if the kernel wakes a pidfd's pollers when its task is reaped.
+
+    The probe: a child that exits at once, its pidfd in an epoll set asking for
+    nothing but POLLHUP (always reported). The exit's wake-up is keyed POLLIN and
+    does not ready the item; so after the child is reaped the set reports POLLHUP
+    only if the reap itself woke the pidfd's wait queue. Asked once per run."""
+    global _reap_wakes
+    if _reap_wakes is None:
+        _reap_wakes = _probe()
+        if not _reap_wakes:
+            log.info("pidfd: this kernel does not wake pidfd pollers when a task is reaped; "
+                     "waiting for freed PIDs falls back to checking /proc every 2 ms")
+    return _reap_wakes
+
+
+def _probe():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        pidfd = core.pidfd_open(pid)
+    except OSError:
+        os.waitpid(pid, 0)
+        return False
+    try:
+        with select.epoll() as ep:
+            ep.register(pidfd, 0)
+            os.waitpid(pid, 0)
+            return any(ev & select.EPOLLHUP for _, ev in ep.poll(0))
+    finally:
+        os.close(pidfd)
+
+
+def open_task(tid):
+    """A pidfd for task tid, None if it is gone: a process pidfd for a thread-group
+    leader (readable once the whole group has exited, when its parent or tracer can
+    wait for it), a PIDFD_THREAD one for another thread (readable at its own exit)."""
+    try:
+        try:
+            return core.pidfd_open(tid, 0)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EINVAL):   # not a thread-group leader
+                raise
+            return core.pidfd_open(tid, PIDFD_THREAD)
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            return None
+        raise
+
+
+def wait_exit(pid, timeout):
+    """Wait (at most timeout s) until process pid has exited (a zombie or gone); -> True
+    if it has. The pidfd turns readable when the last thread of the group exits."""
+    try:
+        pidfd = core.pidfd_open(pid)
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            return True
+        raise
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(max(timeout, 0.0) * 1000))
+    finally:
+        os.close(pidfd)
