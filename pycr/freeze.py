@@ -12,7 +12,6 @@ Threads are left in whatever ptrace stop they reached:
 """
 
 import os
-import select
 import signal
 import time
 
@@ -245,51 +244,25 @@ class FrozenTree:
             self.threads.clear()
 
     def _wait_gone_pidfds(self, timeout):
-        """One epoll set over a pidfd per task; it sleeps until a task exits (POLLIN:
-        collect it with waitpid if we are its tracer or parent) or is reaped (POLLHUP:
-        its PID is free). Only traced tasks are opened before their exit is collected
-        here, so no pidfd can name a reused PID; zombies found at freeze time are
-        opened as the polling loop checked them, by number."""
-        deadline = time.monotonic() + timeout
+        """pidwait.wait_reaped over a pidfd per task. Only traced tasks are opened before
+        their exit is collected here, so none of their pidfds can name a reused PID;
+        zombies found at freeze time are opened by number, as the /proc loop checks them."""
         me = os.getpid()
-        fds = {}                   # pidfd -> tid
-        collect = set()            # tids whose exit is ours to collect
-        retry = set()              # readable but not waitable yet (not expected)
-        with select.epoll() as ep:
-            try:
-                for tid in list(self.threads) + sorted(self.zombies - set(self.threads)):
-                    fd = pidwait.open_task(tid)
-                    if fd is None:
-                        continue
+        fds = {}
+        try:
+            for tid in list(self.threads) + sorted(self.zombies - set(self.threads)):
+                fd = pidwait.open_task(tid)
+                if fd is not None:
                     fds[fd] = tid
-                    if tid in self.threads or _parent(tid) == me:
-                        collect.add(tid)
-                    ep.register(fd, select.EPOLLIN if tid in collect else 0)
-                while fds:
-                    for tid in list(retry):
-                        if _collect(tid):
-                            retry.discard(tid)
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        left = sorted({self._tgid_of(tid) for tid in fds.values()})
-                        raise PycrError(f"killed tree still present after {timeout} s: pids "
-                                        f"{left} not reaped by their parents")
-                    for fd, events in ep.poll(remaining):
-                        tid = fds[fd]
-                        if events & select.EPOLLHUP:        # reaped: the TID is free
-                            ep.unregister(fd)
-                            os.close(fd)
-                            del fds[fd]
-                            collect.discard(tid)
-                            retry.discard(tid)
-                        elif tid in collect:
-                            collect.discard(tid)
-                            ep.modify(fd, 0)                 # from here only its reap matters
-                            if not _collect(tid):
-                                retry.add(tid)
-            finally:
-                for fd in fds:
-                    os.close(fd)
+            collect = [tid for tid in fds.values() if tid in self.threads or _parent(tid) == me]
+            left = pidwait.wait_reaped(fds, collect, timeout)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if left:
+            pids = sorted({self._tgid_of(tid) for tid in left})
+            raise PycrError(f"killed tree still present after {timeout} s: pids "
+                            f"{pids} not reaped by their parents")
 
     def _tgid_of(self, tid):
         for pid, threads in self.processes.items():
@@ -339,19 +312,6 @@ def _parent(pid):
         return proc.stat(pid).ppid
     except TaskGone:
         return None
-
-
-def _collect(tid):
-    """waitpid(tid, __WALL|WNOHANG) until it reports the exit; False if it is not waitable yet."""
-    while True:
-        try:
-            got, status = os.waitpid(tid, WALL | os.WNOHANG)
-        except ChildProcessError:
-            return True            # not ours to wait for (any more)
-        if not got:
-            return False
-        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-            return True
 
 
 def _safe_descendants(pid):

@@ -11,8 +11,10 @@ keep their old loop.
 import errno
 import os
 import select
+import time
+import signal
 
-from pycr.abi import PIDFD_THREAD
+from pycr.abi import PIDFD_THREAD, WALL
 from pycr.log import log
 from pycr.native import core
 
@@ -70,9 +72,57 @@ def open_task(tid):
         raise
 
 
-def wait_exit(pid, timeout):
-    """Wait (at most timeout s) until process pid has exited (a zombie or gone); -> True
-    if it has. The pidfd turns readable when the last thread of the group exits."""
+def wait_reaped(pidfds, collect, timeout):
+    """Wait (at most timeout s) until every task of pidfds {pidfd: tid} is reaped; -> the
+    tids still there at the timeout (empty: all free). One epoll set sleeps until a task
+    exits (POLLIN: its exit is collected with waitpid if its tid is in collect, where
+    pycr is its tracer or parent) or is reaped (POLLHUP: its TID is free). The pidfds
+    stay the caller's to close. A task not (yet) waitable by pycr is tried again at each
+    later wake-up: a killed parent hands its children to pycr, if pycr is their subreaper,
+    before its own exit is seen."""
+    deadline = time.monotonic() + timeout
+    left = dict(pidfds)
+    collect = set(collect) & set(left.values())
+    retry = set()              # exited, but not waitable by pycr yet
+    with select.epoll() as ep:
+        for fd, tid in left.items():
+            ep.register(fd, select.EPOLLIN if tid in collect else 0)
+        while left:
+            retry = {tid for tid in retry if not collect_exit(tid)}
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for fd, events in ep.poll(remaining):
+                tid = left[fd]
+                if events & select.EPOLLHUP:        # reaped: the TID is free
+                    ep.unregister(fd)
+                    del left[fd]
+                    retry.discard(tid)
+                elif tid in collect:
+                    collect.discard(tid)
+                    ep.modify(fd, 0)                 # from here only its reap matters
+                    if not collect_exit(tid):
+                        retry.add(tid)
+    return sorted(left.values())
+
+
+def collect_exit(tid):
+    """waitpid(tid, __WALL|WNOHANG) until it reports the exit; False if pycr cannot wait
+    for it (yet): not its tracer or parent, or its exit is not reported yet."""
+    while True:
+        try:
+            got, status = os.waitpid(tid, WALL | os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if not got:
+            return False
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            return True
+
+
+def kill_and_wait_exit(pid, timeout):
+    """SIGKILL process pid through a pidfd (no PID-reuse race) and wait (at most timeout s)
+    until the whole thread group has exited; -> True if it has (or was gone already)."""
     try:
         pidfd = core.pidfd_open(pid)
     except OSError as exc:
@@ -80,6 +130,11 @@ def wait_exit(pid, timeout):
             return True
         raise
     try:
+        try:
+            core.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:        # ESRCH: exited already (a zombie)
+                raise
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
         return bool(poller.poll(max(timeout, 0.0) * 1000))
