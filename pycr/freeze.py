@@ -247,15 +247,13 @@ class FrozenTree:
         """pidwait.wait_reaped over a pidfd per task. Only traced tasks are opened before
         their exit is collected here, so none of their pidfds can name a reused PID;
         zombies found at freeze time are opened by number, as the /proc loop checks them."""
-        me = os.getpid()
         fds = {}
         try:
             for tid in list(self.threads) + sorted(self.zombies - set(self.threads)):
                 fd = pidwait.open_task(tid)
                 if fd is not None:
                     fds[fd] = tid
-            collect = [tid for tid in fds.values() if tid in self.threads or _parent(tid) == me]
-            left = pidwait.wait_reaped(fds, collect, timeout)
+            left = pidwait.wait_reaped(fds, timeout)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -305,13 +303,6 @@ class FrozenTree:
                 raise PycrError(f"killed tree still present after {timeout} s: pids "
                                 f"{sorted(left)} not reaped by their parents")
             time.sleep(0.002)
-
-
-def _parent(pid):
-    try:
-        return proc.stat(pid).ppid
-    except TaskGone:
-        return None
 
 
 def _safe_descendants(pid):

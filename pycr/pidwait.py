@@ -11,8 +11,9 @@ keep their old loop.
 import errno
 import os
 import select
-import time
 import signal
+import threading
+import time
 
 from pycr.abi import PIDFD_THREAD, WALL
 from pycr.log import log
@@ -24,10 +25,12 @@ _reap_wakes = None
 def reap_wakes():
     """True if the kernel wakes a pidfd's pollers when its task is reaped.
 
-    The probe: a child that exits at once, its pidfd in an epoll set asking for
-    nothing but POLLHUP (always reported). The exit's wake-up is keyed POLLIN and
-    does not ready the item; so after the child is reaped the set reports POLLHUP
-    only if the reap itself woke the pidfd's wait queue. Asked once per run."""
+    The probe: a thread of pycr that exits, its PIDFD_THREAD pidfd in an epoll set
+    asking for nothing but POLLHUP (always reported). The exit's wake-up is keyed
+    POLLIN and does not ready the item; the thread is reaped at once (a thread is
+    released at its exit), so the set reports POLLHUP only if that woke the pidfd's
+    wait queue. Without PIDFD_THREAD (before Linux 6.9) the answer is no. Asked once
+    per run; costs a thread start."""
     global _reap_wakes
     if _reap_wakes is None:
         _reap_wakes = _probe()
@@ -37,20 +40,32 @@ def reap_wakes():
     return _reap_wakes
 
 
-def _probe():
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
+def _probe(patience=1.0):
+    tid = []
+    started, go = threading.Event(), threading.Event()
+
+    def run():
+        tid.append(threading.get_native_id())
+        started.set()
+        go.wait()
+
+    thread = threading.Thread(target=run, name="pycr-pidfd-probe", daemon=True)
+    thread.start()
+    started.wait()
     try:
-        pidfd = core.pidfd_open(pid)
+        pidfd = core.pidfd_open(tid[0], PIDFD_THREAD)
     except OSError:
-        os.waitpid(pid, 0)
+        go.set()
+        thread.join()
         return False
     try:
         with select.epoll() as ep:
             ep.register(pidfd, 0)
-            os.waitpid(pid, 0)
-            return any(ev & select.EPOLLHUP for _, ev in ep.poll(0))
+            go.set()
+            thread.join()
+            # Reaped now or in a moment (join returns at the thread's CLONE_CHILD_CLEARTID,
+            # just before its release): wakes at once where the kernel wakes pollers.
+            return any(ev & select.EPOLLHUP for _, ev in ep.poll(patience))
     finally:
         os.close(pidfd)
 
@@ -72,37 +87,39 @@ def open_task(tid):
         raise
 
 
-def wait_reaped(pidfds, collect, timeout):
+def wait_reaped(pidfds, timeout):
     """Wait (at most timeout s) until every task of pidfds {pidfd: tid} is reaped; -> the
-    tids still there at the timeout (empty: all free). One epoll set sleeps until a task
-    exits (POLLIN: its exit is collected with waitpid if its tid is in collect, where
-    pycr is its tracer or parent) or is reaped (POLLHUP: its TID is free). The pidfds
-    stay the caller's to close. A task not (yet) waitable by pycr is tried again at each
-    later wake-up: a killed parent hands its children to pycr, if pycr is their subreaper,
-    before its own exit is seen."""
+    tids still there at the timeout (empty: all free). The pidfds stay the caller's.
+
+    One epoll set sleeps until a task exits (POLLIN) or is reaped (POLLHUP: its TID is
+    free). Exited tasks are waited for with waitpid(WNOHANG) whenever some task of the set
+    has just exited: pycr collects a tracee's exit, and reaps a task whose parent it is,
+    which it may become only later, as a child subreaper, when the task's parent dies
+    (the kernel hands over the children before that parent's own exit is seen)."""
     deadline = time.monotonic() + timeout
     left = dict(pidfds)
-    collect = set(collect) & set(left.values())
-    retry = set()              # exited, but not waitable by pycr yet
+    exited = set()             # tids seen exited, not reaped yet
     with select.epoll() as ep:
-        for fd, tid in left.items():
-            ep.register(fd, select.EPOLLIN if tid in collect else 0)
+        for fd in left:
+            ep.register(fd, select.EPOLLIN)
         while left:
-            retry = {tid for tid in retry if not collect_exit(tid)}
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            news = False
             for fd, events in ep.poll(remaining):
                 tid = left[fd]
                 if events & select.EPOLLHUP:        # reaped: the TID is free
                     ep.unregister(fd)
                     del left[fd]
-                    retry.discard(tid)
-                elif tid in collect:
-                    collect.discard(tid)
-                    ep.modify(fd, 0)                 # from here only its reap matters
-                    if not collect_exit(tid):
-                        retry.add(tid)
+                    exited.discard(tid)
+                elif tid not in exited:
+                    exited.add(tid)
+                    ep.modify(fd, 0)                 # from here only its reap wakes us
+                    news = True
+            if news:
+                for tid in exited:
+                    collect_exit(tid)
     return sorted(left.values())
 
 

@@ -263,7 +263,7 @@ def _kill_and_reap_pidfds(reals, timeout):
             fds[fd] = real
             with contextlib.suppress(ProcessLookupError):
                 pidfd_send_signal(fd, signal.SIGKILL)
-        return pidwait.wait_reaped(fds, reals, timeout)
+        return pidwait.wait_reaped(fds, timeout)
     finally:
         for fd in fds:
             os.close(fd)
