@@ -1,15 +1,16 @@
-"""How long the dump's kill waits for the tree's PIDs to be free: pidfd wake-ups vs /proc polling.
+"""pycr's waits with and without kernel wake-ups: freezing a tree, and freeing its PIDs after the kill.
 
 A tree of N processes (each with T threads and M MiB of touched memory) is frozen and
-killed in-process, and FrozenTree.wait_gone is timed from the SIGKILLs until every PID is
-free. Rounds alternate between the two routes of pycr.freeze: the epoll wait on pidfds
-(woken when a task exits and when it is reaped) and the fallback loop (waitpid WNOHANG
-and /proc every 2 ms). This script is the root's parent and the tree's child subreaper
+killed in-process. Timed: freeze() (each thread's stop waited for with a timeout), and
+FrozenTree.wait_gone from the SIGKILLs until every PID is free. Rounds alternate between
+the wake-up routes ("wake": the stop wait sleeps on SIGCHLD through a signalfd, the PID
+wait in epoll on pidfds, woken when a task exits and when it is reaped) and the fallback
+ones ("poll": waitpid WNOHANG with a backoff; waitpid WNOHANG and /proc every 2 ms). This script is the root's parent and the tree's child subreaper
 (orphans would otherwise wait for PID 1's reaper, which is slow in some VMs), so pycr
 itself reaps every process as parent and tracer. Also timed: the one-off probe of
 whether the kernel wakes pidfd pollers at a reap.
 
-    python -m benchmarks.kill_wait [--procs 16] [--threads 2] [--mib 64] [--rounds 10]
+    python -m benchmarks.wait_routes [--procs 16] [--threads 2] [--mib 64] [--rounds 10]
 """
 
 import argparse
@@ -27,6 +28,7 @@ if __package__ in (None, ""):
 from pycr import pidwait                           # noqa: E402
 from pycr.abi import PR_SET_CHILD_SUBREAPER        # noqa: E402
 from pycr.freeze import freeze                     # noqa: E402
+from pycr.ptrace import childwait                  # noqa: E402
 
 CHILD = """
 import mmap, os, sys, threading, time
@@ -49,16 +51,19 @@ def one(args, route):
                          stdout=subprocess.PIPE, text=True)
     for _ in range(args.procs):
         p.stdout.readline()
+    childwait.usable = (lambda: True) if route == "wake" else (lambda: False)
+    pidwait._reap_wakes = route == "wake"
+    began = time.perf_counter()
     tree = freeze(p.pid)
+    frozen = time.perf_counter() - began
     assert len(tree.processes) == args.procs
-    pidwait._reap_wakes = route == "pidfd"
     tree.send_kill()
     began = time.perf_counter()
     tree.wait_gone()
-    took = time.perf_counter() - began
+    gone = time.perf_counter() - began
     p.stdout.close()
     p.wait()
-    return took
+    return frozen, gone
 
 
 def main():
@@ -76,15 +81,18 @@ def main():
     print(f"probe: pidfd pollers woken at a reap: {wakes} ({probe * 1e3:.2f} ms)")
     if not wakes:
         return
-    times = {"pidfd": [], "poll": []}
+    times = {"wake": [], "poll": []}
     for r in range(args.rounds):
-        for route in (("pidfd", "poll") if r % 2 == 0 else ("poll", "pidfd")):
+        for route in (("wake", "poll") if r % 2 == 0 else ("poll", "wake")):
             times[route].append(one(args, route))
-    a, b = statistics.median(times["poll"]), statistics.median(times["pidfd"])
-    for route, t in times.items():
-        print(f"{route:6} wait_gone median {statistics.median(t) * 1e3:7.2f} ms "
-              f"(min {min(t) * 1e3:.2f}, max {max(t) * 1e3:.2f}), {len(t)} rounds")
-    print(f"pidfd/poll median ratio {b / a:.2f}; {args.procs} procs x {args.threads} threads x {args.mib} MiB")
+    print(f"{args.procs} procs x {args.threads} threads x {args.mib} MiB, {args.rounds} rounds, medians (min-max) ms")
+    for i, what in enumerate(("freeze", "wait_gone")):
+        med = {}
+        for route, t in times.items():
+            t = [x[i] * 1e3 for x in t]
+            med[route] = statistics.median(t)
+            print(f"  {what:9} {route:4} {med[route]:8.2f} ({min(t):.2f}-{max(t):.2f})")
+        print(f"  {what:9} wake/poll {med['wake'] / med['poll']:.2f}")
 
 
 if __name__ == "__main__":
