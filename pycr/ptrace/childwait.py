@@ -6,7 +6,7 @@ SIGCHLD is blocked in the waiting thread it stays pending and a signalfd reports
 so a waitpid(WNOHANG) after blocking and a poll of the signalfd miss nothing. This
 only holds if no other thread can take the signal (it is process-directed): with
 more than one thread, or a SIGCHLD handler or ignore set, usable() is False and the
-caller polls.
+caller polls. (The C core's helper threads live only within one call of it.)
 """
 
 import ctypes
