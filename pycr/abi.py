@@ -195,6 +195,7 @@ NAMES = {nr: name for name, nr in NR.items()}
 WALL = 0x40000000                    # __WALL: wait for threads and clones too
 SIGINFO_SIZE = 128                   # sizeof(siginfo_t)
 WNOHANG = 1
+PIDFD_THREAD = 0o200                 # pidfd_open: a pidfd for one thread (= O_EXCL; Linux 6.9)
 SIGRTMIN_KERNEL, NSIG = 32, 64       # the kernel's first real-time signal (glibc keeps 32-33) and _NSIG
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000

@@ -15,7 +15,7 @@ import os
 import signal
 import time
 
-from pycr import proc, tcp_repair
+from pycr import pidwait, proc, tcp_repair
 from pycr.abi import PF_KTHREAD, WALL
 from pycr.errors import AccessDenied, PycrError, StopTimeout, TaskGone
 from pycr.ptrace import binding as B
@@ -235,6 +235,42 @@ class FrozenTree:
         processes whose parent is this process are reaped here. A process whose
         parent outside the tree does not reap it stays a zombie: PycrError names it.
         """
+        try:
+            if pidwait.reap_wakes():
+                self._wait_gone_pidfds(timeout)
+            else:
+                self._wait_gone_polling(timeout)
+        finally:
+            self.threads.clear()
+
+    def _wait_gone_pidfds(self, timeout):
+        """pidwait.wait_reaped over a pidfd per task. Only traced tasks are opened before
+        their exit is collected here, so none of their pidfds can name a reused PID;
+        zombies found at freeze time are opened by number, as the /proc loop checks them."""
+        fds = {}
+        try:
+            for tid in list(self.threads) + sorted(self.zombies - set(self.threads)):
+                fd = pidwait.open_task(tid)
+                if fd is not None:
+                    fds[fd] = tid
+            left = pidwait.wait_reaped(fds, timeout)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if left:
+            pids = sorted({self._tgid_of(tid) for tid in left})
+            raise PycrError(f"killed tree still present after {timeout} s: pids "
+                            f"{pids} not reaped by their parents")
+
+    def _tgid_of(self, tid):
+        for pid, threads in self.processes.items():
+            if any(t.tid == tid for t in threads):
+                return pid
+        return tid
+
+    def _wait_gone_polling(self, timeout):
+        """_wait_gone where the kernel does not wake pidfd pollers at a reap:
+        waitpid(WNOHANG) and /proc every 2 ms."""
         pids = list(self.processes)
         deadline = time.monotonic() + timeout
         waiting = set(self.threads)
@@ -264,11 +300,9 @@ class FrozenTree:
             if not left and not waiting:
                 break
             if time.monotonic() >= deadline:
-                self.threads.clear()
                 raise PycrError(f"killed tree still present after {timeout} s: pids "
                                 f"{sorted(left)} not reaped by their parents")
             time.sleep(0.002)
-        self.threads.clear()
 
 
 def _safe_descendants(pid):

@@ -195,3 +195,37 @@ def test_failed_copy_leaves_pages_file_writable(spawn, tmp_path):
         assert os.write(fd, b"x" * 100) == 100
     finally:
         os.close(fd)
+
+
+LATE_REAPER_SCRIPT = """#!{python}
+import os, sys, threading, time
+st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+def report(line):
+    os.write(st, (line + "\\n").encode())
+child = os.fork()
+if child == 0:
+    for _ in range(3):
+        threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
+    report("child %d" % os.getpid())
+    while True:
+        time.sleep(0.1)
+report("ready %d" % os.getpid())
+os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)   # its exit seen, not reaped
+report("exited")
+time.sleep(0.5)
+report("reaping")
+os.waitpid(child, 0)
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_dump_returns_once_a_late_parent_outside_reaps(spawn_python, tmp_path):
+    # The dumped process's parent is outside the tree and reaps it 0.5 s after its
+    # death: the dump may only return once it has, since a restore needs the PID.
+    parent = spawn_python("late_reaper", LATE_REAPER_SCRIPT)
+    child = int(parent.wait_for(r"^child (\d+)$").group(1))
+    assert len(procutil.threads(child)) == 4
+    pycr("dump", "-t", child, "-D", tmp_path / "img")
+    assert not procutil.exists(child)     # not even a zombie: the late reap happened first
+    assert parent.last("reaping") is not None and procutil.exists(parent.pid)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pycr.abi import NR, SIGINFO_SIZE, WALL
 from pycr.errors import PycrError, StopTimeout, TaskGone
 from pycr.proc.status import status
-from pycr.ptrace import binding as B
+from pycr.ptrace import binding as B, childwait
 from pycr.ptrace import xstate as X
 
 _SYSCALL_INFO_SIZE = 88      # struct ptrace_syscall_info; entry.nr / exit.rval at 24
@@ -195,19 +195,38 @@ class Thread:
             self.last_stop = Stop(self.tid, status)
             return self.last_stop
         deadline = time.monotonic() + timeout
-        delay = 0.0001
+        if childwait.usable():
+            with childwait.SigchldBlocked() as sigchld:
+                while True:
+                    stop = self._wait_nohang()
+                    if stop is not None:
+                        return stop
+                    if not sigchld.wait(deadline - time.monotonic()):
+                        break
+            stop = self._wait_nohang()
+            if stop is not None:
+                return stop
+            raise StopTimeout(f"tid {self.tid}: no ptrace stop within {timeout} s")
+        delay = 0.0001      # another thread may take SIGCHLD: poll with a backoff
         while True:
-            try:
-                pid, status = os.waitpid(self.tid, WALL | os.WNOHANG)
-            except ChildProcessError:
-                raise TaskGone(self.tid, "not waitable") from None
-            if pid:
-                self.last_stop = Stop(self.tid, status)
-                return self.last_stop
+            stop = self._wait_nohang()
+            if stop is not None:
+                return stop
             if time.monotonic() >= deadline:
                 raise StopTimeout(f"tid {self.tid}: no ptrace stop within {timeout} s")
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
+
+    def _wait_nohang(self):
+        """waitpid(tid, __WALL|WNOHANG) -> Stop, or None if there is no news."""
+        try:
+            pid, status = os.waitpid(self.tid, WALL | os.WNOHANG)
+        except ChildProcessError:
+            raise TaskGone(self.tid, "not waitable") from None
+        if not pid:
+            return None
+        self.last_stop = Stop(self.tid, status)
+        return self.last_stop
 
     def get_siginfo(self):
         """The siginfo of the signal this thread is stopped for (128 bytes)."""

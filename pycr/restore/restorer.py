@@ -14,11 +14,11 @@ import os
 import signal
 import time
 
-from pycr import proc, progress
+from pycr import pidwait, proc, progress
 from pycr.abi import PR_GET_CHILD_SUBREAPER, PR_SET_CHILD_SUBREAPER, WALL
 from pycr.errors import PycrError
 from pycr.log import log
-from pycr.native.core import Copier
+from pycr.native.core import Copier, pidfd_send_signal
 from pycr.ptrace.inject import Injector
 from pycr.restore import file_locks, files, ghost, memfd, mm, pidns as pidns_mod, preflight, process, sysvshm, tasks, \
     threads, timers
@@ -241,23 +241,50 @@ def kill_and_reap(reals, timeout=10.0):
     _libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.addressof(was), 0, 0, 0)
     _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     try:
-        for real in reals:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(real, signal.SIGKILL)
-        deadline = time.monotonic() + timeout
-        pending = list(reals)
-        while pending and time.monotonic() < deadline:
-            for real in list(pending):
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(real, os.WNOHANG | WALL)
-                if not proc.exists(real):
-                    pending.remove(real)
-            if pending:
-                time.sleep(0.002)
+        if pidwait.reap_wakes():
+            pending = _kill_and_reap_pidfds(reals, timeout)
+        else:
+            pending = _kill_and_reap_polling(reals, timeout)
         if pending:
             log.warning("tasks %s were killed but are not reaped yet", pending)
     finally:
         _libc.prctl(PR_SET_CHILD_SUBREAPER, was.value, 0, 0, 0)
+
+
+def _kill_and_reap_pidfds(reals, timeout):
+    """Each task killed through a pidfd opened first (no PID-reuse race), then
+    pidwait.wait_reaped: reaped here where pycr is its tracer or (sub)reaper."""
+    fds = {}
+    try:
+        for real in reals:
+            fd = pidwait.open_task(real)
+            if fd is None:
+                continue
+            fds[fd] = real
+            with contextlib.suppress(ProcessLookupError):
+                pidfd_send_signal(fd, signal.SIGKILL)
+        return pidwait.wait_reaped(fds, timeout)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _kill_and_reap_polling(reals, timeout):
+    """kill_and_reap where the kernel does not wake pidfd pollers at a reap: /proc every 2 ms."""
+    for real in reals:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(real, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    pending = list(reals)
+    while pending and time.monotonic() < deadline:
+        for real in list(pending):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(real, os.WNOHANG | WALL)
+            if not proc.exists(real):
+                pending.remove(real)
+        if pending:
+            time.sleep(0.002)
+    return pending
 
 
 def restore(images_dir, detach=False, pidns=False, trust_images=False, on_running=None, lazy_pages=None):

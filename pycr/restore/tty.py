@@ -27,9 +27,8 @@ import fcntl
 import os
 import signal
 import struct
-import time
 
-from pycr import abi, options, proc
+from pycr import abi, options, pidwait, proc
 from pycr.ptrace.inject import Injector
 from pycr.restore import handover
 from pycr.collect.tty import tty_nr_dev
@@ -83,17 +82,10 @@ def _capable(pid):
     return bool(proc.status(pid).cap_eff >> abi.CAP_SYS_ADMIN & 1)
 
 
-def _wait_exited(real, timeout=5.0):
-    """Until task `real` has exited (a zombie or gone): its exit has let go of its terminal."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if proc.stat(real).state in "ZX":
-                return
-        except TaskGone:
-            return
-        time.sleep(0.002)
-    raise RestoreError(f"pid {real} was killed but did not exit within {timeout} s")
+def _kill_and_wait_exited(real, timeout=5.0):
+    """Kill task `real` and wait until it has exited (a zombie or gone): its exit lets go of its terminal."""
+    if not pidwait.kill_and_wait_exit(real, timeout):
+        raise RestoreError(f"pid {real} was killed but did not exit within {timeout} s")
 
 
 def _set_int(fd, request, value):
@@ -305,8 +297,7 @@ class Objects:
             raise RestoreError(f"{name}: the source's session leader {pty.sid} is not frozen")
         steal = _capable(pty.sid)
         if not steal:
-            os.kill(replica_leader, signal.SIGKILL)
-            _wait_exited(replica_leader)
+            _kill_and_wait_exited(replica_leader)
         own = self._leader_fd(pty)
         with Injector(threads[0]) as inj:
             with inj.scratch(256) as buf:
