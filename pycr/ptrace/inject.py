@@ -17,6 +17,9 @@ Two trampolines:
 - given the address of `0f 05 cc` (the restore stub): PTRACE_CONT until the
   int3. A stub that loses pycr dies with it (PTRACE_O_EXITKILL), as it should.
 
+call_batch() runs many calls in one stop through a loop next to either
+trampoline (pycr.ptrace.batch), keeping the same property.
+
 The injected syscalls leave the extended state alone (the kernel preserves
 user FPU state across syscalls), so in the default mode it is read for the
 recovery frame but never written back. All signals are blocked while
