@@ -16,6 +16,7 @@ import pytest
 from pycr import proc
 from pycr.collect.core import KSIGACTION, collect_sigactions
 from pycr.leftovers import trampoline_address, wipe_trampoline
+from pycr.ptrace.batch import end_signal
 from pycr.ptrace.inject import Injector
 from helpers_ptrace import Proc, build, seized
 
@@ -36,7 +37,8 @@ static void set(int sig, void (*h)(int), int flags, int masked) {
     if (masked) { sigaddset(&sa.sa_mask, masked); sigaddset(&sa.sa_mask, SIGRTMIN + 3); }
     sigaction(sig, &sa, 0);
 }
-/* argv[1] "urg": SIGURG and SIGWINCH have handlers too. Prints "ready", then on SIGUSR2 a report. */
+/* argv[1] "handled": SIGURG, SIGWINCH, SIGCHLD have handlers; "busy": so have SIGPIPE and SIGTERM.
+   Prints "ready", then on SIGUSR2 a report. */
 int main(int argc, char **argv) {
     struct sigaction sa; memset(&sa, 0, sizeof sa);
     set(SIGUSR1, on_usr1, SA_RESTART, 0);
@@ -46,7 +48,8 @@ int main(int argc, char **argv) {
     set(SIGCHLD, SIG_DFL, SA_NOCLDWAIT | SA_NOCLDSTOP, 0);
     sa.sa_sigaction = on_other; sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER | SA_RESETHAND;
     sigaddset(&sa.sa_mask, SIGINT); sigaction(SIGHUP, &sa, 0); sigaction(SIGRTMIN + 5, &sa, 0);
-    if (argc > 1) { set(SIGURG, on_usr1, 0, 0); set(SIGWINCH, on_usr1, 0, 0); }
+    if (argc > 1) { set(SIGURG, on_usr1, 0, 0); set(SIGWINCH, on_usr1, 0, 0); set(SIGCHLD, on_usr1, 0, 0); }
+    if (argc > 1 && argv[1][0] == 'b') { set(SIGPIPE, on_usr1, 0, 0); set(SIGTERM, on_usr1, 0, 0); }
     sigset_t block; sigemptyset(&block); sigaddset(&block, SIGQUIT); sigprocmask(SIG_BLOCK, &block, 0);
     printf("ready %d\n", getpid()); fflush(stdout);
     for (;;) {
@@ -87,23 +90,24 @@ def _status_sig(pid, key):
         return int(next(line for line in f if line.startswith(key + ":")).split()[1], 16)
 
 
-@pytest.mark.parametrize("variant", ["", "urg"])
-def test_batch_reads_what_one_injected_call_each_reads(handlers_exe, variant):
-    """With SIGURG free the batch runs in one stop; with SIGURG and SIGWINCH handled it
-    falls back to one call each. Either way the same 64 actions, the program unchanged."""
+@pytest.mark.parametrize("variant, ends_with", [("", signal.SIGURG), ("handled", signal.SIGPIPE), ("busy", None)])
+def test_batch_reads_what_one_injected_call_each_reads(handlers_exe, variant, ends_with):
+    """The batch ends with SIGURG when it is free, else with a signal the program ignores
+    (SIGPIPE); with none left, one call each. Always the same 64 actions, the program unchanged."""
     p = _start(handlers_exe, *([variant] if variant else []))
     try:
         with seized(p.pid) as t:
             regs, mask = t.get_regs(), t.get_sigmask()
+            assert end_signal(proc.status(p.pid), mask) == ends_with
             with Injector(t) as inj:
-                assert (inj.batch_loop() is None) == (variant == "urg")
+                assert (inj.batch_loop() is None) == (ends_with is None)
                 batched = collect_sigactions(inj)
                 reference = _one_by_one(inj)
             assert t.get_regs() == regs and t.get_sigmask() == mask
         assert batched == reference
         chld, term, hup = (batched[s - 1] for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP))
-        assert chld["handler"] == 0 and chld["flags"] & 0x3 == 0x3       # SA_NOCLDSTOP | SA_NOCLDWAIT
-        assert term["handler"] == 1                                         # SIG_IGN
+        assert (chld["handler"] == 0 and chld["flags"] & 0x3 == 0x3) == (not variant)   # SA_NOCLDSTOP|SA_NOCLDWAIT
+        assert (term["handler"] == 1) == (variant != "busy")                # SIG_IGN
         assert hup["flags"] & 0xC8000004 == 0xC8000004 and hup["mask"] >> (signal.SIGINT - 1) & 1
         assert trampoline_address(p.pid) is None
         p.popen.send_signal(signal.SIGUSR2)

@@ -17,8 +17,8 @@ memory but its table, so that the recovery frame above rsp stays intact.
 In [vdso] padding (a live task) `done` jumps to the trampoline's
 `mov $15,%eax; syscall`: whatever instant pycr dies at, the task runs the rest
 of the table and rt_sigreturns into its own state. pycr gets its single stop
-from two last entries it appends: rt_sigprocmask unblocks one signal that has
-no handler in the process and whose default action is to ignore it, then
+from two last entries it appends: rt_sigprocmask unblocks one signal that the
+process ignores (by default or SIG_IGN) and has no handler for, then
 tgkill sends it to the thread. Traced, the thread stops for it (a tracer sees
 even ignored signals) and pycr discards it; untraced, the kernel drops it at
 once. So only calls whose completion without pycr is harmless (reads) belong
@@ -58,9 +58,11 @@ VDSO_CODE = (TRAMPOLINE + bytes(BATCH_AT - len(TRAMPOLINE)) + LOOP
 WORKSPACE_AT = 64
 WORKSPACE_CODE = LOOP + b"\xcc"
 
-# Signals whose default action is to ignore them and that have no side effect when
-# sent (SIGCHLD is avoided: programs wait for it; SIGCONT wakes a stopped group).
-END_SIGNALS = (signal.SIGURG, signal.SIGWINCH)
+# Signals whose default action is to ignore them, tried first; then any the process
+# ignores (SIG_IGN). Never SIGCONT (sending it wakes a stopped group) nor a stop signal
+# (sending one flushes a pending SIGCONT), whatever their disposition.
+END_SIGNALS = (signal.SIGURG, signal.SIGWINCH, signal.SIGCHLD)
+_NEVER = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 
 
 def table(calls):
@@ -84,12 +86,14 @@ def results(raw, count):
 
 
 def end_signal(status, blocked, held=()):
-    """A signal that can end a batch of a live task without a trace, or None: no handler
-    in the process (status.sig_cgt), not pending for it nor held by pycr, so that
-    discarding the one pycr sends loses nothing; not blocked by the thread's own mask,
-    so that one left pending by pycr's death is dropped once rt_sigreturn restores it."""
+    """A signal that can end a batch of a live task without a trace, or None: one the
+    process ignores (by default or SIG_IGN), with no handler (status.sig_cgt), not pending
+    for it nor held by pycr, so that discarding the one pycr sends loses nothing; not
+    blocked by the thread's own mask, so that one left pending by pycr's death is dropped
+    once rt_sigreturn restores that mask."""
     busy = status.sig_cgt | status.sig_pnd | status.shd_pnd | blocked
-    for sig in END_SIGNALS:
+    ignored = [sig for sig in range(1, 65) if status.sig_ign >> (sig - 1) & 1 and sig not in _NEVER]
+    for sig in (*END_SIGNALS, *ignored):
         if not busy >> (sig - 1) & 1 and sig not in held:
             return int(sig)
     return None

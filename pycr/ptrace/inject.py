@@ -400,7 +400,7 @@ class Injector:
         st = proc.status(self.tid)
         sig = batch.end_signal(st, self._saved[2], self.thread.held_signals)
         if sig is None:
-            return None, None, "SIGURG and SIGWINCH are handled, blocked or pending: none can end a batch"
+            return None, None, "every signal it ignores is handled, blocked or pending: none can end a batch"
         # tgkill runs in the task: its ids as its own PID namespace numbers them
         self._own_ids = (int(st.raw.get("NStgid", str(st.tgid)).split()[-1]),
                          st.nspid[-1] if st.nspid else self.tid)
