@@ -342,7 +342,7 @@ class Injector:
         loop, sig, why = self._batch_setup()
         if loop is None or len(calls) < 2:
             if why and len(calls) >= 2:
-                log.debug("pid %d: %d syscalls one by one: %s", self.pid, len(calls), why)
+                log.info("pid %d: %d syscalls one by one: %s", self.pid, len(calls), why)
             return [self.call(nr, *args) for nr, *args in calls]
         texts = [narrate.syscall_text(nr, args, self.read) for nr, *args in calls] if narrate.enabled() else None
         extra = 0 if sig is None else 2
