@@ -7,8 +7,11 @@ batch must leave the program as it was: counting on, same mask, same handlers.
 """
 
 import os
+import re
 import signal
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
@@ -169,5 +172,29 @@ def test_tracer_killed_mid_batch_leaves_the_task_as_it_was(handlers_exe):
         assert wipe_trampoline(p.pid) and trampoline_address(p.pid) is None
         with seized(p.pid) as t, Injector(t) as inj:
             assert collect_sigactions(inj) == before
+    finally:
+        p.kill()
+
+
+def test_restore_sets_every_handler_again(handlers_exe, tmp_path, cleanup_pids):
+    """Dump and restore the program: its handlers (set in one batch in the restored
+    task) read back exactly as before, and so do its blocked mask and its ignored set."""
+    from pycrcmd import pycr
+    p = _start(handlers_exe)
+    try:
+        with seized(p.pid) as t, Injector(t) as inj:
+            before = collect_sigactions(inj)
+        masks = {key: _status_sig(p.pid, key) for key in ("SigBlk", "SigIgn", "SigCgt")}
+        dump = subprocess.Popen([sys.executable, "-m", "pycr", "dump", "-t", str(p.pid), "-D", tmp_path / "img"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p.popen.wait(10)            # reaped here: pycr waits until the killed tree's PIDs are free
+        assert dump.wait(60) == 0
+        cleanup_pids.add(p.pid)
+        said = pycr("restore", "-D", tmp_path / "img", "-d", "-vv").stderr
+        assert re.search(rf"^pycr: pid {p.pid}: \d+ syscalls in one stop: .* an int3 stops it$", said, re.M), said
+        assert {key: _status_sig(p.pid, key) for key in masks} == masks
+        with seized(p.pid) as t, Injector(t) as inj:
+            assert collect_sigactions(inj) == before
+        assert proc.status(p.pid).state in "RS"
     finally:
         p.kill()
