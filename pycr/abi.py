@@ -197,6 +197,7 @@ SIGINFO_SIZE = 128                   # sizeof(siginfo_t)
 WNOHANG = 1
 PIDFD_THREAD = 0o200                 # pidfd_open: a pidfd for one thread (= O_EXCL; Linux 6.9)
 SIGRTMIN_KERNEL, NSIG = 32, 64       # the kernel's first real-time signal (glibc keeps 32-33) and _NSIG
+SIG_SETMASK = 2                      # rt_sigprocmask how (asm-generic/signal-defs.h)
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000

@@ -90,25 +90,31 @@ def check_ptrace():
 
 
 def check_injection():
-    """Run a syscall inside a helper the way a dump does, and check that the helper
-    is left exactly as it was: registers, blocked mask, memory, maps."""
+    """Run a syscall inside a helper the way a dump does, then a batch of them in one
+    stop, and check that the helper is left exactly as it was: registers, blocked
+    mask, memory ([vdso] included), maps."""
     from .leftovers import trampoline_address
-    from .proc import maps
+    from .proc import maps, read_mem
     from .ptrace.inject import Injector
     try:
         with _stopped_helper() as (pid, t):
             regs, mask, layout = t.get_regs(), t.get_sigmask(), maps(pid)
+            vdso = next(v for v in layout if v.kind == "vdso")
+            image = read_mem(pid, vdso.start, vdso.size)
             with Injector(t) as inj:
                 got = inj.call("getpid")
+                batched = inj.call_batch([("getpid",), ("getppid",), ("gettid",)])
+                how = "in one stop" if inj.batch_loop() else "one by one"
             same = (t.get_regs() == regs and t.get_sigmask() == mask and maps(pid) == layout
-                    and trampoline_address(pid) is None)
+                    and trampoline_address(pid) is None and read_mem(pid, vdso.start, vdso.size) == image)
     except Exception as exc:
         return Finding("syscall injection", False, str(exc), "dump/restore")
-    if got != pid or not same:
-        return Finding("syscall injection", False, f"getpid gave {got}, or the helper was left changed",
-                       "dump/restore")
+    if got != pid or batched != [pid, os.getpid(), pid] or not same:
+        return Finding("syscall injection", False, f"getpid gave {got}, a batch getpid, getppid, gettid "
+                       f"gave {batched}, or the helper was left changed", "dump/restore")
     return Finding("syscall injection", True, "getpid through a [vdso] trampoline with syscall stops "
-                   "and a recovery frame; the helper left as it was", "dump/restore")
+                   f"and a recovery frame; getpid, getppid, gettid batched {how}; the helper left as it was",
+                   "dump/restore")
 
 
 def check_vm_rw():

@@ -35,6 +35,7 @@ from pycr.abi import O_LARGEFILE, UFFD_FEATURE_INITIALIZED, UFFD_LINK, UFFD_PYCR
 from pycr.errors import PycrError, TaskGone
 from pycr.log import log
 from pycr.ptrace import sigframe
+from pycr.ptrace import batch
 from pycr.ptrace.inject import vdso_text_end
 
 
@@ -86,8 +87,9 @@ def pycr_uffds(pid, initialized_only=False):
     return out
 
 
-def trampoline_address(pid):
-    """Where pycr's trampoline sits in pid's [vdso] if it is there, else None."""
+def trampoline_span(pid):
+    """(address, length) of pycr's trampoline in pid's [vdso], with its batch loop if
+    that is there too, else None."""
     vdso = next((v for v in proc.maps(pid) if v.kind == "vdso"), None)
     if vdso is None:
         return None
@@ -99,9 +101,16 @@ def trampoline_address(pid):
     if end is None:
         return None
     at = (end + 15) & ~15
-    if image[at:at + len(sigframe.TRAMPOLINE)] == sigframe.TRAMPOLINE:
-        return vdso.start + at
-    return None
+    if image[at:at + len(sigframe.TRAMPOLINE)] != sigframe.TRAMPOLINE:
+        return None
+    with_loop = image[at:at + len(batch.VDSO_CODE)] == batch.VDSO_CODE
+    return vdso.start + at, len(batch.VDSO_CODE) if with_loop else len(sigframe.TRAMPOLINE)
+
+
+def trampoline_address(pid):
+    """Where pycr's trampoline sits in pid's [vdso] if it is there, else None."""
+    span = trampoline_span(pid)
+    return None if span is None else span[0]
 
 
 def find(root):
@@ -244,13 +253,13 @@ def close_stray_uffds(pid, leader, keep=()):
 
 
 def wipe_trampoline(pid):
-    """Zero the trampoline bytes in pid's [vdso] padding, as they were."""
-    addr = trampoline_address(pid)
-    if addr is None:
+    """Zero the trampoline bytes (and its batch loop's) in pid's [vdso] padding, as they were."""
+    span = trampoline_span(pid)
+    if span is None:
         return False
     fd = proc.open_mem(pid, write=True)
     try:
-        os.pwrite(fd, bytes(len(sigframe.TRAMPOLINE)), addr)
+        os.pwrite(fd, bytes(span[1]), span[0])
     finally:
         os.close(fd)
     return True

@@ -5,10 +5,12 @@ are read by injecting rt_sigaction(sig, NULL, &old) into the frozen task.
 """
 
 import ctypes
+import os
 import struct
 from signal import SIGKILL, SIGSTOP
 
 from .. import proc
+from ..errors import from_oserror
 from ..native import core as native
 from ..ptrace.inject import Injector
 from ..abi import ARCH_GET_XCOMP_PERM, NR, PR_GET_TID_ADDRESS, SECCOMP_MODE_FILTER
@@ -21,13 +23,14 @@ STACK_T = struct.Struct("<QiiQ")         # stack_t: ss_sp, ss_flags, (padding), 
 
 
 def collect_sigactions(injector):
-    """All 64 kernel sigactions of the process, via injected rt_sigaction."""
+    """All 64 kernel sigactions of the process, via injected rt_sigaction (one batch)."""
     out = []
     with injector.scratch(64 * KSIGACTION.size) as buf:
-        for sig in range(1, 65):
-            if sig in (SIGKILL, SIGSTOP):
-                continue
-            injector.check(NR["rt_sigaction"], sig, 0, buf + (sig - 1) * KSIGACTION.size, 8)
+        sigs = [sig for sig in range(1, 65) if sig not in (SIGKILL, SIGSTOP)]
+        calls = [(NR["rt_sigaction"], sig, 0, buf + (sig - 1) * KSIGACTION.size, 8) for sig in sigs]
+        for sig, res in zip(sigs, injector.call_batch(calls)):
+            if res < 0:
+                raise from_oserror(OSError(-res, os.strerror(-res)), injector.pid, f"injected rt_sigaction({sig})")
         raw = injector.read(buf, 64 * KSIGACTION.size)
     for sig in range(1, 65):
         if sig in (SIGKILL, SIGSTOP):

@@ -17,6 +17,9 @@ Two trampolines:
 - given the address of `0f 05 cc` (the restore stub): PTRACE_CONT until the
   int3. A stub that loses pycr dies with it (PTRACE_O_EXITKILL), as it should.
 
+call_batch() runs many calls in one stop through a loop next to either
+trampoline (pycr.ptrace.batch), keeping the same property.
+
 The injected syscalls leave the extended state alone (the kernel preserves
 user FPU state across syscalls), so in the default mode it is read for the
 recovery frame but never written back. All signals are blocked while
@@ -33,6 +36,7 @@ import struct
 from pycr.errors import PycrError, TaskGone, from_oserror
 from pycr.log import log
 from pycr.ptrace import binding as B
+from pycr.ptrace import batch
 from pycr.ptrace import narrate
 from pycr.ptrace import sigframe
 from pycr import abi as S
@@ -96,12 +100,15 @@ class Injector:
         self._masked = False
         # default mode only
         self._code = None         # address of the trampoline in [vdso]
+        self._batch_code = None   # address of the batch loop, where there was room for it
         self._own_code = False    # this injector wrote it (and removes it)
         self._frame = None        # address of the recovery frame
         self._stack_lo = None     # lowest stack address in use, with its original bytes
         self._stack_bytes = b""
         self._scratch_top = None  # next free byte (downwards) of the stack scratch area
         self._started = None      # (nr, trampoline, narration) of a call start() began
+        self._workspace_loop = None   # trampoline mode: the batch loop found next to it
+        self._own_ids = None      # (tgid, tid) as the task's own PID namespace numbers them
 
     # save / restore
     def save(self):
@@ -139,16 +146,19 @@ class Injector:
         code = vdso.start + ((end + 15) & ~15) if end is not None else None
         if code is None or code + len(sigframe.TRAMPOLINE) > vdso.end:
             raise PycrError(f"pid {self.pid}: no padding left in [vdso] for pycr's syscall trampoline")
-        found = self.read(code, len(sigframe.TRAMPOLINE))
-        users = _TRAMPOLINE_USERS.setdefault(self.pid, [0, False])
+        # The batch loop goes with the trampoline where the padding has room for it.
+        want = batch.VDSO_CODE if code + len(batch.VDSO_CODE) <= vdso.end else sigframe.TRAMPOLINE
+        found = self.read(code, len(want))
+        users = _TRAMPOLINE_USERS.setdefault(self.pid, [0, False, len(want)])
         if found == bytes(len(found)):
-            self.write(code, sigframe.TRAMPOLINE)
-            users[1] = True
-        elif found != sigframe.TRAMPOLINE:
+            self.write(code, want)
+            users[1:] = [True, len(want)]
+        elif found != want:
             raise PycrError(f"pid {self.pid}: the padding of [vdso] at {code:#x} is not empty")
         users[0] += 1
         self._own_code = True
         self._code = code
+        self._batch_code = code + batch.BATCH_AT if want is batch.VDSO_CODE else None
 
         sp = regs.rsp
         stack = next((v for v in vmas if v.start < sp - sigframe.RED_ZONE <= v.end), None)
@@ -250,12 +260,12 @@ class Injector:
             if self._stack_lo is not None:
                 self.write(self._stack_lo, self._stack_bytes)
             if self._own_code:
-                users = _TRAMPOLINE_USERS.get(self.pid, [1, False])
+                users = _TRAMPOLINE_USERS.get(self.pid, [1, False, 0])
                 users[0] -= 1
                 if users[0] <= 0:      # the last of this process's injectors wipes what pycr wrote
                     _TRAMPOLINE_USERS.pop(self.pid, None)
                     if users[1]:
-                        self.write(self._code, bytes(len(sigframe.TRAMPOLINE)))
+                        self.write(self._code, bytes(users[2]))
         except PycrError as exc:
             log.warning("tid %d: could not wipe pycr's trampoline or frame: %s", self.tid, exc)
         finally:
@@ -316,6 +326,114 @@ class Injector:
             who = f"pid {self.pid}" if self.tid == self.pid else f"pid {self.pid} tid {self.tid}"
             log.debug("%s: %s = %s", who, text, narrate.result_text(nr, res))
         return res
+
+    def call_batch(self, calls, table_at=None):
+        """Run calls [(nr or name, *args)] in order in one ptrace stop; their raw results.
+
+        Every call runs whatever the earlier ones returned. In a live task (the default
+        mode) the batch completes even if pycr dies meanwhile, so only calls that are
+        harmless to complete belong in it. Where the loop has no room or no signal can
+        end it (see pycr.ptrace.batch), the calls are injected one by one. table_at:
+        memory in the task for (len(calls) + 2) * 64 + 8 bytes, else scratch() gives it."""
+        calls = [(S.NR[c[0]] if isinstance(c[0], str) else c[0], *c[1:]) for c in calls]
+        self.save()
+        if self._outer is not None:
+            return self._outer.call_batch(calls, table_at)
+        loop, sig, why = self._batch_setup()
+        if loop is None or len(calls) < 2:
+            if why and len(calls) >= 2:
+                log.info("pid %d: %d syscalls one by one: %s", self.pid, len(calls), why)
+            return [self.call(nr, *args) for nr, *args in calls]
+        texts = [narrate.syscall_text(nr, args, self.read) for nr, *args in calls] if narrate.enabled() else None
+        extra = 0 if sig is None else 2
+        size = (len(calls) + extra) * batch.ENTRY.size + 8
+        with (contextlib.nullcontext(table_at) if table_at is not None else self.scratch(size)) as table_at:
+            entries = list(calls)
+            if sig is not None:
+                mask_at = table_at + size - 8
+                self.write(mask_at, struct.pack("<Q", _U64 & ~(1 << (sig - 1))))
+                entries += [(S.NR["rt_sigprocmask"], S.SIG_SETMASK, mask_at, 0, 8),
+                            (S.NR["tgkill"], *self._own_ids, sig)]
+            self.write(table_at, batch.table(entries))
+            if texts is not None:
+                end = (f"tgkill({self._own_ids[0]}, {self._own_ids[1]}, {narrate.signame(sig)}) stops it"
+                       if sig else "an int3 stops it")
+                log.debug("pid %d: %d syscalls in one stop: a loop at %#x runs them, then %s",
+                          self.pid, len(calls), loop, end)
+            regs = self._saved[0].copy()
+            regs.rip, regs.rbx, regs.r12, regs.orig_rax = loop, table_at, len(entries), _U64
+            if self.trampoline is None:
+                regs.rsp = self._frame + 8
+            with deferred_signals():
+                self._run_batch(regs, sig, table_at + (len(entries) - 1) * batch.ENTRY.size, calls[0][0])
+            raw = self.read(table_at, len(calls) * batch.ENTRY.size)
+        res = batch.results(raw, len(calls))
+        if texts is not None:
+            who = f"pid {self.pid}" if self.tid == self.pid else f"pid {self.pid} tid {self.tid}"
+            for (nr, *_), text, value in zip(calls, texts, res):
+                log.debug("%s: %s = %s", who, text, narrate.result_text(nr, value))
+        return res
+
+    def batch_loop(self):
+        """Where call_batch's loop runs in this task, or None when calls go one by one."""
+        self.save()
+        if self._outer is not None:
+            return self._outer.batch_loop()
+        return self._batch_setup()[0]
+
+    def _batch_setup(self):
+        """(address of the batch loop, signal ending it or None for an int3, None) or
+        (None, None, why the calls go one by one)."""
+        if self.trampoline is not None:
+            loop = self.trampoline + batch.WORKSPACE_AT
+            if self._workspace_loop != loop:
+                try:
+                    here = self.read(loop, len(batch.WORKSPACE_CODE))
+                except PycrError:
+                    here = b""
+                if here != batch.WORKSPACE_CODE:
+                    return None, None, "no batch loop next to the trampoline"
+                self._workspace_loop = loop
+            return loop, None, None
+        if self._batch_code is None:
+            return None, None, "no room for the batch loop in [vdso] padding"
+        st = proc.status(self.tid)
+        sig = batch.end_signal(st, self._saved[2], self.thread.held_signals)
+        if sig is None:
+            return None, None, "every signal it ignores is handled, blocked or pending: none can end a batch"
+        # tgkill runs in the task: its ids as its own PID namespace numbers them
+        self._own_ids = (int(st.raw.get("NStgid", str(st.tgid)).split()[-1]),
+                         st.nspid[-1] if st.nspid else self.tid)
+        return self._batch_code, sig, None
+
+    def _run_batch(self, regs, sig, last_entry, nr):
+        """Run the loop to its stop: the int3 after it, or the end signal from the thread itself."""
+        t = self.thread
+        t.set_regs(regs)
+        if self.trampoline is not None:
+            self._await_int3(nr, regs.rip, end=regs.rip + len(batch.LOOP) + 1)
+            return
+        if not self._masked:
+            t.set_sigmask(_U64)
+            self._masked = True
+            t.requeue_held()
+        step(f"inject a batch of syscalls into {self.tid}")
+        done_at = self._batch_code + batch.AFTER_SYSCALL
+        while True:
+            stop = self._next_stop(nr, t.cont)
+            if stop.signal in (sig, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL):
+                now = t.get_regs()
+                # The end signal, once unblocked by the next-to-last entry: pycr's own, or one
+                # sent from outside meanwhile, which the kernel would drop untraced (no handler,
+                # not blocked) and which stands for pycr's (a pending legacy signal is not queued twice).
+                if stop.signal == sig and now.rip == done_at and \
+                        now.rbx in (last_entry - batch.ENTRY.size, last_entry):
+                    break
+                if stop.signal != sig and self._batch_code <= now.rip < self._batch_code + len(batch.LOOP):
+                    raise PycrError(f"tid {self.tid}: pycr's batch loop faulted at {now.rip:#x} "
+                                    f"(signal {stop.signal})")
+            t.hold_signal(stop)
+        t.set_sigmask(_U64)       # the loop unblocked the end signal
 
     def start(self, nr, *args):
         """Begin syscall nr in the task and return at once, the task running it meanwhile;
@@ -396,9 +514,9 @@ class Injector:
         self.thread.set_regs(regs)
         return self._await_int3(nr, regs.rip)
 
-    def _await_int3(self, nr, addr, resumed=False):
+    def _await_int3(self, nr, addr, resumed=False, end=None):
         t = self.thread
-        end = addr + 3
+        end = addr + 3 if end is None else end
         while True:
             stop = self._next_stop(nr, t.cont, resumed)
             resumed = False

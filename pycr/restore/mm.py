@@ -24,6 +24,7 @@ from pycr.abi import (AT_FDCWD, MADVISE_NAMED, MAP_ANONYMOUS, MAP_DROPPABLE, MAP
                       O_CLOEXEC, O_RDONLY, O_RDWR, PR_SET_MM, PR_SET_MM_MAP, PR_SET_VMA, PR_SET_VMA_ANON_NAME,
                       PROT_EXEC, PROT_READ, PROT_WRITE)
 from pycr.errors import RestoreError
+from pycr.ptrace import batch
 from pycr.log import log
 from pycr import sysinfo
 from pycr.restore import ghost, lazy as lazy_mod, sysvshm
@@ -93,6 +94,7 @@ def map_workspace(remote, image_vmas):
     else:
         raise RestoreError(f"pid {remote.pid}: no hole for pycr's workspace in the dumped layout")
     remote.write(addr, b"\x0f\x05\xcc")
+    remote.write(addr + batch.WORKSPACE_AT, batch.WORKSPACE_CODE)    # Injector.call_batch's loop
     remote.check("mprotect", addr, PAGE, PROT_READ | PROT_EXEC, what=f"{addr:#x}, r-x")
     remote.retarget(addr)
     remote.use_scratch(addr + PAGE, WORKSPACE_SIZE - PAGE)

@@ -59,17 +59,21 @@ def set_xcomp_perm(remote, core):
 
 
 def set_sigactions(remote, core):
-    """rt_sigaction for every signal whose action is not the default (sa_restorer kept)."""
-    count = 0
+    """rt_sigaction for every signal whose action is not the default (sa_restorer kept),
+    all in one batch (one ptrace stop)."""
+    sigs, calls = [], []
     for index, act in enumerate(core.sigactions):
         sig = index + 1
         if sig in (SIGKILL, SIGSTOP) or not (act.handler or act.flags or act.mask):
             continue
         addr = remote.put(KSIGACTION.pack(act.handler, act.flags, act.restorer, act.mask))
-        remote.check("rt_sigaction", sig, addr, 0, 8, what=str(sig))
-        remote.reset_scratch()
-        count += 1
-    log.info("pid %d: %d signal handlers set with rt_sigaction", remote.pid, count)
+        sigs.append(sig)
+        calls.append(("rt_sigaction", sig, addr, 0, 8))
+    for sig, res in zip(sigs, remote.call_batch(calls)):
+        if res < 0:
+            raise RestoreError(f"pid {remote.pid}: rt_sigaction({sig}) failed: {os.strerror(-res)}")
+    remote.reset_scratch()
+    log.info("pid %d: %d signal handlers set with rt_sigaction", remote.pid, len(sigs))
 
 
 def check_rlimits(pid, core, known=None):

@@ -96,6 +96,11 @@ class Remote:
         """Raw result of syscall `name` in the task (negative errno on failure)."""
         return self.inj.call(NR[name] if isinstance(name, str) else name, *args)
 
+    def call_batch(self, calls):
+        """Raw results of calls [(name, *args)] run in one stop (see Injector.call_batch)."""
+        table = self.put(bytes((len(calls) + 2) * 64 + 8)) if self.scratch is not None else None
+        return self.inj.call_batch(calls, table)
+
     def start(self, name, *args):
         """Begin syscall `name` and return while the task runs it (see Injector.start)."""
         self.inj.start(NR[name] if isinstance(name, str) else name, *args)
