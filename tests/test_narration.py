@@ -61,8 +61,9 @@ def test_vv_narrates_injected_syscalls_ptrace_and_clone3_and_v_does_not(spawn_py
 
 
 def test_vv_narrates_each_pagemap_scan_of_a_pre_dump(spawn_python, tmp_path, cleanup_pids):
-    """A pre-dump's dirty-page tracker walks the pagemap with PAGEMAP_SCAN: each walk is one line, its
-    range, flags and categories by name and what it found."""
+    """A pre-dump's dirty-page tracker walks the pagemap with PAGEMAP_SCAN: a first pass's walks are a line
+    each, their range, flags and categories by name and what they found; a later pass's scan of what was
+    written is one line per process, over all its tracked VMAs."""
     from pycr.check import check_pagemap_scan
     if not check_pagemap_scan().ok:
         pytest.skip("this kernel has no PAGEMAP_SCAN")

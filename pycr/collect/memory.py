@@ -67,6 +67,11 @@ def present_runs(pid, vmas):
         finally:
             os.close(fd)
     count("pages scanned", sum((v["end"] - v["start"]) // PAGE for v in vmas))
+    from ..ptrace import narrate
+    if narrate.enabled():
+        narrate.log.debug("pid %d: present or swapped pages of its %d private VMAs (one PAGEMAP_SCAN each where "
+                          "the kernel has it; file pages left out of file mappings) = %d runs, %d pages", pid,
+                          len(vmas), len(runs) // 2, sum(runs[1::2]) // PAGE)
     return runs
 
 

@@ -275,7 +275,7 @@ def _runs_by_scan(pagemap_fd, start, end, want_present, want_swapped, anon_only)
     not a file or shared page (PAGE_IS_FILE inverted in the mask: bit 61's meaning)."""
     anyof = (PAGE_IS_PRESENT if want_present else 0) | (PAGE_IS_SWAPPED if want_swapped else 0)
     mask = PAGE_IS_FILE if anon_only else 0
-    found, _ = pagemap_scan(pagemap_fd, start, end, 0, mask, mask, anyof, anyof)
+    found, _ = pagemap_scan(pagemap_fd, start, end, 0, mask, mask, anyof, anyof, narrated=False)
     runs = array("Q")
     for i in range(0, len(found), 3):
         _append_runs(runs, (found[i], found[i + 1] - found[i]))
@@ -283,12 +283,13 @@ def _runs_by_scan(pagemap_fd, start, end, want_present, want_swapped, anon_only)
 
 
 def pagemap_scan(pagemap_fd, start, end, flags, category_mask, category_inverted,
-                 category_anyof_mask, return_mask, max_pages=0):
+                 category_anyof_mask, return_mask, max_pages=0, narrated=True):
     """The PAGEMAP_SCAN ioctl over [start, end).
 
     Returns (array('Q') of start,end,categories triples, walk_end). With
     max_pages 0 the ioctl is repeated from walk_end until the range is done;
-    otherwise it stops once max_pages pages were reported.
+    otherwise it stops once max_pages pages were reported. narrated=False: the
+    caller says in one -vv line what a series of walks found.
     """
     result = array("Q")
     cap = min(_RUNS_PER_CALL, _pages_in(start, end) + 1)
@@ -316,7 +317,7 @@ def pagemap_scan(pagemap_fd, start, end, flags, category_mask, category_inverted
             break
         prev = pos
     from ..ptrace import narrate
-    if narrate.enabled():
+    if narrated and narrate.enabled():
         narrate.log.debug("%s", narrate.pagemap_scan(start, end, flags, category_mask, category_inverted,
                                                       category_anyof_mask, return_mask, result, pos))
     return result, pos

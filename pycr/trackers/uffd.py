@@ -29,6 +29,7 @@ from ..collect.memory import SKIPPED_KINDS
 from ..errors import PycrError, TaskGone
 from ..log import log
 from ..native import core
+from ..ptrace import narrate
 from ..ptrace.inject import Injector
 from ..steps import deferred_signals
 from . import runs as R
@@ -80,11 +81,11 @@ class UffdProcess:
             log.debug("pid %d: UFFDIO_REGISTER %#x-%#x: %s", self.pid, start, end, exc.strerror)
             return False
 
-    def scan_written(self, start, end, check=True):
+    def scan_written(self, start, end, check=True, narrated=True):
         """Runs written since the last scan in [start, end); they are write-protected again."""
         flags = abi.PM_SCAN_WP_MATCHING | (abi.PM_SCAN_CHECK_WPASYNC if check else 0)
         found, _ = core.pagemap_scan(self.pagemap, start, end, flags, abi.PAGE_IS_WRITTEN, 0, 0,
-                                     abi.PAGE_IS_WRITTEN)
+                                     abi.PAGE_IS_WRITTEN, narrated=narrated)
         return R.from_pairs((found[i], found[i + 1]) for i in range(0, len(found), 3))
 
 
@@ -126,17 +127,25 @@ class UffdWpTracker(Tracker):
         if uffd is not None:
             state = self.parent_of(pid).state(pid)
             registered = array("Q", state.registered)
+            scanned = 0
             for start, end, _ in vmas:
                 if not R.covers(registered, start, end):
                     continue
                 try:
-                    dirty.extend(uffd.scan_written(start, end))
+                    dirty.extend(uffd.scan_written(start, end, narrated=False))
                     tracked.extend((start, end - start))
+                    scanned += 1
                 except OSError as exc:
                     # EPERM: no longer registered (replaced, moved); the walk stopped before its pages
                     log.info("pid %d: scan %#x-%#x: %s; copying it whole", pid, start, end, exc.strerror)
             dirty = R.normalize(dirty)
             tracked = R.normalize(tracked)
+            if narrate.enabled():
+                narrate.log.debug("pid %d: pages written since the last pass, write-protected again, in each of its "
+                                  "%d tracked VMAs: ioctl(/proc/PID/pagemap, PAGEMAP_SCAN, {flags=PM_SCAN_WP_MATCHING|"
+                                  "PM_SCAN_CHECK_WPASYNC, category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN}) "
+                                  "= %d regions, %d pages",
+                                  pid, scanned, len(dirty) // 2, sum(dirty[1::2]) // core.PAGE_SIZE)
         elif not final:
             uffd = self._create(pid, leader)
         untracked = R.subtract(R.from_pairs((s, e) for s, e, _ in vmas), tracked)
