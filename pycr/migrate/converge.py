@@ -61,6 +61,7 @@ class Converger:
         self.pending = None                 # the source's figures of the pass being applied
         self.cpu_mark = (time.monotonic(), tree_cpu_seconds(root))
         self.cores = 0.0                    # CPUs the tree used between the last two decisions
+        self.pass_cpu = None                # the tree's CPU seconds when the last pass began (about its freeze)
         self.last_frozen_at = None
         self.missed = False
         self.last_expected = None           # expected downtime when the final dump was decided
@@ -83,6 +84,8 @@ class Converger:
                             f"{self.policy.max_passes} passes (expected {_ms(decision.expected)}): "
                             "the migration stops and the tree goes on")
         if decision.final:
+            if self.throttle is not None and self.percent:
+                self.throttle.relax()       # a throttled thread would reach the freeze's stop only with its quota
             self.last_expected = decision.expected
             self.missed = decision.missed
             if decision.missed:
@@ -97,7 +100,7 @@ class Converger:
 
     def _throttle(self, percent):
         if self.throttle is None:
-            self.throttle = Throttle(self.root, self.cores)
+            self.throttle = Throttle(self.root, self.policy.base_cores or self.cores)
             log.info("auto-converge: the tree dirties memory faster than the link carries it; "
                      "throttle mechanism: %s", self.throttle.mechanism.detail)
         if percent and self.throttle.set(percent):
@@ -111,7 +114,10 @@ class Converger:
     @contextlib.contextmanager
     def copying(self):
         """Around the source's work on one pass: -> a dict that gets its copy seconds."""
-        out = {"started": time.monotonic(), "copy0": _copy_phases(), "throttle": self.in_force}
+        cpu = tree_cpu_seconds(self.root)
+        out = {"started": time.monotonic(), "copy0": _copy_phases(), "throttle": self.in_force,
+               "cpu": None if self.pass_cpu is None else max(cpu - self.pass_cpu, 0.0)}
+        self.pass_cpu = cpu
         yield out
         out["copy"] = _copy_phases() - out["copy0"]
 
@@ -119,19 +125,27 @@ class Converger:
         """The source has written pass `number`: pace it, keep its figures for applied()."""
         copy = timing["copy"]
         limit = self.policy.bandwidth_limit
+        dirty_seconds = frozen_at - self.last_frozen_at if self.last_frozen_at is not None else 0.0
+        figures = PassFigures(number=number, final=final, bytes=nbytes, seconds=0.0, copy_seconds=0.0,
+                              frozen_at=frozen_at, dirty_seconds=dirty_seconds,
+                              throttle=timing["throttle"],     # in force while these bytes were dirtied
+                              bandwidth_limit=limit, cpu_seconds=timing["cpu"])
+        aimed = self.policy.throttle_after(figures)           # before the pass is sent: the tree runs meanwhile
+        if aimed is not None:
+            self.policy.throttle = aimed
+            if aimed != self.percent:
+                self._throttle(aimed)
+            log.info("pass %d dirtied %s in %.3f s using %s CPU s: throttle %d %% (aiming at %s)", number,
+                     _mib(nbytes), dirty_seconds, _num(timing["cpu"]), aimed, _rate(self.policy.aim))
         if limit:
             wait = nbytes / limit - copy
             if wait > 0:
                 time.sleep(wait)
                 copy += wait
                 log.info("pass %d paced to %.1f MiB/s: %.3f s more", number, limit / MIB, wait)
-        dirty_seconds = frozen_at - self.last_frozen_at if self.last_frozen_at is not None else 0.0
         self.last_frozen_at = frozen_at
-        self.pending = PassFigures(number=number, final=final, bytes=nbytes,
-                                   seconds=time.monotonic() - timing["started"], copy_seconds=copy,
-                                   frozen_at=frozen_at, dirty_seconds=dirty_seconds,
-                                   throttle=timing["throttle"],     # in force while these bytes were dirtied
-                                   bandwidth_limit=limit)
+        figures.seconds, figures.copy_seconds = time.monotonic() - timing["started"], copy
+        self.pending = figures
 
     def applied(self, report, link_seconds=0.0):
         """The destination applied the pass: complete its figures, record them, put them in its report.
@@ -172,6 +186,18 @@ class Converger:
     @property
     def mechanism(self):
         return self.throttle.mechanism.kind if self.throttle is not None else ""
+
+
+def _mib(nbytes):
+    return f"{nbytes / MIB:.1f} MiB"
+
+
+def _rate(rate):
+    return "-" if rate is None else f"{rate / MIB:.1f} MiB/s"
+
+
+def _num(x):
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _ms(seconds):

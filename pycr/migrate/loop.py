@@ -52,7 +52,8 @@ class SourcePasses(Transport):
         self.work_dir = work_dir
         self.tracker = tracker
         # a copy: the policy keeps this migration's pass history
-        self.policy = dataclasses.replace(policy, history=[], throttle=0) if policy is not None else Policy()
+        self.policy = dataclasses.replace(policy, history=[], throttle=0, base_cores=None, aim=None,
+                                                  measured=False) if policy is not None else Policy()
         self.converge = Converger(root, self.policy)    # measures, paces, throttles (converge.py)
         self.deltas = []            # bytes of pages each pass copied
         self.previous = None        # the last image set taken
