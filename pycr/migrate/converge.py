@@ -2,7 +2,9 @@
 
 loop.SourcePasses calls, per pass: decide() before taking it, copying()
 around the source's work (the copy's own time is the "page copy" phase of
-pycr.stats), taken() after it (which paces the pass to --bandwidth-limit),
+pycr.stats; it also reads the tree's CPU time, about at the pass's freeze),
+taken() after it (which sets the throttle the policy aims from the pass's
+dirty rate and CPU use, then paces the pass to --bandwidth-limit),
 and applied(report) once the replica has it (the replica's "page fill"
 phase); frozen() when the final dump holds the tree; close() at the end,
 however it ends. A network source feeds the same Policy with its link's

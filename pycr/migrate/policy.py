@@ -34,9 +34,10 @@ down to the aim:
     quota (CPUs) = aim / (bytes dirtied / CPU seconds used)
                  = CPU use x aim / dirty rate,
 
-with aim = AIM_FRACTION x bandwidth, or less when the budget asks for less:
-the pass after next carries what the tree dirties while the next one (what
-is dirty now) is sent, and that must fit the budget. The throttle is given as
+with aim = AIM_FRACTION x bandwidth, or less when the budget asks for less
+(aim_rate). It is set as soon as a pass is taken (throttle_after), before
+the pass is sent: it then holds over the whole interval the next pass
+counts, and its effect is measured one pass later. The throttle is given as
 the % of the tree's unthrottled CPU use taken away (clamped to MAX_PERCENT).
 While the budget is not met it never relaxes, and when a throttled pass still
 dirtied more than its aim (a measure taken while the tree rewrote the same

@@ -2,8 +2,9 @@
 
 When a tree dirties memory faster than the link carries it, no number of
 passes converges; QEMU's auto-converge throttles the guest's vCPUs instead
-(20 %, then +10 % per pass, up to 99 %). pycr does the same to the source
-tree with whatever the kernel offers, probed in this order:
+(20 %, then +10 % per pass, up to 99 %). pycr throttles the source tree,
+by as much as the policy aims from its measures (pycr.migrate.policy), with
+whatever the kernel offers, probed in this order:
 
 - cgroup v2 `cpu.max`, where the tree's cgroup2 parent has the cpu controller
   enabled for its children (a host where v2 holds cpu);
