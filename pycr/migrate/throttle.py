@@ -268,7 +268,6 @@ class Throttle:
             if quota is None:
                 _write(os.path.join(group, "cpu.cfs_quota_us"), "-1")
                 return
-            _write(os.path.join(group, "cpu.cfs_quota_us"), "-1")   # a shorter period under an old quota may be refused
             _write(os.path.join(group, "cpu.cfs_period_us"), str(period))
             _write(os.path.join(group, "cpu.cfs_quota_us"), str(quota))
         else:
