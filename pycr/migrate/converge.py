@@ -108,8 +108,6 @@ class Converger:
                             f"{self.policy.max_passes} passes (expected {_ms(decision.expected)}): "
                             "the migration stops and the tree goes on")
         if decision.final:
-            if self.throttle is not None and self.percent:
-                self.throttle.relax()       # a throttled thread would reach the freeze's stop only with its quota
             self.last_expected = decision.expected
             self.missed = decision.missed
             if decision.missed:
@@ -193,8 +191,20 @@ class Converger:
 
     # ------------------------------------------------------------ the end
 
+    def holding(self):
+        """A pass froze the tree: no quota while pycr holds it (a stopped tree needs none, and under it
+        a thread would run each syscall pycr injects only when its quota lets it). Relaxed only once
+        frozen: relaxed before, the tree would dirty at full speed until its stop."""
+        if self.throttle is not None and self.percent:
+            self.throttle.relax()
+
+    def thawed(self):
+        """A pre-dump thawed the tree: its quota again (relaxed while it was frozen)."""
+        if self.throttle is not None and self.percent:
+            self.throttle.set(self.percent)
+
     def frozen(self):
-        """The final dump holds the tree frozen: no throttle is needed any more."""
+        """The final dump holds the tree frozen: the throttle (relaxed for it) goes."""
         self.lift()
 
     def lift(self):

@@ -39,10 +39,11 @@ with aim = AIM_FRACTION x bandwidth, or less when the budget asks for less
 the pass is sent: it then holds over the whole interval the next pass
 counts, and its effect is measured one pass later. The throttle is given as
 the % of the tree's unthrottled CPU use taken away (clamped to MAX_PERCENT).
-While the budget is not met it never relaxes, and when a throttled pass still
-dirtied more than its aim (a measure taken while the tree rewrote the same
-pages undercounts what it dirties per CPU second) the share of CPU left is at
-least halved. QEMU's steps (20 %, then +10 % per pass) remain the fallback
+While the budget is not met it never relaxes. A measure taken while the tree
+rewrote the same pages undercounts what it dirties per CPU second: when the
+pass did not shrink (SATURATED) the share of CPU left is halved, and when a
+throttled pass still dirtied more than its aim it is at least half the one
+that pass ran under. QEMU's steps (20 %, then +10 % per pass) remain the fallback
 when a rate is not measurable (no CPU measure, no bandwidth yet).
 """
 
@@ -56,6 +57,7 @@ FIRST_PERCENT = 20      # QEMU's cpu-throttle-initial
 STEP_PERCENT = 10       # QEMU's cpu-throttle-increment
 MAX_PERCENT = 99
 RATE_WINDOW = 3         # passes the bandwidth is averaged over
+SATURATED = 0.9        # a pass with this share of the previous one's bytes did not shrink
 AIM_FRACTION = 0.25     # a throttled tree dirties at most this share of the bandwidth: each pass a quarter of the last
 
 
@@ -234,6 +236,10 @@ class Policy:
         aim = self.aim_rate(send, bw, fixed)
         share = min(aim / per_cpu / base, 1.0)              # of the unthrottled CPU use
         percent = math.ceil(100 * (1 - share))
+        if taken.bytes >= SATURATED * self.history[-1].bytes:
+            # it did not shrink: the tree rewrote what it writes, and counted once, its pages per CPU
+            # second are a lower bound: halve the share
+            percent = max(percent, math.ceil(100 - (100 - percent) / 2))
         if taken.throttle and self.aim and dirty > self.aim:
             percent = max(percent, math.ceil(100 - (100 - taken.throttle) / 2))    # missed its aim: tighten
         percent = max(min(max(percent, current), MAX_PERCENT), 1)     # over budget: never relax

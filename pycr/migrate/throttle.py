@@ -30,9 +30,10 @@ tree really runs whether it has one busy thread or eight. The period is
 PERIOD_US, short because a throttled thread reaches a freeze's ptrace stop
 only when its quota lets it run; a share below MIN_QUOTA_US / PERIOD_US (the
 kernel's smallest quota is 1 ms) lengthens it, up to MAX_PERIOD_US (a share
-of 1 % of a CPU). Before the final freeze the quota is relaxed (relax()):
-the freeze is then not slowed by the throttle, and the tree leaves the group
-once frozen.
+of 1 % of a CPU). While a pass holds the tree frozen the quota is relaxed
+(relax()): each syscall pycr injects runs at once, not when the quota lets
+the thread run; a pre-dump sets it again as it thaws the tree, and after the
+final dump the tree leaves the group.
 
 Leftovers: a pycr SIGKILLed while the throttle is on leaves the tree in its
 group with the quota; `pycr check -t` lists it and `pycr cleanup -t` moves
@@ -274,14 +275,14 @@ class Throttle:
             _write(os.path.join(group, "cpu.max"), f"{'max' if quota is None else quota} {period}")
 
     def relax(self):
-        """No quota any more, the tree still in its group (just before the final freeze). Never raises."""
+        """No quota for now, the tree still in its group (while a pass holds it frozen). Never raises."""
         for group in self.groups:
             try:
                 self._quota(group, None, PERIOD_US)
             except OSError as exc:
                 log.warning("warning: cannot relax the quota of %s: %s", group, exc.strerror)
         if self.groups:
-            log.info("throttle relaxed before the final freeze (it was %d %%)", self.percent)
+            log.info("throttle relaxed while the tree is frozen (it is %d %%)", self.percent)
 
     def lift(self):
         """Every task back to its cgroup, the groups removed. -> True if all went well."""
