@@ -226,7 +226,7 @@ def test_throttled_tree_sits_in_the_group_and_is_let_go(spawn_python, cleanup_pi
 
 
 def test_fast_dirtier_converges_with_an_aimed_throttle(spawn_python, cleanup_pids, throttle_available):
-    """Dirtying 16 times faster than the link per CPU second: the throttle is aimed from the measured
+    """Dirtying 8 times faster than the link per CPU second: the throttle is aimed from the measured
     dirty rate, bandwidth and CPU use, so the final pass is chosen on the budget within a few passes and
     carries little, each pass line says the throttle in force, and the replica goes on with every page
     as the writes left it.
@@ -235,7 +235,7 @@ def test_fast_dirtier_converges_with_an_aimed_throttle(spawn_python, cleanup_pid
     limit: the final dump then carries the whole region and the budget is missed."""
     link = 4 * LINK
     size = link * 3 // 4                                      # 3/4 s of the link
-    w = dirtier(spawn_python, 16 * link, size=size)
+    w = dirtier(spawn_python, 8 * link, size=size)
     proc = pycr("migrate", "-t", w.pid, "--bandwidth-limit", link, "--downtime-limit", 500, "--max-passes", 10)
     m = MIGRATED.search(proc.stdout)
     cleanup_pids.add(int(m.group(2)), int(m.group(1)))

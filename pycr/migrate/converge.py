@@ -167,6 +167,7 @@ class Converger:
                 log.info("pass %d paced to %.1f MiB/s: %.3f s more", number, limit / MIB, wait)
         self.last_frozen_at = frozen_at
         figures.seconds, figures.copy_seconds = time.monotonic() - timing["started"], copy
+        figures.to_freeze = max(frozen_at - timing["started"], 0.0) if frozen_at else 0.0
         self.pending = figures
 
     def applied(self, report, link_seconds=0.0):

@@ -8,8 +8,9 @@ a socket): the caller measures each pass and hands over its figures
   them (for a link: sending them), bytes-weighted over the last three passes;
 - dirty rate: bytes a pass copied over the time since the previous pass froze
   the tree (what the tree wrote, counted once per page, in that interval);
-- fixed cost of the final pass: what a pass costs beyond its copy (freeze,
-  /proc, registers, images, the replica's reshaping), measured on the
+- fixed cost of the final pass: what a pass costs beyond its copy from the
+  freeze on (/proc, registers, images, the replica's reshaping; not the
+  wait for the tree to stop, which it runs through), measured on the
   pre-dumps after the first (which also builds the replica), the largest of
   the last two; the final pass does a little more (files, registers, finish),
   which the summary's measured downtime shows;
@@ -74,10 +75,12 @@ class PassFigures:
     throttle: int = 0           # % in force while these bytes were dirtied
     bandwidth_limit: float = None
     cpu_seconds: float = None   # CPU the tree used while it dirtied these bytes (None: not measured)
+    to_freeze: float = 0.0      # of `seconds`, before the tree was frozen (a throttled thread's wait
+                                # for its quota to reach its stop): the tree still runs, no downtime
 
     @property
     def fixed_seconds(self):
-        return max(self.seconds - self.copy_seconds, 0.0)
+        return max(self.seconds - self.copy_seconds - self.to_freeze, 0.0)
 
     @property
     def bandwidth(self):
