@@ -107,6 +107,9 @@ def pycr_figures(text):
         out["passes"] = int(m.group(1))
     if m := FAULTS.search(text):
         out["fault_median_us"], out["fault_p99_us"] = float(m.group(1)), float(m.group(2))
+    report = [ln for ln in text.splitlines() if ln.startswith(("pass ", "downtime", "auto-converge"))]
+    if report:
+        out["report"] = report          # the per-pass lines (bytes, rates, throttle) and the summary's
     return out
 
 
@@ -404,6 +407,8 @@ METHODS = [
     Method("pycr-precopy-300ms", run_pycr_migrate, ("--downtime-limit", "300"), needs="--downtime-limit"),
     Method("pycr-postcopy", run_pycr_migrate, ("--mode", "post-copy"), lazy=True, needs="--mode"),
     Method("pycr-hybrid", run_pycr_migrate, ("--mode", "hybrid"), lazy=True, needs="--mode"),
+    Method("pycr-hybrid-300ms", run_pycr_migrate, ("--mode", "hybrid", "--downtime-limit", "300"), lazy=True,
+           needs="--mode"),
     Method("pycr-lazy", run_pycr_lazy, lazy=True),
     Method("criu-pageserver", run_criu_page_server),
     Method("criu-lazy", run_criu_lazy, lazy=True),

@@ -66,7 +66,8 @@ def open_parent(images_dir, prev_images_dir, root, pages_elsewhere=False):
 
 
 def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev_images_dir=None,
-                     tracker="auto", stats=None, keep_frozen=False, overwrite=False, pages_sink=None):
+                     tracker="auto", stats=None, keep_frozen=False, overwrite=False, pages_sink=None,
+                     frozen_hook=None, thawed_hook=None):
     """One pass of a chain rooted at `root` into images_dir. Returns 0.
 
     stats (a DumpStats) is filled in for benchmarks: frozen_seconds,
@@ -79,6 +80,9 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
     removes it (pycr.migrate.loop.untrack).
     pages_sink: a page server's client the pages files go to; the parent's pages are
     then expected on the server's side too (they are not looked for here).
+    frozen_hook, thawed_hook: called right after the freeze, and right after a pre-dump thaws
+    the tree (before its pages are read): a migration holds its CPU throttle off in between,
+    where a throttled thread would run each syscall pycr injects only when its quota lets it.
     """
     if keep_frozen and pre_dump:
         raise ValueError("keep_frozen is for the final dump, not a pre-dump")
@@ -87,7 +91,7 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
     kind = "pre-dump" if pre_dump else "dump"
     with outdir.writing(images_dir, overwrite, pages_sink) as imgdir, Copier(), progress.step(kind):
         frozen = _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, stats,
-                           keep_frozen)
+                           keep_frozen, frozen_hook, thawed_hook)
     if not keep_frozen:
         finish("pre-dump" if pre_dump else "dump")
     stats.total_seconds = time.monotonic() - started
@@ -96,7 +100,8 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
     return frozen if keep_frozen else 0
 
 
-def _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, stats, keep_frozen):
+def _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, stats, keep_frozen,
+              frozen_hook=None, thawed_hook=None):
     """Write and seal one pass into imgdir; -> the FrozenTree if keep_frozen."""
     images_dir = imgdir.path
     parent = open_parent(images_dir, prev_images_dir, root, imgdir.pages_sink is not None) \
@@ -114,6 +119,8 @@ def _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, s
         frozen = freeze(root, timeout=settings.freeze_timeout())
     frozen_at = time.monotonic()
     stats.frozen_at = frozen_at
+    if frozen_hook is not None:
+        frozen_hook()
     leaders = {pid: threads[0] for pid, threads in frozen.processes.items()}
     trk.prefetch_smaps(leaders)
     stats.processes = len(frozen.processes)
@@ -159,6 +166,8 @@ def _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, s
             with phase("release"):
                 frozen.thaw()
             state = "thawed"
+            if thawed_hook is not None:
+                thawed_hook()
         else:
             # Frozen ends with the SIGKILL, as in a plain dump: how soon the tree's parent
             # reaps it (init can take a second) is not the tree's downtime.

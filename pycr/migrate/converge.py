@@ -2,7 +2,9 @@
 
 loop.SourcePasses calls, per pass: decide() before taking it, copying()
 around the source's work (the copy's own time is the "page copy" phase of
-pycr.stats), taken() after it (which paces the pass to --bandwidth-limit),
+pycr.stats; it also reads the tree's CPU time, about at the pass's freeze),
+taken() after it (which sets the throttle the policy aims from the pass's
+dirty rate and CPU use, then paces the pass to --bandwidth-limit),
 and applied(report) once the replica has it (the replica's "page fill"
 phase); frozen() when the final dump holds the tree; close() at the end,
 however it ends. A network source feeds the same Policy with its link's
@@ -30,19 +32,41 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def tree_cpu_seconds(root):
-    """utime + stime of every process of the tree (all its threads), in seconds."""
-    total = 0
+    """CPU time of every thread of the tree, in seconds.
+
+    Each thread's schedstat (its run time in ns) where the kernel has it: a tree throttled to 1 % of a
+    CPU runs a few ms per pass, under the 10 ms tick of /proc stat's utime + stime, the fallback (which
+    also counts the process's threads that exited)."""
+    total = 0.0
     try:
         pids = proc.descendants(root)
     except TaskGone:
         return 0.0
     for pid in pids:
         try:
-            st = proc.stat(pid)
-        except TaskGone:
+            total += _run_ns(pid) / 1e9 if _SCHEDSTAT else _ticks(pid) / _TICK
+        except (TaskGone, FileNotFoundError, ProcessLookupError):
             continue
-        total += st.utime + st.stime
-    return total / _TICK
+    return total
+
+
+def _run_ns(pid):
+    total = 0
+    for tid in proc.tasks(pid):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def _ticks(pid):
+    st = proc.stat(pid)
+    return st.utime + st.stime
+
+
+_SCHEDSTAT = os.path.exists(f"/proc/{os.getpid()}/schedstat")
 
 
 def _copy_phases():
@@ -61,6 +85,7 @@ class Converger:
         self.pending = None                 # the source's figures of the pass being applied
         self.cpu_mark = (time.monotonic(), tree_cpu_seconds(root))
         self.cores = 0.0                    # CPUs the tree used between the last two decisions
+        self.pass_cpu = None                # the tree's CPU seconds when the last pass began (about its freeze)
         self.last_frozen_at = None
         self.missed = False
         self.last_expected = None           # expected downtime when the final dump was decided
@@ -97,7 +122,7 @@ class Converger:
 
     def _throttle(self, percent):
         if self.throttle is None:
-            self.throttle = Throttle(self.root, self.cores)
+            self.throttle = Throttle(self.root, self.policy.base_cores or self.cores)
             log.info("auto-converge: the tree dirties memory faster than the link carries it; "
                      "throttle mechanism: %s", self.throttle.mechanism.detail)
         if percent and self.throttle.set(percent):
@@ -111,7 +136,10 @@ class Converger:
     @contextlib.contextmanager
     def copying(self):
         """Around the source's work on one pass: -> a dict that gets its copy seconds."""
-        out = {"started": time.monotonic(), "copy0": _copy_phases(), "throttle": self.in_force}
+        cpu = tree_cpu_seconds(self.root)
+        out = {"started": time.monotonic(), "copy0": _copy_phases(), "throttle": self.in_force,
+               "cpu": None if self.pass_cpu is None else max(cpu - self.pass_cpu, 0.0)}
+        self.pass_cpu = cpu
         yield out
         out["copy"] = _copy_phases() - out["copy0"]
 
@@ -119,19 +147,28 @@ class Converger:
         """The source has written pass `number`: pace it, keep its figures for applied()."""
         copy = timing["copy"]
         limit = self.policy.bandwidth_limit
+        dirty_seconds = frozen_at - self.last_frozen_at if self.last_frozen_at is not None else 0.0
+        figures = PassFigures(number=number, final=final, bytes=nbytes, seconds=0.0, copy_seconds=0.0,
+                              frozen_at=frozen_at, dirty_seconds=dirty_seconds,
+                              throttle=timing["throttle"],     # in force while these bytes were dirtied
+                              bandwidth_limit=limit, cpu_seconds=timing["cpu"])
+        aimed = self.policy.throttle_after(figures)           # before the pass is sent: the tree runs meanwhile
+        if aimed is not None:
+            self.policy.throttle = aimed
+            if aimed != self.percent:
+                self._throttle(aimed)
+            log.info("pass %d dirtied %s in %.3f s using %s CPU s: throttle %d %% (aiming at %s)", number,
+                     _mib(nbytes), dirty_seconds, _num(timing["cpu"]), aimed, _rate(self.policy.aim))
         if limit:
             wait = nbytes / limit - copy
             if wait > 0:
                 time.sleep(wait)
                 copy += wait
                 log.info("pass %d paced to %.1f MiB/s: %.3f s more", number, limit / MIB, wait)
-        dirty_seconds = frozen_at - self.last_frozen_at if self.last_frozen_at is not None else 0.0
         self.last_frozen_at = frozen_at
-        self.pending = PassFigures(number=number, final=final, bytes=nbytes,
-                                   seconds=time.monotonic() - timing["started"], copy_seconds=copy,
-                                   frozen_at=frozen_at, dirty_seconds=dirty_seconds,
-                                   throttle=timing["throttle"],     # in force while these bytes were dirtied
-                                   bandwidth_limit=limit)
+        figures.seconds, figures.copy_seconds = time.monotonic() - timing["started"], copy
+        figures.to_freeze = max(frozen_at - timing["started"], 0.0) if frozen_at else 0.0
+        self.pending = figures
 
     def applied(self, report, link_seconds=0.0):
         """The destination applied the pass: complete its figures, record them, put them in its report.
@@ -155,8 +192,20 @@ class Converger:
 
     # ------------------------------------------------------------ the end
 
+    def holding(self):
+        """A pass froze the tree: no quota while pycr holds it (a stopped tree needs none, and under it
+        a thread would run each syscall pycr injects only when its quota lets it). Relaxed only once
+        frozen: relaxed before, the tree would dirty at full speed until its stop."""
+        if self.throttle is not None and self.percent:
+            self.throttle.relax()
+
+    def thawed(self):
+        """A pre-dump thawed the tree: its quota again (relaxed while it was frozen)."""
+        if self.throttle is not None and self.percent:
+            self.throttle.set(self.percent)
+
     def frozen(self):
-        """The final dump holds the tree frozen: no throttle is needed any more."""
+        """The final dump holds the tree frozen: the throttle (relaxed for it) goes."""
         self.lift()
 
     def lift(self):
@@ -172,6 +221,18 @@ class Converger:
     @property
     def mechanism(self):
         return self.throttle.mechanism.kind if self.throttle is not None else ""
+
+
+def _mib(nbytes):
+    return f"{nbytes / MIB:.1f} MiB"
+
+
+def _rate(rate):
+    return "-" if rate is None else f"{rate / MIB:.1f} MiB/s"
+
+
+def _num(x):
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _ms(seconds):

@@ -52,7 +52,8 @@ class SourcePasses(Transport):
         self.work_dir = work_dir
         self.tracker = tracker
         # a copy: the policy keeps this migration's pass history
-        self.policy = dataclasses.replace(policy, history=[], throttle=0) if policy is not None else Policy()
+        self.policy = dataclasses.replace(policy, history=[], throttle=0, base_cores=None, aim=None,
+                                                  measured=False) if policy is not None else Policy()
         self.converge = Converger(root, self.policy)    # measures, paces, throttles (converge.py)
         self.deltas = []            # bytes of pages each pass copied
         self.previous = None        # the last image set taken
@@ -93,12 +94,14 @@ class SourcePasses(Transport):
             self.final_taken = True
             with options.using(lazy_anon=self.lazy_final):
                 self.frozen = dump_incremental(self.root, path, prev_images_dir=self.previous,
-                                               tracker=self.tracker, stats=stats, keep_frozen=True)
+                                               tracker=self.tracker, stats=stats, keep_frozen=True,
+                                               frozen_hook=self.converge.holding)
             self.frozen_at = stats.frozen_at
             self.converge.frozen()          # frozen now: the throttle goes at once
         else:
             dump_incremental(self.root, path, pre_dump=True, prev_images_dir=self.previous,
-                             tracker=self.tracker, stats=stats)
+                             tracker=self.tracker, stats=stats, frozen_hook=self.converge.holding,
+                             thawed_hook=self.converge.thawed)
 
     def finish(self, ok, wait=True):
         """ok: kill the frozen source (wait=False: only SIGKILL it now, wait_killed() later, so that

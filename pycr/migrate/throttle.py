@@ -2,8 +2,9 @@
 
 When a tree dirties memory faster than the link carries it, no number of
 passes converges; QEMU's auto-converge throttles the guest's vCPUs instead
-(20 %, then +10 % per pass, up to 99 %). pycr does the same to the source
-tree with whatever the kernel offers, probed in this order:
+(20 %, then +10 % per pass, up to 99 %). pycr throttles the source tree,
+by as much as the policy aims from its measures (pycr.migrate.policy), with
+whatever the kernel offers, probed in this order:
 
 - cgroup v2 `cpu.max`, where the tree's cgroup2 parent has the cpu controller
   enabled for its children (a host where v2 holds cpu);
@@ -25,7 +26,14 @@ rest (to their parent's original cgroup).
 
 The quota is a share of the CPU the tree used in the pass before the
 throttle began (`base_cores`), so that "20 %" takes a fifth of what the
-tree really runs whether it has one busy thread or eight.
+tree really runs whether it has one busy thread or eight. The period is
+PERIOD_US, short because a throttled thread reaches a freeze's ptrace stop
+only when its quota lets it run; a share below MIN_QUOTA_US / PERIOD_US (the
+kernel's smallest quota is 1 ms) lengthens it, up to MAX_PERIOD_US (a share
+of 1 % of a CPU). While a pass holds the tree frozen the quota is relaxed
+(relax()): each syscall pycr injects runs at once, not when the quota lets
+the thread run; a pre-dump sets it again as it thaws the tree, and after the
+final dump the tree leaves the group.
 
 Leftovers: a pycr SIGKILLed while the throttle is on leaves the tree in its
 group with the quota; `pycr check -t` lists it and `pycr cleanup -t` moves
@@ -56,6 +64,7 @@ FIRST_PERCENT = 20          # QEMU's cpu-throttle-initial
 STEP_PERCENT = 10           # QEMU's cpu-throttle-increment
 MAX_PERCENT = 99            # QEMU's cpu-throttle maximum
 MIN_QUOTA_US = 1000         # the kernel refuses a smaller cfs quota
+MAX_PERIOD_US = 100_000     # the longest period pycr uses: a quota of 1 ms in it is 1 % of a CPU
 
 V2 = "cgroup2 cpu.max"
 V1 = "cgroup1 cpu.cfs_quota_us"
@@ -191,16 +200,21 @@ class Throttle:
         return bool(self.mechanism.kind)
 
     def quota_us(self, percent):
-        return max(MIN_QUOTA_US, int(PERIOD_US * self.base_cores * (100 - percent) / 100))
+        """(quota, period) in us for taking `percent` % of base_cores away."""
+        share = self.base_cores * (100 - percent) / 100         # CPUs
+        if PERIOD_US * share >= MIN_QUOTA_US:
+            return int(PERIOD_US * share), PERIOD_US
+        period = min(MAX_PERIOD_US, int(MIN_QUOTA_US / max(share, 1e-9)))
+        return max(MIN_QUOTA_US, int(period * share)), period
 
     def set(self, percent):
         """Throttle the tree to (100 - percent) % of its CPU; moves new tasks in too."""
         if not self.available:
             return False
         percent = min(percent, MAX_PERCENT)
-        quota = self.quota_us(percent)
+        quota, period = self.quota_us(percent)
         try:
-            self._enter(quota)
+            self._enter(quota, period)
         except (OSError, PycrError) as exc:
             log.warning("warning: cannot throttle the tree with %s (%s): it goes on unthrottled",
                         self.mechanism.kind, getattr(exc, "strerror", None) or exc)
@@ -208,11 +222,11 @@ class Throttle:
             self.mechanism = Mechanism("", f"{self.mechanism.kind} refused: {exc}")
             return False
         self.percent = percent
-        log.info("throttle %d %%: %s quota %d us per %d us (%.2f of the %.2f CPUs the tree used)",
-                 percent, self.mechanism.kind, quota, PERIOD_US, quota / PERIOD_US, self.base_cores)
+        log.info("throttle %d %%: %s quota %d us per %d us (%.3f of the %.3f CPUs the tree used)",
+                 percent, self.mechanism.kind, quota, period, quota / period, self.base_cores)
         return True
 
-    def _enter(self, quota):
+    def _enter(self, quota, period):
         v1 = self.mechanism.kind == V1
         for pid in proc.descendants(self.root):
             try:
@@ -222,14 +236,14 @@ class Throttle:
                         continue        # already in one of ours (born there)
                     here, group = here_group
                     if group not in self.groups:
-                        self._make(group, here, quota)
+                        self._make(group, here, quota, period)
                     _write(os.path.join(group, "tasks" if v1 else "cgroup.procs"), str(tid or pid))
             except TaskGone:
                 continue
             except ProcessLookupError:
                 continue
         for group in self.groups:
-            self._quota(group, quota)
+            self._quota(group, quota, period)
 
     def _group_of(self, pid, tid):
         home = _v1_home(pid, tid) if self.mechanism.kind == V1 else _v2_home(pid)
@@ -240,21 +254,35 @@ class Throttle:
             raise PycrError(group)
         return here, group.replace("{root}", str(self.root))
 
-    def _make(self, group, here, quota):
+    def _make(self, group, here, quota, period):
         try:
             os.mkdir(group, 0o755)
         except FileExistsError:
             pass                # an empty one left by a killed pycr: take it over
         self.groups[group] = here
-        self._quota(group, quota)
+        self._quota(group, quota, period)
         log.info("made throttle cgroup %s (members come back to %s)", group, here)
 
-    def _quota(self, group, quota):
+    def _quota(self, group, quota, period):
+        """quota None: no limit (the group stays)."""
         if self.mechanism.kind == V1:
-            _write(os.path.join(group, "cpu.cfs_period_us"), str(PERIOD_US))
+            if quota is None:
+                _write(os.path.join(group, "cpu.cfs_quota_us"), "-1")
+                return
+            _write(os.path.join(group, "cpu.cfs_period_us"), str(period))
             _write(os.path.join(group, "cpu.cfs_quota_us"), str(quota))
         else:
-            _write(os.path.join(group, "cpu.max"), f"{quota} {PERIOD_US}")
+            _write(os.path.join(group, "cpu.max"), f"{'max' if quota is None else quota} {period}")
+
+    def relax(self):
+        """No quota for now, the tree still in its group (while a pass holds it frozen). Never raises."""
+        for group in self.groups:
+            try:
+                self._quota(group, None, PERIOD_US)
+            except OSError as exc:
+                log.warning("warning: cannot relax the quota of %s: %s", group, exc.strerror)
+        if self.groups:
+            log.info("throttle relaxed while the tree is frozen (it is %d %%)", self.percent)
 
     def lift(self):
         """Every task back to its cgroup, the groups removed. -> True if all went well."""
