@@ -11,11 +11,14 @@ link cut before the switch leaves the source running untouched and nothing on
 the destination.
 """
 
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 import procutil
 from netns import two_hosts  # noqa: F401 (fixture)
@@ -254,3 +257,36 @@ def test_a_link_cut_after_the_switch_is_won_back_by_the_source(two_hosts, tmp_pa
     status, _, serve_err = serve.result()
     assert status == 0 and "reconnected to the source" in serve_err, serve_err
     tree.assert_counts_on(tree.mark())
+
+
+@pytest.mark.big
+@pytest.mark.skipif(bool(os.environ.get("PYCR_SKIP_BIG")), reason="1 GiB migrations skipped: PYCR_SKIP_BIG is set")
+@pytest.mark.parametrize("mode", ["pre-copy", "post-copy", "hybrid"])
+def test_a_gib_writer_moves_in_each_mode(two_hosts, tmp_path, workloads, mode):
+    """1 GiB, 1 % of its pages rewritten a second, over the unshaped link: the replica goes on writing,
+    and on SIGUSR1 it finds every page as its writes left it (a page lost, zero or stale fails)."""
+    key = secret(tmp_path)
+    serve = Serve(two_hosts, tmp_path, key)
+    status = tmp_path / "writer.txt"
+    status.touch()
+    writer = two_hosts.source([workloads["pagewriter"], status, 1024, 1], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    assert procutil.wait_until(lambda: "writes" in status.read_text(), timeout=30), status.read_text()
+    before = int(re.findall(r"^writes (\d+)$", status.read_text(), re.M)[-1])
+    passes = ("--max-passes", "3") if mode != "post-copy" else ()
+    m = two_hosts.source(two_hosts.pycr("migrate", "-t", writer.pid, "--to", serve.address, "--secret-file", key,
+                                        "--mode", mode, *passes), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    out, err = m.communicate(timeout=90)
+    assert m.returncode == 0, out + err
+    print(out)
+    assert writer.wait(timeout=10) == -signal.SIGKILL
+    assert serve.result()[0] == 0
+    replica = [p for p in serve.replica() if (procutil._read(f"/proc/{p}/comm") or b"").strip() == b"pagewriter"]
+    assert len(replica) == 1, serve.replica()
+    start = len(status.read_text())
+    procutil.kill(replica[0], signal.SIGUSR1)
+    assert procutil.wait_until(lambda: re.search(r"^(verified|bad) ", status.read_text()[start:], re.M),
+                               timeout=30), status.read_text()[start:]
+    verdict = re.search(r"^(verified|bad) .*$", status.read_text()[start:], re.M).group(0)
+    assert verdict.startswith("verified ") and int(verdict.split()[1]) >= before, verdict
