@@ -14,6 +14,11 @@ tracking out of it. If the link dies after the final set was sent, the
 source delivers its VERDICT (killed, or thawed) on a new connection, trying
 for PYCR_MIGRATE_DOUBT_TIMEOUT seconds: the destination never resumes
 without it.
+
+Post-copy and hybrid: after the lazy final set the same connection carries
+the pages (lazy.remote_source.LazyDump with a _PagesLink); after its commit
+point a lost link is won back by dialling the destination again
+(LAZY_RESUME): the destination never connects to the source.
 """
 
 import os

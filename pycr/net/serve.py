@@ -19,6 +19,11 @@ seconds, a new authenticated connection carrying the source's VERDICT
 (killed: resume; thawed: discard). With no verdict by then the replica is
 left stopped with SIGSTOP (never resumed, never killed: the tree may exist
 nowhere else), and one line says what to do.
+
+A lazy final set (post-copy, hybrid) hands the connection to a lazy-pages
+daemon forked for it (lazy/migration_link.py), which gets the pages on it
+and, after a lost link, accepts the source's new connection on this
+listener.
 """
 
 import contextlib
@@ -203,7 +208,7 @@ class NetworkTransport(Transport):
 
     def lazy_done(self):
         """The replica runs; wait for the daemon to place its last page (or fail: its watchdog killed
-        the replica), then tell the source (LAZY_DONE) -> the daemon's figures."""
+        the replica) and tell the source so itself (LAZY_DONE) -> the daemon's figures."""
         got = self.daemon.wait()        # the daemon sent LAZY_DONE itself
         self.channel.close()
         error = got.get("error", "")
