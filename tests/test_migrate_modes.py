@@ -290,3 +290,25 @@ def test_a_gib_writer_moves_in_each_mode(two_hosts, tmp_path, workloads, mode):
                                timeout=30), status.read_text()[start:]
     verdict = re.search(r"^(verified|bad) .*$", status.read_text()[start:], re.M).group(0)
     assert verdict.startswith("verified ") and int(verdict.split()[1]) >= before, verdict
+
+
+def test_a_destination_stopped_before_the_switch_says_why_through_its_daemon(two_hosts, tmp_path):
+    """serve is stopped (SIGTERM) just before its replica would run, the link up: its lazy-pages daemon
+    holds the connection by then, and sends serve's reason; the source thaws and says it."""
+    key = secret(tmp_path)
+    serve = Serve(two_hosts, tmp_path, key, env=dict(FAST, PYCR_STOP_AT_STEP="release the restored tree"))
+    tree = Tree(two_hosts, tmp_path, nproc=2, mib=8, per_s=0.02)
+    m = migrate(two_hosts, tree, serve, key, "--mode", "post-copy", env=FAST)
+    seen = []
+    while not any("stopped at step" in line for line in seen):
+        line = serve.proc.stderr.readline()
+        assert line, "".join(seen)
+        seen.append(line)
+    procutil.kill(serve.pid(), signal.SIGTERM)
+    out, err = m.communicate(timeout=30)
+    assert m.returncode == 1, out + err
+    assert "pycr serve was interrupted by SIGTERM" in err and "thawed" in err, err
+    # (serve's discarding of its replica is test_link_cut_before_the_switch_leaves_the_source_running's)
+    for pid in tree.pids:
+        procutil.assert_running_untraced(pid)
+    tree.assert_counts_on(tree.mark())

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 
 from .. import settings, steps
-from ..errors import ImageError, PycrError
+from ..errors import ImageError, Interrupted, PycrError
 from ..formats.wire import FrameType, Role
 from ..images import ImageDir
 from ..log import log
@@ -203,8 +203,7 @@ class NetworkTransport(Transport):
 
     def finish(self, ok):
         if not ok and self.daemon is not None:
-            failure = sys.exc_info()[1]         # follow() calls this while its failure propagates
-            self.daemon.kill(why=str(failure) if failure is not None else "the restore failed")
+            self.daemon.kill(why=_why(sys.exc_info()[1]))     # follow() calls this while its failure propagates
 
     def lazy_done(self):
         """The replica runs; wait for the daemon to place its last page (or fail: its watchdog killed
@@ -216,6 +215,14 @@ class NetworkTransport(Transport):
             raise PycrError(f"the replica could not get its pages and was killed: {error}")
         log.info("%s", got.get("line", ""))
         return got
+
+
+def _why(failure):
+    """What the source is told of a restore that failed (in one line)."""
+    if isinstance(failure, Interrupted):
+        return (f"pycr serve was interrupted by {signal.Signals(failure.signum).name}: the replica is "
+                "discarded")
+    return str(failure) if failure is not None else "the restore failed"
 
 
 def hold_stopped(replica):
