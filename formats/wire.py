@@ -16,7 +16,7 @@ from .common import U32, U64, Blob, String
 
 MAGIC = b"PYCW"
 #: Version of the protocol this pycr speaks; a peer with another one is refused.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 NONCE_SIZE = 32
 PROOF_SIZE = 32            # HMAC-SHA256
 #: Largest payload a reader accepts: a longer `length` is refused before anything is read.
@@ -59,9 +59,10 @@ class FrameType(enum.IntEnum):
     KILLED = 26             # source: its frozen tree is killed; the replica may run
     RUNNING = 27            # destination: the replica runs
     VERDICT = 28            # source, on a new connection after the link was lost: killed or thawed
-    LAZY_SOURCE = 29        # source: the final set's private anonymous pages are served lazily at this port
+    # 29 (LAZY_SOURCE of version 2: a port the destination dialled back to) is retired
     LAZY_DONE = 30          # destination: every lazy page is placed (the fault server's figures)
     SET_HOLE = 31           # source: the current file's next `size` bytes are a hole (read as zeros)
+    LAZY_RESUME = 32        # source, on a new connection after the link was lost in post-copy: go on serving
     # 0x40-0x4f: remote lazy restore (source = dump --lazy-pages, daemon = lazy-pages --page-server)
     LAZY_OPEN = 0x40        # daemon: the set it restores, a reconnection or not, the chunks it wants
     LAZY_READY = 0x41       # source: serving; whether the replica already ran (committed)
@@ -123,7 +124,7 @@ Running = Struct("number" / U32, "added" / U32, "removed" / U32, "recreated" / U
                  "root_pid" / U32, "root_real" / U32, "init_real" / U32)
 Verdict = Struct("id" / Bytes(MIGRATION_ID_SIZE), "killed" / Int8ul)
 SetHole = Struct("size" / U64)
-LazySource = Struct("port" / Int16ul)
+LazyResume = Struct("id" / Bytes(MIGRATION_ID_SIZE))
 LazyDone = Struct("ok" / Int8ul, "faults" / U32, "fault_pages" / U64, "pushed_pages" / U64,
                   "zero_pages" / U64, "seconds_us" / U64, "median_ns" / U64, "p99_ns" / U64,
                   "bytes" / U64, "message" / String)
@@ -158,7 +159,7 @@ PAYLOADS = {
     FrameType.KILLED: Empty,
     FrameType.RUNNING: Running,
     FrameType.VERDICT: Verdict,
-    FrameType.LAZY_SOURCE: LazySource,
+    FrameType.LAZY_RESUME: LazyResume,
     FrameType.LAZY_DONE: LazyDone,
     FrameType.SET_HOLE: SetHole,
     FrameType.LAZY_OPEN: LazyOpen,

@@ -42,6 +42,8 @@ class TimeLimitExceeded(Exception):
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "time_limit(seconds): time limit of the test's call phase (default 120 s)")
+    config.addinivalue_line(
+        "markers", "big: moves a GiB or more (tens of seconds); -m 'not big' or PYCR_SKIP_BIG=1 skips it")
 
 
 def _time_limit(item):

@@ -98,6 +98,11 @@ class TwoHosts:
         _ip("-n", self.src_ns, "link", "set", self.src_if, "down")
         _ip("-n", self.dst_ns, "link", "set", self.dst_if, "down")
 
+    def uncut(self):
+        """The link comes back up on both ends (a TCP connection that saw no reset lives on)."""
+        _ip("-n", self.src_ns, "link", "set", self.src_if, "up")
+        _ip("-n", self.dst_ns, "link", "set", self.dst_if, "up")
+
     def _start(self, argv, env=None, **kw):
         p = subprocess.Popen(argv, env=dict(os.environ, **(env or {})), stdin=subprocess.DEVNULL,
                              close_fds=True, **kw)

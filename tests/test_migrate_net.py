@@ -530,8 +530,10 @@ def test_host_pids_keeps_both_pids_on_the_destination(two_hosts, tmp_path):
         procutil.assert_running_untraced(pid)
 
 
-def test_host_pids_refuses_a_pid_taken_on_the_destination(two_hosts, tmp_path):
-    """A PID of the tree already in use over there: one line, nothing created, the source untouched."""
+@pytest.mark.parametrize("mode", ["pre-copy", "post-copy"])
+def test_host_pids_refuses_a_pid_taken_on_the_destination(two_hosts, tmp_path, mode):
+    """A PID of the tree already in use over there: one line, nothing created, the source untouched
+    (in post-copy too, whose set is checked as it arrives)."""
     key = secret(tmp_path)
     serve = Serve(two_hosts, tmp_path, key, "--host-pids")
     tree = Tree(two_hosts, tmp_path, nproc=2, mib=2, per_s=0)
@@ -542,7 +544,7 @@ def test_host_pids_refuses_a_pid_taken_on_the_destination(two_hosts, tmp_path):
                                 f"echo {taken - 1} > /proc/sys/kernel/ns_last_pid; sleep 1000 & wait"])
     assert procutil.wait_until(lambda: any(inner_pid(p) == taken for p in procutil.descendants(blocker.pid)
                                            if procutil.status(p)), timeout=10)
-    m = migrate(two_hosts, tree, serve.address, key)
+    m = migrate(two_hosts, tree, serve.address, key, "--mode", mode)
     out, err = m.communicate(timeout=60)
     assert m.returncode == 1, out + err
     line = err.strip()

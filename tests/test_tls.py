@@ -121,10 +121,10 @@ def test_pre_copy_migration_over_tls_counts_on(two_hosts, tmp_path):
     assert "TLSv1.3" in narration and "its certificate (commonName=source)" in narration, narration[-2000:]
 
 
-def test_post_copy_over_tls_the_destination_dials_back_with_its_certificate(two_hosts, tmp_path):
-    """The replica runs at once and gets its pages on fault and pushed from the source: serve's lazy-pages
-    daemon connects to the source, whose certificate must name the source's address, and its fetcher
-    reads chunks while other threads send on the same TLS connection."""
+def test_post_copy_over_tls_pages_come_inside_the_migrations_tls(two_hosts, tmp_path):
+    """The replica runs at once and gets its pages on fault and pushed from the source, on the migration's
+    own TLS connection, which serve's lazy-pages daemon took over at its fork: its fetcher reads chunks
+    while other threads send on it (RESUMING, ALL_PLACED; serve's RUNNING)."""
     pki = Pki(tmp_path / "pki")
     key = secret(tmp_path)
     serve = Serve(two_hosts, tmp_path, key, *tls_args(pki.issue("destination", two_hosts.dst_addr), pki.ca))

@@ -5,13 +5,16 @@ anonymous pages stay in the frozen source tree. `pycr serve` then runs what a
 user of `pycr lazy-pages --page-server` + `pycr restore --lazy-pages` runs:
 the same Daemon with the same RemotePages, forked before the replica is
 finished (a process of its own, as the daemon's watchdog needs: forked while
-it has no threads), and restores through the same LazyLink. The child says
-on a pipe when it listens, and at the end its figures (one JSON line).
+it has no threads), and restores through the same LazyLink. Its pages come
+over the migration's own connection, which the child owns from the fork on
+(lazy/migration_link.py). The child says on a pipe when it listens, and at
+the end its figures (one JSON line).
 """
 
 import contextlib
 import json
 import os
+import select
 import signal
 
 from ..log import log
@@ -19,20 +22,21 @@ from ..restore.lazy import LazyLink
 
 
 class DaemonChild:
-    def __init__(self, images_dir, work_dir, address, port, creds, close_fds=()):
+    def __init__(self, images_dir, work_dir, link):
+        """link: the migration_link.MigrationLink the daemon gets its pages through; `self.channel`
+        is then what this process keeps of the migration's connection (a ParentEnd)."""
         r, w = os.pipe2(os.O_CLOEXEC)
         self.pid = os.fork()
         if self.pid == 0:               # the daemon
             code = 1
             try:
                 os.close(r)
-                for fd in close_fds:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-                code = _run(images_dir, work_dir, address, port, creds, w)
+                link.in_child()
+                code = _run(images_dir, work_dir, link, w)
             finally:
                 os._exit(code)
         os.close(w)
+        self.channel = link.in_parent()
         self.pipe = os.fdopen(r, "r")
         self.link = None
         self.result = None
@@ -56,34 +60,42 @@ class DaemonChild:
                 self.result = {"error": "the daemon died"}
         return self.result
 
-    def kill(self):
-        """A failed restore: the daemon (and its watchdog, which kills what it holds) end."""
+    def kill(self, why=None, patience=5.0):
+        """A failed restore: the daemon (and its watchdog, which kills what it holds) end. why: the
+        reason, which the daemon sends the source (ERROR) before it ends (given `patience` s)."""
+        if why is not None:
+            self.channel.error(why)     # before the restore's link closes: the daemon reads it first
         if self.link is not None:
             self.link.close()
+        if why is not None and self.result is None and select.select([self.pipe], [], [], patience)[0]:
+            self.wait()
+        self.channel.close()
         if self.result is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
             self.wait()
 
 
-def _run(images_dir, work_dir, address, port, creds, w):
+def _run(images_dir, work_dir, link, w):
     from ..errors import PycrError
     from .daemon import Daemon
     from .remote import RemotePages
     out = os.fdopen(w, "w")
+    source = None
     try:
-        source = RemotePages(images_dir, address, port, creds, chain_ok=True)
+        source = RemotePages(images_dir, chain_ok=True, dialer=link)
         daemon = Daemon(images_dir, work_dir, source)
         summary = daemon.run(on_listening=lambda _path: (out.write("listening\n"), out.flush()))
     except (PycrError, OSError) as exc:
         log.warning("%s", exc)
-        out.write(json.dumps({"error": str(exc)}) + "\n")
-        out.flush()
-        return 1
-    out.write(json.dumps({"faults": summary.faults, "fault_pages": summary.fault_pages,
-                          "pushed_pages": summary.pushed_pages, "zero_pages": summary.zero_pages,
-                          "seconds": summary.seconds, "median_us": summary.median_us,
-                          "p99_us": summary.p99_us, "bytes": source.received,
-                          "pushed_bytes": source.pushed_bytes, "line": summary.line()}) + "\n")
+        figures = {"error": str(exc)}
+    else:
+        figures = {"faults": summary.faults, "fault_pages": summary.fault_pages,
+                   "pushed_pages": summary.pushed_pages, "zero_pages": summary.zero_pages,
+                   "seconds": summary.seconds, "median_us": summary.median_us,
+                   "p99_us": summary.p99_us, "bytes": source.received,
+                   "pushed_bytes": source.pushed_bytes, "line": summary.line()}
+    link.finish(figures, committed=source is not None and source.committed)
+    out.write(json.dumps(figures) + "\n")
     out.flush()
-    return 0
+    return 1 if "error" in figures else 0

@@ -10,6 +10,10 @@ writing it to its memfd and marking it there (the C server checks the sum
 again as it reads it, and places nothing unverified). Chunks are asked for
 once: a chunk there stays there, and pages placed are never asked again.
 
+How the channel is had is the dialer's business: SourceDialer connects to
+the lazy dump's address and port (`lazy-pages --page-server`); a migration's
+destination uses the migration's own connection instead (lazy/migration_link.py).
+
 The source commits at RESUMING (resuming(), just before the replica runs).
 A link lost before that fails the restore (nothing lost: the source thaws).
 After it, the replica still needs the source: the fetcher says so in one
@@ -48,9 +52,9 @@ class RemotePages(PageSource):
 
     chunk = wire.LAZY_CHUNK
 
-    def __init__(self, images_dir, address, port, creds, chain_ok=False):
-        self.creds = creds              # auth.Credentials: the secret, and the certificates under --tls
-        self.address, self.port = address, port
+    def __init__(self, images_dir, address=None, port=None, creds=None, chain_ok=False, dialer=None):
+        # dialer.connect(resumed) -> an authenticated Channel to the source (see SourceDialer)
+        self.dialer = dialer or SourceDialer(address, port, creds)
         chain = manifest.verify_chain(images_dir, deep=False)
         if len(chain) != 1 and not chain_ok:
             raise ImageError(images_dir, "a lazy dump with a parent set: not supported")
@@ -171,8 +175,7 @@ class RemotePages(PageSource):
     # ------------------------------------------------------------ the channel
 
     def _connect(self, resumed):
-        channel = auth.connect(self.address, self.port, "lazy source", Role.LAZY_DAEMON, {Role.LAZY_SOURCE},
-                               self.creds)
+        channel = self.dialer.connect(resumed)
         try:
             wanted = [{"pid": pid, "bitmap": self._still_wanted(pid)} for pid in self.wanted]
             channel.send(FrameType.LAZY_OPEN, {"set_id": bytes.fromhex(self.set_id), "resumed": int(resumed),
@@ -184,6 +187,8 @@ class RemotePages(PageSource):
             for pid, index in sorted(self._asked):          # asked before the link broke
                 if not self._there(pid, index):
                     channel.send(FrameType.PAGE_REQUEST, {"pid": pid, "index": index})
+            if resumed:
+                self.dialer.rejoined(channel)
         except BaseException:
             channel.close()
             raise
@@ -260,7 +265,15 @@ class RemotePages(PageSource):
     def _pump(self):
         channel = self.channel
         while not self._stop:
-            ready = ch.ready([channel, self._req_r, self._wake_r])
+            extra = self.dialer.fds(self.committed)
+            ready = ch.ready([channel, self._req_r, self._wake_r, *extra])
+            if any(fd in ready for fd in extra):      # first: what the dialer has to say goes out before an end
+                with self._send_lock:
+                    why = self.dialer.on_ready(channel, ready)
+                if why is not None:             # the restore failed here and the source was told
+                    self.killed = True
+                    self._fail(why)
+                    return
             if self._wake_r in ready:
                 return
             if self._req_r in ready:
@@ -321,7 +334,8 @@ class RemotePages(PageSource):
         if self._thread is not None:
             self._thread.join(timeout=10)
         if self.channel is not None:
-            self.channel.close()
+            self.dialer.release(self.channel)
+            self.channel = None
         for fd, _, _ in self._files:
             os.close(fd)
         self._files = []
@@ -329,3 +343,28 @@ class RemotePages(PageSource):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.pages.close()
+
+
+class SourceDialer:
+    """`lazy-pages --page-server`: each connection is a new one to the lazy dump's address and port."""
+
+    def __init__(self, address, port, creds):
+        self.address, self.port, self.creds = address, port, creds
+
+    def connect(self, resumed):
+        return auth.connect(self.address, self.port, "lazy source", Role.LAZY_DAEMON, {Role.LAZY_SOURCE},
+                            self.creds)
+
+    def rejoined(self, channel):
+        """A reconnection is open and serving (nothing to repeat here)."""
+
+    def fds(self, committed):
+        """More fds the fetcher watches: on_ready(channel, ready) when one is readable -> None, or why
+        the fetch ends (the source was told); it may raise a NetError to give the link up."""
+        return []
+
+    def on_ready(self, channel, ready):
+        return None
+
+    def release(self, channel):
+        channel.close()

@@ -25,6 +25,11 @@ PYCR_LAZY_RECONNECT; a replica that cannot get its pages is killed by its
 watchdog). If it never comes back, this pycr detaches and leaves the tree
 stopped: the one whole copy; `kill -CONT` brings it back once the replica is
 known to be gone. ALL_PLACED ends it: the tree is killed, as a dump kills it.
+
+A migration (`migrate --to --mode post-copy|hybrid`) gives a `link` instead
+of a listener: the pages are served on the migration's own connection, and
+after a lost link the source dials the destination again (link.again(); the
+destination never connects to the source: lazy/migration_link.py).
 """
 
 import bisect
@@ -53,7 +58,6 @@ from ..sysinfo import page_size
 
 PAGE = page_size()
 SEND_BUFFER = 512 << 10     # the kernel doubles it: about 1 MiB of stream ahead of a priority chunk
-WHY_WAIT = 2.0              # s a migration's destination gets to say why its daemon went away
 
 
 def reconnect_window():
@@ -72,10 +76,13 @@ class ReplicaGone(PycrError):
 class LazyDump:
     """The frozen tree's images (lazy pages as holes), then its pages over the network."""
 
-    def __init__(self, root, images_dir, listener, creds, overwrite=False, watch=None):
+    def __init__(self, root, images_dir, listener, creds, overwrite=False, link=None):
         self.root, self.images_dir, self.listener, self.creds = root, images_dir, listener, creds
         self.overwrite = overwrite
-        self.watch = watch          # a migration's channel: before the commit, a word on it ends the wait
+        # a migration's: link.first() its channel, link.again() a new one to the destination after a
+        # loss, link.on_frame(frame) its RUNNING; then no listener
+        self.link = link
+        self.channel = None         # with a link: the channel the last page went on, left open
         self.committed_at = None
         self.thaw = None
         self.frozen = None
@@ -137,12 +144,12 @@ class LazyDump:
                  self.stats.total_seconds)
 
     @classmethod
-    def of_frozen(cls, root, frozen, images_dir, listener, creds, watch=None):
+    def of_frozen(cls, root, frozen, images_dir, listener, creds, link=None):
         """Serve the lazy pages of a set already written with the tree still frozen (the final dump
         of `migrate --mode hybrid`, options.lazy_anon): the pages file's layout comes from its pagemap
         (the runs this set holds itself, back to back); the parent's pages are in the replica already."""
         from ..images import ImageDir
-        job = cls(root, images_dir, listener, creds, watch=watch)
+        job = cls(root, images_dir, listener, creds, link=link)
         job.frozen = frozen
         job.frozen_at = time.monotonic()
         job.srcs = {pid: reader(pid, threads) for pid, threads in frozen.processes.items()}
@@ -189,31 +196,33 @@ class LazyDump:
 
     def serve(self):
         """Serve daemons until one says every page is placed; -> 0. Raises after a thaw."""
+        first = True
         try:
             while True:
+                channel = self._accept() if self.link is None else self._dial(first)
+                first = False
+                done = False
                 try:
-                    channel = self._accept()
-                except ch.NetError as exc:          # the migration's channel: the destination gave up
-                    self._thaw()
-                    raise PycrError(f"the destination gave up before its replica ran ({exc}): the tree was "
-                                    "thawed and goes on") from None
-                try:
-                    if self._session(channel):
+                    done = self._session(channel)
+                    if done:
                         return 0
                 except (ch.NetError, OSError) as exc:
                     reason = str(exc) if isinstance(exc, ch.NetError) else (exc.strerror or str(exc))
                     if not self.committed:
-                        said = self._destination_said()
                         self._thaw()
-                        if said:
-                            raise PycrError(f"{said}: the tree was thawed and goes on") from None
+                        if isinstance(exc, ch.PeerFailed):      # the destination said why it gave up
+                            raise PycrError(f"{exc}: the tree was thawed and goes on") from None
                         raise PycrError(f"lazy dump: the destination went away before its replica ran "
                                         f"({reason}): the tree was thawed and goes on") from None
                     log.warning("lazy dump: lost the destination after its replica started (%s); the tree "
-                                "stays stopped; waiting up to %g s for the destination to reconnect",
-                                reason, 2 * reconnect_window())
+                                "stays stopped; %s for up to %g s", reason,
+                                "waiting for the destination to reconnect" if self.link is None else
+                                "connecting to the destination again", 2 * reconnect_window())
                 finally:
-                    channel.close()
+                    if done and self.link is not None:
+                        self.channel = channel      # the migration's last words come on it
+                    else:
+                        channel.close()
         except KeyboardInterrupt:
             if not self.committed:
                 self._thaw()
@@ -221,21 +230,34 @@ class LazyDump:
                 self._leave_stopped()
             raise
         finally:
-            self.listener.close()
+            if self.listener is not None:
+                self.listener.close()
 
-    def _destination_said(self):
-        """Why the destination gave up, if it says so on the migration's channel soon (its restore
-        failed: the daemon's link ends first, the ERROR follows) -> that line, or None."""
-        if self.watch is None:
-            return None
-        try:
-            if ch.ready([self.watch], WHY_WAIT):
-                self.watch.recv()
-        except ch.PeerFailed as exc:
-            return str(exc)
-        except ch.NetError:
-            pass
-        return None
+    def _gave_up(self):
+        self._leave_stopped()
+        raise PycrError(f"lazy dump: the destination did not come back within {2 * reconnect_window():g} "
+                        "s: its replica cannot get its missing pages (its watchdog kills it); the "
+                        "source tree is left stopped and detached, the one whole copy: `kill -CONT` "
+                        "it once the replica is known to be gone, or kill it")
+
+    def _dial(self, first):
+        """A migration's channel: its own at first; after a loss (only after the commit: before it,
+        a loss thaws the tree) a new connection to the destination, tried for the window."""
+        if first:
+            return self.link.first()
+        deadline = time.monotonic() + 2 * reconnect_window()
+        while time.monotonic() < deadline:
+            try:
+                channel = self.link.again()
+            except ch.AuthError as exc:
+                log.warning("lazy dump: %s", exc)
+                break
+            except (ch.NetError, OSError):
+                time.sleep(0.5)
+                continue
+            log.warning("lazy dump: connected to the destination again: %s", channel.name)
+            return channel
+        self._gave_up()
 
     def _accept(self):
         """The next authenticated daemon. Before the commit: as long as it takes; after: the window."""
@@ -243,18 +265,9 @@ class LazyDump:
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                self._leave_stopped()
-                raise PycrError(f"lazy dump: the destination did not come back within {2 * reconnect_window():g} "
-                                "s: its replica cannot get its missing pages (its watchdog kills it); the "
-                                "source tree is left stopped and detached, the one whole copy: `kill -CONT` "
-                                "it once the replica is known to be gone, or kill it")
-            watched = [self.listener] + ([self.watch] if self.watch is not None and not self.committed else [])
-            ready = ch.ready(watched, left)
-            if not ready:
+                self._gave_up()
+            if not ch.ready([self.listener], left):
                 continue
-            if self.watch is not None and self.watch in ready:
-                self.watch.recv()       # the destination's ERROR (PeerFailed), or the link's end
-                raise ch.ProtocolError(f"{self.watch.name}: spoke before its lazy-pages daemon connected")
             channel = auth.accept(self.listener, self.creds)
             try:
                 channel.hello(Role.LAZY_SOURCE, {Role.LAZY_DAEMON})
@@ -265,7 +278,8 @@ class LazyDump:
                 channel.close()
 
     def _session(self, channel):
-        opened = channel.recv(FrameType.LAZY_OPEN)
+        # a migration's destination starts its daemon once the set is in: it may take the idle time
+        opened = channel.recv(FrameType.LAZY_OPEN, idle=self.link is not None)
         if bytes(opened.body.set_id) != self.set_id:
             channel.error("this source serves another image set")
             log.warning("lazy dump: %s restores another image set: refused", channel.name)
@@ -284,11 +298,15 @@ class LazyDump:
                  " (a reconnection)" if opened.body.resumed else "")
         sent = {pid: set() for pid in todo}
         urgent = collections.deque()
+        expect = (FrameType.PAGE_REQUEST, FrameType.RESUMING, FrameType.ALL_PLACED, FrameType.REPLICA_GONE)
+        if self.link is not None:
+            expect += (FrameType.RUNNING,)      # the destination's word that the replica runs
         while True:
             while channel.readable(0):
-                frame = channel.recv(FrameType.PAGE_REQUEST, FrameType.RESUMING, FrameType.ALL_PLACED,
-                                     FrameType.REPLICA_GONE)
-                if frame.type == FrameType.PAGE_REQUEST:
+                frame = channel.recv(*expect)
+                if frame.type == FrameType.RUNNING:
+                    self.link.on_frame(frame)
+                elif frame.type == FrameType.PAGE_REQUEST:
                     pid, index = frame.body.pid, frame.body.index
                     if pid not in self.sizes or index >= self._nchunks(pid):
                         raise ch.ProtocolError(f"{channel.name}: asks for chunk {index} of pid {pid}, "

@@ -14,6 +14,11 @@ tracking out of it. If the link dies after the final set was sent, the
 source delivers its VERDICT (killed, or thawed) on a new connection, trying
 for PYCR_MIGRATE_DOUBT_TIMEOUT seconds: the destination never resumes
 without it.
+
+Post-copy and hybrid: after the lazy final set the same connection carries
+the pages (lazy.remote_source.LazyDump with a _PagesLink); after its commit
+point a lost link is won back by dialling the destination again
+(LAZY_RESUME): the destination never connects to the source.
 """
 
 import os
@@ -227,26 +232,17 @@ class _Run:
             return
         self._commit(path, dump_seconds, send_seconds)
 
-    # -- post-copy and hybrid: the final set's private anonymous pages stay in the frozen tree
-
-    def _lazy_listener(self):
-        """Where the destination's lazy-pages daemon fetches the pages: this host's address on the
-        migration's link, any free port (told by LAZY_SOURCE)."""
-        return ch.listen(self.chan.sock.getsockname()[0], 0)
+    # -- post-copy and hybrid: the final set's private anonymous pages stay in the frozen tree,
+    # served on this same connection (the destination never connects to the source)
 
     def post_copy(self, root, work_dir):
         """One short freeze: the tree without its private anonymous pages (a lazy dump), sent; the
         replica runs at once and those pages move on fault and in the background."""
         self.chan.send(FrameType.MIGRATION, {"id": self.id, "root_pid": root})
         path = os.path.join(work_dir, "01-dump")
-        listener = self._lazy_listener()
-        job = LazyDump(root, path, listener, self.creds, watch=self.chan)
+        job = LazyDump(root, path, None, self.creds, link=_PagesLink(self))
         self.pass_started.append(time.monotonic())
-        try:
-            job.dump()                          # frozen from here (thawed if the dump fails)
-        except BaseException:
-            listener.close()
-            raise
+        job.dump()                              # frozen from here (thawed if the dump fails)
         self.source.deltas.append(job.stats.pages_bytes)
         self.source.final_taken = True
         self._lazy_serve(job, path, job.stats.total_seconds)
@@ -254,34 +250,40 @@ class _Run:
     def _hybrid_final(self, path, dump_seconds, send_seconds):
         """The final set was sent without the pages dirtied since the previous pass: serve them."""
         source = self.source
-        job = LazyDump.of_frozen(source.root, source.frozen, path, self._lazy_listener(), self.creds,
-                                 watch=self.chan)
+        job = LazyDump.of_frozen(source.root, source.frozen, path, None, self.creds, link=_PagesLink(self))
         job.frozen_at = source.frozen_at
         job.thaw = lambda: source.finish(False)     # thawed, its dirty tracking taken out
         self._lazy_serve(job, path, dump_seconds, sent=(send_seconds,))
 
     def _lazy_serve(self, job, path, dump_seconds, sent=None):
-        listener = job.listener
         try:
             if sent is None:
                 at = time.monotonic()
                 send_set(self.chan, path, len(self.source.deltas), True)
                 sent = (time.monotonic() - at,)
-            self.chan.send(FrameType.LAZY_SOURCE, {"port": listener.getsockname()[1]})
             step("lazy set sent")
         except BaseException:
-            listener.close()
             job._thaw()
             raise
         job.serve()             # until every page is placed: the tree is killed; raises after a thaw
         self.source.frozen = None
         handover.forget()
-        running = self.chan.recv(FrameType.RUNNING).body
+        if job.channel is not self.chan:        # the link was lost and won back: the last words come there
+            self.chan.close()
+            self.chan = job.channel
+        running = job.link.running
+        while True:             # RUNNING (if it did not come while pages went), then LAZY_DONE
+            frame = self.chan.recv(FrameType.RUNNING, FrameType.LAZY_DONE, idle=True)
+            if frame.type == FrameType.LAZY_DONE:
+                done = frame.body
+                break
+            running = frame.body
+        if running is None:
+            raise ch.ProtocolError(f"{self.chan.name}: sent LAZY_DONE, but never RUNNING")
         self.result.downtime = job.committed_at - job.frozen_at
         self._report(path, running, dump_seconds, sent[0])
         self.result.root_pid, self.result.root_real = running.root_pid, running.root_real
         self.result.init_real = running.init_real
-        done = self.chan.recv(FrameType.LAZY_DONE, idle=True).body
         if not done.ok:
             raise PycrError(f"the replica could not get its pages: {done.message}")
         self.result.lazy = LazyPhase(done.faults, done.fault_pages, done.pushed_pages, done.zero_pages,
@@ -364,3 +366,27 @@ class _Run:
         log.info("%s", rep.line())
         if self.on_pass is not None:
             self.on_pass(rep)
+
+
+class _PagesLink:
+    """The post-copy pages of a migration go on its own channel; after a lost link (past the commit
+    point) the source connects to the destination again and says which migration goes on."""
+
+    def __init__(self, run):
+        self.run = run
+        self.running = None         # the destination's RUNNING (it may come while pages are served)
+
+    def first(self):
+        return self.run.chan
+
+    def again(self):
+        chan = _connect(*self.run.where, self.run.creds)
+        try:
+            chan.send(FrameType.LAZY_RESUME, {"id": self.run.id})
+        except BaseException:
+            chan.close()
+            raise
+        return chan
+
+    def on_frame(self, frame):
+        self.running = frame.body

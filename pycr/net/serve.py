@@ -19,6 +19,11 @@ seconds, a new authenticated connection carrying the source's VERDICT
 (killed: resume; thawed: discard). With no verdict by then the replica is
 left stopped with SIGSTOP (never resumed, never killed: the tree may exist
 nowhere else), and one line says what to do.
+
+A lazy final set (post-copy, hybrid) hands the connection to a lazy-pages
+daemon forked for it (lazy/migration_link.py), which gets the pages on it
+and, after a lost link, accepts the source's new connection on this
+listener.
 """
 
 import contextlib
@@ -27,13 +32,14 @@ import select
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 
 from .. import settings, steps
-from ..errors import ImageError, PycrError
+from ..errors import ImageError, Interrupted, PycrError
 from ..formats.wire import FrameType, Role
 from ..images import ImageDir
 from ..log import log
@@ -42,6 +48,7 @@ from ..migrate.replica import FINAL_KINDS
 from ..migrate.transport import Transport
 from . import auth, channel as ch
 from ..lazy.child import DaemonChild
+from ..lazy.migration_link import MigrationLink
 from .image_sets import receive_set
 
 WORK_PREFIX = "pycr-serve-"
@@ -95,14 +102,16 @@ class NetworkTransport(Transport):
         return path
 
     def _start_daemon(self, path):
-        """A lazy final set (post-copy, hybrid): its private anonymous pages are at the source, served at
-        the port LAZY_SOURCE names; a lazy-pages daemon fetches them for the replica."""
-        port = self.channel.recv(FrameType.LAZY_SOURCE).body.port
-        host = self.channel.sock.getpeername()[0]
-        log.info("%s: the final set's anonymous pages are served at %s port %d: starting the lazy-pages "
-                 "daemon", self.channel.name, host, port)
-        self.daemon = DaemonChild(path, self.work_dir, host, port, self.creds,
-                                  close_fds=(self.channel.sock.fileno(), self.listener.fileno()))
+        """A lazy final set (post-copy, hybrid): its private anonymous pages are in the frozen source
+        tree; a lazy-pages daemon fetches them for the replica over this connection, which it owns
+        from now on (lazy/migration_link.py): self.channel becomes the way to it."""
+        log.info("%s: the final set's anonymous pages stay at the source: starting the lazy-pages daemon, "
+                 "which asks for them on this connection", self.channel.name)
+        link = MigrationLink(self.channel, self.listener, self.creds, self.migration_id)
+        try:
+            self.daemon = DaemonChild(path, self.work_dir, link)
+        finally:
+            self.channel = link.parent_end or self.channel
         self.lazy_link = self.daemon.link
 
     def _check_chain(self, path, previous, final):
@@ -194,23 +203,26 @@ class NetworkTransport(Transport):
 
     def finish(self, ok):
         if not ok and self.daemon is not None:
-            self.daemon.kill()
+            self.daemon.kill(why=_why(sys.exc_info()[1]))     # follow() calls this while its failure propagates
 
     def lazy_done(self):
         """The replica runs; wait for the daemon to place its last page (or fail: its watchdog killed
-        the replica), then tell the source (LAZY_DONE) -> the daemon's figures."""
-        got = self.daemon.wait()
+        the replica) and tell the source so itself (LAZY_DONE) -> the daemon's figures."""
+        got = self.daemon.wait()        # the daemon sent LAZY_DONE itself
+        self.channel.close()
         error = got.get("error", "")
-        body = {"ok": int(not error), "faults": got.get("faults", 0), "fault_pages": got.get("fault_pages", 0),
-                "pushed_pages": got.get("pushed_pages", 0), "zero_pages": got.get("zero_pages", 0),
-                "seconds_us": int(got.get("seconds", 0) * 1e6), "median_ns": int(got.get("median_us", 0) * 1000),
-                "p99_ns": int(got.get("p99_us", 0) * 1000), "bytes": got.get("bytes", 0), "message": error}
-        with contextlib.suppress(ch.NetError):
-            self.channel.send(FrameType.LAZY_DONE, body)
         if error:
             raise PycrError(f"the replica could not get its pages and was killed: {error}")
         log.info("%s", got.get("line", ""))
         return got
+
+
+def _why(failure):
+    """What the source is told of a restore that failed (in one line)."""
+    if isinstance(failure, Interrupted):
+        return (f"pycr serve was interrupted by {signal.Signals(failure.signum).name}: the replica is "
+                "discarded")
+    return str(failure) if failure is not None else "the restore failed"
 
 
 def hold_stopped(replica):

@@ -30,6 +30,8 @@ workload reports "ready <pid>" once set up. Reports (one line per write(2)):
                            (zmm31 and AMX tile 0 held across steps)
   sigread restart|norestart  pipe <rfd> <wfd>; reading N; read <n> <hex> | read error <errno>;
                            usr1 (SIGUSR1 handler, SA_RESTART or not, while blocked in read)
+  pagewriter MIB PCT       writes W (every s); verified W | bad <page> <word> <W> (SIGUSR1: every
+                           page checked against the rule its writes follow)
 Sums are procutil.checksum() (crc32 << 32 | adler32 of the bytes).
 Multi-process workloads give each process its own O_APPEND status description;
 single-process ones write at the descriptor's own offset (not O_APPEND).
@@ -40,7 +42,8 @@ import subprocess
 
 SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
 NAMES = ("counter", "tree", "threads", "bigmem", "openfile", "pipe", "seccomp",
-         "forker", "mapper", "execer", "joiner", "zombie", "zleader", "orphan", "sharedfd", "xstate", "sigread")
+         "forker", "mapper", "execer", "joiner", "zombie", "zleader", "orphan", "sharedfd", "xstate", "sigread",
+         "pagewriter")
 CFLAGS = ("-O2", "-g", "-Wall", "-Wextra", "-Werror", "-std=gnu11")
 
 
