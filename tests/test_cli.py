@@ -309,6 +309,7 @@ def test_a_pipe_to_outside_the_tree_is_told_at_dump_and_restore(tmp_path, cleanu
         assert f"pycr: pipe:[{ino}] has no reader in the tree; after a restore, its writer gets SIGPIPE at its next " \
                f"write (which kills it unless SIGPIPE is ignored or handled: then EPIPE)" in dumped.stderr, dumped.stderr
         p.wait(timeout=10)
+        cleanup_pids.add(p.pid)          # again, now free: the restored process is killed at teardown
         restored = pycr("restore", "-d", "-D", tmp_path / "img")
         assert f"pycr: pipe:[{ino}] has no reader in the restored tree; once pycr exits its writer gets SIGPIPE" \
             in restored.stderr, restored.stderr
