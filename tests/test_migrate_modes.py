@@ -175,9 +175,9 @@ def test_source_killed_after_the_replica_started_gets_the_replica_killed(two_hos
         procutil.kill(pid, signal.SIGKILL)
 
 
-def test_link_cut_before_the_switch_leaves_the_source_running(two_hosts, tmp_path):
-    key = secret(tmp_path)
-    # the destination stops just before its replica would run (before the commit point)
+def _post_copy_held_before_the_switch(two_hosts, tmp_path, key):
+    """(serve, tree, migrate) of a post-copy migration whose destination stopped just before its
+    replica would run (before the commit point)."""
     serve = Serve(two_hosts, tmp_path, key, env=dict(FAST, PYCR_STOP_AT_STEP="release the restored tree"))
     tree = Tree(two_hosts, tmp_path, nproc=2, mib=8, per_s=0.02)
     m = migrate(two_hosts, tree, serve, key, "--mode", "post-copy", env=FAST)
@@ -186,6 +186,12 @@ def test_link_cut_before_the_switch_leaves_the_source_running(two_hosts, tmp_pat
         line = serve.proc.stderr.readline()
         assert line, "".join(seen)
         seen.append(line)
+    return serve, tree, m
+
+
+def test_link_cut_before_the_switch_leaves_the_source_running(two_hosts, tmp_path):
+    key = secret(tmp_path)
+    serve, tree, m = _post_copy_held_before_the_switch(two_hosts, tmp_path, key)
     two_hosts.cut()
     procutil.kill(serve.pid(), signal.SIGTERM)      # it gives up; the source hears nothing of it
     out, err = m.communicate(timeout=60)
@@ -296,14 +302,7 @@ def test_a_destination_stopped_before_the_switch_says_why_through_its_daemon(two
     """serve is stopped (SIGTERM) just before its replica would run, the link up: its lazy-pages daemon
     holds the connection by then, and sends serve's reason; the source thaws and says it."""
     key = secret(tmp_path)
-    serve = Serve(two_hosts, tmp_path, key, env=dict(FAST, PYCR_STOP_AT_STEP="release the restored tree"))
-    tree = Tree(two_hosts, tmp_path, nproc=2, mib=8, per_s=0.02)
-    m = migrate(two_hosts, tree, serve, key, "--mode", "post-copy", env=FAST)
-    seen = []
-    while not any("stopped at step" in line for line in seen):
-        line = serve.proc.stderr.readline()
-        assert line, "".join(seen)
-        seen.append(line)
+    serve, tree, m = _post_copy_held_before_the_switch(two_hosts, tmp_path, key)
     procutil.kill(serve.pid(), signal.SIGTERM)
     out, err = m.communicate(timeout=30)
     assert m.returncode == 1, out + err
