@@ -253,7 +253,12 @@ def kill_and_reap(reals, timeout=10.0):
 
 def _kill_and_reap_pidfds(reals, timeout):
     """Each task killed through a pidfd opened first (no PID-reuse race), then
-    pidwait.wait_reaped: reaped here where pycr is its tracer or (sub)reaper."""
+    pidwait.wait_reaped: reaped here where pycr is its tracer or (sub)reaper.
+
+    Every other thread of a task gets a pidfd of its own: pycr traces them, so each
+    exited thread stays a zombie until pycr collects it, and until then its leader is
+    never reported, to pycr or to its parent. (A namespace's init stub dying meanwhile
+    waits in the kernel for every task of the namespace to be reaped.)"""
     fds = {}
     try:
         for real in reals:
@@ -261,12 +266,24 @@ def _kill_and_reap_pidfds(reals, timeout):
             if fd is None:
                 continue
             fds[fd] = real
+            for tid in _other_threads(real):
+                thread_fd = pidwait.open_task(tid)
+                if thread_fd is not None:
+                    fds[thread_fd] = tid
             with contextlib.suppress(ProcessLookupError):
                 pidfd_send_signal(fd, signal.SIGKILL)
-        return pidwait.wait_reaped(fds, timeout)
+        return sorted(set(pidwait.wait_reaped(fds, timeout)) & set(reals))
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _other_threads(real):
+    """The thread IDs of task real's process other than real (none once it is gone)."""
+    try:
+        return [tid for tid in proc.tasks(real) if tid != real]
+    except PycrError:
+        return []
 
 
 def _kill_and_reap_polling(reals, timeout):
