@@ -53,6 +53,14 @@ def free_port(family=socket.AF_INET):
         return s.getsockname()[1]
 
 
+def http_site(tmp_path, line):
+    """A directory for http.server holding hello.txt: `line` (bytes) 100 times."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "hello.txt").write_bytes(line * 100)
+    return site
+
+
 def start_program(spawn, tmp_path, argv, name=None):
     """Start argv as the root of a workload tree (its own session, output to the log)."""
     wrapper = tmp_path / f"{name or os.path.basename(argv[0])}-exec.py"

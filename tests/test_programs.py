@@ -13,7 +13,7 @@ import time
 import pytest
 
 import procutil
-from programs import checkpoint, connect, free_port, need, start_program
+from programs import checkpoint, connect, free_port, http_site, need, start_program
 
 HOW = ["restore", "migrate"]
 
@@ -73,9 +73,7 @@ def http_get(sock, path):
 def test_http_server_keeps_a_keepalive_connection(spawn, tmp_path, cleanup_pids, how):
     """python3 -m http.server; a client outside the tree fetches again on the same connection."""
     import sys
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "hello.txt").write_bytes(b"hello from before the checkpoint\n" * 100)
+    site = http_site(tmp_path, b"hello from before the checkpoint\n")
     port = free_port()
     w = start_program(spawn, tmp_path, [sys.executable, "-m", "http.server", "--protocol", "HTTP/1.1",
                                         "--bind", "127.0.0.1", "--directory", site, port], name="http.server")

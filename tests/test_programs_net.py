@@ -35,7 +35,7 @@ import pytest
 
 import procutil
 from netns import two_hosts  # noqa: F401 (fixture)
-from programs import need, start_program
+from programs import http_site, need, start_program
 from test_migrate_net import Serve, assert_destination_empty, assert_untouched, secret
 from test_programs import ASYNCIO_SCRIPT, assert_tmux_session_goes_on, http_get, redis, start_tmux
 
@@ -156,9 +156,7 @@ def test_asyncio_program_counts_on_at_the_destination(two_hosts, spawn, tmp_path
 
 @pytest.mark.parametrize("mode", MODES)
 def test_http_server_serves_files_from_the_destination(two_hosts, spawn, tmp_path, mode):
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "hello.txt").write_bytes(b"hello from the other host\n" * 100)
+    site = http_site(tmp_path, b"hello from the other host\n")
     p = any_port()
     w = start_program(spawn, tmp_path, two_hosts.in_source([
         sys.executable, "-m", "http.server", "--protocol", "HTTP/1.1", "--bind", "::", "--directory", site, p]),
