@@ -16,7 +16,7 @@ from .common import U32, U64, Blob, String
 
 MAGIC = b"PYCW"
 #: Version of the protocol this pycr speaks; a peer with another one is refused.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 NONCE_SIZE = 32
 PROOF_SIZE = 32            # HMAC-SHA256
 #: Largest payload a reader accepts: a longer `length` is refused before anything is read.

@@ -99,6 +99,7 @@ class PagesFile:
     def __init__(self, f, chunk=PAGES_CHUNK):
         self._f = f
         self.sums = ChunkSums(chunk)
+        self.direct = True          # the page copy may bypass the page cache (ImageDir.pages_writer)
 
     def write(self, data):
         self.sums.update(data)

@@ -17,7 +17,7 @@ from .collect.file_locks import collect_file_locks
 from .collect.timers import collect_posix_timers
 from .collect.files import collect_files, collect_pipes_data, number_file_descriptions, describe_fd
 from .collect.memory import dump_private_memory, dump_shmem, present_runs, private_vmas, shmem_vmas
-from .collect.mm import check_supported, collect_mm, read_vmas, vma_record
+from .collect.mm import Layout, check_supported, collect_mm, vma_record
 from .collect.tty import check_terminals
 from .collect.tree import check_pid_namespace, check_sessions, collect_pstree, reader
 from .abi import NR
@@ -27,7 +27,6 @@ from .log import log
 from .ptrace import xstate
 from .native.core import Copier
 from .ptrace.inject import Injector
-from .proc.smaps import SmapsReader
 from .stats import count, phase
 from .steps import deferred_signals, finish, step
 from . import settings
@@ -80,14 +79,18 @@ def _warn_lonely_pipes(files_by_src):
                     pipe_id, missing, PIPE_OUTLOOK[missing])
 
 
-def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None, warn_pipes=False):
+def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, layouts=None, warn_pipes=False, cpu=None,
+                      pages_first=False):
     """Collect and write every image of a frozen tree except the inventory.
 
     memory(pid, vmas, imgdir) -> bytes writes the pages of one process; the
     default saves every present page. Returns bytes of pages written.
     hidden_fds: {pid: fds} that are pycr's own (a tracker's userfaultfd) and
-    are left out of the files image. smaps(pid) -> entries, if already read this pass.
+    are left out of the files image. layouts: {pid: collect.mm.Layout} made at the freeze.
     warn_pipes: warn of pipes with an end outside the tree (a dump's; not every pass of a migration).
+    cpu: {pid: _collect_cpu(...)}, if the caller collected it already (collect_cpus).
+    pages_first: copy each process's pages before its VMAs' flags are known, and check them
+    after (a migration's final pass: the tree passed every check in the passes before it).
     """
     processes = frozen.processes
     count("processes", len(processes))
@@ -95,11 +98,15 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None, 
     # /proc/PID of a process whose leader has exited has no maps, fds or cwd:
     # everything per process is read through a live thread (src) instead.
     srcs = {pid: reader(pid, threads) for pid, threads in processes.items()}
+    if layouts is None:
+        layouts = {pid: Layout(src) for pid, src in srcs.items()}
     # CPU state and injected reads first: they need no VmFlags, so they run while a
-    # prefetched smaps (a page-table walk) is still being read.
-    cpu = {pid: _collect_cpu(pid, threads, srcs[pid]) for pid, threads in processes.items()}
+    # smaps walk started at the freeze is still going (brk() comes last and waits for it).
+    if cpu is None:
+        cpu = collect_cpus(frozen, srcs)
     with phase("/proc reads"):
-        pstree, vmas_by_pid, files_by_src, objects, ghosts, locks = _read_tree(frozen, srcs, hidden_fds, smaps)
+        pstree, vmas_by_pid, files_by_src, objects, ghosts, locks = _read_tree(frozen, srcs, hidden_fds, layouts,
+                                                                               pages_first)
     if warn_pipes:
         _warn_lonely_pipes(files_by_src)
 
@@ -128,26 +135,44 @@ def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, smaps=None, 
     for pid, threads in processes.items():
         src = srcs[pid]
         core_img, brk, timers = cpu[pid]
-        mm_img = collect_mm(pid, vmas_by_pid[pid], brk, src=src)
         if timers:
             posix_timers.append({"pid": pid, "timers": timers})
+        if pages_first:
+            written += _write_pages(pid, src, [vma_record(*v) for v in vmas_by_pid[pid]], imgdir, memory, runs)
+            with phase("/proc reads"):
+                vmas_by_pid[pid] = layouts[pid].flagged()
+            check_supported(pid, vmas_by_pid[pid])
+        mm_img = collect_mm(pid, vmas_by_pid[pid], brk, src=src)
         step(f"write core and mm of {pid}")
         core_img["job_stopped"] = any(t.tid in frozen.job_stopped for t in threads)
         imgdir.write("core", core_img)
         imgdir.write("mm", mm_img)
-        step(f"write pages of {pid}")
-        vmas = mm_img["vmas"]
-        if memory is None:
-            written += dump_private_memory(pid, vmas, imgdir, runs=runs[pid], src=src)
-        else:
-            written += memory(pid, vmas, imgdir)
-        for vma in shmem_vmas(vmas):
-            written += dump_shmem(src, vma, imgdir)
+        if not pages_first:
+            written += _write_pages(pid, src, mm_img["vmas"], imgdir, memory, runs)
     written += memfd.dump_contents(objects.get(memfd.IMAGE), files_by_src, imgdir)
     written += ghosts.dump_contents(imgdir)
     if posix_timers:
         imgdir.write("timers", {"processes": posix_timers})
     return written
+
+
+def _write_pages(pid, src, vmas, imgdir, memory, runs):
+    """The pages of one process (memory(), or every present page in `runs`) and of the shared
+    memory it maps; -> bytes written."""
+    step(f"write pages of {pid}")
+    if memory is None:
+        written = dump_private_memory(pid, vmas, imgdir, runs=runs[pid], src=src)
+    else:
+        written = memory(pid, vmas, imgdir)
+    for vma in shmem_vmas(vmas):
+        written += dump_shmem(src, vma, imgdir)
+    return written
+
+
+def collect_cpus(frozen, srcs=None):
+    """{pid: _collect_cpu()} of every frozen process."""
+    return {pid: _collect_cpu(pid, threads, srcs[pid] if srcs else reader(pid, threads))
+            for pid, threads in frozen.processes.items()}
 
 
 def _collect_cpu(pid, threads, src):
@@ -166,8 +191,9 @@ def _collect_cpu(pid, threads, src):
     return core_img, brk, timers
 
 
-def _read_tree(frozen, srcs, hidden_fds, smaps):
-    """Pass 1 of write_tree_images: read (from /proc, while frozen) what can refuse the dump."""
+def _read_tree(frozen, srcs, hidden_fds, layouts, pages_first=False):
+    """Pass 1 of write_tree_images: read (from /proc, while frozen) what can refuse the dump.
+    pages_first: the VMAs as maps lists them; their flags are checked after the pages."""
     processes = frozen.processes
     # Pass 1: read what can refuse the dump, before writing anything.
     check_pid_namespace(processes)
@@ -178,7 +204,7 @@ def _read_tree(frozen, srcs, hidden_fds, smaps):
         # What a pycr killed earlier left goes first: its userfaultfd here (its trampoline went
         # before the injected reads).
         leftovers.close_stray_uffds(src, processes[pid][0], keep=(hidden_fds or {}).get(pid, ()))
-        vmas = read_vmas(src, smaps(pid) if smaps else None)
+        vmas = layouts[pid].mapped if pages_first else layouts[pid].flagged()
         check_supported(pid, vmas)
         vmas_by_pid[pid] = vmas
         files_by_src[src] = _collect_files(src, (hidden_fds or {}).get(pid))
@@ -221,12 +247,11 @@ def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images
         stats.processes, stats.threads = len(frozen.processes), sum(len(t) for t in frozen.processes.values())
         log.info("froze %d processes, %d threads with PTRACE_SEIZE + PTRACE_INTERRUPT",
                  stats.processes, stats.threads)
-        smaps = {pid: SmapsReader(reader(pid, threads))       # the walks run meanwhile
-                 for pid, threads in frozen.processes.items()}
+        layouts = {pid: Layout(reader(pid, threads)).walk()       # the walks run meanwhile
+                   for pid, threads in frozen.processes.items()}
         try:
             with progress.step("dump"):
-                stats.pages_bytes = write_tree_images(frozen, imgdir, warn_pipes=True,
-                                                      smaps=lambda pid: smaps[pid].result())
+                stats.pages_bytes = write_tree_images(frozen, imgdir, warn_pipes=True, layouts=layouts)
             step("write inventory and manifest")
             imgdir.write("inventory", inventory(root, "dump"))
             manifest.seal(imgdir)

@@ -27,7 +27,8 @@ def new_set_id():
 
 
 def seal(imgdir, parent_set_id=NO_ID, set_id=None):
-    """Write manifest.img for every file imgdir wrote; durable (file and directory fsynced).
+    """Write manifest.img for every file imgdir wrote; durable (file and directory fsynced)
+    unless the set need not be (ImageDir.durable).
 
     Returns the set ID.
     """
@@ -39,7 +40,8 @@ def seal(imgdir, parent_set_id=NO_ID, set_id=None):
     stats.count("image bytes", sum(w.size for w in imgdir.written.values()))
     body = {"set_id": set_id, "parent_set_id": parent_set_id, "chunk_size": checksum.PAGES_CHUNK,
             "files": files, "digest": NO_ID}
-    images.write_atomic(os.path.join(imgdir.path, NAME), _with_digest(images.build("manifest", body)))
+    images.write_atomic(os.path.join(imgdir.path, NAME), _with_digest(images.build("manifest", body)),
+                        None if imgdir.durable else [])
     return set_id
 
 

@@ -41,10 +41,11 @@ def image_files(path):
 
 
 @contextlib.contextmanager
-def writing(path, overwrite=False, pages_sink=None):
+def writing(path, overwrite=False, pages_sink=None, durable=True):
     """An ImageDir for a new image set at path; on failure everything it wrote is removed.
 
     pages_sink: a page server's client the pages files go to (ImageDir.pages_sink).
+    durable: False for a set that is read back at once and never outlives its command (ImageDir).
 
     Refuses a directory holding another set unless overwrite (which removes
     it first, the manifest before anything else so that it is never valid
@@ -66,7 +67,7 @@ def writing(path, overwrite=False, pages_sink=None):
             raise
         _probe(path)
         _clear(path, overwrite)
-        imgdir = ImageDir(path, pages_sink)
+        imgdir = ImageDir(path, pages_sink, durable)
         try:
             yield imgdir
         except BaseException as exc:

@@ -18,7 +18,7 @@ import time
 
 from . import manifest, options, outdir, proc, progress
 from .abi import PF_EXITING
-from .dump import DumpStats, inventory, write_tree_images
+from .dump import DumpStats, collect_cpus, inventory, write_tree_images
 from .errors import ImageError, PycrError, TaskGone, Unsupported
 from .freeze import freeze
 from .images import ImageDir
@@ -67,7 +67,7 @@ def open_parent(images_dir, prev_images_dir, root, pages_elsewhere=False):
 
 def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev_images_dir=None,
                      tracker="auto", stats=None, keep_frozen=False, overwrite=False, pages_sink=None,
-                     frozen_hook=None, thawed_hook=None):
+                     frozen_hook=None, thawed_hook=None, durable=True, pages_done=None):
     """One pass of a chain rooted at `root` into images_dir. Returns 0.
 
     stats (a DumpStats) is filled in for benchmarks: frozen_seconds,
@@ -83,13 +83,17 @@ def dump_incremental(root, images_dir, pre_dump=False, leave_running=False, prev
     frozen_hook, thawed_hook: called right after the freeze, and right after a pre-dump thaws
     the tree (before its pages are read): a migration holds its CPU throttle off in between,
     where a throttled thread would run each syscall pycr injects only when its quota lets it.
+    durable: False for a migration's passes, which are sent on at once (no fsync in the freeze).
+    pages_done(file name): told of each pages file as soon as it is whole (ImageDir.pages_done).
     """
     if keep_frozen and pre_dump:
         raise ValueError("keep_frozen is for the final dump, not a pre-dump")
     stats = stats if stats is not None else DumpStats()
     started = time.monotonic()
     kind = "pre-dump" if pre_dump else "dump"
-    with outdir.writing(images_dir, overwrite, pages_sink) as imgdir, Copier(), progress.step(kind):
+    with outdir.writing(images_dir, overwrite, pages_sink, durable) as imgdir, Copier(), \
+            progress.step(kind):
+        imgdir.pages_done = pages_done
         frozen = _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, stats,
                            keep_frozen, frozen_hook, thawed_hook)
     if not keep_frozen:
@@ -122,7 +126,6 @@ def _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, s
     if frozen_hook is not None:
         frozen_hook()
     leaders = {pid: threads[0] for pid, threads in frozen.processes.items()}
-    trk.prefetch_smaps(leaders)
     stats.processes = len(frozen.processes)
     stats.threads = sum(len(t) for t in frozen.processes.values())
     log.info("froze %d processes, %d threads; tracker %s, pass %d", stats.processes,
@@ -136,17 +139,27 @@ def _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, s
         later[pid] = vmas
         return 0
 
+    # A final pass after others is the migration's downtime: it reads registers and injects its
+    # reads (brk() waits for a smaps walk) before the walks start, and copies the pages while
+    # they run. The tree passed every check of the VMAs' flags in the passes before; the flags
+    # are checked again after the copy. A hybrid's final pass needs them to choose its pages.
+    pages_first = final and parent is not None and not options.current().lazy_anon
     try:
         for pid, leader in leaders.items():
             if leader.tid != pid:
                 # Trackers inject and scan through /proc/PID, which a zombie leader no longer has.
                 raise Unsupported(f"pid {pid}: its thread-group leader has exited; incremental dumps "
                                   "of such a process are not supported (a plain dump is)")
+        layouts = {pid: trk.layout(pid) for pid in leaders}     # maps first: nothing injected yet
+        cpu = collect_cpus(frozen) if pages_first else None
+        for layout in layouts.values():
+            layout.walk()
+        for pid, leader in leaders.items():
             with phase("tracker"):
                 trk.while_frozen(pid, leader, final)
         hidden = {pid: trk.hidden_fds(pid) for pid in leaders}
-        stats.pages_bytes = write_tree_images(frozen, imgdir, memory=memory, hidden_fds=hidden,
-                                              smaps=trk.smaps)
+        stats.pages_bytes = write_tree_images(frozen, imgdir, memory=memory, hidden_fds=hidden, layouts=layouts,
+                                              cpu=cpu, pages_first=pages_first)
         # a final dump leaving its private anonymous pages in the tree is restored only with them served
         lazy = final and options.current().lazy_anon
         inv = inventory(root, "lazy-dump" if lazy else kind, tracker=trk.name, parent=rel_parent, pass_nr=pass_nr)

@@ -237,3 +237,59 @@ def test_named_anonymous_memory(spawn_python, tmp_path, cleanup_pids):
     assert paths[priv] == "[anon:pycr private]"
     for addr in (priv, shared):
         assert "%08x" % zlib.crc32(procutil.read_memory(w.pid, addr, 4 * 4096)) == crc
+
+
+LATE_ADVICE_SCRIPT = WORKLOAD_PRELUDE + """import ctypes, mmap, zlib
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+SIZE = 1 << 20
+# far from every other mapping (MAP_FIXED_NOREPLACE), so that it is a VMA of its own
+addr = libc.mmap(0x5e0000000000, SIZE, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x100000, -1, 0)
+data = bytes((j * 7) & 0xff for j in range(SIZE))
+ctypes.memmove(addr, data, SIZE)
+def on_usr2(*a):
+    for advice in (10, 18):             # MADV_DONTFORK, MADV_WIPEONFORK: flags only, the maps line stays
+        if libc.madvise(addr, SIZE, advice) != 0:
+            report("error madvise %d %d" % (advice, ctypes.get_errno()))
+    report("advised")
+def on_usr1(*a):
+    report("sum %08x" % zlib.crc32(ctypes.string_at(addr, SIZE)))
+signal.signal(signal.SIGUSR2, on_usr2)
+signal.signal(signal.SIGUSR1, on_usr1)
+report("region %x %08x" % (addr, zlib.crc32(data)))
+report("ready %d" % os.getpid())
+while True:
+    time.sleep(0.02)
+"""
+
+
+def test_flags_advised_after_the_first_pass_reach_the_replica(spawn_python, cleanup_pids):
+    """A migration's final pass copies its pages before the kernel's smaps walk gives the VMAs'
+    flags: madvise() between passes changes a VMA's flags and not its maps line, and the
+    replica must still have them."""
+    from pycr.migrate import migrate
+    from pycr.migrate.loop import Policy
+    w = spawn_python("late_advice", LATE_ADVICE_SCRIPT)
+    addr, crc = w.fields("region")[0]
+    addr = int(addr, 16)
+    line = [m for m in procutil.maps(w.pid) if m[0] == addr]
+    replicas = []
+
+    def between(rep, replica):
+        cleanup_pids.add(*replica.reals)
+        replicas.append(replica)
+        if rep.number == 1:
+            w.signal_and_wait(signal.SIGUSR2, r"^advised$")
+            assert [m for m in procutil.maps(w.pid) if m[0] == addr] == line, "the maps line must not change"
+            assert {"dc", "wf"} <= vmflags_at(w.pid, addr)
+
+    res = migrate(w.pid, policy=Policy(max_passes=3, min_delta=0), on_pass=between)
+    assert not [x for x in w.lines() if x.startswith("error")]
+    root = res.summary.root_real
+    assert {"dc", "wf"} <= vmflags_at(root, addr), vmflags_at(root, addr)
+    mark = w.mark()
+    procutil.kill(root, signal.SIGUSR1)
+    assert w.wait_for(r"^sum \S+$", start=mark, root=False).group(0) == f"sum {crc}"
+    procutil.assert_running_untraced(root)

@@ -96,7 +96,7 @@ def test_a_frame_of_another_type_than_expected_is_refused():
 
 @pytest.mark.parametrize("raw, why", [
     (b"GET / HTTP/1.0\r\n\r\n", r"not a pycr peer \(its first bytes are b'GET / HT'\)"),
-    (hello_bytes(version=wire.PROTOCOL_VERSION + 1), r"speaks protocol version 4, this pycr speaks 3"),
+    (hello_bytes(version=wire.PROTOCOL_VERSION + 1), rf"speaks protocol version {wire.PROTOCOL_VERSION + 1}, this pycr speaks {wire.PROTOCOL_VERSION}"),
     (hello_bytes(role=Role.PAGE_SERVER), r"is a page-server, expected a page-client"),
     (hello_bytes()[:9] + b"\1\0\0", r"corrupt hello"),
     (hello_bytes()[:5], r"truncated frame: the connection closed after 5 of the 12 bytes of its hello"),

@@ -143,13 +143,14 @@ def copy_runs(pid, runs, vmas, out, progress=None):
     """
     sums = getattr(out, "sums", None)
     drain = getattr(out, "drain", None)
+    direct = getattr(out, "direct", True)
     out_fd = out if isinstance(out, int) else out.fileno()
     try:
         with phase("page copy"):
             if options.current().lazy_anon and sums is not None:
-                written = _copy_leaving_lazy(pid, runs, vmas, out_fd, sums, progress)
+                written = _copy_leaving_lazy(pid, runs, vmas, out_fd, sums, progress, direct)
             else:
-                written = _copy_batches(pid, runs, vmas, out_fd, sums, progress, drain)
+                written = _copy_batches(pid, runs, vmas, out_fd, sums, progress, drain, direct)
         count("pages written", written // PAGE)
         return written
     finally:
@@ -185,7 +186,7 @@ def write_hole(fd, sums, length):
         length -= n
 
 
-def _copy_leaving_lazy(pid, runs, vmas, out_fd, sums, progress):
+def _copy_leaving_lazy(pid, runs, vmas, out_fd, sums, progress, direct=True):
     """As _copy_batches, but the pages of lazy runs stay in the (frozen) task: a hole in the file,
     which the lazy source fills from the task on request (pycr.lazy.remote_source)."""
     written = 0
@@ -193,7 +194,7 @@ def _copy_leaving_lazy(pid, runs, vmas, out_fd, sums, progress):
         if lazy:
             write_hole(out_fd, sums, sum(batch[1::2]))
         else:
-            written += _copy_batches(pid, batch, vmas, out_fd, sums, progress)
+            written += _copy_batches(pid, batch, vmas, out_fd, sums, progress, direct=direct)
     end = os.lseek(out_fd, 0, os.SEEK_CUR)
     if os.fstat(out_fd).st_size < end:
         os.ftruncate(out_fd, end)
@@ -206,11 +207,12 @@ def _chunks(batch, limit=MEM_CHUNK):
     return split(batch, ramp(min(FIRST_CHUNK, limit), limit))
 
 
-def _copy_batches(pid, runs, vmas, out_fd, sums, progress, drain=None):
-    """drain() (a page server's file) sends what was written to out_fd after each chunk."""
+def _copy_batches(pid, runs, vmas, out_fd, sums, progress, drain=None, direct=True):
+    """drain() (a page server's file) sends what was written to out_fd after each chunk.
+    direct: bypass the page cache (set_direct_io) where the pages are readable."""
     total = 0
     for readable, batch in split_by_readability(runs, vmas):
-        set_direct_io(out_fd, readable)
+        set_direct_io(out_fd, readable and direct)
         if readable:
             # Chunk so that a terminal shows progress on large copies, and a page
             # server's staging file holds at most one chunk.

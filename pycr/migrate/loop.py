@@ -64,6 +64,8 @@ class SourcePasses(Transport):
         self.last_seconds = 0.0
         self.final_taken = False
         self.lazy_final = False     # hybrid migration: the final dump leaves private anonymous pages in the tree
+        # early(path, number) -> pages_done for the final pass (its pages files sent on as each is whole)
+        self.early = None
 
     def next_image_set(self, stream=None):
         if self.final_taken:
@@ -74,7 +76,7 @@ class SourcePasses(Transport):
         dstats = DumpStats()
         started = time.monotonic()
         with progress.step(f"pass {number}"), self.converge.copying() as timing:
-            self._take(path, final, dstats)
+            self._take(path, final, dstats, number)
         self.converge.taken(number, final, dstats.pages_bytes, dstats.frozen_at, timing)
         self.last_seconds = time.monotonic() - started
         self.deltas.append(dstats.pages_bytes)
@@ -89,19 +91,21 @@ class SourcePasses(Transport):
         measures and its report."""
         self.converge.applied(report, link_seconds)
 
-    def _take(self, path, final, stats):
+    def _take(self, path, final, stats, number):
         if final:
             self.final_taken = True
+            early = self.early(path, number) if self.early is not None and not self.lazy_final else None
             with options.using(lazy_anon=self.lazy_final):
                 self.frozen = dump_incremental(self.root, path, prev_images_dir=self.previous,
                                                tracker=self.tracker, stats=stats, keep_frozen=True,
-                                               frozen_hook=self.converge.holding)
+                                               frozen_hook=self.converge.holding, durable=False,
+                                               pages_done=early)
             self.frozen_at = stats.frozen_at
             self.converge.frozen()          # frozen now: the throttle goes at once
         else:
             dump_incremental(self.root, path, pre_dump=True, prev_images_dir=self.previous,
                              tracker=self.tracker, stats=stats, frozen_hook=self.converge.holding,
-                             thawed_hook=self.converge.thawed)
+                             thawed_hook=self.converge.thawed, durable=False)
 
     def finish(self, ok, wait=True):
         """ok: kill the frozen source (wait=False: only SIGKILL it now, wait_killed() later, so that

@@ -59,14 +59,54 @@ def _sending_order(name):
 
 def send_set(channel, path, number, final, on_bytes=None):
     """Send the set at path -> bytes of file data sent (holes are sent as their length, SET_HOLE)."""
-    name = os.path.basename(path.rstrip("/"))
-    channel.send(FrameType.SET_BEGIN, {"number": number, "name": name, "final": int(final)})
-    total = sizes = 0
-    files = set_files(path)
-    for fname, size in files:
+    return SetSender(channel, path, number, final).finish(on_bytes)
+
+
+class SetSender:
+    """One set on the channel: files sent early, while the set is still being written
+    (early()), then the rest in the usual order (finish()).
+
+    A migration's final pass sends its processes' pages files this way as soon as each is
+    whole, so that they cross the link while the source still waits for the VMAs' flags;
+    the manifest and the other small images follow. The destination then lets the set land
+    whole before it checks and applies it (pycr.migrate.stream: pages before the manifest are
+    not streamed), as for a set sent in any order. Should the pass fail after an early file,
+    the set never ends: the destination discards it with the connection, as after a link cut.
+    """
+
+    def __init__(self, channel, path, number, final):
+        self.channel, self.path, self.number, self.final = channel, path, number, final
+        self.name = os.path.basename(path.rstrip("/"))
+        self.sent = {}          # file name -> size
+        self.total = 0          # bytes of file data sent
+        self._begun = False
+
+    def early(self, fname):
+        """Send file fname of the set now (it is whole and will not change)."""
+        self._begin()
+        self._file(fname, os.path.getsize(os.path.join(self.path, fname)))
+
+    def finish(self, on_bytes=None):
+        """Send every file not sent yet, then SET_END -> bytes of file data sent."""
+        self._begin()
+        for fname, size in set_files(self.path):
+            if fname not in self.sent:
+                self._file(fname, size, on_bytes)
+        self.channel.send(FrameType.SET_END, {"files": len(self.sent), "bytes": sum(self.sent.values())})
+        return self.total
+
+    def _begin(self):
+        if not self._begun:
+            self.channel.send(FrameType.SET_BEGIN, {"number": self.number, "name": self.name,
+                                                    "final": int(self.final)})
+            self._begun = True
+
+    def _file(self, fname, size, on_bytes=None):
+        channel, name = self.channel, self.name
         channel.send(FrameType.SET_FILE, {"name": fname, "size": size})
+        self.sent[fname] = size
         sent = 0
-        with open(os.path.join(path, fname), "rb", buffering=0) as f:
+        with open(os.path.join(self.path, fname), "rb", buffering=0) as f:
             while sent < size:
                 data_end = _data_end(f, sent, size)
                 if data_end == sent:            # a hole (a lazy set's pages left in the tree)
@@ -77,15 +117,12 @@ def send_set(channel, path, number, final, on_bytes=None):
                 f.seek(sent)
                 chunk = f.read(min(wire.DATA_CHUNK, size - sent, data_end - sent))
                 if not chunk:
-                    raise PycrError(f"{path}/{fname}: shrank while it was sent")
+                    raise PycrError(f"{self.path}/{fname}: shrank while it was sent")
                 channel.send_data(chunk, f"{name}/{fname}")
                 sent += len(chunk)
-                total += len(chunk)
+                self.total += len(chunk)
                 if on_bytes is not None:
                     on_bytes(len(chunk))
-        sizes += size
-    channel.send(FrameType.SET_END, {"files": len(files), "bytes": sizes})
-    return total
 
 
 def _data_end(f, pos, size):

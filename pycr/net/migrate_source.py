@@ -37,7 +37,7 @@ from ..lazy.remote_source import LazyDump
 from ..restore import handover
 from ..steps import step
 from . import auth, channel as ch
-from .image_sets import send_set
+from .image_sets import SetSender, send_set
 
 MIB = 1 << 20
 
@@ -202,6 +202,14 @@ class _Run:
     def passes(self, root):
         self.chan.send(FrameType.MIGRATION, {"id": self.id, "root_pid": root})
         final_sent = False
+        senders = {}
+
+        def early(path, number):
+            """The final pass's pages files go on the link while the rest of its set is collected."""
+            senders[path] = SetSender(self.chan, path, number, True)
+            return senders[path].early
+
+        self.source.early = early
         try:
             while True:
                 self.pass_started.append(time.monotonic())
@@ -209,7 +217,8 @@ class _Run:
                 final = self.source.final_taken
                 dump_seconds = self.source.last_seconds
                 sent_at = time.monotonic()
-                send_set(self.chan, path, len(self.source.deltas), final)
+                sender = senders.pop(path, None) or SetSender(self.chan, path, len(self.source.deltas), final)
+                sender.finish()
                 send_seconds = time.monotonic() - sent_at
                 if final and self.source.lazy_final:
                     break

@@ -23,9 +23,10 @@ import os
 from array import array
 
 from .. import proc
-from ..proc.smaps import SmapsReader
+from ..collect.mm import Layout
 from ..collect.memory import copy_runs, present_runs, private_vmas, runs_to_entries
 from ..errors import ImageError, TaskGone
+from ..native.core import Copier
 from ..log import Progress, log
 from . import runs as R
 from ..sysinfo import page_size
@@ -67,29 +68,19 @@ class Tracker:
     def __init__(self, parent=None):
         self.parent = parent          # ParentPass or None (first pass)
         self.start_times = {}
-        self.smaps_read = {}
+        self.layouts = {}
 
     # --- interface
     def while_frozen(self, pid, leader, final):
         self.start_times[pid] = proc.stat(pid).start_time
 
-    def smaps(self, pid):
-        """/proc/PID/smaps of a frozen task, read once per pass: for a large
-        process the kernel's page walk behind it costs tens of milliseconds."""
-        got = self.smaps_read.get(pid)
-        if isinstance(got, SmapsReader):
-            got = self.smaps_read[pid] = got.result()
-        elif got is None:
-            got = self.smaps_read[pid] = proc.smaps(pid)
+    def layout(self, pid):
+        """The collect.mm.Layout of a frozen process, made once per pass: its maps are read at
+        the first call (before pycr injects anything), its smaps walk started by the caller."""
+        got = self.layouts.get(pid)
+        if got is None:
+            got = self.layouts[pid] = Layout(pid)
         return got
-
-    def prefetch_smaps(self, pids):
-        """Start reading every frozen process's smaps in the background. The kernel walks
-        each page table to count pages (at 2 GiB resident, about 30 ms) while pycr goes on
-        with what needs no VmFlags: the scans, the fds, the registers."""
-        for pid in pids:
-            if pid not in self.smaps_read:
-                self.smaps_read[pid] = SmapsReader(pid)
 
     def hidden_fds(self, pid):
         return set()
@@ -181,8 +172,10 @@ def write_pages(pid, vmas, imgdir, save, in_parent, live):
     mine = private_vmas(vmas)
     log.info("pid %d: copying %d pages in %d runs, %d pages left in the parent", pid,
              R.total(save) // PAGE, len(save) // 2, R.total(in_parent) // PAGE)
+    if Copier.current() is not None:
+        Copier.current().expect(R.total(save))      # a final pass's few MiB need no 32 MiB buffer
     with Progress(f"pid {pid} memory", R.total(save)) as progress, \
-            imgdir.pages_writer(str(pid)) as f:
+            imgdir.pages_writer(str(pid), R.total(save)) as f:
         if live:
             written, save = copy_live(pid, save, mine, f, progress)
         else:

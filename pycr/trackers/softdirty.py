@@ -51,7 +51,7 @@ class SoftDirtyTracker(Tracker):
         state = parent.state(pid) if parent else None
         self.final = final
         if state is not None and state.tracker == self.name:
-            self.spans[pid] = [(e.vma.start, e.vma.end) for e in self.smaps(pid)]
+            self.spans[pid] = [(vma.start, vma.end) for vma, *_ in self.layout(pid).mapped]
             self.dirty[pid] = soft_dirty_runs(pid, self.spans[pid])
         else:
             self.dirty[pid] = None
