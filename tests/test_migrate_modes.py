@@ -11,6 +11,7 @@ link cut before the switch leaves the source running untouched and nothing on
 the destination.
 """
 
+import contextlib
 import os
 import re
 import signal
@@ -22,6 +23,8 @@ import pytest
 
 import procutil
 from netns import two_hosts  # noqa: F401 (fixture)
+from pycr.formats.wire import FrameType, Role
+from pycr.net import auth, channel as ch
 from test_migrate_net import PASS_LINE, TREE_START, Serve, assert_destination_empty, expected_crc, secret
 
 WORKLOAD = TREE_START + r'''
@@ -93,6 +96,12 @@ def _replica_tasks(serve):
     return [p for stub in stubs for p in procutil.descendants(stub) if procutil.state(p) not in (None, "Z", "X")]
 
 
+def wait_released(serve, m, nproc=2):
+    """Wait until the replica's nproc processes run on their own (the source committed, pages still move)."""
+    assert procutil.wait_until(lambda: len(_replica_tasks(serve)) == nproc and all(map(_untraced, _replica_tasks(serve))),
+                               timeout=30), m.stderr.read() if m.poll() is not None else ""
+
+
 def migrate(hosts, tree, serve, key, *extra, env=None):
     return hosts.source(hosts.pycr("migrate", "-t", tree.root, "--to", serve.address, "--secret-file", key,
                                    *extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -157,8 +166,7 @@ def test_source_killed_after_the_replica_started_gets_the_replica_killed(two_hos
     m = migrate(two_hosts, tree, serve, key, "--mode", "post-copy", env=FAST)
     # the replica was released (the source committed): its two processes (under its namespace's
     # init stub; serve's lazy-pages daemon and its watchdog are not) are traced no more
-    assert procutil.wait_until(lambda: len(_replica_tasks(serve)) == 2 and all(map(_untraced, _replica_tasks(serve))),
-                               timeout=30), m.stderr.read() if m.poll() is not None else ""
+    wait_released(serve, m)
     procutil.kill(m.pid, signal.SIGKILL)
     m.wait(timeout=10)
     status, _, serve_err = serve.result(timeout=40)
@@ -252,8 +260,7 @@ def test_a_link_cut_after_the_switch_is_won_back_by_the_source(two_hosts, tmp_pa
     two_hosts.shape("100mbit")          # 32 MiB of pages take about 3 s
     tree = Tree(two_hosts, tmp_path, nproc=2, mib=16, per_s=0.02)
     m = migrate(two_hosts, tree, serve, key, "--mode", "post-copy", env=env)
-    assert procutil.wait_until(lambda: len(_replica_tasks(serve)) == 2 and all(map(_untraced, _replica_tasks(serve))),
-                               timeout=30), m.stderr.read() if m.poll() is not None else ""
+    wait_released(serve, m)
     two_hosts.cut()
     time.sleep(3)                       # longer than the source's 2 s send deadline
     two_hosts.uncut()
@@ -264,6 +271,62 @@ def test_a_link_cut_after_the_switch_is_won_back_by_the_source(two_hosts, tmp_pa
     assert tree.proc.wait(timeout=10) == 128 + signal.SIGKILL
     status, _, serve_err = serve.result()
     assert status == 0 and "reconnected to the source" in serve_err, serve_err
+    tree.assert_counts_on(tree.mark())
+
+
+def _stranger(hosts, serve, key=None):
+    """A pycr channel from the source's namespace to serve's port, through its hello, and
+    authenticated with the secret file `key` if given."""
+    chan = ch.Channel(hosts.connect(hosts.src_ns, hosts.dst_addr, serve.port), "destination", timeouts=(5, 5))
+    chan.hello(Role.MIGRATE_SOURCE, {Role.MIGRATE_DEST})
+    if key is not None:
+        auth.client_handshake(chan, auth.read_secret(key))
+    return chan
+
+
+def test_strangers_on_serves_port_do_not_delay_the_post_copy_faults(two_hosts, tmp_path):
+    """While the replica faults on pages still at the source, strangers connect to serve's port, where the
+    source would come back after a lost link: one that sends nothing and stays, one that sends garbage and
+    stays, one that fails the challenge, and an authenticated one naming another migration. Each is
+    handled on its own, with its own deadline (PYCR_NET_TIMEOUT, set far longer than the migration
+    takes): none holds the replica's faults, the migration ends well before that deadline, the replica's
+    memory checks out, and serve says why it refused each."""
+    env = {"PYCR_NET_TIMEOUT": "60", "PYCR_NET_IDLE_TIMEOUT": "60"}
+    key = secret(tmp_path)
+    serve = Serve(two_hosts, tmp_path, key, env=env)
+    two_hosts.shape("60mbit")           # about 22 MiB of pages take 3 s: the replica faults meanwhile
+    tree = Tree(two_hosts, tmp_path, nproc=2, mib=4, per_s=0.2)
+    m = migrate(two_hosts, tree, serve, key, "--mode", "post-copy", env=env)
+    wait_released(serve, m)
+    started = time.monotonic()
+    silent = two_hosts.connect(two_hosts.src_ns, two_hosts.dst_addr, serve.port)
+    garbage = two_hosts.connect(two_hosts.src_ns, two_hosts.dst_addr, serve.port)
+    garbage.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    with pytest.raises(ch.AuthError, match="proof was refused"):
+        _stranger(two_hosts, serve, secret(tmp_path, "wrong"))
+    with _stranger(two_hosts, serve, key) as other:
+        other.send(FrameType.MIGRATION, {"id": os.urandom(16), "root_pid": 1})
+        with pytest.raises(ch.PeerFailed, match="busy: the post-copy phase of another migration runs here"):
+            other.recv(FrameType.RUNNING)
+    assert m.poll() is None, "the post-copy phase ended before the strangers came: nothing was tested"
+    out, err = m.communicate(timeout=30)
+    assert m.returncode == 0, out + err
+    lazy = LAZY_LINE.search(out)
+    assert lazy and int(lazy.group(2)) > 0, out
+    # held by a stranger's hello, faults would wait out its 60 s deadline
+    assert time.monotonic() - started < 20 and float(lazy.group(6)) < 20e6, out
+    status, _, serve_err = serve.result()
+    assert status == 0, serve_err
+    refused = [line for line in serve_err.splitlines() if "refused a connection on serve's port" in line]
+    for why in ("not a pycr peer (its first bytes are b'GET / HT')", "failed authentication",
+                "not the source of this migration", "still in its hello and authentication when the migration ended"):
+        assert sum(why in line for line in refused) == 1, serve_err
+    for sock in (silent, garbage):      # closed by serve: nothing is left waiting on them
+        sock.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(4096):
+                pass
+        sock.close()
     tree.assert_counts_on(tree.mark())
 
 
