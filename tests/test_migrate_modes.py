@@ -25,7 +25,7 @@ import procutil
 from netns import two_hosts  # noqa: F401 (fixture)
 from pycr.formats.wire import FrameType, Role
 from pycr.net import auth, channel as ch
-from test_migrate_net import PASS_LINE, TREE_START, Serve, assert_destination_empty, expected_crc, secret
+from test_migrate_net import PASS_LINE, TREE_START, UFFD_LINK, Serve, assert_destination_empty, expected_crc, secret
 
 WORKLOAD = TREE_START + r'''
 state = {"step": 0}
@@ -250,28 +250,109 @@ def test_post_copy_pages_come_on_the_migration_connection(two_hosts, tmp_path):
     tree.assert_counts_on(tree.mark())
 
 
+RECONNECT = {"PYCR_NET_TIMEOUT": "2", "PYCR_NET_IDLE_TIMEOUT": "4", "PYCR_LAZY_RECONNECT": "15"}
+
+
+class Moving:
+    """A post-copy or hybrid migration (hybrid: two passes) whose replica runs with pages still at the
+    source, on a link shaped to `rate` once the post-copy phase nears (hybrid's pre-copy pass goes at full
+    speed: the pages its tree writes meanwhile are what is left for post-copy)."""
+
+    def __init__(self, hosts, tmp_path, key, mode, rate, mib, per_s, env, serve_args=(), source_args=()):
+        self.hosts = hosts
+        self.serve = Serve(hosts, tmp_path, key, *serve_args, env=env)
+        self.tree = Tree(hosts, tmp_path, nproc=2, mib=mib, per_s=per_s)
+        self.source_tmp = tmp_path / "src-tmp"      # where the source's pycr keeps its work directory
+        self.source_tmp.mkdir()
+        passes = ("--max-passes", "2") if mode == "hybrid" else ()
+        if mode == "post-copy":
+            hosts.shape(rate)
+        self.m = migrate(hosts, self.tree, self.serve, key, "--mode", mode, *passes, *source_args,
+                         env=dict(env, TMPDIR=str(self.source_tmp)))
+        self.head = ""
+        if mode == "hybrid":
+            self.head = self.m.stdout.readline()
+            assert self.head.startswith("pass 1 pre-dump"), self.head + self.m.stderr.read()
+            hosts.shape(rate)
+        wait_released(self.serve, self.m)
+
+    def cut_for(self, seconds):
+        self.hosts.cut()
+        time.sleep(seconds)
+        self.hosts.uncut()
+
+    def communicate(self, timeout=60):
+        out, err = self.m.communicate(timeout=timeout)
+        return self.head + out, err
+
+    def assert_won_back(self):
+        """The source dialled again and the post-copy phase went on to the last page: the replica's memory
+        checks out -> pycr migrate's (stdout, stderr), serve's stderr."""
+        out, err = self.communicate()
+        assert self.m.returncode == 0, out + err
+        assert "lost the destination after its replica started" in err and "connected to the destination again" \
+            in err, out + err
+        assert LAZY_LINE.search(out), out
+        assert self.tree.proc.wait(timeout=10) == 128 + signal.SIGKILL
+        status, _, serve_err = self.serve.result()
+        assert status == 0 and "reconnected to the source" in serve_err, serve_err
+        self.tree.assert_counts_on(self.tree.mark())
+        return out, err, serve_err
+
+
 def test_a_link_cut_after_the_switch_is_won_back_by_the_source(two_hosts, tmp_path):
     """The link goes down while pages move (the replica runs, the source is held stopped) and comes back
     3 s later: the source, whose sends stopped, dials the destination again (never the other way) and the
     post-copy phase goes on to the last page; the replica's memory checks out."""
-    env = {"PYCR_NET_TIMEOUT": "2", "PYCR_NET_IDLE_TIMEOUT": "4", "PYCR_LAZY_RECONNECT": "15"}
-    key = secret(tmp_path)
-    serve = Serve(two_hosts, tmp_path, key, env=env)
-    two_hosts.shape("100mbit")          # 32 MiB of pages take about 3 s
-    tree = Tree(two_hosts, tmp_path, nproc=2, mib=16, per_s=0.02)
-    m = migrate(two_hosts, tree, serve, key, "--mode", "post-copy", env=env)
-    wait_released(serve, m)
+    # 32 MiB of pages take about 3 s
+    moving = Moving(two_hosts, tmp_path, secret(tmp_path), "post-copy", "100mbit", mib=16, per_s=0.02, env=RECONNECT)
+    moving.cut_for(3)                   # longer than the source's 2 s send deadline
+    moving.assert_won_back()
+
+
+def test_a_link_cut_in_hybrids_post_copy_phase_is_won_back_by_the_source(two_hosts, tmp_path):
+    """Hybrid: after its pre-copy pass and the switch, the pages written since that pass are still at the
+    source when the link goes down for 3 s; the source wins it back and the replica gets them, and only
+    them."""
+    # the tree rewrites its 4 MiB buffers within the pre-copy pass: 8 MiB take about 2.5 s
+    moving = Moving(two_hosts, tmp_path, secret(tmp_path), "hybrid", "30mbit", mib=4, per_s=4.0, env=RECONNECT)
+    moving.cut_for(3)
+    out, _, _ = moving.assert_won_back()
+    passes = PASS_LINE.findall(out)
+    assert [p[1] for p in passes] == ["pre-dump", "dump"] and int(passes[-1][5]) < 4 << 20, out
+    lazy = LAZY_LINE.search(out)
+    assert 0 < (int(lazy.group(1)) + int(lazy.group(3))) * 4096 < int(passes[0][5]), out
+
+
+def test_a_link_down_past_the_reconnect_window_kills_the_replica(two_hosts, tmp_path):
+    """Hybrid, after the switch: the link goes down and stays down past both sides' reconnect windows. The
+    destination, hearing nothing from the source with pages still to come, gives the link up, waits its
+    window and has the watchdog kill the replica, which never ran on a page it lacked; the source says in
+    one line that its tree is left stopped, the one whole copy. Nothing else is left on either side."""
+    env = dict(RECONNECT, PYCR_LAZY_RECONNECT="1")
+    moving = Moving(two_hosts, tmp_path, secret(tmp_path), "hybrid", "30mbit", mib=4, per_s=4.0, env=env)
+    tree, serve = moving.tree, moving.serve
+    start = tree.mark()
     two_hosts.cut()
-    time.sleep(3)                       # longer than the source's 2 s send deadline
-    two_hosts.uncut()
-    out, err = m.communicate(timeout=60)
-    assert m.returncode == 0, out + err
-    assert "lost the destination after its replica started" in err and "connected to the destination again" in err, err
-    assert LAZY_LINE.search(out), out
-    assert tree.proc.wait(timeout=10) == 128 + signal.SIGKILL
-    status, _, serve_err = serve.result()
-    assert status == 0 and "reconnected to the source" in serve_err, serve_err
-    tree.assert_counts_on(tree.mark())
+    try:
+        out, err = moving.communicate(timeout=20)
+        status, _, serve_err = serve.result(timeout=20)
+    finally:
+        two_hosts.uncut()
+    assert moving.m.returncode == 1, out + err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("pycr: ") and "did not come back" in last and "left stopped" in last, err
+    assert status == 1 and "killed" in serve_err and "lost the source" in serve_err, serve_err
+    assert_destination_empty(serve)
+    assert os.listdir(moving.source_tmp) == []
+    # whatever the replica printed before it was killed, it printed from the right memory
+    for line in tree.out.read_text().splitlines()[start:]:
+        _, idx, _, steps, crc = line.split()
+        assert crc == expected_crc(int(idx), tree.mib, int(steps)), line
+    for pid in tree.pids:               # stopped, detached, without pycr's userfaultfds
+        assert procutil.state(pid) == "T" and _untraced(pid), pid
+        assert UFFD_LINK not in procutil.fds(pid).values()
+        procutil.kill(pid, signal.SIGKILL)
 
 
 def _stranger(hosts, serve, key=None):
