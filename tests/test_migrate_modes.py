@@ -285,9 +285,9 @@ class Moving:
         out, err = self.m.communicate(timeout=timeout)
         return self.head + out, err
 
-    def assert_won_back(self):
+    def assert_won_back(self, serve_log=None):
         """The source dialled again and the post-copy phase went on to the last page: the replica's memory
-        checks out -> pycr migrate's (stdout, stderr), serve's stderr."""
+        checks out -> pycr migrate's (stdout, stderr), serve's stderr (or its -o log, serve_log)."""
         out, err = self.communicate()
         assert self.m.returncode == 0, out + err
         assert "lost the destination after its replica started" in err and "connected to the destination again" \
@@ -295,6 +295,8 @@ class Moving:
         assert LAZY_LINE.search(out), out
         assert self.tree.proc.wait(timeout=10) == 128 + signal.SIGKILL
         status, _, serve_err = self.serve.result()
+        if serve_log is not None:
+            serve_err = serve_log.read_text()
         assert status == 0 and "reconnected to the source" in serve_err, serve_err
         self.tree.assert_counts_on(self.tree.mark())
         return out, err, serve_err
