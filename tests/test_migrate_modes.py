@@ -357,6 +357,28 @@ def test_a_link_down_past_the_reconnect_window_kills_the_replica(two_hosts, tmp_
         procutil.kill(pid, signal.SIGKILL)
 
 
+def test_a_source_silent_with_pages_still_to_come_is_given_up_by_the_destination(two_hosts, tmp_path):
+    """The source's pycr stops (SIGSTOP) while pages move, its connection open: no FIN, no reset, no
+    byte, as a link cut between two frames. The destination gives the link up after the frame timeout,
+    waits its reconnect window and has the replica killed. Continued, the source finds its destination
+    gone and says in one line that its tree is left stopped."""
+    env = dict(RECONNECT, PYCR_LAZY_RECONNECT="1")
+    moving = Moving(two_hosts, tmp_path, secret(tmp_path), "post-copy", "100mbit", mib=16, per_s=0.02, env=env)
+    procutil.kill(moving.m.pid, signal.SIGSTOP)
+    try:
+        status, _, serve_err = moving.serve.result(timeout=20)
+    finally:
+        procutil.kill(moving.m.pid, signal.SIGCONT)
+    assert status == 1 and "sent nothing for 2 s while" in serve_err and "killed" in serve_err, serve_err
+    assert_destination_empty(moving.serve)
+    out, err = moving.communicate(timeout=20)
+    assert moving.m.returncode == 1, out + err
+    assert "did not come back" in err.strip().splitlines()[-1], err
+    for pid in moving.tree.pids:
+        assert procutil.state(pid) == "T" and _untraced(pid), pid
+        procutil.kill(pid, signal.SIGKILL)
+
+
 def _stranger(hosts, serve, key=None):
     """A pycr channel from the source's namespace to serve's port, through its hello, and
     authenticated with the secret file `key` if given."""
