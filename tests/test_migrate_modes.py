@@ -306,8 +306,8 @@ def test_a_link_cut_after_the_switch_is_won_back_by_the_source(two_hosts, tmp_pa
     """The link goes down while pages move (the replica runs, the source is held stopped) and comes back
     3 s later: the source, whose sends stopped, dials the destination again (never the other way) and the
     post-copy phase goes on to the last page; the replica's memory checks out."""
-    # 32 MiB of pages take about 3 s
-    moving = Moving(two_hosts, tmp_path, secret(tmp_path), "post-copy", "100mbit", mib=16, per_s=0.02, env=RECONNECT)
+    # 16 MiB of buffers and the interpreters' heaps take about 2.5 s
+    moving = Moving(two_hosts, tmp_path, secret(tmp_path), "post-copy", "100mbit", mib=8, per_s=0.02, env=RECONNECT)
     moving.cut_for(3)                   # longer than the source's 2 s send deadline
     moving.assert_won_back()
 
