@@ -104,7 +104,11 @@ class MigrationLink:
         """serve wrote: send what it says -> None, or the reason the restore failed (ERROR sent).
         The source connected again: raises PeerLost, and connect() gives the new connection."""
         if self.newcomers.fd() in ready:
-            self._next = self.newcomers.take() or self._next
+            newer = self.newcomers.take()
+            if newer is not None:
+                if self._next is not None:
+                    self._next.close()
+                self._next = newer
             if self._next is not None:
                 raise ch.PeerLost(f"{channel.name}: the source connected again (its sends on this link "
                                   "stopped): the link is given up")
