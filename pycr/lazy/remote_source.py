@@ -389,9 +389,11 @@ class LazyDump:
 
     def _leave_stopped(self):
         with deferred_signals():
-            if self.before_leaving is not None:
-                self.before_leaving()   # hybrid: its dirty tracking out of the tree, as when it thaws
-            self.frozen.thaw()      # detached with SIGSTOP pending: it stops before any instruction
+            try:
+                if self.before_leaving is not None:
+                    self.before_leaving()   # hybrid: its dirty tracking out of the tree, as when it thaws
+            finally:
+                self.frozen.thaw()      # detached with SIGSTOP pending: it stops before any instruction
 
     def _kill(self):
         with deferred_signals(), phase("waiting for PIDs to be free"):
