@@ -16,7 +16,9 @@ PYCR_GHOST_LIMIT   bytes a file deleted while open or mapped may hold for a dump
                    is refused by name.
 PYCR_NET_TIMEOUT   seconds a network peer may take to send the rest of a frame it
                    began, or to take what pycr sends; also to send its hello and
-                   authentication. Default: 30 s. Past it the peer is dropped.
+                   authentication, and, a lazy dump's source with pages still to
+                   send, to send its next one. Default: 30 s. Past it the peer
+                   is dropped.
 PYCR_NET_IDLE_TIMEOUT  seconds a network peer may be silent where a frame is due
                    while it works (a page server fsyncing a file, a dump copying
                    memory between two files). Default: 300 s.

@@ -11,6 +11,7 @@ link cut before the switch leaves the source running untouched and nothing on
 the destination.
 """
 
+import contextlib
 import os
 import re
 import signal
@@ -22,7 +23,9 @@ import pytest
 
 import procutil
 from netns import two_hosts  # noqa: F401 (fixture)
-from test_migrate_net import PASS_LINE, TREE_START, Serve, assert_destination_empty, expected_crc, secret
+from pycr.formats.wire import FrameType, Role
+from pycr.net import auth, channel as ch
+from test_migrate_net import PASS_LINE, TREE_START, UFFD_LINK, Serve, assert_destination_empty, expected_crc, secret
 
 WORKLOAD = TREE_START + r'''
 state = {"step": 0}
@@ -93,6 +96,12 @@ def _replica_tasks(serve):
     return [p for stub in stubs for p in procutil.descendants(stub) if procutil.state(p) not in (None, "Z", "X")]
 
 
+def wait_released(serve, m, nproc=2):
+    """Wait until the replica's nproc processes run on their own (the source committed, pages still move)."""
+    assert procutil.wait_until(lambda: len(_replica_tasks(serve)) == nproc and all(map(_untraced, _replica_tasks(serve))),
+                               timeout=30), m.stderr.read() if m.poll() is not None else ""
+
+
 def migrate(hosts, tree, serve, key, *extra, env=None):
     return hosts.source(hosts.pycr("migrate", "-t", tree.root, "--to", serve.address, "--secret-file", key,
                                    *extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -157,8 +166,7 @@ def test_source_killed_after_the_replica_started_gets_the_replica_killed(two_hos
     m = migrate(two_hosts, tree, serve, key, "--mode", "post-copy", env=FAST)
     # the replica was released (the source committed): its two processes (under its namespace's
     # init stub; serve's lazy-pages daemon and its watchdog are not) are traced no more
-    assert procutil.wait_until(lambda: len(_replica_tasks(serve)) == 2 and all(map(_untraced, _replica_tasks(serve))),
-                               timeout=30), m.stderr.read() if m.poll() is not None else ""
+    wait_released(serve, m)
     procutil.kill(m.pid, signal.SIGKILL)
     m.wait(timeout=10)
     status, _, serve_err = serve.result(timeout=40)
@@ -242,28 +250,190 @@ def test_post_copy_pages_come_on_the_migration_connection(two_hosts, tmp_path):
     tree.assert_counts_on(tree.mark())
 
 
+RECONNECT = {"PYCR_NET_TIMEOUT": "2", "PYCR_NET_IDLE_TIMEOUT": "4", "PYCR_LAZY_RECONNECT": "15"}
+
+
+class Moving:
+    """A post-copy or hybrid migration (hybrid: two passes) whose replica runs with pages still at the
+    source, on a link shaped to `rate` once the post-copy phase nears (hybrid's pre-copy pass goes at full
+    speed: the pages its tree writes meanwhile are what is left for post-copy)."""
+
+    def __init__(self, hosts, tmp_path, key, mode, rate, mib, per_s, env, serve_args=(), source_args=()):
+        self.hosts = hosts
+        self.serve = Serve(hosts, tmp_path, key, *serve_args, env=env)
+        self.tree = Tree(hosts, tmp_path, nproc=2, mib=mib, per_s=per_s)
+        self.source_tmp = tmp_path / "src-tmp"      # where the source's pycr keeps its work directory
+        self.source_tmp.mkdir()
+        passes = ("--max-passes", "2") if mode == "hybrid" else ()
+        if mode == "post-copy":
+            hosts.shape(rate)
+        self.m = migrate(hosts, self.tree, self.serve, key, "--mode", mode, *passes, *source_args,
+                         env=dict(env, TMPDIR=str(self.source_tmp)))
+        self.head = ""
+        if mode == "hybrid":
+            self.head = self.m.stdout.readline()
+            assert self.head.startswith("pass 1 pre-dump"), self.head + self.m.stderr.read()
+            hosts.shape(rate)
+        wait_released(self.serve, self.m)
+
+    def cut_for(self, seconds):
+        self.hosts.cut()
+        time.sleep(seconds)
+        self.hosts.uncut()
+
+    def communicate(self, timeout=60):
+        out, err = self.m.communicate(timeout=timeout)
+        return self.head + out, err
+
+    def assert_won_back(self, serve_log=None):
+        """The source dialled again and the post-copy phase went on to the last page: the replica's memory
+        checks out -> pycr migrate's (stdout, stderr), serve's stderr (or its -o log, serve_log)."""
+        out, err = self.communicate()
+        assert self.m.returncode == 0, out + err
+        assert "lost the destination after its replica started" in err and "connected to the destination again" \
+            in err, out + err
+        assert LAZY_LINE.search(out), out
+        assert self.tree.proc.wait(timeout=10) == 128 + signal.SIGKILL
+        status, _, serve_err = self.serve.result()
+        if serve_log is not None:
+            serve_err = serve_log.read_text()
+        assert status == 0 and "reconnected to the source" in serve_err, serve_err
+        self.tree.assert_counts_on(self.tree.mark())
+        return out, err, serve_err
+
+
 def test_a_link_cut_after_the_switch_is_won_back_by_the_source(two_hosts, tmp_path):
     """The link goes down while pages move (the replica runs, the source is held stopped) and comes back
     3 s later: the source, whose sends stopped, dials the destination again (never the other way) and the
     post-copy phase goes on to the last page; the replica's memory checks out."""
-    env = {"PYCR_NET_TIMEOUT": "2", "PYCR_NET_IDLE_TIMEOUT": "4", "PYCR_LAZY_RECONNECT": "15"}
+    # 16 MiB of buffers and the interpreters' heaps take about 2.5 s
+    moving = Moving(two_hosts, tmp_path, secret(tmp_path), "post-copy", "100mbit", mib=8, per_s=0.02, env=RECONNECT)
+    moving.cut_for(3)                   # longer than the source's 2 s send deadline
+    moving.assert_won_back()
+
+
+def test_a_link_cut_in_hybrids_post_copy_phase_is_won_back_by_the_source(two_hosts, tmp_path):
+    """Hybrid: after its pre-copy pass and the switch, the pages written since that pass are still at the
+    source when the link goes down for 3 s; the source wins it back and the replica gets them, and only
+    them."""
+    # the tree rewrites its 4 MiB buffers within the pre-copy pass: 8 MiB take about 2.5 s
+    moving = Moving(two_hosts, tmp_path, secret(tmp_path), "hybrid", "30mbit", mib=4, per_s=4.0, env=RECONNECT)
+    moving.cut_for(3)
+    out, _, serve_err = moving.assert_won_back()
+    # the restore injected into tasks whose stack pages were among those left at the source
+    assert "stays mapped" not in serve_err, serve_err
+    passes = PASS_LINE.findall(out)
+    assert [p[1] for p in passes] == ["pre-dump", "dump"] and int(passes[-1][5]) < 4 << 20, out
+    lazy = LAZY_LINE.search(out)
+    assert 0 < (int(lazy.group(1)) + int(lazy.group(3))) * 4096 < int(passes[0][5]), out
+
+
+def test_a_link_down_past_the_reconnect_window_kills_the_replica(two_hosts, tmp_path):
+    """Hybrid, after the switch: the link goes down and stays down past both sides' reconnect windows. The
+    destination, hearing nothing from the source with pages still to come, gives the link up, waits its
+    window and has the watchdog kill the replica, which never ran on a page it lacked; the source says in
+    one line that its tree is left stopped, the one whole copy. Nothing else is left on either side."""
+    env = dict(RECONNECT, PYCR_LAZY_RECONNECT="1")
+    moving = Moving(two_hosts, tmp_path, secret(tmp_path), "hybrid", "30mbit", mib=4, per_s=4.0, env=env)
+    tree, serve = moving.tree, moving.serve
+    start = tree.mark()
+    two_hosts.cut()
+    try:
+        out, err = moving.communicate(timeout=20)
+        status, _, serve_err = serve.result(timeout=20)
+    finally:
+        two_hosts.uncut()
+    assert moving.m.returncode == 1, out + err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("pycr: ") and "did not come back" in last and "left stopped" in last, err
+    assert status == 1 and "killed" in serve_err and "lost the source" in serve_err, serve_err
+    assert_destination_empty(serve)
+    assert os.listdir(moving.source_tmp) == []
+    # whatever the replica printed before it was killed, it printed from the right memory
+    for line in tree.out.read_text().splitlines()[start:]:
+        _, idx, _, steps, crc = line.split()
+        assert crc == expected_crc(int(idx), tree.mib, int(steps)), line
+    for pid in tree.pids:               # stopped, detached, without pycr's userfaultfds
+        assert procutil.state(pid) == "T" and _untraced(pid), pid
+        assert UFFD_LINK not in procutil.fds(pid).values()
+        procutil.kill(pid, signal.SIGKILL)
+
+
+def test_a_source_silent_with_pages_still_to_come_is_given_up_by_the_destination(two_hosts, tmp_path):
+    """The source's pycr stops (SIGSTOP) while pages move, its connection open: no FIN, no reset, no
+    byte, as a link cut between two frames. The destination gives the link up after the frame timeout,
+    waits its reconnect window and has the replica killed. Continued, the source finds its destination
+    gone and says in one line that its tree is left stopped."""
+    env = dict(RECONNECT, PYCR_LAZY_RECONNECT="1")
+    moving = Moving(two_hosts, tmp_path, secret(tmp_path), "post-copy", "100mbit", mib=16, per_s=0.02, env=env)
+    procutil.kill(moving.m.pid, signal.SIGSTOP)
+    try:
+        status, _, serve_err = moving.serve.result(timeout=20)
+    finally:
+        procutil.kill(moving.m.pid, signal.SIGCONT)
+    assert status == 1 and "sent nothing for 2 s while" in serve_err and "killed" in serve_err, serve_err
+    assert_destination_empty(moving.serve)
+    out, err = moving.communicate(timeout=20)
+    assert moving.m.returncode == 1, out + err
+    assert "did not come back" in err.strip().splitlines()[-1], err
+    for pid in moving.tree.pids:
+        assert procutil.state(pid) == "T" and _untraced(pid), pid
+        procutil.kill(pid, signal.SIGKILL)
+
+
+def _stranger(hosts, serve, key=None):
+    """A pycr channel from the source's namespace to serve's port, through its hello, and
+    authenticated with the secret file `key` if given."""
+    chan = ch.Channel(hosts.connect(hosts.src_ns, hosts.dst_addr, serve.port), "destination", timeouts=(5, 5))
+    chan.hello(Role.MIGRATE_SOURCE, {Role.MIGRATE_DEST})
+    if key is not None:
+        auth.client_handshake(chan, auth.read_secret(key))
+    return chan
+
+
+def test_strangers_on_serves_port_do_not_delay_the_post_copy_faults(two_hosts, tmp_path):
+    """While the replica faults on pages still at the source, strangers connect to serve's port, where the
+    source would come back after a lost link: one that sends nothing and stays, one that sends garbage and
+    stays, one that fails the challenge, and an authenticated one naming another migration. Each is
+    handled on its own, with its own deadline (PYCR_NET_TIMEOUT, set far longer than the migration
+    takes): none holds the replica's faults, the migration ends well before that deadline, the replica's
+    memory checks out, and serve says why it refused each."""
+    env = {"PYCR_NET_TIMEOUT": "60", "PYCR_NET_IDLE_TIMEOUT": "60"}
     key = secret(tmp_path)
     serve = Serve(two_hosts, tmp_path, key, env=env)
-    two_hosts.shape("100mbit")          # 32 MiB of pages take about 3 s
-    tree = Tree(two_hosts, tmp_path, nproc=2, mib=16, per_s=0.02)
+    two_hosts.shape("60mbit")           # about 22 MiB of pages take 3 s: the replica faults meanwhile
+    tree = Tree(two_hosts, tmp_path, nproc=2, mib=4, per_s=0.2)
     m = migrate(two_hosts, tree, serve, key, "--mode", "post-copy", env=env)
-    assert procutil.wait_until(lambda: len(_replica_tasks(serve)) == 2 and all(map(_untraced, _replica_tasks(serve))),
-                               timeout=30), m.stderr.read() if m.poll() is not None else ""
-    two_hosts.cut()
-    time.sleep(3)                       # longer than the source's 2 s send deadline
-    two_hosts.uncut()
-    out, err = m.communicate(timeout=60)
+    wait_released(serve, m)
+    started = time.monotonic()
+    silent = two_hosts.connect(two_hosts.src_ns, two_hosts.dst_addr, serve.port)
+    garbage = two_hosts.connect(two_hosts.src_ns, two_hosts.dst_addr, serve.port)
+    garbage.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    with pytest.raises(ch.AuthError, match="proof was refused"):
+        _stranger(two_hosts, serve, secret(tmp_path, "wrong"))
+    with _stranger(two_hosts, serve, key) as other:
+        other.send(FrameType.MIGRATION, {"id": os.urandom(16), "root_pid": 1})
+        with pytest.raises(ch.PeerFailed, match="busy: the post-copy phase of another migration runs here"):
+            other.recv(FrameType.RUNNING)
+    assert m.poll() is None, "the post-copy phase ended before the strangers came: nothing was tested"
+    out, err = m.communicate(timeout=30)
     assert m.returncode == 0, out + err
-    assert "lost the destination after its replica started" in err and "connected to the destination again" in err, err
-    assert LAZY_LINE.search(out), out
-    assert tree.proc.wait(timeout=10) == 128 + signal.SIGKILL
+    lazy = LAZY_LINE.search(out)
+    assert lazy and int(lazy.group(2)) > 0, out
+    # held by a stranger's hello, faults would wait out its 60 s deadline
+    assert time.monotonic() - started < 20 and float(lazy.group(6)) < 20e6, out
     status, _, serve_err = serve.result()
-    assert status == 0 and "reconnected to the source" in serve_err, serve_err
+    assert status == 0, serve_err
+    refused = [line for line in serve_err.splitlines() if "refused a connection on serve's port" in line]
+    for why in ("not a pycr peer (its first bytes are b'GET / HT')", "failed authentication",
+                "not the source of this migration", "still in its hello and authentication when the migration ended"):
+        assert sum(why in line for line in refused) == 1, serve_err
+    for sock in (silent, garbage):      # closed by serve: nothing is left waiting on them
+        sock.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(4096):
+                pass
+        sock.close()
     tree.assert_counts_on(tree.mark())
 
 

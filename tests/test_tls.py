@@ -139,6 +139,32 @@ def test_post_copy_over_tls_pages_come_inside_the_migrations_tls(two_hosts, tmp_
     tree.assert_counts_on(tree.mark())
 
 
+def test_a_link_cut_after_the_switch_is_won_back_through_tls_and_the_challenge(two_hosts, tmp_path):
+    """Post-copy under TLS, the link cut once the replica runs: the source's redial to serve's port goes
+    through the TLS handshake (certificates checked both ways) and the challenge again before its
+    LAZY_RESUME is taken, and the pages go on to the last. A peer that dials there meanwhile with a
+    certificate of another CA is refused in one line."""
+    pki, other = Pki(tmp_path / "pki"), Pki(tmp_path / "other", "another-ca")
+    key = secret(tmp_path)
+    log = tmp_path / "serve.log"
+    moving = modes.Moving(two_hosts, tmp_path, key, "post-copy", "100mbit", mib=8, per_s=0.02, env=modes.RECONNECT,
+                          serve_args=("-v", "-o", log, *tls_args(pki.issue("destination", two_hosts.dst_addr),
+                                                                 pki.ca)),
+                          source_args=tls_args(pki.issue("source", two_hosts.src_addr), pki.ca))
+    intruder = config(other.issue("intruder", two_hosts.src_addr), pki.ca)
+    with pytest.raises(ch.AuthError, match="certificate"):
+        with ch.Channel(two_hosts.connect(two_hosts.src_ns, two_hosts.dst_addr, moving.serve.port), "destination",
+                        timeouts=(5, 5), tls=(intruder, False, two_hosts.dst_addr)) as chan:
+            chan.hello(Role.MIGRATE_SOURCE, {Role.MIGRATE_DEST})
+    moving.cut_for(3)
+    _, _, narration = moving.assert_won_back(serve_log=log)
+    assert narration.count("its certificate (commonName=source)") == 2, narration[-3000:]
+    assert narration.count("authenticated (HMAC-SHA256 challenge-response both ways)") == 2, narration[-3000:]
+    refused = [line for line in narration.splitlines() if "refused a connection on serve's port" in line]
+    assert len(refused) == 1 and "its TLS certificate is refused: unable to get local issuer certificate" in \
+        refused[0], narration[-3000:]
+
+
 def test_a_certificate_of_another_ca_is_refused_and_the_source_goes_on(two_hosts, tmp_path):
     pki, other = Pki(tmp_path / "pki"), Pki(tmp_path / "other", "another-ca")
     key = secret(tmp_path)

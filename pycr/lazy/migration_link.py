@@ -17,10 +17,14 @@ its copy; serve's copy of the socket is closed without a word on it):
   migration's ID; the child accepts it on serve's listener (serve does not
   accept while one of its migrations runs), checks the hello, the secret and
   the ID, and goes on as any reconnection does (LAZY_OPEN resumed, with only
-  the chunks still missing). It watches the listener while the old link
-  still looks open: a link cut silently (no FIN, no RST) is noticed by the
-  source, whose sends stop, and its new connection is what tells the
-  destination; a stranger's connection is refused without touching the link;
+  the chunks still missing). Those checks run in threads of their own
+  (lazy/newcomers.py), never in the fetcher's: a stranger that connects and
+  says nothing cannot hold the replica's faults. The source's new
+  connection is taken even while the old link still looks open: a link cut
+  silently (no FIN, no RST) is noticed by the source, whose sends stop, and
+  its new connection tells the destination (which also gives the link up
+  when the source is silent for the frame timeout with pages still to come:
+  lazy/remote.py);
 - at the end the child sends LAZY_DONE (its figures) itself.
 """
 
@@ -31,11 +35,12 @@ import select
 import time
 
 from .. import settings
-from ..formats.wire import FrameType, Role
+from ..formats.wire import FrameType
 from ..log import log
-from ..net import auth, channel as ch
+from ..net import channel as ch
+from .newcomers import Newcomers
 
-ACCEPT_SLICE = 1.0      # s of one accept; the fetcher's reconnect loop calls again until its window ends
+ACCEPT_SLICE = 1.0      # s of one wait for the source; the fetcher's reconnect loop calls again until its window ends
 
 
 class MigrationLink:
@@ -43,8 +48,8 @@ class MigrationLink:
 
     def __init__(self, channel, listener, creds, migration_id):
         self.channel = channel          # the migration's, authenticated
-        self.listener = listener        # serve's: where the source dials again after a lost link
-        self.creds, self.id = creds, migration_id
+        # serve's listener, where the source dials again after a lost link: accepted on after the commit
+        self.newcomers = Newcomers(listener, creds, migration_id)
         self._ctl_r, self._ctl_w = os.pipe2(os.O_CLOEXEC)
         self._pending = b""
         self._first = True
@@ -73,29 +78,15 @@ class MigrationLink:
         if self._first:
             self._first = False
             return self.channel
-        if self._next is not None:
-            chan, self._next = self._next, None
-        else:
-            chan = self._accept(ACCEPT_SLICE)
+        chan, self._next = self._next, None
+        if chan is None:
+            self.newcomers.start()      # (a reconnection comes only after the commit)
+            chan = self.newcomers.take(ACCEPT_SLICE)
+        if chan is None:
+            raise ch.PeerLost(f"no connection from the source within {ACCEPT_SLICE:g} s")
         log.info("%s: the source came back (LAZY_RESUME)", chan.name)
         self.channel = chan
         self.running_sent = False
-        return chan
-
-    def _accept(self, patience):
-        """The source's next connection on serve's listener, authenticated, naming this migration."""
-        self.listener.settimeout(patience)
-        chan = auth.accept(self.listener, self.creds)
-        try:
-            chan.hello(Role.MIGRATE_DEST, {Role.MIGRATE_SOURCE})
-            auth.server_handshake(chan, self.creds.secret)
-            frame = chan.recv(FrameType.LAZY_RESUME, FrameType.MIGRATION, FrameType.VERDICT)
-            if frame.type != FrameType.LAZY_RESUME or bytes(frame.body.id) != self.id:
-                chan.error("busy: the post-copy phase of another migration runs here")
-                raise ch.ProtocolError(f"{chan.name}: not the source of this migration")
-        except BaseException:
-            chan.close()
-            raise
         return chan
 
     def rejoined(self, channel):
@@ -104,18 +95,21 @@ class MigrationLink:
             self.running_sent = True
 
     def fds(self, committed):
-        # after the commit, serve's listener too: the source's new connection supersedes the link
-        return ([self._ctl_r] if self._ctl_r is not None else []) + ([self.listener] if committed else [])
+        # after the commit, the source's new connections too: one supersedes the link
+        if committed:
+            self.newcomers.start()
+        return ([self._ctl_r] if self._ctl_r is not None else []) + ([self.newcomers.fd()] if committed else [])
 
     def on_ready(self, channel, ready):
         """serve wrote: send what it says -> None, or the reason the restore failed (ERROR sent).
         The source connected again: raises PeerLost, and connect() gives the new connection."""
-        if self.listener in ready:
-            try:
-                self._next = self._accept(ACCEPT_SLICE)      # readable: it is there
-            except (ch.NetError, OSError) as exc:
-                log.warning("lazy-pages: refused a connection on serve's port: %s", exc)
-            else:
+        if self.newcomers.fd() in ready:
+            newer = self.newcomers.take()
+            if newer is not None:
+                if self._next is not None:
+                    self._next.close()
+                self._next = newer
+            if self._next is not None:
                 raise ch.PeerLost(f"{channel.name}: the source connected again (its sends on this link "
                                   "stopped): the link is given up")
         if self._ctl_r is None or self._ctl_r not in ready:
@@ -150,7 +144,7 @@ class MigrationLink:
                 deadline = time.monotonic() + settings.net_timeouts()[0]
                 while self.running is None and self._ctl_r is not None and time.monotonic() < deadline:
                     if select.select([self._ctl_r], [], [], deadline - time.monotonic())[0]:
-                        self.on_ready(self.channel)
+                        self.on_ready(self.channel, [self._ctl_r])
                     # (on_ready sent it)
                 if self.running is not None and not self.running_sent:
                     self.channel.send(FrameType.RUNNING, self.running)
@@ -166,6 +160,10 @@ class MigrationLink:
             log.warning("lazy-pages: the source was not told the end: %s", exc)
         finally:
             self.channel.close()
+            self.newcomers.close()
+            if self._next is not None:
+                self._next.close()
+                self._next = None
             if self._ctl_r is not None:
                 os.close(self._ctl_r)
                 self._ctl_r = None

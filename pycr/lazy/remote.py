@@ -16,7 +16,11 @@ destination uses the migration's own connection instead (lazy/migration_link.py)
 
 The source commits at RESUMING (resuming(), just before the replica runs).
 A link lost before that fails the restore (nothing lost: the source thaws).
-After it, the replica still needs the source: the fetcher says so in one
+A link is lost when it breaks, and also when the source sends nothing for
+the frame timeout (PYCR_NET_TIMEOUT) while chunks are still to come: it
+pushes every wanted chunk without pause, so that silence is a link cut
+without a FIN or a reset, which would otherwise hold the faults for good.
+After the commit, the replica still needs the source: the fetcher says so in one
 line and reconnects for PYCR_LAZY_RECONNECT seconds (default 30), asking
 again for what it had asked; if the source never answers, the fault server
 is stopped, the daemon fails, and its watchdog kills the replica, which
@@ -95,6 +99,7 @@ class RemotePages(PageSource):
                 self._index[pid] = len(self._files)
                 self._files.append((fd, size, array("I", bytes(4 * -(-size // self.chunk)))))
                 self.wanted[pid] = self._wanted(imgdir, pid, -(-size // self.chunk))
+            self._to_come = sum(bin(b).count("1") for bits in self.wanted.values() for b in bits)
         except BaseException:
             self.close()
             raise
@@ -264,9 +269,17 @@ class RemotePages(PageSource):
 
     def _pump(self):
         channel = self.channel
+        heard = time.monotonic()
         while not self._stop:
             extra = self.dialer.fds(self.committed)
-            ready = ch.ready([channel, self._req_r, self._wake_r, *extra])
+            # chunks still to come: the source pushes them without pause, so a silence is a lost link
+            patience = max(0.0, heard + channel.frame_timeout - time.monotonic()) if self._to_come else None
+            ready = ch.ready([channel, self._req_r, self._wake_r, *extra], patience)
+            if channel in ready:
+                heard = time.monotonic()
+            elif self._to_come and time.monotonic() - heard >= channel.frame_timeout:
+                raise ch.PeerLost(f"{channel.name}: sent nothing for {channel.frame_timeout:g} s while "
+                                  f"{self._to_come} chunks were still to come: the link is given up")
             if any(fd in ready for fd in extra):      # first: what the dialer has to say goes out before an end
                 with self._send_lock:
                     why = self.dialer.on_ready(channel, ready)
@@ -322,6 +335,8 @@ class RemotePages(PageSource):
             n = os.pwrite(fd, view, pos)
             view, pos = view[n:], pos + n
         self.server.landed(file, index, body.crc)
+        if self.wanted[pid][index // 8] >> (index % 8) & 1:
+            self._to_come -= 1
         os.eventfd_write(self._arrived, 1)
         self.received += len(data)
         if (pid, index) not in self._asked:

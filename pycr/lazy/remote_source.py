@@ -85,6 +85,7 @@ class LazyDump:
         self.channel = None         # with a link: the channel the last page went on, left open
         self.committed_at = None
         self.thaw = None
+        self.before_leaving = None  # a migration's: called with the tree frozen before it is left stopped
         self.frozen = None
         self.srcs = {}
         self.layout = {}            # pid -> ([file offsets], [(offset, vaddr, length)]) of every run
@@ -388,7 +389,11 @@ class LazyDump:
 
     def _leave_stopped(self):
         with deferred_signals():
-            self.frozen.thaw()      # detached with SIGSTOP pending: it stops before any instruction
+            try:
+                if self.before_leaving is not None:
+                    self.before_leaving()   # hybrid: its dirty tracking out of the tree, as when it thaws
+            finally:
+                self.frozen.thaw()      # detached with SIGSTOP pending: it stops before any instruction
 
     def _kill(self):
         with deferred_signals(), phase("waiting for PIDs to be free"):

@@ -127,6 +127,12 @@ class SourcePasses(Transport):
         if not ok and self.last_pre_dump is not None:
             untrack(self.root, self.last_pre_dump)
 
+    def untrack_frozen(self):
+        """The final dump's tree, still frozen, is to be left stopped (a post-copy phase that lost its
+        destination): pycr's userfaultfds go first, as from a tree thawed."""
+        if self.frozen is not None and self.last_pre_dump is not None:
+            untrack_frozen(self.frozen, self.last_pre_dump)
+
     def wait_killed(self):
         """Wait until the killed source's PIDs are free (its parent reaped it)."""
         killed, self.killed = self.killed, None
@@ -158,6 +164,25 @@ def untrack(root, last_pass):
         log.warning("the source could not be frozen to remove pycr's userfaultfds: %s", exc)
         return
     try:
+        _close_uffds(frozen, parent)
+    finally:
+        frozen.thaw()
+
+
+def untrack_frozen(frozen, last_pass):
+    """untrack() for a tree pycr holds frozen still (the final dump's, about to be left stopped)."""
+    try:
+        parent = ParentPass(ImageDir(last_pass))
+    except PycrError:
+        return
+    if parent.inventory.tracker == "uffd-wp":
+        _close_uffds(frozen, parent)
+
+
+def _close_uffds(frozen, parent):
+    """Close, in each process of the frozen tree, the userfaultfds the pass `parent` names (and the
+    copies of them its children inherited)."""
+    try:
         owners = []
         for pid in frozen.processes:
             state = parent.state(pid) if parent.knows(pid, proc.stat(pid).start_time) else None
@@ -173,8 +198,6 @@ def untrack(root, last_pass):
                 log.info("pid %d: closed pycr's userfaultfd(s) %s", pid, mine)
     except (PycrError, OSError) as exc:
         log.warning("removing pycr's userfaultfds from the source: %s", exc)
-    finally:
-        frozen.thaw()
 
 
 def _same_file_as_any(pid, fd, owners):

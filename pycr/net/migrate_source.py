@@ -262,6 +262,7 @@ class _Run:
         job = LazyDump.of_frozen(source.root, source.frozen, path, None, self.creds, link=_PagesLink(self))
         job.frozen_at = source.frozen_at
         job.thaw = lambda: source.finish(False)     # thawed, its dirty tracking taken out
+        job.before_leaving = source.untrack_frozen  # left stopped: the same tracking out first
         self._lazy_serve(job, path, dump_seconds, sent=(send_seconds,))
 
     def _lazy_serve(self, job, path, dump_seconds, sent=None):

@@ -577,7 +577,7 @@ class Injector:
 
     def _through_gup(self, exc, how, addr, arg):
         """/proc/PID/mem cannot wait for a page a userfaultfd serves (a lazy restore): the kernel
-        answers EIO. process_vm_readv/writev can (their page walk may sleep until the page is
+        answers EIO at the first page, a short count at a later one. process_vm_readv/writev can (their page walk may sleep until the page is
         placed), so try once more through them; None if that fails too."""
         if exc.errno not in (errno.EIO, errno.EFAULT):
             return None
@@ -595,8 +595,12 @@ class Injector:
             data = self._through_gup(exc, core.vm_read, addr, n)
             if data is None:
                 raise from_oserror(exc, self.pid, f"read {n} bytes at {addr:#x}") from None
-        if len(data) != n:
-            raise PycrError(f"pid {self.pid}: short read at {addr:#x}")
+        if len(data) != n:      # stopped at a later page a userfaultfd serves: the rest as above
+            rest = self._through_gup(OSError(errno.EIO, "short read"), core.vm_read, addr + len(data),
+                                     n - len(data))
+            if rest is None:
+                raise PycrError(f"pid {self.pid}: short read at {addr + len(data):#x}")
+            data += rest
         return data
 
     def write(self, addr, data):
@@ -608,5 +612,8 @@ class Injector:
             done = self._through_gup(exc, core.vm_write, addr, bytes(data))
             if done is None:
                 raise from_oserror(exc, self.pid, f"write {len(data)} bytes at {addr:#x}") from None
-        if done != len(data):
-            raise PycrError(f"pid {self.pid}: short write at {addr:#x}")
+        if done != len(data):   # stopped at a later page a userfaultfd serves: the rest as above
+            more = self._through_gup(OSError(errno.EIO, "short write"), core.vm_write, addr + done,
+                                     bytes(data[done:]))
+            if more is None or done + more != len(data):
+                raise PycrError(f"pid {self.pid}: short write at {addr + done:#x}")
