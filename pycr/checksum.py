@@ -30,6 +30,7 @@ def digest(data):
 VERIFY_THREADS = 4
 VERIFY_READ = 2 << 20
 VERIFY_PIECE = 32 << 20
+VERIFY_SMALL = 8 << 20
 
 
 def pages_sums(path, chunk=PAGES_CHUNK, threads=VERIFY_THREADS):
@@ -40,13 +41,21 @@ def pages_sums(path, chunk=PAGES_CHUNK, threads=VERIFY_THREADS):
 def sums_of_files(paths, chunk=PAGES_CHUNK, threads=VERIFY_THREADS):
     """[pages_sums(path) for path in paths], every file cut into pieces of whole chunks
     and the pieces of all files summed by `threads` threads at once (the C core releases
-    the GIL), each thread through its own small buffer."""
+    the GIL), each thread through its own small buffer.
+
+    Files of at most VERIFY_SMALL bytes in all are read through the page cache in this
+    thread: they are usually just written (a migration's pass), and an O_DIRECT read of
+    them would first wait for their writeback and then read the device, while new
+    threads would each fault in a buffer of their own."""
     piece = max(chunk, VERIFY_PIECE // chunk * chunk)
+    small = sum(_size(path) for path in paths) <= VERIFY_SMALL
+    if small:
+        threads = 1
     fds = []
     try:
         work = []                       # (file index, fd, offset, length), in file order
         for i, path in enumerate(paths):
-            fd = _open_direct(path)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if small else _open_direct(path)
             fds.append(fd)
             size = os.fstat(fd).st_size
             work += [(i, fd, at, min(piece, size - at)) for at in range(0, size, piece)] or [(i, fd, 0, 0)]
@@ -78,6 +87,13 @@ def _sum_piece(fd, chunk, offset, length):
     sums = ChunkSums(chunk)
     copier.sum_fd(sums, fd, offset, length)
     return sums.sums()
+
+
+def _size(path):
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0            # the open below says why
 
 
 def _open_direct(path):

@@ -394,7 +394,8 @@ def test_images_of_a_user_restore_only_with_that_users_rights(nobody_counter, tm
 
 
 def test_pages_sums_read_in_pieces_and_threads_are_the_sums_of_the_chunks(tmp_path, monkeypatch):
-    """The restore's check cuts pages files into pieces read by several threads: the sums
+    """The restore's check cuts pages files into pieces read by several threads (small sets: read
+    in one): the sums
     must be those of the file's chunks in order, the short last chunk and files of one
     piece, several pieces and none included, and a byte changed must change its chunk's."""
     from pycr import checksum
@@ -411,8 +412,10 @@ def test_pages_sums_read_in_pieces_and_threads_are_the_sums_of_the_chunks(tmp_pa
         paths.append(str(tmp_path / f"p{i}"))
         datas.append(data)
     want = [[crc32c(d[at:at + chunk]) for at in range(0, len(d), chunk)] for d in datas]
-    for threads in (1, 2, 4):
-        assert [list(s) for s in checksum.sums_of_files(paths, chunk, threads)] == want
+    for small in (0, 1 << 20):      # pieces in threads through O_DIRECT; all in one thread through the cache
+        monkeypatch.setattr(checksum, "VERIFY_SMALL", small)
+        for threads in (1, 2, 4):
+            assert [list(s) for s in checksum.sums_of_files(paths, chunk, threads)] == want
     assert list(checksum.pages_sums(paths[2], chunk)) == want[2]
     bad = bytearray(datas[2])
     bad[8192 * 4 + 5] ^= 1
