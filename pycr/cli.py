@@ -771,7 +771,7 @@ def _serve(args):
     print(f"pycr serve: listening on {channel.describe(listener.getsockname())}", flush=True)
 
     def done(got):
-        from .net.serve import Refused
+        from .net.greeter import Refused
         if isinstance(got, Refused):
             _fail(f"pycr: serve: refused {got}; still listening")
         elif isinstance(got, PycrError):

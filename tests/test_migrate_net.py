@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 
@@ -102,6 +103,8 @@ class Tree:
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert procutil.wait_until(lambda: len(self.latest()) == nproc, timeout=20), self.out.read_text()
         self.pids = [self.proc.pid, *procutil.descendants(self.proc.pid)]
+        # reaped once a migration kills it, as by a parent that waits: pycr waits for its PIDs to be free
+        threading.Thread(target=self.proc.wait, daemon=True).start()
 
     def lines(self, start=0):
         return [line.split() for line in self.out.read_text().splitlines()[start:] if line.startswith("w ")]
@@ -388,6 +391,29 @@ def test_a_wrong_secret_is_refused_and_nothing_runs(two_hosts, tmp_path):
     assert status == 1 and "failed authentication" in serve_err, serve_err
     tree.assert_unharmed()
     assert_destination_empty(serve)
+
+
+def test_a_silent_connection_holds_no_source_back(two_hosts, tmp_path):
+    """Connections to serve's port are greeted side by side: one that comes first and says nothing (its
+    deadline, PYCR_NET_TIMEOUT, set far longer than the migration takes) keeps the source that comes
+    next from waiting, and the tree moves."""
+    env = {"PYCR_NET_TIMEOUT": "60", "PYCR_NET_IDLE_TIMEOUT": "60"}
+    key = secret(tmp_path)
+    serve = Serve(two_hosts, tmp_path, key, env=env)
+    tree = Tree(two_hosts, tmp_path, nproc=1, mib=1, per_s=0)
+    silent = two_hosts.connect(two_hosts.src_ns, two_hosts.dst_addr, serve.port)
+    try:
+        started = time.monotonic()
+        m = migrate(two_hosts, tree, serve.address, key, "--max-passes", "2", env=env)
+        out, err = m.communicate(timeout=50)
+        assert m.returncode == 0, out + err
+        # greeted after the silent peer, the source would wait out its 60 s deadline
+        assert time.monotonic() - started < 30, out
+        status, _, serve_err = serve.result()
+        assert status == 0, serve_err
+        tree.assert_counts_on(tree.mark())
+    finally:
+        silent.close()
 
 
 def test_link_cut_during_a_pass_leaves_the_source_running(two_hosts, tmp_path):

@@ -1,7 +1,9 @@
 """`pycr serve`: the destination of a migration between two hosts.
 
-It accepts one connection at a time. Nothing a peer sends is read past its
-hello before the peer has proved it holds the secret (pycr.net.auth). An
+It runs one migration at a time; the connections that come between migrations
+are greeted side by side (pycr.net.greeter), so that a silent one holds no
+source back. Nothing a peer sends is read past its hello before the peer has
+proved it holds the secret (pycr.net.auth). An
 authenticated source announces its migration (MIGRATION: a random ID), then
 sends one image set per pass; NetworkTransport lands each set in a new
 directory of the work directory and hands it to the same destination loop
@@ -49,6 +51,7 @@ from ..migrate.transport import Transport
 from . import auth, channel as ch
 from ..lazy.child import DaemonChild
 from ..lazy.migration_link import MigrationLink
+from .greeter import Greeter
 from .image_sets import receive_set
 
 WORK_PREFIX = "pycr-serve-"
@@ -258,24 +261,9 @@ class Served:
                 f"{self.passes} passes, {self.bytes} bytes")
 
 
-class Refused(PycrError):
-    """A peer refused before any migration began (foreign, wrong secret, silent): no replica existed."""
-
-
-def serve_one(chan, listener, creds, work_top, pidns=True):
-    """Run the migration a source opens on `chan` -> Served. Refused if the peer fails before its
-    migration begins; another PycrError (the replica discarded) if the migration fails."""
-    try:
-        chan.hello(Role.MIGRATE_DEST, {Role.MIGRATE_SOURCE})
-        auth.server_handshake(chan, creds.secret)
-        first = chan.recv(FrameType.MIGRATION, FrameType.VERDICT)
-    except PycrError as exc:
-        chan.close()
-        raise Refused(str(exc)) from None
-    if first.type == FrameType.VERDICT:
-        chan.error("no migration is being settled here")
-        chan.close()
-        raise Refused(f"{chan.name}: sent a VERDICT, but no migration is in doubt here")
+def serve_one(chan, first, listener, creds, work_top, pidns=True):
+    """Run the migration a source opened on `chan` (greeted: its MIGRATION frame `first`) -> Served;
+    a PycrError (the replica discarded) if the migration fails."""
     log.info("%s: migration of pid %d begins", chan.name, first.body.root_pid)
     steps.begin("serve")            # a stop signal from here on discards the replica
     work = tempfile.mkdtemp(prefix=WORK_PREFIX, dir=work_top)
@@ -359,19 +347,20 @@ def serve(listener, creds, work_top=None, pidns=True, once=False, on_done=None):
         work_top = os.path.abspath(work_top)    # a set names its parent by a relative path
         os.makedirs(work_top, mode=0o700, exist_ok=True)
     reaper = None if once else Reaper()
+    greeter = Greeter(listener, creds)
     while True:
         steps.finish("serve", "no migration was in progress; the replicas it made go on")
-        listener.settimeout(None)
-        chan = auth.accept(listener, creds)
-        log.info("%s: connected", chan.name)
         try:
-            got = serve_one(chan, listener, creds, work_top, pidns)
+            chan, first = greeter.next()
+            got = serve_one(chan, first, listener, creds, work_top, pidns)
         except PycrError as exc:
             if once:
                 raise
             if on_done is not None:
                 on_done(exc)
             continue
+        finally:
+            greeter.done()
         if reaper is not None:
             reaper.add(got.init_real or got.root_real)
         if on_done is not None:
