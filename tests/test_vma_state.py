@@ -14,12 +14,15 @@ from pycrcmd import one_line_error, pycr
 from workload_prelude import WORKLOAD_PRELUDE
 from test_restore import stub_tasks
 
-ADVISED_SCRIPT = WORKLOAD_PRELUDE + """import ctypes, mmap, zlib
+#: libc's mmap and madvise, for the workloads below.
+MADVISE_PRELUDE = WORKLOAD_PRELUDE + """import ctypes, mmap, zlib
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-SIZE = 2 << 20
+"""
+
+ADVISED_SCRIPT = MADVISE_PRELUDE + """SIZE = 2 << 20
 ADVICE = {{"sr": 2, "rr": 1, "dc": 10, "dd": 16, "mg": 12, "hg": 14, "nh": 15, "wf": 18}}
 regions = {{}}
 for flag, advice in ADVICE.items():
@@ -239,12 +242,7 @@ def test_named_anonymous_memory(spawn_python, tmp_path, cleanup_pids):
         assert "%08x" % zlib.crc32(procutil.read_memory(w.pid, addr, 4 * 4096)) == crc
 
 
-LATE_ADVICE_SCRIPT = WORKLOAD_PRELUDE + """import ctypes, mmap, zlib
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-SIZE = 1 << 20
+LATE_ADVICE_SCRIPT = MADVISE_PRELUDE + """SIZE = 1 << 20
 # far from every other mapping (MAP_FIXED_NOREPLACE), so that it is a VMA of its own
 addr = libc.mmap(0x5e0000000000, SIZE, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x100000, -1, 0)
 data = bytes((j * 7) & 0xff for j in range(SIZE))
