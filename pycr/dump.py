@@ -247,9 +247,9 @@ def dump_tree(root, images_dir, pre_dump=False, leave_running=False, prev_images
         stats.processes, stats.threads = len(frozen.processes), sum(len(t) for t in frozen.processes.values())
         log.info("froze %d processes, %d threads with PTRACE_SEIZE + PTRACE_INTERRUPT",
                  stats.processes, stats.threads)
-        layouts = {pid: Layout(reader(pid, threads)).walk()       # the walks run meanwhile
-                   for pid, threads in frozen.processes.items()}
         try:
+            layouts = {pid: Layout(reader(pid, threads)).walk()       # the walks run meanwhile
+                       for pid, threads in frozen.processes.items()}
             with progress.step("dump"):
                 stats.pages_bytes = write_tree_images(frozen, imgdir, warn_pipes=True, layouts=layouts)
             step("write inventory and manifest")
