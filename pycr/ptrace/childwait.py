@@ -5,12 +5,12 @@ parent at a child's exit), unless SIGCHLD is ignored or has SA_NOCLDSTOP. While
 SIGCHLD is blocked in the waiting thread it stays pending and a signalfd reports it;
 so a waitpid(WNOHANG) after blocking and a poll of the signalfd miss nothing. This
 only holds if no other thread can take the signal (it is process-directed): with
-more than one thread, or a SIGCHLD handler or ignore set, usable() is False and the
-caller polls. (The C core's helper threads live only within one call of it.)
-The other threads are looked for in /proc/self/task, as the kernel sees them: one
-that Python's threading does not list (started by C code, or by _thread) and that
-does not block SIGCHLD takes it as well, and each wait would then sleep until its
-whole timeout. Threads that block it (faulthandler's watchdog) are no obstacle.
+another thread that does not block SIGCHLD, or a SIGCHLD handler or ignore set,
+usable() is False and the caller polls. (The C core's helper threads live only
+within one call of it.) The other threads are looked for in /proc/self/task, as
+the kernel sees them: one that Python's threading does not list (started by C
+code, or by _thread) takes the signal too, and each wait would then sleep until
+its whole timeout. Threads that block it (faulthandler's watchdog) are no obstacle.
 """
 
 import ctypes
