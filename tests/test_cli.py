@@ -299,10 +299,13 @@ def test_a_pipe_to_outside_the_tree_is_told_at_dump_and_restore(tmp_path, cleanu
     and at the restore, in terms of SIGPIPE, which kills by default."""
     import subprocess
     import sys
+    import threading
     import procutil
     p = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(0.1)"],
                          stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     cleanup_pids.add(p.pid)
+    # Reaped as soon as the dump kills it, as a shell reaps its jobs: the dump waits until its PID is free.
+    threading.Thread(target=p.wait, daemon=True).start()
     try:
         dumped = pycr("dump", "-t", p.pid, "-D", tmp_path / "img")
         ino = __import__("os").fstat(p.stdout.fileno()).st_ino

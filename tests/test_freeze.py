@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -196,6 +197,24 @@ def test_already_traced_is_access_denied_and_rolls_back(start):
         other.wait(10)
         other.stdin.close()
         other.stdout.close()
+
+
+def test_sigchld_wait_is_not_used_beside_a_thread_threading_does_not_list():
+    """Such a thread (started by C code or _thread) can take the SIGCHLD a stop wait sleeps on:
+    each wait would then last its whole timeout (a freeze, 10 s), so waits must poll."""
+    import _thread
+    assert childwait.usable()
+    done = threading.Event()
+    count, tasks = threading.active_count(), len(os.listdir("/proc/self/task"))
+    _thread.start_new_thread(done.wait, ())
+    try:
+        # (A new thread starts with every signal blocked, until it takes its creator's mask.)
+        assert procutil.wait_until(lambda: not childwait.usable()), "a thread that can take SIGCHLD was missed"
+        assert threading.active_count() == count
+    finally:
+        done.set()
+    assert procutil.wait_until(lambda: len(os.listdir("/proc/self/task")) == tasks)
+    assert childwait.usable()
 
 
 @pytest.mark.time_limit(10)        # a wait that never returns fails the test instead of hanging it

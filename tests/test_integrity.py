@@ -231,14 +231,14 @@ def test_dump_into_a_set_refuses_and_overwrite_replaces_it(spawn, tmp_path, clea
 
 @pytest.mark.time_limit(180)
 def test_dump_killed_midway_leaves_nothing_restorable(spawn, tmp_path, cleanup_pids):
-    w = spawn("bigmem", 512)
+    w = spawn("bigmem", 128)
     w.wait_for(r"^ready")
     before = w.signal_and_wait(signal.SIGUSR1, r"^sum (\w+)$").group(1)
     img = tmp_path / "img"
     dumper = subprocess.Popen([sys.executable, "-m", "pycr", "dump", "-t", str(w.pid), "-D", str(img)],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        # Killed as soon as it writes pages (polled often: 512 MiB go by quickly).
+        # Killed as soon as it writes pages (polled often: 128 MiB go by in tens of ms).
         def pages():
             return img.is_dir() and any(n.startswith(".pages-") for n in os.listdir(img))
         procutil.wait_until(lambda: pages() or dumper.poll() is not None, 60, 0.002)

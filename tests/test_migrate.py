@@ -150,7 +150,11 @@ def test_forker_replica_has_the_final_tree(spawn, tmp_path, cleanup_pids):
         [r.line() for r in res.reports]
     # The same PIDs inside the namespace and the same parents; the root's parent is the init.
     # A worker may have exited or been forked in the instant since the resume: the
-    # replica's own lines say so.
+    # replica's own lines say so. Its root writes "fork N" just after fork() and "exit N"
+    # just after the reap: its second fork line after `got` was taken comes from a loop
+    # round begun after that, so by then it has written both for every worker `got` saw.
+    after = w.mark()
+    assert procutil.wait_until(lambda: len(w.fields("fork", after)) >= 2), "the replica's root stopped forking"
     later_forks = {int(f[0]) for f in w.fields("fork", mark)}
     later_exits = {int(f[0]) for f in w.fields("exit", mark)}
     assert set(got) - set(want) <= later_forks

@@ -7,6 +7,7 @@ also registered with cleanup_pids in case a restore half-succeeds.
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -708,6 +709,8 @@ def test_mapped_file_changed_since_the_dump_is_refused(workloads, tmp_path, clea
 
     p = subprocess.Popen([str(exe), str(status)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
+    # Reaped as soon as the dump kills it, as a shell reaps its jobs: the dump waits until its PID is free.
+    threading.Thread(target=p.wait, daemon=True).start()
     cleanup_pids.add(p.pid)
     wait_more(2)
     pycr("dump", "-t", p.pid, "-D", tmp_path / "img")

@@ -7,6 +7,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import pytest
 
@@ -131,6 +132,8 @@ def test_user_with_checkpoint_restore_restores_own_process(workloads, user, user
 
 def test_root_restore_gives_every_thread_the_dumped_user(workloads, user, userdir, tmp_path, cleanup_pids):
     w = UserProcess(workloads, "threads", user, userdir)
+    # Reaped as soon as the dump kills it, as a shell reaps its jobs: the dump waits until its PID is free.
+    threading.Thread(target=w.proc.wait, daemon=True).start()
     try:
         pycr("dump", "-t", w.pid, "-D", tmp_path / "img")
     finally:

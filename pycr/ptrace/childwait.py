@@ -5,8 +5,12 @@ parent at a child's exit), unless SIGCHLD is ignored or has SA_NOCLDSTOP. While
 SIGCHLD is blocked in the waiting thread it stays pending and a signalfd reports it;
 so a waitpid(WNOHANG) after blocking and a poll of the signalfd miss nothing. This
 only holds if no other thread can take the signal (it is process-directed): with
-more than one thread, or a SIGCHLD handler or ignore set, usable() is False and the
-caller polls. (The C core's helper threads live only within one call of it.)
+another thread that does not block SIGCHLD, or a SIGCHLD handler or ignore set,
+usable() is False and the caller polls. (The C core's helper threads live only
+within one call of it.) The other threads are looked for in /proc/self/task, as
+the kernel sees them: one that Python's threading does not list (started by C
+code, or by _thread) takes the signal too, and each wait would then sleep until
+its whole timeout. Threads that block it (faulthandler's watchdog) are no obstacle.
 """
 
 import ctypes
@@ -24,9 +28,27 @@ _fd = None
 
 
 def usable():
-    """True if SIGCHLD reaches this thread, and nobody else wants it: pycr has one thread
-    and SIGCHLD has its default disposition (sent for stops too, no handler to starve)."""
-    return threading.active_count() == 1 and signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
+    """True if SIGCHLD reaches this thread, and nobody else wants it: every other thread of
+    pycr blocks it, and it has its default disposition (sent for stops too, no handler to starve)."""
+    if signal.getsignal(signal.SIGCHLD) != signal.SIG_DFL:
+        return False
+    me = threading.get_native_id()
+    for name in os.listdir("/proc/self/task"):
+        if int(name) != me and not _blocks_sigchld(name):
+            return False
+    return True
+
+
+def _blocks_sigchld(tid):
+    """Whether thread tid of this process has SIGCHLD blocked (a thread gone meanwhile: True)."""
+    try:
+        with open(f"/proc/self/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("SigBlk:"):
+                    return bool(int(line.split()[1], 16) >> (signal.SIGCHLD - 1) & 1)
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return False
 
 
 def _signalfd():
