@@ -24,6 +24,12 @@ import time
 import pytest
 
 import procutil
+
+# numpy's BLAS (imported with matplotlib by the dirty-map tests) would otherwise start a pool of
+# threads in this process that do not block SIGCHLD: from then on pycr's stop waits in this process
+# can no longer sleep on SIGCHLD and poll instead, and test_freeze checks the sleeping path.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import workloads as workload_sources
 
 DEFAULT_TIME_LIMIT = float(os.environ.get("PYCR_TEST_TIME_LIMIT", "120"))

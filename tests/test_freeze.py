@@ -203,7 +203,7 @@ def test_sigchld_wait_is_not_used_beside_a_thread_threading_does_not_list():
     """Such a thread (started by C code or _thread) can take the SIGCHLD a stop wait sleeps on:
     each wait would then last its whole timeout (a freeze, 10 s), so waits must poll."""
     import _thread
-    assert childwait.usable()
+    assert childwait.usable(), f"threads of this process: {os.listdir('/proc/self/task')}"
     done = threading.Event()
     count, tasks = threading.active_count(), len(os.listdir("/proc/self/task"))
     _thread.start_new_thread(done.wait, ())
