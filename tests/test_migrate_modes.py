@@ -401,7 +401,7 @@ def test_strangers_on_serves_port_do_not_delay_the_post_copy_faults(two_hosts, t
     env = {"PYCR_NET_TIMEOUT": "60", "PYCR_NET_IDLE_TIMEOUT": "60"}
     key = secret(tmp_path)
     serve = Serve(two_hosts, tmp_path, key, env=env)
-    two_hosts.shape("60mbit")           # about 22 MiB of pages take 3 s: the replica faults meanwhile
+    two_hosts.shape("30mbit")           # the pages take about 6 s: the replica faults meanwhile
     tree = Tree(two_hosts, tmp_path, nproc=2, mib=4, per_s=0.2)
     m = migrate(two_hosts, tree, serve, key, "--mode", "post-copy", env=env)
     wait_released(serve, m)
