@@ -91,6 +91,7 @@ class Daemon:
 
     def run(self, on_listening=None):
         started = None
+        self.went = False               # the restore said "go": the replica ran
         try:
             self.dog = watchdog.start()         # before any thread or socket of ours
             self.server = FaultServer(self.source.files(), self.source.chunk, remote=self.source.remote())
@@ -109,7 +110,7 @@ class Daemon:
             thread = self.thread = threading.Thread(target=self._serve, name="pycr-fault-server", daemon=True)
             thread.start()
             try:
-                went = self._talk(conn)
+                went = self.went = self._talk(conn)
             finally:
                 self.conn = None
                 conn.close()
@@ -131,7 +132,9 @@ class Daemon:
             return self._summary(time.monotonic() - started)
         finally:
             if self.dog is not None:            # not every page placed: the tree must not run on
-                if self.dog.kill():             # every task's exit seen: the source is the one copy
+                # every task's exit seen: the source is the one copy. A replica that never ran (the restore
+                # failed before "go") is no news to the source: the destination's ERROR says why it failed.
+                if self.dog.kill() and self.went:
                     self.source.replica_gone()
             if self.server is not None and self.thread is not None and self.thread.is_alive():   # Ctrl-C
                 self.server.stop()
