@@ -169,25 +169,34 @@ def _write_pages(pid, src, vmas, imgdir, memory, runs):
     return written
 
 
-def collect_cpus(frozen, srcs=None):
-    """{pid: _collect_cpu()} of every frozen process."""
-    return {pid: _collect_cpu(pid, threads, srcs[pid] if srcs else reader(pid, threads))
+def collect_cpus(frozen, srcs=None, layouts=None):
+    """{pid: _collect_cpu()} of every frozen process. layouts: {pid: Layout} whose smaps walk
+    each process's brk() starts (see _collect_cpu)."""
+    return {pid: _collect_cpu(pid, threads, srcs[pid] if srcs else reader(pid, threads),
+                              layouts[pid] if layouts else None)
             for pid, threads in frozen.processes.items()}
 
 
-def _collect_cpu(pid, threads, src):
+def _collect_cpu(pid, threads, src, layout=None):
     """(core image body, brk, POSIX timers) of one frozen process: its threads' registers,
-    then what only the task can say, by injected syscalls (sigactions, itimers, brk, timers)."""
+    then what only the task can say, by injected syscalls (sigactions, itimers, brk, timers).
+
+    brk() takes the mm's lock for writing, which a smaps walk holds for reading: it comes last
+    when a walk may be in flight, or, given the Layout whose walk has not started, first, and
+    the walk starts as soon as it returned."""
     leftovers.wipe_trampoline(src)        # a killed pycr's trampoline would block the injector
     # Registers before any injection: an injection borrows the registers and the signal mask.
     with phase("registers"):
         states = [collect_thread(t, pid) for t in threads]
     with phase("injections"), Injector(threads[0]) as injector:
         log.info("pid %d: reading sigactions and brk by injected syscalls", pid)
+        if layout is not None:
+            brk = injector.check(NR["brk"], 0)
+            layout.walk()
         core_img = collect_core(pid, states, threads[0], injector)
         timers = collect_posix_timers(pid, src, injector)
-        # Last: brk takes the mm's lock for writing, so it waits for a smaps read in flight.
-        brk = injector.check(NR["brk"], 0)
+        if layout is None:
+            brk = injector.check(NR["brk"], 0)
     return core_img, brk, timers
 
 

@@ -139,8 +139,8 @@ def _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, s
         later[pid] = vmas
         return 0
 
-    # A final pass after others is the migration's downtime: it reads registers and injects its
-    # reads (brk() waits for a smaps walk) before the walks start, and copies the pages while
+    # A final pass after others is the migration's downtime: it reads registers and injects brk()
+    # (which waits for a smaps walk) before each walk starts, and copies the pages while
     # they run. The tree passed every check of the VMAs' flags in the passes before; the flags
     # are checked again after the copy. A hybrid's final pass needs them to choose its pages.
     pages_first = final and parent is not None and not options.current().lazy_anon
@@ -151,7 +151,7 @@ def _one_pass(root, imgdir, pre_dump, leave_running, prev_images_dir, tracker, s
                 raise Unsupported(f"pid {pid}: its thread-group leader has exited; incremental dumps "
                                   "of such a process are not supported (a plain dump is)")
         layouts = {pid: trk.layout(pid) for pid in leaders}     # maps first: nothing injected yet
-        cpu = collect_cpus(frozen) if pages_first else None
+        cpu = collect_cpus(frozen, layouts=layouts) if pages_first else None     # each starts its walk
         for layout in layouts.values():
             layout.walk()
         for pid, leader in leaders.items():
