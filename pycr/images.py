@@ -43,9 +43,33 @@ def build(kind, obj):
     return Header.build(dict(magic=image_kind.magic, version=FORMAT_VERSION)) + body
 
 
+#: kind -> the kind's schema compiled to Python by construct (compile_schemas): 3-4x faster to parse.
+_compiled = {}
+
+
+def compile_schemas(kinds):
+    """Compile the schemas of `kinds` for parse(): worth it in a long-lived process that parses
+    them on a hot path (pycr serve applies a final set in the downtime); compiling one costs
+    about as much as a few hundred parses."""
+    for kind in kinds:
+        schema = KINDS[kind].schema
+        if kind not in _compiled and schema is not None:
+            _compiled[kind] = schema.compile()
+
+
 def parse(data, kind=None, path="<bytes>"):
     """Parse image bytes; `kind` is the expected kind (None: whatever the magic says)."""
     found = check_header(data, kind, path)
+    fast = _compiled.get(found)
+    if fast is not None:
+        stream = io.BytesIO(data)
+        stream.seek(HEADER_SIZE)
+        try:
+            obj = fast.parse_stream(stream)
+            if stream.tell() == len(data):      # else: bytes after its end, named below
+                return _finish(obj, found)
+        except Exception:       # noqa: BLE001 (the plain parser below names what is wrong)
+            pass
     schema = KINDS[found].schema
     stream = io.BytesIO(data)
     stream.seek(HEADER_SIZE)
@@ -58,8 +82,12 @@ def parse(data, kind=None, path="<bytes>"):
     trailing = len(data) - stream.tell()
     if trailing:
         raise ImageError(path, f"corrupt {found} image: {trailing} unexpected bytes after its end")
+    return _finish(obj, found)
+
+
+def _finish(obj, kind):
     obj = _strip_io(obj)
-    obj._kind = found
+    obj._kind = kind
     obj._version = FORMAT_VERSION
     return obj
 

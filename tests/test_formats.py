@@ -570,3 +570,26 @@ def test_parent_follows_the_inventory_link(tmp_path):
     second.write("inventory", sample_inventory())
     assert second.parent().path == first.path
     assert first.parent() is None
+
+
+def test_compiled_schemas_parse_as_the_declared_ones_and_refuse_alike(monkeypatch):
+    """pycr serve parses with schemas construct compiled (images.compile_schemas): every sample
+    reads the same, and a truncated image or one with bytes after its end gets the same error."""
+    monkeypatch.setattr(images, "_compiled", {})
+    declared, compiled = {}, {}
+    for kind, make in SAMPLES.items():
+        data = images.build(kind, make())
+        variants = [data, data[:-3], data + b"xx"]
+        declared[kind] = [_outcome(kind, d) for d in variants]
+        images.compile_schemas([kind])
+        assert kind in images._compiled
+        compiled[kind] = [_outcome(kind, d) for d in variants]
+    assert compiled == declared
+    assert all(result[0].startswith("{") for result in declared.values())
+
+
+def _outcome(kind, data):
+    try:
+        return images.to_json(images.parse(data, kind))
+    except ImageError as exc:
+        return str(exc)

@@ -40,7 +40,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .. import settings, steps
+from .. import formats, images, settings, steps
 from ..errors import ImageError, Interrupted, PycrError
 from ..formats.wire import FrameType, Role
 from ..images import ImageDir
@@ -348,6 +348,8 @@ def serve(listener, creds, work_top=None, pidns=True, once=False, on_done=None):
         os.makedirs(work_top, mode=0o700, exist_ok=True)
     reaper = None if once else Reaper()
     greeter = Greeter(listener, creds)
+    # once, before any migration: a final set's images are then parsed 3-4x faster in the downtime
+    images.compile_schemas(formats.KINDS)
     while True:
         steps.finish("serve", "no migration was in progress; the replicas it made go on")
         try:
