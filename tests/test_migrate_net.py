@@ -436,6 +436,41 @@ def test_link_cut_during_a_pass_leaves_the_source_running(two_hosts, tmp_path):
     assert_destination_empty(serve)
 
 
+def test_a_final_pass_stopped_after_its_pages_went_ahead_leaves_the_source_running(two_hosts, tmp_path):
+    """The final pass sends its pages files before the rest of its set is written: stopped right
+    after (at its "write core and mm" step, which follows the pages in a final pass), the source
+    has sent them, the migration fails on SIGTERM, the source runs on unharmed and the destination
+    discards the half-sent set."""
+    key = secret(tmp_path)
+    args = ("--max-passes", "2", "--min-delta", "0")
+    # the step's number, from a whole migration of a tree of the same shape
+    count = tmp_path / "steps"
+    first = tmp_path / "first"
+    first.mkdir()
+    serve = Serve(two_hosts, first, key)
+    m = migrate(two_hosts, Tree(two_hosts, first, nproc=1, mib=2, per_s=0), serve.address, key, *args,
+                env={"PYCR_COUNT_STEPS": str(count)})
+    out, err = m.communicate(timeout=60)
+    assert m.returncode == 0, out + err
+    assert serve.result()[0] == 0
+    at = [line.split()[0] for line in count.read_text().splitlines() if "write core and mm of" in line][-1]
+
+    serve = Serve(two_hosts, tmp_path, key, env=FAST_FAIL)
+    tree = Tree(two_hosts, tmp_path, nproc=1, mib=2, per_s=0)
+    m = migrate(two_hosts, tree, serve.address, key, *args, env=dict(FAST_FAIL, PYCR_STOP_AT_STEP=at))
+    line = m.stderr.readline()
+    assert line.startswith("pycr: stopped at step") and "write core and mm of" in line, line + m.stderr.read()
+    assert procutil.wait_until(lambda: list(serve.work.glob("*/02-dump/pages-*.img")), timeout=10), \
+        "the final pass's pages file did not go ahead of its set"
+    m.send_signal(signal.SIGTERM)
+    out, err = m.communicate(timeout=30)
+    assert m.returncode != 0, out + err
+    tree.assert_unharmed()
+    status, _, serve_err = serve.result()
+    assert status == 1, serve_err
+    assert_destination_empty(serve)
+
+
 def test_destination_killed_mid_migration_leaves_the_source_running(two_hosts, tmp_path):
     key = secret(tmp_path)
     two_hosts.shape("40mbit")
