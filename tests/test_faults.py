@@ -6,9 +6,7 @@ syscalls included), and pycr is sent SIGKILL, SIGTERM or SIGINT there. After
 each trial: the source tree runs untraced, keeps counting, its blocked mask,
 maps and fds are as before; a restore leaves no task and no stub behind.
 What only a SIGKILL can leave (pycr's userfaultfd, its trampoline) is listed
-by `pycr check -t` and taken out by `pycr cleanup -t` (called here through
-their API, pycr.leftovers.find and cleanup; tests/test_cli.py and others run
-the commands themselves).
+by `pycr check -t` and taken out by `pycr cleanup -t`.
 """
 
 import contextlib
@@ -22,7 +20,6 @@ import sys
 import pytest
 
 import procutil
-from pycr import leftovers
 from pycrcmd import pycr, stopped_at_step
 
 SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
@@ -120,14 +117,14 @@ def assert_goes_on(w, before, sig, where):
     w.wait_for(r"^count [\d ]+$", start=mark, timeout=5)
     now = snapshot(w.pid)
     if sig == signal.SIGKILL:
-        listed = leftovers.find(w.pid)
+        listed = pycr("check", "-t", w.pid, expect=None)
         if now != before:
-            assert listed, where
-        if listed:
-            assert leftovers.cleanup(w.pid), where
+            assert listed.returncode == 3 and "pycr's" in listed.stdout, where
+        if listed.returncode == 3:
+            pycr("cleanup", "-t", w.pid)
             now = snapshot(w.pid)
     assert now == before, f"{where}: the tree changed"
-    assert leftovers.find(w.pid) == [], where
+    assert pycr("check", "-t", w.pid).stdout.startswith("nothing of pycr's"), where
     procutil.assert_running_untraced(w.pid)
 
 
