@@ -294,3 +294,22 @@ def test_daemon_mode_failing_before_it_listens_exits_with_its_error(tmp_path):
     p = pycr("lazy-pages", "-D", tmp_path / "missing", "--daemon", expect=1)
     assert p.stdout == "", p.stdout
     assert one_line_error(p).startswith("pycr: ")
+
+
+def test_a_deep_images_dir_still_takes_the_daemons_socket(spawn_python, tmp_path, cleanup_pids, daemon):
+    """A socket path longer than sun_path's 108 bytes (a deep work directory): the daemon binds and the
+    restore connects through their directory's fd, and the tree runs on with its pages."""
+    w = spawn_python("lazydeep", SLOW_SCRIPT)
+    w.wait_for(r"^touched 100$")
+    img = tmp_path.joinpath(*["a-directory-name-of-some-length"] * 4, "img")
+    assert len(os.fsencode(str(img / "lazy-pages.sock"))) > 108
+    pycr("dump", "-t", w.pid, "-D", img)
+    d = daemon(img)
+    mark = w.mark()
+    cleanup_pids.add(w.pid)
+    pycr("restore", "-D", img, "-d", "--lazy-pages")
+    assert procutil.wait_until(lambda: len(w.fields("touched", mark)) >= 3, 30), w.lines(mark)
+    got = finished(d)
+    assert got["placed"] * 4096 >= 16384 * 4096
+    assert not [line for line in w.lines(mark) if line.startswith("bad")]
+    procutil.assert_running_untraced(w.pid)

@@ -74,7 +74,8 @@ class Daemon:
         with contextlib.suppress(FileNotFoundError):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
-                probe.connect(self.path)
+                with protocol.addressable(self.path) as name:
+                    probe.connect(name)
                 raise PycrError(f"another lazy-pages daemon listens on {self.path}")
             except ConnectionRefusedError:
                 os.unlink(self.path)        # a stale socket of a killed daemon
@@ -83,7 +84,8 @@ class Daemon:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)
         try:
-            self.listener.bind(self.path)
+            with protocol.addressable(self.path) as name:
+                self.listener.bind(name)
         finally:
             os.umask(old)
         self.listener.listen(1)

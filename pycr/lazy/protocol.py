@@ -8,6 +8,7 @@ restore -> daemon                                   daemon -> restore
 The restore closes the socket after "go"; a socket closed before it means the restore failed.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -23,8 +24,26 @@ class ProtocolError(PycrError):
     pass
 
 
+SUN_PATH_MAX = 107                  # sockaddr_un's sun_path: 108 bytes with the NUL
+
+
 def socket_path(work_dir):
     return os.path.join(work_dir, SOCKET_NAME)
+
+
+@contextlib.contextmanager
+def addressable(path):
+    """The name by which to bind or connect the socket at `path`: itself when it fits in sun_path, else the
+    same file reached through an O_PATH fd of its directory (/proc/self/fd/N/NAME), so that a work
+    directory deep in the tree still works."""
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        yield path
+        return
+    fd = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{os.path.basename(path)}"
+    finally:
+        os.close(fd)
 
 
 def send(sock, obj, fds=()):

@@ -85,7 +85,8 @@ class LazyLink:
         path = protocol.socket_path(work_dir)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
-            self.sock.connect(path)
+            with protocol.addressable(path) as name:
+                self.sock.connect(name)
         except OSError as exc:
             self.sock.close()
             raise RestoreError(f"no lazy-pages daemon at {path} ({exc.strerror}): start `pycr lazy-pages "
