@@ -40,17 +40,19 @@ class DaemonChild:
         self.pipe = os.fdopen(r, "r")
         self.link = None
         self.result = None
-        if self.pipe.readline().strip() != "listening":
-            self.wait()
+        first = self.pipe.readline()
+        if first.strip() != "listening":
+            self.wait(first)
             raise_from = self.result.get("error", "it exited") if self.result else "it exited"
             from ..errors import PycrError
             raise PycrError(f"the lazy-pages daemon did not start: {raise_from}")
         self.link = LazyLink(images_dir, work_dir)
 
-    def wait(self):
-        """The daemon's figures once it is done (every page placed, or it failed) -> dict."""
+    def wait(self, line=None):
+        """The daemon's figures once it is done (every page placed, or it failed) -> dict. line: their
+        line, when it came instead of "listening"."""
         if self.result is None:
-            line = self.pipe.readline()
+            line = self.pipe.readline() if line is None else line
             self.pipe.close()
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pid, 0)

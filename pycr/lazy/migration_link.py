@@ -156,6 +156,10 @@ class MigrationLink:
                     "median_ns": int(figures.get("median_us", 0) * 1000),
                     "p99_ns": int(figures.get("p99_us", 0) * 1000), "bytes": figures.get("bytes", 0),
                     "message": error})
+            elif figures.get("error") and not self.told_error:
+                # before the commit: the source is told why, and thaws its tree (a closed connection
+                # alone would say only that the destination went away)
+                self.channel.error(f"the lazy-pages daemon failed: {figures['error']}")
         except ch.NetError as exc:
             log.warning("lazy-pages: the source was not told the end: %s", exc)
         finally:
