@@ -16,6 +16,7 @@ import signal
 import time
 
 from pycr import pidwait, proc, tcp_repair
+from pycr.log import log
 from pycr.abi import PF_KTHREAD, WALL
 from pycr.errors import AccessDenied, PycrError, StopTimeout, TaskGone
 from pycr.ptrace import binding as B
@@ -167,6 +168,58 @@ class FrozenTree:
                 break
         if self.root_pid not in self.processes:
             raise TaskGone(self.root_pid, "exited while being frozen")
+        self._leave_trampolines(deadline, timeout)
+
+    def _leave_trampolines(self, deadline, timeout):
+        """Leave no frozen thread inside pycr's syscall trampoline.
+
+        A pycr killed during an injection leaves the task to finish the injected call and
+        rt_sigreturn to its own registers by itself: a few instructions, which a freeze that
+        comes at once may interrupt. There the registers are the injection's and the code is
+        pycr's, which a dump would save and a cleanup would wipe under the thread. Such a
+        thread is run on, from syscall stop to syscall stop (its signals are all blocked
+        there), until it is back in its own code, then stopped as the others are."""
+        from pycr.leftovers import trampoline_span
+        for pid, threads in self.processes.items():
+            vdso = _vdso_base(pid)
+            if vdso is None:
+                continue
+            span = None
+            for thread in threads:
+                try:
+                    if not vdso <= thread.get_regs().rip < vdso + _VDSO_MOST:
+                        continue
+                    span = span or trampoline_span(pid) or (0, 0)
+                    if span[0] <= thread.get_regs().rip < span[0] + span[1]:
+                        self._run_out(thread, span, deadline, timeout)
+                except TaskGone:
+                    continue
+
+    def _run_out(self, thread, span, deadline, timeout):
+        tid = thread.tid
+        while span[0] <= thread.get_regs().rip < span[0] + span[1]:
+            if tid in self.job_stopped:
+                raise PycrError(f"tid {tid} is stopped (SIGSTOP) inside the syscall trampoline a killed pycr "
+                                "left: send it SIGCONT, then run pycr again")
+            step(f"run {tid} out of a killed pycr's trampoline")
+            thread.syscall()
+            try:
+                stop = thread.wait(max(deadline - time.monotonic(), 0.0))
+            except StopTimeout:
+                raise PycrError(f"tid {tid} did not leave the syscall trampoline a killed pycr left "
+                                f"within {timeout} s") from None
+            if stop.gone:
+                raise TaskGone(tid, "exited while it left a killed pycr's trampoline")
+            if stop.is_group_stop:
+                self.job_stopped.add(tid)
+            elif stop.is_signal_delivery:
+                thread.hold_signal(stop)
+        log.info("tid %d: ran on out of the syscall trampoline a killed pycr left in its [vdso]", tid)
+        stop = thread.to_interrupt_stop()
+        if stop.gone:
+            raise TaskGone(tid, "exited while it left a killed pycr's trampoline")
+        if stop.is_group_stop:
+            self.job_stopped.add(tid)
 
     def _rollback(self):
         """Let go of whatever was seized, so the tree runs on as before.
@@ -303,6 +356,18 @@ class FrozenTree:
                 raise PycrError(f"killed tree still present after {timeout} s: pids "
                                 f"{sorted(left)} not reaped by their parents")
             time.sleep(0.002)
+
+
+_AT_SYSINFO_EHDR = 33
+_VDSO_MOST = 64 << 10       # more than any [vdso] text: only a rip this close is looked at again
+
+
+def _vdso_base(pid):
+    """Where pid's [vdso] starts (AT_SYSINFO_EHDR of its auxv), or None."""
+    try:
+        return dict(proc.auxv(pid)).get(_AT_SYSINFO_EHDR)
+    except (TaskGone, PycrError):
+        return None
 
 
 def _safe_descendants(pid):

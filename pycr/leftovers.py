@@ -8,7 +8,8 @@ program does:
   features pycr creates it with (O_NONBLOCK|O_CLOEXEC; WP_ASYNC|WP_UNPOPULATED,
   or none yet when pycr died before UFFDIO_API);
 - its syscall trampoline in the zero padding of [vdso] (never executed once
-  the task has left the injection);
+  the task has left the injection; a freeze that finds a thread still on
+  its way out runs it out first, see FrozenTree._leave_trampolines);
 - SO_PEEK_OFF of a unix socket it was peeking through (the value before is
   in its journal: see pycr/collect/skqueue.py).
 - TCP connections in repair mode, if it died while it read one or just before

@@ -155,6 +155,31 @@ def test_killed_dump_leaves_the_tree_running(spawn, tmp_path, command):
             assert_goes_on(w, before, sig, where)
 
 
+def test_a_cleanup_right_after_a_killed_injection_leaves_the_tree_running(spawn, tmp_path, caplog):
+    """pycr killed inside an injected syscall: the task finishes the call and rt_sigreturns by itself,
+    a few instructions later. A cleanup that freezes it sooner (the Python API, with no interpreter
+    to start first) finds a thread inside pycr's trampoline: it is run out of it before the trampoline
+    is wiped, never wiped under it (the thread would execute zeros and die of SIGSEGV)."""
+    import logging
+    from pycr import leftovers
+    w = spawn("threads")
+    w.wait_for(r"^count [\d ]+$")
+    steps = steps_of(tmp_path, "dump", "-t", w.pid, "-D", tmp_path / "count", "-R")
+    injects = [n for n, name in steps if name.startswith("inject")][:12]
+    caplog.set_level(logging.INFO, logger="pycr")
+    for trial, n in enumerate(injects * 2):
+        rc, _ = stop_and_signal(n, signal.SIGKILL, "dump", "-t", w.pid, "-D", tmp_path / f"t{trial}", "-R")
+        assert rc == -signal.SIGKILL
+        found = leftovers.cleanup(w.pid)
+        assert [x.what for x in found] == ["trampoline"], found
+        assert not leftovers.find(w.pid)
+        procutil.assert_running_untraced(w.pid)
+    mark = w.mark()
+    w.wait_for(r"^count [\d ]+$", start=mark, timeout=5)
+    ran_out = [r for r in caplog.records if "ran on out of the syscall trampoline" in r.getMessage()]
+    print(f"{len(ran_out)} of {len(injects) * 2} cleanups found a thread inside the trampoline")
+
+
 OBJECTS = """#!{python}
 import os, select, socket, sys, time
 st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)

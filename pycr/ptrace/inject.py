@@ -223,27 +223,9 @@ class Injector:
         self._remove_traces()
 
     def _back_to_interrupt_stop(self):
-        """Leave the syscall-exit stop of the last injected call for an interrupt stop.
-
-        The kernel restarts a syscall the task was interrupted in (rax = -ERESTART*)
-        only on its signal path, after a stop inside get_signal; from a
-        syscall-exit stop it would return -ERESTART* to the program. PTRACE_INTERRUPT
-        then PTRACE_CONT traps the task there before it runs any instruction.
-        """
-        t = self.thread
-        t.interrupt()
-        while True:
-            t.cont()
-            stop = t.wait()
-            if stop.gone:
-                raise TaskGone(self.tid, "exited while pycr returned it to its stop")
-            if stop.is_interrupt_stop or stop.is_group_stop:
-                return
-            if stop.event:
-                continue
-            if stop.signal & 0x7F == signal.SIGTRAP and t.syscall_info()[0] != B.SYSCALL_INFO_NONE:
-                continue
-            t.hold_signal(stop)
+        """Leave the syscall-exit stop of the last injected call for an interrupt stop."""
+        if self.thread.to_interrupt_stop().gone:
+            raise TaskGone(self.tid, "exited while pycr returned it to its stop")
 
     def _leave_to_sigreturn(self, regs):
         """Point the task at the trampoline's rt_sigreturn (best effort)."""

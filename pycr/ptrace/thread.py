@@ -174,6 +174,26 @@ class Thread:
         value = ctypes.c_int64.from_buffer_copy(buf.raw, 24).value
         return op, value
 
+    def to_interrupt_stop(self):
+        """From a syscall stop to an interrupt stop (or a job-control stop) -> the Stop reached.
+
+        The kernel restarts a syscall the task was interrupted in (rax = -ERESTART*)
+        only on its signal path, after a stop inside get_signal; from a
+        syscall-exit stop it would return -ERESTART* to the program. PTRACE_INTERRUPT
+        then PTRACE_CONT traps the task there before it runs any instruction.
+        A signal that comes meanwhile is held for release()."""
+        self.interrupt()
+        while True:
+            self.cont()
+            stop = self.wait()
+            if stop.gone or stop.is_interrupt_stop or stop.is_group_stop:
+                return stop
+            if stop.event:
+                continue
+            if stop.signal & 0x7F == signal.SIGTRAP and self.syscall_info()[0] != B.SYSCALL_INFO_NONE:
+                continue
+            self.hold_signal(stop)
+
     def detach(self, sig=0):
         self._call(B.DETACH, 0, sig)
 
