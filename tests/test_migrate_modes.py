@@ -316,8 +316,9 @@ def test_a_link_cut_in_hybrids_post_copy_phase_is_won_back_by_the_source(two_hos
     """Hybrid: after its pre-copy pass and the switch, the pages written since that pass are still at the
     source when the link goes down for 3 s; the source wins it back and the replica gets them, and only
     them."""
-    # the tree rewrites its 4 MiB buffers within the pre-copy pass: 8 MiB take about 2.5 s
-    moving = Moving(two_hosts, tmp_path, secret(tmp_path), "hybrid", "30mbit", mib=4, per_s=4.0, env=RECONNECT)
+    # what the tree writes during the pre-copy pass (some 4 MiB even when the pass is fast) takes about
+    # 3 s at 10 Mbit/s: the cut comes with pages still to move
+    moving = Moving(two_hosts, tmp_path, secret(tmp_path), "hybrid", "10mbit", mib=4, per_s=4.0, env=RECONNECT)
     moving.cut_for(3)
     out, _, serve_err = moving.assert_won_back()
     # the restore injected into tasks whose stack pages were among those left at the source
@@ -334,7 +335,7 @@ def test_a_link_down_past_the_reconnect_window_kills_the_replica(two_hosts, tmp_
     window and has the watchdog kill the replica, which never ran on a page it lacked; the source says in
     one line that its tree is left stopped, the one whole copy. Nothing else is left on either side."""
     env = dict(RECONNECT, PYCR_LAZY_RECONNECT="1")
-    moving = Moving(two_hosts, tmp_path, secret(tmp_path), "hybrid", "30mbit", mib=4, per_s=4.0, env=env)
+    moving = Moving(two_hosts, tmp_path, secret(tmp_path), "hybrid", "10mbit", mib=4, per_s=4.0, env=env)
     tree, serve = moving.tree, moving.serve
     start = tree.mark()
     two_hosts.cut()
