@@ -277,6 +277,44 @@ def test_destination_interrupted_after_the_replica_started_gives_the_tree_back(
     assert not [line for line in w.lines() if line.startswith("bad")], w.lines()
 
 
+def test_before_the_commit_only_the_chunks_asked_for_move(spawn_python, tmp_path, cleanup_pids, procs, secret):
+    """Until the daemon says RESUMING (the replica is about to run), the source sends only the chunks a
+    fault asks for: the restore's own faults make the downtime, and a background stream ahead of them
+    in the socket buffers (about a megabyte) would delay each by as long as that takes on the link.
+    From RESUMING on, the rest streams. The daemon's side is spoken by the test."""
+    from pycr import manifest
+    from pycr.formats.wire import FrameType, Role
+    from pycr.net import auth
+    w, pids = start_tree(spawn_python, cleanup_pids)
+    src, port = lazy_source(procs, w, tmp_path / "img", secret)
+    set_id = bytes(manifest.read(tmp_path / "img").set_id)
+    channel = auth.connect("127.0.0.1", port, "lazy source", Role.LAZY_DAEMON, {Role.LAZY_SOURCE},
+                           auth.credentials(secret))
+    try:
+        channel.send(FrameType.LAZY_OPEN, {"set_id": set_id, "resumed": 0,
+                                           "wanted": [{"pid": pid, "bitmap": b"\xff" * 64} for pid in pids]})
+        channel.recv(FrameType.LAZY_READY, idle=True)
+        assert not channel.readable(1), "the source streamed before the commit"
+        channel.send(FrameType.PAGE_REQUEST, {"pid": pids[0], "index": 3})
+        got = channel.recv(FrameType.PAGE_CHUNK).body
+        assert (got.pid, got.index) == (pids[0], 3)
+        assert not channel.readable(1), "the source streamed before the commit"
+        channel.send(FrameType.RESUMING, {})
+        channel.recv(FrameType.RESUMING_OK)
+        seen = {(got.pid, got.index)}
+        while channel.readable(3):
+            body = channel.recv(FrameType.PAGE_CHUNK).body
+            seen.add((body.pid, body.index))
+        assert len(seen) * (256 << 10) >= 48 << 20          # then every chunk of the 48 MiB came
+        channel.send(FrameType.ALL_PLACED, {})
+        channel.recv(FrameType.TREE_KILLED)
+    finally:
+        channel.close()
+    _out, err = src.communicate(timeout=60)
+    assert src.returncode == 0, err
+    assert procutil.wait_gone(pids, timeout=10) == []
+
+
 def test_a_fault_on_a_chunk_already_sent_gets_no_second_copy(spawn_python, tmp_path, cleanup_pids, procs, secret):
     """A replica that faults on a page whose chunk is on its way (in the socket buffers or on
     the link) asks for it: the source must not send it again. Sending it again put every chunk
@@ -295,6 +333,8 @@ def test_a_fault_on_a_chunk_already_sent_gets_no_second_copy(spawn_python, tmp_p
         channel.send(FrameType.LAZY_OPEN, {"set_id": set_id, "resumed": 0,
                                            "wanted": [{"pid": pid, "bitmap": b"\xff" * 64} for pid in pids]})
         channel.recv(FrameType.LAZY_READY, idle=True)
+        channel.send(FrameType.RESUMING, {})        # the stream starts at the commit point
+        channel.recv(FrameType.RESUMING_OK)
         seen = {}
         first = channel.recv(FrameType.PAGE_CHUNK).body
         seen[(first.pid, first.index)] = 1

@@ -124,6 +124,7 @@ class Daemon:
                 raise PycrError("lazy-pages: the restore failed before its tree ran; nothing left to serve")
             self.server.finish_input()
             thread.join()
+            seconds = time.monotonic() - started     # the last page placed (not the source's end after it)
             left = self.server.stats()["left"]
             error = self.error or self.source.failure() or (f"stopped with {left} pages missing" if left else None)
             if error is not None:
@@ -131,7 +132,7 @@ class Daemon:
             self.dog.release()
             self.dog = None
             self.source.finished()
-            return self._summary(time.monotonic() - started)
+            return self._summary(seconds)
         finally:
             if self.dog is not None:            # not every page placed: the tree must not run on
                 # every task's exit seen: the source is the one copy. A replica that never ran (the restore

@@ -12,7 +12,9 @@ authentication, and only for this image set) gets the chunks it asks for
 (PAGE_REQUEST: a fault waits) before the background stream, each chunk read
 from the frozen task with process_vm_readv and sent with its CRC-32C; the
 socket's send buffer is kept small, so a request waits behind at most about
-a megabyte of stream.
+a megabyte of stream. The stream starts at the commit point: before it, the
+restore's own faults make the downtime, and on a slow link a megabyte ahead
+of each would add seconds to it.
 
 The commit point is RESUMING, which the daemon sends just before the replica
 runs. Before it, a lost destination means nothing is lost: the tree is
@@ -333,8 +335,10 @@ class LazyDump:
                     # while it travels must not put it on the link a second time
                     continue
             else:
-                pid = next((p for p, q in todo.items() if q), None)
-                if pid is None:             # everything sent: wait for the daemon's word
+                # the background stream only once the replica is about to run (RESUMING): until then
+                # what the restore faults on is the downtime, and nothing may queue ahead of it
+                pid = next((p for p, q in todo.items() if q), None) if self.committed else None
+                if pid is None:             # nothing to send now: wait for the daemon's word
                     if not channel.readable(settings.net_timeouts()[1]):
                         raise ch.PeerLost(f"{channel.name}: silent for {settings.net_timeouts()[1]:g} s")
                     continue
