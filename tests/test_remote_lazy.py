@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -142,6 +143,27 @@ def test_a_tree_moves_lazily_and_the_source_is_killed_after_the_last_page(
     assert "then killed" in src_out
     assert procutil.wait_gone(pids, timeout=10) == []      # the source tree, after its last page moved
     replica_says(w, rf"^count parent {last + 40}$", mark)   # the replica goes on without it
+
+
+def test_a_restore_started_late_finds_its_daemon_still_connected(spawn_python, tmp_path, cleanup_pids, procs, secret):
+    """The source streams only from the commit on, so a daemon waiting for its restore hears nothing:
+    with no fault waiting that silence is no lost link, however long it lasts (here twice the frame
+    timeout), and the late restore moves the tree."""
+    w, pids = start_tree(spawn_python, cleanup_pids)
+    src, port = lazy_source(procs, w, tmp_path / "img", secret)
+    d = destination(procs, tmp_path / "img", tmp_path / "dst", port, secret, env={"PYCR_NET_TIMEOUT": "2"})
+    time.sleep(4)
+    assert d.poll() is None, d.communicate()
+    last = int(w.last("count parent").split()[-1])
+    mark = w.mark()
+    pycr("restore", "-D", tmp_path / "dst", "-d", "--lazy-pages", "--pidns")
+    replica = twins(pids)
+    cleanup_pids.add(*replica.values(), *(procutil.ppid(p) for p in replica.values()))
+    replica_says(w, rf"^count parent {last + 20}$", mark)
+    out, err = d.communicate(timeout=60)
+    assert d.returncode == 0, err
+    src.communicate(timeout=60)
+    assert src.returncode == 0
 
 
 def test_kernel_mode_fault_served_from_the_source(spawn_python, tmp_path, cleanup_pids, procs, secret):

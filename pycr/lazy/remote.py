@@ -82,6 +82,7 @@ class RemotePages(PageSource):
         self._answers = {FrameType.RESUMING_OK: threading.Event(), FrameType.TREE_KILLED: threading.Event(),
                          FrameType.SOURCE_THAWED: threading.Event()}
         self._asked = set()
+        self._unanswered = set()        # asked for and not yet landed
         self.received = self.pushed_bytes = self.requested = 0
         self._first = self._last = None
         self._req_r, self._req_w = os.pipe2(os.O_CLOEXEC)
@@ -272,12 +273,15 @@ class RemotePages(PageSource):
         heard = time.monotonic()
         while not self._stop:
             extra = self.dialer.fds(self.committed)
-            # chunks still to come: the source pushes them without pause, so a silence is a lost link
-            patience = max(0.0, heard + channel.frame_timeout - time.monotonic()) if self._to_come else None
+            # chunks still to come: once committed the source streams them without pause, and before
+            # it answers what a fault asked for, so a silence then is a lost link (before the commit,
+            # with no fault waiting, the source has nothing to send)
+            expecting = self._to_come and (self.committed or self._unanswered)
+            patience = max(0.0, heard + channel.frame_timeout - time.monotonic()) if expecting else None
             ready = ch.ready([channel, self._req_r, self._wake_r, *extra], patience)
             if channel in ready:
                 heard = time.monotonic()
-            elif self._to_come and time.monotonic() - heard >= channel.frame_timeout:
+            elif expecting and time.monotonic() - heard >= channel.frame_timeout:
                 raise ch.PeerLost(f"{channel.name}: sent nothing for {channel.frame_timeout:g} s while "
                                   f"{self._to_come} chunks were still to come: the link is given up")
             if any(fd in ready for fd in extra):      # first: what the dialer has to say goes out before an end
@@ -293,7 +297,10 @@ class RemotePages(PageSource):
                 data = os.read(self._req_r, REQUEST.size * 512)
                 for file, index in REQUEST.iter_unpack(data):
                     pid = self.pids_of_file[file]
+                    if not self._unanswered:
+                        heard = time.monotonic()        # the answer is due from now
                     self._asked.add((pid, index))
+                    self._unanswered.add((pid, index))
                     self.requested += 1
                     with self._send_lock:
                         channel.send(FrameType.PAGE_REQUEST, {"pid": pid, "index": index})
@@ -324,6 +331,7 @@ class RemotePages(PageSource):
             raise ch.ProtocolError(f"{channel.name}: corrupt chunk {index} of pid {pid}: {len(data)} bytes")
         if crc32c(data) != body.crc:
             raise ch.ProtocolError(f"{channel.name}: chunk {index} of pid {pid}: CRC-32C mismatch: corrupt")
+        self._unanswered.discard((pid, index))
         now = time.monotonic()
         self._first = self._first or now
         self._last = now
