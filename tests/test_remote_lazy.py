@@ -299,23 +299,34 @@ def test_destination_interrupted_after_the_replica_started_gives_the_tree_back(
     assert not [line for line in w.lines() if line.startswith("bad")], w.lines()
 
 
+def opened_as_daemon(port, img, pids, secret):
+    """The test speaks the daemon's side: connected, authenticated, LAZY_OPEN for every chunk of pids
+    answered with LAZY_READY -> the channel."""
+    from pycr import manifest
+    from pycr.formats.wire import FrameType, Role
+    from pycr.net import auth
+    channel = auth.connect("127.0.0.1", port, "lazy source", Role.LAZY_DAEMON, {Role.LAZY_SOURCE},
+                           auth.credentials(secret))
+    try:
+        channel.send(FrameType.LAZY_OPEN, {"set_id": bytes(manifest.read(img).set_id), "resumed": 0,
+                                           "wanted": [{"pid": pid, "bitmap": b"\xff" * 64} for pid in pids]})
+        channel.recv(FrameType.LAZY_READY, idle=True)
+    except BaseException:
+        channel.close()
+        raise
+    return channel
+
+
 def test_before_the_commit_only_the_chunks_asked_for_move(spawn_python, tmp_path, cleanup_pids, procs, secret):
     """Until the daemon says RESUMING (the replica is about to run), the source sends only the chunks a
     fault asks for: the restore's own faults make the downtime, and a background stream ahead of them
     in the socket buffers (about a megabyte) would delay each by as long as that takes on the link.
     From RESUMING on, the rest streams. The daemon's side is spoken by the test."""
-    from pycr import manifest
-    from pycr.formats.wire import FrameType, Role
-    from pycr.net import auth
+    from pycr.formats.wire import FrameType
     w, pids = start_tree(spawn_python, cleanup_pids)
     src, port = lazy_source(procs, w, tmp_path / "img", secret)
-    set_id = bytes(manifest.read(tmp_path / "img").set_id)
-    channel = auth.connect("127.0.0.1", port, "lazy source", Role.LAZY_DAEMON, {Role.LAZY_SOURCE},
-                           auth.credentials(secret))
+    channel = opened_as_daemon(port, tmp_path / "img", pids, secret)
     try:
-        channel.send(FrameType.LAZY_OPEN, {"set_id": set_id, "resumed": 0,
-                                           "wanted": [{"pid": pid, "bitmap": b"\xff" * 64} for pid in pids]})
-        channel.recv(FrameType.LAZY_READY, idle=True)
         assert not channel.readable(1), "the source streamed before the commit"
         channel.send(FrameType.PAGE_REQUEST, {"pid": pids[0], "index": 3})
         got = channel.recv(FrameType.PAGE_CHUNK).body
@@ -343,18 +354,11 @@ def test_a_fault_on_a_chunk_already_sent_gets_no_second_copy(spawn_python, tmp_p
     on the link twice while a replica touched its memory in order (1.8x the memory, half the
     link's rate). Here the daemon's side is spoken by the test: it asks three times for the
     first chunk it received, reads every chunk, and counts each."""
-    from pycr import manifest
-    from pycr.formats.wire import FrameType, Role
-    from pycr.net import auth
+    from pycr.formats.wire import FrameType
     w, pids = start_tree(spawn_python, cleanup_pids)
     src, port = lazy_source(procs, w, tmp_path / "img", secret)
-    set_id = bytes(manifest.read(tmp_path / "img").set_id)
-    channel = auth.connect("127.0.0.1", port, "lazy source", Role.LAZY_DAEMON, {Role.LAZY_SOURCE},
-                           auth.credentials(secret))
+    channel = opened_as_daemon(port, tmp_path / "img", pids, secret)
     try:
-        channel.send(FrameType.LAZY_OPEN, {"set_id": set_id, "resumed": 0,
-                                           "wanted": [{"pid": pid, "bitmap": b"\xff" * 64} for pid in pids]})
-        channel.recv(FrameType.LAZY_READY, idle=True)
         channel.send(FrameType.RESUMING, {})        # the stream starts at the commit point
         channel.recv(FrameType.RESUMING_OK)
         seen = {}
