@@ -57,7 +57,6 @@ from benchmarks import compare, procs                           # noqa: E402
 MIB = 1 << 20
 CRIU = os.environ.get("CRIU") or shutil.which("criu") or "/opt/criu/sbin/criu"
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-TOUCH_GAP_MS = 100      # a lazy replica's first gap is its downtime, far above this; a hiccup is below
 
 DOWNTIME = re.compile(r"^downtime ([\d.]+) s \(source frozen -> replica running\)", re.M)
 PASSES = re.compile(r"bytes sent in (\d+) passes")
@@ -275,7 +274,7 @@ class Workload:
         self.log = lab.work / "heartbeat.txt"
         with open(self.log, "ab") as out:
             self.proc = lab.hosts.source([procs.build_workload("dirtier"), str(mib), str(rate),
-                                          str(TOUCH_GAP_MS if touch else 0)],
+                                          str(1 if touch else 0)],
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 120 + mib / 50
         while not self.lines():
@@ -329,8 +328,12 @@ def run_pycr_migrate(lab, wl, timeout, *mode):
     t0 = time.monotonic()
     m = lab.src(pycr("migrate", "-t", wl.pid, "--to", f"{lab.hosts.dst_addr}:{port}", "--secret-file", lab.secret,
                      *mode))
-    ended = m.finish("pycr migrate", timeout)
-    serve.finish("pycr serve", 60)
+    try:
+        ended = m.finish("pycr migrate", timeout)
+        serve.finish("pycr serve", 60)
+    finally:        # both sides' words, kept with --logs
+        (lab.work / "migrate.log").write_text(m.text())
+        (lab.work / "serve.log").write_text(serve.text())
     return dict(total_s=ended - t0, **pycr_figures(m.text() + serve.text()))
 
 
@@ -457,7 +460,7 @@ def run_one(method, mib, rate, link, timeout, logs=None):
     finally:
         if lab:
             lab.close()
-        if logs:        # criu's logs and the heartbeat, kept for a failure's whole story
+        if logs:        # criu's logs, pycr's output and the heartbeat, kept for a failure's whole story
             keep = Path(logs) / f"{method.name}-{mib}-{rate:g}-{time.strftime('%H%M%S')}"
             keep.mkdir(parents=True, exist_ok=True)
             for f in [*work.glob("*.log"), *work.glob("*.txt")]:
@@ -517,7 +520,7 @@ def main(argv=None):
     ap.add_argument("--methods", default=",".join(m.name for m in METHODS))
     ap.add_argument("--timeout", type=float, default=600, help="seconds one command may take")
     ap.add_argument("--json", help="write every round and the medians here")
-    ap.add_argument("--logs", help="keep each run's criu logs and heartbeat in this directory")
+    ap.add_argument("--logs", help="keep each run's criu logs, pycr output and heartbeat in this directory")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("net_migrate: network namespaces need root")

@@ -1,13 +1,14 @@
 """Checks that benchmarks.net_migrate measures what it claims (run: pytest benchmarks/test_net_migrate.py).
 
 The parsing and arithmetic on known lines, and the dirtier workload as a real process: a stop
-of the program shows as its gap, an armed touch reads every page, the dirty rate is the one
+of the program shows as its gap, an armed touch reads every page once it is restored, the dirty rate is the one
 asked. No migration and no speed is asserted.
 """
 
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -41,7 +42,7 @@ def test_veth_delta_counts_both_ways_and_rates_parse_as_tc_does():
 def test_pycr_figures_from_its_reports():
     migrate = ("pass 3 dump: +0 -0 tasks, 13 pages, 71717 bytes, 0.1 s\n"
                "downtime 0.067 s (source frozen -> replica running), 33987125 bytes sent in 3 passes, 0.9 s in all\n")
-    assert nm.pycr_figures(migrate) == {"reported_downtime_s": 0.067, "passes": 3}
+    assert nm.pycr_figures(migrate) == {"reported_downtime_s": 0.067, "passes": 3, "report": migrate.splitlines()}
     lazy = ("lazy-pages: 65600 pages placed (900 on 880 faults, 64700 pushed), 2 zero, 0 dropped by the program, "
             "0 forks, in 2.31 s; fault median 25.3 us, p99 11247.0 us; 256.0 MiB from the source")
     assert nm.pycr_figures(lazy) == {"fault_median_us": 25.3, "fault_p99_us": 11247.0}
@@ -92,14 +93,14 @@ def test_every_method_is_one_table_entry():
 
 @pytest.fixture
 def dirtier(tmp_path):
-    """start(mib, rate, touch_gap_ms) -> (Popen, log path); killed by PID at the end."""
+    """start(mib, rate, touch) -> (Popen, log path); it and its restored copy are killed by PID at the end."""
     started = []
 
-    def start(mib, rate, touch_gap_ms=0):
+    def start(mib, rate, touch=0):
         log = tmp_path / f"dirtier-{len(started)}.txt"
         with open(log, "ab") as out:
-            p = subprocess.Popen([procs.build_workload("dirtier"), str(mib), str(rate), str(touch_gap_ms)],
-                                 stdout=out, stdin=subprocess.DEVNULL)
+            p = subprocess.Popen([procs.build_workload("dirtier"), str(mib), str(rate), str(touch)],
+                                 stdout=out, stdin=subprocess.DEVNULL, start_new_session=True)
         started.append(p)
         deadline = time.monotonic() + 30
         while "ready" not in log.read_text():
@@ -111,23 +112,38 @@ def dirtier(tmp_path):
     for p in started:
         p.kill()
         p.wait()
+        try:
+            os.kill(p.pid, signal.SIGKILL)      # the restored copy, when a test made one
+        except ProcessLookupError:
+            pass
 
 
-def test_dirtier_sees_its_stop_as_a_gap_and_touches_every_page_once_armed(dirtier):
-    p, log = dirtier(8, 0, touch_gap_ms=100)
+def pycr(*args):
+    subprocess.run([sys.executable, "-m", "pycr", *map(str, args)], check=True, cwd=nm.REPO, env=nm.ENV,
+                   capture_output=True, timeout=120)
+
+
+def test_dirtier_touches_every_page_only_once_it_runs_as_a_restored_task(dirtier, tmp_path):
+    p, log = dirtier(8, 0, touch=1)
     time.sleep(0.2)
     since = time.monotonic_ns()
-    os.kill(p.pid, signal.SIGUSR1)          # armed: the next long gap makes it read every page
+    os.kill(p.pid, signal.SIGUSR1)          # armed: the first gap after which it is another task
     time.sleep(0.05)
-    os.kill(p.pid, signal.SIGSTOP)
+    os.kill(p.pid, signal.SIGSTOP)          # a freeze of a pre-copy pass: a gap, still the same task
     time.sleep(0.3)
     os.kill(p.pid, signal.SIGCONT)
+    time.sleep(0.3)
+    gap, _, touched = nm.heartbeat(log.read_text().splitlines(), since)
+    assert 0.3 <= gap < 5 and touched is None, log.read_text()[-500:]
+
+    pycr("dump", "-t", p.pid, "-D", tmp_path / "img")     # the task ends here and comes back below
+    p.wait()
+    pycr("restore", "-D", tmp_path / "img", "-d")
     deadline = time.monotonic() + 10
     while (res := nm.heartbeat(log.read_text().splitlines(), since))[2] is None:
         assert time.monotonic() < deadline, log.read_text()[-500:]
         time.sleep(0.05)
-    gap, _, (nbytes, seconds) = res
-    assert 0.3 <= gap < 5
+    nbytes, seconds = res[2]
     assert nbytes == 8 * MIB and seconds > 0
 
 

@@ -2,21 +2,23 @@
  * Network-migration workload: anonymous memory written at an exact rate, with a heartbeat
  * that measures the program's own downtime.
  *
- *   dirtier MIB RATE_PCT [TOUCH_GAP_MS]
+ *   dirtier MIB RATE_PCT [TOUCH]
  *
  * MIB          MiB of anonymous memory, filled with incompressible bytes at start.
  * RATE_PCT     percent of the pages written per second, spread over 1 ms ticks (each write
  *              changes one word of the next page in order, so every write dirties one page).
  *              Time the program did not run (frozen) is not owed: no burst after a migration.
- * TOUCH_GAP_MS after SIGUSR1 arms it, the first gap longer than this in the program's ticks
- *              (it was frozen and moved) makes it read one word of every page at once, as fast
- *              as it can, and print "touched BYTES NS". 0 (default): never.
+ * TOUCH        1: after SIGUSR1 arms it, the first gap in its ticks after which it is another
+ *              task (its start time in /proc/self/stat changed: it was restored) makes it read
+ *              one word of every page at once, as fast as it can, and print "touched BYTES NS".
+ *              A gap's length cannot tell: the freezes of pre-copy passes can outlast a switch.
+ *              0 (default): never.
  *
  * Lines on stdout (open it with O_APPEND), times from CLOCK_MONOTONIC in ns:
  *   ready PID
  *   hb NOW WRITES          every 100 ms: it runs; WRITES pages written so far
  *   gap FROM TO            two ticks more than 5 ms apart: the program did not run in between
- *   touched BYTES NS       see TOUCH_GAP_MS (the gap line comes first; the read is not a gap)
+ *   touched BYTES NS       see TOUCH (the gap line comes first; the read is not a gap)
  */
 #define _GNU_SOURCE
 #include <signal.h>
@@ -47,6 +49,28 @@ static uint64_t xorshift(uint64_t *s)
     return *s = x;
 }
 
+/* This task's start time (clock ticks after boot), -1 when /proc cannot tell: a restored
+ * replica is a task born at its restore, whatever its PID. */
+static long long start_time(void)
+{
+    char buf[1024];
+    FILE *f = fopen("/proc/self/stat", "re");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    long long value = -1;
+    /* after "comm)": state is field 3, starttime field 22 */
+    for (int field = 3; p && field <= 22; field++) {
+        p = strchr(p + 1, ' ');
+        if (p && field == 22)
+            value = strtoll(p + 1, NULL, 10);
+    }
+    return value;
+}
+
 static int64_t now_ns(void)
 {
     struct timespec ts;
@@ -74,7 +98,8 @@ int main(int argc, char **argv)
     }
     size_t bytes = strtoul(argv[1], NULL, 10) << 20;
     double rate = atof(argv[2]);
-    int64_t touch_gap = argc > 3 ? (int64_t)(atof(argv[3]) * 1e6) : 0;
+    int touch = argc > 3 && atoi(argv[3]) != 0;
+    long long born = start_time();
 
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -102,7 +127,7 @@ int main(int argc, char **argv)
         int64_t now = now_ns(), gap = now - last;
         if (gap > GAP_NS)
             say("gap %lld %lld\n", (long long)last, (long long)now);
-        if (armed && touch_gap && gap > touch_gap) {
+        if (armed && touch && gap > GAP_NS && start_time() != born) {
             armed = 0;
             volatile uint64_t sink = 0;
             int64_t t0 = now_ns();
