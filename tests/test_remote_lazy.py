@@ -8,6 +8,7 @@ thawed and counting on when the destination goes away before its replica ran, an
 rather than run on zero pages when the source dies after it started.
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -299,9 +300,11 @@ def test_destination_interrupted_after_the_replica_started_gives_the_tree_back(
     assert not [line for line in w.lines() if line.startswith("bad")], w.lines()
 
 
-def opened_as_daemon(port, img, pids, secret):
+@contextlib.contextmanager
+def speaking_as_daemon(src, port, img, pids, secret):
     """The test speaks the daemon's side: connected, authenticated, LAZY_OPEN for every chunk of pids
-    answered with LAZY_READY -> the channel."""
+    answered with LAZY_READY -> the channel. At the end ALL_PLACED: the source kills the tree and
+    exits 0."""
     from pycr import manifest
     from pycr.formats.wire import FrameType, Role
     from pycr.net import auth
@@ -311,10 +314,14 @@ def opened_as_daemon(port, img, pids, secret):
         channel.send(FrameType.LAZY_OPEN, {"set_id": bytes(manifest.read(img).set_id), "resumed": 0,
                                            "wanted": [{"pid": pid, "bitmap": b"\xff" * 64} for pid in pids]})
         channel.recv(FrameType.LAZY_READY, idle=True)
-    except BaseException:
+        yield channel
+        channel.send(FrameType.ALL_PLACED, {})
+        channel.recv(FrameType.TREE_KILLED)
+    finally:
         channel.close()
-        raise
-    return channel
+    _out, err = src.communicate(timeout=60)
+    assert src.returncode == 0, err
+    assert procutil.wait_gone(pids, timeout=10) == []
 
 
 def test_before_the_commit_only_the_chunks_asked_for_move(spawn_python, tmp_path, cleanup_pids, procs, secret):
@@ -325,8 +332,7 @@ def test_before_the_commit_only_the_chunks_asked_for_move(spawn_python, tmp_path
     from pycr.formats.wire import FrameType
     w, pids = start_tree(spawn_python, cleanup_pids)
     src, port = lazy_source(procs, w, tmp_path / "img", secret)
-    channel = opened_as_daemon(port, tmp_path / "img", pids, secret)
-    try:
+    with speaking_as_daemon(src, port, tmp_path / "img", pids, secret) as channel:
         assert not channel.readable(1), "the source streamed before the commit"
         channel.send(FrameType.PAGE_REQUEST, {"pid": pids[0], "index": 3})
         got = channel.recv(FrameType.PAGE_CHUNK).body
@@ -339,13 +345,6 @@ def test_before_the_commit_only_the_chunks_asked_for_move(spawn_python, tmp_path
             body = channel.recv(FrameType.PAGE_CHUNK).body
             seen.add((body.pid, body.index))
         assert len(seen) * (256 << 10) >= 48 << 20          # then every chunk of the 48 MiB came
-        channel.send(FrameType.ALL_PLACED, {})
-        channel.recv(FrameType.TREE_KILLED)
-    finally:
-        channel.close()
-    _out, err = src.communicate(timeout=60)
-    assert src.returncode == 0, err
-    assert procutil.wait_gone(pids, timeout=10) == []
 
 
 def test_a_fault_on_a_chunk_already_sent_gets_no_second_copy(spawn_python, tmp_path, cleanup_pids, procs, secret):
@@ -357,8 +356,7 @@ def test_a_fault_on_a_chunk_already_sent_gets_no_second_copy(spawn_python, tmp_p
     from pycr.formats.wire import FrameType
     w, pids = start_tree(spawn_python, cleanup_pids)
     src, port = lazy_source(procs, w, tmp_path / "img", secret)
-    channel = opened_as_daemon(port, tmp_path / "img", pids, secret)
-    try:
+    with speaking_as_daemon(src, port, tmp_path / "img", pids, secret) as channel:
         channel.send(FrameType.RESUMING, {})        # the stream starts at the commit point
         channel.recv(FrameType.RESUMING_OK)
         seen = {}
@@ -371,10 +369,3 @@ def test_a_fault_on_a_chunk_already_sent_gets_no_second_copy(spawn_python, tmp_p
             seen[(got.pid, got.index)] = seen.get((got.pid, got.index), 0) + 1
         assert len(seen) * (256 << 10) >= 48 << 20          # every chunk of the 48 MiB came
         assert {k: n for k, n in seen.items() if n > 1} == {}
-        channel.send(FrameType.ALL_PLACED, {})
-        channel.recv(FrameType.TREE_KILLED)
-    finally:
-        channel.close()
-    _out, err = src.communicate(timeout=60)
-    assert src.returncode == 0, err
-    assert procutil.wait_gone(pids, timeout=10) == []
