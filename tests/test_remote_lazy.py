@@ -369,3 +369,35 @@ def test_a_fault_on_a_chunk_already_sent_gets_no_second_copy(spawn_python, tmp_p
             seen[(got.pid, got.index)] = seen.get((got.pid, got.index), 0) + 1
         assert len(seen) * (256 << 10) >= 48 << 20          # every chunk of the 48 MiB came
         assert {k: n for k, n in seen.items() if n > 1} == {}
+
+
+def test_a_fault_whose_chunk_landed_meanwhile_asks_nothing_and_nothing_follows_the_end(
+        spawn_python, tmp_path, cleanup_pids, procs, secret):
+    """The fault server writes a fault's (file, chunk) on a pipe; the chunk may land from the stream
+    before the fetcher reads it. That request must not go: at the end, when the last page placed sent
+    ALL_PLACED, a request sent after it met a source that took only the end (a migration's source
+    failed with "sent a PAGE_REQUEST frame where pycr expected RUNNING or LAZY_DONE" while its
+    replica ran). Here the daemon's fetcher runs in the test with its real fault server, no replica:
+    every chunk lands, a request for one of them is put in the pipe, then the end is said."""
+    from pycr.lazy.remote import REQUEST, RemotePages
+    from pycr.native.core import FaultServer
+    from pycr.net import auth
+    w, pids = start_tree(spawn_python, cleanup_pids)
+    src, port = lazy_source(procs, w, tmp_path / "img", secret)
+    pages = RemotePages(tmp_path / "img", "127.0.0.1", port, auth.credentials(secret))
+    server = FaultServer(pages.files(), pages.chunk, remote=pages.remote())
+    try:
+        pages.attach(server)
+        pages.resuming()                        # the commit: the stream starts
+        assert procutil.wait_until(lambda: pages._to_come == 0, 30), pages._to_come
+        os.write(pages._req_w, REQUEST.pack(0, 0))  # a fault's request whose chunk has landed meanwhile
+        pages.finished()
+        assert pages.killed and pages.failure() is None
+        pages._thread.join(10)
+        assert pages.requested == 0
+    finally:
+        pages.close()
+        server.close()
+    _out, err = src.communicate(timeout=60)
+    assert src.returncode == 0, err
+    assert procutil.wait_gone(pids, timeout=10) == []

@@ -78,6 +78,7 @@ class RemotePages(PageSource):
         self.channel = None
         self.error = None
         self.committed = self.killed = False
+        self._ended = None              # ALL_PLACED or REPLICA_GONE once sent: the source's end is due
         self._send_lock = threading.Lock()
         self._answers = {FrameType.RESUMING_OK: threading.Event(), FrameType.TREE_KILLED: threading.Event(),
                          FrameType.SOURCE_THAWED: threading.Event()}
@@ -190,8 +191,10 @@ class RemotePages(PageSource):
             if ready.body.chunk_size != self.chunk:
                 raise ch.ProtocolError(f"{channel.name}: sends chunks of {ready.body.chunk_size} bytes, not "
                                        f"{self.chunk}")
+            if self._ended is not None:     # the end was said on the lost link: said again
+                channel.send(self._ended, {})
             for pid, index in sorted(self._asked):          # asked before the link broke
-                if not self._there(pid, index):
+                if self._ended is None and not self._there(pid, index):
                     channel.send(FrameType.PAGE_REQUEST, {"pid": pid, "index": index})
             if resumed:
                 self.dialer.rejoined(channel)
@@ -219,6 +222,8 @@ class RemotePages(PageSource):
                 self.channel.send(ftype, {})
             except ch.NetError as exc:
                 raise PycrError(f"lazy-pages: {exc}") from None
+            if ftype in (FrameType.ALL_PLACED, FrameType.REPLICA_GONE):
+                self._ended = ftype     # the source's last word is due: no PAGE_REQUEST may follow
         if not event.wait(patience or self.channel.frame_timeout):
             raise PycrError(f"lazy-pages: the source did not answer {ftype.name}"
                             + (f": {self.error}" if self.error else ""))
@@ -297,12 +302,17 @@ class RemotePages(PageSource):
                 data = os.read(self._req_r, REQUEST.size * 512)
                 for file, index in REQUEST.iter_unpack(data):
                     pid = self.pids_of_file[file]
-                    if not self._unanswered:
-                        heard = time.monotonic()        # the answer is due from now
-                    self._asked.add((pid, index))
-                    self._unanswered.add((pid, index))
-                    self.requested += 1
                     with self._send_lock:
+                        if self._ended is not None or self._there(pid, index):
+                            # the fault's chunk landed while its request sat in the pipe (its
+                            # fault is served from it), or every page is placed and ALL_PLACED
+                            # went: the source takes nothing after that but its end
+                            continue
+                        if not self._unanswered:
+                            heard = time.monotonic()        # the answer is due from now
+                        self._asked.add((pid, index))
+                        self._unanswered.add((pid, index))
+                        self.requested += 1
                         channel.send(FrameType.PAGE_REQUEST, {"pid": pid, "index": index})
             if channel in ready:
                 frame = channel.recv(FrameType.PAGE_CHUNK, FrameType.RESUMING_OK, FrameType.TREE_KILLED,
