@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -258,9 +259,10 @@ class Moving:
     source, on a link shaped to `rate` once the post-copy phase nears (hybrid's pre-copy pass goes at full
     speed: the pages its tree writes meanwhile are what is left for post-copy)."""
 
-    def __init__(self, hosts, tmp_path, key, mode, rate, mib, per_s, env, serve_args=(), source_args=()):
+    def __init__(self, hosts, tmp_path, key, mode, rate, mib, per_s, env, serve_args=(), source_args=(),
+                 serve_once=True):
         self.hosts = hosts
-        self.serve = Serve(hosts, tmp_path, key, *serve_args, env=env)
+        self.serve = Serve(hosts, tmp_path, key, *serve_args, env=env, once=serve_once)
         self.tree = Tree(hosts, tmp_path, nproc=2, mib=mib, per_s=per_s)
         self.source_tmp = tmp_path / "src-tmp"      # where the source's pycr keeps its work directory
         self.source_tmp.mkdir()
@@ -379,6 +381,40 @@ def test_a_source_silent_with_pages_still_to_come_is_given_up_by_the_destination
     assert "did not come back" in err.strip().splitlines()[-1], err
     for pid in moving.tree.pids:
         assert procutil.state(pid) == "T" and _untraced(pid), pid
+        procutil.kill(pid, signal.SIGKILL)
+
+
+def test_a_source_back_after_its_replica_was_killed_is_told_and_runs_its_tree_again(two_hosts, tmp_path):
+    """As above, but serve goes on listening (no --once) and the source's pycr comes back within its own
+    window (twice the destination's): serve remembers that this migration's replica is dead and says so
+    (REPLICA_GONE) on the source's new connection; the source thaws its tree, which goes on counting with
+    its memory intact, and its migrate says in one line what happened. It stayed stopped before."""
+    env = dict(RECONNECT, PYCR_LAZY_RECONNECT="2")          # the destination's window 2 s, the source's 4 s
+    moving = Moving(two_hosts, tmp_path, secret(tmp_path), "post-copy", "100mbit", mib=16, per_s=0.02, env=env,
+                    serve_once=False)
+    serve, tree = moving.serve, moving.tree
+    said = []
+    reader = threading.Thread(target=lambda: said.extend(iter(serve.proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    procutil.kill(moving.m.pid, signal.SIGSTOP)
+    try:
+        assert procutil.wait_until(lambda: any("migration failed" in line for line in said), timeout=20), said
+    finally:
+        procutil.kill(moving.m.pid, signal.SIGCONT)
+    out, err = moving.communicate(timeout=30)
+    assert moving.m.returncode == 1, out + err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("pycr: ") and "REPLICA_GONE" in last and "runs again" in last, err
+    for pid in tree.pids:               # running, detached, without pycr's userfaultfds
+        assert procutil.state(pid) not in ("t", "T") and _untraced(pid), pid
+        assert UFFD_LINK not in procutil.fds(pid).values()
+    tree.assert_counts_on(tree.mark())
+    procutil.kill(serve.pid(), signal.SIGTERM)
+    reader.join(30)
+    assert any("told it so" in line for line in said), said
+    assert any(line.startswith("exit ") for line in said), said
+    assert_destination_empty(serve)
+    for pid in tree.pids:
         procutil.kill(pid, signal.SIGKILL)
 
 

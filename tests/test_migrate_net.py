@@ -145,14 +145,15 @@ def secret(tmp_path, name="secret", content=None):
 
 
 class Serve:
-    """`pycr serve --once` in the destination namespace."""
+    """`pycr serve --once` (or, once=False, until SIGTERM) in the destination namespace."""
 
-    def __init__(self, hosts, tmp_path, secret_path, *extra, env=None):
+    def __init__(self, hosts, tmp_path, secret_path, *extra, env=None, once=True):
         self.port = random.randrange(20000, 60000)
         self.work = tmp_path / "dst-work"
         self.hosts = hosts
         self.proc = hosts.destination(hosts.pycr("serve", "--listen", f"{hosts.dst_addr}:{self.port}",
-                                                 "--secret-file", secret_path, "--once", "-W", self.work, *extra),
+                                                 "--secret-file", secret_path, *(["--once"] if once else []),
+                                                 "-W", self.work, *extra),
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         assert "listening on" in line, line + self.proc.stderr.read()

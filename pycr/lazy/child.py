@@ -83,7 +83,7 @@ def _run(images_dir, work_dir, link, w):
     from .daemon import Daemon
     from .remote import RemotePages
     out = os.fdopen(w, "w")
-    source = None
+    source = daemon = None
     try:
         source = RemotePages(images_dir, chain_ok=True, dialer=link)
         daemon = Daemon(images_dir, work_dir, source)
@@ -91,6 +91,8 @@ def _run(images_dir, work_dir, link, w):
     except (PycrError, OSError) as exc:
         log.warning("%s", exc)
         figures = {"error": str(exc)}
+        if daemon is not None and daemon.gone_untold:
+            figures["gone_untold"] = source.set_id      # serve tells a source that comes back (net/gone.py)
     else:
         figures = {"faults": summary.faults, "fault_pages": summary.fault_pages,
                    "pushed_pages": summary.pushed_pages, "zero_pages": summary.zero_pages,

@@ -69,6 +69,7 @@ class Daemon:
         self.error = None
         self.conn = None
         self.thread = None
+        self.gone_untold = False        # the replica ran and is dead, and the source did not hear it
 
     def _listen(self):
         with contextlib.suppress(FileNotFoundError):
@@ -138,7 +139,7 @@ class Daemon:
                 # every task's exit seen: the source is the one copy. A replica that never ran (the restore
                 # failed before "go") is no news to the source: the destination's ERROR says why it failed.
                 if self.dog.kill() and self.went:
-                    self.source.replica_gone()
+                    self.gone_untold = not self.source.replica_gone()
             if self.server is not None and self.thread is not None and self.thread.is_alive():   # Ctrl-C
                 self.server.stop()
                 self.thread.join()

@@ -135,6 +135,10 @@ class MigrationLink:
     def release(self, channel):
         """The fetcher is done with it: kept for finish()."""
 
+    def untold_advice(self):
+        """What becomes of a source that did not hear its replica is gone (net/gone.py)."""
+        return ": serve tells it when it connects again within its window, else it stays stopped there"
+
     def finish(self, figures, committed):
         """The daemon ended (figures: what child.py reports): after the commit, RUNNING if serve's came
         late, then LAZY_DONE; then the connection closes."""

@@ -159,14 +159,16 @@ class RemotePages(PageSource):
 
     def replica_gone(self):
         """The watchdog killed the replica and saw every task exit: tell the source (REPLICA_GONE),
-        which runs its tree again: it is the one whole copy (docs/design.md, "Lazy restore")."""
+        which runs its tree again: it is the one whole copy (docs/design.md, "Lazy restore").
+        -> whether the source heard it."""
         try:
             self._call(FrameType.REPLICA_GONE, FrameType.SOURCE_THAWED, patience=REPLICA_GONE_PATIENCE)
         except PycrError as exc:
             log.warning("lazy-pages: the replica is dead, but the source could not be told to run its tree "
-                        "again (%s): it is left stopped there; `kill -CONT` it", exc)
-            return
+                        "again (%s)%s", exc, self.dialer.untold_advice())
+            return False
         log.warning("lazy-pages: the replica was killed; the source runs its tree again")
+        return True
 
     def failure(self):
         return self.error
@@ -390,6 +392,10 @@ class SourceDialer:
 
     def rejoined(self, channel):
         """A reconnection is open and serving (nothing to repeat here)."""
+
+    def untold_advice(self):
+        """What becomes of a source that did not hear its replica is gone."""
+        return ": it is left stopped there; `kill -CONT` it"
 
     def fds(self, committed):
         """More fds the fetcher watches: on_ready(channel, ready) when one is readable -> None, or why

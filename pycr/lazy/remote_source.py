@@ -93,6 +93,7 @@ class LazyDump:
         self.layout = {}            # pid -> ([file offsets], [(offset, vaddr, length)]) of every run
         self.sizes = {}             # pid -> pages file size
         self.committed = False
+        self.back_by = None         # after a loss past the commit: the monotonic time the window ends
         self.sent = 0
         self.stats = DumpStats()
 
@@ -217,10 +218,16 @@ class LazyDump:
                             raise PycrError(f"{exc}: the tree was thawed and goes on") from None
                         raise PycrError(f"lazy dump: the destination went away before its replica ran "
                                         f"({reason}): the tree was thawed and goes on") from None
-                    log.warning("lazy dump: lost the destination after its replica started (%s); the tree "
-                                "stays stopped; %s for up to %g s", reason,
-                                "waiting for the destination to reconnect" if self.link is None else
-                                "connecting to the destination again", 2 * reconnect_window())
+                    again = self.back_by is not None
+                    if not again:               # the window runs from the loss, not from each try
+                        self.back_by = time.monotonic() + 2 * reconnect_window()
+                    (log.info if again else log.warning)(
+                        "lazy dump: lost the destination after its replica started (%s); the tree stays "
+                        "stopped; %s for up to %.0f s more", reason,
+                        "waiting for the destination to reconnect" if self.link is None else
+                        "connecting to the destination again", max(0.0, self.back_by - time.monotonic()))
+                    if again:                   # a destination that refuses at once is not dialled in a loop
+                        time.sleep(0.5)
                 finally:
                     if done and self.link is not None:
                         self.channel = channel      # the migration's last words come on it
@@ -248,8 +255,7 @@ class LazyDump:
         a loss thaws the tree) a new connection to the destination, tried for the window."""
         if first:
             return self.link.first()
-        deadline = time.monotonic() + 2 * reconnect_window()
-        while time.monotonic() < deadline:
+        while time.monotonic() < self.back_by:
             try:
                 channel = self.link.again()
             except ch.AuthError as exc:
@@ -264,9 +270,8 @@ class LazyDump:
 
     def _accept(self):
         """The next authenticated daemon. Before the commit: as long as it takes; after: the window."""
-        deadline = time.monotonic() + 2 * reconnect_window() if self.committed else None
         while True:
-            left = None if deadline is None else deadline - time.monotonic()
+            left = None if self.back_by is None else self.back_by - time.monotonic()
             if left is not None and left <= 0:
                 self._gave_up()
             if not ch.ready([self.listener], left):
@@ -297,6 +302,7 @@ class LazyDump:
         with contextlib.suppress(OSError):
             channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         channel.send(FrameType.LAZY_READY, {"chunk_size": wire.LAZY_CHUNK, "committed": int(self.committed)})
+        self.back_by = None         # a daemon took the pages up again: a later loss has its own window
         log.info("%s: serving %d chunks in the background%s", channel.name, sum(map(len, todo.values())),
                  " (a reconnection)" if opened.body.resumed else "")
         sent = {pid: set() for pid in todo}

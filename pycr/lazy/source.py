@@ -45,7 +45,9 @@ class PageSource:
 
     def replica_gone(self):
         """The restored tree is surely dead (killed by the watchdog, every task's exit seen): a
-        remote source may run its own tree again."""
+        remote source may run its own tree again. -> whether the source heard it (a local one has
+        no tree to run)."""
+        return True
 
     def failure(self):
         """Why the source failed, or None."""

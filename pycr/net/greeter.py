@@ -9,7 +9,9 @@ own, with its own deadline, and serve takes the first that proved the secret
 and opened a migration. Any other that opens one while a migration runs is
 told "busy"; a peer that fails is refused in one line, as before. Only
 between migrations does this accept: during one, the listener belongs to the
-migration (a redial with its VERDICT, the post-copy phase's newcomers).
+migration (a redial with its VERDICT, the post-copy phase's newcomers). A
+source that comes back (LAZY_RESUME) after its replica was killed is told so
+(pycr.net.gone), in its greeting's thread.
 """
 
 import os
@@ -21,6 +23,7 @@ from ..errors import PycrError
 from ..formats.wire import FrameType, Role
 from ..log import log
 from . import auth
+from .gone import tell
 
 #: Connections greeted at once; one more is closed at once (a source dials again).
 MAX_GREETING = 16
@@ -33,8 +36,8 @@ class Refused(PycrError):
 class Greeter:
     """Greets every connection on `listener` while serve waits for a migration (next())."""
 
-    def __init__(self, listener, creds):
-        self.listener, self.creds = listener, creds
+    def __init__(self, listener, creds, gone):
+        self.listener, self.creds, self.gone = listener, creds, gone
         self._lock = threading.Lock()
         self._ended = []            # greetings over, oldest first: (channel, MIGRATION frame) or Refused
         self._greeting = 0
@@ -100,25 +103,39 @@ class Greeter:
         try:
             chan.hello(Role.MIGRATE_DEST, {Role.MIGRATE_SOURCE})
             auth.server_handshake(chan, self.creds.secret)
-            first = chan.recv(FrameType.MIGRATION, FrameType.VERDICT)
-        except PycrError as exc:
-            chan.close()
-            ended = Refused(str(exc))
-        else:
-            if first.type == FrameType.VERDICT:
+            first = chan.recv(FrameType.MIGRATION, FrameType.VERDICT, FrameType.LAZY_RESUME)
+            if first.type == FrameType.LAZY_RESUME:
+                ended = self._resumed(chan, first)
+            elif first.type == FrameType.VERDICT:
                 chan.error("no migration is being settled here")
                 chan.close()
                 ended = Refused(f"{chan.name}: sent a VERDICT, but no migration is in doubt here")
             else:
                 ended = (chan, first)
+        except PycrError as exc:
+            chan.close()
+            ended = Refused(str(exc))
         with self._lock:
             self._greeting -= 1
             serving = self._serving and not isinstance(ended, Refused)
-            if not serving:
+            if not serving and ended is not None:
                 self._ended.append(ended)
-        if serving:
+        if serving and ended is not None:
             _busy(ended[0])
         os.write(self._wake_w, b"x")
+
+    def _resumed(self, chan, first):
+        """A source dialled again for its post-copy phase -> None once told its replica is gone, or
+        Refused: no such migration is remembered here."""
+        try:
+            set_id = self.gone.take(first.body.id)
+            if set_id is None:
+                chan.error("no migration with this ID is in its post-copy phase here")
+                return Refused(f"{chan.name}: resumes a migration this serve does not know")
+            tell(chan, set_id)
+            return None
+        finally:
+            chan.close()
 
 
 def _busy(chan):

@@ -25,7 +25,8 @@ nowhere else), and one line says what to do.
 A lazy final set (post-copy, hybrid) hands the connection to a lazy-pages
 daemon forked for it (lazy/migration_link.py), which gets the pages on it
 and, after a lost link, accepts the source's new connection on this
-listener.
+listener. A source that comes back only after that daemon gave up and its
+replica was killed is told so (pycr.net.gone), and runs its tree again.
 """
 
 import contextlib
@@ -51,6 +52,7 @@ from ..migrate.transport import Transport
 from . import auth, channel as ch
 from ..lazy.child import DaemonChild
 from ..lazy.migration_link import MigrationLink
+from .gone import Gone
 from .greeter import Greeter
 from .image_sets import receive_set
 
@@ -75,6 +77,7 @@ class NetworkTransport(Transport):
         self.bytes = 0
         self.daemon = None              # lazy.child.DaemonChild of a lazy final set
         self.lazy_link = None
+        self.gone_set = None            # its image set's ID once its replica died with its source away
 
     def next_image_set(self, stream=None):
         if self.final_seen:
@@ -217,6 +220,8 @@ class NetworkTransport(Transport):
         got = self.daemon.wait()        # the daemon sent LAZY_DONE itself
         self.channel.close()
         error = got.get("error", "")
+        if got.get("gone_untold"):      # the replica is dead and its source did not hear it (net/gone.py)
+            self.gone_set = bytes.fromhex(got["gone_untold"])
         if error:
             raise PycrError(f"the replica could not get its pages and was killed: {error}")
         log.info("%s", got.get("line", ""))
@@ -261,9 +266,10 @@ class Served:
                 f"{self.passes} passes, {self.bytes} bytes")
 
 
-def serve_one(chan, first, listener, creds, work_top, pidns=True):
+def serve_one(chan, first, listener, creds, work_top, pidns=True, gone=None):
     """Run the migration a source opened on `chan` (greeted: its MIGRATION frame `first`) -> Served;
-    a PycrError (the replica discarded) if the migration fails."""
+    a PycrError (the replica discarded) if the migration fails. gone: a net.gone.Gone, told of a
+    replica killed while its source was away."""
     log.info("%s: migration of pid %d begins", chan.name, first.body.root_pid)
     steps.begin("serve")            # a stop signal from here on discards the replica
     work = tempfile.mkdtemp(prefix=WORK_PREFIX, dir=work_top)
@@ -274,6 +280,8 @@ def serve_one(chan, first, listener, creds, work_top, pidns=True):
             transport.lazy_done()
     except PycrError as exc:
         transport.channel.error(str(exc))
+        if transport.gone_set is not None and gone is not None:
+            gone.add(transport.migration_id, transport.gone_set)
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -347,14 +355,15 @@ def serve(listener, creds, work_top=None, pidns=True, once=False, on_done=None):
         work_top = os.path.abspath(work_top)    # a set names its parent by a relative path
         os.makedirs(work_top, mode=0o700, exist_ok=True)
     reaper = None if once else Reaper()
-    greeter = Greeter(listener, creds)
+    gone = Gone()
+    greeter = Greeter(listener, creds, gone)
     # once, before any migration: a final set's images are then parsed 3-4x faster in the downtime
     images.compile_schemas(formats.KINDS)
     while True:
         steps.finish("serve", "no migration was in progress; the replicas it made go on")
         try:
             chan, first = greeter.next()
-            got = serve_one(chan, first, listener, creds, work_top, pidns)
+            got = serve_one(chan, first, listener, creds, work_top, pidns, gone)
         except PycrError as exc:
             if once:
                 raise
