@@ -255,6 +255,8 @@ class LazyDump:
         a loss thaws the tree) a new connection to the destination, tried for the window."""
         if first:
             return self.link.first()
+        if self.back_by is None:        # (a session refused without a loss)
+            self.back_by = time.monotonic() + 2 * reconnect_window()
         while time.monotonic() < self.back_by:
             try:
                 channel = self.link.again()
