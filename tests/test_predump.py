@@ -205,6 +205,24 @@ def test_uffd_closed_by_the_target_falls_back_to_a_full_copy(spawn, tmp_path):
         cont_tree([w.pid])
 
 
+def test_a_chain_begun_over_an_abandoned_ones_userfaultfd_tracks_from_its_first_pass(spawn, tmp_path):
+    """A pycr killed mid-chain (or a chain given up) leaves its userfaultfd in the process, registered
+    on the VMAs. A new chain must close it before it registers its own: a VMA takes one userfaultfd
+    at a time, so its registration failed, the old one's close then unregistered them, and the new
+    chain's second pass copied every page again (a retried migration: 30-300x the downtime)."""
+    require_tracker("uffd-wp")
+    w = spawn("bigmem", 16)                 # 4096 pages, written once, then left alone
+    dump_tree(w.pid, tmp_path / "old", pre_dump=True, tracker="uffd-wp")       # abandoned: its uffd stays
+    dump_tree(w.pid, tmp_path / "d1", pre_dump=True, tracker="uffd-wp")
+    untraced([w.pid])
+    dump_tree(w.pid, tmp_path / "d2", pre_dump=True, prev_images_dir="../d1", tracker="uffd-wp")
+    copied = sum(e.nr_pages for e in ImageDir(tmp_path / "d2").read("pagemap", str(w.pid)).entries
+                 if not e.in_parent)
+    assert copied < 256, f"the second pass copied {copied} pages of an idle process"
+    links = procutil.fds(w.pid).values()
+    assert sum(1 for link in links if link == "anon_inode:[userfaultfd]") == 1, list(links)
+
+
 def scribble(pid, base, size, count):
     """Overwrite `count` random pages of [base, base+size) from outside."""
     with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:

@@ -22,7 +22,7 @@ import os
 import struct
 from array import array
 
-from .. import abi, proc
+from .. import abi, leftovers, proc
 from ..abi import (O_CLOEXEC, RLIMIT_NOFILE, UFFD_API, UFFD_LINK, UFFD_PYCR_FEATURES as FEATURES, UFFD_PYCR_FLAGS,
                    UFFD_USER_MODE_ONLY, UFFDIO_API, UFFDIO_REGISTER, UFFDIO_REGISTER_MODE_WP)
 from ..collect.memory import SKIPPED_KINDS
@@ -121,6 +121,7 @@ class UffdWpTracker(Tracker):
         super().while_frozen(pid, leader, final)
         self.final = final
         self._close_inherited(pid, leader)
+        self._close_stray(pid, leader)
         vmas = candidate_vmas(proc.maps(pid))
         uffd = self._adopt(pid)
         tracked, dirty = array("Q"), array("Q")
@@ -209,6 +210,16 @@ class UffdWpTracker(Tracker):
                 for fd in inherited:
                     inj.call("close", fd)
             log.info("pid %d: closed the userfaultfd(s) %s it inherited by fork", pid, inherited)
+
+    def _close_stray(self, pid, leader):
+        """Close the userfaultfd a killed pycr (or an abandoned chain) left in pid, before this pass
+        registers its own: a VMA takes one userfaultfd at a time, so the new registration would fail
+        where the old one holds, and closing the old one later unregisters those VMAs: the next pass
+        would copy them whole."""
+        parent = self.parent_of(pid)
+        state = parent.state(pid) if parent else None
+        own = (state.uffd_fd,) if state is not None and state.tracker == self.name and state.uffd_fd >= 0 else ()
+        leftovers.close_stray_uffds(pid, leader, keep=own)
 
     def _adopt(self, pid):
         """The userfaultfd the parent pass left in pid, or None (with a warning if it was lost)."""
