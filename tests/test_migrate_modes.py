@@ -418,6 +418,29 @@ def test_a_source_back_after_its_replica_was_killed_is_told_and_runs_its_tree_ag
         procutil.kill(pid, signal.SIGKILL)
 
 
+def test_serve_stopped_alone_after_the_switch_gives_the_tree_back(two_hosts, tmp_path):
+    """SIGTERM to serve's PID alone (as `kill PID` or a service manager sends it) while pages move: serve
+    said the replica was discarded, but its lazy-pages daemon went on and the replica ran. Now serve
+    stops its daemon as a signal to the whole group does: the replica is killed, the source is told
+    (REPLICA_GONE) and runs its tree again, and both say so."""
+    moving = Moving(two_hosts, tmp_path, secret(tmp_path), "post-copy", "100mbit", mib=16, per_s=0.02,
+                    env=RECONNECT)
+    serve, tree = moving.serve, moving.tree
+    procutil.kill(serve.pid(), signal.SIGTERM)
+    status, _, serve_err = serve.result(timeout=30)
+    assert status != 0 and "interrupted by SIGTERM" in serve_err and "discarded" in serve_err, serve_err
+    out, err = moving.communicate(timeout=30)
+    assert moving.m.returncode == 1, out + err
+    assert "REPLICA_GONE" in err.strip().splitlines()[-1] and "runs again" in err, err
+    assert_destination_empty(serve)
+    for pid in tree.pids:
+        assert procutil.state(pid) not in ("t", "T") and _untraced(pid), pid
+        assert UFFD_LINK not in procutil.fds(pid).values()
+    tree.assert_counts_on(tree.mark())
+    for pid in tree.pids:
+        procutil.kill(pid, signal.SIGKILL)
+
+
 def _stranger(hosts, serve, key=None):
     """A pycr channel from the source's namespace to serve's port, through its hello, and
     authenticated with the secret file `key` if given."""

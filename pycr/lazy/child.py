@@ -62,6 +62,13 @@ class DaemonChild:
                 self.result = {"error": "the daemon died"}
         return self.result
 
+    def stop(self, signum):
+        """serve was told to stop after the commit: the daemon gets the same signal (as it would
+        from a Ctrl-C to the group) and ends as it then does; wait for it."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signum)
+        self.wait()
+
     def kill(self, why=None, patience=5.0):
         """A failed restore: the daemon (and its watchdog, which kills what it holds) end. why: the
         reason, which the daemon sends the source (ERROR) before it ends (given `patience` s)."""

@@ -217,7 +217,14 @@ class NetworkTransport(Transport):
     def lazy_done(self):
         """The replica runs; wait for the daemon to place its last page (or fail: its watchdog killed
         the replica) and tell the source so itself (LAZY_DONE) -> the daemon's figures."""
-        got = self.daemon.wait()        # the daemon sent LAZY_DONE itself
+        try:
+            got = self.daemon.wait()    # the daemon sent LAZY_DONE itself
+        except Interrupted as stop:
+            # a stop signal to serve alone (kill PID, a service manager): the daemon is stopped the way
+            # a Ctrl-C to the whole group stops it, so the message is true: the replica is killed and
+            # the source told (REPLICA_GONE), which runs its tree again
+            self.daemon.stop(stop.signum)
+            raise
         self.channel.close()
         error = got.get("error", "")
         if got.get("gone_untold"):      # the replica is dead and its source did not hear it (net/gone.py)
