@@ -59,7 +59,7 @@ CRIU = os.environ.get("CRIU") or shutil.which("criu") or "/opt/criu/sbin/criu"
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 
 DOWNTIME = re.compile(r"^downtime ([\d.]+) s \(source frozen -> replica running\)", re.M)
-PASSES = re.compile(r"bytes sent in (\d+) passes")
+PASSES = re.compile(r"bytes sent in (\d+) pass(?:es)?\b")
 FAULTS = re.compile(r"fault median ([\d.]+) us, p99 ([\d.]+) us")
 
 

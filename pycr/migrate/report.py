@@ -7,6 +7,7 @@ same report serves `pycr restore --follow` and `pycr migrate`.
 import os
 from dataclasses import dataclass
 
+from pycr.cliopts import plural
 from pycr.sysinfo import page_size
 
 PAGE = page_size()
@@ -96,7 +97,7 @@ class Summary:
         where = f", namespace init {self.init_real}" if self.init_real else ""
         out = [f"replica: root pid {self.root_pid} (pid {self.root_real} outside its namespace{where})",
                f"downtime {self.downtime:.3f} s (source frozen -> replica running), "
-               f"{self.total_bytes} bytes moved in {self.passes} passes"]
+               f"{self.total_bytes} bytes moved in {plural(self.passes, 'pass')}"]
         out += budget_lines(self.downtime, self.downtime_limit, self.expected, self.throttle_max,
                             self.throttle_kind)
         return out

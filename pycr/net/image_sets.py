@@ -24,6 +24,7 @@ leading '.'): a peer cannot write outside the set's directory.
 
 import os
 import re
+import time
 
 from ..errors import PycrError
 from ..formats import wire
@@ -79,20 +80,27 @@ class SetSender:
         self.name = os.path.basename(path.rstrip("/"))
         self.sent = {}          # file name -> size
         self.total = 0          # bytes of file data sent
+        self.seconds = 0.0      # spent sending, early files included: the link's time for this set
+        self.early_seconds = 0.0    # of which while the set was still being taken
         self._begun = False
 
     def early(self, fname):
         """Send file fname of the set now (it is whole and will not change)."""
+        started = time.monotonic()
         self._begin()
         self._file(fname, os.path.getsize(os.path.join(self.path, fname)))
+        self.seconds += time.monotonic() - started
+        self.early_seconds += time.monotonic() - started
 
     def finish(self, on_bytes=None):
         """Send every file not sent yet, then SET_END -> bytes of file data sent."""
+        started = time.monotonic()
         self._begin()
         for fname, size in set_files(self.path):
             if fname not in self.sent:
                 self._file(fname, size, on_bytes)
         self.channel.send(FrameType.SET_END, {"files": len(self.sent), "bytes": sum(self.sent.values())})
+        self.seconds += time.monotonic() - started
         return self.total
 
     def _begin(self):

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import options, proc, settings
+from ..cliopts import plural
 from ..errors import PycrError, TaskGone
 from ..formats.wire import FrameType, Role
 from ..log import log
@@ -52,17 +53,18 @@ class NetPassReport:
     pages: int              # pages the set carries
     bytes: int              # bytes of all its files, sent
     dump_seconds: float     # taking the set
-    send_seconds: float     # sending it
+    send_seconds: float     # sending it (the link's time for it)
     apply_seconds: float    # the destination applying it
     dirty_rate: float       # bytes/s of pages written between this pass and the previous (None for pass 1)
     bandwidth: float = 0.0  # bytes/s: what was sent over the send time, then the policy's measure
     # filled in by the convergence policy (pycr.migrate.converge), as in a local PassReport:
     expected_downtime: float = None
     throttle: int = None
+    early_seconds: float = 0.0  # of send_seconds, while the set was taken (a final pass's pages files)
 
     @property
     def seconds(self):
-        return self.dump_seconds + self.send_seconds + self.apply_seconds
+        return self.dump_seconds + self.send_seconds - self.early_seconds + self.apply_seconds
 
     def line(self):
         extra = f", {self.recreated} re-created" if self.recreated else ""
@@ -71,7 +73,9 @@ class NetPassReport:
         sent = "-" if self.bandwidth is None else f"{self.bandwidth / MIB:.1f}"
         out = (f"pass {self.number} {self.kind}: +{self.added} -{self.removed} tasks{extra}, "
                f"{self.pages} pages, {self.bytes} bytes, {self.seconds:.3f} s "
-               f"(dump {self.dump_seconds:.3f} s, send {self.send_seconds:.3f} s, replica "
+               f"(dump {self.dump_seconds:.3f} s, send {self.send_seconds:.3f} s"
+               + (f" ({self.early_seconds:.3f} s during the dump)" if self.early_seconds else "")
+               + ", replica "
                f"{self.apply_seconds:.3f} s), {sent} MiB/s sent, dirty {dirty}")
         if self.expected_downtime is not None:
             out += f", expected downtime {self.expected_downtime * 1000:.0f} ms"
@@ -105,7 +109,7 @@ class NetMigration:
         if self.lazy is not None:
             out.append(self.lazy.line())
         out.append(f"downtime {self.downtime:.3f} s (source frozen -> replica running), {total} bytes sent in "
-                   f"{len(self.reports)} passes{' and the post-copy phase' if self.lazy else ''} ({self.mode}), "
+                   f"{plural(len(self.reports), 'pass')}{' and the post-copy phase' if self.lazy else ''} ({self.mode}), "
                    f"{self.total_seconds:.3f} s in all")
         return out + budget_lines(self.downtime, self.downtime_limit, self.expected, self.throttle_max,
                                   self.throttle_kind)
@@ -216,10 +220,10 @@ class _Run:
                 path = self.source.next_image_set()
                 final = self.source.final_taken
                 dump_seconds = self.source.last_seconds
-                sent_at = time.monotonic()
                 sender = senders.pop(path, None) or SetSender(self.chan, path, len(self.source.deltas), final)
                 sender.finish()
-                send_seconds = time.monotonic() - sent_at
+                send_seconds = sender.seconds   # a final pass's pages files went during its dump
+                early_seconds = sender.early_seconds
                 if final and self.source.lazy_final:
                     break
                 if final:
@@ -228,7 +232,7 @@ class _Run:
                     step("READY received")      # the source is still whole: a failure here thaws it
                     break
                 applied = self.chan.recv(FrameType.SET_APPLIED, idle=True).body
-                self._report(path, applied, dump_seconds, send_seconds)
+                self._report(path, applied, dump_seconds, send_seconds, early_seconds)
         except BaseException as exc:
             self.source.finish(False)           # thawed, tracking taken out
             if final_sent and isinstance(exc, ch.NetError) and not isinstance(exc, ch.PeerFailed):
@@ -239,7 +243,7 @@ class _Run:
         if self.source.lazy_final:
             self._hybrid_final(path, dump_seconds, send_seconds)
             return
-        self._commit(path, dump_seconds, send_seconds)
+        self._commit(path, dump_seconds, send_seconds, early_seconds)
 
     # -- post-copy and hybrid: the final set's private anonymous pages stay in the frozen tree,
     # served on this same connection (the destination never connects to the source)
@@ -300,7 +304,7 @@ class _Run:
                                      done.median_ns / 1000, done.p99_ns / 1000, done.seconds_us / 1e6, job.sent)
         log.info("%s", self.result.lazy.line())
 
-    def _commit(self, path, dump_seconds, send_seconds):
+    def _commit(self, path, dump_seconds, send_seconds, early_seconds=0.0):
         """READY came: kill the frozen tree, then KILLED; the destination answers RUNNING."""
         frozen_at = self.source.frozen_at
         self.source.finish(True, wait=False)    # SIGKILLed: it never runs again; its reaping can wait
@@ -312,7 +316,7 @@ class _Run:
             running = self._tell(killed=True)
         self.result.downtime = time.monotonic() - frozen_at
         self.source.wait_killed()
-        self._report(path, running, dump_seconds, send_seconds)
+        self._report(path, running, dump_seconds, send_seconds, early_seconds)
         self.result.root_pid, self.result.root_real = running.root_pid, running.root_real
         self.result.init_real = running.init_real
 
@@ -357,7 +361,7 @@ class _Run:
                     "replica is kept stopped there, never resumed", last)
         return None
 
-    def _report(self, path, applied, dump_seconds, send_seconds):
+    def _report(self, path, applied, dump_seconds, send_seconds, early_seconds=0.0):
         pages, size = image_set_size(path)
         number = len(self.result.reports) + 1
         dirty = None
@@ -369,7 +373,8 @@ class _Run:
                             removed=applied.removed, recreated=applied.recreated, pages=pages, bytes=size,
                             dump_seconds=dump_seconds, send_seconds=send_seconds,
                             apply_seconds=applied.apply_us / 1e6, dirty_rate=dirty,
-                            bandwidth=size / send_seconds if send_seconds > 0 else 0.0)
+                            bandwidth=size / send_seconds if send_seconds > 0 else 0.0,
+                            early_seconds=early_seconds)
         # The link's time is the pass's copy time: the policy measures the bandwidth over it.
         self.source.applied(rep, link_seconds=send_seconds)
         self.result.reports.append(rep)
