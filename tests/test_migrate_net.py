@@ -10,10 +10,12 @@ source running as it was (untraced, no userfaultfd of pycr's) and nothing of
 the replica on the destination.
 """
 
+import fcntl
 import os
 import random
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -269,6 +271,62 @@ def test_a_final_pass_whose_pages_went_during_its_dump_reports_the_links_rate(tw
     assert final[1] == "dump" and int(final[5]) > 4 << 20, out     # megabytes: the rate is measurable
     assert "during the dump)" in out and float(final[7]) < 2 * 11.9, out
     assert serve.result()[0] == 0
+
+
+TIOCGPTN = 0x80045430
+PTY_HOLDER = r"""
+import os, sys, time
+master, slave = os.openpty()
+print(os.ttyname(slave), flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def take_pty_index(ptmx, index):
+    """Open ptmx until devpts hands out `index` (it gives the lowest free one: the lower ones are held
+    meanwhile) -> the fds held, the one of `index` last."""
+    held = []
+    try:
+        while True:
+            held.append(os.open(ptmx, os.O_RDWR | os.O_NOCTTY))
+            got = struct.unpack("i", fcntl.ioctl(held[-1], TIOCGPTN, b"\0" * 4))[0]
+            assert got <= index, f"index {index} of {ptmx} is taken by someone else"
+            if got == index:
+                return held
+    except BaseException:
+        for fd in held:
+            os.close(fd)
+        raise
+
+
+def test_a_pty_name_taken_on_the_destination_is_refused_at_the_first_pass(two_hosts, tmp_path):
+    """The replica opens its ptys only at the final pass (its tree is made first), so a /dev/pts/N taken
+    on the destination was found there, after every pre-dump pass had crossed the link. Now the first
+    set's checks ask for it: refused at once, and the source runs on."""
+    key = secret(tmp_path)
+    serve = Serve(two_hosts, tmp_path, key)
+    holder = two_hosts.source([sys.executable, "-c", PTY_HOLDER], stdout=subprocess.PIPE, text=True)
+    held = []
+    try:
+        index = int(holder.stdout.readline().rsplit("/", 1)[1])
+        # the destination's own devpts instance (another host's), reached through serve's root
+        held = take_pty_index(f"/proc/{serve.pid()}/root/dev/ptmx", index)
+        m = two_hosts.source(two_hosts.pycr("migrate", "-t", holder.pid, "--to", serve.address, "--secret-file",
+                                            key, "--max-passes", "3"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = m.communicate(timeout=60)
+        assert m.returncode != 0, out + err
+        assert f"/dev/pts/{index} is in use" in err.strip().splitlines()[-1], err
+        assert "pass 1" not in out, out                 # refused with the first set, before any other
+        procutil.assert_running_untraced(holder.pid)
+        assert serve.result()[0] != 0
+        assert_destination_empty(serve)
+    finally:
+        for fd in held:
+            os.close(fd)
+        holder.kill()
+        holder.wait()
 
 
 def readable_ranges(pid):

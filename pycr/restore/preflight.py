@@ -1,8 +1,8 @@
 """What the running system must offer before any task is created.
 
 PIDs free, every file that fds, mappings, cwd and exe name still there, no
-mapped file shrunk below its mapped offset, and every address a socket was
-bound to on this host. Checking now means a failed restore usually leaves
+mapped file shrunk below its mapped offset, every address a socket was
+bound to on this host, and every pty's /dev/pts/N free. Checking now means a failed restore usually leaves
 nothing to clean up.
 """
 
@@ -108,6 +108,24 @@ def check_addresses(images):
         inetsk.check_here(body)
 
 
+def check_terminals(images):
+    """Every pty the tree holds gets its index back (programs keep /dev/pts/N by name): a taken one
+    is refused now, not when the descriptions are opened (for a migration's replica: at its final
+    pass). A local migration takes the source's own ptys instead (restore.handover)."""
+    body = images.objects.get("tty")
+    if body is None:
+        return
+    from pycr.restore import handover, tty
+    if handover.active():
+        return
+    for p in body.ptys:
+        if p.inherited:                 # a shell job's terminal: pycr's own becomes it (-j)
+            continue
+        name = f"{tty.PTS_DIR}/{p.index}"
+        if os.path.exists(name):
+            raise RestoreError(f"{name} is in use: the restored pty needs that name back (programs keep it)")
+
+
 def check_cpu(images):
     """Every thread's extended state fits this CPU, and every permission the
     process had (AMX) can be granted here; one line naming what differs."""
@@ -151,4 +169,5 @@ def check(images, pidns, pids_advice=PIDS_TAKEN):
         mm.check_vmas(p.pid, p.mm)
     check_files(images)
     check_addresses(images)
+    check_terminals(images)
     check_pipes(images)
