@@ -84,6 +84,7 @@ class LazyDump:
         # a migration's: link.first() its channel, link.again() a new one to the destination after a
         # loss, link.on_frame(frame) its RUNNING; then no listener
         self.link = link
+        self.who = "lazy dump" if link is None else "post-copy"    # what its lines begin with
         self.channel = None         # with a link: the channel the last page went on, left open
         self.committed_at = None
         self.thaw = None
@@ -216,14 +217,14 @@ class LazyDump:
                         self._thaw()
                         if isinstance(exc, ch.PeerFailed):      # the destination said why it gave up
                             raise PycrError(f"{exc}: the tree was thawed and goes on") from None
-                        raise PycrError(f"lazy dump: the destination went away before its replica ran "
+                        raise PycrError(f"{self.who}: the destination went away before its replica ran "
                                         f"({reason}): the tree was thawed and goes on") from None
                     again = self.back_by is not None
                     if not again:               # the window runs from the loss, not from each try
                         self.back_by = time.monotonic() + 2 * reconnect_window()
                     (log.info if again else log.warning)(
-                        "lazy dump: lost the destination after its replica started (%s); the tree stays "
-                        "stopped; %s for up to %.0f s more", reason,
+                        "%s: lost the destination after its replica started (%s); the tree stays "
+                        "stopped; %s for up to %.0f s more", self.who, reason,
                         "waiting for the destination to reconnect" if self.link is None else
                         "connecting to the destination again", max(0.0, self.back_by - time.monotonic()))
                     if again:                   # a destination that refuses at once is not dialled in a loop
@@ -245,7 +246,7 @@ class LazyDump:
 
     def _gave_up(self):
         self._leave_stopped()
-        raise PycrError(f"lazy dump: the destination did not come back within {2 * reconnect_window():g} "
+        raise PycrError(f"{self.who}: the destination did not come back within {2 * reconnect_window():g} "
                         "s: its replica cannot get its missing pages (its watchdog kills it); the "
                         "source tree is left stopped and detached, the one whole copy: `kill -CONT` "
                         "it once the replica is known to be gone, or kill it")
@@ -261,12 +262,12 @@ class LazyDump:
             try:
                 channel = self.link.again()
             except ch.AuthError as exc:
-                log.warning("lazy dump: %s", exc)
+                log.warning("%s: %s", self.who, exc)
                 break
             except (ch.NetError, OSError):
                 time.sleep(0.5)
                 continue
-            log.warning("lazy dump: connected to the destination again: %s", channel.name)
+            log.warning("%s: connected to the destination again: %s", self.who, channel.name)
             return channel
         self._gave_up()
 
@@ -284,7 +285,7 @@ class LazyDump:
                 auth.server_handshake(channel, self.creds.secret)
                 return channel
             except ch.NetError as exc:         # a stranger, a wrong secret or certificate: not its business
-                log.warning("lazy dump: refused %s", exc)
+                log.warning("%s: refused %s", self.who, exc)
                 channel.close()
 
     def _session(self, channel):
@@ -292,7 +293,7 @@ class LazyDump:
         opened = channel.recv(FrameType.LAZY_OPEN, idle=self.link is not None)
         if bytes(opened.body.set_id) != self.set_id:
             channel.error("this source serves another image set")
-            log.warning("lazy dump: %s restores another image set: refused", channel.name)
+            log.warning("%s: %s restores another image set: refused", self.who, channel.name)
             return False
         todo = collections.OrderedDict()
         for w in opened.body.wanted:
@@ -330,7 +331,7 @@ class LazyDump:
                     self._run_again()
                     with contextlib.suppress(ch.NetError):
                         channel.send(FrameType.SOURCE_THAWED, {})
-                    raise ReplicaGone("lazy dump: the destination's watchdog killed its replica and saw every "
+                    raise ReplicaGone(f"{self.who}: the destination's watchdog killed its replica and saw every "
                                       "task of it exit (REPLICA_GONE): the source tree runs again, whole")
                 else:
                     self._kill()
@@ -372,8 +373,8 @@ class LazyDump:
             steps.finish("dump", "the replica runs at the destination; the source tree is left stopped "
                                  "(SIGSTOP) and detached, the one whole copy until every page has moved: "
                                  "`kill -CONT` it only once the replica is known to be gone, else kill it")
-            log.info("lazy dump: the replica runs: the source tree is held stopped (SIGSTOP pending) "
-                     "until its last page has moved")
+            log.info("%s: the replica runs: the source tree is held stopped (SIGSTOP pending) "
+                     "until its last page has moved", self.who)
 
     def _thaw(self):
         with deferred_signals():
@@ -397,7 +398,7 @@ class LazyDump:
                 self.thaw()             # a migration's: also takes its dirty tracking out of the tree
             else:
                 self.frozen.thaw()
-        log.info("lazy dump: REPLICA_GONE: detached every thread: the tree goes on as before")
+        log.info("%s: REPLICA_GONE: detached every thread: the tree goes on as before", self.who)
 
     def _leave_stopped(self):
         with deferred_signals():
