@@ -71,10 +71,10 @@ def uffd_features(pid, fd):
     return info.flags, int(api[1], 16) & ~UFFD_FEATURE_INITIALIZED
 
 
-def pycr_uffds(pid, initialized_only=False):
-    """fds of pid that are userfaultfds as pycr makes them."""
+def pycr_uffds(pid, initialized_only=False, links=None):
+    """fds of pid that are userfaultfds as pycr makes them. links: proc.fds(pid), if read already."""
     out = []
-    for fd, link in proc.fds(pid).items():
+    for fd, link in (proc.fds(pid) if links is None else links).items():
         if link != UFFD_LINK:
             continue
         try:
@@ -236,15 +236,16 @@ def _show(addr):
     return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
-def close_stray_uffds(pid, leader, keep=()):
+def close_stray_uffds(pid, leader, keep=(), links=None):
     """Close, by injection into the frozen leader, pycr's userfaultfds in pid other
-    than those in keep (the ones the current pass tracks with). -> fds closed."""
+    than those in keep (the ones the current pass tracks with). links: proc.fds(pid), if read
+    already. -> fds closed."""
     from pycr.ptrace.inject import Injector
     from pycr.trackers.uffd import HIGHEST_FD
     # pycr puts its userfaultfd at the top of the fd table (below RLIMIT_NOFILE and
     # HIGHEST_FD): one of the program's own, lower down, is never taken for it.
     top = min(proc.rlimits(pid)[abi.RLIMIT_NOFILE][0], HIGHEST_FD + 1)
-    stray = [fd for fd in pycr_uffds(pid, initialized_only=True) if fd not in keep and fd >= top - 64]
+    stray = [fd for fd in pycr_uffds(pid, initialized_only=True, links=links) if fd not in keep and fd >= top - 64]
     if stray:
         with Injector(leader) as inj:
             for fd in stray:

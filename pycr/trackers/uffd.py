@@ -120,8 +120,8 @@ class UffdWpTracker(Tracker):
     def while_frozen(self, pid, leader, final):
         super().while_frozen(pid, leader, final)
         self.final = final
-        self._close_inherited(pid, leader)
-        self._close_stray(pid, leader)
+        links = self._close_inherited(pid, leader)
+        self._close_stray(pid, leader, links)
         vmas = candidate_vmas(proc.maps(pid))
         uffd = self._adopt(pid)
         tracked, dirty = array("Q"), array("Q")
@@ -178,7 +178,8 @@ class UffdWpTracker(Tracker):
         return out
 
     def _close_inherited(self, pid, leader):
-        """Close copies of pycr's userfaultfds that pid inherited by fork.
+        """Close copies of pycr's userfaultfds that pid inherited by fork -> pid's fds (proc.fds)
+        without them.
 
         fork copies the fd table, so a child holds its parent's uffd: that is
         pycr's, not the program's, and must not stay in the child (nor reach
@@ -190,7 +191,7 @@ class UffdWpTracker(Tracker):
         links = proc.fds(pid)
         suspects = [fd for fd, link in links.items() if link == UFFD_LINK and fd != own]
         if not suspects:
-            return
+            return links
         owners = [(p, f) for p, f in self._owners() if p != pid]
         recorded = {f for _, f in owners}
         inherited = []
@@ -210,8 +211,9 @@ class UffdWpTracker(Tracker):
                 for fd in inherited:
                     inj.call("close", fd)
             log.info("pid %d: closed the userfaultfd(s) %s it inherited by fork", pid, inherited)
+        return {fd: link for fd, link in links.items() if fd not in inherited}
 
-    def _close_stray(self, pid, leader):
+    def _close_stray(self, pid, leader, links):
         """Close the userfaultfd a killed pycr (or an abandoned chain) left in pid, before this pass
         registers its own: a VMA takes one userfaultfd at a time, so the new registration would fail
         where the old one holds, and closing the old one later unregisters those VMAs: the next pass
@@ -219,7 +221,7 @@ class UffdWpTracker(Tracker):
         parent = self.parent_of(pid)
         state = parent.state(pid) if parent else None
         own = (state.uffd_fd,) if state is not None and state.tracker == self.name and state.uffd_fd >= 0 else ()
-        leftovers.close_stray_uffds(pid, leader, keep=own)
+        leftovers.close_stray_uffds(pid, leader, keep=own, links=links)
 
     def _adopt(self, pid):
         """The userfaultfd the parent pass left in pid, or None (with a warning if it was lost)."""
