@@ -88,6 +88,13 @@ class TwoHosts:
         _ip("-n", self.src_ns, "addr", "del", f"{self.service_addr}/32", "dev", "lo")
         _ip("-n", self.src_ns, "route", "add", f"{self.service_addr}/32", "via", self.dst_addr)
 
+    def second_source_address(self):
+        """service_addr on the source's loopback, routed from the destination: a second peer address
+        on the source host -> it."""
+        _ip("-n", self.src_ns, "addr", "add", f"{self.service_addr}/32", "dev", "lo")
+        _ip("-n", self.dst_ns, "route", "add", f"{self.service_addr}/32", "via", self.src_addr)
+        return self.service_addr
+
     def shape(self, rate):
         """A token bucket (tbf) on the source's end: at most `rate` (tc's units, e.g. 40mbit)."""
         subprocess.run(["tc", "-n", self.src_ns, "qdisc", "add", "dev", self.src_if, "root", "tbf", "rate", rate,

@@ -492,6 +492,31 @@ def test_a_silent_connection_holds_no_source_back(two_hosts, tmp_path):
         silent.close()
 
 
+def test_a_flood_of_silent_connections_from_one_address_keeps_no_source_out(two_hosts, tmp_path):
+    """serve greets at most 16 connections at once. One address that held all 16, silent, kept every other
+    peer out, the real source included (refused at once). Now one address holds at most 4 of them: the
+    rest of its flood is refused, and the source, from its own address, is greeted and moves its tree."""
+    env = {"PYCR_NET_TIMEOUT": "60", "PYCR_NET_IDLE_TIMEOUT": "60"}
+    key = secret(tmp_path)
+    serve = Serve(two_hosts, tmp_path, key, env=env)
+    tree = Tree(two_hosts, tmp_path, nproc=1, mib=1, per_s=0)
+    other = two_hosts.second_source_address()
+    flood = []
+    try:
+        for _ in range(16):
+            flood.append(two_hosts.connect(two_hosts.src_ns, two_hosts.dst_addr, serve.port, source=other))
+        m = migrate(two_hosts, tree, serve.address, key, "--max-passes", "2", env=env)
+        out, err = m.communicate(timeout=50)
+        assert m.returncode == 0, out + err
+        status, _, serve_err = serve.result()
+        assert status == 0, serve_err
+        assert f"4 connections from {other} are being greeted" in serve_err, serve_err
+        tree.assert_counts_on(tree.mark())
+    finally:
+        for sock in flood:
+            sock.close()
+
+
 def test_link_cut_during_a_pass_leaves_the_source_running(two_hosts, tmp_path):
     key = secret(tmp_path)
     two_hosts.shape("40mbit")

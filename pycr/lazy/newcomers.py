@@ -7,7 +7,8 @@ TLS handshake and its proof takes up to the frame timeout (PYCR_NET_TIMEOUT)
 of a peer that says nothing; done by the fetcher thread, that would hold
 every fault of the replica for as long. So one thread accepts, and each
 newcomer gets a thread of its own, with its own deadline, for its hello,
-the challenge and its first frame. Only a connection that proved the secret
+the challenge and its first frame (at most 16 at once, 4 from one address:
+pycr.net.admission). Only a connection that proved the secret
 and named this migration (LAZY_RESUME) reaches the fetcher, through a pipe
 it watches with the link (fd(), take()); any other is refused there, in one
 line on serve's stderr, and an authenticated peer that names another
@@ -23,8 +24,8 @@ import threading
 from ..formats.wire import FrameType, Role
 from ..log import log
 from ..net import auth, channel as ch
+from ..net.admission import Admission
 
-MAX_PENDING = 16        # newcomers in their hello at once; more are closed at once (the source dials again)
 REFUSED = "lazy-pages: refused a connection on serve's port: %s"
 
 
@@ -37,6 +38,7 @@ class Newcomers:
         self._ready_r = self._ready_w = self._stop_r = self._stop_w = None
         self._lock = threading.Lock()
         self._pending = set()           # channels in their hello, each with its thread
+        self._admission = Admission()   # how many at once, in all and from one address; more are closed
         self._arrived = []              # the source's, authenticated, oldest first
         self._closed = False
         self._thread = None
@@ -83,14 +85,13 @@ class Newcomers:
                 log.warning("lazy-pages: serve's port: accept: %s; no reconnection can be taken",
                             exc.strerror or exc)
                 return
-            with self._lock:
-                crowded = len(self._pending) >= MAX_PENDING
-                if not crowded:
-                    self._pending.add(chan)
-            if crowded:
-                log.warning(REFUSED, f"{chan.name}: {MAX_PENDING} others are still in their hello")
+            crowded = self._admission.admit(chan)
+            if crowded is not None:     # (the source dials again)
+                log.warning(REFUSED, f"{chan.name}: {crowded}")
                 chan.close()
                 continue
+            with self._lock:
+                self._pending.add(chan)
             threading.Thread(target=self._greet, args=(chan,), name="pycr-serve-newcomer", daemon=True).start()
 
     def _greet(self, chan):
@@ -103,6 +104,7 @@ class Newcomers:
                 chan.error("busy: the post-copy phase of another migration runs here")
                 raise ch.ProtocolError(f"{chan.name}: not the source of this migration")
         except (ch.NetError, OSError, ValueError) as exc:
+            self._admission.release(chan)
             with self._lock:
                 self._pending.discard(chan)
                 closed = self._closed
@@ -111,6 +113,7 @@ class Newcomers:
             chan.close()
             return
         log.info("%s: authenticated, names this migration (LAZY_RESUME)", chan.name)
+        self._admission.release(chan)
         with self._lock:                # (close() closes the pipe under it)
             self._pending.discard(chan)
             if not self._closed:

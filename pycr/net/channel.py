@@ -98,6 +98,7 @@ class Channel:
 
     def __init__(self, sock, name, timeouts=None, tls=None):
         self.sock = sock
+        self.peer_address = None        # (host, port, ...) of an accepted connection
         self._tls = tls
         self.encrypted = False
         self._ssl_lock = threading.Lock()      # one SSL call at a time (module docstring)
@@ -501,4 +502,6 @@ def accept(server_sock, tls=None):
     """The next connection on a listening socket, as a Channel named after its peer (its hello
     runs the TLS handshake first if tls, a tls.TlsConfig, is given)."""
     sock, addr = server_sock.accept()
-    return Channel(sock, f"peer {describe(addr)}", tls=None if tls is None else (tls, True, None))
+    chan = Channel(sock, f"peer {describe(addr)}", tls=None if tls is None else (tls, True, None))
+    chan.peer_address = addr
+    return chan

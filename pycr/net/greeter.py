@@ -5,7 +5,8 @@ handshake under --tls, the challenge and its first frame) takes up to the
 frame timeout (PYCR_NET_TIMEOUT) of a peer that says nothing. Greeted one
 after the other, a silent connection would keep the source that connects
 next waiting that long. So each connection is greeted in a thread of its
-own, with its own deadline, and serve takes the first that proved the secret
+own, with its own deadline (at most 16 at once, 4 from one address:
+pycr.net.admission), and serve takes the first that proved the secret
 and opened a migration. Any other that opens one while a migration runs is
 told "busy"; a peer that fails is refused in one line, as before. Only
 between migrations does this accept: during one, the listener belongs to the
@@ -23,10 +24,8 @@ from ..errors import PycrError
 from ..formats.wire import FrameType, Role
 from ..log import log
 from . import auth
+from .admission import Admission
 from .gone import tell
-
-#: Connections greeted at once; one more is closed at once (a source dials again).
-MAX_GREETING = 16
 
 
 class Refused(PycrError):
@@ -40,7 +39,7 @@ class Greeter:
         self.listener, self.creds, self.gone = listener, creds, gone
         self._lock = threading.Lock()
         self._ended = []            # greetings over, oldest first: (channel, MIGRATION frame) or Refused
-        self._greeting = 0
+        self._greeting = Admission()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._serving = False
 
@@ -82,13 +81,9 @@ class Greeter:
     def _greet_next(self):
         chan = auth.accept(self.listener, self.creds)
         log.info("%s: connected", chan.name)
-        with self._lock:
-            full = self._greeting >= MAX_GREETING
-            if not full:
-                self._greeting += 1
-        if full:
-            log.warning("pycr serve: %s: refused at once: %d connections are being greeted", chan.name,
-                        MAX_GREETING)
+        full = self._greeting.admit(chan)
+        if full is not None:
+            log.warning("pycr serve: %s: refused at once: %s", chan.name, full)
             chan.close()
             return
         # the thread starts with every signal blocked: SIGINT and SIGTERM stay the main thread's
@@ -115,8 +110,8 @@ class Greeter:
         except PycrError as exc:
             chan.close()
             ended = Refused(str(exc))
+        self._greeting.release(chan)
         with self._lock:
-            self._greeting -= 1
             serving = self._serving and not isinstance(ended, Refused)
             if not serving and ended is not None:
                 self._ended.append(ended)
