@@ -10,7 +10,7 @@ import platform
 import time
 
 from . import __version__, leftovers, manifest, outdir, proc, progress
-from .collect.core import collect_core, collect_thread
+from .collect.core import check_paths, collect_core, collect_thread
 from .collect import ghost, memfd, sysvshm
 from .collect.kinds import collect_objects
 from .collect.file_locks import collect_file_locks
@@ -213,6 +213,7 @@ def _read_tree(frozen, srcs, hidden_fds, layouts, pages_first=False):
         # What a pycr killed earlier left goes first: its userfaultfd here (its trampoline went
         # before the injected reads).
         leftovers.close_stray_uffds(src, processes[pid][0], keep=(hidden_fds or {}).get(pid, ()))
+        check_paths(pid, src)
         vmas = layouts[pid].mapped if pages_first else layouts[pid].flagged()
         check_supported(pid, vmas)
         vmas_by_pid[pid] = vmas

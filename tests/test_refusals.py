@@ -42,6 +42,9 @@ elif kind == "ghost-too-large-mapped":
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     addr = libc.mmap(None, 8192, 3, 1, fd, 0); os.close(fd); os.unlink(path)
     report("map %x %x %s" % (addr, addr + 8192, path))
+elif kind == "deleted-cwd":
+    d = os.path.join(where, "gone-dir"); os.mkdir(d); os.chdir(d); os.rmdir(d)
+    report("path %s" % d)
 elif kind == "hugetlb":
     try:
         m = mmap.mmap(-1, 2 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x40000)   # MAP_HUGETLB
@@ -70,6 +73,8 @@ CASES = {
     "ghost-too-large-mapped": "pid {pid}: mapping {start:#x}-{end:#x}: deleted file {path} holds 67108865 bytes, "
                               "more than the 67108864 bytes a dump saves (PYCR_GHOST_LIMIT)",
     "hugetlb": "pid {pid}: hugetlb mapping {start:#x}-{end:#x} is not supported",
+    # a restore would find it gone, after the dump had ended the tree
+    "deleted-cwd": "pid {pid}: its cwd {path} was deleted: a restore could not enter it again",
 }
 
 
@@ -91,6 +96,8 @@ def test_unsupported_kind_is_refused_by_name(spawn, tmp_path, kind):
     if what[0] == "fd":
         fields.update(fd=int(what[1]), path=what[2] if len(what) > 2 else None)
         assert fields["fd"] >= 0, f"the workload could not make its {kind}"
+    elif what[0] == "path":
+        fields.update(path=what[1])
     else:
         fields.update(start=int(what[1], 16), end=int(what[2], 16), path=what[3] if len(what) > 3 else None)
     w.wait_for(r"^count \d+$")

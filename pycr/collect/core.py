@@ -10,7 +10,7 @@ import struct
 from signal import SIGKILL, SIGSTOP
 
 from .. import proc
-from ..errors import from_oserror
+from ..errors import Unsupported, from_oserror
 from ..native import core as native
 from ..ptrace.inject import Injector
 from ..abi import ARCH_GET_XCOMP_PERM, NR, PR_GET_TID_ADDRESS, SECCOMP_MODE_FILTER
@@ -89,6 +89,18 @@ def xcomp_perm(injector):
             return 0
         (mask,) = struct.unpack("<Q", injector.read(buf, 8))
     return mask & X.DYNAMIC_COMPONENTS
+
+
+DELETED = " (deleted)"
+
+
+def check_paths(pid, src):
+    """A deleted cwd or root is refused before the dump can end the tree: a restore could not
+    enter it again (it would refuse the images, and the tree would be lost)."""
+    for what, path in (("cwd", proc.cwd(src)), ("root", proc.root(src))):
+        if path.endswith(DELETED):
+            raise Unsupported(f"pid {pid}: its {what} {path[:-len(DELETED)]} was deleted: a restore could not "
+                              "enter it again")
 
 
 def collect_core(pid, thread_states, leader, injector):
