@@ -76,3 +76,33 @@ def test_parse_limits_takes_every_row():
     got = parse_limits(text)
     assert len(got) == len(limits_rows("self")) + 1
     assert got[-1] == (5, 10)
+
+
+HOLDS_FD_ABOVE_ITS_LIMIT = r"""#!{python}
+import os, resource, sys, time
+st = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+os.dup2(st, 50)
+os.close(st)
+resource.setrlimit(resource.RLIMIT_NOFILE, (8, 8))     # below fd 50, as sshd's privsep child does
+os.write(50, b"ready %d\n" % os.getpid())
+n = 0
+while True:
+    n += 1
+    os.write(50, b"count %d\n" % n)
+    time.sleep(0.02)
+"""
+
+
+def test_an_fd_above_its_own_hard_limit_comes_back(spawn_python, tmp_path, cleanup_pids):
+    """A program may lower RLIMIT_NOFILE under an fd it holds. The dump ended such a tree and the restore
+    then called its files.img corrupt: the process was lost. Its fds come back before its limits."""
+    w = spawn_python("lowfd", HOLDS_FD_ABOVE_ITS_LIMIT)
+    w.wait_for(r"^count 3$")
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img")
+    cleanup_pids.add(w.pid)
+    mark = w.mark()
+    pycr("restore", "-D", tmp_path / "img", "-d")
+    w.wait_for(r"^count \d+$", start=mark)              # written through fd 50
+    assert resource.prlimit(w.pid, resource.RLIMIT_NOFILE) == (8, 8)
+    assert 50 in procutil.fds(w.pid)
+    procutil.assert_running_untraced(w.pid)
