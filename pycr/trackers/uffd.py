@@ -96,7 +96,8 @@ def _free_high_fd(pid):
     while fd in used:
         fd -= 1
     if fd < 3:
-        raise PycrError(f"pid {pid}: no free fd number for the userfaultfd")
+        raise PycrError(f"pid {pid}: no free fd number below its RLIMIT_NOFILE ({soft}) for the userfaultfd "
+                        "the uffd-wp tracker puts in it: use --tracker soft-dirty or hash")
     return fd
 
 
