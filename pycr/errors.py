@@ -66,7 +66,7 @@ class Interrupted(KeyboardInterrupt):
 def from_oserror(exc, pid=None, what=""):
     """Map an OSError raised while touching task `pid` onto a PycrError."""
     code = getattr(exc, "errno", None)
-    label = what or (f"pid {pid}" if pid is not None else "")
+    label = f"pid {pid}: {what}" if pid is not None and what else what or (f"pid {pid}" if pid is not None else "")
     if code in (_errno.ESRCH, _errno.ENOENT) and pid is not None:
         return TaskGone(pid, what)
     if code in (_errno.EPERM, _errno.EACCES):
