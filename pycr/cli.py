@@ -41,6 +41,11 @@ def _add_object_options(p, restore=False):
         p.add_argument("--file-locks", action="store_true",
                        help="accepted as criu takes it; pycr sets again the file locks the images hold "
                             "(taken by a dump with --file-locks)")
+        p.add_argument("--inherit-fd", action="append", type=cliopts.inherit_fd, metavar="fd[N]:pipe:[INO]",
+                       help="as criu's: the tree's pipe pipe:[INO] (its id in the images, `pycr show files`) "
+                            "is the pipe of pycr's fd N, so an end whose other end was outside the tree "
+                            "(a `prog | cat` whose cat is not dumped) meets a new reader or writer instead of "
+                            "SIGPIPE or EOF once pycr exits; repeat it for more pipes")
         return
     p.add_argument("--tcp-established", action="store_true",
                    help="take established TCP connections (TCP repair); without it a dump refuses them")

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import os
 import re
+import stat
 
 from .errors import PycrError
 
@@ -101,6 +102,25 @@ def work_dir(args):
 
 def in_work_dir(args, path):
     return os.path.join(work_dir(args), path)
+
+
+INHERIT_FD = re.compile(r"fd\[(\d+)\]:(pipe:\[\d+\])")
+
+
+def inherit_fd(text):
+    """--inherit-fd fd[N]:pipe:[INO] -> ("pipe:[INO]", N); N must be a pipe open in pycr."""
+    m = INHERIT_FD.fullmatch(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r}: give it as fd[N]:pipe:[INO] (pycr inherits pipes only)")
+    fd = int(m.group(1))
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        raise argparse.ArgumentTypeError(f"{text}: fd {fd} is not open in pycr (open it for pycr: "
+                                         f"`{fd}>&...` or a pipe on that fd)") from None
+    if not stat.S_ISFIFO(mode):
+        raise argparse.ArgumentTypeError(f"{text}: pycr's fd {fd} is not a pipe")
+    return m.group(2), fd
 
 
 def log_file_path(args):

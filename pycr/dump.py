@@ -75,8 +75,9 @@ def _warn_lonely_pipes(files_by_src):
     from .restore.pipe_ends import PIPE_OUTLOOK, lonely_pipe_ends
     fds = ((rec["type"], rec["flags"], rec["pipe_id"]) for recs in files_by_src.values() for rec in recs)
     for pipe_id, missing in lonely_pipe_ends(fds).items():
-        log.warning("pipe:[%d] has no %s in the tree; after a restore, %s once the restoring pycr exits",
-                    pipe_id, missing, PIPE_OUTLOOK[missing])
+        log.warning("pipe:[%d] has no %s in the tree; after a restore, %s once the restoring pycr exits, "
+                    "unless it gets a new %s (restore --inherit-fd fd[N]:pipe:[%d])",
+                    pipe_id, missing, PIPE_OUTLOOK[missing], missing, pipe_id)
 
 
 def write_tree_images(frozen, imgdir, memory=None, hidden_fds=None, layouts=None, warn_pipes=False, cpu=None,

@@ -20,6 +20,7 @@ class Options:
     other_host: bool = False        # set by `pycr migrate --to`: the tree moves to another host
     lazy_anon: bool = False         # set by `pycr migrate --mode hybrid` for its final dump: private anonymous
                                     # pages are left in the frozen tree (holes), served to the replica on fault
+    inherit_fds: tuple = ()         # --inherit-fd: (("pipe:[INO]", fd in pycr), ...): that pipe is this one
 
 
 _current = Options()
@@ -44,4 +45,6 @@ def using(options=None, **changes):
 
 def from_args(args):
     """The Options an argparse namespace asks for (flags it lacks stay off)."""
-    return Options(**{name: bool(getattr(args, name, False)) for name in Options.__dataclass_fields__})
+    flags = {name: bool(getattr(args, name, False)) for name in Options.__dataclass_fields__
+             if name != "inherit_fds"}
+    return Options(inherit_fds=tuple(getattr(args, "inherit_fd", None) or ()), **flags)

@@ -319,3 +319,49 @@ def test_a_pipe_to_outside_the_tree_is_told_at_dump_and_restore(tmp_path, cleanu
         procutil.assert_running_untraced(p.pid)
     finally:
         p.stdout.close()
+
+def test_inherit_fd_gives_a_pipes_lonely_end_a_new_reader(tmp_path, cleanup_pids):
+    """`prog | reader` with only prog dumped: restored, prog's writes went to a pipe whose reader was
+    gone once pycr exited, and SIGPIPE killed it. With --inherit-fd fd[N]:pipe:[INO] (criu's option)
+    its stdout is the pipe of pycr's fd N: the test's new reader gets what it goes on writing, and
+    the words it had written that nobody had read."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+    import procutil
+    p = subprocess.Popen([sys.executable, "-c", "import sys, time\ni = 0\nwhile True:\n    i += 1\n"
+                          "    sys.stdout.write(f'line {i}\\n'); sys.stdout.flush(); time.sleep(0.05)"],
+                         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    cleanup_pids.add(p.pid)
+    threading.Thread(target=p.wait, daemon=True).start()
+    ino = os.fstat(p.stdout.fileno()).st_ino
+    r = w = None
+    try:
+        assert p.stdout.readline().startswith(b"line ")
+        pycr("dump", "-t", p.pid, "-D", tmp_path / "img")
+        p.wait(timeout=10)
+        cleanup_pids.add(p.pid)
+        r, w = os.pipe()
+        restored = subprocess.run([sys.executable, "-m", "pycr", "restore", "-d", "-D", tmp_path / "img",
+                                   "--inherit-fd", f"fd[{w}]:pipe:[{ino}]"], pass_fds=(w,),
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        assert restored.returncode == 0, restored.stderr
+        assert "has no reader" not in restored.stderr, restored.stderr
+        os.close(w)
+        w = None
+        time.sleep(1.0)                 # pycr has exited: a pipe of its own would be readerless now
+        procutil.assert_running_untraced(p.pid)
+        got = b""
+        while got.count(b"\n") < 10:
+            got += os.read(r, 4096)
+        lines = [int(x.split()[1]) for x in got.splitlines()[:10]]
+        assert lines == list(range(lines[0], lines[0] + 10)), lines      # in order, none lost
+    finally:
+        p.stdout.close()
+        for fd in (r, w):
+            if fd is not None:
+                os.close(fd)
+
+

@@ -16,6 +16,7 @@ import termios
 
 from pycr.abi import (F_DUPFD_CLOEXEC, F_GETPIPE_SZ, F_SETFD, F_SETPIPE_SZ, O_ACCMODE, O_CLOEXEC, O_CREAT,
                       O_EXCL, O_NOFOLLOW, O_TMPFILE, O_TRUNC, O_WRONLY)
+from pycr import options
 from pycr.errors import RestoreError
 from pycr.log import log
 from pycr.restore import ghost, kinds
@@ -90,8 +91,12 @@ class Descriptions:
         if kind in kinds.TYPES:
             return self.objects.open(rec)
         flags = (rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_CLOEXEC | os.O_NOCTTY
+        inherited = None
         if kind == "pipe":
             path = self._pipe_path(rec, images)
+            inherited = dict(options.current().inherit_fds).get(f"pipe:[{rec.pipe_id}]")
+            if inherited is not None:       # an open for writing waits for a reader: never here
+                flags |= os.O_NONBLOCK
         elif kind == "fifo":
             path = self._fifo_path(rec, images)
         elif path is None:
@@ -107,7 +112,12 @@ class Descriptions:
         try:
             fd = os.open(path, flags)
         except OSError as exc:
+            if inherited is not None:
+                raise RestoreError(f"{rec.path}: the pipe of pycr's fd {inherited} (--inherit-fd): "
+                                   f"{exc.strerror} (no reader left?)") from None
             raise RestoreError(f"cannot open {rec.path}: {exc.strerror}") from None
+        if inherited is not None and not rec.flags & os.O_NONBLOCK:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         if kind in SEEKABLE and rec.pos:
             try:
                 os.lseek(fd, rec.pos, os.SEEK_SET)
@@ -117,12 +127,30 @@ class Descriptions:
         return fd
 
     def _pipe_path(self, rec, images):
+        inherited = dict(options.current().inherit_fds).get(f"pipe:[{rec.pipe_id}]")
+        if inherited is not None:
+            return self._inherited_pipe_path(rec, images, inherited)
         if rec.pipe_id not in self.pipes:
             r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             self.pipes[rec.pipe_id] = (r, w)
             refill(w, rec.pipe_id, images)
         r, w = self.pipes[rec.pipe_id]
         return f"/proc/self/fd/{w if (rec.flags & O_ACCMODE) == O_WRONLY else r}"
+
+    def _inherited_pipe_path(self, rec, images, fd):
+        """--inherit-fd: the tree's ends of this pipe are opened on pycr's pipe `fd` (each end by its
+        own mode, through /proc/self/fd); the bytes the dump found buffered go into it if it can be
+        written, as the old reader had not read them."""
+        if rec.pipe_id not in self.pipes:
+            mine = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+            self.pipes[rec.pipe_id] = (mine, mine)
+            if fcntl.fcntl(mine, fcntl.F_GETFL) & O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+                refill(mine, rec.pipe_id, images)
+            elif images.pipes_data.get(rec.pipe_id):
+                log.warning("pipe:[%d]: %d buffered bytes of the dump are not written back: pycr's fd %d is "
+                            "its read end", rec.pipe_id, len(images.pipes_data[rec.pipe_id]), fd)
+            log.info("pipe:[%d]: the tree's ends are opened on pycr's fd %d (--inherit-fd)", rec.pipe_id, fd)
+        return f"/proc/self/fd/{self.pipes[rec.pipe_id][0]}"
 
     def _fifo_path(self, rec, images):
         if rec.pipe_id not in self.pipes:

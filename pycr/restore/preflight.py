@@ -8,7 +8,7 @@ nothing to clean up.
 
 import os
 
-from pycr import proc
+from pycr import options, proc
 from pycr.errors import PycrError, RestoreError, Unsupported
 from pycr.log import log
 from pycr.ptrace import xstate as X
@@ -95,9 +95,13 @@ def check_pipes(images):
     """A pipe with one end outside the tree comes back with pycr holding that end,
     until pycr exits. Say what the tree then meets."""
     fds = ((str(rec.type), rec.flags, rec.pipe_id) for p in images.processes for rec in p.fds)
+    inherited = dict(options.current().inherit_fds)
     for pipe_id, missing in lonely_pipe_ends(fds).items():
-        log.warning("pipe:[%d] has no %s in the restored tree; once pycr exits %s",
-                    pipe_id, missing, PIPE_OUTLOOK[missing])
+        if f"pipe:[{pipe_id}]" in inherited:
+            continue                # its other end is the pipe of pycr's fd (--inherit-fd)
+        log.warning("pipe:[%d] has no %s in the restored tree; once pycr exits %s (--inherit-fd "
+                    "fd[N]:pipe:[%d] gives it pycr's pipe N instead)", pipe_id, missing, PIPE_OUTLOOK[missing],
+                    pipe_id)
 
 
 def check_addresses(images):
