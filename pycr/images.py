@@ -92,6 +92,14 @@ def _finish(obj, kind):
     return obj
 
 
+#: the first u32 of criu's image files (criu/include/magic.h): common, service, and inventory.img's own
+CRIU_MAGICS = {m.to_bytes(4, "little") for m in (0x54564319, 0x55105940, 0x58313116)}
+
+
+def is_criu_magic(first4):
+    return bytes(first4[:4]) in CRIU_MAGICS
+
+
 def check_header(data, kind=None, path="<bytes>"):
     """The kind named by the header of `data`, after checking magic and version."""
     if len(data) < HEADER_SIZE:
@@ -100,6 +108,8 @@ def check_header(data, kind=None, path="<bytes>"):
     expected = kind is not None and KINDS.get(kind)
     found = kind if expected and expected.magic == bytes(header.magic) else kind_of_magic(header.magic)
     if found is None:
+        if is_criu_magic(bytes(header.magic)):
+            raise ImageError(path, "a criu image: pycr reads only its own (restore it with criu)")
         raise ImageError(path, f"not a pycr image (magic {bytes(header.magic)!r})")
     if kind is not None and found != kind:
         raise ImageError(path, f"{_a(found)} image where {_a(kind)} image was expected")

@@ -51,6 +51,14 @@ def _with_digest(data):
     return head + checksum.digest(head)
 
 
+def _criu_set(path):
+    try:
+        with open(os.path.join(path, "inventory.img"), "rb") as f:
+            return images.is_criu_magic(f.read(4))
+    except OSError:
+        return False
+
+
 def read(path):
     """The parsed manifest of the image dir at path, its own digest checked."""
     where = os.path.join(path, NAME)
@@ -58,6 +66,9 @@ def read(path):
         with open(where, "rb") as f:
             data = f.read()
     except FileNotFoundError:
+        if _criu_set(path):
+            raise ImageError(path, "criu's images (inventory.img has criu's magic): pycr reads only its "
+                                   "own; restore them with criu") from None
         raise ImageError(where, "missing: the image set is incomplete (its dump did not finish) "
                                 "or older than format 2") from None
     except OSError as exc:

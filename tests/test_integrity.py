@@ -108,6 +108,20 @@ def test_set_without_manifest_is_unfinished(spawn, tmp_path, cleanup_pids):
     assert "manifest.img" in line and "incomplete" in line
 
 
+def test_criu_images_are_named_as_criu_s(tmp_path):
+    """A criu image set (its files open with criu's magic numbers, criu/include/magic.h) given to
+    pycr: restore and show say they are criu's, not that a pycr set is unfinished or foreign."""
+    img = tmp_path / "criu-img"
+    img.mkdir()
+    (img / "inventory.img").write_bytes((0x58313116).to_bytes(4, "little") + bytes(60))
+    (img / "pstree.img").write_bytes((0x54564319).to_bytes(4, "little") + bytes(60))
+    line = one_line_error(pycr("restore", "-D", img, "-d", expect=1))
+    assert line == f"pycr: {img}: criu's images (inventory.img has criu's magic): pycr reads only its own; " \
+                   "restore them with criu"
+    shown = pycr("show", img / "pstree.img", expect=None)
+    assert "a criu image: pycr reads only its own" in shown.stderr + shown.stdout
+
+
 def _swap_error(path, listed):
     """The one line a restore gives for `path` replaced by another dump's file (the
     manifest lists the one saved at `listed`): the size first, then the checksum."""

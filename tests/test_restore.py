@@ -454,7 +454,9 @@ def test_pid_taken(spawn, tmp_path, cleanup_pids):
     before = stub_tasks()
     proc = pycr("restore", "-D", tmp_path / "img", "-d", expect=1)
     line = one_line_error(proc)
-    assert f"pid {w.pid} is in use" in line and "--pidns" in line
+    # held by the dumped tree itself (-R): said, so that --pidns is not taken for the cure
+    assert line == f"pycr: pid {w.pid} is in use by a counter, as in the images: is this tree running " \
+                   "already? (--pidns would run a second copy); restore with --pidns"
     assert stub_tasks() == before
     procutil.assert_running_untraced(w.pid)
 

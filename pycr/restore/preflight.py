@@ -35,7 +35,21 @@ def check_pids(images, advice=PIDS_TAKEN):
         if tid >= limit:
             raise RestoreError(f"pid {tid} is not below pid_max {limit}")
         if os.path.exists(f"/proc/{tid}"):
-            raise RestoreError(f"pid {tid} is in use; {advice}")
+            raise RestoreError(f"pid {tid} is in use{_same_program(tid, images)}; {advice}")
+
+
+def _same_program(pid, images):
+    """When pid's holder has the name the images give that pid: it may be the tree itself, still
+    running (or restored already), and --pidns would run a second copy: say so."""
+    want = next((str(p.core.comm) for p in images.processes if pid in (p.pid, *p.tids)), None)
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            have = f.read().strip()
+    except OSError:
+        return ""
+    if want is None or have != want:
+        return ""
+    return f" by a {have}, as in the images: is this tree running already? (--pidns would run a second copy)"
 
 
 def _stat(path):
