@@ -179,5 +179,7 @@ def restore_summary(run, images_dir, seconds):
     root = run.tasks[run.images.root.pid]
     threads = sum(len(t.threads) for t in run.tasks.values())
     where = f" (pid {root.real} outside its namespace)" if root.real != root.pid else ""
+    stopped = run.images.root.core.job_stopped      # a job stopped at the dump is stopped again
     return (f"restored {plural(len(run.tasks), 'process')}, {plural(threads, 'thread')} from {images_dir} "
-            f"in {seconds:.3f} s; root pid {root.pid}{where} runs")
+            f"in {seconds:.3f} s; root pid {root.pid}{where} "
+            + ("is stopped, as it was at the dump (SIGCONT it)" if stopped else "runs"))

@@ -739,7 +739,8 @@ def test_stopped_process_comes_back_stopped(spawn, tmp_path, cleanup_pids):
     pycr("dump", "-t", w.pid, "-D", tmp_path / "img")
     mark = w.mark()
     cleanup_pids.add(w.pid)
-    pycr("restore", "-D", tmp_path / "img", "-d")
+    restored = pycr("restore", "-D", tmp_path / "img", "-d")
+    assert restored.stdout.rstrip().endswith(f"root pid {w.pid} is stopped, as it was at the dump (SIGCONT it)")
     assert procutil.wait_until(lambda: procutil.state(w.pid) == "T") and procutil.tracer_pid(w.pid) == 0
     assert w.mark() == mark          # it ran no step between the restore and the SIGCONT
     os.kill(w.pid, signal.SIGCONT)
