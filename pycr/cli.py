@@ -117,6 +117,12 @@ def _add_dump_args(p):
                    help="how pages written since the previous pass are found")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the image set DIR holds (default: refuse a directory that holds one)")
+    p.add_argument("--track-mem", action="store_true",
+                   help="accepted as criu takes it; changes nothing: pycr always tracks what a pass copied, "
+                        "so the next pass (--prev-images-dir) copies only what changed")
+    p.add_argument("--ghost-limit", type=_size, metavar="SIZE",
+                   help="as criu's: the largest file deleted while open or mapped that a dump saves with the "
+                        "images (K, M, G suffixes; default 64M, or PYCR_GHOST_LIMIT)")
     g = p.add_argument_group("page server (criu's): the pages files go to `pycr page-server` at ADDR:PORT; "
                              "the other images stay in DIR")
     g.add_argument("--page-server", action="store_true", help="send the pages files to a page server")
@@ -524,6 +530,9 @@ def _check_tree(root):
 def _dump(args):
     with stats.phase("imports"):
         from .dump import DumpStats, dump_tree
+    if getattr(args, "ghost_limit", None):
+        import os
+        os.environ["PYCR_GHOST_LIMIT"] = str(args.ghost_limit)     # read where deleted files are taken
     dumped = DumpStats()
     leave_running = getattr(args, "leave_running", False)
     if getattr(args, "lazy_pages", False):

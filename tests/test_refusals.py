@@ -69,9 +69,9 @@ CASES = {
     "netlink": "pid {pid} fd {fd}: socket (AF_NETLINK) is not supported",
     "io_uring": "pid {pid} fd {fd}: [io_uring] is not supported",
     "ghost-too-large": "pid {pid} fd {fd}: deleted file {path} holds 67108865 bytes, more than the 67108864 "
-                       "bytes a dump saves (PYCR_GHOST_LIMIT)",
+                       "bytes a dump saves (--ghost-limit, PYCR_GHOST_LIMIT)",
     "ghost-too-large-mapped": "pid {pid}: mapping {start:#x}-{end:#x}: deleted file {path} holds 67108865 bytes, "
-                              "more than the 67108864 bytes a dump saves (PYCR_GHOST_LIMIT)",
+                              "more than the 67108864 bytes a dump saves (--ghost-limit, PYCR_GHOST_LIMIT)",
     "hugetlb": "pid {pid}: hugetlb mapping {start:#x}-{end:#x} is not supported",
     # a restore would find it gone, after the dump had ended the tree
     "deleted-cwd": "pid {pid}: its cwd {path} was deleted: a restore could not enter it again",
@@ -110,3 +110,19 @@ def test_unsupported_kind_is_refused_by_name(spawn, tmp_path, kind):
     w.wait_for(rf"^count {n + 3}$")
     assert snapshot(w.pid) == before
     assert not os.path.exists(tmp_path / "img")
+
+
+def test_a_larger_ghost_limit_takes_the_deleted_file_with_criu_s_options(spawn, tmp_path):
+    """criu's --ghost-limit raises the bound the refusal above names; criu's --track-mem is taken too
+    (pycr always tracks)."""
+    script = tmp_path / "holder.py"
+    import sys
+    script.write_text(HOLDER.replace("{python}", sys.executable))
+    script.chmod(0o755)
+    w = spawn(str(script), "ghost-too-large")
+    w.wait_for(r"^count \d+$")
+    pycr("pre-dump", "-t", w.pid, "-D", tmp_path / "p1", "--track-mem", "--ghost-limit", "65M")
+    pycr("dump", "-t", w.pid, "-D", tmp_path / "img", "-R", "--prev-images-dir", "../p1", "--track-mem",
+         "--ghost-limit", "65M")
+    procutil.assert_running_untraced(w.pid)
+    assert "pages-ghost-1.img" in os.listdir(tmp_path / "img")     # the deleted file's contents, taken

@@ -38,7 +38,7 @@ class Ghosts:
                 raise Unsupported(f"{where}: deleted {path} is not a regular file, which is not supported")
             if st.st_size > self.limit:
                 raise Unsupported(f"{where}: deleted file {path} holds {st.st_size} bytes, more than "
-                                  f"the {self.limit} bytes a dump saves (PYCR_GHOST_LIMIT)")
+                                  f"the {self.limit} bytes a dump saves (--ghost-limit, PYCR_GHOST_LIMIT)")
             entry = {"ghost_id": len(self.by_key) + 1, "dev_major": key[0], "dev_minor": key[1],
                      "inode": key[2], "path": path, "mode": st.st_mode & 0o7777, "uid": st.st_uid,
                      "gid": st.st_gid, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "file_ids": []}
