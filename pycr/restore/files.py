@@ -93,8 +93,8 @@ class Descriptions:
         flags = (rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_CLOEXEC | os.O_NOCTTY
         inherited = None
         if kind == "pipe":
-            path = self._pipe_path(rec, images)
-            inherited = dict(options.current().inherit_fds).get(f"pipe:[{rec.pipe_id}]")
+            inherited = inherited_fd(rec)
+            path = self._pipe_path(rec, images, inherited)
             if inherited is not None:       # an open for writing waits for a reader: never here
                 flags |= os.O_NONBLOCK
         elif kind == "fifo":
@@ -126,8 +126,7 @@ class Descriptions:
                 raise RestoreError(f"cannot seek {rec.path} to {rec.pos}: {exc.strerror}") from None
         return fd
 
-    def _pipe_path(self, rec, images):
-        inherited = dict(options.current().inherit_fds).get(f"pipe:[{rec.pipe_id}]")
+    def _pipe_path(self, rec, images, inherited=None):
         if inherited is not None:
             return self._inherited_pipe_path(rec, images, inherited)
         if rec.pipe_id not in self.pipes:
@@ -174,6 +173,11 @@ class Descriptions:
         self.fds.clear()
         self.pipes.clear()
         self.objects.close()
+
+
+def inherited_fd(rec):
+    """pycr's fd that --inherit-fd gives the pipe of rec, or None."""
+    return dict(options.current().inherit_fds).get(f"pipe:[{rec.pipe_id}]")
 
 
 def refill(fd, pipe_id, images, what=None):
